@@ -1,0 +1,168 @@
+"""The attention interface every mechanism implements, and the pieces they share.
+
+A mechanism is an `nnx.Module` registered by name (see registry.py) and built as
+
+    attn = registry.build(cfg, d_model=..., num_heads=..., rngs=..., layer_idx=..., ...)
+
+Training / full-sequence call:
+
+    y, aux = attn(x, positions=positions, segment_ids=segment_ids, causal=True, train=False)
+
+  x, y: [B, T, d_model]; positions: [B, T] int32 (position of each token inside its segment,
+  used by RoPE); segment_ids: [B, T] int32 or None (0 = padding, tokens attend only inside their
+  own segment); aux: dict of scalars. Keys starting with `loss_` are already weighted by the
+  mechanism's config and the trainer adds them to the loss; every key is logged.
+
+Decoding (prefill of a prompt, then one token at a time):
+
+    cache = attn.init_cache(batch, max_len, dtype)
+    y, cache = attn.decode(x, positions=positions, cache=cache)
+
+  x: [B, T, d_model] with T >= 1 new tokens that follow the ones already in `cache`. Decoding a
+  sequence in any split equals the causal full forward pass (the decode oracle).
+
+Non-gradient state (routing centroids, memory carried across segments) lives in variables of the
+kind `AttentionState`: the trainer differentiates only `nnx.Param` and checkpoints everything.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class AttentionState(nnx.Variable):
+  """Non-gradient state of a mechanism, updated inside the train step and checkpointed."""
+
+
+class Attention(nnx.Module):
+  """Base class: stores the shared sizes and validates them once.
+
+  Subclasses implement `__call__`, `init_cache` and `decode` (see `AttentionModule`).
+  """
+
+  registered_name: str = "?"
+  # The mechanism's own options and their defaults; configs/base.py exposes them as
+  # `model.attention.<name>.<option>` and `self.opts.<option>` reads them.
+  DEFAULTS: dict[str, Any] = {}
+
+  def __init__(
+      self,
+      cfg: Any,
+      *,
+      d_model: int,
+      num_heads: int,
+      rngs: nnx.Rngs,
+      layer_idx: int = 0,
+      num_layers: int = 1,
+      dtype: Any = jnp.float32,
+      rope_theta: float | None = 10000.0,
+  ):
+    del rngs
+    if num_heads <= 0 or d_model % num_heads:
+      raise ValueError(
+          f"model.num_heads={num_heads} must divide model.d_model={d_model}; pick a divisor"
+      )
+    self.cfg = cfg
+    self.opts = mechanism_options(cfg, type(self).registered_name, type(self).DEFAULTS)
+    self.d_model = d_model
+    self.num_heads = num_heads
+    head_dim = cfg.get("head_dim", None) if hasattr(cfg, "get") else None
+    self.head_dim = int(head_dim or d_model // num_heads)
+    self.layer_idx = layer_idx
+    self.num_layers = num_layers
+    self.dtype = dtype
+    self.rope_theta = rope_theta
+
+
+def mechanism_options(cfg: Any, name: str, defaults: dict[str, Any]) -> SimpleNamespace:
+  """Merges `cfg.<name>` over `defaults`; unknown option names fail naming the field."""
+  given = {}
+  if hasattr(cfg, "get") and cfg.get(name) is not None:
+    section = cfg.get(name)
+    given = dict(section.items()) if hasattr(section, "items") else dict(section)
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(f"unknown option(s) {unknown} in model.attention.{name}; "
+                     f"known: {sorted(defaults)}")
+  return SimpleNamespace(**{**defaults, **given})
+
+
+class AttentionModule(Protocol):
+  """What the model relies on; every registered mechanism satisfies it."""
+
+  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
+               causal: bool = True, train: bool = False) -> tuple[jax.Array, dict]: ...
+
+  def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> Any: ...
+
+  def decode(self, x: jax.Array, *, positions: jax.Array, cache: Any) -> tuple[jax.Array, Any]: ...
+
+
+def dense(d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype: Any, use_bias: bool = False,
+          scale: float = 1.0) -> nnx.Linear:
+  """A bias-free projection with f32 params and `dtype` compute (mixed precision)."""
+  return nnx.Linear(
+      d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=nnx.initializers.variance_scaling(scale, "fan_in", "normal"), rngs=rngs)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """[B, T, H*D] -> [B, T, H, D]."""
+  return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+  """[B, T, H, D] -> [B, T, H*D]."""
+  return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (half-split layout). x: [B, T, H, D], positions: [B, T]."""
+  d = x.shape[-1]
+  if d % 2:
+    raise ValueError(f"RoPE needs an even head_dim, got {d}; set model.position='learned'")
+  freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+  angles = positions.astype(jnp.float32)[..., None, None] * freqs  # [B, T, 1, D/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(
+    q_index: jax.Array,
+    k_index: jax.Array,
+    *,
+    causal: bool,
+    q_segment_ids: jax.Array | None = None,
+    k_segment_ids: jax.Array | None = None,
+    window: int | None = None,
+    k_valid: jax.Array | None = None,
+) -> jax.Array:
+  """Boolean [B, 1, Tq, Tk] mask: True where query i may attend key j.
+
+  q_index / k_index: [B, Tq] / [B, Tk] absolute token indices (not RoPE positions: packed
+  segments restart positions, indices do not). A sliding window keeps q - k < window.
+  k_valid: [B, Tk] marks filled cache slots while decoding.
+  """
+  qi, kj = q_index[:, :, None], k_index[:, None, :]
+  mask = jnp.ones(qi.shape[:1] + (qi.shape[1], kj.shape[2]), dtype=bool)
+  if causal:
+    mask &= kj <= qi
+  if window is not None:
+    mask &= (qi - kj < window) & (kj - qi < window)
+  if q_segment_ids is not None:
+    mask &= q_segment_ids[:, :, None] == k_segment_ids[:, None, :]
+  if k_valid is not None:
+    mask &= k_valid[:, None, :]
+  return mask[:, None]
+
+
+def sequence_index(batch: int, length: int, offset: jax.Array | int = 0) -> jax.Array:
+  """[B, T] int32 token indices offset..offset+T-1."""
+  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) + offset, (batch, length))

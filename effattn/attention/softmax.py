@@ -1,0 +1,78 @@
+"""Softmax attention baseline: MHA, GQA (num_kv_heads < H) and MQA (num_kv_heads = 1).
+
+Optional sliding window (`window`), RoPE applied by the module when the model uses rotary
+positions, segment ids for packed sequences, and a KV cache for decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effattn.attention import base
+from effattn.attention.ops import softmax_attention
+from effattn.attention.registry import register
+
+
+@register("softmax")
+class SoftmaxAttention(base.Attention):
+  """y = softmax(q k^T / sqrt(D) + mask) v with H_kv key/value heads shared by H / H_kv queries."""
+
+  DEFAULTS = {}
+
+  def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
+    super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
+    self.num_kv_heads = int(cfg.get("num_kv_heads") or num_heads)
+    if num_heads % self.num_kv_heads:
+      raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
+                       f"model.num_heads={num_heads}")
+    self.window = cfg.get("window")
+    self.impl = cfg.get("impl", "auto")
+    d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
+    self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
+    self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
+    self.v_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
+    self.o_proj = base.dense(h * d, d_model, rngs=rngs, dtype=self.dtype)
+
+  def project(self, x, positions):
+    """x [B, T, d_model] -> q [B, T, H, D], k and v [B, T, H_kv, D], RoPE applied."""
+    q = base.split_heads(self.q_proj(x), self.num_heads)
+    k = base.split_heads(self.k_proj(x), self.num_kv_heads)
+    v = base.split_heads(self.v_proj(x), self.num_kv_heads)
+    if self.rope_theta is not None:
+      q = base.apply_rope(q, positions, self.rope_theta)
+      k = base.apply_rope(k, positions, self.rope_theta)
+    return q, k, v
+
+  def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
+    q, k, v = self.project(x, positions)
+    mask = None
+    if segment_ids is not None:
+      idx = base.sequence_index(x.shape[0], x.shape[1])
+      mask = base.attention_mask(idx, idx, causal=causal, q_segment_ids=segment_ids,
+                                 k_segment_ids=segment_ids, window=self.window)
+    o = softmax_attention(q, k, v, causal=causal, mask=mask, window=self.window, impl=self.impl)
+    return self.o_proj(base.merge_heads(o)), {}
+
+  def init_cache(self, batch, max_len, dtype=None):
+    dtype = dtype or self.dtype
+    shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "index": jnp.zeros((), jnp.int32)}
+
+  def decode(self, x, *, positions, cache):
+    b, t, _ = x.shape
+    q, k, v = self.project(x, positions)
+    start = cache["index"]
+    k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
+    v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+    max_len = k_all.shape[1]
+    k_idx = base.sequence_index(b, max_len)
+    mask = base.attention_mask(base.sequence_index(b, t, start), k_idx, causal=True,
+                               window=self.window, k_valid=k_idx < start + t)
+    o = softmax_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), causal=True, mask=mask,
+                          impl="reference" if self.impl == "reference" else "xla")
+    return self.o_proj(base.merge_heads(o)), {"k": k_all, "v": v_all, "index": start + t}
