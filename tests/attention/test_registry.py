@@ -1,0 +1,32 @@
+import pytest
+
+from effattn import attention
+from tests.attention import oracles
+
+
+def test_names_include_softmax():
+  assert "softmax" in attention.names()
+  assert attention.names() == sorted(attention.names())
+
+
+def test_unknown_name_lists_registered():
+  with pytest.raises(ValueError, match="registered: .*softmax"):
+    oracles.build("flashy")
+
+
+def test_unknown_option_named():
+  with pytest.raises(ValueError, match="model.attention.softmax"):
+    oracles.build("softmax", softmax={"bogus": 1})
+
+
+def test_heads_must_divide_width():
+  with pytest.raises(ValueError, match="num_heads"):
+    oracles.build("softmax", d_model=30, num_heads=4)
+
+
+def test_duplicate_registration_rejected():
+  class Other:
+    pass
+
+  with pytest.raises(ValueError, match="already registered"):
+    attention.register("softmax")(Other)
