@@ -1,0 +1,66 @@
+"""The task registry: every dataset effattn can train on, by name.
+
+A task is a frozen dataclass of options (with defaults) plus a builder factory. Configs hold one
+`config.data.<task>` ConfigDict per registered task, made from `dataclasses.asdict(Options())`,
+so every option is overridable from the command line.
+
+Importing this module imports no TensorFlow Datasets: the task modules only touch tfds inside
+the functions that build (the GPU image has no tfds, and the trainer must still import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from effattn.data import mqar
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+  """What a model needs to know about a task to be built for it."""
+
+  name: str
+  kind: str  # "lm": targets [B, T]; "classification": targets [B]
+  vocab_size: int
+  num_classes: int | None  # classification only
+  seq_len: int
+  pad_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A registered task.
+
+  Attributes:
+    name: the registry key, also `config.data.name`.
+    kind: "lm" (per-token targets) or "classification" (one label per sequence).
+    options: frozen dataclass of the task's options; instances have `validate(seq_len)`.
+    builder: `(options, *, seq_len, seed, data_dir) -> tfds.core.DatasetBuilder` (imports tfds).
+    info: `(options, seq_len) -> (vocab_size, num_classes, pad_id)`.
+  """
+
+  name: str
+  kind: str
+  options: type
+  builder: Callable[..., Any]
+  info: Callable[[Any, int], tuple[int, int | None, int]]
+
+
+def _task(module, kind: str) -> Task:
+  return Task(name=module.NAME, kind=kind, options=module.OPTIONS, builder=module.builder,
+              info=module.info)
+
+
+TASKS: dict[str, Task] = {
+    t.name: t for t in (
+        _task(mqar, "lm"),
+    )
+}
+
+
+def get(name: str) -> Task:
+  """Returns the task registered as `name`; unknown names fail listing the known ones."""
+  if name not in TASKS:
+    raise ValueError(f"data.name={name!r} is not a registered task; known: {sorted(TASKS)}")
+  return TASKS[name]
