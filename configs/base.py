@@ -1,0 +1,107 @@
+"""The full config tree every job starts from; task configs override parts of it.
+
+    python train.py --config configs/mqar.py --workdir runs/mqar \
+        --config.model.attention.name=softmax --config.train.steps=2000
+
+Every field below can be overridden on the command line; `effattn.config.validate` checks the
+result before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from effattn import attention
+from effattn.data import registry as data_registry
+
+
+def attention_config() -> ml_collections.ConfigDict:
+  """Shared attention fields plus one section of options per registered mechanism."""
+  cfg = ml_collections.ConfigDict()
+  cfg.name = "softmax"  # any of effattn.attention.names()
+  cfg.num_kv_heads = ml_collections.FieldReference(None, field_type=int)  # None: = num_heads
+  cfg.head_dim = ml_collections.FieldReference(None, field_type=int)  # None: d_model / num_heads
+  cfg.window = ml_collections.FieldReference(None, field_type=int)  # sliding window, None: full
+  cfg.impl = "auto"  # auto | cudnn | xla | reference | pallas (mechanisms with kernels)
+  for name in attention.names():
+    cfg[name] = ml_collections.ConfigDict(dict(attention.get(name).DEFAULTS))
+  return cfg
+
+
+def data_config() -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict()
+  cfg.name = "mqar"  # any task in effattn.data.registry.TASKS, or a prepared TFDS catalog name
+  cfg.data_dir = "~/effattn_data"  # TFDS data_dir; builders prepare themselves here on first use
+  cfg.seq_len = 64  # tokens per example
+  cfg.seed = 0  # generation seed of synthetic tasks
+  for name, task in data_registry.TASKS.items():
+    cfg[name] = ml_collections.ConfigDict(dataclasses.asdict(task.options()))
+  return cfg
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # parameter init and batch order
+
+  config.model = model = ml_collections.ConfigDict()
+  model.vocab_size = ml_collections.FieldReference(None, field_type=int)  # None: from the task
+  model.num_classes = ml_collections.FieldReference(None, field_type=int)  # classifier tasks
+  model.head = "lm"  # lm | classifier
+  model.causal = True
+  model.d_model = 128
+  model.num_layers = 2
+  model.num_heads = 2
+  model.mlp = "gated"  # gated (SwiGLU) | none (attention-only, as in Zoology's MQAR models)
+  model.mlp_hidden = ml_collections.FieldReference(None, field_type=int)  # None: 8/3 d_model
+  model.position = "rope"  # rope | learned | none
+  model.rope_theta = 10000.0
+  model.max_len = 4096  # learned positions only
+  model.tie_embeddings = False
+  model.norm_eps = 1e-6
+  model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  model.remat = False
+  model.attention = attention_config()
+
+  config.data = data_config()
+
+  config.optimizer = opt = ml_collections.ConfigDict()
+  opt.name = "adamw"  # adamw | adam | sgd
+  opt.learning_rate = 3e-3
+  opt.schedule = "cosine"  # cosine | linear | constant (all after linear warmup)
+  opt.warmup_steps = 100
+  opt.min_lr_ratio = 0.1  # final lr / peak lr
+  opt.b1 = 0.9
+  opt.b2 = 0.98
+  opt.eps = 1e-8
+  opt.weight_decay = 0.1
+  opt.grad_clip = 1.0  # global norm; 0 disables
+
+  config.train = train = ml_collections.ConfigDict()
+  train.steps = 1000
+  train.batch_size = 64  # global batch, split over the data and fsdp mesh axes
+  train.grad_accum_steps = 1  # micro-batches per step (batch_size must divide evenly)
+  train.log_every = 50
+  train.eval_every = 500  # 0: only at the end
+  train.eval_examples = ml_collections.FieldReference(None, field_type=int)  # None: whole split
+  train.eval_split = "test"
+  train.progress_bar = True
+
+  config.checkpoint = ckpt = ml_collections.ConfigDict()
+  ckpt.every = 500  # steps between checkpoints (the last step is always saved)
+  ckpt.keep = 3
+  ckpt.async_save = True
+
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # -1: every device not used by the other axes
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
+
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.task = "accuracy"  # what eval.py computes (see effattn.evaluate)
+  ev.split = "test"
+  ev.batch_size = 64
+  ev.max_examples = ml_collections.FieldReference(None, field_type=int)
+  return config

@@ -1,0 +1,135 @@
+"""Pre-norm decoder-only transformer whose attention comes from the registry.
+
+    tokens [B, T] -> embed (+ learned positions) -> L x Block -> RMSNorm -> head
+    head "lm": logits [B, T, V] (tied or separate projection)
+    head "classifier": mean over real tokens -> logits [B, C]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effattn import attention
+from effattn.model.layers import Embed, GatedMLP, RMSNorm, default_mlp_hidden
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"model.dtype={name!r} is not one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+class Block(nnx.Module):
+  """x + attn(norm(x)), then x + mlp(norm(x)); returns the block's aux dict too."""
+
+  def __init__(self, cfg: Any, layer_idx: int, *, rngs: nnx.Rngs):
+    dtype = compute_dtype(cfg.dtype)
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+    self.attn = attention.build(
+        cfg.attention, d_model=cfg.d_model, num_heads=cfg.num_heads, rngs=rngs,
+        layer_idx=layer_idx, num_layers=cfg.num_layers, dtype=dtype,
+        rope_theta=cfg.rope_theta if cfg.position == "rope" else None)
+    if cfg.mlp == "gated":
+      self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+      self.mlp = GatedMLP(cfg.d_model, cfg.mlp_hidden or default_mlp_hidden(cfg.d_model),
+                          dtype=dtype, rngs=rngs)
+    else:
+      self.mlp = None
+
+  def __call__(self, x, *, positions, segment_ids, causal, train):
+    y, aux = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
+                       causal=causal, train=train)
+    x = x + y
+    if self.mlp is not None:
+      x = x + self.mlp(self.mlp_norm(x))
+    return x, aux
+
+  def decode(self, x, *, positions, cache):
+    y, cache = self.attn.decode(self.attn_norm(x), positions=positions, cache=cache)
+    x = x + y
+    if self.mlp is not None:
+      x = x + self.mlp(self.mlp_norm(x))
+    return x, cache
+
+
+class Transformer(nnx.Module):
+  """The shared model. `cfg` is `config.model` with vocab_size (and num_classes) filled in."""
+
+  def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+    if not cfg.vocab_size:
+      raise ValueError("model.vocab_size is unset; the trainer fills it from the task, or set it")
+    # Plain fields only: a ConfigDict attribute would make the GraphDef unhashable.
+    self.head, self.causal, self.remat = cfg.head, cfg.causal, cfg.remat
+    self.position, self.max_len = cfg.position, cfg.max_len
+    self.tie_embeddings = cfg.tie_embeddings
+    self.dtype = compute_dtype(cfg.dtype)
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype, rngs=rngs)
+    if cfg.position == "learned":
+      self.pos_embed = Embed(cfg.max_len, cfg.d_model, dtype=self.dtype, rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+    kw = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
+    if cfg.head == "classifier":
+      if not cfg.num_classes:
+        raise ValueError("model.head='classifier' needs model.num_classes")
+      self.classifier = nnx.Linear(cfg.d_model, cfg.num_classes, **kw)
+    elif not cfg.tie_embeddings:
+      self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, **kw)
+
+  def embed_tokens(self, tokens, positions):
+    x = self.embed(tokens)
+    if self.position == "learned":
+      x = x + self.pos_embed(jnp.minimum(positions, self.max_len - 1))
+    return x
+
+  def logits(self, x):
+    x = self.final_norm(x)
+    if self.tie_embeddings:
+      return self.embed.attend(x).astype(jnp.float32)
+    return self.lm_head(x).astype(jnp.float32)
+
+  def __call__(self, tokens, *, positions=None, segment_ids=None, train=False):
+    """tokens [B, T] -> (logits [B, T, V] or [B, C], aux: mean over layers of each term)."""
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = self.embed_tokens(tokens, positions)
+    aux_terms: dict[str, list] = {}
+
+    def run_block(block, x):
+      return block(x, positions=positions, segment_ids=segment_ids, causal=self.causal,
+                   train=train)
+
+    if self.remat:  # recompute block activations in the backward pass to save memory
+      run_block = nnx.remat(run_block)
+    for block in self.blocks:
+      x, aux = run_block(block, x)
+      for k, v in aux.items():
+        aux_terms.setdefault(k, []).append(v)
+    aux = {k: jnp.mean(jnp.stack(v)) for k, v in aux_terms.items()}
+    if self.head == "classifier":
+      h = self.final_norm(x).astype(jnp.float32)
+      real = (segment_ids > 0) if segment_ids is not None else jnp.ones((b, t), bool)
+      pooled = jnp.sum(h * real[..., None], 1) / jnp.maximum(real.sum(1, keepdims=True), 1)
+      return self.classifier(pooled.astype(self.dtype)).astype(jnp.float32), aux
+    return self.logits(x), aux
+
+  def init_cache(self, batch: int, max_len: int) -> list:
+    return [block.attn.init_cache(batch, max_len, self.dtype) for block in self.blocks]
+
+  def decode(self, tokens, *, positions, cache):
+    """Appends tokens [B, T] after the cached ones: (logits [B, T, V], new cache)."""
+    if self.head != "lm":
+      raise ValueError("decode needs model.head='lm'")
+    x = self.embed_tokens(tokens, positions)
+    new_cache = []
+    for block, c in zip(self.blocks, cache):
+      x, c = block.decode(x, positions=positions, cache=c)
+      new_cache.append(c)
+    return self.logits(x), new_cache

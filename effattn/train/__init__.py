@@ -1,0 +1,1 @@
+"""Training: state, optimizer, the jit-compiled step, checkpoints, metrics, sharding, the loop."""

@@ -1,0 +1,57 @@
+"""Device mesh with named axes (data, fsdp, tensor) and the sharding rules for params and batches.
+
+Params: each array's largest dimension divisible by the fsdp size is split over `fsdp`; the next
+largest divisible by the tensor size over `tensor`; everything else is replicated.
+Batches: the leading (batch) dimension is split over data x fsdp.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  fsdp, tensor = mesh_cfg.fsdp, mesh_cfg.tensor
+  data = mesh_cfg.data if mesh_cfg.data > 0 else len(devices) // (fsdp * tensor)
+  if data * fsdp * tensor != len(devices):
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} must equal the "
+                     f"{len(devices)} devices; set mesh.data=-1 or adjust the axes")
+  mesh = Mesh(np.asarray(devices).reshape(data, fsdp, tensor), AXES)
+  logging.info("mesh %s on %d %s device(s)", dict(mesh.shape), len(devices),
+               jax.default_backend())
+  return mesh
+
+
+def param_spec(shape: tuple[int, ...], mesh: Mesh) -> P:
+  spec = [None] * len(shape)
+  for axis in ("fsdp", "tensor"):
+    size = mesh.shape[axis]
+    if size == 1:
+      continue
+    free = [i for i in np.argsort(shape)[::-1] if spec[i] is None and shape[i] % size == 0]
+    if free:
+      spec[free[0]] = axis
+  return P(*spec)
+
+
+def param_shardings(tree, mesh: Mesh):
+  """NamedSharding per leaf of a param/optimizer tree (scalars replicated)."""
+  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), mesh)), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % shards:
+    raise ValueError(f"train.batch_size={batch_size} must be divisible by the {shards} "
+                     "data x fsdp shards of the mesh")
