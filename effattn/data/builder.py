@@ -21,6 +21,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import os
 from typing import Any, Callable, Iterator, Mapping
@@ -31,7 +32,9 @@ import tensorflow_datasets as tfds
 
 # Stable ids so a split's random stream never changes when splits are added or reordered.
 _SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
-_CHUNK = 1024  # examples drawn per vectorized sample() call
+# Examples drawn per vectorized sample() call: a fixed schedule, so a split of n examples is
+# the first n of its stream whatever n is, and small splits stay cheap.
+_CHUNKS = (64, 128, 256, 512, 1024)
 _MAX_DRAWS_PER_EXAMPLE = 20  # give up when the task's example space is this close to exhausted
 
 
@@ -129,9 +132,10 @@ def _unique_stream(spec: BuildSpec, split: str, *, seen: set[bytes]) -> Iterator
   seed = int(spec.identity["seed"])
   rng = np.random.default_rng([seed, _SPLIT_IDS.get(split, 99), 0xEFA])
   produced = drawn = 0
-  while produced < want:
-    chunk = spec.sample(rng, _CHUNK)
-    for i in range(_CHUNK):
+  for call in itertools.count():
+    size = _CHUNKS[min(call, len(_CHUNKS) - 1)]
+    chunk = spec.sample(rng, size)
+    for i in range(size):
       drawn += 1
       example = {name: values[i] for name, values in chunk.items()}
       key = _digest(example)
@@ -142,7 +146,7 @@ def _unique_stream(spec: BuildSpec, split: str, *, seen: set[bytes]) -> Iterator
       produced += 1
       if produced == want:
         return
-    if drawn > _MAX_DRAWS_PER_EXAMPLE * want + _CHUNK:
+    if drawn > _MAX_DRAWS_PER_EXAMPLE * want + _CHUNKS[-1]:
       raise ValueError(
           f"{spec.task}: only {produced} distinct {split} examples in {drawn} draws; the options "
           f"allow too few distinct sequences: enlarge the vocabulary/seq_len or ask for fewer "

@@ -124,15 +124,21 @@ class Source:
 
 
 def complete_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Adds the fields a task does not store: weights 1, segment_ids 1, positions from segments."""
+  """Adds the fields a task does not store.
+
+  segment_ids default to 1 everywhere; weights to 1 on every non-padding target (per token
+  for [B, T] targets, per sequence for [B] targets); positions come from the segments.
+  """
   inputs = batch["inputs"].astype(np.int32)
   targets = batch["targets"].astype(np.int32)
-  weights = batch.get("weights")
-  weights = np.ones(targets.shape, np.float32) if weights is None else weights.astype(np.float32)
   segment_ids = batch.get("segment_ids")
   if segment_ids is None:
     segment_ids = np.ones(inputs.shape, np.int32)
   segment_ids = segment_ids.astype(np.int32)
+  weights = batch.get("weights")
+  if weights is None:
+    weights = (segment_ids > 0) if targets.shape == inputs.shape else np.ones(targets.shape)
+  weights = weights.astype(np.float32)
   return {"inputs": inputs, "targets": targets, "weights": weights, "segment_ids": segment_ids,
           "positions": positions_from_segments(segment_ids)}
 

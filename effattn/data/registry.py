@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from effattn.data import mqar
+from effattn.data import mqar, passkey
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,7 @@ def _task(module, kind: str) -> Task:
 TASKS: dict[str, Task] = {
     t.name: t for t in (
         _task(mqar, "lm"),
+        _task(passkey, "lm"),
     )
 }
 
