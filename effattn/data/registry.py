@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from effattn.data import mqar, passkey
+from effattn.data import mqar, passkey, selective_copy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +56,7 @@ TASKS: dict[str, Task] = {
     t.name: t for t in (
         _task(mqar, "lm"),
         _task(passkey, "lm"),
+        _task(selective_copy, "lm"),
     )
 }
 
