@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from effattn.data import mqar, passkey, selective_copy
+from effattn.data import listops, mqar, passkey, selective_copy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,7 @@ TASKS: dict[str, Task] = {
         _task(mqar, "lm"),
         _task(passkey, "lm"),
         _task(selective_copy, "lm"),
+        _task(listops, "classification"),
     )
 }
 
