@@ -21,13 +21,18 @@ Decoding (prefill of a prompt, then one token at a time):
   x: [B, T, d_model] with T >= 1 new tokens that follow the ones already in `cache`. Decoding a
   sequence in any split equals the causal full forward pass (the decode oracle).
 
+Static attributes of a module (anything that is not an nnx.Variable) become part of the nnx
+GraphDef, which jit uses as a cache key: they must be hashable. Keep ints, floats, strings,
+tuples and `self.opts` (frozen); never store the ConfigDict itself.
+
 Non-gradient state (routing centroids, memory carried across segments) lives in variables of the
 kind `AttentionState`: the trainer differentiates only `nnx.Param` and checkpoints everything.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import dataclasses
+import functools
 from typing import Any, Protocol
 
 import jax
@@ -67,7 +72,6 @@ class Attention(nnx.Module):
       raise ValueError(
           f"model.num_heads={num_heads} must divide model.d_model={d_model}; pick a divisor"
       )
-    self.cfg = cfg
     self.opts = mechanism_options(cfg, type(self).registered_name, type(self).DEFAULTS)
     self.d_model = d_model
     self.num_heads = num_heads
@@ -79,8 +83,15 @@ class Attention(nnx.Module):
     self.rope_theta = rope_theta
 
 
-def mechanism_options(cfg: Any, name: str, defaults: dict[str, Any]) -> SimpleNamespace:
-  """Merges `cfg.<name>` over `defaults`; unknown option names fail naming the field."""
+def _frozen(value: Any) -> Any:
+  return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def mechanism_options(cfg: Any, name: str, defaults: dict[str, Any]):
+  """Merges `cfg.<name>` over `defaults` into a frozen, hashable record (attribute access).
+
+  Unknown option names fail naming the field.
+  """
   given = {}
   if hasattr(cfg, "get") and cfg.get(name) is not None:
     section = cfg.get(name)
@@ -89,7 +100,14 @@ def mechanism_options(cfg: Any, name: str, defaults: dict[str, Any]) -> SimpleNa
   if unknown:
     raise ValueError(f"unknown option(s) {unknown} in model.attention.{name}; "
                      f"known: {sorted(defaults)}")
-  return SimpleNamespace(**{**defaults, **given})
+  merged = {k: _frozen(v) for k, v in {**defaults, **given}.items()}
+  return _options_class(name, tuple(merged))(**merged)
+
+
+@functools.lru_cache(maxsize=None)
+def _options_class(name: str, fields: tuple[str, ...]) -> type:
+  # One class per field set, so equal options compare (and hash) equal across modules.
+  return dataclasses.make_dataclass(f"{name}_options", list(fields), frozen=True)
 
 
 class AttentionModule(Protocol):

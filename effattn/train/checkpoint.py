@@ -42,7 +42,9 @@ class Checkpointer:
     self.every = every
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=async_save)
+        enable_async_checkpointing=async_save,
+        # A run killed mid-save leaves a temporary folder; it is never a restorable step.
+        cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def latest_step(self) -> int | None:
