@@ -1,0 +1,238 @@
+"""Public block-sparse flash attention: validation, padding and dispatch.
+
+    o, lse = block_sparse_attention(q, k, v, kv_indices, kv_counts, block_q=64, block_k=64,
+                                    causal=True, ...)
+
+Each (batch, head, query block i) visits the key blocks kv_indices[b, h, i, :kv_counts[b, h, i]]
+(build them from a dense block mask with `lists_from_block_mask`); inside visited tiles the
+element conditions of common.py apply. Paths (`impl`):
+  "auto"       Pallas on GPU (Triton) and TPU (Mosaic), else the blocked jnp path (logged once);
+  "pallas"     the Pallas kernel of the current backend (the Triton one on CPU, for interpret);
+  "pallas_gpu" / "pallas_tpu"  a specific Pallas kernel (use interpret=True off-device);
+  "xla"        blocked jnp, work proportional to the lists;
+  "reference"  dense masked attention, the oracle.
+Pallas paths differentiate with their own backward kernels (custom_vjp).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from effattn.kernels.block_sparse import pallas_gpu, pallas_tpu, reference, xla
+from effattn.kernels.block_sparse.common import Aux, BlockSizes, transpose_lists
+
+IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "reference")
+PALLAS_HEAD_DIMS = (64, 128)
+# Segment ids given to padded rows: padded keys match no query, padded queries see nothing.
+_PAD_Q_SEG = -(2 ** 31)
+_PAD_KV_SEG = -(2 ** 31) + 1
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def _log_once(path: str, why: str) -> None:
+  if (path, why) not in _LOGGED:
+    _LOGGED.add((path, why))
+    logging.info("effattn block_sparse: using %s path (%s)", path, why)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  causal: bool
+  scale: float
+  block_q: int
+  block_k: int
+  interpret: bool
+  platform: str  # "gpu" | "tpu"
+
+
+def _choose(impl: str, q) -> str:
+  backend = jax.default_backend()
+  d_ok = q.shape[-1] in PALLAS_HEAD_DIMS
+  if impl == "auto":
+    if backend in ("gpu", "tpu") and d_ok:
+      _log_once(f"pallas_{backend}", f"backend {backend}")
+      return f"pallas_{backend}"
+    why = f"backend {backend}" if d_ok else f"head_dim {q.shape[-1]} not in {PALLAS_HEAD_DIMS}"
+    _log_once("xla", why)
+    return "xla"
+  if impl == "pallas":
+    impl = "pallas_tpu" if backend == "tpu" else "pallas_gpu"
+  if impl.startswith("pallas"):
+    if not d_ok:
+      raise ValueError(f"head_dim={q.shape[-1]} must be one of {PALLAS_HEAD_DIMS} for {impl=}; "
+                       "use impl='xla'")
+  _log_once(impl, "forced")
+  return impl
+
+
+def _vec(x, name: str, b: int, n: int, heads: tuple[int, ...], dtype):
+  """[B, N] or [B', Hx, N] -> [B', Hx, N] in dtype, checked."""
+  if x is None:
+    return None
+  x = jnp.asarray(x)
+  if x.ndim == 2:
+    x = x[:, None, :]
+  if x.ndim != 3 or x.shape[0] not in (1, b) or x.shape[1] not in heads or x.shape[2] != n:
+    raise ValueError(f"{name} has shape {x.shape}; expected [B, {n}] or [B or 1, H in {heads}, "
+                     f"{n}]")
+  return x.astype(dtype)
+
+
+def _pad_axis(x, axis: int, size: int, value):
+  if x is None or x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def _kernel_module(platform: str):
+  return pallas_tpu if platform == "tpu" else pallas_gpu
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _pallas(q, k, v, kv_indices, kv_counts, aux, st: _Static):
+  return _kernel_module(st.platform).forward(
+      q, k, v, kv_indices, kv_counts, aux, causal=st.causal, scale=st.scale,
+      block_q=st.block_q, block_k=st.block_k, interpret=st.interpret)
+
+
+def _pallas_fwd(q, k, v, kv_indices, kv_counts, aux, st):
+  o, lse = _pallas(q, k, v, kv_indices, kv_counts, aux, st)
+  return (o, lse), (q, k, v, kv_indices, kv_counts, aux, o, lse)
+
+
+def _pallas_bwd(st, res, cotangents):
+  q, k, v, kv_indices, kv_counts, aux, o, lse = res
+  do, dlse = cotangents
+  # A query that sees nothing has lse = -inf and no gradient; keep its delta finite.
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
+  q_indices, q_counts = transpose_lists(kv_indices, kv_counts, k.shape[1] // st.block_k)
+  dq, dk, dv, dbias = _kernel_module(st.platform).backward(
+      q, k, v, lse, do.astype(q.dtype), delta, kv_indices, kv_counts, q_indices, q_counts, aux,
+      causal=st.causal, scale=st.scale, block_q=st.block_q, block_k=st.block_k,
+      interpret=st.interpret)
+  d_aux = Aux(*(None for _ in Aux._fields))
+  if aux.kv_bias is not None:
+    want = aux.kv_bias.shape
+    axes = tuple(a for a in (0, 1) if want[a] == 1 and dbias.shape[a] != 1)
+    d_aux = d_aux._replace(kv_bias=jnp.sum(dbias, axis=axes, keepdims=True).reshape(want))
+  return dq, dk, dv, None, None, d_aux
+
+
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def block_sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_indices: jax.Array,
+    kv_counts: jax.Array,
+    *,
+    block_q: int = 64,
+    block_k: int = 64,
+    causal: bool = True,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    kv_bias: jax.Array | None = None,
+    q_threshold: jax.Array | None = None,
+    q_threshold_pos: jax.Array | None = None,
+    scale: float | None = None,
+    impl: str = "auto",
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """Softmax attention restricted to listed key blocks and an element mask.
+
+  Args:
+    q: [B, T, H, D]; k, v: [B, S, H_kv, D] with H_kv dividing H (GQA, no repeats made).
+    kv_indices: [B', H', nQ, K] int32 key-block ids per query block, ascending, nQ = ceil(T /
+      block_q); B' in {1, B}, H' in {1, H}. kv_counts: [B', H', nQ] valid slots per row.
+    block_q, block_k: tile sizes and the granularity of the lists (powers of two).
+    causal: keep key j for query i only when kv_positions[j] <= q_positions[i].
+    q_positions / kv_positions: [B, T] / [B, S] or per head [B', Hx, N]; default token index.
+    q_segment_ids / kv_segment_ids: keep only equal ids (packed sequences, padding).
+    kv_bias: additive score bias per key [B, S] or [B', 1 or H_kv, S]; gets a gradient.
+    q_threshold / q_threshold_pos: per query [B', 1 | H_kv | H, T]; keep key j only when
+      (kv_bias[j], -kv_pos[j]) >= (q_threshold[i], -q_threshold_pos[i]) (top-w by bias).
+    scale: score scale, default D ** -0.5.
+    impl: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "xla" | "reference".
+    interpret: run Pallas kernels in interpret mode (CPU tests).
+
+  Returns:
+    o [B, T, H, D] in q's dtype, lse [B, H, T] float32 log-sum-exp of the kept scores (natural
+    log; -inf and o = 0 where a query keeps no key).
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"block_sparse {impl=} is not one of {IMPLS}")
+  if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+    raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} must be [B, T, H, D] with k and v "
+                     "of one shape")
+  b, t, h, d = q.shape
+  s_len, h_kv = k.shape[1], k.shape[2]
+  if k.shape[0] != b or k.shape[3] != d or h % h_kv:
+    raise ValueError(f"k {k.shape} must be [B={b}, S, H_kv, D={d}] with H_kv dividing H={h}")
+  sizes = BlockSizes(block_q, block_k)
+  n_q, n_k = -(-t // block_q), -(-s_len // block_k)
+  if (kv_indices.ndim != 4 or kv_indices.shape[0] not in (1, b)
+      or kv_indices.shape[1] not in (1, h) or kv_indices.shape[2] != n_q):
+    raise ValueError(f"kv_indices has shape {kv_indices.shape}; expected [B or 1, H or 1, "
+                     f"nQ={n_q}, K] for T={t}, {block_q=}")
+  if kv_counts.shape != kv_indices.shape[:3]:
+    raise ValueError(f"kv_counts has shape {kv_counts.shape}; expected {kv_indices.shape[:3]}")
+  if (q_threshold is None) != (q_threshold_pos is None) or (
+      q_threshold is not None and kv_bias is None):
+    raise ValueError("q_threshold and q_threshold_pos go together and need kv_bias")
+  q_heads, kv_heads = (1, h_kv, h), (1, h_kv)
+  aux = Aux(
+      q_pos=_vec(q_positions, "q_positions", b, t, q_heads, jnp.int32),
+      kv_pos=_vec(kv_positions, "kv_positions", b, s_len, kv_heads, jnp.int32),
+      q_seg=_vec(q_segment_ids, "q_segment_ids", b, t, q_heads, jnp.int32),
+      kv_seg=_vec(kv_segment_ids, "kv_segment_ids", b, s_len, kv_heads, jnp.int32),
+      kv_bias=_vec(kv_bias, "kv_bias", b, s_len, kv_heads, jnp.float32),
+      q_thr=_vec(q_threshold, "q_threshold", b, t, q_heads, jnp.float32),
+      q_thr_pos=_vec(q_threshold_pos, "q_threshold_pos", b, t, q_heads, jnp.int32),
+  )
+  if (aux.q_seg is None) != (aux.kv_seg is None):
+    raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+  scale = d ** -0.5 if scale is None else float(scale)
+  kv_indices, kv_counts = kv_indices.astype(jnp.int32), kv_counts.astype(jnp.int32)
+  path = _choose(impl, q)
+  if path == "reference":
+    return reference.block_sparse_attention(q, k, v, kv_indices, kv_counts, aux, causal=causal,
+                                            scale=scale, block_q=block_q, block_k=block_k)
+
+  # Pad ragged lengths to whole tiles; padded rows get segment ids that match nothing.
+  t_pad, s_pad = n_q * block_q, n_k * block_k
+  if t_pad != t or s_pad != s_len:
+    if aux.q_seg is None:
+      aux = aux._replace(q_seg=jnp.zeros((1, 1, t), jnp.int32),
+                         kv_seg=jnp.zeros((1, 1, s_len), jnp.int32))
+    aux = Aux(
+        q_pos=_pad_axis(aux.q_pos, 2, t_pad, 0),
+        kv_pos=_pad_axis(aux.kv_pos, 2, s_pad, 0),
+        q_seg=_pad_axis(aux.q_seg, 2, t_pad, _PAD_Q_SEG),
+        kv_seg=_pad_axis(aux.kv_seg, 2, s_pad, _PAD_KV_SEG),
+        kv_bias=_pad_axis(aux.kv_bias, 2, s_pad, 0.0),
+        q_thr=_pad_axis(aux.q_thr, 2, t_pad, 0.0),
+        q_thr_pos=_pad_axis(aux.q_thr_pos, 2, t_pad, 0),
+    )
+    q = _pad_axis(q, 1, t_pad, 0)
+    k = _pad_axis(k, 1, s_pad, 0)
+    v = _pad_axis(v, 1, s_pad, 0)
+  if path == "xla":
+    o, lse = xla.block_sparse_attention(q, k, v, kv_indices, kv_counts, aux, causal=causal,
+                                        scale=scale, block_q=block_q, block_k=block_k)
+  else:
+    st = _Static(causal=causal, scale=scale, block_q=sizes.block_q, block_k=sizes.block_k,
+                 interpret=interpret, platform=path.removeprefix("pallas_"))
+    o, lse = _pallas(q, k, v, kv_indices, kv_counts, aux, st)
+  return o[:, :t], lse[:, :, :t]
