@@ -4,8 +4,8 @@
 
 Zoology's recipe: 2 attention-only layers (no MLP), 1 head, d_model 64, RoPE, AdamW 3e-3 with
 warmup + cosine, weight decay 0.1, batch 128; T = 64, 8 key-value pairs, vocab 256. Softmax
-attention leaves the ~14% plateau after ~1,000 steps and passes 99% test accuracy by ~1,500
-(a few minutes on a 2-core CPU). Swap the mechanism with --config.model.attention.name=...
+attention leaves the early plateau within 500-1,000 steps (seed dependent) and is above 99% test
+accuracy well before the 1,500 steps here (2-4 minutes on a 2-core CPU). Swap the mechanism with --config.model.attention.name=...
 """
 
 from configs import base
@@ -28,7 +28,7 @@ def get_config():
   config.optimizer.warmup_steps = 100
   config.optimizer.weight_decay = 0.1
 
-  config.train.steps = 2000
+  config.train.steps = 1500
   config.train.batch_size = 128
   config.train.log_every = 50
   config.train.eval_every = 500
