@@ -1,0 +1,232 @@
+"""Public linear-scan op: argument checks, path choice, bidirectional composition, custom VJP.
+
+    o, final_state = linear_scan(q, k, v, log_decay, causal=True, initial_state=None,
+                                 segment_ids=None, scale=1.0, impl="auto")
+
+computes o_t = scale * sum_{s <= t} exp(g_h (t - s)) (q_t . k_s) v_s (+ the initial-state term;
+bidirectional: sum over all s with exp(g_h |t - s|)); reference.py has the exact definition.
+
+Paths: "reference" (O(T^2) jnp, autodiff), "xla" (chunked jnp), "pallas_gpu" (Triton),
+"pallas_tpu" (Mosaic); "pallas" = the kernel of the current backend, "auto" = that kernel on
+GPU/TPU when the shapes allow it, else xla. The choice is logged once per distinct reason.
+
+Gradients (all paths but reference) come from one custom VJP. The causal scan and the reverse
+scan are each other's transpose, so the backward of one direction is three calls of the same
+kernel in the other direction (derivation in docs/mechanisms_linear.md):
+
+  dq          = scan_same(q=do, k=v,  v=k,  S0=S0^T)
+  dk          = scan_flip(q=v,  k=do, v=q,  S0=dS_T^T)
+  dv, dS0     = scan_flip(q=k,  k=q,  v=do, S0=dS_T)
+
+The bidirectional form is causal + reverse - diagonal (two scans). log_decay gets no gradient
+(fixed decays, as in lightning attention); it is wrapped in stop_gradient to make that explicit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from effattn.kernels.linear_scan import pallas_gpu, pallas_tpu, reference, xla
+
+IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "reference")
+_LOGGED: set[tuple] = set()
+
+
+def _log_once(path: str, why: str) -> None:
+  if (path, why) not in _LOGGED:
+    _LOGGED.add((path, why))
+    logging.info("effattn linear_scan: using %s path (%s)", path, why)
+
+
+def _gpu_kernel_limits(q, v) -> str:
+  """Empty when the GPU kernel takes these shapes, else the reason it does not."""
+  for name, dim in (("Dk", q.shape[-1]), ("Dv", v.shape[-1])):
+    if dim < 16 or dim & (dim - 1):
+      return f"{name}={dim} is not a power of two >= 16"
+  if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    return f"dtype {q.dtype}"
+  return ""
+
+
+def choose_path(impl: str, q, v, interpret: bool = False) -> str:
+  """Resolves `impl` to one of reference | xla | pallas_gpu | pallas_tpu (and logs why)."""
+  if impl not in IMPLS:
+    raise ValueError(f"linear_scan impl={impl!r} is not one of {IMPLS}")
+  backend = jax.default_backend()
+  if impl in ("reference", "xla", "pallas_gpu", "pallas_tpu"):
+    _log_once(impl, "forced")
+    return impl
+  if impl == "pallas":
+    if backend == "tpu":
+      return "pallas_tpu"
+    if backend == "gpu" or interpret:
+      return "pallas_gpu"
+    raise ValueError("impl='pallas' needs a GPU or TPU backend (or interpret=True); "
+                     "use impl='xla' on CPU")
+  if backend == "tpu":
+    _log_once("pallas_tpu", "auto on tpu")
+    return "pallas_tpu"
+  if backend == "gpu":
+    why = _gpu_kernel_limits(q, v)
+    path = "xla" if why else "pallas_gpu"
+    _log_once(path, why or "auto on gpu")
+    return path
+  _log_once("xla", f"auto on {backend}")
+  return "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static settings of one scan (hashable: a nondiff argument of the custom VJP)."""
+
+  path: str
+  scale: float
+  out_dtype: Any
+  chunk_size: int | None
+  block_sizes: Any
+  interpret: bool
+
+
+def _run(plan: _Plan, reverse: bool, q, k, v, g, s0, runs):
+  """One direction on the planned path, no custom VJP: (o, final_state)."""
+  kw = dict(reverse=reverse, scale=plan.scale, out_dtype=plan.out_dtype)
+  if plan.path == "xla":
+    return xla.scan_chunked(q, k, v, g, s0, runs, chunk_size=plan.chunk_size or 64, **kw)
+  module = pallas_gpu if plan.path == "pallas_gpu" else pallas_tpu
+  sizes = plan.block_sizes or module.BlockSizes()
+  if plan.chunk_size is not None:
+    sizes = dataclasses.replace(sizes, chunk=plan.chunk_size)
+  return module.scan(q, k, v, g, s0, runs, block_sizes=sizes, interpret=plan.interpret, **kw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scan(plan: _Plan, reverse: bool, q, k, v, g, s0, runs):
+  return _run(plan, reverse, q, k, v, g, s0, runs)
+
+
+def _scan_fwd(plan, reverse, q, k, v, g, s0, runs):
+  return _run(plan, reverse, q, k, v, g, s0, runs), (q, k, v, g, s0, runs)
+
+
+def _scan_bwd(plan, reverse, residuals, cotangents):
+  q, k, v, g, s0, runs = residuals
+  do, d_final = cotangents
+  # The output scale moves onto do; the final state never saw it.
+  do = (do.astype(jnp.float32) * plan.scale).astype(q.dtype)
+  plan = dataclasses.replace(plan, scale=1.0, out_dtype=None)
+  swap = lambda s: jnp.swapaxes(s, -1, -2)
+  dq, _ = _run(plan, reverse, do, v, k, g, swap(s0), runs)
+  dk, _ = _run(plan, not reverse, v, do, q, g, swap(d_final), runs)
+  dv, ds0 = _run(plan, not reverse, k, q, do, g, d_final, runs)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(g), ds0, None
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def _check(q, k, v, log_decay, initial_state, segment_ids, causal):
+  if q.ndim != 4 or k.shape != q.shape:
+    raise ValueError(f"q and k must both be [B, T, H, Dk]; got {q.shape=} {k.shape=}")
+  if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"v must be [B, T, H, Dv] matching q's [B, T, H]; got {v.shape=} {q.shape=}")
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+  if q.shape[1] == 0:
+    raise ValueError("the sequence is empty (T=0)")
+  b, _, h, dk = q.shape
+  if log_decay is not None and log_decay.shape != (h,):
+    raise ValueError(f"log_decay must be [H]={h,}; got {log_decay.shape}")
+  if initial_state is not None:
+    if not causal:
+      raise ValueError("initial_state needs causal=True (the bidirectional form carries no state)")
+    if initial_state.shape != (b, h, dk, v.shape[-1]):
+      raise ValueError(f"initial_state must be [B, H, Dk, Dv]={(b, h, dk, v.shape[-1])}; "
+                       f"got {initial_state.shape}")
+  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
+    raise ValueError(f"segment_ids must be [B, T]={q.shape[:2]}; got {segment_ids.shape}")
+
+
+def linear_scan(q, k, v, log_decay=None, *, causal: bool = True, initial_state=None,
+                segment_ids=None, scale: float = 1.0, impl: str = "auto",
+                chunk_size: int | None = None, block_sizes=None, out_dtype=None,
+                interpret: bool = False):
+  """Decayed linear attention, causal or bidirectional, with state in and out.
+
+  Args:
+    q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; one dtype (bf16/f16/f32). Accumulation is f32.
+    log_decay: [H] per-head log-decay g_h <= 0 (None: no decay). Receives no gradient.
+    causal: True for o_t over s <= t; False for all s with exp(g |t - s|).
+    initial_state: [B, H, Dk, Dv] state S0 carried in (causal only), e.g. from a prompt.
+    segment_ids: [B, T] packed sequences: tokens see only their own run of equal ids; the state
+      restarts at each new run.
+    scale: multiplies the output (e.g. Dk ** -0.5).
+    impl: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "xla" | "reference".
+    chunk_size: tokens per chunk (default 64 on GPU and xla, 128 on TPU).
+    block_sizes: pallas_gpu.BlockSizes / pallas_tpu.BlockSizes for the kernel paths.
+    out_dtype: dtype of o (default q.dtype).
+    interpret: run Pallas kernels in the interpreter (CPU tests).
+
+  Returns:
+    (o [B, T, H, Dv], final_state [B, H, Dk, Dv] float32). Bidirectional: the causal final state.
+  """
+  _check(q, k, v, log_decay, initial_state, segment_ids, causal)
+  b, _, h, dk = q.shape
+  dv = v.shape[-1]
+  path = choose_path(impl, q, v, interpret)
+  out_dtype = np.dtype(out_dtype or q.dtype)
+  g = (jnp.zeros((h,), jnp.float32) if log_decay is None
+       else jax.lax.stop_gradient(log_decay.astype(jnp.float32)))
+  if path == "reference":
+    f32 = lambda x: x.astype(jnp.float32)  # so out_dtype=f32 keeps full precision
+    o, final = reference.scan_quadratic(f32(q), f32(k), f32(v), g, causal=causal,
+                                        initial_state=initial_state, segment_ids=segment_ids,
+                                        scale=scale)
+    return o.astype(out_dtype), final
+  runs = None if segment_ids is None else reference.segment_runs(segment_ids)
+  zeros = jnp.zeros((b, h, dk, dv), jnp.float32)
+  s0 = zeros if initial_state is None else initial_state.astype(jnp.float32)
+  plan = _Plan(path, float(scale), out_dtype, chunk_size, block_sizes, interpret)
+  if causal:
+    return _scan(plan, False, q, k, v, g, s0, runs)
+  # Bidirectional = causal + reverse - the diagonal both of them counted; summed in f32.
+  plan32 = dataclasses.replace(plan, out_dtype=np.dtype(np.float32))
+  forward, final = _scan(plan32, False, q, k, v, g, zeros, runs)
+  backward, _ = _scan(plan32, True, q, k, v, g, zeros, runs)
+  diagonal = scale * jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), -1, keepdims=True)
+  o = forward + backward - diagonal * v.astype(jnp.float32)
+  return o.astype(out_dtype), final
+
+
+def linear_scan_normalizer(q, k, log_decay=None, *, causal: bool = True, initial_state=None,
+                           segment_ids=None, scale: float = 1.0, impl: str = "auto",
+                           chunk_size: int | None = None, interpret: bool = False):
+  """The linear-attention denominator n_t = scale * sum_s decay(t, s) (q_t . k_s), same kernel.
+
+  It is linear_scan with an all-ones value column (16 wide on the kernel paths, whose tiles need
+  it; 1 wide elsewhere), so decays, segments, state and gradients all come for free.
+
+  Args:
+    q, k: [B, T, H, Dk]. initial_state: [B, H, Dk] decayed key sum carried in (causal only).
+    Other arguments as in linear_scan.
+
+  Returns:
+    (n [B, T, H] float32, final key sum [B, H, Dk] float32).
+  """
+  path = choose_path(impl, q, q, interpret)
+  width = 16 if path.startswith("pallas") else 1
+  ones = jnp.ones(q.shape[:3] + (width,), q.dtype)
+  s0 = None
+  if initial_state is not None:
+    s0 = jnp.broadcast_to(initial_state.astype(jnp.float32)[..., None],
+                          initial_state.shape + (width,))
+  n, final = linear_scan(q, k, ones, log_decay, causal=causal, initial_state=s0,
+                         segment_ids=segment_ids, scale=scale, impl=path, chunk_size=chunk_size,
+                         out_dtype=jnp.float32, interpret=interpret)
+  return n[..., 0], final[..., 0]
