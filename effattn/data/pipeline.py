@@ -30,11 +30,11 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from effattn.data import registry
+from effattn.data import registry, text
 from effattn.data.registry import TaskInfo
 
 DEFAULT_DATA_DIR = "~/effattn_data"
-_COMMON_FIELDS = ("name", "data_dir", "seq_len", "seed")
+CATALOG_PREFIX = "tfds:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,10 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 def resolve(data_cfg: Any) -> _Resolved:
   """Validates `data_cfg` and returns the task, its options and the common fields."""
   name = _get(data_cfg, "name")
+  catalog = None
+  if isinstance(name, str) and name.startswith(CATALOG_PREFIX):
+    # "tfds:lm1b" = the text task reading the prepared catalog dataset lm1b.
+    name, catalog = text.NAME, name[len(CATALOG_PREFIX):]
   task = registry.get(name)
   seq_len = _get(data_cfg, "seq_len")
   if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
@@ -76,6 +80,8 @@ def resolve(data_cfg: Any) -> _Resolved:
   if unknown:
     raise ValueError(f"data.{name}.{unknown[0]} is not an option of {name}; "
                      f"options: {sorted(fields)}")
+  if catalog is not None:
+    given["tfds_name"] = catalog
   options = task.options(**given)
   options.validate(int(seq_len))
   data_dir = os.path.abspath(os.path.expanduser(_get(data_cfg, "data_dir") or DEFAULT_DATA_DIR))

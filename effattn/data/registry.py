@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from effattn.data import listops, mqar, passkey, selective_copy
+from effattn.data import listops, mqar, passkey, selective_copy, text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,7 @@ TASKS: dict[str, Task] = {
         _task(passkey, "lm"),
         _task(selective_copy, "lm"),
         _task(listops, "classification"),
+        _task(text, "lm"),
     )
 }
 
@@ -65,5 +66,6 @@ TASKS: dict[str, Task] = {
 def get(name: str) -> Task:
   """Returns the task registered as `name`; unknown names fail listing the known ones."""
   if name not in TASKS:
-    raise ValueError(f"data.name={name!r} is not a registered task; known: {sorted(TASKS)}")
+    raise ValueError(f"data.name={name!r} is not a registered task; known: {sorted(TASKS)} "
+                     f"(or 'tfds:<catalog name>' for a prepared TFDS dataset)")
   return TASKS[name]

@@ -54,11 +54,12 @@ class SentencePieceTokenizer:
 
 
 def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int, *,
-                        model_type: str = "bpe", seed: int = 0) -> SentencePieceTokenizer:
+                        model_type: str = "bpe") -> SentencePieceTokenizer:
   """Trains a SentencePiece model on `texts` into `model_path` (+ .vocab) and loads it.
 
   Special ids match the byte tokenizer (PAD 0, EOS 1, BOS 2, UNK 3), so packing and padding
-  are the same for both. Byte fallback keeps every input encodable.
+  are the same for both. SentencePiece's training is not bit-reproducible across runs, which is
+  why the model is saved next to the data it tokenized.
   """
   try:
     import sentencepiece as spm
@@ -69,12 +70,15 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int, 
   prefix = model_path[:-len(".model")] if model_path.endswith(".model") else model_path
   # Trained to a temporary prefix then renamed, so a crash never leaves a half-written model.
   tmp = f"{prefix}.tmp{os.getpid()}"
+  # Identity normalization and kept whitespace make decode(encode(text)) == text (code is
+  # full of meaningful spaces); byte fallback encodes every character never seen in training.
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(texts), model_prefix=tmp, vocab_size=vocab_size,
       model_type=model_type, pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=3,
-      byte_fallback=True, character_coverage=1.0, input_sentence_size=2_000_000,
-      shuffle_input_sentence=True, random_seed=seed, train_extremely_large_corpus=False,
-      max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+      byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
+      remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+      input_sentence_size=2_000_000, shuffle_input_sentence=True, max_sentence_length=1 << 16,
+      num_threads=os.cpu_count() or 1, minloglevel=2)
   for ext in (".model", ".vocab"):
     os.replace(tmp + ext, prefix + ext)
   return SentencePieceTokenizer(prefix + ".model")

@@ -16,7 +16,7 @@ def make_cfg(name: str, data_dir, *, seq_len: int, seed: int = 0, **options):
                                    "seed": seed})
   for task_name, task in registry.TASKS.items():
     cfg[task_name] = ml_collections.ConfigDict(dataclasses.asdict(task.options()))
-  cfg[name].update(options)
+  cfg["text" if name.startswith("tfds:") else name].update(options)
   return cfg
 
 
