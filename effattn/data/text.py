@@ -35,6 +35,7 @@ from effattn.data import tokenizers
 NAME = "text"
 VERSION = "1.0.0"
 SPLITS = ("train", "validation", "test")
+_NOT_STDLIB = {"site-packages", "dist-packages", "__pycache__"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +103,11 @@ def local_files(options: TextOptions) -> tuple[str, list[str]]:
       root = os.path.dirname(root)
   else:
     root = sysconfig.get_paths()["stdlib"]
-    skip = {"site-packages", "dist-packages", "__pycache__"}
-    paths = [p for p in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
-             if not skip & set(os.path.relpath(p, root).split(os.sep))]
+    paths = []
+    for folder, subfolders, names in os.walk(root):
+      # Pruned, not filtered: site-packages can be far larger than the stdlib itself.
+      subfolders[:] = sorted(d for d in subfolders if d not in _NOT_STDLIB)
+      paths.extend(os.path.join(folder, n) for n in names if n.endswith(".py"))
   relpaths = sorted((os.path.relpath(p, root) for p in paths), key=_path_hash)
   if options.max_files:
     relpaths = relpaths[:options.max_files]
