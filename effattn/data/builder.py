@@ -86,9 +86,7 @@ class _EffattnBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def __init__(self, *, spec: BuildSpec, data_dir: str):
     self._spec = spec
-    config = tfds.core.BuilderConfig(
-        name=spec.config_name, version=spec.version, description=spec.description)
-    super().__init__(data_dir=data_dir, config=config)
+    super().__init__(data_dir=data_dir, config=spec.config_name)
 
   def _info(self):
     features = tfds.features.FeaturesDict({
@@ -154,16 +152,20 @@ def _unique_stream(spec: BuildSpec, split: str, *, seen: set[bytes]) -> Iterator
 
 
 @functools.cache
-def _builder_class(task: str) -> type:
-  # TFDS names the on-disk folder after the class; one class per task keeps tasks apart.
+def _builder_class(task: str, config_name: str, version: str, description: str) -> type:
+  # TFDS names the on-disk folder after the class's `name`: one name per task keeps tasks apart.
+  # Listing the config in BUILDER_CONFIGS keeps TFDS from warning about a "custom" config.
+  config = tfds.core.BuilderConfig(name=config_name, version=version, description=description)
   return type(f"Effattn{task.title().replace('_', '')}", (_EffattnBuilder,),
-              {"name": f"effattn_{task}", "__module__": __name__},
+              {"name": f"effattn_{task}", "BUILDER_CONFIGS": [config],
+               "VERSION": tfds.core.Version(version), "__module__": __name__},
               skip_registration=True)
 
 
 def make_builder(spec: BuildSpec, data_dir: str):
   """Returns the TFDS builder of `spec` rooted at data_dir (nothing is generated yet)."""
-  return _builder_class(spec.task)(spec=spec, data_dir=data_dir)
+  cls = _builder_class(spec.task, spec.config_name, spec.version, spec.description)
+  return cls(spec=spec, data_dir=data_dir)
 
 
 @contextlib.contextmanager
