@@ -48,6 +48,7 @@ class _Static:
   block_k: int
   interpret: bool
   platform: str  # "gpu" | "tpu"
+  tuning: tuple = ()  # Triton (num_warps, num_stages) overrides as key-value pairs
 
 
 def _choose(impl: str, q) -> str:
@@ -99,7 +100,7 @@ def _kernel_module(platform: str):
 def _pallas(q, k, v, kv_indices, kv_counts, aux, st: _Static):
   return _kernel_module(st.platform).forward(
       q, k, v, kv_indices, kv_counts, aux, causal=st.causal, scale=st.scale,
-      block_q=st.block_q, block_k=st.block_k, interpret=st.interpret)
+      block_q=st.block_q, block_k=st.block_k, interpret=st.interpret, **dict(st.tuning))
 
 
 def _pallas_fwd(q, k, v, kv_indices, kv_counts, aux, st):
@@ -117,7 +118,7 @@ def _pallas_bwd(st, res, cotangents):
   dq, dk, dv, dbias = _kernel_module(st.platform).backward(
       q, k, v, lse, do.astype(q.dtype), delta, kv_indices, kv_counts, q_indices, q_counts, aux,
       causal=st.causal, scale=st.scale, block_q=st.block_q, block_k=st.block_k,
-      interpret=st.interpret)
+      interpret=st.interpret, **dict(st.tuning))
   d_aux = Aux(*(None for _ in Aux._fields))
   if aux.kv_bias is not None:
     want = aux.kv_bias.shape
@@ -149,6 +150,8 @@ def block_sparse_attention(
     scale: float | None = None,
     impl: str = "auto",
     interpret: bool = False,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Softmax attention restricted to listed key blocks and an element mask.
 
@@ -166,6 +169,7 @@ def block_sparse_attention(
     scale: score scale, default D ** -0.5.
     impl: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "xla" | "reference".
     interpret: run Pallas kernels in interpret mode (CPU tests).
+    num_warps, num_stages: Triton tuning overrides for the GPU kernels (default: heuristic).
 
   Returns:
     o [B, T, H, D] in q's dtype, lse [B, H, T] float32 log-sum-exp of the kept scores (natural
@@ -232,7 +236,10 @@ def block_sparse_attention(
     o, lse = xla.block_sparse_attention(q, k, v, kv_indices, kv_counts, aux, causal=causal,
                                         scale=scale, block_q=block_q, block_k=block_k)
   else:
+    platform = path.removeprefix("pallas_")
+    tuning = tuple((n, x) for n, x in (("num_warps", num_warps), ("num_stages", num_stages))
+                   if x is not None and platform == "gpu")
     st = _Static(causal=causal, scale=scale, block_q=sizes.block_q, block_k=sizes.block_k,
-                 interpret=interpret, platform=path.removeprefix("pallas_"))
+                 interpret=interpret, platform=platform, tuning=tuning)
     o, lse = _pallas(q, k, v, kv_indices, kv_counts, aux, st)
   return o[:, :t], lse[:, :, :t]

@@ -114,10 +114,12 @@ def pad_lists(indices: jax.Array, counts: jax.Array):
 
 
 def block_mask_from_lists(indices: jax.Array, counts: jax.Array, num_k_blocks: int) -> jax.Array:
-  """(indices [B, H, nQ, K], counts [B, H, nQ]) -> dense bool [B, H, nQ, nK]."""
+  """(indices [B, H, nQ, K], counts [B, H, nQ]) -> dense bool [B, H, nQ, nK] (a scatter)."""
   valid = jnp.arange(indices.shape[-1]) < counts[..., None]
-  onehot = jax.nn.one_hot(indices, num_k_blocks, dtype=jnp.bool_) & valid[..., None]
-  return jnp.any(onehot, axis=-2)
+  target = jnp.where(valid, indices, num_k_blocks)  # out of range: dropped by the scatter
+  rows = jnp.indices(indices.shape, sparse=True)[:-1]
+  mask = jnp.zeros(indices.shape[:-1] + (num_k_blocks,), bool)
+  return mask.at[(*rows, target)].set(True, mode="drop")
 
 
 def transpose_lists(indices: jax.Array, counts: jax.Array, num_k_blocks: int):
