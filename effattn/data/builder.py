@@ -180,15 +180,24 @@ def _file_lock(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepare(builder, data_dir: str) -> None:
-  """Generates the builder's data as array_record under data_dir unless it is already there."""
-  os.makedirs(data_dir, exist_ok=True)
-  lock = os.path.join(data_dir, f".{builder.name}.{builder.builder_config.name}.lock")
-  with _file_lock(lock):
-    if not _is_prepared(builder):
-      logging.info("Preparing %s/%s into %s (first use)", builder.name,
-                   builder.builder_config.name, builder.data_dir)
-      builder.download_and_prepare(file_format="array_record")
+def prepare(builder, data_dir: str):
+  """Generates the builder's data as array_record under data_dir unless it is already there.
+
+  Returns a builder whose info describes the prepared data (a builder made before another
+  process finished preparing would still describe no splits).
+  """
+  if not _is_prepared(builder):  # reading needs no lock, so a read-only data_dir works
+    os.makedirs(data_dir, exist_ok=True)
+    lock = os.path.join(data_dir, f".{builder.name}.{builder.builder_config.name}.lock")
+    with _file_lock(lock):
+      if not _is_prepared(builder):
+        logging.info("Preparing %s/%s into %s (first use)", builder.name,
+                     builder.builder_config.name, builder.data_dir)
+        builder.download_and_prepare(file_format="array_record")
+        return builder
+  if not builder.info.splits:
+    return make_builder(builder._spec, data_dir)
+  return builder
 
 
 def _is_prepared(builder) -> bool:

@@ -166,7 +166,7 @@ def load_split(data_cfg: Any, split: str) -> Source:
   info = task_info(data_cfg)
   builder = r.task.builder(r.options, seq_len=r.seq_len, seed=r.seed, data_dir=r.data_dir)
   try:
-    builder_lib.prepare(builder, r.data_dir)
+    builder = builder_lib.prepare(builder, r.data_dir)
   except PermissionError as e:
     raise ValueError(f"data.data_dir={r.data_dir!r} is not writable ({e.strerror}): point "
                      f"data.data_dir at a writable directory") from e

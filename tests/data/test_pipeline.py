@@ -207,3 +207,26 @@ def test_default_data_dir_is_expanded(monkeypatch, tmp_path):
   assert pipeline.resolve(cfg).data_dir == str(tmp_path / "effattn_data")
   assert dataclasses.asdict(pipeline.resolve(cfg).options) == dataclasses.asdict(
       mqar.MqarOptions())
+
+
+def test_concurrent_processes_prepare_once_and_read_the_same(tmp_path):
+  script = f"""
+import sys
+from tests.data.conftest import make_cfg
+import effattn.data
+cfg = make_cfg("mqar", {str(tmp_path)!r}, seq_len=32, vocab_size=64, num_pairs=4,
+               train_examples=3000, test_examples=50)
+b = effattn.data.batch_at(effattn.data.load_split(cfg, "train"), 1, 4, seed=0)
+print(b["inputs"].sum())
+"""
+  env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+  last_lines = [out.strip().splitlines()[-1] for out, _ in outs]
+  assert last_lines[0] == last_lines[1]
+  assert sum("Downloading and preparing" in out for out, _ in outs) == 1  # one generated
+  versions = glob.glob(str(tmp_path / "effattn_mqar" / "*" / "*"))
+  assert [os.path.basename(v) for v in versions] == ["1.0.0"], versions  # no leftovers
