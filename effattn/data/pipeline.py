@@ -179,7 +179,8 @@ def load_split(data_cfg: Any, split: str) -> Source:
     expected = builder.info.splits[split].num_examples
     if len(source) != expected:
       raise ValueError(f"{len(source)} records where dataset_info.json says {expected}")
-    source[0], source[len(source) - 1]  # fail here, not mid-training, if files are damaged
+    for i in (0, len(source) - 1):  # fail here, not mid-training, if files are damaged
+      source[i]
   except Exception as e:  # noqa: BLE001 -- any failure to read prepared files means corruption
     raise ValueError(f"prepared data at {path} is incomplete or corrupt ({type(e).__name__}: "
                      f"{e}); delete that directory to regenerate it") from e
@@ -214,6 +215,8 @@ def batch_at(source: Source, step: int, batch_size: int, seed: int, *, shuffle: 
   With several processes (multi-host), each gets rows [process_index::process_count] of the
   same global batch, so the union over processes is the single-process batch.
   """
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1")
   if batch_size % process_count:
     raise ValueError(f"batch_size={batch_size} must be divisible by process_count="
                      f"{process_count}")
