@@ -1,79 +1,25 @@
 """TFDS builders for effattn's tasks, written without TensorFlow.
 
-This is the only module of effattn.data that imports tensorflow_datasets, and only the task
-modules' `builder()` functions import it, lazily. A task describes itself with a `BuildSpec`
-(features, splits and a generator of examples); `make_builder` turns the spec into a
+The only module of effattn.data that imports tensorflow_datasets (pipeline.load_split imports it
+lazily). `make_builder` turns a task's `BuildSpec` (spec.py) into a
 `tfds.core.GeneratorBasedBuilder` whose config name is derived from everything that changes the
 data, so two option sets never share a directory under data_dir:
 
     <data_dir>/effattn_<task>/<readable fields>_<hash>/<version>/*.array_record-*
-
-Synthetic tasks give a `sample(rng, n)` that draws n examples at once (vectorized numpy); the
-builder draws each split from its own stream seeded by (seed, split) and skips any example
-already drawn for an earlier split, so splits are disjoint by construction. Held-out splits are
-drawn first, so their content does not depend on how large the train split is.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import functools
-import hashlib
-import itertools
-import json
 import os
-from typing import Any, Callable, Iterator, Mapping
 
 from absl import logging
-import numpy as np
 import tensorflow_datasets as tfds
 
-# Stable ids so a split's random stream never changes when splits are added or reordered.
-_SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
-# Examples drawn per vectorized sample() call: a fixed schedule, so a split of n examples is
-# the first n of its stream whatever n is, and small splits stay cheap.
-_CHUNKS = (64, 128, 256, 512, 1024)
-_MAX_DRAWS_PER_EXAMPLE = 20  # give up when the task's example space is this close to exhausted
-
-
-@dataclasses.dataclass(frozen=True)
-class BuildSpec:
-  """Everything a builder needs from a task.
-
-  Attributes:
-    task: registry name; the TFDS builder is named `effattn_<task>`.
-    version: "MAJOR.MINOR.PATCH"; bump it when the generator's output changes.
-    features: name -> (shape, numpy dtype) of one stored example.
-    split_sizes: split -> number of examples (synthetic tasks).
-    sample: `(rng, n) -> {name: array [n, ...]}` for synthetic tasks, else None.
-    examples: `split -> iterator of examples` for corpora read from files, else None.
-    identity: everything that determines the data (options, seq_len, seed); hashed into the
-      config name.
-    readable: short human-readable prefix of the config name, e.g. "v8192_p8_t64".
-    description: one line shown in dataset_info.json.
-  """
-
-  task: str
-  version: str
-  features: Mapping[str, tuple[tuple[int, ...], Any]]
-  identity: Mapping[str, Any]
-  readable: str
-  description: str
-  split_sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
-  sample: Callable[[np.random.Generator, int], dict[str, np.ndarray]] | None = None
-  examples: Callable[[str], Iterator[dict[str, np.ndarray]]] | None = None
-  splits: tuple[str, ...] = ()
-
-  @property
-  def config_name(self) -> str:
-    blob = json.dumps({"version": self.version, **self.identity}, sort_keys=True, default=str)
-    return f"{self.readable}_{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
-
-  @property
-  def split_names(self) -> tuple[str, ...]:
-    return tuple(self.split_sizes) or self.splits
+from effattn.data import spec as spec_lib
+from effattn.data.spec import BuildSpec
 
 
 class _EffattnBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -104,51 +50,7 @@ class _EffattnBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self._generate_examples(split) for split in self._spec.split_names}
 
   def _generate_examples(self, split):
-    spec = self._spec
-    if spec.examples is not None:
-      yield from enumerate(spec.examples(split))
-      return
-    # Hashes of the splits drawn before this one (held-out splits first): skipped here.
-    order = sorted(spec.split_sizes, key=lambda s: -_SPLIT_IDS.get(s, 99))
-    seen: set[bytes] = set()
-    for earlier in order[:order.index(split)]:
-      for example in _unique_stream(spec, earlier, seen=set(seen)):
-        seen.add(_digest(example))
-    yield from enumerate(_unique_stream(spec, split, seen=seen))
-
-
-def _digest(example: Mapping[str, np.ndarray]) -> bytes:
-  h = hashlib.blake2b(digest_size=16)
-  for name in sorted(example):
-    h.update(np.ascontiguousarray(example[name]).tobytes())
-  return h.digest()
-
-
-def _unique_stream(spec: BuildSpec, split: str, *, seen: set[bytes]) -> Iterator[dict]:
-  """The first split_sizes[split] examples of the split's stream that are not in `seen`."""
-  want = spec.split_sizes[split]
-  seed = int(spec.identity["seed"])
-  rng = np.random.default_rng([seed, _SPLIT_IDS.get(split, 99), 0xEFA])
-  produced = drawn = 0
-  for call in itertools.count():
-    size = _CHUNKS[min(call, len(_CHUNKS) - 1)]
-    chunk = spec.sample(rng, size)
-    for i in range(size):
-      drawn += 1
-      example = {name: values[i] for name, values in chunk.items()}
-      key = _digest(example)
-      if key in seen:
-        continue
-      seen.add(key)
-      yield example
-      produced += 1
-      if produced == want:
-        return
-    if drawn > _MAX_DRAWS_PER_EXAMPLE * want + _CHUNKS[-1]:
-      raise ValueError(
-          f"{spec.task}: only {produced} distinct {split} examples in {drawn} draws; the options "
-          f"allow too few distinct sequences: enlarge the vocabulary/seq_len or ask for fewer "
-          f"{split} examples")
+    yield from enumerate(spec_lib.split_examples(self._spec, split))
 
 
 @functools.cache

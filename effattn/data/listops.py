@@ -18,6 +18,8 @@ import dataclasses
 
 import numpy as np
 
+from effattn.data.spec import BuildSpec
+
 NAME = "listops"
 VERSION = "1.0.0"
 PAD_ID = 0
@@ -160,12 +162,11 @@ def info(options: ListOpsOptions, seq_len: int) -> tuple[int, int | None, int]:
   return len(VOCAB), 10, PAD_ID
 
 
-def builder(options: ListOpsOptions, *, seq_len: int, seed: int, data_dir: str):
-  """The TFDS builder of ListOps with these options (splits: train, validation, test)."""
-  from effattn.data import builder as builder_lib  # imports tensorflow_datasets
-
+def spec(options: ListOpsOptions, *, seq_len: int, seed: int, data_dir: str) -> BuildSpec:
+  """The data of ListOps with these options (splits: train, validation, test)."""
+  del data_dir  # generated, nothing to read
   options.validate(seq_len)
-  spec = builder_lib.BuildSpec(
+  return BuildSpec(
       task=NAME,
       version=VERSION,
       features={"inputs": ((seq_len,), np.int32), "targets": ((), np.int32),
@@ -178,4 +179,3 @@ def builder(options: ListOpsOptions, *, seq_len: int, seed: int, data_dir: str):
       readable=f"l{options.min_length}-{options.max_length}_t{seq_len}_s{seed}",
       description=f"ListOps {options} seq_len={seq_len} seed={seed}",
   )
-  return builder_lib.make_builder(spec, data_dir)

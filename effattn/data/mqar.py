@@ -21,6 +21,8 @@ import dataclasses
 
 import numpy as np
 
+from effattn.data.spec import BuildSpec
+
 NAME = "mqar"
 VERSION = "1.0.0"
 PAD_ID = 0
@@ -113,12 +115,11 @@ def info(options: MqarOptions, seq_len: int) -> tuple[int, int | None, int]:
   return options.vocab_size, None, PAD_ID
 
 
-def builder(options: MqarOptions, *, seq_len: int, seed: int, data_dir: str):
-  """The TFDS builder of MQAR with these options (splits: train, test)."""
-  from effattn.data import builder as builder_lib  # imports tensorflow_datasets
-
+def spec(options: MqarOptions, *, seq_len: int, seed: int, data_dir: str) -> BuildSpec:
+  """The data of MQAR with these options (splits: train, test)."""
+  del data_dir  # generated, nothing to read
   options.validate(seq_len)
-  spec = builder_lib.BuildSpec(
+  return BuildSpec(
       task=NAME,
       version=VERSION,
       features={"inputs": ((seq_len,), np.int32), "targets": ((seq_len,), np.int32),
@@ -129,4 +130,3 @@ def builder(options: MqarOptions, *, seq_len: int, seed: int, data_dir: str):
       readable=f"v{options.vocab_size}_p{options.num_pairs}_t{seq_len}_s{seed}",
       description=f"MQAR {options} seq_len={seq_len} seed={seed}",
   )
-  return builder_lib.make_builder(spec, data_dir)

@@ -24,6 +24,7 @@ import dataclasses
 import numpy as np
 
 from effattn.data import tokenizers
+from effattn.data.spec import BuildSpec
 
 NAME = "passkey"
 VERSION = "1.0.0"
@@ -161,12 +162,11 @@ def info(options: PasskeyOptions, seq_len: int) -> tuple[int, int | None, int]:
   return tokenizers.ByteTokenizer.vocab_size, None, tokenizers.PAD_ID
 
 
-def builder(options: PasskeyOptions, *, seq_len: int, seed: int, data_dir: str):
-  """The TFDS builder of passkey retrieval with these options (splits: train, test)."""
-  from effattn.data import builder as builder_lib  # imports tensorflow_datasets
-
+def spec(options: PasskeyOptions, *, seq_len: int, seed: int, data_dir: str) -> BuildSpec:
+  """The data of passkey retrieval with these options (splits: train, test)."""
+  del data_dir  # generated, nothing to read
   options.validate(seq_len)
-  spec = builder_lib.BuildSpec(
+  return BuildSpec(
       task=NAME,
       version=VERSION,
       features={"inputs": ((seq_len,), np.int32), "targets": ((seq_len,), np.int32),
@@ -177,4 +177,3 @@ def builder(options: PasskeyOptions, *, seq_len: int, seed: int, data_dir: str):
       readable=f"t{seq_len}_d{options.min_depth:g}-{options.max_depth:g}_s{seed}",
       description=f"passkey {options} seq_len={seq_len} seed={seed}",
   )
-  return builder_lib.make_builder(spec, data_dir)

@@ -28,10 +28,12 @@ import queue
 import threading
 from typing import Any, Iterator, Mapping
 
+from absl import logging
 import numpy as np
 
 from effattn.data import registry, text
 from effattn.data.registry import TaskInfo
+from effattn.data.spec import BuildSpec, split_examples
 
 DEFAULT_DATA_DIR = "~/effattn_data"
 CATALOG_PREFIX = "tfds:"
@@ -121,6 +123,8 @@ class Source:
   def get_batch(self, indices) -> dict[str, np.ndarray]:
     """Stacks the examples at `indices` into one batch (see the module docstring)."""
     indices = [int(i) for i in indices]
+    if isinstance(self._source, _ArraySource):
+      return complete_batch(self._source.take(indices))
     if hasattr(self._source, "__getitems__"):
       records = self._source.__getitems__(indices)
     else:
@@ -159,12 +163,19 @@ def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
 
 
 def load_split(data_cfg: Any, split: str) -> Source:
-  """The split as a random-access Source, preparing the data into data_dir on first use."""
-  from effattn.data import builder as builder_lib  # imports tensorflow_datasets
+  """The split as a random-access Source, preparing the data into data_dir on first use.
 
+  Without tensorflow_datasets installed (e.g. a bare accelerator image) the same examples are
+  generated into memory instead (logged once); nothing is written to data_dir then.
+  """
   r = resolve(data_cfg)
   info = task_info(data_cfg)
-  builder = r.task.builder(r.options, seq_len=r.seq_len, seed=r.seed, data_dir=r.data_dir)
+  spec = r.task.spec(r.options, seq_len=r.seq_len, seed=r.seed, data_dir=r.data_dir)
+  try:
+    from effattn.data import builder as builder_lib  # imports tensorflow_datasets
+  except ImportError:
+    return Source(_in_memory(spec, split), info, split, path="<memory>")
+  builder = builder_lib.make_builder(spec, r.data_dir)
   try:
     builder = builder_lib.prepare(builder, r.data_dir)
   except PermissionError as e:
@@ -185,6 +196,43 @@ def load_split(data_cfg: Any, split: str) -> Source:
     raise ValueError(f"prepared data at {path} is incomplete or corrupt ({type(e).__name__}: "
                      f"{e}); delete that directory to regenerate it") from e
   return Source(source, info, split, path)
+
+
+class _ArraySource:
+  """A split held in memory as stacked arrays (the fallback without tensorflow_datasets)."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    self.arrays = arrays
+
+  def __len__(self) -> int:
+    return len(next(iter(self.arrays.values())))
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {k: v[index] for k, v in self.arrays.items()}
+
+  def take(self, indices) -> dict[str, np.ndarray]:
+    return {k: v[np.asarray(indices, np.int64)] for k, v in self.arrays.items()}
+
+
+# Generated splits by (task, config, split): a trainer asks for its eval split at every eval.
+_MEMORY: dict[tuple[str, str, str], _ArraySource] = {}
+_MEMORY_ENTRIES = 4
+
+
+def _in_memory(spec: BuildSpec, split: str) -> _ArraySource:
+  key = (spec.task, spec.config_name, split)
+  if key not in _MEMORY:
+    if split not in spec.split_names:
+      raise ValueError(f"split={split!r} is not a split of {spec.task}; splits: "
+                       f"{list(spec.split_names)}")
+    logging.warning("tensorflow_datasets is not installed: generating %s/%s split %r in memory "
+                    "(nothing is saved to data_dir)", spec.task, spec.config_name, split)
+    examples = list(split_examples(spec, split))
+    if len(_MEMORY) >= _MEMORY_ENTRIES:
+      _MEMORY.pop(next(iter(_MEMORY)))
+    _MEMORY[key] = _ArraySource({name: np.stack([e[name] for e in examples]).astype(dtype)
+                                 for name, (_, dtype) in spec.features.items()})
+  return _MEMORY[key]
 
 
 @functools.lru_cache(maxsize=4)

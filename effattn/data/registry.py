@@ -1,11 +1,11 @@
 """The task registry: every dataset effattn can train on, by name.
 
-A task is a frozen dataclass of options (with defaults) plus a builder factory. Configs hold one
-`config.data.<task>` ConfigDict per registered task, made from `dataclasses.asdict(Options())`,
-so every option is overridable from the command line.
+A task is a frozen dataclass of options (with defaults) plus a spec of its data, from which
+the TFDS builder is made. Configs hold one `config.data.<task>` ConfigDict per registered task,
+made from `dataclasses.asdict(Options())`, so every option is overridable from the command line.
 
-Importing this module imports no TensorFlow Datasets: the task modules only touch tfds inside
-the functions that build (the GPU image has no tfds, and the trainer must still import).
+Importing this module imports no tensorflow_datasets: only `Task.builder` does (the GPU image
+has no tfds, and the model and trainer must still import).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, Callable
 
 from effattn.data import listops, mqar, passkey, selective_copy, text
+from effattn.data.spec import BuildSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,19 +37,26 @@ class Task:
     name: the registry key, also `config.data.name`.
     kind: "lm" (per-token targets) or "classification" (one label per sequence).
     options: frozen dataclass of the task's options; instances have `validate(seq_len)`.
-    builder: `(options, *, seq_len, seed, data_dir) -> tfds.core.DatasetBuilder` (imports tfds).
+    spec: `(options, *, seq_len, seed, data_dir) -> spec.BuildSpec`, what the data is.
     info: `(options, seq_len) -> (vocab_size, num_classes, pad_id)`.
   """
 
   name: str
   kind: str
   options: type
-  builder: Callable[..., Any]
+  spec: Callable[..., BuildSpec]
   info: Callable[[Any, int], tuple[int, int | None, int]]
+
+  def builder(self, options, *, seq_len: int, seed: int, data_dir: str):
+    """The task's TFDS builder rooted at data_dir (imports tensorflow_datasets)."""
+    from effattn.data import builder as builder_lib
+
+    spec = self.spec(options, seq_len=seq_len, seed=seed, data_dir=data_dir)
+    return builder_lib.make_builder(spec, data_dir)
 
 
 def _task(module, kind: str) -> Task:
-  return Task(name=module.NAME, kind=kind, options=module.OPTIONS, builder=module.builder,
+  return Task(name=module.NAME, kind=kind, options=module.OPTIONS, spec=module.spec,
               info=module.info)
 
 

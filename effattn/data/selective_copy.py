@@ -17,6 +17,8 @@ import dataclasses
 
 import numpy as np
 
+from effattn.data.spec import BuildSpec
+
 NAME = "selective_copy"
 VERSION = "1.0.0"
 PAD_ID, NOISE_ID, SEP_ID = 0, 1, 2
@@ -78,12 +80,11 @@ def info(options: SelectiveCopyOptions, seq_len: int) -> tuple[int, int | None, 
   return options.num_symbols + FIRST_SYMBOL, None, PAD_ID
 
 
-def builder(options: SelectiveCopyOptions, *, seq_len: int, seed: int, data_dir: str):
-  """The TFDS builder of selective copying with these options (splits: train, test)."""
-  from effattn.data import builder as builder_lib  # imports tensorflow_datasets
-
+def spec(options: SelectiveCopyOptions, *, seq_len: int, seed: int, data_dir: str) -> BuildSpec:
+  """The data of selective copying with these options (splits: train, test)."""
+  del data_dir  # generated, nothing to read
   options.validate(seq_len)
-  spec = builder_lib.BuildSpec(
+  return BuildSpec(
       task=NAME,
       version=VERSION,
       features={"inputs": ((seq_len,), np.int32), "targets": ((seq_len,), np.int32),
@@ -94,4 +95,3 @@ def builder(options: SelectiveCopyOptions, *, seq_len: int, seed: int, data_dir:
       readable=f"k{options.num_tokens}_v{options.num_symbols}_t{seq_len}_s{seed}",
       description=f"selective copy {options} seq_len={seq_len} seed={seed}",
   )
-  return builder_lib.make_builder(spec, data_dir)

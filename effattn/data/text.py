@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from effattn.data import tokenizers
+from effattn.data.spec import BuildSpec
 
 NAME = "text"
 VERSION = "1.0.0"
@@ -162,7 +163,11 @@ def pack(documents: Iterator[np.ndarray], seq_len: int) -> Iterator[dict[str, np
 
 def _catalog_source(options: TextOptions, data_dir: str, split: str | None = None):
   """The prepared catalog builder (split None) or the split's data source."""
-  import tensorflow_datasets as tfds
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise ValueError(f"data.text.tfds_name={options.tfds_name!r} needs tensorflow_datasets: "
+                     f"pip install tensorflow-datasets") from e
 
   try:
     catalog = tfds.core.read_only_builder.builder_from_files(options.tfds_name, data_dir=data_dir)
@@ -243,27 +248,19 @@ def _identity(options: TextOptions, seq_len: int, data_dir: str) -> tuple[dict, 
   return identity, SPLITS
 
 
-def builder(options: TextOptions, *, seq_len: int, seed: int, data_dir: str):
-  """The TFDS builder of the packed corpus (the seed does not change text data)."""
-  from effattn.data import builder as builder_lib  # imports tensorflow_datasets
-
+def spec(options: TextOptions, *, seq_len: int, seed: int, data_dir: str) -> BuildSpec:
+  """The packed corpus for these options (the seed does not change text data)."""
   del seed  # document order is fixed by path hashes; one copy serves every seed
   options.validate(seq_len)
   identity, splits = _identity(options, seq_len, data_dir)
   source = options.tfds_name.replace("/", "-") if options.tfds_name else (
       "files" if options.files else "stdlib")
   tok = "byte" if options.tokenizer == "byte" else f"spm{options.vocab_size}"
-  spec_args = dict(
-      task=NAME,
-      version=VERSION,
-      features={"inputs": ((seq_len,), np.int32), "targets": ((seq_len,), np.int32),
-                "segment_ids": ((seq_len,), np.int32)},
-      identity=identity,
-      readable=f"{source}_{tok}_t{seq_len}",
-      description=f"text {options} seq_len={seq_len}",
-      splits=splits,
-  )
-  config_name = builder_lib.BuildSpec(**spec_args).config_name
+  features = {"inputs": ((seq_len,), np.int32), "targets": ((seq_len,), np.int32),
+              "segment_ids": ((seq_len,), np.int32)}
+  readable = f"{source}_{tok}_t{seq_len}"
+  config_name = BuildSpec(task=NAME, version=VERSION, features=features, identity=identity,
+                          readable=readable, description="").config_name
 
   def texts(split: str) -> Iterator[bytes]:
     if options.tfds_name:
@@ -272,10 +269,11 @@ def builder(options: TextOptions, *, seq_len: int, seed: int, data_dir: str):
 
   def examples(split: str) -> Iterator[dict[str, np.ndarray]]:
     tok = _tokenizer(options, lambda: texts("train"), tokenizer_path(data_dir, config_name))
-    documents = (tok.encode(t) for t in texts(split) if t)
-    return pack(documents, seq_len)
+    return pack((tok.encode(t) for t in texts(split) if t), seq_len)
 
-  return builder_lib.make_builder(builder_lib.BuildSpec(**spec_args, examples=examples), data_dir)
+  return BuildSpec(task=NAME, version=VERSION, features=features, identity=identity,
+                   readable=readable, description=f"text {options} seq_len={seq_len}",
+                   splits=splits, examples=examples)
 
 
 def tokenizer(data_cfg) -> tokenizers.ByteTokenizer | tokenizers.SentencePieceTokenizer:
@@ -287,8 +285,8 @@ def tokenizer(data_cfg) -> tokenizers.ByteTokenizer | tokenizers.SentencePieceTo
     raise ValueError(f"data.name={r.task.name!r} has no text tokenizer; use data.name='text'")
   if r.options.tokenizer == "byte":
     return tokenizers.ByteTokenizer()
-  b = builder(r.options, seq_len=r.seq_len, seed=r.seed, data_dir=r.data_dir)
-  path = tokenizer_path(r.data_dir, b.builder_config.name)
+  config_name = spec(r.options, seq_len=r.seq_len, seed=r.seed, data_dir=r.data_dir).config_name
+  path = tokenizer_path(r.data_dir, config_name)
   if not os.path.exists(path):
     raise ValueError(f"no SentencePiece model at {path}: prepare the data first "
                      f"(effattn.data.load_split(config.data, 'train'))")

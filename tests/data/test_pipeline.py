@@ -230,3 +230,34 @@ print(b["inputs"].sum())
   assert sum("Downloading and preparing" in out for out, _ in outs) == 1  # one generated
   versions = glob.glob(str(tmp_path / "effattn_mqar" / "*" / "*"))
   assert [os.path.basename(v) for v in versions] == ["1.0.0"], versions  # no leftovers
+
+
+@pytest.mark.parametrize("name", ["mqar", "listops"])
+def test_without_tfds_the_same_data_is_generated_in_memory(name, tmp_path):
+  kwargs = (dict(seq_len=32, **TINY_MQAR) if name == "mqar" else
+            dict(seq_len=40, min_length=5, max_length=40, max_depth=4, train_examples=30,
+                 validation_examples=10, test_examples=10))
+  cfg = make_cfg(name, tmp_path, **kwargs)
+  on_disk = {split: batch_at(load_split(cfg, split), 1, 8, seed=5) for split in ("train", "test")}
+  # sys.modules[name] = None makes `import tensorflow_datasets` raise ImportError.
+  script = f"""
+import sys
+sys.modules["tensorflow_datasets"] = None
+import numpy as np
+import effattn.data
+from tests.data.conftest import make_cfg
+cfg = make_cfg({name!r}, {str(tmp_path / "unused")!r}, **{kwargs!r})
+out = {{}}
+for split in ("train", "test"):
+  for k, v in effattn.data.batch_at(effattn.data.load_split(cfg, split), 1, 8, seed=5).items():
+    out[split + "/" + k] = v
+np.savez({str(tmp_path / "memory.npz")!r}, **out)
+"""
+  env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "generating" in done.stderr and not (tmp_path / "unused").exists()
+  in_memory = np.load(tmp_path / "memory.npz")
+  for split, batch in on_disk.items():
+    for k, v in batch.items():
+      assert np.array_equal(in_memory[f"{split}/{k}"], v), (split, k)
