@@ -7,8 +7,8 @@ Sources, in order of precedence:
   * `files`: comma-separated globs of local text files (`**` recursive).
   * default: the source files (*.py) of the running Python's standard library (real code with
     prose docstrings, ~30 MB), site-packages excluded.
-Local files are split train/validation/test by a hash of their path relative to the corpus root,
-so a file's split never changes when files are added or removed.
+Local files are split train/validation/test by a hash of their path relative to the directory
+their glob starts from, so a file's split never changes when files are added or removed.
 
 Tokens: UTF-8 bytes by default (`tokenizers.ByteTokenizer`, vocab 259, lossless); or a
 SentencePiece BPE model trained on the train split and saved next to the data
@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import itertools
 import os
 import sysconfig
 from typing import Iterator
@@ -88,48 +89,59 @@ def _path_hash(relpath: str) -> float:
   return int.from_bytes(digest[:8], "big") / 2.0 ** 64
 
 
-def local_files(options: TextOptions) -> tuple[str, list[str]]:
-  """(root, relative paths) of the local corpus, in path-hash order, capped by max_files."""
+def _glob_base(pattern: str) -> str:
+  """The directory part of a glob before its first wildcard: "~/c/**/*.txt" -> "~/c"."""
+  parts = pattern.split(os.sep)
+  static = list(itertools.takewhile(lambda part: not glob.has_magic(part), parts))
+  base = os.sep.join(static[:-1] if len(static) == len(parts) else static)
+  return base or (os.sep if pattern.startswith(os.sep) else ".")
+
+
+def local_files(options: TextOptions) -> list[tuple[str, str]]:
+  """(key, path) of every local file, ordered by a hash of the key, capped by max_files.
+
+  The key is the path relative to the directory its glob starts from (for the stdlib: to the
+  stdlib), so adding or removing files never changes another file's key, order or split.
+  """
+  files: dict[str, str] = {}  # path -> key
   if options.files:
-    paths = set()
     for pattern in (p.strip() for p in options.files.split(",") if p.strip()):
-      paths.update(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(p))
-    if not paths:
+      pattern = os.path.expanduser(pattern)
+      base = _glob_base(pattern)
+      for path in sorted(glob.glob(pattern, recursive=True)):
+        if os.path.isfile(path):
+          files.setdefault(os.path.abspath(path), os.path.relpath(path, base))
+    if not files:
       raise ValueError(f"data.text.files={options.files!r} matches no file: give globs of "
                        f"existing text files (e.g. '~/corpus/**/*.txt')")
-    paths = [os.path.abspath(p) for p in paths]
-    root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
-    if os.path.isfile(root):
-      root = os.path.dirname(root)
   else:
     root = sysconfig.get_paths()["stdlib"]
-    paths = []
     for folder, subfolders, names in os.walk(root):
       # Pruned, not filtered: site-packages can be far larger than the stdlib itself.
       subfolders[:] = sorted(d for d in subfolders if d not in _NOT_STDLIB)
-      paths.extend(os.path.join(folder, n) for n in names if n.endswith(".py"))
-  relpaths = sorted((os.path.relpath(p, root) for p in paths), key=_path_hash)
-  if options.max_files:
-    relpaths = relpaths[:options.max_files]
-  return root, relpaths
+      for name in names:
+        if name.endswith(".py"):
+          path = os.path.join(folder, name)
+          files[path] = os.path.relpath(path, root)
+  ordered = sorted(((key, path) for path, key in files.items()), key=lambda kp: _path_hash(kp[0]))
+  return ordered[:options.max_files] if options.max_files else ordered
 
 
 def split_files(options: TextOptions) -> dict[str, list[str]]:
-  """Absolute paths of each split's files, in the order they are packed."""
-  root, relpaths = local_files(options)
+  """Paths of each split's files, in the order they are packed."""
+  files = local_files(options)
   out: dict[str, list[str]] = {s: [] for s in SPLITS}
-  for rel in relpaths:
-    u = _path_hash("split:" + rel)  # independent of the ordering hash
+  for key, path in files:
+    u = _path_hash("split:" + key)  # independent of the ordering hash
     split = ("test" if u < options.test_fraction else
              "validation" if u < options.test_fraction + options.validation_fraction else "train")
-    out[split].append(os.path.join(root, rel))
-  for split, files in out.items():
-    if not files:
-      raise ValueError(f"data.text: the {split} split got none of the {len(relpaths)} files: "
+    out[split].append(path)
+  for split, paths in out.items():
+    if not paths:
+      raise ValueError(f"data.text: the {split} split got none of the {len(files)} files: "
                        f"give more files or raise data.text.{split}_fraction"
                        if split != "train" else
-                       f"data.text: the train split got none of the {len(relpaths)} files: "
+                       f"data.text: the train split got none of the {len(files)} files: "
                        f"lower data.text.validation_fraction/test_fraction")
   return out
 
@@ -239,11 +251,10 @@ def _identity(options: TextOptions, seq_len: int, data_dir: str) -> tuple[dict, 
                            "splits": {s: v.num_examples for s, v in catalog.info.splits.items()}}
     return identity, tuple(catalog.info.splits)
   split_files(options)  # fails now, before preparing, if a split would be empty
-  root, relpaths = local_files(options)
-  h = hashlib.sha1(root.encode())
-  for rel in relpaths:  # a changed, added or removed file gives new data
-    st = os.stat(os.path.join(root, rel))
-    h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  h = hashlib.sha1()
+  for key, path in local_files(options):  # a changed, added or removed file gives new data
+    st = os.stat(path)
+    h.update(f"{key}\0{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
   identity["corpus"] = h.hexdigest()
   return identity, SPLITS
 

@@ -81,7 +81,8 @@ def test_file_hash_splits_are_disjoint_and_stable(corpus, tmp_path):
   sets = [set(v) for v in files.values()]
   assert sum(map(len, sets)) == len(set().union(*sets)) == 40
   assert min(map(len, sets)) >= 3
-  extra = corpus / "d0" / "zz_new.txt"
+  extra = corpus / "new_folder" / "zz_new.txt"  # also a new folder
+  extra.parent.mkdir()
   extra.write_text("new file")
   try:
     after = text.split_files(options)
@@ -89,12 +90,13 @@ def test_file_hash_splits_are_disjoint_and_stable(corpus, tmp_path):
       assert set(files[split]) <= set(after[split])
   finally:
     extra.unlink()
+    extra.parent.rmdir()
 
 
 def test_default_corpus_is_the_standard_library():
-  root, relpaths = text.local_files(text.TextOptions())
-  assert os.path.exists(os.path.join(root, "os.py")) and "os.py" in relpaths
-  assert not any("site-packages" in p for p in relpaths) and len(relpaths) > 500
+  files = dict(text.local_files(text.TextOptions()))
+  assert "os.py" in files and files["os.py"] == os.__file__
+  assert not any("site-packages" in p for p in files.values()) and len(files) > 500
   files = text.split_files(text.TextOptions(max_files=200))
   assert len(files["train"]) > len(files["test"]) > 0
 
