@@ -32,7 +32,7 @@ def attention_config() -> ml_collections.ConfigDict:
 
 def data_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
-  cfg.name = "mqar"  # any task in effattn.data.registry.TASKS, or a prepared TFDS catalog name
+  cfg.name = "mqar"  # a task of effattn.data.TASKS, or "tfds:<catalog name>" prepared by you
   cfg.data_dir = "~/effattn_data"  # TFDS data_dir; builders prepare themselves here on first use
   cfg.seq_len = 64  # tokens per example
   cfg.seed = 0  # generation seed of synthetic tasks

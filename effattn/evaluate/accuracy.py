@@ -21,8 +21,11 @@ def evaluate_split(graphdef, params, rest, data_cfg, split: str, *, batch_size: 
   examples = 0
   for batch in data_lib.eval_batches(data_cfg, split, batch_size, max_examples=max_examples):
     examples += int(np.sum(np.any(np.asarray(batch["weights"]).reshape(batch_size, -1) > 0, -1)))
-    if batch_sharding is not None:
-      batch = jax.device_put(batch, batch_sharding)
+    if batch_sharding is not None:  # every host reads the whole eval batch and keeps its rows
+      i, n = jax.process_index(), jax.process_count()
+      batch = jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(batch_sharding, x[i::n], x.shape),
+          batch)
     sums = jax.device_get(eval_step(params, rest, batch))
     for k in totals:
       totals[k] += float(sums[k])

@@ -64,12 +64,12 @@ def train_flops_per_token(model_cfg, num_params: int, seq_len: int) -> float:
 
 
 def put_batch(batch: dict, batch_sharding) -> dict:
-  """Global numpy batch -> sharded jax arrays (each host contributes its slice)."""
-  n, i = jax.process_count(), jax.process_index()
+  """This host's rows of the global batch -> one sharded global jax array per field."""
+  n = jax.process_count()
 
   def put(x):
-    local = x[i * x.shape[0] // n:(i + 1) * x.shape[0] // n]
-    return jax.make_array_from_process_local_data(batch_sharding, local, x.shape)
+    return jax.make_array_from_process_local_data(batch_sharding, x, (x.shape[0] * n,
+                                                                       *x.shape[1:]))
 
   return jax.tree.map(put, batch)
 
@@ -105,7 +105,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                        grad_accum_steps=tc.grad_accum_steps),
                        donate_argnums=0, out_shardings=(state_sharding, None))
   batches = data_lib.make_iterator(config.data, "train", tc.batch_size, seed=config.seed,
-                                   start_step=start)
+                                   start_step=start, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
   batch_sharding = sharding.batch_sharding(mesh)
   writer = MetricWriter(workdir)
   peak = peak_flops_per_device()
