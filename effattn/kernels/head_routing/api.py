@@ -1,0 +1,194 @@
+"""Public head-routed attention: validation, padding, compaction and dispatch.
+
+    o = head_routed_attention(q, k, v, gates, causal=True, segment_ids=None, impl="auto")
+
+Each (token, head) pair with a non-zero gate gets gate * softmax attention of that head over the
+keys it may see; pairs with gate 0 are skipped and output 0 (mixture-of-head attention's routed
+heads). Paths (`impl`):
+  "auto"        Pallas on GPU (Triton) and TPU (Mosaic) when the head dim allows, else "xla";
+  "pallas"      the Pallas kernel of the current backend (the Triton one on CPU, for interpret);
+  "pallas_gpu" / "pallas_tpu"  a specific Pallas kernel (use interpret=True off-device);
+  "xla"         every head densely through effattn.attention.ops (cuDNN on GPU), then gated:
+                no FLOPs saved, what the official MoH code does;
+  "reference"   dense plain jnp, the oracle.
+The Pallas paths compact each head's routed tokens (common.py) so the kernels compute
+ceil(count / block_q) query tiles per head, and differentiate with their own backward kernels
+(custom_vjp). The gradient with respect to a zero gate is 0: skipped pairs are absent, not
+zero-weighted (MoH's top-k mask has no gradient either).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from effattn.kernels.head_routing import pallas_gpu, pallas_tpu, reference, xla
+from effattn.kernels.head_routing.common import (BlockSizes, compact, gather_tokens,
+                                                 key_block_bounds)
+
+IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "reference")
+PALLAS_HEAD_DIMS = (16, 32, 64, 128)
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def _log_once(path: str, why: str) -> None:
+  if (path, why) not in _LOGGED:
+    _LOGGED.add((path, why))
+    logging.info("effattn head_routing: using %s path (%s)", path, why)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  causal: bool
+  scale: float
+  block_q: int
+  block_k: int
+  kv_len: int
+  interpret: bool
+  platform: str  # "gpu" | "tpu"
+
+
+def _choose(impl: str, head_dim: int) -> str:
+  backend = jax.default_backend()
+  d_ok = head_dim in PALLAS_HEAD_DIMS
+  if impl == "auto":
+    if backend in ("gpu", "tpu") and d_ok:
+      _log_once(f"pallas_{backend}", f"backend {backend}")
+      return f"pallas_{backend}"
+    why = f"backend {backend}" if d_ok else f"head_dim {head_dim} not in {PALLAS_HEAD_DIMS}"
+    _log_once("xla", why)
+    return "xla"
+  if impl == "pallas":
+    impl = "pallas_tpu" if backend == "tpu" else "pallas_gpu"
+  if impl.startswith("pallas") and not d_ok:
+    raise ValueError(f"head_dim={head_dim} must be one of {PALLAS_HEAD_DIMS} for {impl=}; "
+                     "use impl='xla'")
+  _log_once(impl, "forced")
+  return impl
+
+
+def _kernels(platform: str):
+  return pallas_tpu if platform == "tpu" else pallas_gpu
+
+
+def _per_head_segments(segment_ids, perm):
+  """segment_ids [B, T] -> compacted [B, H, T] per head (None stays None)."""
+  if segment_ids is None:
+    return None
+  seg = jnp.broadcast_to(segment_ids[:, :, None], perm.shape)
+  return jnp.swapaxes(jnp.take_along_axis(seg, perm, axis=1), 1, 2)
+
+
+def _forward(q, k, v, gates, segment_ids, st: _Static):
+  active = gates != 0
+  c = compact(active)
+  q_seg = _per_head_segments(segment_ids, c.perm)
+  o_c, lse = _kernels(st.platform).forward(
+      gather_tokens(q, c.perm), k, v, c.pos, q_seg, segment_ids, causal=st.causal,
+      scale=st.scale, block_q=st.block_q, block_k=st.block_k, kv_len=st.kv_len,
+      interpret=st.interpret)
+  o_u = gather_tokens(o_c, c.slot)  # back to token order, unweighted
+  g = gates[..., None]
+  o = jnp.where(active[..., None], g * o_u.astype(jnp.float32), 0.0).astype(q.dtype)
+  return o, (c, q_seg, o_c, lse, o_u)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _pallas(q, k, v, gates, segment_ids, st: _Static):
+  return _forward(q, k, v, gates, segment_ids, st)[0]
+
+
+def _pallas_fwd(q, k, v, gates, segment_ids, st):
+  o, (c, q_seg, o_c, lse, o_u) = _forward(q, k, v, gates, segment_ids, st)
+  return o, (q, k, v, gates, segment_ids, c, q_seg, o_c, lse, o_u)
+
+
+def _pallas_bwd(st, res, do):
+  q, k, v, gates, segment_ids, c, q_seg, o_c, lse, o_u = res
+  active = (gates != 0)[..., None]
+  do = do.astype(jnp.float32)
+  d_gates = jnp.where(active, do * o_u.astype(jnp.float32), 0.0).sum(-1).astype(gates.dtype)
+  do_u = jnp.where(active, gates[..., None] * do, 0.0).astype(q.dtype)
+  do_c = gather_tokens(do_u, c.perm)  # unused slots hold unrouted tokens: do_u = 0 there
+  delta = jnp.swapaxes(jnp.sum(o_c.astype(jnp.float32) * do_c.astype(jnp.float32), -1), 1, 2)
+  bounds = key_block_bounds(c, causal=st.causal, segments=segment_ids is not None,
+                            num_k_blocks=k.shape[1] // st.block_k, block_k=st.block_k)
+  dq_c, dk, dv = _kernels(st.platform).backward(
+      gather_tokens(q, c.perm), k, v, c.pos, q_seg, segment_ids, lse, do_c, delta, bounds,
+      causal=st.causal, scale=st.scale, block_q=st.block_q, block_k=st.block_k,
+      kv_len=st.kv_len, interpret=st.interpret)
+  dq = jnp.where(active, gather_tokens(dq_c, c.slot), 0).astype(q.dtype)
+  return dq, dk, dv, d_gates, None
+
+
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def head_routed_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    gates: jax.Array,
+    *,
+    causal: bool = True,
+    segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+    block_q: int = 64,
+    block_k: int = 64,
+    impl: str = "auto",
+    interpret: bool = False,
+) -> jax.Array:
+  """Gated attention computed only for the (token, head) pairs with a non-zero gate.
+
+  Args:
+    q: [B, T, H, D] queries; k, v: [B, T, H_kv, D] (self-attention; H_kv divides H, GQA
+      without repeated K/V).
+    gates: [B, T, H] float weights; 0 marks a skipped pair.
+    causal: keys j <= i only; otherwise all keys.
+    segment_ids: [B, T] int; tokens attend only inside their own segment (packing, padding).
+    scale: score scale, default D ** -0.5.
+    block_q, block_k: Pallas tile sizes (powers of two >= 16).
+    impl: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "xla" | "reference".
+    interpret: run the Pallas kernels in interpret mode (CPU tests).
+
+  Returns:
+    o [B, T, H, D] in q's dtype: gates * attention where gates != 0, else 0.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"head_routing {impl=} is not one of {IMPLS}")
+  if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+    raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} must be [B, T, H, D] with k and v "
+                     "of one shape")
+  b, t, h, d = q.shape
+  if k.shape[:2] != (b, t) or k.shape[3] != d or h % k.shape[2]:
+    raise ValueError(f"k {k.shape} must be [B={b}, T={t}, H_kv, D={d}] with H_kv dividing H={h} "
+                     "(self-attention)")
+  if gates.shape != (b, t, h):
+    raise ValueError(f"gates has shape {gates.shape}; expected [B, T, H] = {(b, t, h)}")
+  if segment_ids is not None and segment_ids.shape != (b, t):
+    raise ValueError(f"segment_ids has shape {segment_ids.shape}; expected [B, T] = {(b, t)}")
+  sizes = BlockSizes(block_q, block_k)
+  scale = d ** -0.5 if scale is None else float(scale)
+  path = _choose(impl, d)
+  if path == "reference":
+    return reference.head_routed_attention(q, k, v, gates, causal=causal,
+                                           segment_ids=segment_ids, scale=scale)
+  if path == "xla":
+    return xla.head_routed_attention(q, k, v, gates, causal=causal, segment_ids=segment_ids,
+                                     scale=scale)
+  # Pad to whole tiles: padded tokens are never routed, and as keys they are masked by
+  # causality or by kv_len.
+  tile = max(sizes.block_q, sizes.block_k)
+  t_pad = -(-t // tile) * tile
+  if t_pad != t:
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    q, k, v, gates = pad(q), pad(k), pad(v), pad(gates)
+    segment_ids = None if segment_ids is None else pad(segment_ids)
+  st = _Static(causal=causal, scale=scale, block_q=sizes.block_q, block_k=sizes.block_k,
+               kv_len=t, interpret=interpret, platform=path.removeprefix("pallas_"))
+  seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+  return _pallas(q, k, v, gates, seg, st)[:, :t]

@@ -1,0 +1,26 @@
+"""Dense path: every head over every token with the platform's attention, then gated.
+
+This is what the official MoH code does (compute all heads, mask by the gates): it saves no
+attention FLOPs, but it runs on cuDNN on GPU and XLA elsewhere, so it is the fallback where the
+Pallas kernels do not apply (CPU, odd head dims) and the baseline the kernels must beat.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from effattn.attention import base
+from effattn.attention.ops import softmax_attention
+
+
+def head_routed_attention(q, k, v, gates, *, causal: bool, segment_ids=None, scale: float,
+                          attention_impl: str = "auto"):
+  """Same contract as reference.head_routed_attention; `attention_impl` goes to ops."""
+  mask = None
+  if segment_ids is not None:
+    idx = base.sequence_index(q.shape[0], q.shape[1])
+    mask = base.attention_mask(idx, idx, causal=causal, q_segment_ids=segment_ids,
+                               k_segment_ids=segment_ids)
+  o = softmax_attention(q, k, v, causal=causal, mask=mask, scale=scale, impl=attention_impl)
+  g = gates[..., None]
+  return jnp.where(g != 0, g.astype(o.dtype) * o, 0).astype(q.dtype)

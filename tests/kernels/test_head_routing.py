@@ -1,0 +1,162 @@
+"""head_routing: every path equals reference.py, forward and gradients; the kernels really run.
+
+Gradients go through jax.vjp with a random cotangent (never `.sum()`), for q, k, v AND gates.
+Each path is a subclass of `HeadRoutingSuite` setting IMPL / INTERPRET; the Pallas kernels run in
+interpret mode on CPU.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effattn.kernels.head_routing import compact, head_routed_attention
+from effattn.kernels.head_routing.common import key_block_bounds
+
+# Absolute tolerance per dtype, scaled by sqrt(reduction length) and the magnitude in `_close`.
+TOL = {jnp.float32: 2e-6, jnp.bfloat16: 4e-3}
+
+
+def _close(name, want, got, dtype, reduce_len):
+  want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
+  assert np.all(np.isfinite(got)), f"{name}: non-finite values"
+  atol = TOL[dtype] * np.sqrt(reduce_len) * max(1.0, float(np.abs(want).max()))
+  np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=name)
+
+
+def make_gates(key, b, t, h, density):
+  """Gates with edge cases: head 0 gets no token, the last head every token."""
+  k1, k2 = jax.random.split(key)
+  on = jax.random.bernoulli(k1, density, (b, t, h)).at[:, :, 0].set(False).at[:, :, -1].set(True)
+  return jnp.where(on, jax.random.uniform(k2, (b, t, h), minval=0.2, maxval=2.0), 0.0)
+
+
+CASES = [
+    # name, (B, T, H, H_kv, D, bq, bk), causal, segments, density, dtype
+    ("gqa-causal-ragged", (2, 40, 4, 2, 16, 16, 16), True, False, 0.4, jnp.float32),
+    ("mha-bidir-segments", (1, 48, 2, 2, 32, 16, 32), False, True, 0.5, jnp.float32),
+    ("mqa-causal-segments-bq>bk", (1, 64, 3, 1, 16, 32, 16), True, True, 0.3, jnp.float32),
+    ("bf16-causal", (1, 64, 2, 1, 32, 16, 32), True, False, 0.7, jnp.bfloat16),
+]
+
+
+class HeadRoutingSuite:
+  IMPL = "reference"
+  INTERPRET = False
+  CASES = CASES
+
+  def run(self, impl, q, k, v, gates, seg, causal, bq, bk):
+    def f(q, k, v, gates):
+      return head_routed_attention(q, k, v, gates, causal=causal, segment_ids=seg, block_q=bq,
+                                   block_k=bk, impl=impl, interpret=self.INTERPRET)
+    return jax.vjp(f, q, k, v, gates)
+
+  def test_matches_reference(self, case):
+    name, (b, t, h, h_kv, d, bq, bk), causal, segments, density, dtype = case
+    keys = jax.random.split(jax.random.key(zlib.crc32(name.encode())), 6)
+    q = jax.random.normal(keys[0], (b, t, h, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(keys[1], (b, t, h_kv, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], (b, t, h_kv, d), jnp.float32).astype(dtype)
+    gates = make_gates(keys[3], b, t, h, density)
+    seg = None
+    if segments:  # two segments and a padded tail (segment 0)
+      seg = jnp.where(jnp.arange(t) < t // 3, 1, 2).at[t - 5:].set(0)
+      seg = jnp.broadcast_to(seg.astype(jnp.int32), (b, t))
+    o_r, vjp_r = self.run("reference", q, k, v, gates, seg, causal, bq, bk)
+    o, vjp = self.run(self.IMPL, q, k, v, gates, seg, causal, bq, bk)
+    assert o.dtype == dtype
+    _close("o", o_r, o, dtype, t)
+    do = jax.random.normal(keys[4], o.shape, jnp.float32).astype(dtype)
+    for gname, g_r, g in zip(("dq", "dk", "dv", "dgates"), vjp_r(do), vjp(do)):
+      _close(gname, g_r, g, dtype, t)
+
+
+def pytest_generate_tests(metafunc):
+  if "case" in metafunc.fixturenames:
+    cases = metafunc.cls.CASES
+    metafunc.parametrize("case", cases, ids=[c[0] for c in cases])
+
+
+class TestXla(HeadRoutingSuite):
+  IMPL = "xla"
+  CASES = [CASES[0], CASES[1]]  # causal GQA ragged, and bidirectional with segments
+
+
+class TestPallasGpuInterpret(HeadRoutingSuite):
+  IMPL = "pallas_gpu"
+  INTERPRET = True
+
+
+class TestPallasTpuInterpret(HeadRoutingSuite):
+  IMPL = "pallas_tpu"
+  INTERPRET = True
+  CASES = [CASES[1], CASES[2]]  # bidirectional + segments, and causal GQA with bq > bk
+
+
+def test_compaction_is_a_stable_permutation():
+  active = jax.random.bernoulli(jax.random.key(0), 0.3, (2, 37, 3))
+  c = compact(active)
+  a, slot, perm = (np.asarray(x) for x in (active, c.slot, c.perm))
+  for bi in range(2):
+    for hi in range(3):
+      routed = np.flatnonzero(a[bi, :, hi])
+      n = len(routed)
+      assert c.count[bi, hi] == n
+      np.testing.assert_array_equal(perm[bi, :n, hi], routed)  # routed first, in order
+      np.testing.assert_array_equal(np.sort(perm[bi, :, hi]), np.arange(37))
+      np.testing.assert_array_equal(perm[bi, slot[bi, :, hi], hi], np.arange(37))
+      np.testing.assert_array_equal(np.asarray(c.pos)[bi, hi, :n], routed)
+      assert np.all(np.asarray(c.pos)[bi, hi, n:] == -1)
+  lo, mid, hi_ = key_block_bounds(c, causal=True, segments=False, num_k_blocks=3, block_k=16)
+  # Slots [lo, mid) hold the routed tokens inside key block j.
+  for j in range(3):
+    in_block = ((np.arange(37) >= 16 * j) & (np.arange(37) < 16 * j + 16))[None, :, None] & a
+    np.testing.assert_array_equal(np.asarray(mid - lo)[:, :, j], in_block.sum(1))
+
+
+@pytest.mark.parametrize("impl,names", [
+    ("pallas_gpu", ("head_routing_fwd", "head_routing_dq", "head_routing_dkv")),
+    ("pallas_tpu", ("head_routing_tpu_fwd", "head_routing_tpu_dq", "head_routing_tpu_dkv")),
+])
+def test_kernels_really_run(impl, names):
+  b, t, h, d = 1, 32, 2, 16
+  q = jnp.ones((b, t, h, d))
+  gates = jnp.ones((b, t, h))
+
+  def loss(q, gates):
+    o = head_routed_attention(q, q, q, gates, block_q=16, block_k=16, impl=impl, interpret=True)
+    return jnp.vdot(o, jnp.arange(o.size, dtype=o.dtype).reshape(o.shape))
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(q, gates).as_text(debug_info=True)
+  for name in names:
+    assert name in text, f"{name} not in the lowered program"
+
+
+def test_inactive_pairs_output_zero_and_get_no_gate_gradient():
+  b, t, h, d = 1, 32, 2, 16
+  q = jax.random.normal(jax.random.key(0), (b, t, h, d))
+  gates = jnp.zeros((b, t, h)).at[:, ::3, 1].set(1.0)
+  f = lambda g: head_routed_attention(q, q, q, g, block_q=16, block_k=16, impl="pallas_gpu",  # noqa: E731
+                                      interpret=True)
+  o, vjp = jax.vjp(f, gates)
+  assert np.all(np.asarray(o)[:, :, 0] == 0) and np.all(np.asarray(o)[:, 1::3, 1] == 0)
+  (dg,) = vjp(jnp.ones_like(o))
+  assert np.all(np.asarray(dg)[np.asarray(gates) == 0] == 0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"impl": "flash"}, "impl"),
+    ({"impl": "pallas_gpu", "d": 24}, "head_dim"),
+    ({"block_q": 48}, "block_q"),
+    ({"gates_shape": (1, 32, 3)}, "gates"),
+])
+def test_bad_arguments_named(kwargs, match):
+  d = kwargs.pop("d", 16)
+  gates_shape = kwargs.pop("gates_shape", (1, 32, 2))
+  q = jnp.zeros((1, 32, 2, d))
+  with pytest.raises(ValueError, match=match):
+    head_routed_attention(q, q, q, jnp.zeros(gates_shape), interpret=True, **kwargs)
