@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -198,7 +199,7 @@ def compare_with_fla(out: str) -> dict:
   return res
 
 
-def bench_ours(sizes, sizes_tuned) -> tuple[list[dict], dict]:
+def bench_ours(sizes, sizes_tuned, on_row=lambda rows: None) -> tuple[list[dict], dict]:
   import jax
   import jax.numpy as jnp
   from effattn.kernels.linear_scan import api, pallas_gpu
@@ -222,8 +223,7 @@ def bench_ours(sizes, sizes_tuned) -> tuple[list[dict], dict]:
   for t in sizes_tuned:
     q, k, v, do = inputs(t)
     for cfg in (pallas_gpu.BlockSizes(64, 64, 4, 2), pallas_gpu.BlockSizes(64, 64, 8, 2),
-                pallas_gpu.BlockSizes(64, 128, 8, 2), pallas_gpu.BlockSizes(128, 64, 8, 2),
-                pallas_gpu.BlockSizes(64, 64, 4, 3)):
+                pallas_gpu.BlockSizes(64, 128, 8, 2), pallas_gpu.BlockSizes(128, 64, 8, 2)):
       try:
         ms = timeit(make("pallas_gpu", False, cfg)[1], q, k, v, do, reps=3)
       except Exception as e:
@@ -249,6 +249,7 @@ def bench_ours(sizes, sizes_tuned) -> tuple[list[dict], dict]:
       except Exception as e:
         rows.append({"impl": name, "T": t, "error": repr(e)[:300]})
       print(rows[-1], flush=True)
+      on_row(rows)
     try:
       sm = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                         implementation="cudnn")
@@ -304,7 +305,8 @@ def main() -> None:
   parser.add_argument("--tune-sizes", default="8192")
   parser.add_argument("--part", default="all", choices=["all", "fla"])
   parser.add_argument("--skip-check", action="store_true")
-  parser.add_argument("--skip-fla", action="store_true")
+  parser.add_argument("--fla-results", default="",
+                      help="reuse fla.json and fla_*.npy from this folder instead of running fla")
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -313,7 +315,11 @@ def main() -> None:
     fla_part(args.out, sizes)
     return
   t0 = time.time()
-  if not args.skip_fla:  # before JAX initializes (and preallocates) the GPU
+  if args.fla_results:
+    for name in os.listdir(args.fla_results):
+      if name.startswith("fla"):
+        shutil.copy(os.path.join(args.fla_results, name), args.out)
+  else:  # before JAX initializes (and preallocates) the GPU
     subprocess.run([sys.executable, __file__, "--part", "fla", "--out", args.out,
                     "--sizes", args.sizes], check=False)
   print(f"fla part done at {time.time() - t0:.0f}s", flush=True)
@@ -327,15 +333,18 @@ def main() -> None:
   info["auto_path_on_this_gpu"] = api.choose_path(
       "auto", jax.ShapeDtypeStruct((1, 1, 1, D), "bfloat16"),
       jax.ShapeDtypeStruct((1, 1, 1, D), "bfloat16"))
+  save = lambda rows: json.dump({"info": info, "rows": rows, "fla": fla},
+                                open(os.path.join(args.out, "results.json"), "w"), indent=1,
+                                default=str)
   info["correctness"] = [] if args.skip_check else correctness()
   info["lightning_vs_fla"] = compare_with_fla(args.out)
   print("lightning vs fla", info["lightning_vs_fla"], flush=True)
   print(f"checks done at {time.time() - t0:.0f}s", flush=True)
-  rows, info["tuning"] = bench_ours(sizes, tune_sizes)
+  save([])
+  rows, info["tuning"] = bench_ours(sizes, tune_sizes, on_row=save)
   info["model_costs"] = {t: model_costs(t) for t in sizes}
   table = markdown(rows, fla["rows"], info)
-  with open(os.path.join(args.out, "results.json"), "w") as f:
-    json.dump({"info": info, "rows": rows, "fla": fla}, f, indent=1, default=str)
+  save(rows)
   with open(os.path.join(args.out, "table.md"), "w") as f:
     f.write(table + "\n")
   print(f"total {time.time() - t0:.0f}s")

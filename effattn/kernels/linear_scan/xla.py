@@ -79,6 +79,13 @@ def pad_runs(runs, chunk: int):
   return jnp.concatenate([runs, jnp.repeat(runs[:, -1:], n * chunk - t, axis=1)], axis=1)
 
 
+def _mm(spec, a, b):
+  """einsum accumulating in f32. XLA:CPU has no bf16 x bf16 -> f32 dot, so upcast there."""
+  if jax.default_backend() == "cpu" and a.dtype != jnp.float32:
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def scan_chunked(q, k, v, log_decay, initial_state, runs=None, *, reverse: bool = False,
                  scale: float = 1.0, chunk_size: int = 64, out_dtype=None):
   """Chunked linear scan (causal or reverse direction; see reference.py for the math).
@@ -119,8 +126,7 @@ def scan_chunked(q, k, v, log_decay, initial_state, runs=None, *, reverse: bool 
     w_q = jnp.broadcast_to(w_q.T[None], (b, c, h))                           # [B, C, H]
     w_k = jnp.broadcast_to(w_k.T[None], (b, c, h))
     keep = jnp.broadcast_to(keep[None], (b, h))
-    scores = jnp.einsum("bihd,bjhd->bhij", x["q"], x["k"],
-                        preferred_element_type=jnp.float32) * decay[None]
+    scores = _mm("bihd,bjhd->bhij", x["q"], x["k"]) * decay[None]
     if runs is not None:
       r, edge = x["runs"], x["edge"]
       far = jnp.min(r, axis=1) if reverse else jnp.max(r, axis=1)            # run at the far end
@@ -128,13 +134,10 @@ def scan_chunked(q, k, v, log_decay, initial_state, runs=None, *, reverse: bool 
       w_q = w_q * (r == edge[:, None])[..., None]
       w_k = w_k * (r == far[:, None])[..., None]
       keep = keep * (far == edge)[:, None]
-    o = jnp.einsum("bhij,bjhe->bihe", scores.astype(dt), x["v"],
-                   preferred_element_type=jnp.float32)
-    o = o + jnp.einsum("bihd,bhde->bihe", (x["q"] * w_q[..., None]).astype(dt),
-                       state.astype(dt), preferred_element_type=jnp.float32)
-    state = keep[..., None, None] * state + jnp.einsum(
-        "bihd,bihe->bhde", (x["k"] * w_k[..., None]).astype(dt), x["v"],
-        preferred_element_type=jnp.float32)
+    o = _mm("bhij,bjhe->bihe", scores.astype(dt), x["v"])
+    o = o + _mm("bihd,bhde->bihe", (x["q"] * w_q[..., None]).astype(dt), state.astype(dt))
+    state = keep[..., None, None] * state + _mm(
+        "bihd,bihe->bhde", (x["k"] * w_k[..., None]).astype(dt), x["v"])
     return state, (o * scale).astype(out_dtype)
 
   final, o = jax.lax.scan(body, initial_state.astype(jnp.float32), xs, reverse=reverse)
