@@ -1,25 +1,34 @@
 """eval.py's engine: rebuild the model from the config, restore a checkpoint, run an eval task.
 
-Eval tasks are functions `(model, config, workdir) -> dict` registered in EVAL_TASKS and chosen
-with `config.eval.task`; the report is written as JSON.
+Eval tasks are functions `(model, config, workdir) -> dict` registered in EVAL_TASKS (see
+registry.py) and chosen with `config.eval.task`:
+
+    accuracy   loss, accuracy, perplexity over eval.split          -> eval.json
+    positions  loss by position at 1x/2x/4x/8x the training length -> eval_positions.json + .png
+    passkey    passkey accuracy on a length x depth grid            -> eval_passkey.json + .png
+    generate   cached greedy/sampled decoding, tokens/s, checked    -> eval_generate.json
+
+The report is written as JSON; a task that returns a matplotlib Figure under "figure" gets it
+saved beside the report as a PNG (path recorded under "plot").
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Callable
 
 import jax
 from absl import logging
 from flax import nnx
 
 from effattn.evaluate.accuracy import evaluate_split
+from effattn.evaluate.registry import EVAL_TASKS, load_builtin_tasks, register_eval_task
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train.loop import build_model, resolve_config
 from effattn.train.state import split_model
 
 
+@register_eval_task("accuracy")
 def accuracy_task(model, config, workdir) -> dict:
   """Loss, accuracy and perplexity over config.eval.split (the trainer's eval metric)."""
   del workdir
@@ -28,14 +37,7 @@ def accuracy_task(model, config, workdir) -> dict:
                         batch_size=config.eval.batch_size, max_examples=config.eval.max_examples)
 
 
-EVAL_TASKS: dict[str, Callable] = {"accuracy": accuracy_task}
-
-
-def register_eval_task(name: str):
-  def wrap(fn):
-    EVAL_TASKS[name] = fn
-    return fn
-  return wrap
+load_builtin_tasks()  # positions, passkey, generate
 
 
 def restore_model(config, workdir: str, step: int | None = None):
@@ -62,6 +64,11 @@ def evaluate_checkpoint(config, workdir: str, *, step: int | None = None,
             **EVAL_TASKS[task](model, config, workdir)}
   name = "eval.json" if task == "accuracy" else f"eval_{task}.json"
   path = output or os.path.join(os.path.expanduser(workdir), name)
+  figure = result.pop("figure", None)
+  if figure is not None:
+    result["plot"] = os.path.splitext(path)[0] + ".png"
+    figure.suptitle(f"{os.path.basename(os.path.normpath(workdir))} (step {step})", fontsize=9)
+    figure.savefig(result["plot"], dpi=120)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(result, f, indent=2)
