@@ -1,0 +1,194 @@
+"""Public op: the chunk-parallel update of the linear (depth-1) Titans memory.
+
+    y, (w_T, s_T) = memory_update(q, k, v, theta, alpha, eta, initial_memory=None,
+                                  initial_momentum=None, segment_ids=None, chunk_size=64,
+                                  impl="auto")
+
+Per token (reference.py has the exact definition): S_t = eta_t S_{t-1} - theta_t grad_t,
+W_t = (1 - alpha_t) W_{t-1} + S_t, y_t = q_t W_t, with grad_t = 2 k_t^T (k_t W_ref - v_t) taken
+at the chunk's starting weights W_ref (mini-batch gradient descent inside each chunk of
+`chunk_size` tokens; chunk_size=1 is the paper's token recurrence).
+
+Paths: "reference" (reference.chunk_loop, autodiff), "xla" (chunked closed form in jnp, xla.py),
+"pallas_gpu" (Triton), "pallas_tpu" (Mosaic); "pallas" = the kernel of the current backend,
+"auto" = that kernel on GPU/TPU when the shapes allow it, else xla. Logged once per choice.
+The xla and Pallas paths share one custom VJP whose backward walks the chunks in reverse
+(xla.chunk_backward); the chunk-start states saved by the forward are its only residual besides
+the inputs. Gradients flow to q, k, v, all three gates and both initial states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from effattn.kernels.memory_chunk import common, pallas_gpu, pallas_tpu, reference, xla
+
+IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "reference")
+_LOGGED: set[tuple] = set()
+
+
+def _log_once(path: str, why: str) -> None:
+  if (path, why) not in _LOGGED:
+    _LOGGED.add((path, why))
+    logging.info("effattn memory_chunk: using %s path (%s)", path, why)
+
+
+def _gpu_kernel_limits(q, v, chunk_size) -> str:
+  """Empty when the GPU kernel takes these shapes, else the reason it does not."""
+  for name, dim in (("Dk", q.shape[-1]), ("Dv", v.shape[-1]), ("chunk_size", chunk_size)):
+    if dim < 16 or dim & (dim - 1):
+      return f"{name}={dim} is not a power of two >= 16"
+  if max(q.shape[-1], v.shape[-1]) > 128:
+    return "head dims above 128 do not fit the kernel's registers"
+  return ""
+
+
+def choose_path(impl: str, q, v, chunk_size: int, interpret: bool = False) -> str:
+  """Resolves `impl` to one of reference | xla | pallas_gpu | pallas_tpu (and logs why)."""
+  if impl not in IMPLS:
+    raise ValueError(f"memory_chunk impl={impl!r} is not one of {IMPLS}")
+  backend = jax.default_backend()
+  if impl in ("reference", "xla", "pallas_gpu", "pallas_tpu"):
+    _log_once(impl, "forced")
+    return impl
+  if impl == "pallas":
+    if backend == "tpu":
+      return "pallas_tpu"
+    if backend == "gpu" or interpret:
+      return "pallas_gpu"
+    raise ValueError("impl='pallas' needs a GPU or TPU backend (or interpret=True); "
+                     "use impl='xla' on CPU")
+  if backend == "tpu":
+    why = "" if chunk_size % 8 == 0 else f"chunk_size={chunk_size} is not a multiple of 8"
+    path = "xla" if why else "pallas_tpu"
+    _log_once(path, why or "auto on tpu")
+    return path
+  if backend == "gpu":
+    why = _gpu_kernel_limits(q, v, chunk_size)
+    path = "xla" if why else "pallas_gpu"
+    _log_once(path, why or "auto on gpu")
+    return path
+  _log_once("xla", f"auto on {backend}")
+  return "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static settings of one call (hashable: a nondiff argument of the custom VJP)."""
+
+  path: str
+  chunk: int
+  dtype: Any          # matmul operand dtype (f32 -> full precision)
+  block_sizes: Any
+  interpret: bool
+
+
+def _module(plan):
+  return {"xla": xla, "pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}[plan.path]
+
+
+def _kernel_kwargs(plan):
+  kw = dict(chunk=plan.chunk, dtype=plan.dtype)
+  if plan.path != "xla":
+    kw.update(block_sizes=plan.block_sizes, interpret=plan.interpret)
+  return kw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _update(plan, q, k, v, theta, lb, le, seg, carry, end, w0, s0):
+  y, w, s, _ = _module(plan).forward(q, k, v, theta, lb, le, seg, carry, end, w0, s0,
+                                     save_states=False, **_kernel_kwargs(plan))
+  return y, w, s
+
+
+def _update_fwd(plan, q, k, v, theta, lb, le, seg, carry, end, w0, s0):
+  y, w, s, states = _module(plan).forward(q, k, v, theta, lb, le, seg, carry, end, w0, s0,
+                                          save_states=True, **_kernel_kwargs(plan))
+  return (y, w, s), (q, k, v, theta, lb, le, seg, carry, end, states)
+
+
+def _update_bwd(plan, residuals, cotangents):
+  q, k, v, theta, lb, le, seg, carry, end, states = residuals
+  dy, dw, ds = cotangents
+  dq, dk, dv, dth, dlb, dle, dw0, ds0 = _module(plan).backward(
+      q, k, v, theta, lb, le, seg, carry, end, states, dy, dw, ds, **_kernel_kwargs(plan))
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dth, dlb, dle,
+          None, None, None, dw0, ds0)
+
+
+_update.defvjp(_update_fwd, _update_bwd)
+
+
+def _check(q, k, v, theta, alpha, eta, w0, s0, segment_ids, chunk_size):
+  if q.ndim != 4 or k.shape != q.shape:
+    raise ValueError(f"q and k must both be [B, T, H, Dk]; got {q.shape=} {k.shape=}")
+  if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"v must be [B, T, H, Dv] matching q's [B, T, H]; got {v.shape=} {q.shape=}")
+  if q.shape[1] == 0:
+    raise ValueError("the sequence is empty (T=0)")
+  for name, gate in (("theta", theta), ("alpha", alpha), ("eta", eta)):
+    if gate.shape != q.shape[:3]:
+      raise ValueError(f"{name} must be [B, T, H]={q.shape[:3]}; got {gate.shape}")
+  b, _, h, dk = q.shape
+  want = (b, h, dk, v.shape[-1])
+  for name, state in (("initial_memory", w0), ("initial_momentum", s0)):
+    if state is not None and state.shape != want:
+      raise ValueError(f"{name} must be [B, H, Dk, Dv]={want}; got {state.shape}")
+  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
+    raise ValueError(f"segment_ids must be [B, T]={q.shape[:2]}; got {segment_ids.shape}")
+  if chunk_size < 1:
+    raise ValueError(f"{chunk_size=} must be >= 1")
+
+
+def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_momentum=None,
+                  segment_ids=None, chunk_size: int = 64, impl: str = "auto", block_sizes=None,
+                  compute_dtype=None, out_dtype=None, interpret: bool = False):
+  """Chunk-parallel test-time training of a linear memory, with retrieval at every token.
+
+  Args:
+    q, k: [B, T, H, Dk] queries and keys (the paper L2-normalizes them); v: [B, T, H, Dv].
+    theta, alpha, eta: [B, T, H] learning rate, forgetting and momentum gates in (0, 1).
+    initial_memory, initial_momentum: [B, H, Dk, Dv] W_0 and S_0 (None: zeros).
+    segment_ids: [B, T] packed sequences; a new id restarts the memory at zero.
+    chunk_size: tokens per mini-batch C (the GPU kernel needs a power of two >= 16).
+    impl: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "xla" | "reference".
+    block_sizes: pallas_gpu.BlockSizes / pallas_tpu.BlockSizes for the kernel paths.
+    compute_dtype: matmul operand dtype (default q.dtype; float32 runs at full precision).
+    out_dtype: dtype of y (default q.dtype). interpret: Pallas interpreter (CPU tests).
+
+  Returns:
+    (y [B, T, H, Dv], (W_T, S_T) [B, H, Dk, Dv] float32).
+  """
+  _check(q, k, v, theta, alpha, eta, initial_memory, initial_momentum, segment_ids, chunk_size)
+  b, t, h, dk = q.shape
+  dv = v.shape[-1]
+  out_dtype = np.dtype(out_dtype or q.dtype)
+  path = choose_path(impl, q, v, chunk_size, interpret)
+  if path == "reference":
+    y, state = reference.chunk_loop(q, k, v, theta, alpha, eta, initial_memory, initial_momentum,
+                                    segment_ids, chunk_size=chunk_size)
+    return y.astype(out_dtype), state
+  c = chunk_size
+  lb, le = common.log_gates(alpha, eta)
+  theta, lb, le = (common.pad_time(x.astype(jnp.float32), c) for x in (theta, lb, le))
+  n = lb.shape[1] // c
+  # Chunk-local cumulative log-gates: the scan of the gate products inside each chunk.
+  lb, le = (jnp.cumsum(x.reshape(b, n, c, h), axis=2).reshape(b, n * c, h) for x in (lb, le))
+  seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+  seg, carry, end = common.chunk_masks(seg, t, c)
+  zeros = jnp.zeros((b, h, dk, dv), jnp.float32)
+  w0 = zeros if initial_memory is None else initial_memory.astype(jnp.float32)
+  s0 = zeros if initial_momentum is None else initial_momentum.astype(jnp.float32)
+  q, k, v = (common.pad_time(x, c) for x in (q, k, v))
+  if block_sizes is None and path != "xla":
+    block_sizes = _module(_Plan(path, c, None, None, False)).BlockSizes()
+  plan = _Plan(path, c, np.dtype(compute_dtype or q.dtype), block_sizes, interpret)
+  y, w, s = _update(plan, q, k, v, theta, lb, le, seg, carry, end, w0, s0)
+  return y[:, :t].astype(out_dtype), (w, s)
