@@ -35,18 +35,21 @@ def _warps(block_q: int, block_k: int) -> int:
   return 4 if block_q * block_k <= 64 * 64 else 8
 
 
-def _cdiv(a, b):
-  return (a + b - 1) // b
+def _cdiv(a, b: int):
+  return lax.div(a + (b - 1), b)  # a >= 0
 
 
 def _key_range(pos, *, causal: bool, has_seg: bool, block_k: int, kv_len: int, num_kb: int):
-  """Key blocks [0, hi) a compacted query tile visits; blocks below lo need no element mask."""
-  first = pos[0]
-  empty = first < 0  # slots are filled from the front, so an unused first slot = empty tile
+  """Key blocks [0, hi) a compacted query tile visits; blocks below lo need no element mask.
+
+  Reductions rather than pos[0]: Triton cannot extract one element of a loaded vector.
+  """
+  last = jnp.max(pos)
+  empty = last < 0  # every slot unused
   if causal:
-    last = jnp.max(pos)
-    hi = jnp.where(empty, 0, jnp.maximum(last, 0) // block_k + 1)
-    lo = jnp.where(empty, 0, jnp.maximum(first, 0) // block_k)
+    first = jnp.min(jnp.where(pos >= 0, pos, jnp.iinfo(jnp.int32).max))
+    hi = jnp.where(empty, 0, lax.div(jnp.maximum(last, 0), block_k) + 1)
+    lo = jnp.where(empty, 0, lax.div(jnp.maximum(first, 0), block_k))
   else:
     hi = jnp.where(empty, 0, num_kb)
     lo = jnp.where(empty, 0, kv_len // block_k)
@@ -150,15 +153,13 @@ def _dkv_kernel(*refs, names, group, causal, scale, block_q, block_k):
       sl = pl.ds(start, block_q)
       q, do = r[f"q{g}"][sl, :], r[f"do{g}"][sl, :]
       p = jnp.exp2(dot(q, k, trans_b=True) * (scale * LOG2E) - r[f"lse{g}"][sl][:, None])
-      if masked:
-        q_seg = r[f"q_seg{g}"][sl] if has_seg else None
-        if causal:
-          mask = kv_idx[None, :] <= r[f"pos{g}"][sl][:, None]
-        else:  # keys past kv_len only feed their own (discarded) dk / dv rows
-          mask = jnp.ones((block_q, block_k), jnp.bool_)
+      if masked:  # keys past kv_len only feed their own (discarded) dk / dv rows: no mask
+        mask = kv_idx[None, :] <= r[f"pos{g}"][sl][:, None] if causal else None
         if has_seg:
-          mask = mask & (q_seg[:, None] == kv_seg[None, :])
-        p = jnp.where(mask, p, 0.0)
+          seg_eq = r[f"q_seg{g}"][sl][:, None] == kv_seg[None, :]
+          mask = seg_eq if mask is None else mask & seg_eq
+        if mask is not None:
+          p = jnp.where(mask, p, 0.0)
       dv = dv + dot(p.astype(do.dtype), do, trans_a=True)
       ds = p * (dot(do, v, trans_b=True) - r[f"delta{g}"][sl][:, None])
       dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
@@ -166,7 +167,7 @@ def _dkv_kernel(*refs, names, group, causal, scale, block_q, block_k):
 
     lo, mid, hi = r[f"lo{g}"][0], r[f"mid{g}"][0], r[f"hi{g}"][0]
     mid_blk = _cdiv(mid, block_q)
-    carry = lax.fori_loop(lo // block_q, mid_blk, functools.partial(step, masked=True), (dk, dv))
+    carry = lax.fori_loop(lax.div(lo, block_q), mid_blk, functools.partial(step, masked=True), (dk, dv))
     dk, dv = lax.fori_loop(mid_blk, _cdiv(hi, block_q), functools.partial(step, masked=False),
                            carry)
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)

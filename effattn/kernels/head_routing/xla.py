@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from effattn.attention import base
-from effattn.attention.ops import softmax_attention
-
 
 def head_routed_attention(q, k, v, gates, *, causal: bool, segment_ids=None, scale: float,
                           attention_impl: str = "auto"):
   """Same contract as reference.head_routed_attention; `attention_impl` goes to ops."""
+  # Imported here: effattn.attention imports the moh mechanism, which imports this package.
+  from effattn.attention import base
+  from effattn.attention.ops import softmax_attention
+
   mask = None
   if segment_ids is not None:
     idx = base.sequence_index(q.shape[0], q.shape[1])
