@@ -30,6 +30,17 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or inf."""
 
 
+def check_finite(host_metrics: list[dict], last_step: int, last_checkpoint: int | None) -> None:
+  """Raises naming the first step (1-based) whose loss is NaN or inf."""
+  finite = np.isfinite([m["total_loss"] for m in host_metrics])
+  if not finite.all():
+    bad = last_step - len(host_metrics) + int(np.argmin(finite)) + 1
+    raise NonFiniteLossError(
+        f"training loss became non-finite at step {bad}; lower optimizer.learning_rate, keep "
+        f"optimizer.grad_clip > 0 or use model.dtype=float32 (last good checkpoint: "
+        f"{last_checkpoint})")
+
+
 def resolve_config(config):
   """Fills the fields that come from the task (vocab size, classes) and validates."""
   validate(config)
@@ -128,7 +139,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                dynamic_ncols=True)
   pending: list[dict] = []
   t_last, step_last = time.perf_counter(), start
-  final_eval: dict = {}
   for step in range(start, tc.steps):
     batch = put_batch(next(batches), batch_sharding)
     state, metrics = train_step(state, batch)
@@ -136,13 +146,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     done = step + 1
     if done % tc.log_every == 0 or done == tc.steps:
       host = jax.device_get(pending)
-      losses = np.array([m["total_loss"] for m in host])
-      if not np.all(np.isfinite(losses)):
-        bad = done - len(host) + int(np.argmin(np.isfinite(losses))) + 1
-        raise NonFiniteLossError(
-            f"training loss became non-finite at step {bad}; lower optimizer.learning_rate, "
-            f"keep optimizer.grad_clip > 0 or use model.dtype=float32 (last good checkpoint: "
-            f"{checkpointer.latest_step()})")
+      check_finite(host, done, checkpointer.latest_step())
       dt = time.perf_counter() - t_last
       steps_done = done - step_last
       row = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
@@ -160,11 +164,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       run_eval(done)
       t_last = time.perf_counter()
     if done % config.checkpoint.every == 0 or done == tc.steps:
-      if pending:  # never checkpoint unchecked steps: the guard above must have seen them
-        host = jax.device_get(pending)
-        if not all(np.isfinite(m["total_loss"]) for m in host):
-          raise NonFiniteLossError(f"training loss became non-finite before step {done}; "
-                                   "lower optimizer.learning_rate")
+      # Never checkpoint unchecked steps.
+      check_finite(jax.device_get(pending), done, checkpointer.latest_step())
       checkpointer.maybe_save(done, state, force=True)
   if bar is not None:
     bar.close()
