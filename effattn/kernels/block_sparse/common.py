@@ -144,7 +144,9 @@ def causal_block_mask(num_q_blocks: int, num_k_blocks: int, block_q: int, block_
 def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
   """2-D matmul with float32 accumulation, lowered the same way by Triton, Mosaic and XLA."""
   dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+  # float32 inputs get full-precision products (the default may be TF32 on GPU).
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def tile_scores(q, k, *, scale: float, causal: bool, q_pos, kv_pos, q_seg=None, kv_seg=None,

@@ -1,0 +1,228 @@
+"""Trainable dynamic mask attention (DMA; Shi et al. 2025, SmallDoges/flash-dmattn, Doge).
+
+Per key/value head, a content-aware, query-agnostic key importance from the values:
+
+    delta_t = softplus(v_t_flat W_dt)        W_dt: [H_kv * D] -> [H_kv]
+    bias_t  = A_h * delta_t                  A_h learned per key head, initialized at 0
+
+The paper writes exp(A * softplus(.)); the official code keeps it in log space as above, which
+we follow. Each query keeps the top-w causally visible keys by bias (w = keep_window; all of them
+while t < w; ties go to the earlier position) and attends with
+
+    y_t = softmax(q_t k^T / sqrt(D) + bias) v   over the kept keys.
+
+Gradients reach A and W_dt through the bias (the top-w selection is not differentiated).
+Queries and keys are RMS-normalized per head (learned scale) before RoPE, as in Doge.
+
+Selection "per_query" (default, the paper-era code) ranks keys among those visible to each query;
+"global" (current flash-dmattn) ranks once over all keys and applies causality afterwards, so
+early queries keep fewer keys. The kept set is passed to the block-sparse kernel as a per-query
+threshold on (bias, -position), and only tiles holding a kept key are listed, so compute skips
+every dropped tile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effattn.attention import base
+from effattn.attention.ops import reference_attention
+from effattn.attention.registry import register
+from effattn.attention.routing import KERNEL_IMPL, _block_size
+from effattn.kernels.block_sparse import block_sparse_attention, lists_from_block_mask
+from effattn.kernels.block_sparse.common import element_mask
+
+_NEG_INF = -jnp.inf
+
+
+def select_top_w(bias, *, keep_window: int, selection: str, q_index, kv_index, q_seg=None,
+                 kv_seg=None, causal: bool = True, block_q: int | None = None,
+                 block_k: int | None = None):
+  """Per-query threshold of the top-w keys by (bias, -position), and the tiles holding any.
+
+  bias: [B, H_kv, S] float32; q_index [B, T] / kv_index [B, S] token indices (causality);
+  q_seg / kv_seg: [B, T] / [B, S] or None.
+  Returns thr [B, H_kv, T], thr_pos [B, H_kv, T] (keep key j iff (bias_j, -j) >= (thr, -thr_pos))
+  and, when block sizes are given, the bool tile mask [B, H_kv, nQ, nK] of tiles with a kept key.
+  """
+  b, h_kv, s_len = bias.shape
+  t = q_index.shape[1]
+  bias = jax.lax.stop_gradient(bias.astype(jnp.float32))
+  w = min(keep_window, s_len)
+
+  def visible(qi, qs):
+    """[B, 1, tq, S] visibility of keys for a chunk of queries."""
+    m = element_mask(causal=causal, q_pos=qi[:, None], kv_pos=kv_index[:, None],
+                     q_seg=None if qs is None else qs[:, None],
+                     kv_seg=None if kv_seg is None else kv_seg[:, None])
+    return jnp.ones((b, 1, qi.shape[1], s_len), bool) if m is None else m
+
+  if selection == "global":
+    vals, idx = jax.lax.top_k(bias, w)  # one ranking over all keys
+    thr = jnp.broadcast_to(vals[..., -1:], (b, h_kv, t))
+    pos = jnp.take_along_axis(jnp.broadcast_to(kv_index[:, None, :], idx.shape[:2] + (s_len,)),
+                              idx[..., -1:], axis=-1)
+    thr_pos = jnp.broadcast_to(pos.astype(jnp.int32), (b, h_kv, t))
+  elif selection == "per_query":
+    thr, thr_pos = None, None
+  else:
+    raise ValueError(f"model.attention.dynamic_mask.selection={selection!r} must be "
+                     "'per_query' or 'global'")
+
+  chunk = block_q or min(t, 64)
+  n_q = -(-t // chunk)
+  pad = n_q * chunk - t
+  q_index_p = jnp.pad(q_index, ((0, 0), (0, pad)), constant_values=-1)  # padded: sees nothing
+  q_seg_p = None if q_seg is None else jnp.pad(q_seg, ((0, 0), (0, pad)))
+
+  def one_chunk(i):
+    qi = jax.lax.dynamic_slice_in_dim(q_index_p, i * chunk, chunk, axis=1)
+    qs = None if q_seg_p is None else jax.lax.dynamic_slice_in_dim(q_seg_p, i * chunk, chunk, 1)
+    vis = visible(qi, qs)  # [B, 1, tq, S]
+    if selection == "per_query":
+      scores = jnp.where(vis, bias[:, :, None, :], _NEG_INF)  # [B, H_kv, tq, S]
+      vals, idx = jax.lax.top_k(scores, w)
+      c_thr, c_pos = vals[..., -1], jnp.take_along_axis(
+          jnp.broadcast_to(kv_index[:, None, None, :], idx.shape[:-1] + (s_len,)),
+          idx[..., -1:], axis=-1)[..., 0]
+    else:
+      c_thr = jax.lax.dynamic_slice_in_dim(thr, i * chunk, chunk, axis=2)
+      c_pos = jax.lax.dynamic_slice_in_dim(thr_pos, i * chunk, chunk, axis=2)
+    if block_k is None:
+      return c_thr, c_pos.astype(jnp.int32), None
+    kb = bias[:, :, None, :]
+    kept = vis & ((kb > c_thr[..., None]) | (
+        (kb == c_thr[..., None]) & (kv_index[:, None, None, :] <= c_pos[..., None])))
+    n_k = -(-s_len // block_k)
+    kept = jnp.pad(kept, ((0, 0), (0, 0), (0, 0), (0, n_k * block_k - s_len)))
+    tiles = jnp.any(kept.reshape(b, h_kv, chunk, n_k, block_k), axis=(2, 4))
+    return c_thr, c_pos.astype(jnp.int32), tiles
+
+  c_thr, c_pos, tiles = jax.lax.map(one_chunk, jnp.arange(n_q))
+  thr = jnp.moveaxis(c_thr, 0, 2).reshape(b, h_kv, -1)[:, :, :t]
+  thr_pos = jnp.moveaxis(c_pos, 0, 2).reshape(b, h_kv, -1)[:, :, :t]
+  if tiles is not None:
+    tiles = jnp.moveaxis(tiles, 0, 2)  # [B, H_kv, nQ, nK]
+  return thr, thr_pos, tiles
+
+
+class _RMSScale(nnx.Module):
+  """RMS normalization over the head dim with a learned scale [D] (Doge's q/k norm)."""
+
+  def __init__(self, dim: int, eps: float = 1e-6):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    return (xf * self.scale[...]).astype(x.dtype)
+
+
+@register("dynamic_mask")
+class DynamicMaskAttention(base.Attention):
+  """DMA; see the module docstring."""
+
+  DEFAULTS = {
+      "keep_window": 2048,  # w: keys kept per query
+      "selection": "per_query",  # per_query | global
+      "qk_norm": True,  # RMS-normalize q and k per head (Doge)
+      "block": 64,  # kernel tile size (tokens)
+  }
+
+  def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
+    super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
+    o = self.opts
+    self.num_kv_heads = int(cfg.get("num_kv_heads") or num_heads)
+    if num_heads % self.num_kv_heads:
+      raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
+                       f"model.num_heads={num_heads}")
+    if o.keep_window < 1:
+      raise ValueError(f"model.attention.dynamic_mask.keep_window={o.keep_window} must be >= 1")
+    if o.selection not in ("per_query", "global"):
+      raise ValueError(f"model.attention.dynamic_mask.selection={o.selection!r} must be "
+                       "'per_query' or 'global'")
+    self.impl = cfg.get("impl", "auto")
+    d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
+    self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
+    self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
+    self.v_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
+    self.o_proj = base.dense(h * d, d_model, rngs=rngs, dtype=self.dtype)
+    self.dt_proj = base.dense(h_kv * d, h_kv, rngs=rngs, dtype=jnp.float32)
+    self.A = nnx.Param(jnp.zeros((h_kv,), jnp.float32))
+    if o.qk_norm:
+      self.q_norm = _RMSScale(d)
+      self.k_norm = _RMSScale(d)
+
+  def project(self, x, positions):
+    """-> q [B, T, H, D], k, v [B, T, H_kv, D], bias [B, H_kv, T] float32."""
+    q = base.split_heads(self.q_proj(x), self.num_heads)
+    k = base.split_heads(self.k_proj(x), self.num_kv_heads)
+    v_flat = self.v_proj(x)
+    v = base.split_heads(v_flat, self.num_kv_heads)
+    if self.opts.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if self.rope_theta is not None:
+      q = base.apply_rope(q, positions, self.rope_theta)
+      k = base.apply_rope(k, positions, self.rope_theta)
+    delta = jax.nn.softplus(self.dt_proj(v_flat.astype(jnp.float32)))  # [B, T, H_kv]
+    bias = (self.A[...] * delta).transpose(0, 2, 1)
+    return q, k, v, bias
+
+  def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
+    b, t, _ = x.shape
+    q, k, v, bias = self.project(x, positions)
+    idx = base.sequence_index(b, t)
+    bs = _block_size(t, self.opts.block)
+    thr, thr_pos, tiles = select_top_w(
+        bias, keep_window=self.opts.keep_window, selection=self.opts.selection, q_index=idx,
+        kv_index=idx, q_seg=segment_ids, kv_seg=segment_ids, causal=causal, block_q=bs,
+        block_k=bs)
+    group = self.num_heads // self.num_kv_heads
+    kv_idx, kv_cnt = lists_from_block_mask(jnp.repeat(tiles, group, axis=1))
+    o, _ = block_sparse_attention(
+        q, k, v, kv_idx, kv_cnt, block_q=bs, block_k=bs, causal=causal, q_segment_ids=segment_ids,
+        kv_segment_ids=segment_ids, kv_bias=bias, q_threshold=thr, q_threshold_pos=thr_pos,
+        impl=KERNEL_IMPL[self.impl])
+    kept = jnp.mean(tiles.astype(jnp.float32))
+    return self.o_proj(base.merge_heads(o)), {"dma_kept_tile_frac": kept}
+
+  def init_cache(self, batch, max_len, dtype=None):
+    dtype = dtype or self.dtype
+    shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "bias": jnp.zeros((batch, self.num_kv_heads, max_len), jnp.float32),
+            "index": jnp.zeros((), jnp.int32)}
+
+  def decode(self, x, *, positions, cache):
+    """New tokens x [B, T, d_model] after the cached ones; dense over the cache, same mask."""
+    b, t, _ = x.shape
+    q, k, v, bias = self.project(x, positions)
+    start = cache["index"]
+    new = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
+                                             (0, start, 0, 0)),
+           "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
+                                             (0, start, 0, 0)),
+           "bias": jax.lax.dynamic_update_slice(cache["bias"], bias, (0, 0, start)),
+           "index": start + t}
+    max_len = new["k"].shape[1]
+    q_idx, k_idx = base.sequence_index(b, t, start), base.sequence_index(b, max_len)
+    valid = k_idx < start + t
+    # Unfilled slots get segment 0, the new queries segment 1: they are never visible or ranked.
+    seg_k = valid.astype(jnp.int32)
+    thr, thr_pos, _ = select_top_w(
+        new["bias"], keep_window=self.opts.keep_window, selection=self.opts.selection,
+        q_index=q_idx, kv_index=k_idx, q_seg=jnp.ones((b, t), jnp.int32), kv_seg=seg_k)
+    group = self.num_heads // self.num_kv_heads
+    kb = new["bias"][:, :, None, :]
+    keep = (kb > thr[..., None]) | ((kb == thr[..., None]) & (k_idx[:, None, None, :]
+                                                               <= thr_pos[..., None]))
+    mask = base.attention_mask(q_idx, k_idx, causal=True, k_valid=valid) & keep
+    o = reference_attention(q, new["k"].astype(q.dtype), new["v"].astype(q.dtype),
+                            jnp.repeat(mask, group, axis=1),
+                            bias=jnp.repeat(new["bias"], group, axis=1)[:, :, None, :])
+    return self.o_proj(base.merge_heads(o)), new

@@ -1,0 +1,126 @@
+"""dynamic_mask (DMA): the common oracles and the spec's own (naive top-w formula, w >= T, the
+kept-set size, gradients into A and W_dt, tile skipping)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from effattn.attention import base
+from effattn.attention.dynamic_mask import select_top_w
+from effattn.attention.ops import reference_attention
+from effattn.kernels.block_sparse.common import element_mask
+from tests.attention import oracles
+
+
+def _build(impl="xla", keep_window=5, **opts):
+  attn = oracles.build("dynamic_mask", impl=impl, num_kv_heads=2,
+                       dynamic_mask={"keep_window": keep_window, "block": 8, **opts})
+  attn.A[...] = jnp.array([1.5, -2.0])  # a non-trivial bias (A starts at 0 as in the code)
+  return attn
+
+
+def test_common_oracles_reference():
+  attn = _build("reference")
+  x, pos = oracles.random_inputs(length=20)
+  oracles.check_causality(attn, x, pos)
+  oracles.check_decode_matches_forward(attn, x, pos)
+  oracles.check_decode_matches_forward(attn, x, pos, prompt_len=7)
+  oracles.check_segments_isolated(attn, x)
+
+
+def test_common_oracles_kernel_path():
+  attn = _build("xla")
+  x, pos = oracles.random_inputs(length=20)
+  oracles.check_causality(attn, x, pos, atol=1e-5)
+  oracles.check_segments_isolated(attn, x)
+  oracles.check_gradients_finite(attn, x, pos)
+
+
+def naive_dma(q, k, v, bias, w):
+  """Per query: visible keys ranked by bias (ties: earlier first), top-w kept, softmax + bias."""
+  q, k, v, bias = (np.asarray(a, np.float64) for a in (q, k, v, bias))
+  b, t, h, d = q.shape
+  group = h // k.shape[2]
+  out = np.zeros_like(q)
+  for bi in range(b):
+    for hi in range(h):
+      kh = hi // group
+      for i in range(t):
+        order = sorted(range(i + 1), key=lambda j: (-bias[bi, kh, j], j))[:w]
+        s = np.array([q[bi, i, hi] @ k[bi, j, kh] / np.sqrt(d) + bias[bi, kh, j] for j in order])
+        p = np.exp(s - s.max())
+        out[bi, i, hi] = (p / p.sum()) @ v[bi, order, kh]
+  return out
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_matches_naive_top_w(impl):
+  attn = _build(impl, keep_window=4)
+  x, pos = oracles.random_inputs(length=14)
+  q, k, v, bias = attn.project(x, pos)
+  y, _ = attn(x, positions=pos)
+  want = attn.o_proj(base.merge_heads(jnp.asarray(naive_dma(q, k, v, bias, 4), jnp.float32)))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(want), atol=2e-5)
+
+
+def test_window_covering_everything_is_causal_softmax_plus_bias():
+  attn = _build("xla", keep_window=64)
+  x, pos = oracles.random_inputs(length=20)
+  q, k, v, bias = attn.project(x, pos)
+  idx = base.sequence_index(2, 20)
+  o = reference_attention(q, k, v, base.attention_mask(idx, idx, causal=True),
+                          bias=jnp.repeat(bias, 2, axis=1)[:, :, None, :])
+  y, _ = attn(x, positions=pos)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(attn.o_proj(base.merge_heads(o))),
+                             atol=2e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_kept_set_has_min_w_t_keys(tied):
+  t, w = 30, 7
+  bias = jnp.zeros((1, 2, t)) if tied else jax.random.normal(jax.random.key(0), (1, 2, t))
+  idx = base.sequence_index(1, t)
+  thr, thr_pos, _ = select_top_w(bias, keep_window=w, selection="per_query", q_index=idx,
+                                 kv_index=idx)
+  keep = element_mask(causal=True, q_pos=idx[:, None], kv_pos=idx[:, None], kv_bias=bias,
+                      q_thr=thr, q_thr_pos=thr_pos)
+  np.testing.assert_array_equal(np.asarray(keep.sum(-1)),
+                                np.broadcast_to(np.minimum(w, np.arange(1, t + 1)), (1, 2, t)))
+
+
+def test_global_selection_ranks_once():
+  t, w = 16, 5
+  bias = jax.random.normal(jax.random.key(1), (1, 1, t))
+  idx = base.sequence_index(1, t)
+  thr, _, _ = select_top_w(bias, keep_window=w, selection="global", q_index=idx, kv_index=idx)
+  np.testing.assert_allclose(np.asarray(thr[0, 0]), np.sort(np.asarray(bias[0, 0]))[-w])
+
+
+def test_gradients_reach_gate_parameters():
+  attn = _build("xla")
+  x, pos = oracles.random_inputs(length=20)
+
+  def loss(m):
+    y, _ = m(x, positions=pos)
+    return jnp.mean(jnp.sin(y))
+
+  grads = nnx.grad(loss)(attn)
+  assert float(jnp.abs(grads.A[...]).max()) > 0
+  assert float(jnp.abs(grads.dt_proj.kernel[...]).max()) > 0
+
+
+def test_tiles_are_skipped_and_kernel_path_agrees():
+  x, pos = oracles.random_inputs(length=64)
+  got, aux = _build("xla", keep_window=8)(x, positions=pos)
+  want, _ = _build("reference", keep_window=8)(x, positions=pos)
+  assert float(aux["dma_kept_tile_frac"]) < 0.75
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+
+
+def test_bad_options_named():
+  with pytest.raises(ValueError, match="selection"):
+    oracles.build("dynamic_mask", dynamic_mask={"selection": "random"})
+  with pytest.raises(ValueError, match="keep_window"):
+    oracles.build("dynamic_mask", dynamic_mask={"keep_window": 0})
