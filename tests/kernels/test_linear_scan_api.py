@@ -1,0 +1,53 @@
+"""linear_scan's argument checks, path choice and gradient contract."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effattn.kernels.linear_scan import choose_path, linear_scan
+
+
+def ones(*shape):
+  return jnp.ones(shape, jnp.float32)
+
+
+def test_auto_uses_xla_on_cpu_and_pallas_needs_a_device():
+  x = ones(1, 4, 1, 16)
+  assert choose_path("auto", x, x) == "xla"
+  assert choose_path("pallas", x, x, interpret=True) == "pallas_gpu"
+  with pytest.raises(ValueError, match="impl='pallas' needs a GPU or TPU"):
+    choose_path("pallas", x, x)
+  with pytest.raises(ValueError, match="impl='fast' is not one of"):
+    choose_path("fast", x, x)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(k=ones(1, 5, 2, 8)), "q and k must both be"),
+    (dict(v=ones(1, 4, 1, 8)), "v must be"),
+    (dict(v=jnp.ones((1, 4, 2, 8), jnp.bfloat16)), "share one dtype"),
+    (dict(log_decay=ones(3)), r"log_decay must be \[H\]"),
+    (dict(initial_state=ones(1, 2, 8, 4)), r"initial_state must be \[B, H, Dk, Dv\]"),
+    (dict(initial_state=ones(1, 2, 8, 8), causal=False), "initial_state needs causal=True"),
+    (dict(segment_ids=jnp.ones((1, 5), jnp.int32)), r"segment_ids must be \[B, T\]"),
+])
+def test_bad_arguments_name_the_field(kwargs, match):
+  args = dict(q=ones(1, 4, 2, 8), k=ones(1, 4, 2, 8), v=ones(1, 4, 2, 8))
+  args.update(kwargs)
+  q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+  with pytest.raises(ValueError, match=match):
+    linear_scan(q, k, v, impl="xla", **args)
+
+
+def test_log_decay_gets_no_gradient():
+  x = jax.random.normal(jax.random.key(0), (1, 6, 1, 4))
+  grad = jax.grad(lambda g: linear_scan(x, x, x, g, impl="xla")[0].sum())(jnp.array([-0.5]))
+  np.testing.assert_array_equal(np.asarray(grad), [0.0])
+
+
+def test_out_dtype_and_state_dtype():
+  x = jnp.ones((1, 6, 1, 4), jnp.bfloat16)
+  o, s = linear_scan(x, x, x, impl="xla", out_dtype=jnp.float32)
+  assert o.dtype == jnp.float32 and s.dtype == jnp.float32
+  o, _ = linear_scan(x, x, x, impl="xla")
+  assert o.dtype == jnp.bfloat16

@@ -1,0 +1,95 @@
+"""reference.py checked against itself and a literal numpy loop (the oracle of the oracles)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effattn.kernels.linear_scan import reference, segment_runs
+from tests.kernels.linear_scan_test_base import assert_close, two_segments
+
+
+def inputs(b=2, t=13, h=3, dk=4, dv=5, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (b, t, h, dk))
+  k = jax.random.normal(keys[1], (b, t, h, dk))
+  v = jax.random.normal(keys[2], (b, t, h, dv))
+  s0 = jax.random.normal(keys[3], (b, h, dk, dv))
+  return q, k, v, s0
+
+
+def numpy_loop(q, k, v, g, s0, causal=True):
+  """o_t = sum_{s<=t} e^{g(t-s)} (q_t . k_s) v_s + e^{g(t+1)} q_t S0, written out literally."""
+  q, k, v, s0 = (np.asarray(x, np.float64) for x in (q, k, v, s0))
+  b, t, h, _ = q.shape
+  o = np.zeros(v.shape)
+  for bi in range(b):
+    for hi in range(h):
+      for ti in range(t):
+        for si in range(t):
+          if causal and si > ti:
+            continue
+          o[bi, ti, hi] += np.exp(g[hi] * abs(ti - si)) * (q[bi, ti, hi] @ k[bi, si, hi]) * v[bi, si, hi]
+        if causal:
+          o[bi, ti, hi] += np.exp(g[hi] * (ti + 1)) * q[bi, ti, hi] @ s0[bi, hi]
+  return o
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_quadratic_equals_numpy_loop(causal):
+  q, k, v, s0 = inputs(b=1, t=7, h=2)
+  g = np.array([0.0, -0.7])
+  o, _ = reference.scan_quadratic(q, k, v, jnp.asarray(g), causal=causal,
+                                  initial_state=s0 if causal else None)
+  np.testing.assert_allclose(np.asarray(o), numpy_loop(q, k, v, g, s0, causal), atol=1e-4)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("segments", [False, True])
+def test_recurrent_equals_quadratic(reverse, segments):
+  q, k, v, s0 = inputs()
+  g = jnp.array([0.0, -0.3, -8.0])  # none, mild, strong
+  seg = two_segments(2, 13, 5) if segments else None
+  kw = dict(reverse=reverse, initial_state=s0, segment_ids=seg, scale=0.7)
+  o1, s1 = reference.scan_quadratic(q, k, v, g, **kw)
+  o2, s2 = reference.scan_recurrent(q, k, v, g, **kw)
+  assert_close("o", o1, o2, jnp.float32, 13)
+  assert_close("final_state", s1, s2, jnp.float32, 13)
+
+
+def test_bidirectional_is_causal_plus_reverse_minus_diagonal():
+  q, k, v, _ = inputs()
+  g = jnp.array([0.0, -0.3, -2.0])
+  seg = two_segments(2, 13, 6)
+  forward = reference.scan_quadratic(q, k, v, g, segment_ids=seg)[0]
+  backward = reference.scan_quadratic(q, k, v, g, reverse=True, segment_ids=seg)[0]
+  both = reference.scan_quadratic(q, k, v, g, causal=False, segment_ids=seg)[0]
+  diagonal = jnp.sum(q * k, -1, keepdims=True) * v
+  assert_close("bidirectional", both, forward + backward - diagonal, jnp.float32, 13)
+
+
+def test_reverse_is_the_transpose_of_causal():
+  """<causal(q, k, v), w> = <v, reverse(k, q, w)>: the identity the custom VJP relies on."""
+  q, k, v, _ = inputs(seed=1)
+  w = jax.random.normal(jax.random.key(9), v.shape)
+  g = jnp.array([0.0, -0.5, -1.5])
+  lhs = jnp.vdot(reference.scan_quadratic(q, k, v, g)[0], w)
+  rhs = jnp.vdot(v, reference.scan_quadratic(k, q, w, g, reverse=True)[0])
+  np.testing.assert_allclose(float(lhs), float(rhs), rtol=1e-5)
+
+
+def test_segments_do_not_interact_and_state_is_the_last_runs():
+  q, k, v, s0 = inputs(b=1)
+  seg = jnp.array([[4] * 5 + [9] * 8])
+  g = jnp.array([0.0, -0.3, -1.0])
+  o, s = reference.scan_quadratic(q, k, v, g, initial_state=s0, segment_ids=seg)
+  o1, _ = reference.scan_quadratic(q[:, :5], k[:, :5], v[:, :5], g, initial_state=s0)
+  o2, s2 = reference.scan_quadratic(q[:, 5:], k[:, 5:], v[:, 5:], g)
+  assert_close("first", o1, o[:, :5], jnp.float32, 13)
+  assert_close("second", o2, o[:, 5:], jnp.float32, 13)
+  assert_close("final_state", s2, s, jnp.float32, 13)
+
+
+def test_segment_runs_split_reused_ids():
+  runs = segment_runs(jnp.array([[1, 1, 2, 2, 1, 0, 0]]))
+  np.testing.assert_array_equal(np.asarray(runs), [[0, 0, 1, 1, 2, 3, 3]])
