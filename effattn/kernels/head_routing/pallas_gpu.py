@@ -51,11 +51,12 @@ def _key_range(pos, *, causal: bool, has_seg: bool, block_k: int, kv_len: int, n
     hi = jnp.where(empty, 0, lax.div(jnp.maximum(last, 0), block_k) + 1)
     lo = jnp.where(empty, 0, lax.div(jnp.maximum(first, 0), block_k))
   else:
-    hi = jnp.where(empty, 0, num_kb)
-    lo = jnp.where(empty, 0, kv_len // block_k)
+    hi = jnp.where(empty, jnp.int32(0), jnp.int32(num_kb))
+    lo = jnp.where(empty, jnp.int32(0), jnp.int32(kv_len // block_k))
   if has_seg:
     lo = jnp.zeros_like(lo)
-  return lo, hi
+  # Explicit int32: weakly typed bounds become loop bounds of another type in Triton.
+  return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
 def _mask(kv_idx, pos, q_seg, kv_seg, *, causal: bool, kv_len: int, block_q: int):
