@@ -1,0 +1,108 @@
+"""The deep (MLP) Titans memory: token recurrence and chunk-parallel form in jnp.
+
+The memory is an MLP M(x) = silu(... silu(x W_1) ...) W_L with weights P = (W_1, ..., W_L) and
+momentum of the same structure. The update is the linear memory's (reference.py), applied to
+every weight: grad_t = d/dP ||M(k_t) - v_t||^2 at P_ref, S_t = eta_t S_{t-1} - theta_t grad_t,
+P_t = (1 - alpha_t) P_{t-1} + S_t, y_t = M_{P_t}(q_t). The chunk form takes the gradients of a
+chunk at its starting weights (jax.grad vmapped over the chunk's tokens) and unrolls the gated
+recurrences with the same coefficients as the linear kernel (xla.chunk_coefficients):
+P_t = wq_t P + a_t S - sum_i A[t, i] grad_i. With one layer this is xla.chunk_forward exactly
+(tested); the Pallas kernel covers that case, deeper memories run here.
+
+Shapes: q, k [B, T, H, D]; v [B, T, H, Dv]; gates [B, T, H]; each state leaf [B, H, ...].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from effattn.kernels.memory_chunk import common, xla
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def mlp(params, x):
+  """M(x): x [..., D] through the layers of `params` (tuple of [d_in, d_out]), SiLU between."""
+  for i, w in enumerate(params):
+    x = jnp.dot(x, w, precision=_HI)
+    if i < len(params) - 1:
+      x = jax.nn.silu(x)
+  return x
+
+
+def _grad(params, k, v):
+  return jax.grad(lambda p: jnp.sum((mlp(p, k) - v) ** 2))(params)
+
+
+def _scale(tree, x):
+  return jax.tree.map(lambda leaf: x * leaf, tree)
+
+
+def recurrent(params0, mom0, q, k, v, theta, alpha, eta, segment_ids=None):
+  """Token-by-token recurrence. Returns (y [B, T, H, Dv] f32, (P_T, S_T))."""
+  b, t = q.shape[:2]
+  seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+  fresh = jnp.concatenate([jnp.zeros((b, 1), bool), seg[:, 1:] != seg[:, :-1]], 1)
+
+  def token(p, s, q_t, k_t, v_t, th, al, et, fr):  # one (row, head)
+    p, s = _scale(p, 1.0 - fr), _scale(s, 1.0 - fr)
+    g = _grad(p, k_t, v_t)
+    s = jax.tree.map(lambda s_, g_: et * s_ - th * g_, s, g)
+    p = jax.tree.map(lambda p_, s_: (1.0 - al) * p_ + s_, p, s)
+    return p, s, mlp(p, q_t)
+
+  heads = jax.vmap(token, in_axes=(0,) * 8 + (None,))
+  rows = jax.vmap(heads)
+
+  def step(state, xs):
+    p, s, y = rows(*state, *xs)
+    return (p, s), y
+
+  xs = [jnp.moveaxis(x.astype(jnp.float32), 1, 0)
+        for x in (q, k, v, theta, alpha, eta, fresh)]
+  (p, s), y = jax.lax.scan(step, (params0, mom0), xs)
+  return jnp.moveaxis(y, 0, 1), (p, s)
+
+
+def chunk_forward(p, s, q, k, v, theta, lb, le, seg, carry, end):
+  """One (row, head, chunk): q, k [C, D], v [C, Dv], gates/masks [C] -> (y [C, Dv], P', S')."""
+  co = xla.chunk_coefficients(theta, lb, le, seg, carry, end)
+  grads = jax.vmap(_grad)(jax.vmap(_scale, in_axes=(None, 0))(p, carry), k, v)  # [C, ...]
+  mix = lambda m, g: jnp.einsum("ti,i...->t...", m, g, precision=_HI)
+  per_token = jax.tree.map(
+      lambda p_, s_, g_: (co["wq"][(...,) + (None,) * p_.ndim] * p_
+                          + co["a"][(...,) + (None,) * p_.ndim] * s_ - mix(co["A"], g_)),
+      p, s, grads)
+  y = jax.vmap(mlp)(per_token, q)
+  p_new = jax.tree.map(lambda p_, s_, g_: co["wq_end"] * p_ + co["a_end"] * s_
+                       - mix(co["A_end"][None], g_)[0], p, s, grads)
+  s_new = jax.tree.map(lambda s_, g_: co["ec_end"] * s_ - mix(co["m"][None], g_)[0], s, grads)
+  return y, p_new, s_new
+
+
+def chunked(params0, mom0, q, k, v, theta, alpha, eta, segment_ids=None, *, chunk_size: int):
+  """Chunk-parallel form (autodiff; each chunk rematerialized in the backward).
+  Returns (y [B, T, H, Dv] f32, (P_T, S_T))."""
+  b, t, h, _ = q.shape
+  c = chunk_size
+  lb, le = common.log_gates(alpha, eta)
+  theta, lb, le = (common.pad_time(x.astype(jnp.float32), c) for x in (theta, lb, le))
+  n = lb.shape[1] // c
+  lb, le = (jnp.cumsum(x.reshape(b, n, c, h), axis=2) for x in (lb, le))
+  theta = theta.reshape(b, n, c, h)
+  seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+  seg, carry, end = (x.reshape(b, n, c) for x in common.chunk_masks(seg, t, c))
+  q, k, v = (common.pad_time(x.astype(jnp.float32), c) for x in (q, k, v))
+  q, k, v = (x.reshape(b, n, c, h, x.shape[-1]) for x in (q, k, v))
+  heads = jax.vmap(chunk_forward, in_axes=(0,) * 2 + (1,) * 6 + (None,) * 3, out_axes=(1, 0, 0))
+  rows = jax.checkpoint(jax.vmap(heads))
+
+  def step(state, xs):
+    y, p, s = rows(*state, *xs)
+    return (p, s), y
+
+  xs = [jnp.moveaxis(x, 1, 0) for x in (q, k, v, theta, lb, le, seg, carry, end)]
+  (p, s), y = jax.lax.scan(step, (params0, mom0), xs)
+  y = jnp.moveaxis(y, 0, 1).reshape(b, n * c, h, -1)[:, :t]
+  return y, (p, s)

@@ -1,0 +1,176 @@
+"""memory_chunk: the reference against the literal equations, and every path against the
+reference, forward, final states and gradients (jax.vjp with random cotangents)."""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effattn.kernels.memory_chunk import memory_update, reference
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def assert_close(name, want, got, dtype):
+  want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
+  assert want.shape == got.shape, f"{name}: shape {got.shape} != {want.shape}"
+  atol = TOL[dtype] * max(1.0, float(np.abs(want).max()))
+  np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=name)
+
+
+def make_inputs(name, b, t, h, dk, dv, *, dtype=jnp.float32, segments=False, states=True):
+  keys = jax.random.split(jax.random.key(zlib.crc32(name.encode())), 8)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  q = unit(jax.random.normal(keys[0], (b, t, h, dk))).astype(dtype)
+  k = unit(jax.random.normal(keys[1], (b, t, h, dk))).astype(dtype)
+  v = jax.random.normal(keys[2], (b, t, h, dv)).astype(dtype)
+  gates = jax.random.normal(keys[3], (3, b, t, h))
+  theta = 0.5 * jax.nn.sigmoid(gates[0])
+  alpha = jax.nn.sigmoid(gates[1] - 2.0)
+  eta = jax.nn.sigmoid(gates[2] + 1.0)
+  w0 = 0.3 * jax.random.normal(keys[4], (b, h, dk, dv)) if states else None
+  s0 = 0.3 * jax.random.normal(keys[5], (b, h, dk, dv)) if states else None
+  seg = None
+  if segments:
+    ids = np.ones((b, t), np.int32)
+    ids[0, t // 3:] = 2
+    ids[0, (2 * t) // 3:] = 5
+    seg = jnp.asarray(ids)
+  return (q, k, v, theta, alpha, eta, w0, s0), seg
+
+
+def test_recurrence_is_the_papers():
+  """reference.recurrent against a numpy loop of Titans eqs. 9-14 (gradient by jax.grad)."""
+  (q, k, v, theta, alpha, eta, w0, s0), _ = make_inputs("literal", 1, 6, 1, 4, 3)
+  w, s = np.asarray(w0[0, 0]), np.asarray(s0[0, 0])
+  want = []
+  for t in range(6):
+    kt, vt = k[0, t, 0], v[0, t, 0]
+    grad = np.asarray(jax.grad(lambda m: jnp.sum((kt @ m - vt) ** 2))(jnp.asarray(w)))
+    s = float(eta[0, t, 0]) * s - float(theta[0, t, 0]) * grad
+    w = (1 - float(alpha[0, t, 0])) * w + s
+    want.append(np.asarray(q[0, t, 0]) @ w)
+  y, (w_t, s_t) = reference.recurrent(q, k, v, theta, alpha, eta, w0, s0)
+  np.testing.assert_allclose(np.asarray(y[0, :, 0]), np.stack(want), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(w_t[0, 0]), w, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(s_t[0, 0]), s, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_of_one_is_the_recurrence_and_larger_chunks_are_minibatches():
+  args, seg = make_inputs("b1", 2, 19, 2, 8, 8, segments=True)
+  y_rec, state_rec = reference.recurrent(*args, seg)
+  y_one, state_one = reference.chunk_loop(*args, seg, chunk_size=1)
+  assert_close("y", y_rec, y_one, jnp.float32)
+  assert_close("W_T", state_rec[0], state_one[0], jnp.float32)
+  assert_close("S_T", state_rec[1], state_one[1], jnp.float32)
+  y_four, _ = reference.chunk_loop(*args, seg, chunk_size=4)
+  # Tokens after the first of each chunk see gradients at stale weights: different numbers.
+  assert float(jnp.abs(y_four[:, 1:4] - y_rec[:, 1:4]).max()) > 1e-3
+  assert_close("first token", y_rec[:, :1], y_four[:, :1], jnp.float32)
+
+
+def test_segments_restart_the_memory():
+  """A packed second segment equals the same tokens run alone from zero state."""
+  args, _ = make_inputs("seg", 1, 24, 2, 8, 8, states=False)
+  seg = jnp.asarray(np.repeat([[1, 2]], 12, axis=1))
+  y, _ = memory_update(*args[:6], segment_ids=seg, chunk_size=4, impl="xla")
+  y2, _ = memory_update(*(x[:, 12:] for x in args[:6]), chunk_size=4, impl="xla")
+  assert_close("segment 2", y2, y[:, 12:], jnp.float32)
+
+
+CASES = [
+    # name, (B, T, H, Dk, Dv), chunk, dtype, segments, states
+    ("ragged-segments-states", (2, 37, 2, 16, 16), 8, jnp.float32, True, True),
+    ("bf16-chunk16", (1, 40, 2, 16, 32), 16, jnp.bfloat16, False, True),
+    ("shorter-than-a-chunk", (1, 5, 1, 16, 16), 16, jnp.float32, False, False),
+]
+
+
+@pytest.mark.parametrize("impl,interpret", [("xla", False), ("pallas_gpu", True),
+                                            ("pallas_tpu", True)])
+@pytest.mark.parametrize("name,dims,chunk,dtype,segments,states", CASES, ids=[c[0] for c in CASES])
+def test_path_matches_reference(impl, interpret, name, dims, chunk, dtype, segments, states):
+  (y_r, (w_r, s_r)), vjp_r, cts = _reference_case(name, dims, chunk, dtype, segments, states)
+  (y, (w, s)), vjp = _vjp(impl, interpret, name, dims, chunk, dtype, segments, states)
+  assert y.dtype == dtype and w.dtype == s.dtype == jnp.float32
+  for label, want, got in (("y", y_r, y), ("W_T", w_r, w), ("S_T", s_r, s)):
+    assert_close(label, want, got, dtype)
+  names = ["dq", "dk", "dv", "dtheta", "dalpha", "deta", "dW0", "dS0"][:6 + 2 * states]
+  for name_, g_r, g in zip(names, vjp_r(cts), vjp(cts)):
+    assert g.dtype == g_r.dtype, name_
+    assert_close(name_, g_r, g, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_case(name, dims, chunk, dtype, segments, states):
+  """The reference's outputs, VJP and random cotangents, computed once per case."""
+  out, vjp = _vjp("reference", False, name, dims, chunk, dtype, segments, states)
+  keys = jax.random.split(jax.random.key(11), 3)
+  cts = (jax.random.normal(keys[0], out[0].shape).astype(dtype),
+         (jax.random.normal(keys[1], out[1][0].shape), jax.random.normal(keys[2], out[1][1].shape)))
+  grads = vjp(cts)
+  return out, lambda _: grads, cts
+
+
+def _vjp(path, interpret, name, dims, chunk, dtype, segments, states):
+  """jax.vjp of memory_update on `path` with respect to every given input (None: no grad)."""
+  args, seg = make_inputs(name, *dims, dtype=dtype, segments=segments, states=states)
+  diff = [i for i, a in enumerate(args) if a is not None]
+
+  def f(*xs):
+    full = list(args)
+    for i, x in zip(diff, xs):
+      full[i] = x
+    q, k, v, theta, alpha, eta, w0, s0 = full
+    return memory_update(q, k, v, theta, alpha, eta, initial_memory=w0, initial_momentum=s0,
+                         segment_ids=seg, chunk_size=chunk, impl=path, interpret=interpret)
+
+  return jax.vjp(f, *(args[i] for i in diff))
+
+
+def test_state_carries_across_calls():
+  """Two calls chained through (W, S) equal one call, when cut at a chunk boundary."""
+  args, _ = make_inputs("carry", 1, 30, 2, 16, 16)
+  q, k, v, theta, alpha, eta, w0, s0 = args
+  run = lambda sl, w, s: memory_update(*(x[:, sl] for x in (q, k, v, theta, alpha, eta)),
+                                       initial_memory=w, initial_momentum=s, chunk_size=8,
+                                       impl="xla")
+  y, (w_t, s_t) = run(slice(None), w0, s0)
+  y1, (w1, s1) = run(slice(0, 16), w0, s0)
+  y2, (w2, s2) = run(slice(16, None), w1, s1)
+  assert_close("y", y, jnp.concatenate([y1, y2], 1), jnp.float32)
+  assert_close("W_T", w_t, w2, jnp.float32)
+  assert_close("S_T", s_t, s2, jnp.float32)
+
+
+@pytest.mark.parametrize("impl,names", [("pallas_gpu", ("memory_chunk_fwd", "memory_chunk_bwd")),
+                                        ("pallas_tpu", ("memory_chunk_tpu_fwd",
+                                                        "memory_chunk_tpu_bwd"))])
+def test_kernel_really_runs(impl, names):
+  args, _ = make_inputs("ran", 1, 16, 1, 16, 16)
+
+  def loss(q):
+    y, (w, _) = memory_update(q, *args[1:6], initial_memory=args[6], chunk_size=16, impl=impl,
+                              interpret=True)
+    return jnp.sum(y * y) + jnp.sum(w)
+
+  text = jax.jit(jax.grad(loss)).lower(args[0]).as_text(debug_info=True)
+  for name in names:
+    assert name in text, f"{name} not in the lowered program"
+
+
+def test_arguments_are_checked():
+  args, _ = make_inputs("check", 1, 8, 1, 16, 16)
+  with pytest.raises(ValueError, match="theta must be"):
+    memory_update(*args[:3], args[3][..., None], *args[4:6])
+  with pytest.raises(ValueError, match="impl="):
+    memory_update(*args[:6], impl="cuda")
+  with pytest.raises(ValueError, match="initial_memory must be"):
+    memory_update(*args[:6], initial_memory=args[6][0])
+  with pytest.raises(ValueError, match="chunk_size"):
+    memory_update(*args[:6], chunk_size=0)
