@@ -1,0 +1,148 @@
+"""Kernelized linear attention (Katharopoulos et al. 2020, "Transformers are RNNs").
+
+    o_t = phi(q_t) S_t / (phi(q_t) . z_t + eps),   S_t = sum_{s<=t} phi(k_s)^T v_s,
+                                                    z_t = sum_{s<=t} phi(k_s)
+
+Bidirectional: the sums run over every s of the segment. Feature maps: elu+1 (default), relu,
+softmax over the features, and identity, which has no normalizer ("simple linear attention",
+scaled by D^-0.5 like fla's chunk_linear_attn). The numerator and the normalizer both come from
+the linear_scan kernel family (the normalizer is the same scan with an all-ones value column),
+so decoding keeps an O(1) state per layer: S [B, H, D, D] and z [B, H, D].
+
+Positions: none inside the mechanism (as in the paper); give the model learned positions if the
+task needs them (RoPE would break the positivity the normalizer relies on).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effattn.attention import base
+from effattn.attention.registry import register
+from effattn.kernels.linear_scan import IMPLS, linear_scan, linear_scan_normalizer
+
+FEATURE_MAPS = {
+    "elu+1": lambda x: jax.nn.elu(x) + 1.0,
+    "relu": jax.nn.relu,
+    "softmax": lambda x: jax.nn.softmax(x, axis=-1),
+    "identity": lambda x: x,
+}
+
+
+class LinearState(NamedTuple):
+  """Recurrent state of (normalized) linear attention; float32."""
+
+  kv: jax.Array     # [B, H, Dk, Dv]  sum of phi(k)^T v
+  k_sum: jax.Array  # [B, H, Dk]      sum of phi(k)
+
+
+def scan_impl(impl: str) -> str:
+  """The mechanism's `impl` field as a linear_scan impl ("cudnn" is softmax's: use auto)."""
+  if impl == "cudnn":
+    return "auto"
+  if impl not in IMPLS:
+    raise ValueError(f"model.attention.impl={impl!r} must be one of {IMPLS} for linear-scan "
+                     "mechanisms")
+  return impl
+
+
+def decode_impl(impl: str, length: int) -> str:
+  """One decoded token needs no kernel (a chunk of 1 is the recurrence); prompts use `impl`."""
+  if impl == "reference" or length > 1:
+    return impl
+  return "xla"
+
+
+def repeat_kv(x: jax.Array, num_heads: int) -> jax.Array:
+  """[B, T, H_kv, D] -> [B, T, H, D]: each key/value head serves H / H_kv query heads."""
+  return jnp.repeat(x, num_heads // x.shape[2], axis=2)
+
+
+def linear_attention(phi_q, phi_k, v, *, causal: bool = True, segment_ids=None,
+                     normalize: bool = True, eps: float = 1e-6, scale: float = 1.0,
+                     state: LinearState | None = None, impl: str = "auto"):
+  """Linear attention on feature-mapped queries and keys.
+
+  Args:
+    phi_q, phi_k: [B, T, H, Dk] features (non-negative when normalize=True); v: [B, T, H, Dv].
+    causal: sums over s <= t (else over the whole segment).
+    segment_ids: [B, T] packed sequences (state restarts at each new segment).
+    normalize: divide by phi(q_t) . z_t + eps.
+    eps: added to the normalizer.
+    scale: multiplies the scores (cancels when normalized, up to eps).
+    state: LinearState carried in (causal only), e.g. after a prompt.
+    impl: linear_scan impl.
+
+  Returns:
+    (o [B, T, H, Dv] float32, LinearState after the last token).
+  """
+  b, _, h, dk = phi_q.shape
+  kw = dict(causal=causal, segment_ids=segment_ids, scale=scale, impl=impl)
+  num, kv = linear_scan(phi_q, phi_k, v, initial_state=None if state is None else state.kv,
+                        out_dtype=jnp.float32, **kw)
+  if not normalize:
+    return num, LinearState(kv, jnp.zeros((b, h, dk), jnp.float32))
+  den, k_sum = linear_scan_normalizer(phi_q, phi_k,
+                                      initial_state=None if state is None else state.k_sum, **kw)
+  return num / (den[..., None] + eps), LinearState(kv, k_sum)
+
+
+@register("linear")
+class LinearAttention(base.Attention):
+  """Linear attention with a configurable feature map and an O(1)-state decode."""
+
+  DEFAULTS = {
+      "feature_map": "elu+1",  # elu+1 | relu | softmax (over features) | identity (no normalizer)
+      "eps": 1e-6,  # added to the normalizer phi(q) . z
+  }
+
+  def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
+    super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
+    if self.opts.feature_map not in FEATURE_MAPS:
+      raise ValueError(f"model.attention.linear.feature_map={self.opts.feature_map!r} must be "
+                       f"one of {sorted(FEATURE_MAPS)}")
+    self.num_kv_heads = int(cfg.get("num_kv_heads") or num_heads)
+    if num_heads % self.num_kv_heads:
+      raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
+                       f"model.num_heads={num_heads}")
+    self.impl = scan_impl(cfg.get("impl", "auto"))
+    self.normalize = self.opts.feature_map != "identity"
+    d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
+    self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
+    self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
+    self.v_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
+    self.o_proj = base.dense(h * d, d_model, rngs=rngs, dtype=self.dtype)
+
+  def features(self, x):
+    """x [B, T, d_model] -> phi(q), phi(k) [B, T, H, D], v [B, T, H, D]."""
+    phi = FEATURE_MAPS[self.opts.feature_map]
+    q = phi(base.split_heads(self.q_proj(x), self.num_heads))
+    k = phi(base.split_heads(self.k_proj(x), self.num_kv_heads))
+    v = base.split_heads(self.v_proj(x), self.num_kv_heads)
+    return q, repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
+
+  def attend(self, x, *, causal, segment_ids=None, state=None, impl=None):
+    q, k, v = self.features(x)
+    o, state = linear_attention(
+        q, k, v, causal=causal, segment_ids=segment_ids, normalize=self.normalize,
+        eps=self.opts.eps, scale=1.0 if self.normalize else self.head_dim ** -0.5, state=state,
+        impl=impl or self.impl)
+    return self.o_proj(base.merge_heads(o.astype(x.dtype))), state
+
+  def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
+    del positions, train
+    return self.attend(x, causal=causal, segment_ids=segment_ids)[0], {}
+
+  def init_cache(self, batch, max_len, dtype=None):
+    del max_len, dtype  # O(1) state: the length never matters
+    h, d = self.num_heads, self.head_dim
+    return LinearState(jnp.zeros((batch, h, d, d), jnp.float32),
+                       jnp.zeros((batch, h, d), jnp.float32))
+
+  def decode(self, x, *, positions, cache):
+    del positions
+    return self.attend(x, causal=True, state=cache, impl=decode_impl(self.impl, x.shape[1]))
