@@ -5,9 +5,9 @@
 No download: data.text.files="" reads the running Python's standard library (~30 MB of code
 with prose docstrings), split train/validation/test by a hash of each file path, packed into
 rows of data.seq_len bytes with segment ids. The first run prepares the data (about a minute).
-Sized for a CPU: 4 layers, d_model 256, T = 256, 800 steps of 32 x 256 tokens, with the
-validation loss falling from ~5.6 (uniform over 259 bytes) to ~1.6 nats/byte in a few minutes
-on 2 cores.
+Sized for a CPU: 2 layers, d_model 128, T = 256, 600 steps of 16 x 256 tokens (~0.5 s a step
+on 2 cores). Measured: validation loss 1.88 / 1.56 / 1.46 nats per byte at steps 200 / 400 /
+600 (5.56 = uniform over 259 bytes). Scale d_model, num_layers and steps up on an accelerator.
 
 Other corpora: --config.data.text.files='~/corpus/**/*.txt', a SentencePiece tokenizer with
 --config.data.text.tokenizer=sentencepiece (needs the `data` extra), or a prepared TFDS

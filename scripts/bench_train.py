@@ -1,0 +1,230 @@
+r"""End-to-end train-step throughput per mechanism and sequence length (tokens/s, MFU, memory).
+
+    python scripts/bench_train.py --out /tmp/bench_train
+    python scripts/bench_train.py --mechanisms=mha,gqa,linear --seq_lens=2048,8192 --steps=20
+
+The whole train step as train.py runs it (forward, backward, AdamW update, one jit, donated
+state) on a decoder of --num_layers x --d_model in bf16, fed synthetic token batches of
+--tokens_per_batch tokens (no dataset needed, so it runs on an image without TFDS). For each
+(mechanism, T): compile, --warmup steps, then --steps steps timed as a whole (dispatch is async:
+one block_until_ready at the end). Reported:
+
+  tokens/s     batch tokens x steps / seconds
+  MFU          tokens/s x train FLOPs per token / (peak bf16 FLOP/s x devices), with the
+               trainer's FLOP count (6 N + 6 L T d: dense causal attention, whatever the
+               mechanism really does, so sub-quadratic mechanisms may exceed "100%" of it)
+  memory       the compiled step's footprint (arguments + outputs + temporaries - aliased)
+
+Mechanisms: `mha`, `gqa` (num_kv_heads = H / 4) and `swa` (window --window) are softmax
+baselines; any other name is a registered mechanism with its default options ("all" = the
+baselines plus every registered mechanism). A configuration that fails (shape limits, memory)
+is reported with its error and the rest still run; --max_seconds stops starting new ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BASELINES = {
+    "mha": {},
+    "gqa": {"num_kv_heads": "H/4"},
+    "swa": {"window": "W"},
+}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--mechanisms", default="all", help="comma list, or 'all'")
+  p.add_argument("--seq_lens", default="1024,4096")
+  p.add_argument("--tokens_per_batch", type=int, default=32768)
+  p.add_argument("--d_model", type=int, default=1024)
+  p.add_argument("--num_layers", type=int, default=4)
+  p.add_argument("--num_heads", type=int, default=8)
+  p.add_argument("--vocab_size", type=int, default=32768)
+  p.add_argument("--window", type=int, default=512)
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--max_seconds", type=float, default=0.0, help="0: no limit")
+  p.add_argument("--out", default=None, help="directory for bench_train.json and .md")
+  return p.parse_args(argv)
+
+
+def mechanism_names(arg: str) -> list[str]:
+  from effattn import attention
+
+  if arg == "all":
+    return [*BASELINES, *(n for n in attention.names() if n != "softmax")]
+  names = [n.strip() for n in arg.split(",") if n.strip()]
+  unknown = [n for n in names if n not in BASELINES and n not in attention.names()]
+  if unknown:
+    raise ValueError(f"--mechanisms: {unknown} are neither baselines {list(BASELINES)} nor "
+                     f"registered mechanisms {attention.names()}")
+  return names
+
+
+def make_config(args, mechanism: str, seq_len: int):
+  from configs import base
+
+  config = base.get_config()
+  m = config.model
+  m.d_model, m.num_layers, m.num_heads = args.d_model, args.num_layers, args.num_heads
+  m.vocab_size, m.dtype, m.remat = args.vocab_size, args.dtype, args.remat
+  m.mlp, m.position = "gated", "rope"
+  if mechanism in BASELINES:
+    m.attention.name = "softmax"
+    for key, value in BASELINES[mechanism].items():
+      m.attention[key] = {"H/4": max(args.num_heads // 4, 1), "W": args.window}[value]
+  else:
+    m.attention.name = mechanism
+  config.data.seq_len = seq_len
+  config.train.batch_size = max(args.tokens_per_batch // seq_len, 1)
+  config.optimizer.warmup_steps = 1
+  return config
+
+
+def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, vocab, (batch, seq_len + 1), dtype=np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "weights": np.ones((batch, seq_len), np.float32),
+          "segment_ids": np.ones((batch, seq_len), np.int32),
+          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                       (batch, seq_len)).copy()}
+
+
+def compiled_bytes(compiled) -> int | None:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 -- not every backend reports it
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+def bench_one(args, mechanism: str, seq_len: int) -> dict:
+  import jax
+  from flax import nnx
+
+  from effattn.config import validate
+  from effattn.model import Transformer
+  from effattn.train.loop import peak_flops_per_device, train_flops_per_token
+  from effattn.train.optimizer import make_optimizer
+  from effattn.train.state import count_params, create
+  from effattn.train.step import make_train_step
+
+  config = make_config(args, mechanism, seq_len)
+  validate(config)
+  model = Transformer(config.model, rngs=nnx.Rngs(0))
+  tx, schedule = make_optimizer(config.optimizer, 1000)
+  graphdef, state = create(model, tx)
+  del model
+  num_params = count_params(state.params)
+  batch = jax.device_put(synthetic_batch(config.train.batch_size, seq_len, args.vocab_size))
+  step = jax.jit(make_train_step(graphdef, tx, schedule), donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(args.warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for _ in range(args.steps):
+    state, metrics = compiled(state, batch)
+  loss = float(jax.block_until_ready(metrics)["loss"])
+  seconds = (time.perf_counter() - t0) / args.steps
+  tokens_per_sec = config.train.batch_size * seq_len / seconds
+  peak = peak_flops_per_device()
+  flops = train_flops_per_token(config.model, num_params, seq_len)
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"mechanism": mechanism, "seq_len": seq_len, "batch": config.train.batch_size,
+          "params_m": num_params / 1e6, "step_ms": seconds * 1e3,
+          "tokens_per_sec": tokens_per_sec,
+          "mfu": tokens_per_sec * flops / (peak * jax.device_count()) if peak else None,
+          "compiled_gib": (compiled_bytes(compiled) or 0) / 2**30 or None,
+          "process_peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+          "compile_s": compile_s, "loss": loss, "error": None}
+
+
+def markdown(rows: list[dict], args, device: str) -> str:
+  head = (f"Device: {device}. Model: {args.num_layers} layers, d_model {args.d_model}, "
+          f"{args.num_heads} heads, vocab {args.vocab_size}, {args.dtype}, SwiGLU, RoPE, "
+          f"remat={args.remat}; {args.tokens_per_batch} tokens per step; AdamW; mean step time over "
+          f"{args.steps} steps timed together after {args.warmup} warm-up steps.")
+  lines = [head, "",
+           "| mechanism | T | batch | params (M) | step (ms) | tokens/s | MFU | compiled mem "
+           "(GiB) | process peak (GiB) | compile (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+
+  def f(v, fmt):
+    return "" if v is None else format(v, fmt)
+
+  for r in rows:
+    if r["error"]:
+      lines.append(f"| {r['mechanism']} | {r['seq_len']} | failed: {r['error'][:120]} |"
+                   + " |" * 7)
+      continue
+    lines.append(f"| {r['mechanism']} | {r['seq_len']} | {r['batch']} | {r['params_m']:.1f} | "
+                 f"{r['step_ms']:.1f} | {r['tokens_per_sec']:,.0f} | {f(r['mfu'], '.1%')} | "
+                 f"{f(r['compiled_gib'], '.2f')} | {f(r['process_peak_gib'], '.2f')} | "
+                 f"{r['compile_s']:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  import jax
+
+  device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
+  mechanisms = mechanism_names(args.mechanisms)
+  seq_lens = [int(t) for t in args.seq_lens.split(",")]
+  print(f"{device}: mechanisms {mechanisms}, T {seq_lens}", flush=True)
+  rows = []
+  start = time.perf_counter()
+  for seq_len in seq_lens:  # every mechanism at the first length before the next length
+    for mechanism in mechanisms:
+      if args.max_seconds and time.perf_counter() - start > args.max_seconds:
+        rows.append({"mechanism": mechanism, "seq_len": seq_len,
+                     "error": f"not run: --max_seconds={args.max_seconds:g} reached"})
+        continue
+      try:
+        row = bench_one(args, mechanism, seq_len)
+      except Exception as e:  # noqa: BLE001 -- report and go on with the other configurations
+        traceback.print_exc(limit=3)
+        row = {"mechanism": mechanism, "seq_len": seq_len,
+               "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+      rows.append(row)
+      if row["error"]:
+        print(f"{mechanism:>14} T={seq_len:<6} {row['error']}", flush=True)
+      else:
+        print(f"{mechanism:>14} T={seq_len:<6} {row['tokens_per_sec']:>12,.0f} tok/s  "
+              f"step {row['step_ms']:.1f} ms  MFU {row['mfu'] or 0:.1%}  "
+              f"mem {row['compiled_gib'] or 0:.2f} GiB  compile {row['compile_s']:.0f}s",
+              flush=True)
+      jax.clear_caches()
+  table = markdown(rows, args, device)
+  print(table)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_train.json"), "w") as f:
+      json.dump({"device": device, "args": vars(args), "rows": rows}, f, indent=2)
+    with open(os.path.join(args.out, "bench_train.md"), "w") as f:
+      f.write(table)
+  return rows
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,680 @@
+r"""Runs a grid of training runs (a sweep), then collects a results table and plots.
+
+    python scripts/sweep.py --config configs/sweeps/mqar_mechanisms.py
+    python scripts/sweep.py --config configs/mqar.py --axis data.seq_len=64,128 \
+        --axis model.attention.window=16,32 --set train.steps=300 --workdir runs/sweeps/windows
+
+A sweep is a base config plus axes of overrides; every combination is a variant that trains in
+its own workdir, named from its overrides (`<sweep workdir>/attention=mha,seq_len=64,...`).
+--config is either a sweep file (defines `get_sweep()`, see configs/sweeps/) or an ordinary
+config file, whose axes then come from --axis; --set adds fixed overrides to either.
+
+Modes:
+  --mode=sequential   one variant after another (default when there is one accelerator).
+  --mode=parallel     one process per local accelerator (--parallel=N processes; on GPUs each
+                      sees one device through CUDA_VISIBLE_DEVICES, on TPU VMs one chip).
+  --mode=script       writes one launch command per variant to <workdir>/launch.sh (run the
+                      lines on a cluster, a job array, or every host of a TPU pod slice) and
+                      stops; collect afterwards with --mode=collect.
+  --mode=collect      only collects finished variants into the table and plots.
+
+Resumable: a variant whose eval.json is at its final step is skipped; an interrupted one is
+started again with the same command and train.py resumes it from its latest checkpoint.
+
+Outputs in the sweep workdir: results.csv, results.md (every variant + the best accuracy per
+series and sequence length), accuracy_vs_seq_len.png, tokens_per_sec_vs_seq_len.png,
+frontier.png (quality vs throughput) and each variant's own workdir with sweep.log.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import glob
+import importlib.util
+import itertools
+import json
+import os
+import queue
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CONFIG = flags.DEFINE_string("config", None, "Sweep file (get_sweep()) or config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory; default runs/sweeps/<name>.")
+_AXIS = flags.DEFINE_multi_string("axis", [], "key=v1,v2,...: one more axis of the grid.")
+_SET = flags.DEFINE_multi_string("set", [], "key=value: a fixed override of every variant.")
+_MODE = flags.DEFINE_enum("mode", None, ["sequential", "parallel", "script", "collect"],
+                          "How to run; default: parallel when several accelerators are seen.")
+_PARALLEL = flags.DEFINE_integer("parallel", 0, "Processes for --mode=parallel (0: one per "
+                                 "local accelerator).")
+_EVAL_TASKS = flags.DEFINE_list("eval_tasks", None, "Eval tasks run after training (default: "
+                                "the sweep file's, else accuracy).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the variants and commands, run nothing.")
+flags.mark_flags_as_required(["config"])
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One point of the grid: its name, its labels per axis and its config overrides."""
+
+  name: str
+  labels: dict[str, str]  # axis -> value label
+  overrides: dict[str, Any]  # dotted config key -> value
+
+  def value(self, key: str) -> Any:
+    return self.overrides.get(key)
+
+
+@dataclasses.dataclass
+class Sweep:
+  name: str
+  config: str  # path of the base config file
+  axes: dict[str, list]  # axis -> values (scalars, or dicts of overrides with "label")
+  fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
+  eval_tasks: tuple[str, ...] = ("accuracy",)
+  plot_x: str | None = None  # dotted key on the x axis of the plots
+  plot_series: str | None = None  # axis whose values are the lines of the plots
+  metric: str = "eval_accuracy"  # column plotted as quality
+
+  @property
+  def higher_is_better(self) -> bool:
+    return not any(word in self.metric for word in ("loss", "perplexity"))
+
+
+def short_key(key: str) -> str:
+  return key.rsplit(".", 1)[-1]
+
+
+def format_value(value: Any) -> str:
+  if isinstance(value, float):
+    return f"{value:g}"
+  return str(value)
+
+
+def _axis_entries(axis: str, values: list) -> list[tuple[str, dict[str, Any]]]:
+  """(label, overrides) per value of an axis."""
+  entries = []
+  for value in values:
+    if isinstance(value, dict):
+      overrides = {k: v for k, v in value.items() if k != "label"}
+      label = value.get("label") or ",".join(format_value(v) for v in overrides.values())
+    else:
+      overrides, label = {axis: value}, format_value(value)
+    entries.append((str(label), overrides))
+  return entries
+
+
+def expand(sweep: Sweep) -> list[Variant]:
+  """Every combination of the axes, in order (the last axis varies fastest)."""
+  if not sweep.axes:
+    raise ValueError("the sweep has no axes: give --axis key=v1,v2 or axes in get_sweep()")
+  per_axis = [_axis_entries(axis, values) for axis, values in sweep.axes.items()]
+  for axis, entries in zip(sweep.axes, per_axis):
+    if not entries:
+      raise ValueError(f"sweep axis {axis!r} has no values")
+    labels = [label for label, _ in entries]
+    if len(set(labels)) != len(labels):
+      raise ValueError(f"sweep axis {axis!r} has repeated labels {labels}: give each dict "
+                       f"value a distinct 'label'")
+  variants = []
+  for combo in itertools.product(*per_axis):
+    labels, overrides = {}, dict(sweep.fixed)
+    for axis, (label, values) in zip(sweep.axes, combo):
+      labels[axis] = label
+      overrides.update(values)
+    name = ",".join(f"{short_key(axis)}={label}" for axis, label in labels.items())
+    variants.append(Variant(name=name.replace("/", "_").replace(" ", ""), labels=labels,
+                            overrides=overrides))
+  return variants
+
+
+def parse_value(text: str) -> Any:
+  """'3e-3' -> 0.003, '64' -> 64, 'true' -> True, 'none' -> None, else the string."""
+  lowered = text.strip().lower()
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  if lowered == "none":
+    return None
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text.strip()
+
+
+def parse_assignment(text: str, flag: str) -> tuple[str, str]:
+  if "=" not in text:
+    raise ValueError(f"--{flag}={text!r} must look like key=value (e.g. data.seq_len=64,128)")
+  key, value = text.split("=", 1)
+  return key.strip().removeprefix("config."), value
+
+
+def _load_module(path: str):
+  spec = importlib.util.spec_from_file_location(f"_sweep_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  if ROOT not in sys.path:  # sweep files import `configs`
+    sys.path.insert(0, ROOT)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_sweep(path: str, axes: list[str], sets: list[str]) -> Sweep:
+  """The sweep of a sweep file (get_sweep()) or a config file, plus command-line axes/sets."""
+  if not os.path.exists(path):
+    raise ValueError(f"--config={path!r} does not exist")
+  module = _load_module(path)
+  name = os.path.splitext(os.path.basename(path))[0]
+  if hasattr(module, "get_sweep"):
+    spec = dict(module.get_sweep())
+    config = spec.pop("config")
+    if not os.path.isabs(config):
+      config = os.path.join(ROOT, config)
+    sweep = Sweep(name=spec.pop("name", name), config=config, axes=dict(spec.pop("axes", {})),
+                  fixed=dict(spec.pop("fixed", {})),
+                  eval_tasks=tuple(spec.pop("eval_tasks", ("accuracy",))),
+                  plot_x=spec.pop("plot_x", None), plot_series=spec.pop("plot_series", None),
+                  metric=spec.pop("metric", "eval_accuracy"))
+    if spec:
+      raise ValueError(f"{path}: get_sweep() has unknown keys {sorted(spec)}; known: config, "
+                       f"name, axes, fixed, eval_tasks, plot_x, plot_series, metric")
+  elif hasattr(module, "get_config"):
+    sweep = Sweep(name=name, config=os.path.abspath(path), axes={})
+  else:
+    raise ValueError(f"--config={path!r} defines neither get_sweep() nor get_config()")
+  for text in axes:
+    key, values = parse_assignment(text, "axis")
+    sweep.axes[key] = [parse_value(v) for v in values.split(",") if v.strip()]
+  for text in sets:
+    key, value = parse_assignment(text, "set")
+    sweep.fixed[key] = parse_value(value)
+  return sweep
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def override_flags(overrides: dict[str, Any]) -> list[str]:
+  """--config.key=value flags. None leaves the field at the config file's value: config_flags
+  cannot parse None for typed fields (e.g. model.attention.window), and None is their default."""
+  return [f"--config.{k}={repr(v) if isinstance(v, float) else format_value(v)}"
+          for k, v in overrides.items() if v is not None]
+
+
+def commands(sweep: Sweep, variant: Variant, workdir: str) -> list[list[str]]:
+  """train.py, then eval.py once per eval task, for one variant."""
+  train = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={sweep.config}",
+           f"--workdir={workdir}", "--config.train.progress_bar=False",
+           *override_flags(variant.overrides)]
+  evals = [[sys.executable, os.path.join(ROOT, "eval.py"), f"--workdir={workdir}",
+            f"--config.eval.task={task}"] for task in sweep.eval_tasks]
+  return [train, *evals]
+
+
+def _report_name(task: str) -> str:
+  return "eval.json" if task == "accuracy" else f"eval_{task}.json"
+
+
+def _read_json(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
+def is_done(sweep: Sweep, workdir: str) -> bool:
+  """Trained to its final step and every eval report written at that step."""
+  config = _read_json(os.path.join(workdir, "config.json"))
+  if config is None:
+    return False
+  steps = config["train"]["steps"]
+  for task in sweep.eval_tasks:
+    report = _read_json(os.path.join(workdir, _report_name(task)))
+    if report is None or report.get("step") != steps:
+      return False
+  return True
+
+
+def check_same_variant(variant: Variant, workdir: str) -> None:
+  """A workdir belongs to one set of overrides; a changed sweep must not resume it silently."""
+  path = os.path.join(workdir, "variant.json")
+  saved = _read_json(path)
+  current = json.loads(json.dumps(variant.overrides, default=str))
+  if saved is not None and saved.get("overrides") != current:
+    raise ValueError(f"{workdir} was run with other overrides ({saved.get('overrides')}); "
+                     f"delete it or use another --workdir")
+  if saved is None:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump({"name": variant.name, "labels": variant.labels, "overrides": current}, f,
+                indent=2)
+
+
+def run_variant(sweep: Sweep, variant: Variant, workdir: str, env: dict[str, str]) -> dict:
+  """Runs the variant's commands (output appended to sweep.log); -> status and wall time."""
+  if is_done(sweep, workdir):
+    return {"status": "skipped", "seconds": 0.0}
+  check_same_variant(variant, workdir)
+  t0 = time.perf_counter()
+  with open(os.path.join(workdir, "sweep.log"), "a") as log:
+    for cmd in commands(sweep, variant, workdir):
+      log.write(f"$ {shlex.join(cmd)}\n")
+      log.flush()
+      rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+      if rc:
+        return {"status": f"failed (exit {rc}, see {workdir}/sweep.log)",
+                "seconds": time.perf_counter() - t0}
+  seconds = time.perf_counter() - t0
+  info = _read_json(os.path.join(workdir, "variant.json")) or {}
+  info["seconds"] = info.get("seconds", 0.0) + seconds
+  with open(os.path.join(workdir, "variant.json"), "w") as f:
+    json.dump(info, f, indent=2)
+  return {"status": "done", "seconds": seconds}
+
+
+def write_launch_script(sweep: Sweep, variants: list[Variant], sweep_dir: str) -> str:
+  """One self-contained line per variant (`cd repo && train && eval ...`): variant k (from 0)
+  is line k + 3, so `sed -n "$((k + 3))p" launch.sh | bash` runs it (a job array), `bash
+  launch.sh` runs them all in turn, and `tail -n +3 launch.sh | xargs -P 4 -I{} bash -c {}`
+  four at a time. On a TPU pod slice run a line on every host, with --set
+  mesh.distributed=True."""
+  path = os.path.join(sweep_dir, "launch.sh")
+  lines = ["#!/usr/bin/env bash",
+           f"# sweep {sweep.name}: {len(variants)} variants; variant k (from 0) is line k + 3"]
+  for v in variants:
+    steps = [shlex.join(c) for c in commands(sweep, v, os.path.join(sweep_dir, v.name))]
+    lines.append(" && ".join([f"cd {shlex.quote(ROOT)}", *steps]))
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.chmod(path, 0o755)
+  return path
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def local_accelerators() -> tuple[str, list[str]]:
+  """('gpu', ids) from CUDA_VISIBLE_DEVICES / nvidia-smi, ('tpu', chips), or ('cpu', [])."""
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if visible:
+    return "gpu", [d for d in visible.split(",") if d.strip()]
+  if shutil.which("nvidia-smi"):
+    try:
+      out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+      ids = [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU")]
+      if ids:
+        return "gpu", ids
+    except (OSError, subprocess.SubprocessError):
+      pass
+  chips = sorted(glob.glob("/dev/accel*")) or sorted(glob.glob("/dev/vfio/[0-9]*"))
+  if chips:
+    return "tpu", [str(i) for i in range(len(chips))]
+  return "cpu", []
+
+
+def device_env(kind: str, device: str | None, slot: int) -> dict[str, str]:
+  env = dict(os.environ)
+  env.setdefault("PYTHONUNBUFFERED", "1")
+  if device is None:
+    return env
+  if kind == "gpu":
+    env["CUDA_VISIBLE_DEVICES"] = device
+  elif kind == "tpu":  # one chip per process on a TPU VM
+    env.update(TPU_VISIBLE_CHIPS=device, TPU_CHIPS_PER_PROCESS_BOUNDS="1,1,1",
+               TPU_PROCESS_BOUNDS="1,1,1", TPU_PROCESS_PORT=str(8476 + slot),
+               TPU_PROCESS_ADDRESSES=f"localhost:{8476 + slot}")
+  return env
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _tokens_per_sec(rows: list[dict]) -> tuple[float | None, float | None, float | None]:
+  """Median tokens/s, step time and MFU of the logged intervals, the first (compile) dropped."""
+  train = [r for r in rows if "train/tokens_per_sec" in r]
+  steady = train[1:] or train
+
+  def median(key):
+    values = sorted(r[key] for r in steady if key in r)
+    return values[len(values) // 2] if values else None
+
+  return median("train/tokens_per_sec"), median("train/step_time"), median("train/mfu")
+
+
+def collect_row(sweep: Sweep, variant: Variant, workdir: str) -> dict:
+  from effattn.train.metrics import read_metrics
+
+  row: dict[str, Any] = {"variant": variant.name}
+  for axis, label in variant.labels.items():  # scalar axes keep their value, dict axes a label
+    row[axis] = variant.overrides.get(axis, label)
+  rows = read_metrics(workdir) if os.path.isdir(workdir) else []
+  report = _read_json(os.path.join(workdir, "eval.json"))
+  train_rows = [r for r in rows if "train/loss" in r]
+  eval_rows = [r for r in rows if "eval/loss" in r]
+  config = _read_json(os.path.join(workdir, "config.json"))
+  info = _read_json(os.path.join(workdir, "variant.json")) or {}
+  row["status"] = ("done" if is_done(sweep, workdir) else
+                   "partial" if train_rows else "pending")
+  x_key = sweep.plot_x or "data.seq_len"
+  if x_key not in row:  # the plots' x value, from the run's saved config when not an axis
+    node = config
+    for part in x_key.split("."):
+      node = node.get(part) if isinstance(node, dict) else None
+    row[x_key] = node if node is not None else variant.value(x_key)
+  row["step"] = train_rows[-1]["step"] if train_rows else None
+  row["train_loss"] = train_rows[-1]["train/loss"] if train_rows else None
+  source = report or ({k.removeprefix("eval/"): v for k, v in eval_rows[-1].items()}
+                      if eval_rows else {})
+  for key in ("accuracy", "loss", "perplexity"):
+    row[f"eval_{key}"] = source.get(key)
+  row["tokens_per_sec"], row["step_time"], row["mfu"] = _tokens_per_sec(rows)
+  row["wall_seconds"] = info.get("seconds")
+  row["workdir"] = workdir
+  return row
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+  columns = list(dict.fromkeys(k for r in rows for k in r))
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def _cell(value: Any) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, float):
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+  return str(value)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def _is_seed_axis(axis: str) -> bool:
+  return short_key(axis) == "seed"
+
+
+def plot_roles(sweep: Sweep) -> tuple[str, str | None]:
+  """(x column, series axis) of the plots."""
+  x_col = sweep.plot_x or "data.seq_len"
+  series = sweep.plot_series
+  if series is None:
+    others = [a for a in sweep.axes if a != x_col and not _is_seed_axis(a)]
+    series = others[0] if others else None
+  return x_col, series
+
+
+def aggregate(sweep: Sweep, rows: list[dict]) -> list[dict]:
+  """One point per (series, x): quality = best over the other axes of the mean over seeds;
+  throughput = median over everything in the group."""
+  x_col, series = plot_roles(sweep)
+  metric = sweep.metric
+  others = [a for a in sweep.axes if a not in (x_col, series) and not _is_seed_axis(a)]
+  done = [r for r in rows if r["status"] == "done" and r.get(metric) is not None]
+  groups: dict[tuple, dict[tuple, list[dict]]] = {}
+  for r in done:
+    key = (r.get(series, "all") if series else "all", r.get(x_col))
+    groups.setdefault(key, {}).setdefault(tuple(r.get(a) for a in others), []).append(r)
+  points = []
+  for (name, x), by_other in groups.items():
+    means = {o: sum(r[metric] for r in rs) / len(rs) for o, rs in by_other.items()}
+    best = (max if sweep.higher_is_better else min)(means, key=means.get)
+    tps = sorted(r["tokens_per_sec"] for rs in by_other.values() for r in rs
+                 if r.get("tokens_per_sec"))
+    points.append({"series": name, "x": x, "quality": means[best],
+                   "seeds": len(by_other[best]),
+                   "best": dict(zip(others, best)) if others else {},
+                   "tokens_per_sec": tps[len(tps) // 2] if tps else None})
+  return sorted(points, key=lambda p: (str(p["series"]), _sort_key(p["x"])))
+
+
+def _sort_key(x: Any):
+  return (0, float(x), "") if isinstance(x, (int, float)) else (1, 0.0, str(x))
+
+
+def _numeric(values) -> bool:
+  return all(isinstance(v, (int, float)) for v in values)
+
+
+def pareto(points: list[tuple[float, float]], higher_is_better: bool = True
+           ) -> list[tuple[float, float]]:
+  """Points (throughput, quality) that no other point beats in both, by decreasing throughput."""
+  sign = 1.0 if higher_is_better else -1.0
+  front, best = [], float("-inf")
+  for x, y in sorted(points, key=lambda p: (-p[0], -sign * p[1])):
+    if sign * y > best:
+      front.append((x, y))
+      best = sign * y
+  return front
+
+
+def plot_results(sweep: Sweep, points: list[dict], sweep_dir: str) -> list[str]:
+  """The three PNGs; returns their paths."""
+  from matplotlib.figure import Figure
+
+  x_col, series = plot_roles(sweep)
+  names = list(dict.fromkeys(p["series"] for p in points))
+  colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+  xs = [p["x"] for p in points]
+  log_x = _numeric(xs) and len(set(xs)) > 1 and min(xs) > 0
+  paths = []
+  for column, ylabel, filename in (
+      ("quality", sweep.metric.replace("_", " "),
+       f"{sweep.metric.removeprefix('eval_')}_vs_{short_key(x_col)}.png"),
+      ("tokens_per_sec", "train tokens / s", f"tokens_per_sec_vs_{short_key(x_col)}.png")):
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for n in names:
+      pts = [(p["x"], p[column]) for p in points if p["series"] == n and p[column] is not None]
+      if pts:
+        px, py = zip(*sorted(pts, key=lambda t: _sort_key(t[0])))
+        ax.plot([str(v) for v in px] if not _numeric(px) else px, py, marker="o",
+                color=colors[n], label=str(n))
+    if log_x:
+      ax.set_xscale("log", base=2)
+      ax.set_xticks(sorted(set(xs)), [str(v) for v in sorted(set(xs))])
+    if column == "tokens_per_sec":
+      ax.set_yscale("log")
+    ax.set_xlabel(short_key(x_col))
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{sweep.name}: {ylabel} vs {short_key(x_col)}")
+    ax.grid(alpha=0.3)
+    ax.legend(title=short_key(series) if series else None, fontsize=8)
+    path = os.path.join(sweep_dir, filename)
+    fig.savefig(path, dpi=120)
+    paths.append(path)
+
+  # Frontier: one panel per x value (a fixed task difficulty), throughput vs quality.
+  panels = sorted(set(xs), key=_sort_key)
+  fig = Figure(figsize=(4.2 * max(len(panels), 1), 4.0), layout="constrained")
+  axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
+  for ax, x in zip(axes, panels):
+    pts = [p for p in points if p["x"] == x and p["tokens_per_sec"]]
+    for p in pts:
+      ax.scatter(p["tokens_per_sec"], p["quality"], color=colors[p["series"]], s=40,
+                 label=str(p["series"]), zorder=3)
+    front = pareto([(p["tokens_per_sec"], p["quality"]) for p in pts], sweep.higher_is_better)
+    if len(front) > 1:
+      fx, fy = zip(*front)
+      ax.plot(fx, fy, color="k", lw=1, ls="--", zorder=2, label="frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("train tokens / s")
+    ax.set_ylabel(sweep.metric.replace("_", " "))
+    ax.set_title(f"{short_key(x_col)} = {x}")
+    ax.grid(alpha=0.3)
+  handles = {}
+  for ax in axes:
+    for h, lab in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(lab, h)
+  if handles:
+    axes[-1].legend(handles.values(), handles.keys(), fontsize=8)
+  fig.suptitle(f"{sweep.name}: quality vs throughput")
+  path = os.path.join(sweep_dir, "frontier.png")
+  fig.savefig(path, dpi=120)
+  paths.append(path)
+  return paths
+
+
+def collect(sweep: Sweep, variants: list[Variant], sweep_dir: str) -> tuple[list[dict], str]:
+  """results.csv, results.md and the PNGs from every variant's workdir; -> (rows, markdown)."""
+  rows = [collect_row(sweep, v, os.path.join(sweep_dir, v.name)) for v in variants]
+  write_csv(rows, os.path.join(sweep_dir, "results.csv"))
+  x_col, series = plot_roles(sweep)
+  columns = [*dict.fromkeys([*sweep.axes, x_col]), "status", "step", "train_loss", "eval_accuracy", "eval_loss",
+             "tokens_per_sec", "mfu", "wall_seconds"]
+  columns = [c for c in columns if any(r.get(c) is not None for r in rows)]
+  points = aggregate(sweep, rows)
+  md = [f"# Sweep {sweep.name}", "",
+        f"Base config `{os.path.relpath(sweep.config, ROOT)}`, fixed overrides "
+        f"`{json.dumps(sweep.fixed)}`; {len(rows)} variants, "
+        f"{sum(r['status'] == 'done' for r in rows)} done.", ""]
+  if points:
+    names = list(dict.fromkeys(p["series"] for p in points))
+    xs = sorted({p["x"] for p in points}, key=_sort_key)
+    by = {(p["series"], p["x"]): p for p in points}
+    metric = short_key(sweep.metric)
+    md += [f"## Best {metric} by {short_key(series) if series else 'run'} and "
+           f"{short_key(x_col)}",
+           "", "(mean over seeds of the best setting of the other axes; train tokens/s)", "",
+           "| " + " | ".join([short_key(series) if series else "", *map(str, xs)]) + " |",
+           "|" + "---|" * (len(xs) + 1)]
+    for n in names:
+      cells = []
+      for x in xs:
+        p = by.get((n, x))
+        cells.append("" if p is None else
+                     f"{p['quality']:.3f} ({_cell(p['tokens_per_sec'])} tok/s)")
+      md.append("| " + " | ".join([str(n), *cells]) + " |")
+    md.append("")
+    plot_results(sweep, points, sweep_dir)
+  md += ["## All variants", "", markdown_table(rows, columns), ""]
+  text = "\n".join(md)
+  with open(os.path.join(sweep_dir, "results.md"), "w") as f:
+    f.write(text)
+  return rows, text
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _summary(row: dict) -> str:
+  parts = []
+  if row.get("eval_accuracy") is not None:
+    parts.append(f"acc {row['eval_accuracy']:.3f}")
+  if row.get("eval_loss") is not None:
+    parts.append(f"loss {row['eval_loss']:.3f}")
+  if row.get("tokens_per_sec"):
+    parts.append(f"{row['tokens_per_sec']:,.0f} tok/s")
+  return "  ".join(parts)
+
+
+def run_sweep(sweep: Sweep, sweep_dir: str, *, mode: str, parallel: int = 0,
+              dry_run: bool = False, out=sys.stdout) -> tuple[list[dict], str]:
+  """Runs (or scripts) every variant, then collects; -> (rows, markdown table)."""
+  variants = expand(sweep)
+  os.makedirs(sweep_dir, exist_ok=True)
+  if dry_run:
+    for v in variants:
+      for cmd in commands(sweep, v, os.path.join(sweep_dir, v.name)):
+        print(shlex.join(cmd), file=out)
+    return [], ""
+  if mode == "script":
+    path = write_launch_script(sweep, variants, sweep_dir)
+    print(f"wrote {len(variants)} launch commands to {path}", file=out)
+    return [], ""
+  if mode in ("sequential", "parallel"):
+    kind, devices = local_accelerators()
+    if mode == "sequential":
+      slots, devices = 1, []  # the one process sees every device
+    else:
+      slots = parallel or len(devices) or 1
+      if devices and slots > len(devices):
+        raise ValueError(f"--parallel={slots} exceeds the {len(devices)} local {kind} devices "
+                         f"(one process per device)")
+    free: queue.Queue = queue.Queue()
+    for i in range(slots):
+      free.put((i, devices[i] if devices else None))
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(variants), desc=sweep.name, unit="run", file=out, dynamic_ncols=True)
+    lock = threading.Lock()
+    width = len(str(len(variants)))
+
+    def work(index: int, variant: Variant) -> str:
+      slot, device = free.get()
+      workdir = os.path.join(sweep_dir, variant.name)
+      try:
+        try:
+          result = run_variant(sweep, variant, workdir, device_env(kind, device, slot))
+        except ValueError as e:
+          result = {"status": f"failed ({e})", "seconds": 0.0}
+      finally:
+        free.put((slot, device))
+      row = collect_row(sweep, variant, workdir)
+      where = f" [{kind} {device}]" if device is not None else ""
+      line = (f"[{index + 1:>{width}}/{len(variants)}] {variant.name}{where}: "
+              f"{result['status']} in {result['seconds']:.0f}s  {_summary(row)}")
+      with lock:
+        bar.write(line)
+        bar.update(1)
+      return result["status"]
+
+    with concurrent.futures.ThreadPoolExecutor(slots) as pool:
+      statuses = list(pool.map(work, range(len(variants)), variants))
+    bar.close()
+    failed = [s for s in statuses if s.startswith("failed")]
+    if failed:
+      print(f"{len(failed)} of {len(variants)} variants failed", file=out)
+  rows, text = collect(sweep, variants, sweep_dir)
+  print(f"results: {os.path.join(sweep_dir, 'results.csv')}, results.md and PNGs in "
+        f"{sweep_dir}", file=out)
+  return rows, text
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    sweep = load_sweep(_CONFIG.value, _AXIS.value, _SET.value)
+    if _EVAL_TASKS.value:
+      sweep.eval_tasks = tuple(_EVAL_TASKS.value)
+    if "accuracy" not in sweep.eval_tasks:  # results.csv reads eval.json
+      sweep.eval_tasks = ("accuracy", *sweep.eval_tasks)
+    sweep_dir = os.path.abspath(os.path.expanduser(
+        _WORKDIR.value or os.path.join("runs", "sweeps", sweep.name)))
+    mode = _MODE.value
+    if mode is None:
+      mode = "parallel" if len(local_accelerators()[1]) > 1 or _PARALLEL.value > 1 else (
+          "sequential")
+    rows, text = run_sweep(sweep, sweep_dir, mode=mode, parallel=_PARALLEL.value,
+                           dry_run=_DRY_RUN.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if text:
+    print(text)
+  if any(r["status"] != "done" for r in rows) and mode != "collect":
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
