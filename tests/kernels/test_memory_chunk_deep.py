@@ -15,8 +15,9 @@ def test_one_layer_is_the_linear_memory():
   q, k, v, theta, alpha, eta, w0, s0 = args
   y, (w, s) = memory_update(q, k, v, theta, alpha, eta, initial_memory=w0, initial_momentum=s0,
                             segment_ids=seg, chunk_size=4, impl="xla")
+  # The linear kernel restarts new segments (here inside chunks) at zero.
   y_d, ((w_d,), (s_d,)) = deep.chunked((w0,), (s0,), q, k, v, theta, alpha, eta, seg,
-                                       chunk_size=4)
+                                       reset_to=(jnp.zeros_like(w0),), chunk_size=4)
   assert_close("y", y, y_d, jnp.float32)
   assert_close("W_T", w, w_d, jnp.float32)
   assert_close("S_T", s, s_d, jnp.float32)
@@ -47,3 +48,28 @@ def test_two_layers_chunk_of_one_is_the_recurrence():
     assert_close("grad", a, b, jnp.float32)
   y4, _ = deep.chunked(p0, m0, q, k, v, theta, alpha, eta, seg, chunk_size=4)
   assert not np.allclose(np.asarray(y4), np.asarray(y_r), atol=1e-4)
+
+
+def test_new_segments_restart_from_the_initial_weights():
+  """Chunked with resets to p_init (and chunk 1 = recurrence) for a 2-layer memory."""
+  args, seg = make_inputs("deep-reset", 1, 14, 1, 8, 8, segments=True, states=False)
+  q, k, v, theta, alpha, eta, _, _ = args
+  theta = 0.1 * theta
+  keys = jax.random.split(jax.random.key(5), 4)
+  p_init = (0.3 * jax.random.normal(keys[0], (1, 1, 8, 16)),
+            0.3 * jax.random.normal(keys[1], (1, 1, 16, 8)))
+  p0 = jax.tree.map(lambda x, kk: x + 0.2 * jax.random.normal(kk, x.shape), p_init,
+                    (keys[2], keys[3]))  # a carried state that differs from the initial one
+  m0 = jax.tree.map(jnp.zeros_like, p0)
+  y_r, st_r = deep.recurrent(p0, m0, q, k, v, theta, alpha, eta, seg, reset_to=p_init)
+  y_c, st_c = deep.chunked(p0, m0, q, k, v, theta, alpha, eta, seg, reset_to=p_init,
+                           chunk_size=1)
+  assert_close("y chunk 1", y_r, y_c, jnp.float32)
+  # Chunk 3: segments start at 4 (inside a chunk) and 9 (a chunk start); the last segment
+  # equals itself run alone from p_init.
+  y3, _ = deep.chunked(p0, m0, q, k, v, theta, alpha, eta, seg, reset_to=p_init, chunk_size=3)
+  cut = int(np.argmax(np.asarray(seg[0]) == 5))
+  assert cut % 3 == 0
+  y_alone, _ = deep.chunked(p_init, m0, *(x[:, cut:] for x in (q, k, v, theta, alpha, eta)),
+                            chunk_size=3)
+  assert_close("last segment alone", y_alone, y3[:, cut:], jnp.float32)
