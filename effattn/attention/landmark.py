@@ -1,0 +1,234 @@
+"""Landmark attention (Mohtashami & Jaggi, NeurIPS 2023; epfml/landmark-attention).
+
+The sequence is cut into blocks of `block_len` regular tokens (the code's mem_freq = 50); every
+block is represented by a landmark whose key enters a grouped softmax. For query i in block b(i)
+with scores s_ij = q_i . k_j / sqrt(D):
+
+  outer group G_i = {regular j <= i of block b(i)} U {landmarks of earlier blocks}
+  own-block token j:        a_ij = exp(s_ij) / sum_{l in G_i} exp(s_il)
+  token j of earlier block c: a_ij = [exp(s_ij) / sum_{l in c} exp(s_il)] * p_{i, landmark(c)}
+
+A landmark's own value gets weight 0 (its weight passes to its block), so each row sums to 1.
+
+Landmarks are inserted by this module, not by the data pipeline, so any task and the shared
+trainer work unchanged and the loss never sees landmark positions. The landmark of block c is a
+learned embedding plus the mean of the block's inputs at this layer, projected by the key
+projection and rotated to the block's last position. (In the paper the landmark is a token of
+the sequence and its state comes from the previous layer; carrying it inside the module keeps
+the [B, T, d_model] interface. Landmark queries are never needed: their outputs are dropped.)
+Blocks follow positions within each packed segment, so segments stay independent.
+
+Training and full-sequence calls evaluate the grouped softmax densely (O(T^2), as the official
+code's non-Triton path). Decoding scores the landmarks of completed blocks, keeps the top_k
+blocks per query and head plus the current block, and attends to them with the same grouped
+formula at a cost of (top_k + 1) * block_len keys per token, so context can grow far past the
+training length; with top_k >= the number of blocks it equals the full forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effattn.attention import base
+from effattn.attention.registry import register
+
+_NEG = -1e30
+
+
+def block_groups(positions, segment_ids, block_len: int):
+  """[B, T] -> group id per token: a new group starts at every block_len-th position of a
+  segment and at every segment start. Groups are contiguous runs in token order."""
+  start = (positions % block_len == 0)
+  start = start.at[:, 0].set(True)
+  if segment_ids is not None:
+    start = start | jnp.concatenate(
+        [jnp.ones_like(start[:, :1]), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return jnp.cumsum(start.astype(jnp.int32), axis=1) - 1
+
+
+def grouped_softmax_attention(q, k, v, k_land, gid, seg, *, scale: float):
+  """The grouped softmax over regular tokens and landmark keys (dense reference form).
+
+  q, k, v: [B, T, H, D]; k_land: [B, G, H, D] landmark key of group g (G = T slots, unused
+  ones never visible); gid, seg: [B, T] group and segment of each token.
+  Returns o [B, T, H, D] and the attention weights a [B, H, T, T] (rows sum to 1).
+  """
+  b, t, h, d = q.shape
+  g_slots = k_land.shape[1]
+  f32 = jnp.float32
+  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(f32), k.astype(f32)) * scale
+  s_land = jnp.einsum("bqhd,bghd->bhqg", q.astype(f32), k_land.astype(f32)) * scale
+  idx = jnp.arange(t)
+  same_seg = seg[:, :, None] == seg[:, None, :]  # [B, T, T]
+  own = (gid[:, :, None] == gid[:, None, :]) & (idx[None, None, :] <= idx[None, :, None])
+  earlier = same_seg & (gid[:, None, :] < gid[:, :, None])
+  # Segment of each group (groups never straddle segments) and which groups exist.
+  onehot = jax.nn.one_hot(gid, g_slots, dtype=f32)  # [B, T, G]
+  exists = jnp.sum(onehot, axis=1) > 0  # [B, G]
+  group_seg = jnp.einsum("btg,bt->bg", onehot, seg.astype(f32)) / jnp.maximum(
+      jnp.sum(onehot, axis=1), 1.0)
+  g_idx = jnp.arange(g_slots)
+  land_vis = (exists[:, None, :] & (g_idx[None, None, :] < gid[:, :, None])
+              & (group_seg[:, None, :] == seg[:, :, None].astype(f32)))  # [B, T, G]
+  # Within-group log-normalizer of every query over every group: lse_g(i).
+  s_e = jnp.where(earlier[:, None], s, _NEG)
+  m_g = jax.vmap(lambda sb, gb: jax.ops.segment_max(jnp.moveaxis(sb, -1, 0), gb, g_slots))(
+      s_e, gid)  # [B, G, H, Tq]
+  m_g = jnp.where(m_g > _NEG / 2, m_g, 0.0)
+  m_tok = jnp.take_along_axis(m_g, gid[:, :, None, None], axis=1)  # [B, Tk, H, Tq]
+  m_tok = jnp.moveaxis(m_tok, 1, -1)  # [B, H, Tq, Tk]
+  e_in = jnp.where(earlier[:, None], jnp.exp(s - m_tok), 0.0)
+  z_g = jax.vmap(lambda eb, gb: jax.ops.segment_sum(jnp.moveaxis(eb, -1, 0), gb, g_slots))(
+      e_in, gid)  # [B, G, H, Tq]
+  z_tok = jnp.moveaxis(jnp.take_along_axis(z_g, gid[:, :, None, None], axis=1), 1, -1)
+  within = e_in / jnp.where(z_tok > 0, z_tok, 1.0)  # [B, H, Tq, Tk]
+  # Outer softmax over own-block tokens and visible landmarks.
+  s_own = jnp.where(own[:, None], s, _NEG)
+  s_l = jnp.where(land_vis[:, None], s_land, _NEG)
+  m = jnp.maximum(s_own.max(-1), s_l.max(-1))[..., None]
+  p_own = jnp.where(own[:, None], jnp.exp(s_own - m), 0.0)
+  p_land = jnp.where(land_vis[:, None], jnp.exp(s_l - m), 0.0)
+  denom = p_own.sum(-1, keepdims=True) + p_land.sum(-1, keepdims=True)
+  p_own, p_land = p_own / denom, p_land / denom
+  land_of_key = jnp.take_along_axis(p_land, jnp.broadcast_to(gid[:, None, None, :],
+                                                             (b, h, t, t)), axis=-1)
+  a = p_own + within * land_of_key
+  o = jnp.einsum("bhqk,bkhd->bqhd", a, v.astype(f32))
+  return o.astype(q.dtype), a
+
+
+@register("landmark")
+class LandmarkAttention(base.Attention):
+  """Grouped-softmax attention through per-block landmarks; see the module docstring."""
+
+  DEFAULTS = {
+      "block_len": 50,  # regular tokens per block (the official mem_freq)
+      "top_k": 4,  # blocks retrieved per query while decoding (the paper uses 2-4)
+  }
+
+  def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
+    super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
+    kv = cfg.get("num_kv_heads")
+    if kv not in (None, num_heads):
+      raise ValueError(f"model.attention.num_kv_heads={kv}: landmark supports MHA only; "
+                       "leave it unset")
+    if self.opts.block_len < 1 or self.opts.top_k < 1:
+      raise ValueError(f"model.attention.landmark block_len={self.opts.block_len} and "
+                       f"top_k={self.opts.top_k} must be >= 1")
+    d, h = self.head_dim, num_heads
+    self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
+    self.k_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
+    self.v_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
+    self.o_proj = base.dense(h * d, d_model, rngs=rngs, dtype=self.dtype)
+    self.landmark = nnx.Param(jax.random.normal(rngs.params(), (d_model,), jnp.float32) * 0.02)
+
+  def _rope(self, x, positions):
+    return x if self.rope_theta is None else base.apply_rope(x, positions, self.rope_theta)
+
+  def _landmark_key_base(self):
+    """Key projection of the learned landmark embedding: [H, D] (before the block mean)."""
+    return base.split_heads(self.k_proj(self.landmark[...].astype(self.dtype)[None]),
+                            self.num_heads)[0]
+
+  def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
+    if not causal:
+      raise ValueError("landmark attention is causal by construction; use causal=True")
+    b, t, _ = x.shape
+    h = self.num_heads
+    q = self._rope(base.split_heads(self.q_proj(x), h), positions)
+    k_raw = base.split_heads(self.k_proj(x), h)
+    v = base.split_heads(self.v_proj(x), h)
+    seg = segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32)
+    gid = block_groups(positions, segment_ids, self.opts.block_len)
+    # Landmark key per group: k(e) + mean of the block's keys (k is linear), rotated to the
+    # group's last position.
+    onehot = jax.nn.one_hot(gid, t, dtype=jnp.float32)  # [B, T, G=T]
+    count = jnp.maximum(onehot.sum(1), 1.0)  # [B, G]
+    mean = jnp.einsum("btg,bthd->bghd", onehot, k_raw.astype(jnp.float32)) / count[..., None,
+                                                                                    None]
+    last_pos = jnp.max(jnp.where(onehot > 0, positions[:, :, None], -1), axis=1)  # [B, G]
+    k_land = self._rope((mean + self._landmark_key_base()).astype(q.dtype),
+                        jnp.maximum(last_pos, 0))
+    o, _ = grouped_softmax_attention(q, self._rope(k_raw, positions), v, k_land, gid, seg,
+                                     scale=self.head_dim ** -0.5)
+    return self.o_proj(base.merge_heads(o)), {}
+
+  # -- decoding with retrieval ---------------------------------------------------------------
+
+  def init_cache(self, batch, max_len, dtype=None):
+    dtype = dtype or self.dtype
+    n_blocks = -(-max_len // self.opts.block_len)
+    shape = (batch, n_blocks, self.opts.block_len, self.num_heads, self.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "k_sum": jnp.zeros((batch, n_blocks, self.num_heads, self.head_dim), jnp.float32),
+            "index": jnp.zeros((), jnp.int32)}
+
+  def decode(self, x, *, positions, cache):
+    """New tokens x [B, T, d_model] after the cached ones (positions = cache index + offset)."""
+    b, t, _ = x.shape
+    h, d, blen = self.num_heads, self.head_dim, self.opts.block_len
+    q = self._rope(base.split_heads(self.q_proj(x), h), positions)
+    k_raw = base.split_heads(self.k_proj(x), h)
+    v = base.split_heads(self.v_proj(x), h)
+    start = cache["index"]
+    n_blocks = cache["k"].shape[1]
+    flat = lambda a: a.reshape(b, n_blocks * blen, h, d)  # noqa: E731
+    unflat = lambda a: a.reshape(b, n_blocks, blen, h, d)  # noqa: E731
+    new = {
+        "k": unflat(jax.lax.dynamic_update_slice(
+            flat(cache["k"]), self._rope(k_raw, positions).astype(cache["k"].dtype),
+            (0, start, 0, 0))),
+        "v": unflat(jax.lax.dynamic_update_slice(flat(cache["v"]), v.astype(cache["v"].dtype),
+                                                 (0, start, 0, 0))),
+        "index": start + t,
+    }
+    block_of_new = (start + jnp.arange(t)) // blen
+    new["k_sum"] = cache["k_sum"] + jnp.einsum(
+        "tg,bthd->bghd", jax.nn.one_hot(block_of_new, n_blocks, dtype=jnp.float32),
+        k_raw.astype(jnp.float32))
+    # Landmark keys of all blocks (only completed ones are ever visible).
+    g = jnp.arange(n_blocks)
+    last_pos = (g + 1) * blen - 1
+    k_land = self._rope(
+        (new["k_sum"] / blen + self._landmark_key_base()).astype(q.dtype),
+        jnp.broadcast_to(last_pos, (b, n_blocks)))  # [B, G, H, D]
+    o = jax.vmap(lambda qi, i: self._decode_one(qi, i, new, k_land), in_axes=(1, 0),
+                 out_axes=1)(q, start + jnp.arange(t))
+    return self.o_proj(base.merge_heads(o.astype(q.dtype))), new
+
+  def _decode_one(self, q, i, cache, k_land):
+    """One query q [B, H, D] at token index i: top-k blocks by landmark score + own block."""
+    blen, scale = self.opts.block_len, self.head_dim ** -0.5
+    b, n_blocks = k_land.shape[0], k_land.shape[1]
+    own = i // blen
+    f32 = jnp.float32
+    s_land = jnp.einsum("bhd,bghd->bhg", q.astype(f32), k_land.astype(f32)) * scale
+    visible = jnp.arange(n_blocks) < own  # completed earlier blocks
+    k_top = min(self.opts.top_k, n_blocks)
+    ranked = jnp.where(visible[None, None], s_land, _NEG)
+    _, chosen = jax.lax.top_k(ranked, k_top)  # [B, H, k]
+    chosen_ok = jnp.take_along_axis(jnp.broadcast_to(visible, ranked.shape), chosen, -1)
+    gather = lambda c: jnp.take_along_axis(  # noqa: E731
+        jnp.moveaxis(c, 3, 1), chosen[..., None, None], axis=2)  # [B, H, k, l, D]
+    kb, vb = gather(cache["k"]), gather(cache["v"])
+    s_blk = jnp.einsum("bhd,bhkld->bhkl", q.astype(f32), kb.astype(f32)) * scale
+    lse_blk = jax.nn.logsumexp(s_blk, axis=-1)  # within-block normalizers
+    o_blk = jnp.einsum("bhkl,bhkld->bhkd", jnp.exp(s_blk - lse_blk[..., None]), vb.astype(f32))
+    s_l = jnp.where(chosen_ok, jnp.take_along_axis(s_land, chosen, -1), _NEG)  # [B, H, k]
+    # Own block: tokens up to i.
+    k_own = jnp.moveaxis(cache["k"][:, own], 2, 1)  # [B, H, l, D]
+    v_own = jnp.moveaxis(cache["v"][:, own], 2, 1)
+    s_own = jnp.einsum("bhd,bhld->bhl", q.astype(f32), k_own.astype(f32)) * scale
+    s_own = jnp.where(own * blen + jnp.arange(blen) <= i, s_own, _NEG)
+    m = jnp.maximum(s_own.max(-1), s_l.max(-1))[..., None]
+    p_own = jnp.where(s_own > _NEG / 2, jnp.exp(s_own - m), 0.0)
+    p_l = jnp.where(s_l > _NEG / 2, jnp.exp(s_l - m), 0.0)
+    denom = p_own.sum(-1, keepdims=True) + p_l.sum(-1, keepdims=True)
+    o = (jnp.einsum("bhl,bhld->bhd", p_own, v_own.astype(f32))
+         + jnp.einsum("bhk,bhkd->bhd", p_l, o_blk)) / denom
+    del b
+    return o
