@@ -52,6 +52,9 @@ def parse_args(argv=None):
   p.add_argument("--window", type=int, default=512)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--remat", action="store_true")
+  p.add_argument("--segments", choices=("ones", "none"), default="ones",
+                 help="ones: segment_ids of ones, as every pipeline batch has (mechanisms see a "
+                      "packed-sequence batch); none: no segment_ids (unpacked rows)")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--max_seconds", type=float, default=0.0, help="0: no limit")
@@ -92,14 +95,15 @@ def make_config(args, mechanism: str, seq_len: int):
   return config
 
 
-def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0, *,
+                    segments: bool = True) -> dict:
   import numpy as np
 
   rng = np.random.default_rng(seed)
   tokens = rng.integers(3, vocab, (batch, seq_len + 1), dtype=np.int32)
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
           "weights": np.ones((batch, seq_len), np.float32),
-          "segment_ids": np.ones((batch, seq_len), np.int32),
+          "segment_ids": np.ones((batch, seq_len), np.int32) if segments else None,
           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
                                        (batch, seq_len)).copy()}
 
@@ -133,7 +137,8 @@ def bench_one(args, mechanism: str, seq_len: int) -> dict:
   graphdef, state = create(model, tx)
   del model
   num_params = count_params(state.params)
-  batch = jax.device_put(synthetic_batch(config.train.batch_size, seq_len, args.vocab_size))
+  batch = jax.device_put(synthetic_batch(config.train.batch_size, seq_len, args.vocab_size,
+                                         segments=args.segments == "ones"))
   step = jax.jit(make_train_step(graphdef, tx, schedule), donate_argnums=0)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -162,7 +167,8 @@ def bench_one(args, mechanism: str, seq_len: int) -> dict:
 def markdown(rows: list[dict], args, device: str) -> str:
   head = (f"Device: {device}. Model: {args.num_layers} layers, d_model {args.d_model}, "
           f"{args.num_heads} heads, vocab {args.vocab_size}, {args.dtype}, SwiGLU, RoPE, "
-          f"remat={args.remat}; {args.tokens_per_batch} tokens per step; AdamW; mean step time over "
+          f"remat={args.remat}; segment_ids={args.segments}; {args.tokens_per_batch} tokens per "
+          f"step; AdamW; mean step time over "
           f"{args.steps} steps timed together after {args.warmup} warm-up steps.")
   lines = [head, "",
            "| mechanism | T | batch | params (M) | step (ms) | tokens/s | MFU | compiled mem "

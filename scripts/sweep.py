@@ -17,6 +17,7 @@ Modes:
                       lines on a cluster, a job array, or every host of a TPU pod slice) and
                       stops; collect afterwards with --mode=collect.
   --mode=collect      only collects finished variants into the table and plots.
+--filter=REGEX runs (or collects) only the variants whose name matches.
 
 Resumable: a variant whose eval.json is at its final step is skipped; an interrupted one is
 started again with the same command and train.py resumes it from its latest checkpoint.
@@ -37,6 +38,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import shlex
 import shutil
 import subprocess
@@ -59,6 +61,8 @@ _PARALLEL = flags.DEFINE_integer("parallel", 0, "Processes for --mode=parallel (
                                  "local accelerator).")
 _EVAL_TASKS = flags.DEFINE_list("eval_tasks", None, "Eval tasks run after training (default: "
                                 "the sweep file's, else accuracy).")
+_FILTER = flags.DEFINE_string("filter", None, "Regex: run only variants whose name matches "
+                              "(re.search), e.g. 'attention=(mha|linear),'.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the variants and commands, run nothing.")
 flags.mark_flags_as_required(["config"])
 
@@ -117,8 +121,9 @@ def _axis_entries(axis: str, values: list) -> list[tuple[str, dict[str, Any]]]:
   return entries
 
 
-def expand(sweep: Sweep) -> list[Variant]:
-  """Every combination of the axes, in order (the last axis varies fastest)."""
+def expand(sweep: Sweep, pattern: str | None = None) -> list[Variant]:
+  """Every combination of the axes, in order (the last axis varies fastest); with `pattern`,
+  only the variants whose name matches it (re.search)."""
   if not sweep.axes:
     raise ValueError("the sweep has no axes: give --axis key=v1,v2 or axes in get_sweep()")
   per_axis = [_axis_entries(axis, values) for axis, values in sweep.axes.items()]
@@ -138,6 +143,10 @@ def expand(sweep: Sweep) -> list[Variant]:
     name = ",".join(f"{short_key(axis)}={label}" for axis, label in labels.items())
     variants.append(Variant(name=name.replace("/", "_").replace(" ", ""), labels=labels,
                             overrides=overrides))
+  if pattern:
+    variants = [v for v in variants if re.search(pattern, v.name)]
+    if not variants:
+      raise ValueError(f"--filter={pattern!r} matches no variant of sweep {sweep.name!r}")
   return variants
 
 
@@ -539,8 +548,8 @@ def collect(sweep: Sweep, variants: list[Variant], sweep_dir: str) -> tuple[list
   rows = [collect_row(sweep, v, os.path.join(sweep_dir, v.name)) for v in variants]
   write_csv(rows, os.path.join(sweep_dir, "results.csv"))
   x_col, series = plot_roles(sweep)
-  columns = [*dict.fromkeys([*sweep.axes, x_col]), "status", "step", "train_loss", "eval_accuracy", "eval_loss",
-             "tokens_per_sec", "mfu", "wall_seconds"]
+  columns = [*dict.fromkeys([*sweep.axes, x_col]), "status", "step", "train_loss",
+             "eval_accuracy", "eval_loss", "tokens_per_sec", "mfu", "wall_seconds"]
   columns = [c for c in columns if any(r.get(c) is not None for r in rows)]
   points = aggregate(sweep, rows)
   md = [f"# Sweep {sweep.name}", "",
@@ -588,9 +597,10 @@ def _summary(row: dict) -> str:
 
 
 def run_sweep(sweep: Sweep, sweep_dir: str, *, mode: str, parallel: int = 0,
-              dry_run: bool = False, out=sys.stdout) -> tuple[list[dict], str]:
+              dry_run: bool = False, pattern: str | None = None,
+              out=sys.stdout) -> tuple[list[dict], str]:
   """Runs (or scripts) every variant, then collects; -> (rows, markdown table)."""
-  variants = expand(sweep)
+  variants = expand(sweep, pattern)
   os.makedirs(sweep_dir, exist_ok=True)
   if dry_run:
     for v in variants:
@@ -666,7 +676,7 @@ def main(argv):
       mode = "parallel" if len(local_accelerators()[1]) > 1 or _PARALLEL.value > 1 else (
           "sequential")
     rows, text = run_sweep(sweep, sweep_dir, mode=mode, parallel=_PARALLEL.value,
-                           dry_run=_DRY_RUN.value)
+                           dry_run=_DRY_RUN.value, pattern=_FILTER.value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

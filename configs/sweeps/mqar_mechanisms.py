@@ -3,16 +3,17 @@
     python scripts/sweep.py --config configs/sweeps/mqar_mechanisms.py
 
 Mechanisms: softmax MHA, GQA (4 query heads in 2 groups sharing a key/value head) and a
-sliding window of 32 tokens, plus every other mechanism registered in effattn.attention when the sweep starts,
-each with its default options. The window cannot see keys more than 32 tokens back, so its
-accuracy falls as the sequence grows: the quality cost that efficient mechanisms try to avoid.
+sliding window of 32 tokens, plus every other mechanism registered in effattn.attention when
+the sweep starts, each with its default options. The window cannot see keys more than 32 tokens
+back, so its accuracy falls as the sequence grows: the quality cost that efficient mechanisms
+try to avoid.
 
-Sized for a CPU (2-4 minutes per variant at T = 64 on 2 cores, about twice that at T = 128):
-600 steps of batch 64; softmax leaves MQAR's plateau after 350-450 steps here. 4 heads of 16
+Sized for a CPU: 600 steps of batch 64 (softmax leaves MQAR's plateau after 350-450 steps),
+2-6 minutes per variant at T = 64 on 2 cores, about twice that at T = 128. 4 heads of 16
 dimensions, so every registered mechanism builds with its default options (SQA halves and
-quarters the heads). Widen it from the command line,
-e.g. --axis data.seq_len=64,128,256,512 --axis seed=0,1,2 --axis
-optimizer.learning_rate=1e-3,3e-3,1e-2 (an --axis replaces the axis of the same key).
+quarters the heads). Run a subset with --filter 'attention=(mha|linear),'; widen it from the
+command line, e.g. --axis data.seq_len=64,128,256,512 --axis seed=0,1,2
+--axis optimizer.learning_rate=1e-3,3e-3,1e-2 (an --axis replaces the axis of the same key).
 """
 
 from effattn import attention
