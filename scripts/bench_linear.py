@@ -1,17 +1,20 @@
 """Linear-scan kernels on one GPU: correctness, then speed against fla and cuDNN softmax.
 
-    python scripts/bench_linear.py --out /tmp/bench_linear          # everything (~3 min, H100)
-    python scripts/bench_linear.py --out DIR --skip-check --sizes 8192
+    python scripts/bench_linear.py --out /tmp/bench_linear          # everything
+    python scripts/bench_linear.py --out DIR --fla-results OLD_DIR  # reuse fla's numbers
+    python scripts/bench_linear.py --out DIR --part check           # correctness only
 
 Parts, in order (results as JSON and a markdown table under --out):
 1. fla (PyTorch/Triton, flash-linear-attention 0.6.0) in a subprocess, before JAX takes the GPU:
    chunk_linear_attn(normalize=False) and chunk_lightning_attn, fwd and fwd+bwd medians, and
-   lightning outputs/grads on fixed inputs for the numeric comparison.
+   lightning outputs/grads on fixed inputs for the numeric comparison. fla autotunes on first
+   use, which takes minutes; --fla-results reuses fla.json and fla_*.npy from an earlier run.
 2. JAX: measured ceilings (bf16 matmul TFLOP/s, copy GB/s); our Pallas kernel vs reference.py
    on the GPU (fwd + grads, bf16/f32, D 64/128, decay, state, segments, bidirectional); our
    lightning op vs fla's on the same inputs; a small block-size sweep; then the table: ours
-   (Pallas, xla) without and with decay, fla's two ops, cuDNN softmax (jax.nn.dot_product_attention).
-Shapes: B=8, H=16, D=128, bf16, causal, T in --sizes.
+   (Pallas, xla) without and with decay, fla's two ops, cuDNN softmax
+   (jax.nn.dot_product_attention). The JAX part takes about 2 minutes on an H100.
+Shapes: B=8, H=16, D=128, bf16, causal, T in --sizes. Results: docs/benchmarks_linear.md.
 """
 
 from __future__ import annotations
@@ -158,7 +161,8 @@ def correctness() -> list[dict]:
     def run(impl, q, k, v, s0):
       return api.linear_scan(q, k, v, g, causal=causal, initial_state=s0, segment_ids=seg,
                              scale=d ** -0.5, impl=impl)
-    name = f"{dtype} D={d} {'causal' if causal else 'bidir'} decay={decay} state={state} seg={segments}"
+    name = (f"{dtype} D={d} {'causal' if causal else 'bidir'} decay={decay} state={state} "
+            f"seg={segments}")
     try:
       outs = {}
       for impl in ("reference", "pallas_gpu"):

@@ -218,9 +218,9 @@ class MalaAttention(base.Attention):
     del max_len, dtype
     h, d = self.num_heads, self.head_dim
     tail = max(self.opts.lepe_kernel - 1, 0)
-    return MalaState(jnp.zeros((batch, h, d, d), jnp.float32), jnp.zeros((batch, h, d), jnp.float32),
-                     jnp.zeros((batch, h, d), jnp.float32), jnp.zeros((batch,), jnp.float32),
-                     jnp.zeros((batch, tail, h, d), jnp.float32))
+    zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
+    return MalaState(zeros(batch, h, d, d), zeros(batch, h, d), zeros(batch, h, d), zeros(batch),
+                     zeros(batch, tail, h, d))
 
   def decode(self, x, *, positions, cache):
     return self.forward(x, positions=positions, causal=True, state=cache,

@@ -102,7 +102,8 @@ class LinearScanSuite:
         (n, z), vjp = jax.vjp(f, q, k, z0)
         out[impl] = (n, z) + vjp((dn, dz))
       return out
-    out = run(q, k, z0, jax.random.normal(keys[3], (b, t, h)), jax.random.normal(keys[4], (b, h, d)))
+    dn, dz = jax.random.normal(keys[3], (b, t, h)), jax.random.normal(keys[4], (b, h, d))
+    out = run(q, k, z0, dn, dz)
     assert out[self.IMPL][0].shape == (b, t, h) and out[self.IMPL][1].shape == (b, h, d)
     for name, w, g in zip(("n", "final_key_sum", "dq", "dk", "dz0"), out["reference"],
                           out[self.IMPL]):

@@ -29,7 +29,8 @@ def numpy_loop(q, k, v, g, s0, causal=True):
         for si in range(t):
           if causal and si > ti:
             continue
-          o[bi, ti, hi] += np.exp(g[hi] * abs(ti - si)) * (q[bi, ti, hi] @ k[bi, si, hi]) * v[bi, si, hi]
+          score = q[bi, ti, hi] @ k[bi, si, hi]
+          o[bi, ti, hi] += np.exp(g[hi] * abs(ti - si)) * score * v[bi, si, hi]
         if causal:
           o[bi, ti, hi] += np.exp(g[hi] * (ti + 1)) * q[bi, ti, hi] @ s0[bi, hi]
   return o

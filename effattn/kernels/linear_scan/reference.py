@@ -54,7 +54,7 @@ def scan_quadratic(q, k, v, log_decay=None, *, causal: bool = True, reverse: boo
   s0 = (jnp.zeros((b, h, dk, dv), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
   if not causal and initial_state is not None:
-    raise ValueError("initial_state needs causal=True (the bidirectional form has no carried state)")
+    raise ValueError("initial_state needs causal=True (the bidirectional form carries no state)")
   idx = jnp.arange(t)
   diff = idx[:, None] - idx[None, :]                                    # [Tq, Tk] = t - s
   if not causal:
@@ -91,8 +91,9 @@ def scan_quadratic(q, k, v, log_decay=None, *, causal: bool = True, reverse: boo
     o = o + jnp.einsum("bthd,bhde->bthe", q32 * (w_state[None] * in_state[..., None])[..., None],
                        s0)
   o = o * scale
+  k_weighted = k32 * (w_kv[None] * in_final[..., None])[..., None]
   final = (jnp.exp(g * t)[None, :, None, None] * carry_s0[:, None, None, None] * s0
-           + jnp.einsum("bshd,bshe->bhde", k32 * (w_kv[None] * in_final[..., None])[..., None], v32))
+           + jnp.einsum("bshd,bshe->bhde", k_weighted, v32))
   return o.astype(q.dtype), final
 
 
