@@ -126,8 +126,7 @@ class _Memory(nnx.Module):
     if self.depth == 1:
       r, (w1, s1) = memory_update(q, k, v, theta, alpha, eta, initial_memory=w[0],
                                   initial_momentum=s[0], segment_ids=seg,
-                                  chunk_size=self.chunk_size, impl=self.impl,
-                                  compute_dtype=jnp.float32)
+                                  chunk_size=self.chunk_size, impl=self.impl)
       return r, ((w1,), (s1,))
     reset_to, _ = self.initial_state(q.shape[0])
     return deep.chunked(w, s, q, k, v, theta, alpha, eta, seg, reset_to,

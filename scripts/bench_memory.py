@@ -1,0 +1,241 @@
+"""Titans memory update on one GPU: kernel correctness, then tokens/s of the memory op and layer.
+
+    python scripts/bench_memory.py --out /tmp/bench_memory            # everything (~3 min H100)
+    python scripts/bench_memory.py --out /tmp/x --smoke                # tiny shapes, any backend
+
+Parts (JSON under --out, a markdown table printed last; docs/benchmarks_memory.md has results):
+1. check: memory_update on the Pallas (Triton) path and the chunked xla path against
+   reference.py on the device, forward, final states and every gradient (random cotangents),
+   f32 and bf16, with packed segments and a ragged T.
+2. op: forward and forward+backward medians of the linear-memory update (B=4, H=16, D=64,
+   bf16, chunk 64) for Pallas, chunked xla and the sequential token recurrence (reference.py,
+   a lax.scan over tokens), T = 2k .. 32k; a num_warps sweep and chunk 16 at T = 8k.
+3. layer: the whole neural_memory module (variant lmm, d_model 1024, 16 heads) forward+backward
+   tokens/s with the memory on Pallas vs xla.
+fla 0.6.0's titans op is not timed: it is a TTT-style update of a layer-normed residual MLP
+memory (a different loss and different state), so it computes another function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effattn.kernels.memory_chunk import memory_update, reference
+
+B, H, D = 4, 16, 64
+
+
+def inputs(key, b, t, h, d, dtype, segments=False):
+  ks = jax.random.split(key, 8)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  q = unit(jax.random.normal(ks[0], (b, t, h, d))).astype(dtype)
+  k = unit(jax.random.normal(ks[1], (b, t, h, d))).astype(dtype)
+  v = jax.random.normal(ks[2], (b, t, h, d)).astype(dtype)
+  g = jax.random.normal(ks[3], (3, b, t, h))
+  gates = (0.3 * jax.nn.sigmoid(g[0]), jax.nn.sigmoid(g[1] - 3.0), jax.nn.sigmoid(g[2] + 1.0))
+  w0 = 0.1 * jax.random.normal(ks[4], (b, h, d, d))
+  seg = None
+  if segments:
+    ids = np.ones((b, t), np.int32)
+    ids[0, t // 3:] = 2
+    seg = jnp.asarray(ids)
+  return (q, k, v) + gates + (w0,), seg
+
+
+def check(results):
+  """Pallas and xla vs the reference on the device: max error / reference max, per tensor."""
+  rows = []
+  for dtype, chunk, t in ((jnp.float32, 16, 300), (jnp.bfloat16, 64, 517)):
+    args, seg = inputs(jax.random.key(0), 2, t, 4, 64, dtype, segments=True)
+
+    def run(impl):
+      f = lambda *a: memory_update(*a[:6], initial_memory=a[6], segment_ids=seg,
+                                   chunk_size=chunk, impl=impl)
+      out, vjp = jax.vjp(f, *args)
+      return out, vjp
+
+    out_r, vjp_r = run("reference")
+    keys = jax.random.split(jax.random.key(1), 3)
+    ct = (jax.random.normal(keys[0], out_r[0].shape).astype(dtype),
+          (jax.random.normal(keys[1], out_r[1][0].shape),
+           jax.random.normal(keys[2], out_r[1][1].shape)))
+    g_r = vjp_r(ct)
+    names = ["y", "W_T", "S_T", "dq", "dk", "dv", "dtheta", "dalpha", "deta", "dW0"]
+    for impl in ("pallas_gpu", "xla"):
+      out, vjp = run(impl)
+      g = vjp(ct)
+      want = jax.tree.leaves(out_r) + list(g_r)
+      got = jax.tree.leaves(out) + list(g)
+      errs = {n: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                       / max(1e-6, float(jnp.max(jnp.abs(a.astype(jnp.float32))))))
+              for n, a, b in zip(names, want, got)}
+      worst = max(errs.values())
+      limit = 1e-4 if dtype == jnp.float32 else 5e-2
+      rows.append(dict(impl=impl, dtype=jnp.dtype(dtype).name, chunk=chunk, t=t, worst=worst,
+                       ok=worst < limit, errors=errs))
+      print(f"check {impl:10s} {jnp.dtype(dtype).name:8s} C={chunk} T={t}: worst rel err "
+            f"{worst:.2e} ({'ok' if worst < limit else 'FAIL'})", flush=True)
+  results["check"] = rows
+
+
+def median_ms(fn, *args, reps=10):
+  out = fn(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def op_fns(impl, chunk, warps=4):
+  from effattn.kernels.memory_chunk import pallas_gpu
+  sizes = pallas_gpu.BlockSizes(num_warps=warps) if impl == "pallas_gpu" else None
+
+  def fwd(*a):
+    if impl == "recurrent":
+      return reference.recurrent(*a[:6], a[6])
+    return memory_update(*a[:6], initial_memory=a[6], chunk_size=chunk, impl=impl,
+                         block_sizes=sizes)
+
+  def loss(*a):
+    y, (w, _) = fwd(*a)
+    return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(w)
+
+  return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+
+def op(results, sizes, b, h, d):
+  rows = []
+  for t in sizes:
+    args, _ = inputs(jax.random.key(2), b, t, h, d, jnp.bfloat16)
+    for impl, chunk, warps in (("pallas_gpu", 64, 4), ("xla", 64, 4), ("recurrent", 1, 4)):
+      row = dict(t=t, impl=impl, chunk=chunk, warps=warps)
+      try:
+        fwd, grad = op_fns(impl, chunk, warps)
+        reps = 3 if impl == "recurrent" else 10
+        row["fwd_ms"] = median_ms(fwd, *args, reps=reps)
+        row["fwdbwd_ms"] = median_ms(grad, *args, reps=max(2, reps // 2))
+        row["fwd_tok_s"] = b * t / row["fwd_ms"] * 1e3
+        row["fwdbwd_tok_s"] = b * t / row["fwdbwd_ms"] * 1e3
+        print(f"op T={t:6d} {impl:10s} fwd {row['fwd_ms']:8.2f} ms  fwd+bwd "
+              f"{row['fwdbwd_ms']:8.2f} ms", flush=True)
+      except Exception as e:  # recorded, the table says what failed
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"op T={t} {impl} failed: {row['error']}", flush=True)
+        traceback.print_exc()
+      rows.append(row)
+  results["op"] = rows
+
+
+def sweep(results, t, b, h, d):
+  rows = []
+  args, _ = inputs(jax.random.key(3), b, t, h, d, jnp.bfloat16)
+  for chunk, warps in ((64, 8), (64, 2), (16, 4), (32, 4)):
+    row = dict(t=t, impl="pallas_gpu", chunk=chunk, warps=warps)
+    try:
+      fwd, grad = op_fns("pallas_gpu", chunk, warps)
+      row["fwd_ms"] = median_ms(fwd, *args)
+      row["fwdbwd_ms"] = median_ms(grad, *args, reps=5)
+      print(f"sweep C={chunk} warps={warps}: fwd {row['fwd_ms']:.2f} ms fwd+bwd "
+            f"{row['fwdbwd_ms']:.2f} ms", flush=True)
+    except Exception as e:
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      print(f"sweep C={chunk} warps={warps} failed: {row['error']}", flush=True)
+    rows.append(row)
+  for chunk in (16, 32):
+    fwd, grad = op_fns("xla", chunk)
+    row = dict(t=t, impl="xla", chunk=chunk, fwd_ms=median_ms(fwd, *args),
+               fwdbwd_ms=median_ms(grad, *args, reps=5))
+    print(f"sweep xla C={chunk}: fwd {row['fwd_ms']:.2f} ms fwd+bwd {row['fwdbwd_ms']:.2f} ms",
+          flush=True)
+    rows.append(row)
+  results["sweep"] = rows
+
+
+def layer(results, t, b, d_model, heads):
+  from flax import nnx
+
+  from effattn.attention import registry
+  rows = []
+  x = jax.random.normal(jax.random.key(4), (b, t, d_model), jnp.bfloat16)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  for impl in ("pallas_gpu", "xla"):
+    cfg = {"name": "neural_memory", "impl": impl, "window": None, "num_kv_heads": None,
+           "head_dim": None, "neural_memory": {"variant": "lmm", "chunk_size": 64}}
+    module = registry.build(cfg, d_model=d_model, num_heads=heads, rngs=nnx.Rngs(0),
+                            dtype=jnp.bfloat16)
+
+    @nnx.jit
+    def step(m, x):
+      def loss(m):
+        y, _ = m(x, positions=pos)
+        return jnp.mean(y.astype(jnp.float32) ** 2)
+      return nnx.grad(loss)(m)
+
+    row = dict(impl=impl, t=t, b=b, d_model=d_model, heads=heads)
+    try:
+      ms = median_ms(lambda x: step(module, x), x, reps=5)
+      row.update(fwdbwd_ms=ms, tok_s=b * t / ms * 1e3)
+      print(f"layer lmm {impl:10s} T={t} fwd+bwd {ms:.2f} ms ({b * t / ms * 1e3:,.0f} tok/s)",
+            flush=True)
+    except Exception as e:
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      print(f"layer {impl} failed: {row['error']}", flush=True)
+    rows.append(row)
+  results["layer"] = rows
+
+
+def table(results):
+  lines = ["| T | path | fwd ms | fwd tok/s | fwd+bwd ms | fwd+bwd tok/s |",
+           "|---|---|---|---|---|---|"]
+  for r in results.get("op", []):
+    if "error" in r:
+      lines.append(f"| {r['t']} | {r['impl']} | failed: {r['error'][:60]} | | | |")
+      continue
+    lines.append(f"| {r['t']} | {r['impl']} (C={r['chunk']}) | {r['fwd_ms']:.2f} | "
+                 f"{r['fwd_tok_s']:,.0f} | {r['fwdbwd_ms']:.2f} | {r['fwdbwd_tok_s']:,.0f} |")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--out", default="/tmp/bench_memory")
+  parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU sanity run)")
+  parser.add_argument("--parts", default="check,op,sweep,layer")
+  flags = parser.parse_args()
+  os.makedirs(flags.out, exist_ok=True)
+  results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "shape": dict(B=B, H=H, D=D)}
+  parts = flags.parts.split(",")
+  sizes = [256, 512] if flags.smoke else [2048, 4096, 8192, 16384, 32768]
+  b, h, d = (1, 2, 16) if flags.smoke else (B, H, D)
+  for name, fn in (("check", lambda: check(results)),
+                   ("op", lambda: op(results, sizes, b, h, d)),
+                   ("sweep", lambda: sweep(results, sizes[-1] if flags.smoke else 8192, b, h, d)),
+                   ("layer", lambda: layer(results, 512 if flags.smoke else 8192,
+                                           1 if flags.smoke else 4, 64 if flags.smoke else 1024,
+                                           4 if flags.smoke else 16))):
+    if name in parts:
+      try:
+        fn()
+      except Exception:
+        traceback.print_exc()
+        results[f"{name}_error"] = traceback.format_exc()[-2000:]
+      with open(os.path.join(flags.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+  print(results["device"])
+  print(table(results))
+
+
+if __name__ == "__main__":
+  main()
