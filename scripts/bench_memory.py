@@ -213,11 +213,12 @@ def main():
   parser.add_argument("--out", default="/tmp/bench_memory")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU sanity run)")
   parser.add_argument("--parts", default="check,op,sweep,layer")
+  parser.add_argument("--sizes", default="2048,4096,8192,16384,32768", help="T values of 'op'")
   flags = parser.parse_args()
   os.makedirs(flags.out, exist_ok=True)
   results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "shape": dict(B=B, H=H, D=D)}
   parts = flags.parts.split(",")
-  sizes = [256, 512] if flags.smoke else [2048, 4096, 8192, 16384, 32768]
+  sizes = [256, 512] if flags.smoke else [int(x) for x in flags.sizes.split(",")]
   b, h, d = (1, 2, 16) if flags.smoke else (B, H, D)
   for name, fn in (("check", lambda: check(results)),
                    ("op", lambda: op(results, sizes, b, h, d)),
