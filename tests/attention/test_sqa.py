@@ -54,7 +54,7 @@ def test_fewer_query_heads_equal_gqa_on_those_heads():
   np.testing.assert_allclose(np.asarray(y), np.asarray(want), atol=2e-5)
 
 
-@pytest.mark.parametrize("variant", ["sqa", "ssqa", "xsmqa"])
+@pytest.mark.parametrize("variant", ["sqa", "xsmqa"])
 def test_sqa_module_oracles(variant):
   attn = oracles.build("sqa", d_model=32, num_heads=4, sqa={"variant": variant})
   x, pos = oracles.random_inputs()
