@@ -12,6 +12,7 @@ from effattn.attention.dynamic_mask import select_top_w
 from effattn.attention.ops import reference_attention
 from effattn.kernels.block_sparse.common import element_mask
 from tests.attention import oracles
+from tests.attention.test_routing import Jitted
 
 
 def _build(impl="xla", keep_window=5, **opts):
@@ -22,19 +23,18 @@ def _build(impl="xla", keep_window=5, **opts):
 
 
 def test_common_oracles_reference():
-  attn = _build("reference")
+  attn = Jitted(_build("reference"))
   x, pos = oracles.random_inputs(length=20)
   oracles.check_causality(attn, x, pos)
-  oracles.check_decode_matches_forward(attn, x, pos)
-  oracles.check_decode_matches_forward(attn, x, pos, prompt_len=7)
+  oracles.check_decode_matches_forward(attn, x, pos, prompt_len=7)  # prefill + token steps
   oracles.check_segments_isolated(attn, x)
 
 
 def test_common_oracles_kernel_path():
   attn = _build("xla")
   x, pos = oracles.random_inputs(length=20)
-  oracles.check_causality(attn, x, pos, atol=1e-5)
-  oracles.check_segments_isolated(attn, x)
+  oracles.check_causality(Jitted(attn), x, pos, atol=1e-5)
+  oracles.check_segments_isolated(Jitted(attn), x)
   oracles.check_gradients_finite(attn, x, pos)
 
 

@@ -10,16 +10,17 @@ from effattn.attention import base
 from effattn.attention.landmark import block_groups, grouped_softmax_attention
 from effattn.attention.ops import reference_attention
 from tests.attention import oracles
+from tests.attention.test_routing import Jitted
 
 
 def test_common_oracles_with_retrieval_of_all_blocks():
-  attn = oracles.build("landmark", landmark={"block_len": 4, "top_k": 100})
+  module = oracles.build("landmark", landmark={"block_len": 4, "top_k": 100})
+  attn = Jitted(module)
   x, pos = oracles.random_inputs(length=14)
   oracles.check_causality(attn, x, pos)
-  oracles.check_decode_matches_forward(attn, x, pos)
-  oracles.check_decode_matches_forward(attn, x, pos, prompt_len=6)
+  oracles.check_decode_matches_forward(attn, x, pos, prompt_len=6)  # prefill + token steps
   oracles.check_segments_isolated(attn, x)
-  oracles.check_gradients_finite(attn, x, pos)
+  oracles.check_gradients_finite(module, x, pos)
 
 
 def _random(t=11, h=2, d=8, seed=0):
@@ -96,7 +97,7 @@ def test_retrieval_of_fewer_blocks_changes_far_context_only():
 
 
 def test_decoding_past_the_training_length():
-  attn = oracles.build("landmark", landmark={"block_len": 4, "top_k": 2})
+  attn = Jitted(oracles.build("landmark", landmark={"block_len": 4, "top_k": 2}))
   x, pos = oracles.random_inputs(length=40)
   cache = attn.init_cache(2, 40, x.dtype)
   y, cache = attn.decode(x[:, :12], positions=pos[:, :12], cache=cache)

@@ -13,7 +13,6 @@ lists, summed over each GQA group outside the kernel.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +51,8 @@ def _tile(r, q, k, q_start, kv_start, *, block_q, block_k, scale, causal, q_name
   return tile_scores(q, k, scale=scale, causal=causal, q_pos=q_pos, kv_pos=kv_pos, **vecs)
 
 
-def _list_getters(indices, counts):
-  """Index functions into the (maybe batch/head-broadcast) scalar-prefetched lists."""
+def _list_indexer(indices):
+  """Indexes the scalar-prefetched lists (and counts), whose batch/head axes may be 1."""
   lb, lh = indices.shape[0] > 1, indices.shape[1] > 1
 
   def at(ref, b, h, *rest):
@@ -69,7 +68,7 @@ def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: fl
   s_len, h_kv = k.shape[1], k.shape[2]
   group = h // h_kv
   n_slots = kv_indices.shape[-1]
-  at = _list_getters(kv_indices, kv_counts)
+  at = _list_indexer(kv_indices)
   q_names, kv_names = _present(aux, Q_VECS), _present(aux, KV_VECS)
   qt, kt, vt = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, T, D]
 
@@ -162,7 +161,7 @@ def _dq(q, k, v, lse, do, delta, kv_indices, kv_counts, aux, *, causal, scale, b
   h_kv = k.shape[1]
   group = h // h_kv
   n_slots = kv_indices.shape[-1]
-  at = _list_getters(kv_indices, kv_counts)
+  at = _list_indexer(kv_indices)
   q_names, kv_names = _present(aux, Q_VECS), _present(aux, KV_VECS)
 
   def kv_block(bi, hi, i, j, idx, cnt):
@@ -238,7 +237,7 @@ def _dkv(q, k, v, lse, do, delta, q_indices, q_counts, aux, *, causal, scale, bl
   s_len, h_kv = k.shape[2], k.shape[1]
   group = h // h_kv
   n_slots = q_indices.shape[-1]
-  at = _list_getters(q_indices, q_counts)
+  at = _list_indexer(q_indices)
   q_names, kv_names = _present(aux, Q_VECS), _present(aux, KV_VECS)
 
   def q_block(bi, hi, j, s, idx, cnt):
