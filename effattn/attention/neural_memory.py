@@ -44,6 +44,8 @@ from effattn.attention.registry import register
 from effattn.kernels.memory_chunk import common, deep, memory_update, xla
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
+# Jitted so eager calls compile the chunk loop once per shape (inlined under an outer jit).
+_deep_chunked = jax.jit(deep.chunked, static_argnames="chunk_size")
 
 
 def _rms(x, scale, eps=1e-6):
@@ -129,8 +131,8 @@ class _Memory(nnx.Module):
                                   chunk_size=self.chunk_size, impl=self.impl)
       return r, ((w1,), (s1,))
     reset_to, _ = self.initial_state(q.shape[0])
-    return deep.chunked(w, s, q, k, v, theta, alpha, eta, seg, reset_to,
-                        chunk_size=self.chunk_size)
+    return _deep_chunked(w, s, q, k, v, theta, alpha, eta, seg, reset_to,
+                         chunk_size=self.chunk_size)
 
   def retrieve(self, weights, q):
     """M(q) without an update: weights leaves [B, H, ...], q [B, T, H, D] -> [B, T, H, D]."""
@@ -383,6 +385,10 @@ class NeuralMemory(base.Attention):
     return cache
 
   def decode(self, x, *, positions, cache):
+    if x.shape[1] == 1:
+      cache, o = self._decode_token(cache, x, positions)
+      return o, cache
+
     def token(cache, inputs):
       x_t, pos_t = inputs
       return self._decode_token(cache, x_t[:, None], pos_t[:, None])

@@ -124,6 +124,9 @@ def _update_bwd(plan, residuals, cotangents):
 
 
 _update.defvjp(_update_fwd, _update_bwd)
+# Jitted so eager calls (tests, decoding) compile the chunk loop once per shape, not per call.
+_update_jit = jax.jit(_update, static_argnums=0)
+_chunk_loop_jit = jax.jit(reference.chunk_loop, static_argnames="chunk_size")
 
 
 def _check(q, k, v, theta, alpha, eta, w0, s0, segment_ids, chunk_size):
@@ -172,8 +175,8 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
   out_dtype = np.dtype(out_dtype or q.dtype)
   path = choose_path(impl, q, v, chunk_size, interpret)
   if path == "reference":
-    y, state = reference.chunk_loop(q, k, v, theta, alpha, eta, initial_memory, initial_momentum,
-                                    segment_ids, chunk_size=chunk_size)
+    y, state = _chunk_loop_jit(q, k, v, theta, alpha, eta, initial_memory, initial_momentum,
+                               segment_ids, chunk_size=chunk_size)
     return y.astype(out_dtype), state
   c = chunk_size
   lb, le = common.log_gates(alpha, eta)
@@ -190,5 +193,5 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
   if block_sizes is None and path != "xla":
     block_sizes = _module(_Plan(path, c, None, None, False)).BlockSizes()
   plan = _Plan(path, c, np.dtype(compute_dtype or q.dtype), block_sizes, interpret)
-  y, w, s = _update(plan, q, k, v, theta, lb, le, seg, carry, end, w0, s0)
+  y, w, s = _update_jit(plan, q, k, v, theta, lb, le, seg, carry, end, w0, s0)
   return y[:, :t].astype(out_dtype), (w, s)
