@@ -275,9 +275,9 @@ def check_same_variant(variant: Variant, workdir: str) -> None:
 
 def run_variant(sweep: Sweep, variant: Variant, workdir: str, env: dict[str, str]) -> dict:
   """Runs the variant's commands (output appended to sweep.log); -> status and wall time."""
+  check_same_variant(variant, workdir)
   if is_done(sweep, workdir):
     return {"status": "skipped", "seconds": 0.0}
-  check_same_variant(variant, workdir)
   t0 = time.perf_counter()
   with open(os.path.join(workdir, "sweep.log"), "a") as log:
     for cmd in commands(sweep, variant, workdir):
