@@ -18,7 +18,9 @@ from effattn.train.state import TrainState
 
 def forward(graphdef, params, rest, batch, *, train: bool):
   """-> (logits, aux, new_rest). Non-Param state (e.g. centroids) may change when train=True."""
-  model = nnx.merge(graphdef, params, rest)
+  # copy=True: fresh Variables at this trace level, so mechanisms may update their state
+  # (e.g. routing centroids) inside jit(grad(...)).
+  model = nnx.merge(graphdef, params, rest, copy=True)
   logits, aux = model(batch["inputs"], positions=batch["positions"],
                       segment_ids=batch["segment_ids"], train=train)
   _, _, new_rest = nnx.split(model, nnx.Param, ...)
