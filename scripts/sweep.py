@@ -12,7 +12,8 @@ config file, whose axes then come from --axis; --set adds fixed overrides to eit
 Modes:
   --mode=sequential   one variant after another (default when there is one accelerator).
   --mode=parallel     one process per local accelerator (--parallel=N processes; on GPUs each
-                      sees one device through CUDA_VISIBLE_DEVICES, on TPU VMs one chip).
+                      sees one device through CUDA_VISIBLE_DEVICES, on TPU VMs one chip;
+                      --per_device=K runs K processes on each GPU, for small models).
   --mode=script       writes one launch command per variant to <workdir>/launch.sh (run the
                       lines on a cluster, a job array, or every host of a TPU pod slice) and
                       stops; collect afterwards with --mode=collect.
@@ -59,6 +60,9 @@ _MODE = flags.DEFINE_enum("mode", None, ["sequential", "parallel", "script", "co
                           "How to run; default: parallel when several accelerators are seen.")
 _PARALLEL = flags.DEFINE_integer("parallel", 0, "Processes for --mode=parallel (0: one per "
                                  "local accelerator).")
+_PER_DEVICE = flags.DEFINE_integer("per_device", 1, "Processes sharing each accelerator in "
+                                   "--mode=parallel (small models leave a GPU mostly idle); "
+                                   "each gets 1/N of its memory.")
 _EVAL_TASKS = flags.DEFINE_list("eval_tasks", None, "Eval tasks run after training (default: "
                                 "the sweep file's, else accuracy).")
 _FILTER = flags.DEFINE_string("filter", None, "Regex: run only variants whose name matches "
@@ -335,13 +339,15 @@ def local_accelerators() -> tuple[str, list[str]]:
   return "cpu", []
 
 
-def device_env(kind: str, device: str | None, slot: int) -> dict[str, str]:
+def device_env(kind: str, device: str | None, slot: int, per_device: int = 1) -> dict[str, str]:
   env = dict(os.environ)
   env.setdefault("PYTHONUNBUFFERED", "1")
   if device is None:
     return env
   if kind == "gpu":
     env["CUDA_VISIBLE_DEVICES"] = device
+    if per_device > 1:  # share the GPU: no process may preallocate most of its memory
+      env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / per_device:.3f}"
   elif kind == "tpu":  # one chip per process on a TPU VM
     env.update(TPU_VISIBLE_CHIPS=device, TPU_CHIPS_PER_PROCESS_BOUNDS="1,1,1",
                TPU_PROCESS_BOUNDS="1,1,1", TPU_PROCESS_PORT=str(8476 + slot),
@@ -597,7 +603,7 @@ def _summary(row: dict) -> str:
 
 
 def run_sweep(sweep: Sweep, sweep_dir: str, *, mode: str, parallel: int = 0,
-              dry_run: bool = False, pattern: str | None = None,
+              per_device: int = 1, dry_run: bool = False, pattern: str | None = None,
               out=sys.stdout) -> tuple[list[dict], str]:
   """Runs (or scripts) every variant, then collects; -> (rows, markdown table)."""
   variants = expand(sweep, pattern)
@@ -616,13 +622,15 @@ def run_sweep(sweep: Sweep, sweep_dir: str, *, mode: str, parallel: int = 0,
     if mode == "sequential":
       slots, devices = 1, []  # the one process sees every device
     else:
-      slots = parallel or len(devices) or 1
-      if devices and slots > len(devices):
+      if per_device < 1:
+        raise ValueError(f"--per_device={per_device} must be >= 1")
+      slots = parallel or len(devices) * per_device or 1
+      if devices and slots > len(devices) * per_device:
         raise ValueError(f"--parallel={slots} exceeds the {len(devices)} local {kind} devices "
-                         f"(one process per device)")
+                         f"x --per_device={per_device}; raise --per_device to share devices")
     free: queue.Queue = queue.Queue()
-    for i in range(slots):
-      free.put((i, devices[i] if devices else None))
+    for i in range(slots):  # slot i runs on device i mod n: processes spread over devices
+      free.put((i, devices[i % len(devices)] if devices else None))
     from tqdm import tqdm
 
     bar = tqdm(total=len(variants), desc=sweep.name, unit="run", file=out, dynamic_ncols=True)
@@ -634,7 +642,8 @@ def run_sweep(sweep: Sweep, sweep_dir: str, *, mode: str, parallel: int = 0,
       workdir = os.path.join(sweep_dir, variant.name)
       try:
         try:
-          result = run_variant(sweep, variant, workdir, device_env(kind, device, slot))
+          result = run_variant(sweep, variant, workdir,
+                               device_env(kind, device, slot, per_device))
         except ValueError as e:
           result = {"status": f"failed ({e})", "seconds": 0.0}
       finally:
@@ -673,10 +682,10 @@ def main(argv):
         _WORKDIR.value or os.path.join("runs", "sweeps", sweep.name)))
     mode = _MODE.value
     if mode is None:
-      mode = "parallel" if len(local_accelerators()[1]) > 1 or _PARALLEL.value > 1 else (
-          "sequential")
+      mode = "parallel" if (len(local_accelerators()[1]) > 1 or _PARALLEL.value > 1
+                            or _PER_DEVICE.value > 1) else "sequential"
     rows, text = run_sweep(sweep, sweep_dir, mode=mode, parallel=_PARALLEL.value,
-                           dry_run=_DRY_RUN.value, pattern=_FILTER.value)
+                           per_device=_PER_DEVICE.value, dry_run=_DRY_RUN.value, pattern=_FILTER.value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

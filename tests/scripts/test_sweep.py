@@ -84,6 +84,23 @@ def test_default_sweep_has_the_baselines_and_every_registered_mechanism():
   assert {"data.seq_len", "seed", "optimizer.learning_rate"} <= set(s.axes)
 
 
+def test_family_sweeps_cover_every_registered_mechanism():
+  from effattn import attention
+
+  for name in ("mqar_families.py", "passkey_families.py"):
+    s = sweep_lib.load_sweep(os.path.join(ROOT, "configs", "sweeps", name), [], [])
+    used = {e["model.attention.name"] for e in s.axes["attention"]}
+    assert used == set(attention.names()), name
+
+
+def test_processes_can_share_a_gpu():
+  one = sweep_lib.device_env("gpu", "0", 0)
+  assert one["CUDA_VISIBLE_DEVICES"] == "0" and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in one
+  four = sweep_lib.device_env("gpu", "1", 3, per_device=4)
+  assert four["CUDA_VISIBLE_DEVICES"] == "1"
+  assert float(four["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == pytest.approx(0.225)
+
+
 def test_aggregate_means_seeds_then_takes_the_best_other_setting():
   s = _sweep()
   rows = []

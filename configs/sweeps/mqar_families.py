@@ -1,0 +1,41 @@
+"""MQAR quality of every mechanism family at one size and budget (the GPU-sized grid).
+
+    python scripts/sweep.py --config configs/sweeps/mqar_families.py
+
+Zoology's attention-only recipe (configs/mqar.py: 2 layers, no MLP) widened to d_model 256 with
+4 heads of 64 dimensions, so on a GPU every mechanism runs its Pallas kernel; 32 key-value
+pairs in T = 256 tokens, keys and values from a 512-token vocabulary; 2,000 steps of batch 64.
+The window budget W = 64 covers the key-value block but not the far queries, so the
+sliding-window baseline shows what is lost without long-range recall. Variants: see
+configs/sweeps/families.py. Results: docs/quality.md.
+"""
+
+from configs.sweeps import families
+
+
+def get_sweep():
+  return {
+      "name": "mqar_families",
+      "config": "configs/mqar.py",
+      "fixed": {
+          "model.d_model": 256,
+          "model.num_heads": 4,
+          "data.mqar.vocab_size": 512,
+          "data.mqar.num_pairs": 32,
+          "train.steps": 2000,
+          "train.batch_size": 64,
+          "train.eval_every": 0,
+          "train.eval_examples": 1000,
+          "checkpoint.every": 1000,
+          "checkpoint.keep": 1,
+      },
+      "axes": {
+          "attention": families.variants(window=64),
+          "data.seq_len": [256],
+          "seed": [0],
+          "optimizer.learning_rate": [1e-3],
+      },
+      "plot_x": "data.seq_len",
+      "plot_series": "attention",
+      "metric": "eval_accuracy",
+  }
