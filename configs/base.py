@@ -26,8 +26,17 @@ def attention_config() -> ml_collections.ConfigDict:
   cfg.window = ml_collections.FieldReference(None, field_type=int)  # sliding window, None: full
   cfg.impl = "auto"  # auto | cudnn | xla | reference | pallas (mechanisms with kernels)
   for name in attention.names():
-    cfg[name] = ml_collections.ConfigDict(dict(attention.get(name).DEFAULTS))
+    cfg[name] = options_section(attention.get(name).DEFAULTS)
   return cfg
+
+
+def options_section(defaults: dict) -> ml_collections.ConfigDict:
+  """A mechanism's DEFAULTS as a config section. A None default ("derive it from the model")
+  is an integer count in every mechanism, so it becomes an int-typed reference: a bare None
+  field could not be overridden from the command line."""
+  return ml_collections.ConfigDict({
+      k: ml_collections.FieldReference(None, field_type=int) if v is None else v
+      for k, v in defaults.items()})
 
 
 def data_config() -> ml_collections.ConfigDict:
