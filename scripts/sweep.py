@@ -346,8 +346,9 @@ def device_env(kind: str, device: str | None, slot: int, per_device: int = 1) ->
     return env
   if kind == "gpu":
     env["CUDA_VISIBLE_DEVICES"] = device
-    if per_device > 1:  # share the GPU: no process may preallocate most of its memory
-      env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / per_device:.3f}"
+    if per_device > 1:  # share the GPU: allocate on demand, leave room for CUDA graphs
+      env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+      env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.8 / per_device:.3f}"
   elif kind == "tpu":  # one chip per process on a TPU VM
     env.update(TPU_VISIBLE_CHIPS=device, TPU_CHIPS_PER_PROCESS_BOUNDS="1,1,1",
                TPU_PROCESS_BOUNDS="1,1,1", TPU_PROCESS_PORT=str(8476 + slot),

@@ -98,7 +98,8 @@ def test_processes_can_share_a_gpu():
   assert one["CUDA_VISIBLE_DEVICES"] == "0" and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in one
   four = sweep_lib.device_env("gpu", "1", 3, per_device=4)
   assert four["CUDA_VISIBLE_DEVICES"] == "1"
-  assert float(four["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == pytest.approx(0.225)
+  assert float(four["XLA_PYTHON_CLIENT_MEM_FRACTION"]) == pytest.approx(0.2)
+  assert four["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
 
 
 def test_aggregate_means_seeds_then_takes_the_best_other_setting():
