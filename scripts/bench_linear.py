@@ -14,7 +14,7 @@ Parts, in order (results as JSON and a markdown table under --out):
    lightning op vs fla's on the same inputs; a small block-size sweep; then the table: ours
    (Pallas, xla) without and with decay, fla's two ops, cuDNN softmax
    (jax.nn.dot_product_attention). The JAX part takes about 2 minutes on an H100.
-Shapes: B=8, H=16, D=128, bf16, causal, T in --sizes. Results: docs/benchmarks_linear.md.
+Shapes: B=8, H=16, D=128, bf16, causal, T in --sizes. Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

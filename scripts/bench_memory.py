@@ -3,7 +3,7 @@
     python scripts/bench_memory.py --out /tmp/bench_memory            # everything (~3 min H100)
     python scripts/bench_memory.py --out /tmp/x --smoke                # tiny shapes, any backend
 
-Parts (JSON under --out, a markdown table printed last; docs/benchmarks_memory.md has results):
+Parts (JSON under --out, a markdown table printed last; docs/benchmarks.md has results):
 1. check: memory_update on the Pallas (Triton) path and the chunked xla path against
    reference.py on the device, forward, final states and every gradient (random cotangents),
    f32 and bf16, with packed segments and a ragged T.

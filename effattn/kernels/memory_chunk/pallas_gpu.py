@@ -28,7 +28,7 @@ class BlockSizes:
   """Triton launch parameters (the chunk is part of the math, not a tile: api's chunk_size).
 
   num_warps: None picks 8 for chunks >= 64 and 4 below (H100, D=64: C=64 runs 1.6x faster
-  forward and 1.3x faster backward with 8 warps than with 4; docs/benchmarks_memory.md).
+  forward and 1.3x faster backward with 8 warps than with 4; docs/benchmarks.md).
   """
 
   num_warps: int | None = None
