@@ -489,7 +489,11 @@ def plot_results(sweep: Sweep, points: list[dict], sweep_dir: str) -> list[str]:
 
   x_col, series = plot_roles(sweep)
   names = list(dict.fromkeys(p["series"] for p in points))
+  # Ten colors x markers keep more than ten series apart.
   colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+  markers = {n: "os^Dv"[(i // 10) % 5] for i, n in enumerate(names)}
+  legend_kw = dict(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5)) if len(
+      names) > 8 else dict(fontsize=8)
   xs = [p["x"] for p in points]
   log_x = _numeric(xs) and len(set(xs)) > 1 and min(xs) > 0
   paths = []
@@ -499,11 +503,27 @@ def plot_results(sweep: Sweep, points: list[dict], sweep_dir: str) -> list[str]:
       ("tokens_per_sec", "train tokens / s", f"tokens_per_sec_vs_{short_key(x_col)}.png")):
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
+    if len(set(xs)) == 1:  # one x value: a bar per series reads better than a column of dots
+      bars = [(str(p["series"]), p[column]) for p in points if p[column] is not None]
+      if bars:
+        labels, values = zip(*bars)
+        ax.barh(labels, values, color=[colors[p["series"]] for p in points
+                                       if p[column] is not None])
+        ax.invert_yaxis()
+      if column == "tokens_per_sec":
+        ax.set_xscale("log")
+      ax.set_xlabel(ylabel)
+      ax.set_title(f"{sweep.name}: {ylabel} at {short_key(x_col)} = {xs[0]}")
+      ax.grid(alpha=0.3, axis="x")
+      path = os.path.join(sweep_dir, filename)
+      fig.savefig(path, dpi=120)
+      paths.append(path)
+      continue
     for n in names:
       pts = [(p["x"], p[column]) for p in points if p["series"] == n and p[column] is not None]
       if pts:
         px, py = zip(*sorted(pts, key=lambda t: _sort_key(t[0])))
-        ax.plot([str(v) for v in px] if not _numeric(px) else px, py, marker="o",
+        ax.plot([str(v) for v in px] if not _numeric(px) else px, py, marker=markers[n],
                 color=colors[n], label=str(n))
     if log_x:
       ax.set_xscale("log", base=2)
@@ -514,7 +534,7 @@ def plot_results(sweep: Sweep, points: list[dict], sweep_dir: str) -> list[str]:
     ax.set_ylabel(ylabel)
     ax.set_title(f"{sweep.name}: {ylabel} vs {short_key(x_col)}")
     ax.grid(alpha=0.3)
-    ax.legend(title=short_key(series) if series else None, fontsize=8)
+    ax.legend(title=short_key(series) if series else None, **legend_kw)
     path = os.path.join(sweep_dir, filename)
     fig.savefig(path, dpi=120)
     paths.append(path)
@@ -527,7 +547,7 @@ def plot_results(sweep: Sweep, points: list[dict], sweep_dir: str) -> list[str]:
     pts = [p for p in points if p["x"] == x and p["tokens_per_sec"]]
     for p in pts:
       ax.scatter(p["tokens_per_sec"], p["quality"], color=colors[p["series"]], s=40,
-                 label=str(p["series"]), zorder=3)
+                 marker=markers[p["series"]], label=str(p["series"]), zorder=3)
     front = pareto([(p["tokens_per_sec"], p["quality"]) for p in pts], sweep.higher_is_better)
     if len(front) > 1:
       fx, fy = zip(*front)
@@ -542,7 +562,7 @@ def plot_results(sweep: Sweep, points: list[dict], sweep_dir: str) -> list[str]:
     for h, lab in zip(*ax.get_legend_handles_labels()):
       handles.setdefault(lab, h)
   if handles:
-    axes[-1].legend(handles.values(), handles.keys(), fontsize=8)
+    axes[-1].legend(handles.values(), handles.keys(), **legend_kw)
   fig.suptitle(f"{sweep.name}: quality vs throughput")
   path = os.path.join(sweep_dir, "frontier.png")
   fig.savefig(path, dpi=120)
