@@ -361,7 +361,9 @@ class NeuralMemory(base.Attention):
     carried = (seg_s == seg_s[:, :1])[..., None, None]
     h = jnp.where(carried, self.memory.retrieve(state[0], q_m),
                   self.memory.retrieve(init[0], q_m))
-    k_h, v_h = self._kv(self.memory.output(h), pos_s)
+    # h enters as retrieved (the paper's h_t): normalizing a near-zero retrieval would scale its
+    # gradient by 1/|h| at every segment boundary, compounding over the segments.
+    k_h, v_h = self._kv(base.merge_heads(h).astype(self.dtype), pos_s)
     idx = base.sequence_index(b, length)
     mask = base.attention_mask(idx, idx, causal=True, q_segment_ids=seg_s, k_segment_ids=seg_s)
     return self._attend(q_a, jnp.concatenate([k_h, k_a], 1), jnp.concatenate([v_h, v_a], 1),
@@ -438,7 +440,7 @@ class NeuralMemory(base.Attention):
                                           mem["weights"], cache["segment_start"])
     q_m, _, _, _, cache["x_conv"] = self.memory.streams(x, None, cache["x_conv"])
     h = self.memory.retrieve(cache["segment_start"], q_m)
-    k_h, v_h = self._kv(self.memory.output(h), pos_t)
+    k_h, v_h = self._kv(base.merge_heads(h).astype(self.dtype), pos_t)
     for name, val in (("k_h", k_h), ("v_h", v_h)):
       cache[name] = jax.lax.dynamic_update_slice(cache[name], val.astype(cache[name].dtype),
                                                  (0, j, 0, 0))

@@ -69,6 +69,26 @@ def test_gradients_reach_every_parameter():
   oracles.check_gradients_finite(module, x, pos)
 
 
+def test_mac_gradients_do_not_grow_with_the_number_of_segments():
+  """Each MAC segment reads the memory the previous one wrote; a retrieval that is rescaled
+  (e.g. normalized while near zero) multiplies the gradient at every segment boundary."""
+  from flax import nnx
+
+  def grad_norm(num_segments):
+    module = build("mac")
+    x, pos = oracles.random_inputs(2, SMALL["segment_len"] * num_segments, d_model=16, seed=1)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def last_token_energy(p):
+      return jnp.sum(nnx.merge(graphdef, p, rest)(x, positions=pos)[0][:, -1] ** 2)
+
+    grads = jax.grad(last_token_energy)(params)
+    return float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))))
+
+  one, four = grad_norm(1), grad_norm(4)
+  assert four < 1.6 * one, (one, four)
+
+
 def test_registered_and_checked():
   assert "neural_memory" in registry.names()
   with pytest.raises(ValueError, match="variant"):
