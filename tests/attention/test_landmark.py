@@ -7,14 +7,17 @@ import numpy as np
 import pytest
 
 from effattn.attention import base
-from effattn.attention.landmark import block_groups, grouped_softmax_attention
+from effattn.attention.landmark import (block_groups, chunked_grouped_softmax_attention,
+                                        grouped_softmax_attention)
 from effattn.attention.ops import reference_attention
 from tests.attention import oracles
 from tests.attention.test_routing import Jitted
 
 
-def test_common_oracles_with_retrieval_of_all_blocks():
-  module = oracles.build("landmark", landmark={"block_len": 4, "top_k": 100})
+@pytest.mark.parametrize("query_chunk", [0, 4])  # dense, and chunked with a ragged last chunk
+def test_common_oracles_with_retrieval_of_all_blocks(query_chunk):
+  module = oracles.build("landmark", landmark={"block_len": 4, "top_k": 100,
+                                               "query_chunk": query_chunk})
   attn = Jitted(module)
   x, pos = oracles.random_inputs(length=14)
   oracles.check_causality(attn, x, pos)
@@ -67,6 +70,29 @@ def test_grouped_softmax_matches_the_formula_and_rows_sum_to_one():
   np.testing.assert_allclose(np.asarray(a.sum(-1)), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("t,chunk,block_len", [(13, 4, 3), (16, 8, 5), (7, 16, 2)])
+def test_chunked_equals_dense_with_segments(t, chunk, block_len):
+  q, k, v, k_land = _random(t=t, seed=t)
+  seg = jnp.asarray([[1] * (t // 2) + [2] * (t - t // 2)])  # two packed segments
+  pos = jnp.concatenate([jnp.arange(t // 2), jnp.arange(t - t // 2)])[None]
+  gid = block_groups(pos, seg, block_len)
+
+  def dense(q, k, v, k_land):
+    return grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=0.3)[0]
+
+  def chunked(q, k, v, k_land):
+    return chunked_grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=0.3, chunk=chunk)
+
+  np.testing.assert_allclose(np.asarray(chunked(q, k, v, k_land)),
+                             np.asarray(dense(q, k, v, k_land)), atol=1e-5)
+  w = jax.random.normal(jax.random.key(1), q.shape)
+  loss = lambda f: lambda *a: jnp.sum(f(*a) * w)  # noqa: E731
+  g_dense = jax.grad(loss(dense), argnums=(0, 1, 2, 3))(q, k, v, k_land)
+  g_chunk = jax.grad(loss(chunked), argnums=(0, 1, 2, 3))(q, k, v, k_land)
+  for got, want in zip(g_chunk, g_dense):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
 def test_one_block_is_causal_softmax():
   attn = oracles.build("landmark", landmark={"block_len": 64})
   x, pos = oracles.random_inputs(length=12)
@@ -109,5 +135,7 @@ def test_decoding_past_the_training_length():
 def test_bad_options_named():
   with pytest.raises(ValueError, match="block_len"):
     oracles.build("landmark", landmark={"block_len": 0})
+  with pytest.raises(ValueError, match="query_chunk"):
+    oracles.build("landmark", landmark={"query_chunk": -1})
   with pytest.raises(ValueError, match="num_kv_heads"):
     oracles.build("landmark", num_kv_heads=2)
