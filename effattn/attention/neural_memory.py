@@ -248,6 +248,8 @@ class NeuralMemory(base.Attention):
     self.persistent_v = nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * 0.1)
     if self.variant in ("mag", "mac"):
       self.y_scale = nnx.Param(jnp.ones((d_model,), jnp.float32))
+    if self.variant == "mac":
+      self.store_scale = nnx.Param(jnp.ones((d_model,), jnp.float32))
 
   # -- pieces ----------------------------------------------------------------------------------
 
@@ -282,6 +284,12 @@ class NeuralMemory(base.Attention):
   def _gate(self, y, r):
     """The paper's ⊗: normalized attention output gated by the normalized memory output."""
     return self.out_proj(_rms(y, self.y_scale.value) * jax.nn.sigmoid(self.memory.output(r)))
+
+  def _mac_memory_input(self, y):
+    """MAC writes the memory with the attention output y, and the next segment attends to what
+    the memory returns: without a norm here that loop multiplies y's scale at every segment
+    (MAG and MAL write the block's normalized input instead)."""
+    return _rms(y, self.store_scale.value)
 
   def _lmm(self, x, r):
     return self.out_proj(self.memory.output(r) * jax.nn.sigmoid(self.gate_proj(x)))
@@ -342,7 +350,7 @@ class NeuralMemory(base.Attention):
                            state, init)
       tail = jnp.where(fresh[:, None, None, None], 0, tail)
       y = self._mac_attention(state, init, q_m, q_a, k_a, v_a, pos_s, seg_s)
-      q, k, v, gates, tail = self.memory.streams(y, seg_s, tail)
+      q, k, v, gates, tail = self.memory.streams(self._mac_memory_input(y), seg_s, tail)
       r, state = self.memory.update(q, k, v, gates, seg_s, state)
       sums = sums + jnp.stack([jnp.sum(g) for g in gates])
       return (state, tail, sums), self._gate(y, r)
@@ -450,5 +458,5 @@ class NeuralMemory(base.Attention):
     mask = jnp.broadcast_to(visible, (b, 1, 1, visible.shape[0]))
     y = self._attend(q, jnp.concatenate([cache["k_h"], cache["k"]], 1),
                      jnp.concatenate([cache["v_h"], cache["v"]], 1), mask)
-    r, cache["memory"] = self._memory_token(mem, y)
+    r, cache["memory"] = self._memory_token(mem, self._mac_memory_input(y))
     return cache, self._gate(y, r)

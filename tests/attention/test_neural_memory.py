@@ -89,6 +89,23 @@ def test_mac_gradients_do_not_grow_with_the_number_of_segments():
   assert four < 1.6 * one, (one, four)
 
 
+def test_mac_memory_does_not_amplify_the_attention_output_across_segments():
+  """MAC writes the memory with the attention output and attends to the memory's retrieval in
+  the next segment; scaling the attention's value and output projections must not compound
+  through that loop (it did, geometrically, before the memory's input was normalized)."""
+
+  def memory_scale(gain):
+    module = build("mac")
+    for proj in (module.v_proj, module.o_proj):
+      proj.kernel.value = proj.kernel.value * gain
+    x, pos = oracles.random_inputs(2, SMALL["segment_len"] * 10, d_model=16, seed=1)
+    _, cache = module.decode(x, positions=pos, cache=module.init_cache(2, x.shape[1]))
+    return float(jnp.sqrt(jnp.mean(cache["memory"]["weights"][0] ** 2)))
+
+  base_scale, amplified = memory_scale(1.0), memory_scale(12.0)
+  assert amplified < 2.0 * base_scale, (base_scale, amplified)
+
+
 def test_registered_and_checked():
   assert "neural_memory" in registry.names()
   with pytest.raises(ValueError, match="variant"):
