@@ -206,6 +206,7 @@ class NeuralMemory(base.Attention):
       "num_persistent": 4,    # N_p persistent memory tokens
       "conv_size": 4,         # short depthwise causal conv on the memory's q, k, v
       "max_lr": 0.1,          # theta = max_lr * sigmoid(.) (larger steps make deep memories diverge)
+      "store_norm": False,    # MAC: the memory reads rms(y), not y (cuts the segment loop; docs)
   }
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
@@ -248,7 +249,7 @@ class NeuralMemory(base.Attention):
     self.persistent_v = nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * 0.1)
     if self.variant in ("mag", "mac"):
       self.y_scale = nnx.Param(jnp.ones((d_model,), jnp.float32))
-    if self.variant == "mac":
+    if self.variant == "mac" and o.store_norm:
       self.store_scale = nnx.Param(jnp.ones((d_model,), jnp.float32))
 
   # -- pieces ----------------------------------------------------------------------------------
@@ -286,10 +287,11 @@ class NeuralMemory(base.Attention):
     return self.out_proj(_rms(y, self.y_scale.value) * jax.nn.sigmoid(self.memory.output(r)))
 
   def _mac_memory_input(self, y):
-    """MAC writes the memory with the attention output y, and the next segment attends to what
-    the memory returns: without a norm here that loop multiplies y's scale at every segment
-    (MAG and MAL write the block's normalized input instead)."""
-    return _rms(y, self.store_scale.value)
+    """What MAC's memory reads and writes: the attention output y (the paper), or rms(y) with
+    `store_norm`. The next segment attends to what the memory returns, so with raw y any gain
+    of the attention's projections compounds from segment to segment; the norm cuts that loop
+    (MAG and MAL write the block's normalized input and have none)."""
+    return _rms(y, self.store_scale.value) if self.opts.store_norm else y
 
   def _lmm(self, x, r):
     return self.out_proj(self.memory.output(r) * jax.nn.sigmoid(self.gate_proj(x)))

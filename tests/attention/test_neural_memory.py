@@ -20,10 +20,11 @@ def build(variant, depth=1, impl="xla", **opts):
                        neural_memory=dict(SMALL, variant=variant, depth=depth, **opts))
 
 
-@pytest.mark.parametrize("variant,depth", [("mac", 1), ("mag", 1), ("mal", 1), ("lmm", 1),
-                                           ("mag", 2)])
-def test_decode_matches_forward_and_is_causal(variant, depth):
-  module = build(variant, depth)
+@pytest.mark.parametrize("variant,depth,opts", [("mac", 1, {}), ("mac", 1, {"store_norm": True}),
+                                                ("mag", 1, {}), ("mal", 1, {}), ("lmm", 1, {}),
+                                                ("mag", 2, {})])
+def test_decode_matches_forward_and_is_causal(variant, depth, opts):
+  module = build(variant, depth, **opts)
   x, pos = oracles.random_inputs(2, 13, d_model=16)
   y, aux = module(x, positions=pos)
   assert y.shape == x.shape and np.all(np.isfinite(np.asarray(y)))
@@ -89,21 +90,23 @@ def test_mac_gradients_do_not_grow_with_the_number_of_segments():
   assert four < 1.6 * one, (one, four)
 
 
-def test_mac_memory_does_not_amplify_the_attention_output_across_segments():
+def test_mac_store_norm_cuts_the_segment_loop():
   """MAC writes the memory with the attention output and attends to the memory's retrieval in
-  the next segment; scaling the attention's value and output projections must not compound
-  through that loop (it did, geometrically, before the memory's input was normalized)."""
+  the next segment. With raw y (the paper) a gain in the attention's value and output
+  projections compounds through that loop; with store_norm it must not reach the memory."""
 
-  def memory_scale(gain):
-    module = build("mac")
+  def memory_scale(gain, store_norm):
+    module = build("mac", store_norm=store_norm)
     for proj in (module.v_proj, module.o_proj):
       proj.kernel.value = proj.kernel.value * gain
     x, pos = oracles.random_inputs(2, SMALL["segment_len"] * 10, d_model=16, seed=1)
     _, cache = module.decode(x, positions=pos, cache=module.init_cache(2, x.shape[1]))
     return float(jnp.sqrt(jnp.mean(cache["memory"]["weights"][0] ** 2)))
 
-  base_scale, amplified = memory_scale(1.0), memory_scale(12.0)
+  base_scale, amplified = memory_scale(1.0, True), memory_scale(12.0, True)
   assert amplified < 2.0 * base_scale, (base_scale, amplified)
+  raw_base, raw_amplified = memory_scale(1.0, False), memory_scale(12.0, False)
+  assert raw_amplified > 100 * raw_base, (raw_base, raw_amplified)  # the loop the norm cuts
 
 
 def test_registered_and_checked():
