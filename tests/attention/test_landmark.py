@@ -14,10 +14,9 @@ from tests.attention import oracles
 from tests.attention.test_routing import Jitted
 
 
-@pytest.mark.parametrize("query_chunk", [0, 4])  # dense, and chunked with a ragged last chunk
-def test_common_oracles_with_retrieval_of_all_blocks(query_chunk):
-  module = oracles.build("landmark", landmark={"block_len": 4, "top_k": 100,
-                                               "query_chunk": query_chunk})
+def test_common_oracles_with_retrieval_of_all_blocks():
+  # Chunked with a ragged last chunk; the dense form equals it (test below).
+  module = oracles.build("landmark", landmark={"block_len": 4, "top_k": 100, "query_chunk": 4})
   attn = Jitted(module)
   x, pos = oracles.random_inputs(length=14)
   oracles.check_causality(attn, x, pos)
@@ -70,7 +69,7 @@ def test_grouped_softmax_matches_the_formula_and_rows_sum_to_one():
   np.testing.assert_allclose(np.asarray(a.sum(-1)), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("t,chunk,block_len", [(13, 4, 3), (16, 8, 5), (7, 16, 2)])
+@pytest.mark.parametrize("t,chunk,block_len", [(13, 4, 3), (7, 16, 2)])
 def test_chunked_equals_dense_with_segments(t, chunk, block_len):
   q, k, v, k_land = _random(t=t, seed=t)
   seg = jnp.asarray([[1] * (t // 2) + [2] * (t - t // 2)])  # two packed segments
