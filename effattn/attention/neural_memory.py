@@ -222,6 +222,9 @@ class NeuralMemory(base.Attention):
     if o.variant == "mac" and o.segment_len % o.chunk_size:
       raise ValueError(f"model.attention.neural_memory.segment_len={o.segment_len} must be a "
                        f"multiple of chunk_size={o.chunk_size} (MAC updates whole chunks)")
+    if o.store_norm and o.variant != "mac":
+      raise ValueError(f"model.attention.neural_memory.store_norm=True applies to variant='mac' "
+                       f"only (variant={o.variant!r} writes the block's normalized input)")
     self.variant = o.variant
     self.window = cfg.get("window")
     impl = cfg.get("impl", "auto")

@@ -115,5 +115,7 @@ def test_registered_and_checked():
     build("mat")
   with pytest.raises(ValueError, match="segment_len"):
     build("mac", segment_len=6)
+  with pytest.raises(ValueError, match="store_norm"):
+    build("mag", store_norm=True)
   with pytest.raises(ValueError, match="depth"):
     build("mag", depth=0)
