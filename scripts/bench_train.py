@@ -52,9 +52,10 @@ def parse_args(argv=None):
   p.add_argument("--window", type=int, default=512)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--remat", action="store_true")
-  p.add_argument("--segments", choices=("ones", "none"), default="ones",
+  p.add_argument("--segments", choices=("ones", "packed", "none"), default="ones",
                  help="ones: segment_ids of ones, as every pipeline batch has (mechanisms see a "
-                      "packed-sequence batch); none: no segment_ids (unpacked rows)")
+                      "packed-sequence batch); packed: four documents of random lengths per "
+                      "row; none: no segment_ids (unpacked rows)")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--max_seconds", type=float, default=0.0, help="0: no limit")
@@ -96,16 +97,24 @@ def make_config(args, mechanism: str, seq_len: int):
 
 
 def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0, *,
-                    segments: bool = True) -> dict:
+                    segments: str = "ones") -> dict:
+  """Random tokens; segments "ones" | "none" | "packed" (4 documents per row, positions
+  restarting at each)."""
   import numpy as np
 
   rng = np.random.default_rng(seed)
   tokens = rng.integers(3, vocab, (batch, seq_len + 1), dtype=np.int32)
+  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()
+  segment_ids = None if segments == "none" else np.ones((batch, seq_len), np.int32)
+  if segments == "packed":
+    for row in range(batch):
+      cuts = np.sort(rng.choice(np.arange(1, seq_len), 3, replace=False))
+      for doc, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, seq_len])):
+        segment_ids[row, lo:hi] = doc + 1
+        positions[row, lo:hi] = np.arange(hi - lo)
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
           "weights": np.ones((batch, seq_len), np.float32),
-          "segment_ids": np.ones((batch, seq_len), np.int32) if segments else None,
-          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
-                                       (batch, seq_len)).copy()}
+          "segment_ids": segment_ids, "positions": positions}
 
 
 def compiled_bytes(compiled) -> int | None:
@@ -138,7 +147,7 @@ def bench_one(args, mechanism: str, seq_len: int) -> dict:
   del model
   num_params = count_params(state.params)
   batch = jax.device_put(synthetic_batch(config.train.batch_size, seq_len, args.vocab_size,
-                                         segments=args.segments == "ones"))
+                                         segments=args.segments))
   step = jax.jit(make_train_step(graphdef, tx, schedule), donate_argnums=0)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()

@@ -145,13 +145,8 @@ class MixtureOfHeadAttention(SoftmaxAttention):
     hs, hs_kv = self.num_shared, self.num_shared // (self.num_heads // self.num_kv_heads)
     outs = []
     if hs:
-      mask = None
-      if segment_ids is not None:
-        idx = base.sequence_index(x.shape[0], x.shape[1])
-        mask = base.attention_mask(idx, idx, causal=causal, q_segment_ids=segment_ids,
-                                   k_segment_ids=segment_ids)
       o = softmax_attention(q[:, :, :hs], k[:, :, :hs_kv], v[:, :, :hs_kv], causal=causal,
-                            mask=mask, impl=shared_impl)
+                            segment_ids=segment_ids, impl=shared_impl)
       outs.append(o * gates[..., :hs, None].astype(o.dtype))
     if self.num_routed:
       outs.append(head_routed_attention(

@@ -193,14 +193,9 @@ class RoutingAttention(base.Attention):
     return y, {"loss_commitment": self.opts.commitment * commit}
 
   def _local(self, q, k, v, segment_ids, causal):
-    window = self.opts.local_window
-    mask = None
-    if segment_ids is not None:
-      idx = base.sequence_index(q.shape[0], q.shape[1])
-      mask = base.attention_mask(idx, idx, causal=causal, q_segment_ids=segment_ids,
-                                 k_segment_ids=segment_ids, window=window)
     impl = self.impl if self.impl in SOFTMAX_IMPLS else "auto"
-    return softmax_attention(q, k, v, causal=causal, mask=mask, window=window, impl=impl)
+    return softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                             window=self.opts.local_window, impl=impl)
 
   def _route_nearest(self, ur, v, assign, seg, causal):
     """Each token attends causally to earlier tokens of its own cluster. -> [B, T, Hr, D]."""

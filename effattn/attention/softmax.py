@@ -49,12 +49,8 @@ class SoftmaxAttention(base.Attention):
 
   def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
     q, k, v = self.project(x, positions)
-    mask = None
-    if segment_ids is not None:
-      idx = base.sequence_index(x.shape[0], x.shape[1])
-      mask = base.attention_mask(idx, idx, causal=causal, q_segment_ids=segment_ids,
-                                 k_segment_ids=segment_ids, window=self.window)
-    o = softmax_attention(q, k, v, causal=causal, mask=mask, window=self.window, impl=self.impl)
+    o = softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=self.window,
+                          impl=self.impl)
     return self.o_proj(base.merge_heads(o)), {}
 
   def init_cache(self, batch, max_len, dtype=None):

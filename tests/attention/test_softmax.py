@@ -50,6 +50,65 @@ def test_softmax_attention_segment_mask_matches_naive():
   for impl in ("reference", "xla"):
     got = ops.softmax_attention(q, k, v, causal=True, mask=mask, impl=impl)
     np.testing.assert_allclose(np.asarray(got), naive_attention(q, k, v, mask), atol=2e-5)
+    got = ops.softmax_attention(q, k, v, causal=True, segment_ids=seg, impl=impl)
+    np.testing.assert_allclose(np.asarray(got), naive_attention(q, k, v, mask), atol=2e-5)
+
+
+def test_packed_segments_lists_every_run():
+  seg = np.array([[1, 1, 1, 2, 2, 0, 0], [3, 3, 3, 3, 3, 3, 3], [1, 2, 1, 2, 2, 2, 0]])
+  lengths, offsets, count = map(np.asarray, ops.packed_segments(jnp.asarray(seg), 4))
+  np.testing.assert_array_equal(count, [3, 1, 5])
+  np.testing.assert_array_equal(lengths[:2], [[3, 2, 2, -1], [7, -1, -1, -1]])
+  np.testing.assert_array_equal(offsets[:2], [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]])
+  # Row 2 has 5 runs for 4 slots: the caller sees count > M and must not use the layout.
+  np.testing.assert_array_equal(offsets[2, :4], [0, 1, 2, 3])
+
+
+def _emulated_cudnn(q, k, v, *, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scale, mask_type,
+                    sliding_window_length):
+  """cuDNN's packed semantics in jnp (q and k share the layout here): runs from the offsets."""
+  del kv_seqlen, kv_offsets, sliding_window_length
+  t = q.shape[1]
+  pos = jnp.arange(t)
+  inside = ((pos[None, None, :] >= q_offsets[:, :-1, None])
+            & (pos[None, None, :] < q_offsets[:, :-1, None] + q_seqlen[..., None])
+            & (q_seqlen[..., None] > 0))  # [B, M, T]
+  run = jnp.argmax(inside, axis=1) + jnp.where(inside.any(1), 0, -10 ** 6)
+  causal = mask_type == ops._cudnn.MaskType.PADDING_CAUSAL
+  mask = (run[:, :, None] == run[:, None, :]) & (run[:, :, None] >= 0)
+  if causal:
+    mask &= pos[None, None, :] <= pos[None, :, None]
+  return ops.reference_attention(q, k, v, mask[:, None], scale=scale)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_packed_path_and_its_fallback(monkeypatch, causal):
+  """The cuDNN call gets runs that reproduce the segment mask; a row with more runs than
+  max_segments goes to the block-sparse kernel. (cuDNN itself is checked on the GPU:
+  scripts/bench_train.py --check_packed.)"""
+  if not ops._CUDNN_PACKED:
+    pytest.skip("this jax has no cuDNN packed-segment API")
+  monkeypatch.setattr(ops._cudnn, "dot_product_attention", _emulated_cudnn)
+  keys = jax.random.split(jax.random.key(2), 3)
+  b, t, h, d = 2, 70, 2, 16
+  q, k, v = (jax.random.normal(kk, (b, t, h, d)) for kk in keys)
+  few = jnp.array([[1] * 30 + [2] * 30 + [0] * 10, [1] * 70])
+  many = jnp.array([[1, 2] * 20 + [3] * 30, [1] * 70])  # 41 runs in row 0
+  for seg in (few, many):
+    want = ops.softmax_attention(q, k, v, causal=causal, segment_ids=seg, impl="reference")
+    got = ops._cudnn_packed(q, k, v, seg, causal=causal, window=None, scale=None,
+                            max_segments=4)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+
+
+def test_segment_ids_with_a_mask_is_refused():
+  q = jnp.zeros((1, 4, 2, 8))
+  seg = jnp.ones((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="segment_ids"):
+    ops.softmax_attention(q, q, q, causal=True, segment_ids=seg,
+                          mask=jnp.ones((1, 1, 4, 4), bool))
+  with pytest.raises(ValueError, match="segment_ids"):
+    ops.softmax_attention(q, q, q, causal=True, segment_ids=seg[:, :3])
 
 
 @pytest.mark.parametrize("num_kv_heads", [None, 2, 1])

@@ -14,14 +14,9 @@ def head_routed_attention(q, k, v, gates, *, causal: bool, segment_ids=None, sca
                           attention_impl: str = "auto"):
   """Same contract as reference.head_routed_attention; `attention_impl` goes to ops."""
   # Imported here: effattn.attention imports the moh mechanism, which imports this package.
-  from effattn.attention import base
   from effattn.attention.ops import softmax_attention
 
-  mask = None
-  if segment_ids is not None:
-    idx = base.sequence_index(q.shape[0], q.shape[1])
-    mask = base.attention_mask(idx, idx, causal=causal, q_segment_ids=segment_ids,
-                               k_segment_ids=segment_ids)
-  o = softmax_attention(q, k, v, causal=causal, mask=mask, scale=scale, impl=attention_impl)
+  o = softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale,
+                        impl=attention_impl)
   g = gates[..., None]
   return jnp.where(g != 0, g.astype(o.dtype) * o, 0).astype(q.dtype)
