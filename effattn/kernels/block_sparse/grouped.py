@@ -1,0 +1,239 @@
+"""Landmark grouped softmax: relayout, custom_vjp and dispatch.
+
+    o = grouped_softmax(q, k, v, k_land, gid, seg, block_len=50)   # o [B, T, H, D]
+
+Computes effattn.attention.landmark.grouped_softmax_attention's output (the spec's grouped
+softmax: own-group tokens j <= i and the landmarks of earlier groups of the segment share one
+softmax; an earlier group's tokens get their within-group softmax times their landmark's
+weight). Paths (`impl`):
+  "auto"        the Pallas kernel on GPU when head_dim is in KERNEL_HEAD_DIMS and block_len <=
+                tile, else "xla" (logged once);
+  "pallas_gpu"  the Triton kernels of grouped_pallas_gpu.py (interpret=True off-device);
+  "xla"         landmark.chunked_grouped_softmax_attention: dense [B, H, chunk, T] scores,
+                `chunk` queries at a time (the oracle's arithmetic, O(T^2) FLOPs).
+
+The kernel path re-lays tokens out so each group fills one tile of `tile` slots (slot (g, r)
+holds token start[g] + r for r < len[g]), which makes every earlier group a single key tile:
+work is O(T^2 / block_len * tile) and nothing [T, T] is built. The number of groups is data
+dependent (each packed segment adds a partial group), so the layout has a static `max_groups`
+tiles and `lax.cond` takes the xla path whenever a row has more groups, a group is longer than
+a tile, or a segment id recurs after another one: the result is always exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from jax import lax
+
+from effattn.kernels.block_sparse import grouped_pallas_gpu
+
+IMPLS = ("auto", "pallas_gpu", "xla")
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def _log_once(path: str, why: str) -> None:
+  if (path, why) not in _LOGGED:
+    _LOGGED.add((path, why))
+    logging.info("effattn landmark grouped softmax: using %s path (%s)", path, why)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  tile: int
+  scale: float
+  interpret: bool
+  tuning: tuple = ()  # Triton (num_warps, num_stages) overrides as key-value pairs
+
+
+Layout = dict  # relayout's output: a dict of arrays (a pytree)
+
+
+def relayout(gid, seg, *, max_groups: int, tile: int):
+  """Maps tokens to group tiles.
+
+  gid, seg: [B, T] int32 (landmark.block_groups's groups: non-decreasing, contiguous runs).
+  Returns a dict with
+    slot_tok [B, G * tile] token of each slot (0 on invalid slots), valid [B, G * tile] bool,
+    tok_slot [B, T] slot of each token, glen / gfirst / glast [B, Gp] int32 (tokens, first and
+    last group of the segment; Gp = G rounded up to a power of two; absent groups have len 0
+    and first = last = own index), ok [] bool: the layout holds every row exactly.
+  """
+  b, t = gid.shape
+  gp = 1 << max(0, (max_groups - 1).bit_length())
+  groups = jnp.arange(gp, dtype=jnp.int32)
+  search = jax.vmap(lambda g, side: jnp.searchsorted(g, groups, side=side), in_axes=(0, None))
+  start = search(gid, "left").astype(jnp.int32)
+  glen = search(gid, "right").astype(jnp.int32) - start
+  glen = jnp.where(groups < max_groups, glen, 0)
+  # First / last group of each token's segment run.
+  change = seg[:, 1:] != seg[:, :-1]
+  seg_start = jnp.concatenate([jnp.ones((b, 1), bool), change], axis=1)
+  seg_end = jnp.concatenate([change, jnp.ones((b, 1), bool)], axis=1)
+  first_tok = lax.cummax(jnp.where(seg_start, gid, 0), axis=1)
+  last_tok = lax.cummin(jnp.where(seg_end, gid, jnp.iinfo(jnp.int32).max), axis=1, reverse=True)
+  at_start = jnp.clip(start, 0, t - 1)
+  present = glen > 0
+  gfirst = jnp.where(present, jnp.take_along_axis(first_tok, at_start, axis=1), groups)
+  glast = jnp.where(present, jnp.take_along_axis(last_tok, at_start, axis=1), groups)
+  r = jnp.arange(tile, dtype=jnp.int32)
+  valid = (r[None, None, :] < glen[:, :max_groups, None]).reshape(b, max_groups * tile)
+  slot_tok = (start[:, :max_groups, None] + r).reshape(b, max_groups * tile)
+  slot_tok = jnp.where(valid, slot_tok, 0)
+  g_tok = jnp.clip(gid, 0, max_groups - 1)
+  tok_slot = g_tok * tile + (jnp.arange(t, dtype=jnp.int32) - jnp.take_along_axis(start, g_tok,
+                                                                                   axis=1))
+  # Exactness conditions (data dependent, checked on device).
+  n_groups = gid[:, -1] + 1
+  sorted_seg = jnp.sort(seg, axis=1)
+  runs = jnp.sum(change, axis=1)
+  distinct = jnp.sum(sorted_seg[:, 1:] != sorted_seg[:, :-1], axis=1)
+  gid_change = gid[:, 1:] != gid[:, :-1]
+  ok = (jnp.all(n_groups <= max_groups) & jnp.all(gid[:, 0] == 0)
+        & jnp.all(jnp.diff(gid, axis=1) >= 0) & jnp.all(glen <= tile)
+        & jnp.all(runs == distinct) & jnp.all(gid_change | ~change))
+  return dict(slot_tok=slot_tok, valid=valid, tok_slot=tok_slot, glen=glen, gfirst=gfirst,
+                glast=glast, ok=ok)
+
+
+def _take_rows(x, idx):
+  """x [B, N, ...], idx [B, M] -> [B, M, ...]."""
+  return jax.vmap(lambda xb, ib: xb[ib])(x, idx)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _kernel(qg, kg, vg, klg, glen, gfirst, glast, st: _Static):
+  o, _ = grouped_pallas_gpu.forward(qg, kg, vg, klg, glen, gfirst, lt=st.tile, scale=st.scale,
+                                    interpret=st.interpret, **dict(st.tuning))
+  return o
+
+
+def _kernel_fwd(qg, kg, vg, klg, glen, gfirst, glast, st):
+  o, lse = grouped_pallas_gpu.forward(qg, kg, vg, klg, glen, gfirst, lt=st.tile, scale=st.scale,
+                                      interpret=st.interpret, **dict(st.tuning))
+  return o, (qg, kg, vg, klg, glen, gfirst, glast, o, lse)
+
+
+def _kernel_bwd(st, res, do):
+  qg, kg, vg, klg, glen, gfirst, glast, o, lse = res
+  delta = jnp.einsum("bnhd,bnhd->bhn", o.astype(jnp.float32), do.astype(jnp.float32))
+  dq, dk, dv, dkl = grouped_pallas_gpu.backward(
+      qg, kg, vg, klg, lse, do.astype(qg.dtype), delta, glen, gfirst, glast, lt=st.tile,
+      scale=st.scale, interpret=st.interpret, **dict(st.tuning))
+  return dq, dk, dv, dkl.astype(klg.dtype), None, None, None
+
+
+_kernel.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def kernel_attention(q, k, v, k_land, lay: Layout, st: _Static):
+  """The kernel path on a layout whose `ok` holds: o [B, T, H, D]."""
+  n_groups = lay["valid"].shape[1] // st.tile
+  mask = lay["valid"][:, :, None, None]
+  qg, kg, vg = (jnp.where(mask, _take_rows(x, lay["slot_tok"]), 0) for x in (q, k, v))
+  if k_land.shape[1] >= n_groups:
+    klg = k_land[:, :n_groups]
+  else:
+    klg = jnp.pad(k_land, ((0, 0), (0, n_groups - k_land.shape[1]), (0, 0), (0, 0)))
+  og = _kernel(qg, kg, vg, klg, lay["glen"], lay["gfirst"], lay["glast"], st)
+  return _take_rows(og, lay["tok_slot"])
+
+
+def default_max_groups(t: int, block_len: int) -> int:
+  """Group tiles for T tokens: full blocks plus slack for the partial group each packed
+  segment (and padding run) adds."""
+  return -(-t // block_len) + max(8, t // 64)
+
+
+def _choose(impl: str, d: int, block_len: int | None, tile: int) -> str:
+  if impl == "auto":
+    backend = jax.default_backend()
+    if backend != "gpu":
+      why = f"backend {backend}"
+    elif d not in KERNEL_HEAD_DIMS:
+      why = f"head_dim {d} not in {KERNEL_HEAD_DIMS}"
+    elif block_len is not None and block_len > tile:
+      why = f"block_len {block_len} > tile {tile}"
+    else:
+      _log_once("pallas_gpu", "backend gpu")
+      return "pallas_gpu"
+    _log_once("xla", why)
+    return "xla"
+  if impl == "pallas_gpu":
+    if d not in KERNEL_HEAD_DIMS:
+      raise ValueError(f"head_dim={d} must be one of {KERNEL_HEAD_DIMS} for impl='pallas_gpu'; "
+                       "use impl='xla'")
+    if block_len is not None and block_len > tile:
+      raise ValueError(f"block_len={block_len} must be <= tile={tile} for impl='pallas_gpu'; "
+                       "raise tile or use impl='xla'")
+  _log_once(impl, "forced")
+  return impl
+
+
+def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
+                    block_len: int | None = None, impl: str = "auto", chunk: int = 256,
+                    tile: int = 64, max_groups: int | None = None, interpret: bool = False,
+                    num_warps: int | None = None, num_stages: int | None = None):
+  """The landmark grouped softmax.
+
+  Args:
+    q, k, v: [B, T, H, D].
+    k_land: [B, G, H, D] landmark key of group g (rows past the last group are never read).
+    gid, seg: [B, T] int32 group (landmark.block_groups) and segment of each token.
+    scale: score scale, default D ** -0.5.
+    block_len: the largest group length, if known (lets "auto" skip a kernel that could not
+      hold a group, and sizes the default max_groups).
+    impl: "auto" | "pallas_gpu" | "xla".
+    chunk: queries per step of the xla path (0: all at once); also the kernel's fallback.
+    tile: slots per group tile of the kernel (a power of two >= 16, >= block_len).
+    max_groups: group tiles of the kernel layout (default default_max_groups(T, block_len or
+      tile)); rows with more groups run the xla path instead (lax.cond).
+    interpret: run the Pallas kernels in interpret mode (CPU tests).
+    num_warps, num_stages: Triton tuning overrides.
+
+  Returns:
+    o [B, T, H, D] in q's dtype.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"landmark grouped softmax {impl=} is not one of {IMPLS}")
+  if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+    raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} must all be [B, T, H, D]")
+  b, t, h, d = q.shape
+  if k_land.ndim != 4 or k_land.shape[0] != b or k_land.shape[2:] != (h, d):
+    raise ValueError(f"k_land has shape {k_land.shape}; expected [B={b}, G, H={h}, D={d}]")
+  if gid.shape != (b, t) or seg.shape != (b, t):
+    raise ValueError(f"gid {gid.shape} and seg {seg.shape} must be [B={b}, T={t}]")
+  if tile < 16 or tile & (tile - 1):
+    raise ValueError(f"tile={tile} must be a power of two >= 16 (Triton); try 64")
+  if chunk < 0:
+    raise ValueError(f"chunk={chunk} must be >= 0 (0: all queries at once)")
+  if block_len is not None and block_len < 1:
+    raise ValueError(f"block_len={block_len} must be >= 1")
+  if max_groups is not None and max_groups < 1:
+    raise ValueError(f"max_groups={max_groups} must be >= 1")
+  scale = d ** -0.5 if scale is None else float(scale)
+  gid, seg = gid.astype(jnp.int32), seg.astype(jnp.int32)
+  # Lazy import: landmark.py imports this module.
+  from effattn.attention import landmark  # pylint: disable=g-import-not-at-top
+
+  def xla_path(q, k, v, k_land):
+    if 0 < chunk < t:
+      return landmark.chunked_grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=scale,
+                                                        chunk=chunk)
+    return landmark.grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=scale)[0]
+
+  path = _choose(impl, d, block_len, tile)
+  if path == "xla":
+    return xla_path(q, k, v, k_land)
+  max_groups = max_groups or default_max_groups(t, block_len or tile)
+  lay = relayout(gid, seg, max_groups=max_groups, tile=tile)
+  tuning = tuple((n, x) for n, x in (("num_warps", num_warps), ("num_stages", num_stages))
+                 if x is not None)
+  st = _Static(tile=tile, scale=scale, interpret=interpret, tuning=tuning)
+  return lax.cond(lay["ok"], lambda *a: kernel_attention(*a, lay, st).astype(q.dtype),
+                  xla_path, q, k, v, k_land)

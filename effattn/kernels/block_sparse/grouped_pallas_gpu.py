@@ -1,0 +1,239 @@
+"""Landmark grouped softmax as flash-style Pallas kernels with the Triton lowering (GPU).
+
+Inputs are in the group-tiled layout built by grouped.py: group g of a row occupies the slots
+[g * Lt, g * Lt + len[g]) of an [B, N = G * Lt, H, D] array (slots past len[g] are zero), so a
+key tile is exactly one group and everything about an earlier group (its within-group softmax,
+its value summary o_bar, its landmark) is local to one tile. Per group: len [B, Gp] tokens,
+first [B, Gp] the first group of its segment, last [B, Gp] the last group of its segment
+(Gp >= G, padded to a power of two for Triton; absent groups have len 0 and first = last = g).
+
+Three kernels:
+  forward  grid (G, B, H): query group gq loops key groups gk in [first[gq], gq) on the landmark
+           path (o_bar = softmax(s) @ v inside the tile, score q . kL[gk] enters the outer online
+           softmax), then its own group with the causal mask; writes o and lse (log2 units);
+  dQ       grid (G, B, H): the same loop, recomputing w, o_bar and delta_c = do . o_bar;
+  dK/dV/dkL grid (G, B, H): key group gk, its own group, then query groups gq in (gk, last[gk]].
+Scores are kept in base 2 (exp2 is the native instruction), like pallas_gpu.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from effattn.kernels.block_sparse.common import LOG2E, MASK_VALUE, dot
+
+_F32 = jnp.float32
+
+
+def _params(num_warps: int, num_stages: int):
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _warps(lt: int, d: int) -> int:
+  return 4 if lt <= 64 or d <= 64 else 8
+
+
+def _tile(ref, g, lt: int):
+  """Rows of group g from a ref spanning the whole sequence of one head."""
+  return ref[pl.ds(pl.multiple_of(g * lt, lt), lt), :]
+
+
+def _within(q, k, n_k, c2, lt: int):
+  """Unnormalized within-group softmax of a query tile over key group k (n_k valid slots).
+
+  Returns p [Lt, Lt] float32 (0 on invalid keys) and its row sums z [Lt] (>= 1 when n_k > 0).
+  """
+  s = dot(q, k, trans_b=True) * c2
+  keep = (jnp.arange(lt, dtype=jnp.int32) < n_k)[None, :]
+  s = jnp.where(keep, s, MASK_VALUE)
+  m = jnp.max(s, axis=1)
+  p = jnp.where(keep, jnp.exp2(s - m[:, None]), 0.0)
+  z = jnp.sum(p, axis=1)
+  return p, jnp.where(z > 0.0, z, 1.0)
+
+
+def _land_scores(q, kl, c2):
+  """q [Lt, D] . kL [1, D] per row, in log2 units (a broadcast product: a [Lt, 1] dot is
+  below Triton's minimum dot size)."""
+  return jnp.sum(q.astype(_F32) * kl.astype(_F32), axis=1) * c2
+
+
+def _own_mask(n, lt: int):
+  r = jnp.arange(lt, dtype=jnp.int32)
+  return (r[None, :] <= r[:, None]) & (r[None, :] < n)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, kl_ref, len_ref, first_ref, o_ref, lse_ref, *, lt, scale):
+  g = pl.program_id(0)
+  c2 = scale * LOG2E
+  q = q_ref[...]
+
+  def body(gk, carry):
+    acc, m, l = carry
+    k, v = _tile(k_ref, gk, lt), _tile(v_ref, gk, lt)
+    p, z = _within(q, k, len_ref[gk], c2, lt)
+    o_bar = dot(p.astype(v.dtype), v) / z[:, None]
+    s_l = _land_scores(q, kl_ref[pl.ds(gk, 1), :], c2)
+    m_new = jnp.maximum(m, s_l)
+    alpha, p_l = jnp.exp2(m - m_new), jnp.exp2(s_l - m_new)
+    return alpha[:, None] * acc + p_l[:, None] * o_bar, m_new, alpha * l + p_l
+
+  init = (jnp.zeros(q.shape, _F32), jnp.full((lt,), MASK_VALUE, _F32), jnp.zeros((lt,), _F32))
+  acc, m, l = lax.fori_loop(first_ref[g], g, body, init)
+  # Own group: causal within the tile.
+  k, v = _tile(k_ref, g, lt), _tile(v_ref, g, lt)
+  mask = _own_mask(len_ref[g], lt)
+  s = jnp.where(mask, dot(q, k, trans_b=True) * c2, MASK_VALUE)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
+  l = alpha * l + jnp.sum(p, axis=1)
+  acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v)
+  seen = l > 0.0  # false only in slots of absent groups
+  l_safe = jnp.where(seen, l, 1.0)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, m_new + jnp.log2(l_safe), 0.0)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, kl_ref, do_ref, lse_ref, delta_ref, len_ref, first_ref,
+               dq_ref, *, lt, scale):
+  g = pl.program_id(0)
+  c2 = scale * LOG2E
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+
+  def body(gk, dq):
+    k, v = _tile(k_ref, gk, lt), _tile(v_ref, gk, lt)
+    kl = kl_ref[pl.ds(gk, 1), :]
+    p, z = _within(q, k, len_ref[gk], c2, lt)
+    o_bar = dot(p.astype(v.dtype), v) / z[:, None]
+    p_c = jnp.exp2(_land_scores(q, kl, c2) - lse)  # outer weight of this landmark
+    delta_c = jnp.sum(do.astype(_F32) * o_bar, axis=1)
+    ds = (p_c[:, None] * (p / z[:, None])) * (dot(do, v, trans_b=True) - delta_c[:, None])
+    ds_l = p_c * (delta_c - delta)
+    return dq + dot(ds.astype(k.dtype), k) + ds_l[:, None] * kl.astype(_F32)
+
+  dq = lax.fori_loop(first_ref[g], g, body, jnp.zeros(q.shape, _F32))
+  k, v = _tile(k_ref, g, lt), _tile(v_ref, g, lt)
+  mask = _own_mask(len_ref[g], lt)
+  p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c2 - lse[:, None]), 0.0)
+  ds = p * (dot(do, v, trans_b=True) - delta[:, None])
+  dq = dq + dot(ds.astype(k.dtype), k)
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, kl_ref, do_ref, lse_ref, delta_ref, len_ref, last_ref,
+                dk_ref, dv_ref, dkl_ref, *, lt, scale):
+  g = pl.program_id(0)
+  c2 = scale * LOG2E
+  k, v, kl = k_ref[...], v_ref[...], kl_ref[...]
+  n_k = len_ref[g]
+
+  def rows(gq):
+    sl = pl.ds(pl.multiple_of(gq * lt, lt), lt)
+    return q_ref[sl, :], do_ref[sl, :], lse_ref[sl], delta_ref[sl]
+
+  # Own group: plain causal flash backward. Invalid query slots have do = 0 (and so
+  # delta = 0): they add nothing.
+  q, do, lse, delta = rows(g)
+  mask = _own_mask(n_k, lt)
+  p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c2 - lse[:, None]), 0.0)
+  dv = dot(p.astype(do.dtype), do, trans_a=True)
+  ds = p * (dot(do, v, trans_b=True) - delta[:, None])
+  dk = dot(ds.astype(q.dtype), q, trans_a=True)
+
+  def body(gq, carry):
+    dk, dv, dkl = carry
+    q, do, lse, delta = rows(gq)
+    p, z = _within(q, k, n_k, c2, lt)
+    o_bar = dot(p.astype(v.dtype), v) / z[:, None]
+    p_c = jnp.exp2(_land_scores(q, kl, c2) - lse)
+    delta_c = jnp.sum(do.astype(_F32) * o_bar, axis=1)
+    pw = p_c[:, None] * (p / z[:, None])  # weight of key j in query i's output
+    dv = dv + dot(pw.astype(do.dtype), do, trans_a=True)
+    ds = pw * (dot(do, v, trans_b=True) - delta_c[:, None])
+    dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
+    ds_l = p_c * (delta_c - delta)
+    dkl = dkl + jnp.sum(ds_l[:, None] * q.astype(_F32), axis=0, keepdims=True)
+    return dk, dv, dkl
+
+  dk, dv, dkl = lax.fori_loop(g + 1, last_ref[g] + 1, body,
+                              (dk, dv, jnp.zeros(kl.shape, _F32)))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+  dkl_ref[...] = dkl * scale
+
+
+def _specs(n, d, lt, gp, g_rows):
+  """BlockSpecs shared by the three kernels (grid (G, B, H))."""
+  full = pl.BlockSpec((None, n, None, d), lambda g, bi, hi: (bi, 0, hi, 0))
+  tile = pl.BlockSpec((None, lt, None, d), lambda g, bi, hi: (bi, g, hi, 0))
+  kl_all = pl.BlockSpec((None, g_rows, None, d), lambda g, bi, hi: (bi, 0, hi, 0))
+  kl_one = pl.BlockSpec((None, 1, None, d), lambda g, bi, hi: (bi, g, hi, 0))
+  meta = pl.BlockSpec((None, gp), lambda g, bi, hi: (bi, 0))
+  vec_tile = pl.BlockSpec((None, None, lt), lambda g, bi, hi: (bi, hi, g))
+  vec_full = pl.BlockSpec((None, None, n), lambda g, bi, hi: (bi, hi, 0))
+  return full, tile, kl_all, kl_one, meta, vec_tile, vec_full
+
+
+def forward(q, k, v, kl, glen, gfirst, *, lt: int, scale: float, interpret: bool = False,
+            num_warps: int | None = None, num_stages: int = 2):
+  """q, k, v [B, N = G * Lt, H, D] (group-tiled), kl [B, G, H, D], glen / gfirst [B, Gp] int32.
+
+  Returns o [B, N, H, D] in q's dtype and lse [B, H, N] float32 in log2 units.
+  """
+  b, n, h, d = q.shape
+  g_rows, gp = kl.shape[1], glen.shape[1]
+  full, tile, kl_all, _, meta, vec_tile, _ = _specs(n, d, lt, gp, g_rows)
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, lt=lt, scale=scale),
+      grid=(n // lt, b, h),
+      in_specs=[tile, full, full, kl_all, meta, meta],
+      out_specs=[tile, vec_tile],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, n), _F32)],
+      compiler_params=_params(num_warps or _warps(lt, d), num_stages),
+      interpret=interpret,
+      name="landmark_grouped_fwd",
+  )(q, k, v, kl, glen, gfirst)
+
+
+def backward(q, k, v, kl, lse, do, delta, glen, gfirst, glast, *, lt: int, scale: float,
+             interpret: bool = False, num_warps: int | None = None, num_stages: int = 2):
+  """dq, dk, dv [B, N, H, D] (input dtypes) and dkl [B, G, H, D] float32.
+
+  lse [B, H, N] from forward (log2 units); delta [B, H, N] = rowsum(o * do) in float32; do is
+  zero on invalid slots.
+  """
+  b, n, h, d = q.shape
+  g_rows, gp = kl.shape[1], glen.shape[1]
+  full, tile, kl_all, kl_one, meta, vec_tile, vec_full = _specs(n, d, lt, gp, g_rows)
+  params = _params(num_warps or _warps(lt, d), num_stages)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, lt=lt, scale=scale),
+      grid=(n // lt, b, h),
+      in_specs=[tile, full, full, kl_all, tile, vec_tile, vec_tile, meta, meta],
+      out_specs=tile,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params,
+      interpret=interpret,
+      name="landmark_grouped_dq",
+  )(q, k, v, kl, do, lse, delta, glen, gfirst)
+  dk, dv, dkl = pl.pallas_call(
+      functools.partial(_dkv_kernel, lt=lt, scale=scale),
+      grid=(n // lt, b, h),
+      in_specs=[full, tile, tile, kl_one, full, vec_full, vec_full, meta, meta],
+      out_specs=[tile, tile, kl_one],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 jax.ShapeDtypeStruct(kl.shape, _F32)],
+      compiler_params=params,
+      interpret=interpret,
+      name="landmark_grouped_dkv",
+  )(q, k, v, kl, do, lse, delta, glen, glast)
+  return dq, dk, dv, dkl
