@@ -18,10 +18,16 @@ the sequence and its state comes from the previous layer; carrying it inside the
 the [B, T, d_model] interface. Landmark queries are never needed: their outputs are dropped.)
 Blocks follow positions within each packed segment, so segments stay independent.
 
-Training and full-sequence calls evaluate the grouped softmax with dense scores (as the official
+Training and full-sequence calls go through effattn.kernels.block_sparse.grouped. On GPU
+(`impl` "auto" or "pallas", head_dim in 16/32/64/128, block_len <= `tile`) that is a flash-style
+Triton kernel: tokens are re-laid out so every block fills one tile of `tile` slots, an earlier
+block is one key tile whose within-block softmax, value summary and landmark score are
+tile-local, and nothing [T, T] is built; rows with more blocks than the layout's `max_groups`
+tiles take the path below through lax.cond, so the result is always exact. Elsewhere (and with
+impl "xla" / "reference") the grouped softmax is evaluated with dense scores (as the official
 code's non-Triton path), `query_chunk` queries at a time with the scores recomputed in the
-backward pass, so memory is O(query_chunk * T) per layer; there is no Pallas kernel for it yet
-(docs/mechanisms_sparse.md). Decoding scores the landmarks of completed blocks, keeps the top_k
+backward pass, so memory is O(query_chunk * T) per layer (docs/mechanisms_sparse.md).
+Decoding scores the landmarks of completed blocks, keeps the top_k
 blocks per query and head plus the current block, and attends to them with the same grouped
 formula at a cost of (top_k + 1) * block_len keys per token, so context can grow far past the
 training length; with top_k >= the number of blocks it equals the full forward pass.
@@ -37,18 +43,32 @@ from flax import nnx
 
 from effattn.attention import base
 from effattn.attention.registry import register
+from effattn.kernels.block_sparse import grouped
+
+# model.attention.impl -> grouped.grouped_softmax's impl.
+KERNEL_IMPL = {"auto": "auto", "cudnn": "auto", "pallas": "pallas_gpu", "xla": "xla",
+               "reference": "xla"}
 
 _NEG = -1e30
 
 
 def block_groups(positions, segment_ids, block_len: int):
   """[B, T] -> group id per token: a new group starts at every block_len-th position of a
-  segment and at every segment start. Groups are contiguous runs in token order."""
+  segment and at every segment start. Groups are contiguous runs in token order.
+
+  Padding (segment id 0) has position 0 everywhere, so it is cut by token count instead: every
+  block_len tokens of a padding run. (Cutting it by position would make each padded token a
+  group of its own, up to T groups, more than the kernel's group tiles hold; padded outputs
+  are never used.)
+  """
   start = (positions % block_len == 0)
   start = start.at[:, 0].set(True)
   if segment_ids is not None:
-    start = start | jnp.concatenate(
+    seg_start = jnp.concatenate(
         [jnp.ones_like(start[:, :1]), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    idx = jnp.arange(start.shape[1], dtype=jnp.int32)
+    run_start = jax.lax.cummax(jnp.where(seg_start, idx, 0), axis=1)
+    start = jnp.where(segment_ids == 0, (idx - run_start) % block_len == 0, start) | seg_start
   return jnp.cumsum(start.astype(jnp.int32), axis=1) - 1
 
 
@@ -157,6 +177,11 @@ class LandmarkAttention(base.Attention):
       # Queries per step of the full forward: O(query_chunk * T) memory per layer instead of
       # O(T^2); 0 evaluates all queries at once.
       "query_chunk": 256,
+      # Kernel path (GPU): slots per block tile (a power of two >= 16 and >= block_len), block
+      # tiles of the layout (0: grouped.default_max_groups), Pallas interpret mode (CPU tests).
+      "tile": 64,
+      "max_groups": 0,
+      "interpret": False,
   }
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
@@ -171,6 +196,15 @@ class LandmarkAttention(base.Attention):
     if self.opts.query_chunk < 0:
       raise ValueError(f"model.attention.landmark.query_chunk={self.opts.query_chunk} must be "
                        ">= 0 (0: all queries at once)")
+    tile = self.opts.tile
+    if tile < 16 or tile & (tile - 1):
+      raise ValueError(f"model.attention.landmark.tile={tile} must be a power of two >= 16")
+    if self.opts.max_groups < 0:
+      raise ValueError(f"model.attention.landmark.max_groups={self.opts.max_groups} must be "
+                       ">= 0 (0: default)")
+    self.impl = cfg.get("impl", "auto")
+    if self.impl not in KERNEL_IMPL:
+      raise ValueError(f"model.attention.impl={self.impl!r} must be one of {sorted(KERNEL_IMPL)}")
     d, h = self.head_dim, num_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
@@ -197,19 +231,19 @@ class LandmarkAttention(base.Attention):
     seg = segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32)
     gid = block_groups(positions, segment_ids, self.opts.block_len)
     # Landmark key per group: k(e) + mean of the block's keys (k is linear), rotated to the
-    # group's last position.
-    onehot = jax.nn.one_hot(gid, t, dtype=jnp.float32)  # [B, T, G=T]
-    count = jnp.maximum(onehot.sum(1), 1.0)  # [B, G]
-    mean = jnp.einsum("btg,bthd->bghd", onehot, k_raw.astype(jnp.float32)) / count[..., None,
-                                                                                    None]
-    last_pos = jnp.max(jnp.where(onehot > 0, positions[:, :, None], -1), axis=1)  # [B, G]
+    # group's last position. Segment sums, O(T) (groups are contiguous and at most T).
+    seg_sum = jax.vmap(lambda x, g, op: op(x, g, num_segments=t), in_axes=(0, 0, None))
+    count = jnp.maximum(seg_sum(jnp.ones((b, t), jnp.float32), gid, jax.ops.segment_sum), 1.0)
+    mean = (seg_sum(k_raw.astype(jnp.float32), gid, jax.ops.segment_sum)
+            / count[..., None, None])  # [B, G=T, H, D]
+    last_pos = seg_sum(positions, gid, jax.ops.segment_max)  # [B, G]; empty groups: int min
     k_land = self._rope((mean + self._landmark_key_base()).astype(q.dtype),
                         jnp.maximum(last_pos, 0))
-    k, scale, chunk = self._rope(k_raw, positions), self.head_dim ** -0.5, self.opts.query_chunk
-    if 0 < chunk < t:
-      o = chunked_grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=scale, chunk=chunk)
-    else:
-      o, _ = grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=scale)
+    k, scale = self._rope(k_raw, positions), self.head_dim ** -0.5
+    o = grouped.grouped_softmax(
+        q, k, v, k_land, gid, seg, scale=scale, block_len=self.opts.block_len,
+        impl=KERNEL_IMPL[self.impl], chunk=self.opts.query_chunk, tile=self.opts.tile,
+        max_groups=self.opts.max_groups or None, interpret=self.opts.interpret)
     return self.o_proj(base.merge_heads(o)), {}
 
   # -- decoding with retrieval ---------------------------------------------------------------

@@ -1,0 +1,154 @@
+"""The landmark grouped-softmax kernels (grouped_pallas_gpu.py, interpret mode) against the
+dense grouped_softmax_attention: output and gradients of q, k, v and the landmark keys, in f32
+and bf16, with ragged lengths, packed segments + padding, several block lengths and the
+lax.cond fallback; plus the module on the kernel path against its chunked path."""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from effattn.attention.landmark import block_groups, grouped_softmax_attention
+from effattn.kernels.block_sparse import grouped
+from tests.attention import oracles
+
+# Tolerance relative to the largest reference value.
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+
+
+def _layout(kind: str, b: int, t: int):
+  """positions, segment_ids (or None) [B, T] for a layout kind."""
+  idx = np.arange(t)
+  if kind == "one":
+    return jnp.asarray(np.broadcast_to(idx, (b, t))), None
+  # Row 0: two packed segments + padding (segment 0, position 0); row 1: one segment that
+  # starts mid-block (positions from 3) + padding.
+  seg, pos = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+  a, c = t // 3, t - t // 5
+  seg[0, :a], seg[0, a:c] = 1, 2
+  pos[0, :a], pos[0, a:c] = np.arange(a), np.arange(c - a)
+  if b > 1:
+    seg[1, :c], pos[1, :c] = 1, np.arange(c) + 3
+  return jnp.asarray(pos), jnp.asarray(seg)
+
+
+def _inputs(name, b, t, h, d, dtype):
+  ks = jax.random.split(jax.random.key(zlib.crc32(name.encode())), 5)
+  q, k, v, k_land, do = (jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(dtype)
+                         for kk in ks)
+  return q, k, v, k_land, do
+
+
+def _close(name, want, got, dtype):
+  want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
+  assert np.all(np.isfinite(got)), f"{name}: not finite"
+  atol = TOL[dtype] * max(1.0, float(np.abs(want).max()))
+  np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=name)
+
+
+CASES = [
+    # name, (B, T, H, D), block_len, tile, layout, dtype, max_groups
+    ("packed-f32", (2, 40, 2, 16), 8, 16, "packed", jnp.float32, None),
+    ("packed-bf16", (2, 40, 2, 32), 8, 16, "packed", jnp.bfloat16, None),
+    ("short-blocks-ragged-f32", (1, 33, 1, 16), 5, 16, "packed", jnp.float32, None),
+    ("block50-tile64-ragged-f32", (1, 110, 1, 16), 50, 64, "one", jnp.float32, None),
+    ("fallback-f32", (2, 40, 2, 16), 8, 16, "packed", jnp.float32, 4),
+]
+
+
+@pytest.mark.parametrize("name,dims,block_len,tile,layout,dtype,max_groups", CASES,
+                         ids=[c[0] for c in CASES])
+def test_kernel_matches_dense(name, dims, block_len, tile, layout, dtype, max_groups):
+  b, t, h, d = dims
+  q, k, v, k_land, do = _inputs(name, b, t, h, d, dtype)
+  pos, seg_ids = _layout(layout, b, t)
+  gid = block_groups(pos, seg_ids, block_len)
+  seg = jnp.ones((b, t), jnp.int32) if seg_ids is None else seg_ids
+  lay = grouped.relayout(gid, seg, max_groups=max_groups or grouped.default_max_groups(
+      t, block_len), tile=tile)
+  assert bool(lay["ok"]) == (max_groups is None)  # the fallback case really falls back
+
+  def dense(q, k, v, k_land):  # the oracle, in float32
+    return grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=d ** -0.5)[0]
+
+  def kernel(q, k, v, k_land):
+    return grouped.grouped_softmax(q, k, v, k_land, gid, seg, block_len=block_len,
+                                   impl="pallas_gpu", tile=tile, max_groups=max_groups,
+                                   interpret=True)
+
+  f32 = lambda xs: [x.astype(jnp.float32) for x in xs]  # noqa: E731
+  def value_and_grads(f, args, do):
+    o, vjp = jax.vjp(f, *args)
+    return o, vjp(do)
+
+  o_want, grads_want = jax.jit(value_and_grads, static_argnums=0)(
+      dense, f32((q, k, v, k_land)), do.astype(jnp.float32))
+  o_got, grads_got = jax.jit(value_and_grads, static_argnums=0)(kernel, (q, k, v, k_land), do)
+  assert o_got.dtype == dtype
+  _close("o", o_want, o_got, dtype)
+  for gname, want, got in zip(("dq", "dk", "dv", "dk_land"), grads_want, grads_got):
+    assert got.dtype == dtype, gname
+    _close(gname, want, got, dtype)
+
+
+def test_kernel_is_what_runs():
+  b, t, h, d = 1, 20, 1, 16
+  x = jnp.zeros((b, t, h, d))
+  gid = block_groups(jnp.arange(t)[None], None, 8)
+  seg = jnp.ones((b, t), jnp.int32)
+
+  def jaxpr(impl):
+    f = lambda x: grouped.grouped_softmax(x, x, x, x, gid, seg, block_len=8, tile=16,  # noqa
+                                          impl=impl, interpret=True)
+    return str(jax.make_jaxpr(f)(x))
+
+  assert "landmark_grouped_fwd" in jaxpr("pallas_gpu")
+  assert "landmark_grouped" not in jaxpr("auto")  # CPU: the chunked path
+  assert "landmark_grouped" not in jaxpr("xla")
+
+
+def test_bad_arguments_named():
+  x = jnp.zeros((1, 8, 1, 16))
+  gid, seg = jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32)
+  call = lambda **kw: grouped.grouped_softmax(x, x, x, x, gid, seg, **kw)  # noqa: E731
+  with pytest.raises(ValueError, match="impl"):
+    call(impl="pallas")
+  with pytest.raises(ValueError, match="tile"):
+    call(tile=48)
+  with pytest.raises(ValueError, match="block_len"):
+    call(impl="pallas_gpu", block_len=50, tile=16)
+  with pytest.raises(ValueError, match="head_dim"):
+    y = jnp.zeros((1, 8, 1, 8))
+    grouped.grouped_softmax(y, y, y, y, gid, seg, impl="pallas_gpu")
+  with pytest.raises(ValueError, match="k_land"):
+    grouped.grouped_softmax(x, x, x, x[:, :, :, :8], gid, seg)
+  with pytest.raises(ValueError, match="tile"):
+    oracles.build("landmark", landmark={"tile": 12})
+
+
+def test_module_kernel_path_equals_chunked_path():
+  opts = {"block_len": 8, "tile": 16, "query_chunk": 8, "top_k": 100}
+  kernel = oracles.build("landmark", num_heads=2, impl="pallas",
+                         landmark={**opts, "interpret": True})
+  chunked = oracles.build("landmark", num_heads=2, impl="xla", landmark=opts)
+  b, t = 2, 30
+  x, _ = oracles.random_inputs(batch=b, length=t)
+  pos, seg = _layout("packed", b, t)
+  real = np.asarray(seg) > 0
+
+  def loss(module, x):  # padded rows carry no loss, as in training
+    y, _ = module(x, positions=pos, segment_ids=seg, train=True)
+    return jnp.sum(jnp.where(real[..., None], y, 0.0) ** 2), y
+
+  (l_k, y_k), g_k = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(kernel, x)
+  (l_c, y_c), g_c = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(chunked, x)
+  _close("y", y_c, y_k, jnp.float32)
+  np.testing.assert_allclose(float(l_k), float(l_c), rtol=1e-5)
+  for (path, a), (_, c) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(g_k)),
+                               jax.tree_util.tree_leaves_with_path(nnx.state(g_c))):
+    _close(f"grad {jax.tree_util.keystr(path)}", c, a, jnp.float32)
