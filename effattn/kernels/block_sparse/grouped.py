@@ -121,7 +121,8 @@ def _kernel_fwd(qg, kg, vg, klg, glen, gfirst, glast, st):
 
 def _kernel_bwd(st, res, do):
   qg, kg, vg, klg, glen, gfirst, glast, o, lse = res
-  delta = jnp.einsum("bnhd,bnhd->bhn", o.astype(jnp.float32), do.astype(jnp.float32))
+  # An elementwise product and sum, not an einsum: a dot may run in TF32 on GPU.
+  delta = jnp.moveaxis(jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
   dq, dk, dv, dkl = grouped_pallas_gpu.backward(
       qg, kg, vg, klg, lse, do.astype(qg.dtype), delta, glen, gfirst, glast, lt=st.tile,
       scale=st.scale, interpret=st.interpret, **dict(st.tuning))

@@ -1,0 +1,225 @@
+"""Landmark grouped-softmax kernel on one GPU: correctness check, then timings.
+
+    python scripts/bench_landmark.py --out /tmp/bench_landmark
+
+(a) Check: the Triton kernel (effattn/kernels/block_sparse/grouped_pallas_gpu.py) against the
+    dense grouped_softmax_attention (float32, highest matmul precision) at small shapes, forward
+    and gradients of q, k, v and the landmark keys, bf16 and f32, one segment and packed
+    segments + padding, and the lax.cond fallback; prints the max error relative to the largest
+    reference value (pass: < 2e-2 bf16, < 1e-4 f32).
+(b) Times (median of --reps after a warm-up call, block_until_ready), forward and
+    forward+backward, at B=8/T=1024 and B=2/T=4096 (H=8, D=128, bf16, block_len 50, one
+    segment): the kernel path (relayout + kernels + lax.cond, what the module runs), the
+    kernels alone (layout precomputed), the chunked XLA path (query_chunk 256, the module's
+    fallback) and cuDNN causal softmax attention (jax.nn.dot_product_attention) as the peer.
+(c) --tune: a small Triton (num_warps x num_stages) sweep of the kernel at the largest shape.
+Writes DIR/bench_landmark.json and prints a table last. --smoke runs everything on CPU at tiny
+shapes (Pallas interpret mode, XLA instead of cuDNN) to test this script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from effattn.attention.landmark import (block_groups,  # noqa: E402
+                                        grouped_softmax_attention)
+from effattn.kernels.block_sparse import grouped  # noqa: E402
+
+SMOKE = {"on": False}
+
+
+def timeit(fn, *args, reps: int) -> float:
+  """Median wall time in ms of fn(*args) after one warm-up (compile) call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times)
+
+
+def layout(kind: str, b: int, t: int, block_len: int):
+  """gid, seg [B, T]: one segment, or two packed segments + padding (segment 0, position 0)."""
+  if kind == "one":
+    pos, seg = jnp.broadcast_to(jnp.arange(t), (b, t)), None
+  else:
+    a, c = t // 3, t - t // 7
+    seg = np.zeros((b, t), np.int32)
+    pos = np.zeros((b, t), np.int32)
+    seg[:, :a], seg[:, a:c] = 1, 2
+    pos[:, :a], pos[:, a:c] = np.arange(a), np.arange(c - a)
+    pos, seg = jnp.asarray(pos), jnp.asarray(seg)
+  gid = block_groups(pos, seg, block_len)
+  return gid, (jnp.ones((b, t), jnp.int32) if seg is None else seg)
+
+
+def kernel_kwargs(block_len: int, tile: int, **tuning):
+  kw = dict(block_len=block_len, tile=tile, impl="pallas_gpu", **tuning)
+  if SMOKE["on"]:
+    kw.update(interpret=True, num_warps=None, num_stages=None)
+  return kw
+
+
+def check(shape, block_len, tile, reps_unused=None) -> list[dict]:
+  """Kernel vs the dense reference, forward and gradients."""
+  del reps_unused
+  b, t, h = shape
+  rows = []
+  dims = (16,) if SMOKE["on"] else (64, 128)
+  for dtype in (jnp.bfloat16, jnp.float32):
+    for d in dims:
+      for kind, max_groups in (("one", None), ("packed", None), ("packed", 2)):
+        ks = jax.random.split(jax.random.key(d + t), 5)
+        q, k, v, kl, do = (jax.random.normal(kk, (b, t, h, d)).astype(dtype) for kk in ks)
+        gid, seg = layout(kind, b, t, block_len)
+
+        def ref(q, k, v, kl, gid=gid, seg=seg, d=d):
+          return grouped_softmax_attention(q, k, v, kl, gid, seg, scale=d ** -0.5)[0]
+
+        def ker(q, k, v, kl, gid=gid, seg=seg, max_groups=max_groups):
+          return grouped.grouped_softmax(q, k, v, kl, gid, seg, max_groups=max_groups,
+                                         **kernel_kwargs(block_len, tile))
+
+        def vg(f, args, do):
+          o, vjp = jax.vjp(f, *args)
+          return (o,) + vjp(do)
+
+        with jax.default_matmul_precision("highest"):  # no TF32 in the oracle
+          want = jax.jit(vg, static_argnums=0)(
+              ref, [x.astype(jnp.float32) for x in (q, k, v, kl)], do.astype(jnp.float32))
+        got = jax.jit(vg, static_argnums=0)(ker, (q, k, v, kl), do)
+        errs = {}
+        for name, w, g in zip(("o", "dq", "dk", "dv", "dk_land"), want, got):
+          w, g = np.asarray(w, np.float32), np.asarray(g, np.float32)
+          errs[name] = (float(np.abs(w - g).max() / max(1.0, np.abs(w).max()))
+                        if np.all(np.isfinite(g)) else float("inf"))
+        tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
+        rows.append({"dtype": jnp.dtype(dtype).name, "D": d, "layout": kind,
+                     "fallback": max_groups is not None, "max_rel_err": errs,
+                     "ok": max(errs.values()) < tol})
+        print("check", rows[-1], flush=True)
+  return rows
+
+
+def bench_one(b, t, h, d, block_len, tile, reps, tuning=()) -> dict:
+  ks = jax.random.split(jax.random.key(t), 5)
+  q, k, v, kl, do = (jax.random.normal(kk, (b, t, h, d), jnp.bfloat16) for kk in ks)
+  gid, seg = layout("one", b, t, block_len)
+  kw = kernel_kwargs(block_len, tile, **dict(tuning))
+  kernel = lambda q, k, v, kl: grouped.grouped_softmax(q, k, v, kl, gid, seg, **kw)  # noqa
+  # The kernels without relayout / lax.cond (the layout precomputed).
+  lay = grouped.relayout(gid, seg, max_groups=grouped.default_max_groups(t, block_len),
+                         tile=tile)
+  assert bool(lay["ok"])
+  st = grouped._Static(tile=tile, scale=d ** -0.5, interpret=bool(kw.get("interpret")),  # noqa
+                       tuning=tuple((n, x) for n, x in tuning if x is not None))
+  core = lambda q, k, v, kl: grouped.kernel_attention(q, k, v, kl, lay, st)  # noqa: E731
+  chunked = lambda q, k, v, kl: grouped.grouped_softmax(  # noqa: E731
+      q, k, v, kl, gid, seg, impl="xla", chunk=256)
+  peer_impl = "xla" if SMOKE["on"] else "cudnn"
+  cudnn = lambda q, k, v, kl: jax.nn.dot_product_attention(  # noqa: E731
+      q, k, v, is_causal=True, implementation=peer_impl)
+  row = {"B": b, "T": t, "H": h, "D": d, "block_len": block_len, "tile": tile,
+         "tuning": dict(tuning)}
+  for name, f in (("kernel", kernel), ("kernel_core", core), ("chunked_xla", chunked),
+                  ("cudnn_causal", cudnn)):
+    fwd = jax.jit(f)
+    fb = jax.jit(lambda q, k, v, kl, f=f: jax.vjp(f, q, k, v, kl)[1](do))
+    try:
+      row[f"{name}_fwd_ms"] = timeit(fwd, q, k, v, kl, reps=reps)
+      row[f"{name}_fwdbwd_ms"] = timeit(fb, q, k, v, kl, reps=reps)
+    except Exception as e:  # noqa: BLE001  (report, keep the other rows)
+      row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      print(f"{name} failed: {row[f'{name}_error']}", flush=True)
+  print("bench", row, flush=True)
+  return row
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default=".", help="directory for bench_landmark.json")
+  ap.add_argument("--shapes", default="8x1024,2x4096", help="B x T pairs")
+  ap.add_argument("--heads", type=int, default=8)
+  ap.add_argument("--dim", type=int, default=128)
+  ap.add_argument("--block_len", type=int, default=50)
+  ap.add_argument("--tile", type=int, default=64)
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--no_check", action="store_true", help="skip the correctness check")
+  ap.add_argument("--tune", default="4x2,8x2,4x3,8x3",
+                  help="num_warps x num_stages candidates at the largest shape ('' to skip)")
+  ap.add_argument("--smoke", action="store_true", help="CPU self-test: tiny shapes, interpret")
+  args = ap.parse_args(argv)
+  SMOKE["on"] = args.smoke
+  shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+  h, d, block_len, tile, reps = args.heads, args.dim, args.block_len, args.tile, args.reps
+  check_shape, tune = (2, 300, 2), args.tune
+  if args.smoke:
+    shapes, h, d, block_len, tile, reps = [(1, 40)], 2, 16, 8, 16, 1
+    check_shape, tune = (2, 40, 2), "4x2" if args.tune else ""
+  device = jax.devices()[0].device_kind
+  print("device:", device, "jax", jax.__version__, flush=True)
+  result = {"device": device, "jax": jax.__version__, "smoke": args.smoke}
+  if not args.no_check:
+    result["check"] = check(check_shape, block_len, tile)
+  result["rows"] = [bench_one(b, t, h, d, block_len, tile, reps) for b, t in shapes]
+  result["tune"] = []
+  if tune:
+    b, t = max(shapes, key=lambda s: s[1])
+    for c in tune.split(","):
+      w, s = (int(x) for x in c.split("x"))
+      row = bench_one(b, t, h, d, block_len, tile, reps,
+                      tuning=(("num_warps", w), ("num_stages", s)))
+      result["tune"].append({k: row.get(k) for k in ("B", "T", "tuning", "kernel_core_fwd_ms",
+                                                     "kernel_core_fwdbwd_ms")})
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, "bench_landmark.json")
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"\nwrote {path}")
+  if "check" in result:
+    worst = {}
+    for c in result["check"]:
+      key = c["dtype"]
+      worst[key] = max(worst.get(key, 0.0), max(c["max_rel_err"].values()))
+    ok = all(c["ok"] for c in result["check"])
+    print(f"check: {'PASS' if ok else 'FAIL'}; max relative error per dtype {worst}")
+  if result["tune"]:
+    print("tune (kernels alone, ms fwd / fwd+bwd):")
+    for r in result["tune"]:
+      print(f"  {r['tuning']}: {r['kernel_core_fwd_ms']} / {r['kernel_core_fwdbwd_ms']}")
+  names = ("kernel", "kernel_core", "chunked_xla", "cudnn_causal")
+  print(f"\nH={h} D={d} bf16 block_len={block_len}; median ms, fwd / fwd+bwd")
+  print(f"{'B':>3} {'T':>6} " + " ".join(f"{n:>19}" for n in names)
+        + f" {'chunked/kernel':>15} {'kernel/cudnn':>13}")
+  for r in result["rows"]:
+    cells = []
+    for n in names:
+      if f"{n}_fwd_ms" in r:
+        cells.append(f"{r[f'{n}_fwd_ms']:>8.2f} / {r[f'{n}_fwdbwd_ms']:>8.2f}")
+      else:
+        cells.append(f"{'error':>19}")
+
+    def ratio(a, b, r=r):
+      ka, kb = f"{a}_fwdbwd_ms", f"{b}_fwdbwd_ms"
+      return f"{r[ka] / r[kb]:.2f}" if ka in r and kb in r else "-"
+    print(f"{r['B']:>3} {r['T']:>6} " + " ".join(f"{c:>19}" for c in cells)
+          + f" {ratio('chunked_xla', 'kernel'):>15} {ratio('kernel', 'cudnn_causal'):>13}")
+  if "check" in result and not all(c["ok"] for c in result["check"]):
+    print("CHECK FAILED")
+    sys.exit(1)
+  return result
+
+
+if __name__ == "__main__":
+  main()
