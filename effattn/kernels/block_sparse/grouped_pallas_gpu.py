@@ -11,7 +11,8 @@ Three kernels:
   forward  grid (G, B, H): query group gq loops key groups gk in [first[gq], gq) on the landmark
            path (o_bar = softmax(s) @ v inside the tile, score q . kL[gk] enters the outer online
            softmax), then its own group with the causal mask; writes o and lse (log2 units);
-  dQ       grid (G, B, H): the same loop, recomputing w, o_bar and delta_c = do . o_bar;
+  dQ       grid (G, B, H): the same loop, recomputing w and delta_c = do . o_bar as
+           rowsum(w * (do v^T)) (no o_bar product);
   dK/dV/dkL grid (G, B, H): key group gk, its own group, then query groups gq in (gk, last[gk]].
 Scores are kept in base 2 (exp2 is the native instruction), like pallas_gpu.py.
 """
@@ -112,10 +113,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, kl_ref, do_ref, lse_ref, delta_ref, len_ref,
     k, v = _tile(k_ref, gk, lt), _tile(v_ref, gk, lt)
     kl = kl_ref[pl.ds(gk, 1), :]
     p, z = _within(q, k, len_ref[gk], c2, lt)
-    o_bar = dot(p.astype(v.dtype), v) / z[:, None]
+    w = p / z[:, None]
+    dpv = dot(do, v, trans_b=True)
+    # delta_c = do . o_bar = sum_j w_ij (do . v_j): no o_bar = w @ v needed.
+    delta_c = jnp.sum(w * dpv, axis=1)
     p_c = jnp.exp2(_land_scores(q, kl, c2) - lse)  # outer weight of this landmark
-    delta_c = jnp.sum(do.astype(_F32) * o_bar, axis=1)
-    ds = (p_c[:, None] * (p / z[:, None])) * (dot(do, v, trans_b=True) - delta_c[:, None])
+    ds = (p_c[:, None] * w) * (dpv - delta_c[:, None])
     ds_l = p_c * (delta_c - delta)
     return dq + dot(ds.astype(k.dtype), k) + ds_l[:, None] * kl.astype(_F32)
 
@@ -152,12 +155,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kl_ref, do_ref, lse_ref, delta_ref, len_ref
     dk, dv, dkl = carry
     q, do, lse, delta = rows(gq)
     p, z = _within(q, k, n_k, c2, lt)
-    o_bar = dot(p.astype(v.dtype), v) / z[:, None]
+    w = p / z[:, None]
+    dpv = dot(do, v, trans_b=True)
+    delta_c = jnp.sum(w * dpv, axis=1)  # do . o_bar
     p_c = jnp.exp2(_land_scores(q, kl, c2) - lse)
-    delta_c = jnp.sum(do.astype(_F32) * o_bar, axis=1)
-    pw = p_c[:, None] * (p / z[:, None])  # weight of key j in query i's output
+    pw = p_c[:, None] * w  # weight of key j in query i's output
     dv = dv + dot(pw.astype(do.dtype), do, trans_a=True)
-    ds = pw * (dot(do, v, trans_b=True) - delta_c[:, None])
+    ds = pw * (dpv - delta_c[:, None])
     dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
     ds_l = p_c * (delta_c - delta)
     dkl = dkl + jnp.sum(ds_l[:, None] * q.astype(_F32), axis=0, keepdims=True)
