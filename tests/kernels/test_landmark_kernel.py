@@ -127,6 +127,8 @@ def test_bad_arguments_named():
     grouped.grouped_softmax(y, y, y, y, gid, seg, impl="pallas_gpu")
   with pytest.raises(ValueError, match="k_land"):
     grouped.grouped_softmax(x, x, x, x[:, :, :, :8], gid, seg)
+  with pytest.raises(ValueError, match="dtypes"):
+    grouped.grouped_softmax(x, x.astype(jnp.bfloat16), x, x, gid, seg)
   with pytest.raises(ValueError, match="tile"):
     oracles.build("landmark", landmark={"tile": 12})
 

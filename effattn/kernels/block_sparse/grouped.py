@@ -204,6 +204,8 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
     raise ValueError(f"landmark grouped softmax {impl=} is not one of {IMPLS}")
   if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
     raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} must all be [B, T, H, D]")
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f"q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype} must be equal")
   b, t, h, d = q.shape
   if k_land.ndim != 4 or k_land.shape[0] != b or k_land.shape[2:] != (h, d):
     raise ValueError(f"k_land has shape {k_land.shape}; expected [B={b}, G, H={h}, D={d}]")
