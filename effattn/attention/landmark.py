@@ -16,7 +16,8 @@ learned embedding plus the mean of the block's inputs at this layer, projected b
 projection and rotated to the block's last position. (In the paper the landmark is a token of
 the sequence and its state comes from the previous layer; carrying it inside the module keeps
 the [B, T, d_model] interface. Landmark queries are never needed: their outputs are dropped.)
-Blocks follow positions within each packed segment, so segments stay independent.
+Blocks follow positions within each packed segment, so segments stay independent (padding,
+segment 0 at position 0, is cut by token count instead).
 
 Training and full-sequence calls go through effattn.kernels.block_sparse.grouped. On GPU
 (`impl` "auto" or "pallas", head_dim in 16/32/64/128, block_len <= `tile`) that is a flash-style
@@ -27,10 +28,11 @@ tiles take the path below through lax.cond, so the result is always exact. Elsew
 impl "xla" / "reference") the grouped softmax is evaluated with dense scores (as the official
 code's non-Triton path), `query_chunk` queries at a time with the scores recomputed in the
 backward pass, so memory is O(query_chunk * T) per layer (docs/mechanisms_sparse.md).
-Decoding scores the landmarks of completed blocks, keeps the top_k
-blocks per query and head plus the current block, and attends to them with the same grouped
-formula at a cost of (top_k + 1) * block_len keys per token, so context can grow far past the
-training length; with top_k >= the number of blocks it equals the full forward pass.
+
+Decoding scores the landmarks of completed blocks, keeps the top_k blocks per query and head
+plus the current block, and attends to them with the same grouped formula at a cost of
+(top_k + 1) * block_len keys per token, so context can grow far past the training length; with
+top_k >= the number of blocks it equals the full forward pass.
 """
 
 from __future__ import annotations
