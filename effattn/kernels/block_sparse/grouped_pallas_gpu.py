@@ -32,12 +32,14 @@ from effattn.kernels.block_sparse.common import LOG2E, MASK_VALUE, dot
 _F32 = jnp.float32
 
 
-def _params(num_warps: int, num_stages: int):
+def _params(num_warps: int | None, num_stages: int | None, lt: int, d: int, dtype):
+  """Triton settings; defaults: 4 warps for 64-slot tiles, 2 pipeline stages (1 for float32,
+  whose tiles are twice the shared memory)."""
+  if num_warps is None:
+    num_warps = 4 if lt <= 64 or d <= 64 else 8
+  if num_stages is None:
+    num_stages = 1 if jnp.dtype(dtype).itemsize > 2 else 2
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def _warps(lt: int, d: int) -> int:
-  return 4 if lt <= 64 or d <= 64 else 8
 
 
 def _tile(ref, g, lt: int):
@@ -187,7 +189,7 @@ def _specs(n, d, lt, gp, g_rows):
 
 
 def forward(q, k, v, kl, glen, gfirst, *, lt: int, scale: float, interpret: bool = False,
-            num_warps: int | None = None, num_stages: int = 2):
+            num_warps: int | None = None, num_stages: int | None = None):
   """q, k, v [B, N = G * Lt, H, D] (group-tiled), kl [B, G, H, D], glen / gfirst [B, Gp] int32.
 
   Returns o [B, N, H, D] in q's dtype and lse [B, H, N] float32 in log2 units.
@@ -202,14 +204,14 @@ def forward(q, k, v, kl, glen, gfirst, *, lt: int, scale: float, interpret: bool
       out_specs=[tile, vec_tile],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, n), _F32)],
-      compiler_params=_params(num_warps or _warps(lt, d), num_stages),
+      compiler_params=_params(num_warps, num_stages, lt, d, q.dtype),
       interpret=interpret,
       name="landmark_grouped_fwd",
   )(q, k, v, kl, glen, gfirst)
 
 
 def backward(q, k, v, kl, lse, do, delta, glen, gfirst, glast, *, lt: int, scale: float,
-             interpret: bool = False, num_warps: int | None = None, num_stages: int = 2):
+             interpret: bool = False, num_warps: int | None = None, num_stages: int | None = None):
   """dq, dk, dv [B, N, H, D] (input dtypes) and dkl [B, G, H, D] float32.
 
   lse [B, H, N] from forward (log2 units); delta [B, H, N] = rowsum(o * do) in float32; do is
@@ -218,7 +220,7 @@ def backward(q, k, v, kl, lse, do, delta, glen, gfirst, glast, *, lt: int, scale
   b, n, h, d = q.shape
   g_rows, gp = kl.shape[1], glen.shape[1]
   full, tile, kl_all, kl_one, meta, vec_tile, vec_full = _specs(n, d, lt, gp, g_rows)
-  params = _params(num_warps or _warps(lt, d), num_stages)
+  params = _params(num_warps, num_stages, lt, d, q.dtype)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, lt=lt, scale=scale),
       grid=(n // lt, b, h),
