@@ -98,7 +98,7 @@ def relayout(gid, seg, *, max_groups: int, tile: int):
         & jnp.all(jnp.diff(gid, axis=1) >= 0) & jnp.all(glen <= tile)
         & jnp.all(runs == distinct) & jnp.all(gid_change | ~change))
   return dict(slot_tok=slot_tok, valid=valid, tok_slot=tok_slot, glen=glen, gfirst=gfirst,
-                glast=glast, ok=ok)
+              glast=glast, ok=ok)
 
 
 def _take_rows(x, idx):
