@@ -8,7 +8,8 @@ lengths (at most `max_segments` runs per row, else the block-sparse kernel). Thi
 with the dense segment mask, on ragged and padded rows, GQA, causal and bidirectional; and
 (2) times forward+backward at B=8, T=4096, H=16, D=128 in bf16 (four documents per row) for the
 packed cuDNN call (max_segments 16 and 64), the block-sparse fallback, the XLA dense-mask path
-the trainer ran before, and unpacked cuDNN as the ceiling. Medians of --iters calls after a
+the trainer ran before, and unpacked cuDNN as the ceiling; and with a 512-token sliding window
+the packed cuDNN call, its query-chunked XLA fallback and the dense mask. Medians of --iters calls after a
 warm-up; a table is printed last and JSON goes to --out.
 """
 
@@ -48,12 +49,13 @@ def rel_err(got, want) -> float:
 
 def check(args) -> list[dict]:
   rows = []
-  cases = [  # (B, T, H, H_kv, causal, docs, pad)
-      (2, 1000, 8, 2, True, 5, 37),
-      (2, 512, 4, 4, False, 3, 0),
-      (3, 768, 8, 1, True, 9, 100),
+  cases = [  # (B, T, H, H_kv, causal, docs, pad, window)
+      (2, 1000, 8, 2, True, 5, 37, None),
+      (2, 512, 4, 4, False, 3, 0, None),
+      (3, 768, 8, 1, True, 9, 100, None),
+      (2, 1000, 8, 2, True, 5, 37, 128),
   ]
-  for b, t, h, h_kv, causal, docs, pad in cases:
+  for b, t, h, h_kv, causal, docs, pad, window in cases:
     keys = jax.random.split(jax.random.key(t), 4)
     q = jax.random.normal(keys[0], (b, t, h, 128), jnp.bfloat16)
     k = jax.random.normal(keys[1], (b, t, h_kv, 128), jnp.bfloat16)
@@ -63,19 +65,21 @@ def check(args) -> list[dict]:
 
     def loss(q, k, v, impl, max_segments):
       o = ops.softmax_attention(q, k, v, causal=causal, segment_ids=seg, impl=impl,
-                                max_segments=max_segments)
+                                window=window, max_segments=max_segments)
       return jnp.sum(o.astype(jnp.float32) * ct), o
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
                    static_argnums=(3, 4))
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     (_, o_ref), g_ref = grad(f32(q), f32(k), f32(v), "reference", 16)
-    # docs + (pad > 0) runs: max_segments 16 takes cuDNN, 2 the block-sparse fallback.
-    for branch, m in (("cudnn packed", 16), ("fallback kernel", 2)):
+    # docs + (pad > 0) runs: max_segments 16 takes cuDNN, 2 the fallback.
+    fallback = "fallback kernel" if window is None else "fallback chunked xla"
+    for branch, m in (("cudnn packed", 16), (fallback, 2)):
       (_, o), g = grad(q, k, v, "cudnn", m)
       errs = [rel_err(o, o_ref)] + [rel_err(a, r) for a, r in zip(g, g_ref)]
       finite = bool(np.all(np.isfinite(np.asarray(o, np.float32))))
-      rows.append({"case": f"B{b} T{t} H{h}/{h_kv} causal={causal} runs={docs + (pad > 0)}",
+      rows.append({"case": f"B{b} T{t} H{h}/{h_kv} causal={causal} runs={docs + (pad > 0)}"
+                           + (f" window={window}" if window else ""),
                    "branch": branch, "o": errs[0], "dq": errs[1], "dk": errs[2],
                    "dv": errs[3], "finite": finite})
       print(rows[-1], flush=True)
@@ -103,6 +107,10 @@ def bench(args) -> list[dict]:
       "block-sparse fallback": dict(segment_ids=seg, impl="cudnn", max_segments=2),
       "xla dense mask (before)": dict(segment_ids=seg, impl="xla"),
       "cudnn unpacked (ceiling)": dict(impl="cudnn"),
+      "cudnn packed, window 512": dict(segment_ids=seg, impl="cudnn", window=512),
+      "chunked xla fallback, window 512": dict(segment_ids=seg, impl="cudnn", window=512,
+                                               max_segments=2),
+      "xla dense mask, window 512 (before)": dict(segment_ids=seg, impl="xla", window=512),
   }
   rows = []
   for name, kw in variants.items():

@@ -3,8 +3,9 @@
 `impl="auto"` uses cuDNN fused attention on GPU when the dtype, head dim and mask allow, and XLA
 otherwise; "reference" is the plain einsum oracle. Packed sequences (segment ids) reach cuDNN
 through its packed layout (segment offsets and lengths) when the row holds at most
-`max_segments` segments, and otherwise the block-sparse Pallas kernel with the segment ids; only
-an explicit dense mask (cache validity while decoding) forces XLA. The path taken is logged once
+`max_segments` segments, and otherwise the block-sparse Pallas kernel with the segment ids
+(query-chunked XLA with a window); only an explicit dense mask (cache validity while decoding)
+forces XLA. The path taken is logged once
 per distinct choice.
 """
 
@@ -72,13 +73,12 @@ def _cudnn_supported(q, k, mask_is_dense: bool) -> str:
   return ""
 
 
-def _cudnn_packed_unsupported(window: int | None) -> str:
+def _cudnn_packed_unsupported(causal: bool, window: int | None) -> str:
   """Empty string when cuDNN's packed layout can take these segments, else why not."""
   if not _CUDNN_PACKED:
     return "this jax has no cuDNN packed-segment API"
-  if window is not None:
-    # The fallback kernel has no window; a dense mask would defeat the point.
-    return "packed segments with a sliding window"
+  if window is not None and not causal:
+    return "cuDNN windows are causal only"
   return ""
 
 
@@ -109,9 +109,33 @@ def _segment_mask(q, k, segment_ids, causal, window):
                         k_segment_ids=segment_ids, window=window)
 
 
+def _query_chunked_xla(q, k, v, segment_ids, *, causal, window, scale, chunk: int = 512):
+  """The dense-mask XLA attention `chunk` queries at a time (scores recomputed in the backward
+  pass): O(chunk * T) memory, for the rare packed rows cuDNN's layout cannot hold."""
+  b, t = q.shape[:2]
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  q_pad = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  seg_q = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)  # matches no key
+  k_idx = sequence_index(b, t)
+
+  @jax.checkpoint
+  def one_chunk(c):
+    rows = jax.lax.dynamic_slice_in_dim(q_pad, c * chunk, chunk, axis=1)
+    seg = jax.lax.dynamic_slice_in_dim(seg_q, c * chunk, chunk, axis=1)
+    mask = attention_mask(sequence_index(b, chunk, c * chunk), k_idx, causal=causal,
+                          q_segment_ids=seg, k_segment_ids=segment_ids, window=window)
+    return jax.nn.dot_product_attention(rows, k, v, mask=mask, scale=scale,
+                                        implementation="xla")
+
+  o = jax.lax.map(one_chunk, jnp.arange(n))  # [n, B, chunk, H, D]
+  return jnp.moveaxis(o, 0, 1).reshape((b, n * chunk) + q.shape[2:])[:, :t]
+
+
 def _cudnn_packed(q, k, v, segment_ids, *, causal, window, scale, max_segments):
   """cuDNN over packed rows; rows with more than max_segments runs take the block-sparse
-  kernel (lax.cond: exact either way, and neither branch holds a [T, T] array)."""
+  kernel, or with a window the query-chunked XLA form (lax.cond: exact either way, and no
+  branch holds a [T, T] array)."""
   from effattn.kernels.block_sparse import api as block_sparse  # imports ops' package
   from effattn.kernels.block_sparse.common import causal_block_mask, lists_from_block_mask
 
@@ -135,7 +159,11 @@ def _cudnn_packed(q, k, v, segment_ids, *, causal, window, scale, max_segments):
         kv_segment_ids=segment_ids, scale=scale)
     return o
 
-  return jax.lax.cond(jnp.max(count) <= max_segments, fused, kernel, q, k, v)
+  def chunked(q, k, v):
+    return _query_chunked_xla(q, k, v, segment_ids, causal=causal, window=window, scale=scale)
+
+  fallback = kernel if window is None else chunked
+  return jax.lax.cond(jnp.max(count) <= max_segments, fused, fallback, q, k, v)
 
 
 def softmax_attention(
@@ -189,7 +217,7 @@ def softmax_attention(
   if impl == "auto":
     why = _cudnn_supported(q, k, mask is not None)
     if not why and segment_ids is not None:
-      why = _cudnn_packed_unsupported(window)
+      why = _cudnn_packed_unsupported(causal, window)
     impl = "cudnn" if not why else "xla"
     log_path_once("softmax", impl, why)
   else:
@@ -199,7 +227,7 @@ def softmax_attention(
       raise ValueError("impl='cudnn' cannot take a dense mask; pass segment_ids or use "
                        "impl='auto'")
     if segment_ids is not None:
-      why = _cudnn_packed_unsupported(window)
+      why = _cudnn_packed_unsupported(causal, window)
       if why:
         raise ValueError(f"impl='cudnn' cannot take these segment_ids: {why}; use impl='auto'")
       return _cudnn_packed(q, k, v, segment_ids, causal=causal, window=window, scale=scale,

@@ -67,7 +67,7 @@ def test_packed_segments_lists_every_run():
 def _emulated_cudnn(q, k, v, *, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scale, mask_type,
                     sliding_window_length):
   """cuDNN's packed semantics in jnp (q and k share the layout here): runs from the offsets."""
-  del kv_seqlen, kv_offsets, sliding_window_length
+  del kv_seqlen, kv_offsets
   t = q.shape[1]
   pos = jnp.arange(t)
   inside = ((pos[None, None, :] >= q_offsets[:, :-1, None])
@@ -78,13 +78,15 @@ def _emulated_cudnn(q, k, v, *, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scal
   mask = (run[:, :, None] == run[:, None, :]) & (run[:, :, None] >= 0)
   if causal:
     mask &= pos[None, None, :] <= pos[None, :, None]
+  if sliding_window_length is not None:
+    mask &= pos[None, :, None] - pos[None, None, :] < sliding_window_length
   return ops.reference_attention(q, k, v, mask[:, None], scale=scale)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_cudnn_packed_path_and_its_fallback(monkeypatch, causal):
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 9)])
+def test_cudnn_packed_path_and_its_fallback(monkeypatch, causal, window):
   """The cuDNN call gets runs that reproduce the segment mask; a row with more runs than
-  max_segments goes to the block-sparse kernel. (cuDNN itself is checked on the GPU:
+  max_segments goes to the block-sparse kernel (query-chunked XLA with a window). (cuDNN itself is checked on the GPU:
   scripts/bench_train.py --check_packed.)"""
   if not ops._CUDNN_PACKED:
     pytest.skip("this jax has no cuDNN packed-segment API")
@@ -95,8 +97,9 @@ def test_cudnn_packed_path_and_its_fallback(monkeypatch, causal):
   few = jnp.array([[1] * 30 + [2] * 30 + [0] * 10, [1] * 70])
   many = jnp.array([[1, 2] * 20 + [3] * 30, [1] * 70])  # 41 runs in row 0
   for seg in (few, many):
-    want = ops.softmax_attention(q, k, v, causal=causal, segment_ids=seg, impl="reference")
-    got = ops._cudnn_packed(q, k, v, seg, causal=causal, window=None, scale=None,
+    want = ops.softmax_attention(q, k, v, causal=causal, segment_ids=seg, window=window,
+                                 impl="reference")
+    got = ops._cudnn_packed(q, k, v, seg, causal=causal, window=window, scale=None,
                             max_segments=4)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
