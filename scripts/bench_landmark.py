@@ -87,12 +87,13 @@ def check(shape, block_len, tile, reps_unused=None) -> list[dict]:
         def ref(q, k, v, kl, gid=gid, seg=seg, d=d):
           return grouped_softmax_attention(q, k, v, kl, gid, seg, scale=d ** -0.5)[0]
 
-        def ker(q, k, v, kl, gid=gid, seg=seg, max_groups=max_groups):
+        def ker(q, k, v, kl, gid, seg, max_groups=max_groups):
           return grouped.grouped_softmax(q, k, v, kl, gid, seg, max_groups=max_groups,
                                          **kernel_kwargs(block_len, tile))
 
-        def vg(f, args, do):
-          o, vjp = jax.vjp(f, *args)
+        def vg(f, args, do, *layout_args):
+          # gid and seg are arguments, not constants: XLA would constant-fold the relayout.
+          o, vjp = jax.vjp(lambda *a: f(*a, *layout_args), *args)
           return (o,) + vjp(do)
 
         with jax.default_matmul_precision("highest"):  # no TF32 in the oracle
@@ -100,8 +101,11 @@ def check(shape, block_len, tile, reps_unused=None) -> list[dict]:
               ref, [x.astype(jnp.float32) for x in (q, k, v, kl)], do.astype(jnp.float32))
         row = {"dtype": jnp.dtype(dtype).name, "D": d, "layout": kind,
                "fallback": max_groups is not None}
+        # f32: the fallback's XLA einsums would otherwise run in TF32 on the GPU.
+        precision = "highest" if dtype == jnp.float32 else "default"
         try:
-          got = jax.jit(vg, static_argnums=0)(ker, (q, k, v, kl), do)
+          with jax.default_matmul_precision(precision):
+            got = jax.jit(vg, static_argnums=0)(ker, (q, k, v, kl), do, gid, seg)
         except Exception as e:  # noqa: BLE001  (report it, keep checking and timing)
           rows.append({**row, "error": f"{type(e).__name__}: {str(e)[:500]}",
                        "max_rel_err": {"all": float("inf")}, "ok": False})
@@ -123,28 +127,32 @@ def bench_one(b, t, h, d, block_len, tile, reps, tuning=()) -> dict:
   q, k, v, kl, do = (jax.random.normal(kk, (b, t, h, d), jnp.bfloat16) for kk in ks)
   gid, seg = layout("one", b, t, block_len)
   kw = kernel_kwargs(block_len, tile, **dict(tuning))
-  kernel = lambda q, k, v, kl: grouped.grouped_softmax(q, k, v, kl, gid, seg, **kw)  # noqa
+  kernel = lambda q, k, v, kl, gid, seg, lay: grouped.grouped_softmax(  # noqa: E731
+      q, k, v, kl, gid, seg, **kw)
   # The kernels without relayout / lax.cond (the layout precomputed).
   lay = grouped.relayout(gid, seg, max_groups=grouped.default_max_groups(t, block_len),
                          tile=tile)
   assert bool(lay["ok"])
   st = grouped._Static(tile=tile, scale=d ** -0.5, interpret=bool(kw.get("interpret")),  # noqa
                        tuning=tuple((n, x) for n, x in tuning if x is not None))
-  core = lambda q, k, v, kl: grouped.kernel_attention(q, k, v, kl, lay, st)  # noqa: E731
-  chunked = lambda q, k, v, kl: grouped.grouped_softmax(  # noqa: E731
+  core = lambda q, k, v, kl, gid, seg, lay: grouped.kernel_attention(  # noqa: E731
+      q, k, v, kl, lay, st)
+  chunked = lambda q, k, v, kl, gid, seg, lay: grouped.grouped_softmax(  # noqa: E731
       q, k, v, kl, gid, seg, impl="xla", chunk=256)
   peer_impl = "xla" if SMOKE["on"] else "cudnn"
-  cudnn = lambda q, k, v, kl: jax.nn.dot_product_attention(  # noqa: E731
+  cudnn = lambda q, k, v, kl, gid, seg, lay: jax.nn.dot_product_attention(  # noqa: E731
       q, k, v, is_causal=True, implementation=peer_impl)
   row = {"B": b, "T": t, "H": h, "D": d, "block_len": block_len, "tile": tile,
          "tuning": dict(tuning)}
   for name, f in (("kernel", kernel), ("kernel_core", core), ("chunked_xla", chunked),
                   ("cudnn_causal", cudnn)):
+    # The layout is an argument, not a constant: XLA would constant-fold the relayout.
     fwd = jax.jit(f)
-    fb = jax.jit(lambda q, k, v, kl, f=f: jax.vjp(f, q, k, v, kl)[1](do))
+    fb = jax.jit(lambda q, k, v, kl, gid, seg, lay, f=f: jax.vjp(
+        lambda *a: f(*a, gid, seg, lay), q, k, v, kl)[1](do))
     try:
-      row[f"{name}_fwd_ms"] = timeit(fwd, q, k, v, kl, reps=reps)
-      row[f"{name}_fwdbwd_ms"] = timeit(fb, q, k, v, kl, reps=reps)
+      row[f"{name}_fwd_ms"] = timeit(fwd, q, k, v, kl, gid, seg, lay, reps=reps)
+      row[f"{name}_fwdbwd_ms"] = timeit(fb, q, k, v, kl, gid, seg, lay, reps=reps)
     except Exception as e:  # noqa: BLE001  (report, keep the other rows)
       row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
       print(f"{name} failed: {row[f'{name}_error']}", flush=True)
