@@ -19,15 +19,16 @@ the [B, T, d_model] interface. Landmark queries are never needed: their outputs 
 Blocks follow positions within each packed segment, so segments stay independent (padding,
 segment 0 at position 0, is cut by token count instead).
 
-Training and full-sequence calls go through effattn.kernels.block_sparse.grouped. On GPU
-(`impl` "auto" or "pallas", head_dim in 16/32/64/128, block_len <= `tile`) that is a flash-style
-Triton kernel: tokens are re-laid out so every block fills one tile of `tile` slots, an earlier
-block is one key tile whose within-block softmax, value summary and landmark score are
-tile-local, and nothing [T, T] is built; rows with more blocks than the layout's `max_groups`
-tiles take the path below through lax.cond, so the result is always exact. Elsewhere (and with
-impl "xla" / "reference") the grouped softmax is evaluated with dense scores (as the official
-code's non-Triton path), `query_chunk` queries at a time with the scores recomputed in the
-backward pass, so memory is O(query_chunk * T) per layer (docs/mechanisms_sparse.md).
+Training and full-sequence calls go through effattn.kernels.block_sparse.grouped. On GPU and
+TPU (`impl` "auto" or "pallas", head_dim in 16/32/64/128, block_len <= `tile`) that is a
+flash-style Pallas kernel (Triton on GPU, Mosaic on TPU): tokens are re-laid out so every
+block fills one tile of `tile` slots, an earlier block is one key tile whose within-block
+softmax, value summary and landmark score are tile-local, and nothing [T, T] is built; rows
+with more blocks than the layout's `max_groups` tiles take the path below through lax.cond, so
+the result is always exact. Elsewhere (and with impl "xla" / "reference") the grouped softmax
+is evaluated with dense scores (as the official code's non-Triton path), `query_chunk` queries
+at a time with the scores recomputed in the backward pass, so memory is O(query_chunk * T) per
+layer (docs/mechanisms_sparse.md).
 
 Decoding scores the landmarks of completed blocks, keeps the top_k blocks per query and head
 plus the current block, and attends to them with the same grouped formula at a cost of
@@ -48,7 +49,7 @@ from effattn.attention.registry import register
 from effattn.kernels.block_sparse import grouped
 
 # model.attention.impl -> grouped.grouped_softmax's impl.
-KERNEL_IMPL = {"auto": "auto", "cudnn": "auto", "pallas": "pallas_gpu", "xla": "xla",
+KERNEL_IMPL = {"auto": "auto", "cudnn": "auto", "pallas": "pallas", "xla": "xla",
                "reference": "xla"}
 
 _NEG = -1e30
@@ -179,7 +180,7 @@ class LandmarkAttention(base.Attention):
       # Queries per step of the full forward: O(query_chunk * T) memory per layer instead of
       # O(T^2); 0 evaluates all queries at once.
       "query_chunk": 256,
-      # Kernel path (GPU): slots per block tile (a power of two >= 16 and >= block_len), block
+      # Kernel path (GPU/TPU): slots per block tile (a power of two >= 16, >= block_len), block
       # tiles of the layout (0: grouped.default_max_groups), Pallas interpret mode (CPU tests).
       "tile": 64,
       "max_groups": 0,

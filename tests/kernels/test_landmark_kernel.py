@@ -1,10 +1,12 @@
-"""The landmark grouped-softmax kernels (grouped_pallas_gpu.py, interpret mode) against the
-dense grouped_softmax_attention: output and gradients of q, k, v and the landmark keys, in f32
-and bf16, with ragged lengths, packed segments + padding, several block lengths and the
-lax.cond fallback; plus the module on the kernel path against its chunked path."""
+"""The landmark grouped-softmax kernels (Triton grouped_pallas_gpu.py and Mosaic
+grouped_pallas_tpu.py, interpret mode) against the dense grouped_softmax_attention: output and
+gradients of q, k, v and the landmark keys, in f32 and bf16, with ragged lengths, packed
+segments + padding, several block lengths and the lax.cond fallback; plus the module on the
+kernel path against its chunked path."""
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import jax
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effattn.attention.landmark import block_groups, grouped_softmax_attention
+from effattn.attention.landmark import KERNEL_IMPL, block_groups, grouped_softmax_attention
 from effattn.kernels.block_sparse import grouped
 from tests.attention import oracles
 
@@ -51,44 +53,61 @@ def _close(name, want, got, dtype):
   np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=name)
 
 
-CASES = [
-    # name, (B, T, H, D), block_len, tile, layout, dtype, max_groups
-    ("packed-f32", (2, 40, 2, 16), 8, 16, "packed", jnp.float32, None),
-    ("packed-bf16", (2, 40, 2, 32), 8, 16, "packed", jnp.bfloat16, None),
-    ("short-blocks-ragged-f32", (1, 33, 1, 16), 5, 16, "packed", jnp.float32, None),
-    ("block50-tile64-ragged-f32", (1, 110, 1, 16), 50, 64, "one", jnp.float32, None),
-    ("fallback-f32", (2, 40, 2, 16), 8, 16, "packed", jnp.float32, 4),
-]
+CASES = {
+    # name: (B, T, H, D), block_len, tile, layout, dtype, max_groups
+    "packed-f32": ((2, 40, 2, 16), 8, 16, "packed", jnp.float32, None),
+    "packed-bf16": ((2, 40, 2, 32), 8, 16, "packed", jnp.bfloat16, None),
+    "short-blocks-ragged-f32": ((1, 33, 1, 16), 5, 16, "packed", jnp.float32, None),
+    "block50-tile64-ragged-f32": ((1, 110, 1, 16), 50, 64, "one", jnp.float32, None),
+    "fallback-f32": ((2, 40, 2, 16), 8, 16, "packed", jnp.float32, 4),
+}
+# Both kernels share grouped_tiles.py's math; the Triton one skips two cases to keep the file
+# fast (its loop structure is covered by the others).
+KERNEL_CASES = [(impl, name) for name in CASES for impl in ("pallas_gpu", "pallas_tpu")
+                if impl == "pallas_tpu" or name not in ("short-blocks-ragged-f32", "fallback-f32")]
 
 
-@pytest.mark.parametrize("name,dims,block_len,tile,layout,dtype,max_groups", CASES,
-                         ids=[c[0] for c in CASES])
-def test_kernel_matches_dense(name, dims, block_len, tile, layout, dtype, max_groups):
-  b, t, h, d = dims
-  q, k, v, k_land, do = _inputs(name, b, t, h, d, dtype)
+def _value_and_grads(f, args, do):
+  o, vjp = jax.vjp(f, *args)
+  return o, vjp(do)
+
+
+def _case(name):
+  """Inputs, groups and segments of a case."""
+  (b, t, h, d), block_len, _, layout, dtype, _ = CASES[name]
   pos, seg_ids = _layout(layout, b, t)
   gid = block_groups(pos, seg_ids, block_len)
   seg = jnp.ones((b, t), jnp.int32) if seg_ids is None else seg_ids
+  return _inputs(name, b, t, h, d, dtype), gid, seg
+
+
+@functools.cache
+def _dense(name):
+  """The oracle's output and gradients, in float32 (computed once per case)."""
+  (q, k, v, k_land, do), gid, seg = _case(name)
+  d = q.shape[-1]
+
+  def dense(q, k, v, k_land):
+    return grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=d ** -0.5)[0]
+
+  f32 = [x.astype(jnp.float32) for x in (q, k, v, k_land)]
+  return jax.jit(_value_and_grads, static_argnums=0)(dense, f32, do.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("impl,name", KERNEL_CASES, ids=[f"{i}-{n}" for i, n in KERNEL_CASES])
+def test_kernel_matches_dense(impl, name):
+  (_, t, _, _), block_len, tile, _, dtype, max_groups = CASES[name]
+  (q, k, v, k_land, do), gid, seg = _case(name)
   lay = grouped.relayout(gid, seg, max_groups=max_groups or grouped.default_max_groups(
       t, block_len), tile=tile)
   assert bool(lay["ok"]) == (max_groups is None)  # the fallback case really falls back
 
-  def dense(q, k, v, k_land):  # the oracle, in float32
-    return grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=d ** -0.5)[0]
-
   def kernel(q, k, v, k_land):
     return grouped.grouped_softmax(q, k, v, k_land, gid, seg, block_len=block_len,
-                                   impl="pallas_gpu", tile=tile, max_groups=max_groups,
-                                   interpret=True)
+                                   impl=impl, tile=tile, max_groups=max_groups, interpret=True)
 
-  f32 = lambda xs: [x.astype(jnp.float32) for x in xs]  # noqa: E731
-  def value_and_grads(f, args, do):
-    o, vjp = jax.vjp(f, *args)
-    return o, vjp(do)
-
-  o_want, grads_want = jax.jit(value_and_grads, static_argnums=0)(
-      dense, f32((q, k, v, k_land)), do.astype(jnp.float32))
-  o_got, grads_got = jax.jit(value_and_grads, static_argnums=0)(kernel, (q, k, v, k_land), do)
+  o_want, grads_want = _dense(name)
+  o_got, grads_got = jax.jit(_value_and_grads, static_argnums=0)(kernel, (q, k, v, k_land), do)
   assert o_got.dtype == dtype
   _close("o", o_want, o_got, dtype)
   for gname, want, got in zip(("dq", "dk", "dv", "dk_land"), grads_want, grads_got):
@@ -108,8 +127,22 @@ def test_kernel_is_what_runs():
     return str(jax.make_jaxpr(f)(x))
 
   assert "landmark_grouped_fwd" in jaxpr("pallas_gpu")
+  assert "landmark_grouped_tpu_fwd" in jaxpr("pallas_tpu")
+  assert "landmark_grouped_fwd" in jaxpr("pallas")  # off TPU: the Triton kernel
   assert "landmark_grouped" not in jaxpr("auto")  # CPU: the chunked path
   assert "landmark_grouped" not in jaxpr("xla")
+
+
+def test_tpu_backend_gets_the_mosaic_kernel(monkeypatch):
+  x = jnp.zeros((1, 20, 1, 16))
+  gid = block_groups(jnp.arange(20)[None], None, 8)
+  seg = jnp.ones((1, 20), jnp.int32)
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  # The module's "auto" and "pallas" reach grouped_softmax unchanged.
+  for impl in {KERNEL_IMPL["auto"], KERNEL_IMPL["pallas"]}:
+    f = lambda x, impl=impl: grouped.grouped_softmax(  # noqa: E731
+        x, x, x, x, gid, seg, block_len=8, tile=16, impl=impl, interpret=True)
+    assert "landmark_grouped_tpu_fwd" in str(jax.make_jaxpr(f)(x)), impl
 
 
 def test_bad_arguments_named():
@@ -117,7 +150,7 @@ def test_bad_arguments_named():
   gid, seg = jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32)
   call = lambda **kw: grouped.grouped_softmax(x, x, x, x, gid, seg, **kw)  # noqa: E731
   with pytest.raises(ValueError, match="impl"):
-    call(impl="pallas")
+    call(impl="triton")
   with pytest.raises(ValueError, match="tile"):
     call(tile=48)
   with pytest.raises(ValueError, match="block_len"):
@@ -125,6 +158,8 @@ def test_bad_arguments_named():
   with pytest.raises(ValueError, match="head_dim"):
     y = jnp.zeros((1, 8, 1, 8))
     grouped.grouped_softmax(y, y, y, y, gid, seg, impl="pallas_gpu")
+  with pytest.raises(ValueError, match="head_dim"):
+    grouped.grouped_softmax(y, y, y, y, gid, seg, impl="pallas_tpu")
   with pytest.raises(ValueError, match="k_land"):
     grouped.grouped_softmax(x, x, x, x[:, :, :, :8], gid, seg)
   with pytest.raises(ValueError, match="dtypes"):

@@ -6,9 +6,12 @@ Computes effattn.attention.landmark.grouped_softmax_attention's output (the spec
 softmax: own-group tokens j <= i and the landmarks of earlier groups of the segment share one
 softmax; an earlier group's tokens get their within-group softmax times their landmark's
 weight). Paths (`impl`):
-  "auto"        the Pallas kernel on GPU when head_dim is in KERNEL_HEAD_DIMS and block_len <=
-                tile, else "xla" (logged once);
+  "auto"        the Pallas kernel of the backend on GPU and TPU when head_dim is in
+                KERNEL_HEAD_DIMS and block_len <= tile, else "xla" (logged once);
+  "pallas"      the Pallas kernel of the current backend (the Triton one off TPU);
   "pallas_gpu"  the Triton kernels of grouped_pallas_gpu.py (interpret=True off-device);
+  "pallas_tpu"  the Mosaic kernels of grouped_pallas_tpu.py (same contract; interpret=True
+                off-device);
   "xla"         landmark.chunked_grouped_softmax_attention: dense [B, H, chunk, T] scores,
                 `chunk` queries at a time (the oracle's arithmetic, O(T^2) FLOPs).
 
@@ -30,9 +33,9 @@ import jax.numpy as jnp
 from absl import logging
 from jax import lax
 
-from effattn.kernels.block_sparse import grouped_pallas_gpu
+from effattn.kernels.block_sparse import grouped_pallas_gpu, grouped_pallas_tpu
 
-IMPLS = ("auto", "pallas_gpu", "xla")
+IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla")
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 _LOGGED: set[tuple[str, str]] = set()
 
@@ -49,6 +52,11 @@ class _Static:
   scale: float
   interpret: bool
   tuning: tuple = ()  # Triton (num_warps, num_stages) overrides as key-value pairs
+  platform: str = "gpu"  # whose kernels: "gpu" (grouped_pallas_gpu) | "tpu" (grouped_pallas_tpu)
+
+  @property
+  def kernels(self):
+    return grouped_pallas_tpu if self.platform == "tpu" else grouped_pallas_gpu
 
 
 Layout = dict  # relayout's output: a dict of arrays (a pytree)
@@ -108,14 +116,14 @@ def _take_rows(x, idx):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _kernel(qg, kg, vg, klg, glen, gfirst, glast, st: _Static):
-  o, _ = grouped_pallas_gpu.forward(qg, kg, vg, klg, glen, gfirst, lt=st.tile, scale=st.scale,
-                                    interpret=st.interpret, **dict(st.tuning))
+  o, _ = st.kernels.forward(qg, kg, vg, klg, glen, gfirst, lt=st.tile, scale=st.scale,
+                            interpret=st.interpret, **dict(st.tuning))
   return o
 
 
 def _kernel_fwd(qg, kg, vg, klg, glen, gfirst, glast, st):
-  o, lse = grouped_pallas_gpu.forward(qg, kg, vg, klg, glen, gfirst, lt=st.tile, scale=st.scale,
-                                      interpret=st.interpret, **dict(st.tuning))
+  o, lse = st.kernels.forward(qg, kg, vg, klg, glen, gfirst, lt=st.tile, scale=st.scale,
+                              interpret=st.interpret, **dict(st.tuning))
   return o, (qg, kg, vg, klg, glen, gfirst, glast, o, lse)
 
 
@@ -123,7 +131,7 @@ def _kernel_bwd(st, res, do):
   qg, kg, vg, klg, glen, gfirst, glast, o, lse = res
   # An elementwise product and sum, not an einsum: a dot may run in TF32 on GPU.
   delta = jnp.moveaxis(jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
-  dq, dk, dv, dkl = grouped_pallas_gpu.backward(
+  dq, dk, dv, dkl = st.kernels.backward(
       qg, kg, vg, klg, lse, do.astype(qg.dtype), delta, glen, gfirst, glast, lt=st.tile,
       scale=st.scale, interpret=st.interpret, **dict(st.tuning))
   return dq, dk, dv, dkl.astype(klg.dtype), None, None, None
@@ -152,25 +160,27 @@ def default_max_groups(t: int, block_len: int) -> int:
 
 
 def _choose(impl: str, d: int, block_len: int | None, tile: int) -> str:
+  backend = jax.default_backend()
   if impl == "auto":
-    backend = jax.default_backend()
-    if backend != "gpu":
+    if backend not in ("gpu", "tpu"):
       why = f"backend {backend}"
     elif d not in KERNEL_HEAD_DIMS:
       why = f"head_dim {d} not in {KERNEL_HEAD_DIMS}"
     elif block_len is not None and block_len > tile:
       why = f"block_len {block_len} > tile {tile}"
     else:
-      _log_once("pallas_gpu", "backend gpu")
-      return "pallas_gpu"
+      _log_once(f"pallas_{backend}", f"backend {backend}")
+      return f"pallas_{backend}"
     _log_once("xla", why)
     return "xla"
-  if impl == "pallas_gpu":
+  if impl == "pallas":
+    impl = "pallas_tpu" if backend == "tpu" else "pallas_gpu"
+  if impl.startswith("pallas"):
     if d not in KERNEL_HEAD_DIMS:
-      raise ValueError(f"head_dim={d} must be one of {KERNEL_HEAD_DIMS} for impl='pallas_gpu'; "
+      raise ValueError(f"head_dim={d} must be one of {KERNEL_HEAD_DIMS} for {impl=}; "
                        "use impl='xla'")
     if block_len is not None and block_len > tile:
-      raise ValueError(f"block_len={block_len} must be <= tile={tile} for impl='pallas_gpu'; "
+      raise ValueError(f"block_len={block_len} must be <= tile={tile} for {impl=}; "
                        "raise tile or use impl='xla'")
   _log_once(impl, "forced")
   return impl
@@ -189,13 +199,13 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
     scale: score scale, default D ** -0.5.
     block_len: the largest group length, if known (lets "auto" skip a kernel that could not
       hold a group, and sizes the default max_groups).
-    impl: "auto" | "pallas_gpu" | "xla".
+    impl: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "xla".
     chunk: queries per step of the xla path (0: all at once); also the kernel's fallback.
     tile: slots per group tile of the kernel (a power of two >= 16, >= block_len).
     max_groups: group tiles of the kernel layout (default default_max_groups(T, block_len or
       tile)); rows with more groups run the xla path instead (lax.cond).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
-    num_warps, num_stages: Triton tuning overrides.
+    num_warps, num_stages: Triton tuning overrides (the GPU kernel only).
 
   Returns:
     o [B, T, H, D] in q's dtype.
@@ -237,6 +247,7 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
   lay = relayout(gid, seg, max_groups=max_groups, tile=tile)
   tuning = tuple((n, x) for n, x in (("num_warps", num_warps), ("num_stages", num_stages))
                  if x is not None)
-  st = _Static(tile=tile, scale=scale, interpret=interpret, tuning=tuning)
+  st = _Static(tile=tile, scale=scale, interpret=interpret, tuning=tuning,
+               platform=path.removeprefix("pallas_"))
   return lax.cond(lay["ok"], lambda *a: kernel_attention(*a, lay, st).astype(q.dtype),
                   xla_path, q, k, v, k_land)

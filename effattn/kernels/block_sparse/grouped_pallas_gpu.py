@@ -14,7 +14,8 @@ Three kernels:
   dQ       grid (G, B, H): the same loop, recomputing w and delta_c = do . o_bar as
            rowsum(w * (do v^T)) (no o_bar product);
   dK/dV/dkL grid (G, B, H): key group gk, its own group, then query groups gq in (gk, last[gk]].
-Scores are kept in base 2 (exp2 is the native instruction), like pallas_gpu.py.
+Scores are kept in base 2 (exp2 is the native instruction), like pallas_gpu.py. The tile
+math is grouped_tiles.py's, shared with the Mosaic kernels of grouped_pallas_tpu.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from effattn.kernels.block_sparse.common import LOG2E, MASK_VALUE, dot
+from effattn.kernels.block_sparse import grouped_tiles as tiles
+from effattn.kernels.block_sparse.common import LOG2E
 
 _F32 = jnp.float32
 
@@ -47,61 +49,21 @@ def _tile(ref, g, lt: int):
   return ref[pl.ds(pl.multiple_of(g * lt, lt), lt), :]
 
 
-def _within(q, k, n_k, c2, lt: int):
-  """Unnormalized within-group softmax of a query tile over key group k (n_k valid slots).
-
-  Returns p [Lt, Lt] float32 (0 on invalid keys) and its row sums z [Lt] (>= 1 when n_k > 0).
-  """
-  s = dot(q, k, trans_b=True) * c2
-  keep = (jnp.arange(lt, dtype=jnp.int32) < n_k)[None, :]
-  s = jnp.where(keep, s, MASK_VALUE)
-  m = jnp.max(s, axis=1)
-  p = jnp.where(keep, jnp.exp2(s - m[:, None]), 0.0)
-  z = jnp.sum(p, axis=1)
-  return p, jnp.where(z > 0.0, z, 1.0)
-
-
-def _land_scores(q, kl, c2):
-  """q [Lt, D] . kL [1, D] per row, in log2 units (a broadcast product: a [Lt, 1] dot is
-  below Triton's minimum dot size)."""
-  return jnp.sum(q.astype(_F32) * kl.astype(_F32), axis=1) * c2
-
-
-def _own_mask(n, lt: int):
-  r = jnp.arange(lt, dtype=jnp.int32)
-  return (r[None, :] <= r[:, None]) & (r[None, :] < n)
-
-
 def _fwd_kernel(q_ref, k_ref, v_ref, kl_ref, len_ref, first_ref, o_ref, lse_ref, *, lt, scale):
   g = pl.program_id(0)
   c2 = scale * LOG2E
   q = q_ref[...]
 
   def body(gk, carry):
-    acc, m, l = carry
-    k, v = _tile(k_ref, gk, lt), _tile(v_ref, gk, lt)
-    p, z = _within(q, k, len_ref[gk], c2, lt)
-    o_bar = dot(p.astype(v.dtype), v) / z[:, None]
-    s_l = _land_scores(q, kl_ref[pl.ds(gk, 1), :], c2)
-    m_new = jnp.maximum(m, s_l)
-    alpha, p_l = jnp.exp2(m - m_new), jnp.exp2(s_l - m_new)
-    return alpha[:, None] * acc + p_l[:, None] * o_bar, m_new, alpha * l + p_l
+    return tiles.fwd_landmark(q, _tile(k_ref, gk, lt), _tile(v_ref, gk, lt),
+                              kl_ref[pl.ds(gk, 1), :], len_ref[gk], c2, lt, *carry)
 
-  init = (jnp.zeros(q.shape, _F32), jnp.full((lt,), MASK_VALUE, _F32), jnp.zeros((lt,), _F32))
-  acc, m, l = lax.fori_loop(first_ref[g], g, body, init)
+  stats = lax.fori_loop(first_ref[g], g, body, tiles.init_stats(lt, q.shape[1]))
   # Own group: causal within the tile.
-  k, v = _tile(k_ref, g, lt), _tile(v_ref, g, lt)
-  mask = _own_mask(len_ref[g], lt)
-  s = jnp.where(mask, dot(q, k, trans_b=True) * c2, MASK_VALUE)
-  m_new = jnp.maximum(m, jnp.max(s, axis=1))
-  alpha = jnp.exp2(m - m_new)
-  p = jnp.where(mask, jnp.exp2(s - m_new[:, None]), 0.0)
-  l = alpha * l + jnp.sum(p, axis=1)
-  acc = alpha[:, None] * acc + dot(p.astype(v.dtype), v)
-  seen = l > 0.0  # false only in slots of absent groups
-  l_safe = jnp.where(seen, l, 1.0)
-  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, m_new + jnp.log2(l_safe), 0.0)
+  stats = tiles.fwd_own(q, _tile(k_ref, g, lt), _tile(v_ref, g, lt), len_ref[g], c2, lt, *stats)
+  o, lse = tiles.fwd_finish(*stats)
+  o_ref[...] = o.astype(o_ref.dtype)
+  lse_ref[...] = lse
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, kl_ref, do_ref, lse_ref, delta_ref, len_ref, first_ref,
@@ -112,24 +74,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, kl_ref, do_ref, lse_ref, delta_ref, len_ref,
   lse, delta = lse_ref[...], delta_ref[...]
 
   def body(gk, dq):
-    k, v = _tile(k_ref, gk, lt), _tile(v_ref, gk, lt)
-    kl = kl_ref[pl.ds(gk, 1), :]
-    p, z = _within(q, k, len_ref[gk], c2, lt)
-    w = p / z[:, None]
-    dpv = dot(do, v, trans_b=True)
-    # delta_c = do . o_bar = sum_j w_ij (do . v_j): no o_bar = w @ v needed.
-    delta_c = jnp.sum(w * dpv, axis=1)
-    p_c = jnp.exp2(_land_scores(q, kl, c2) - lse)  # outer weight of this landmark
-    ds = (p_c[:, None] * w) * (dpv - delta_c[:, None])
-    ds_l = p_c * (delta_c - delta)
-    return dq + dot(ds.astype(k.dtype), k) + ds_l[:, None] * kl.astype(_F32)
+    return dq + tiles.dq_landmark(q, _tile(k_ref, gk, lt), _tile(v_ref, gk, lt),
+                                  kl_ref[pl.ds(gk, 1), :], len_ref[gk], do, lse, delta, c2, lt)
 
   dq = lax.fori_loop(first_ref[g], g, body, jnp.zeros(q.shape, _F32))
-  k, v = _tile(k_ref, g, lt), _tile(v_ref, g, lt)
-  mask = _own_mask(len_ref[g], lt)
-  p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c2 - lse[:, None]), 0.0)
-  ds = p * (dot(do, v, trans_b=True) - delta[:, None])
-  dq = dq + dot(ds.astype(k.dtype), k)
+  dq = dq + tiles.dq_own(q, _tile(k_ref, g, lt), _tile(v_ref, g, lt), len_ref[g], do, lse, delta,
+                         c2, lt)
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -144,30 +94,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, kl_ref, do_ref, lse_ref, delta_ref, len_ref
     sl = pl.ds(pl.multiple_of(gq * lt, lt), lt)
     return q_ref[sl, :], do_ref[sl, :], lse_ref[sl], delta_ref[sl]
 
-  # Own group: plain causal flash backward. Invalid query slots have do = 0 (and so
-  # delta = 0): they add nothing.
   q, do, lse, delta = rows(g)
-  mask = _own_mask(n_k, lt)
-  p = jnp.where(mask, jnp.exp2(dot(q, k, trans_b=True) * c2 - lse[:, None]), 0.0)
-  dv = dot(p.astype(do.dtype), do, trans_a=True)
-  ds = p * (dot(do, v, trans_b=True) - delta[:, None])
-  dk = dot(ds.astype(q.dtype), q, trans_a=True)
+  dk, dv = tiles.dkv_own(q, k, v, n_k, do, lse, delta, c2, lt)
 
   def body(gq, carry):
-    dk, dv, dkl = carry
     q, do, lse, delta = rows(gq)
-    p, z = _within(q, k, n_k, c2, lt)
-    w = p / z[:, None]
-    dpv = dot(do, v, trans_b=True)
-    delta_c = jnp.sum(w * dpv, axis=1)  # do . o_bar
-    p_c = jnp.exp2(_land_scores(q, kl, c2) - lse)
-    pw = p_c[:, None] * w  # weight of key j in query i's output
-    dv = dv + dot(pw.astype(do.dtype), do, trans_a=True)
-    ds = pw * (dpv - delta_c[:, None])
-    dk = dk + dot(ds.astype(q.dtype), q, trans_a=True)
-    ds_l = p_c * (delta_c - delta)
-    dkl = dkl + jnp.sum(ds_l[:, None] * q.astype(_F32), axis=0, keepdims=True)
-    return dk, dv, dkl
+    step = tiles.dkv_landmark(q, k, v, kl, n_k, do, lse, delta, c2, lt)
+    return tuple(a + b for a, b in zip(carry, step))
 
   dk, dv, dkl = lax.fori_loop(g + 1, last_ref[g] + 1, body,
                               (dk, dv, jnp.zeros(kl.shape, _F32)))
