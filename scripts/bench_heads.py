@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 import time
 
@@ -40,6 +39,7 @@ from effattn.attention import registry  # noqa: E402
 from effattn.attention.ops import softmax_attention  # noqa: E402
 from effattn.kernels.head_routing import api  # noqa: E402
 from effattn.kernels.head_routing import head_routed_attention as _hra  # noqa: E402
+from effattn.evaluate.timing import median_ms  # noqa: E402
 
 SMOKE = {"on": False}
 
@@ -48,17 +48,6 @@ def head_routed_attention(*args, **kwargs):
   if SMOKE["on"]:
     kwargs["interpret"] = True
   return _hra(*args, **kwargs)
-
-
-def timeit(fn, *args, reps: int) -> float:
-  """Median wall time in ms of fn(*args) after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
 
 
 def random_gates(key, b, t, h, k_active):
@@ -140,7 +129,7 @@ def tiles(t: int, reps: int) -> list[dict]:
     fwd = jax.jit(f)
     grad = jax.jit(jax.grad(lambda q, k, v, g: jnp.vdot(f(q, k, v, g), ct).real,
                             argnums=(0, 1, 2, 3)))
-    return timeit(fwd, q, k, v, gates, reps=reps), timeit(grad, q, k, v, gates, reps=reps)
+    return median_ms(fwd, q, k, v, gates, reps=reps), median_ms(grad, q, k, v, gates, reps=reps)
 
   dense_impl = "xla" if SMOKE["on"] else "cudnn"
   f_dense = lambda q, k, v, g: softmax_attention(q, k, v, causal=True, impl=dense_impl)  # noqa
@@ -198,8 +187,8 @@ def layer(name, fields, t, b, d_model, reps):
     extra = sum((v for key, v in aux.items() if key.startswith("loss_")), 0.0)
     return jnp.vdot(y.astype(jnp.float32), ct.astype(jnp.float32)) + extra
 
-  fwd_ms = timeit(jax.jit(fwd), state, x, reps=reps)
-  bwd_ms = timeit(jax.jit(jax.grad(loss, argnums=(0, 1))), state, x, reps=reps)
+  fwd_ms = median_ms(jax.jit(fwd), state, x, reps=reps)
+  bwd_ms = median_ms(jax.jit(jax.grad(loss, argnums=(0, 1))), state, x, reps=reps)
   return fwd_ms, bwd_ms
 
 

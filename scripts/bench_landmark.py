@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,19 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from effattn.attention.landmark import (block_groups,  # noqa: E402
                                         grouped_softmax_attention)
 from effattn.kernels.block_sparse import grouped  # noqa: E402
+from effattn.evaluate.timing import median_ms  # noqa: E402
 
 SMOKE = {"on": False}
-
-
-def timeit(fn, *args, reps: int) -> float:
-  """Median wall time in ms of fn(*args) after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
 
 
 def layout(kind: str, b: int, t: int, block_len: int):
@@ -151,8 +139,8 @@ def bench_one(b, t, h, d, block_len, tile, reps, tuning=()) -> dict:
     fb = jax.jit(lambda q, k, v, kl, gid, seg, lay, f=f: jax.vjp(
         lambda *a: f(*a, gid, seg, lay), q, k, v, kl)[1](do))
     try:
-      row[f"{name}_fwd_ms"] = timeit(fwd, q, k, v, kl, gid, seg, lay, reps=reps)
-      row[f"{name}_fwdbwd_ms"] = timeit(fb, q, k, v, kl, gid, seg, lay, reps=reps)
+      row[f"{name}_fwd_ms"] = median_ms(fwd, q, k, v, kl, gid, seg, lay, reps=reps)
+      row[f"{name}_fwdbwd_ms"] = median_ms(fb, q, k, v, kl, gid, seg, lay, reps=reps)
     except Exception as e:  # noqa: BLE001  (report, keep the other rows)
       row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
       print(f"{name} failed: {row[f'{name}_error']}", flush=True)

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,7 @@ sys.path.insert(0, ".")
 from effattn.kernels.block_sparse import (causal_block_mask,  # noqa: E402
                                           lists_from_block_mask)
 from effattn.kernels.block_sparse import block_sparse_attention as _bsa  # noqa: E402
+from effattn.evaluate.timing import median_ms  # noqa: E402
 
 # --smoke (CPU): Pallas in interpret mode and XLA instead of cuDNN, to test this script itself.
 SMOKE = {"on": False}
@@ -40,17 +39,6 @@ def block_sparse_attention(*args, **kwargs):
 
 def cudnn_impl():
   return "xla" if SMOKE["on"] else "cudnn"
-
-
-def timeit(fn, *args, reps: int) -> float:
-  """Median wall time in ms of fn(*args) after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
 
 
 def random_pattern(key, b, h, n_q, n_k, density):
@@ -121,7 +109,7 @@ def tile_sweep(b, h, d, t, configs):
         num_stages=s)[0])
     fb = jax.jit(lambda q, k, v: jax.vjp(f, q, k, v)[1](q))
     try:
-      ms = (timeit(f, q, k, v, reps=5), timeit(fb, q, k, v, reps=5))
+      ms = (median_ms(f, q, k, v, reps=5), median_ms(fb, q, k, v, reps=5))
     except Exception as e:  # a config Triton cannot compile is reported, not fatal
       print("tile", (bq, bk, w, s), "failed:", str(e).splitlines()[0][:200], flush=True)
       continue
@@ -175,7 +163,7 @@ def bench(b, h, d, seqs, densities, tiles, reps):
     dense_fb = jax.jit(lambda q, k, v, causal: jax.vjp(
         lambda *a: dense(*a, causal), q, k, v)[1](q), static_argnums=3)
     r = max(3, reps // max(1, t // 4096))
-    cudnn = {c: (timeit(dense, q, k, v, c, reps=r), timeit(dense_fb, q, k, v, c, reps=r))
+    cudnn = {c: (median_ms(dense, q, k, v, c, reps=r), median_ms(dense_fb, q, k, v, c, reps=r))
              for c in (False, True)}
     print(f"T={t} cudnn dense {cudnn[False]} causal {cudnn[True]}", flush=True)
     n_q, n_k = t // bq, t // bk
@@ -194,7 +182,7 @@ def bench(b, h, d, seqs, densities, tiles, reps):
 
       f = jax.jit(ours)
       fb = jax.jit(lambda q, k, v, f=f: jax.vjp(f, q, k, v)[1](q))
-      mine = (timeit(f, q, k, v, reps=r), timeit(fb, q, k, v, reps=r))
+      mine = (median_ms(f, q, k, v, reps=r), median_ms(fb, q, k, v, reps=r))
       base = cudnn[causal]
       row = {"T": t, "B": b, "density": rho, "kept_blocks": kept, "causal": causal,
              "ours_fwd_ms": mine[0], "ours_fwdbwd_ms": mine[1], "cudnn_fwd_ms": base[0],

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -29,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from effattn.attention import ops  # noqa: E402
+from effattn.evaluate.timing import median_ms  # noqa: E402
 
 
 def packed_ids(batch: int, length: int, docs: int, pad: int, seed: int) -> np.ndarray:
@@ -86,16 +86,6 @@ def check(args) -> list[dict]:
   return rows
 
 
-def timed(fn, *xs, iters: int) -> float:
-  jax.block_until_ready(fn(*xs))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*xs))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times) * 1e3)
-
-
 def bench(args) -> list[dict]:
   b, t, h, d = 8, 4096, 16, 128
   keys = jax.random.split(jax.random.key(0), 3)
@@ -123,8 +113,8 @@ def bench(args) -> list[dict]:
 
     row = {"variant": name}
     try:
-      row["fwd_ms"] = timed(jax.jit(fwd), q, k, v, iters=args.iters)
-      row["fwd_bwd_ms"] = timed(jax.jit(fwd_bwd), q, k, v, iters=args.iters)
+      row["fwd_ms"] = median_ms(jax.jit(fwd), q, k, v, reps=args.iters)
+      row["fwd_bwd_ms"] = median_ms(jax.jit(fwd_bwd), q, k, v, reps=args.iters)
     except Exception as e:  # noqa: BLE001 -- report and go on
       row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     rows.append(row)

@@ -15,9 +15,9 @@ import inspect
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 from effattn.attention.base import attention_mask, sequence_index
+from effattn.kernels.paths import log_path_once
 
 try:  # cuDNN's packed-sequence form is only in jax's internal API (jax.nn does not expose it).
   from jax._src.cudnn import fused_attention_stablehlo as _cudnn
@@ -27,15 +27,7 @@ try:  # cuDNN's packed-sequence form is only in jax's internal API (jax.nn does 
 except (ImportError, AttributeError, ValueError, TypeError):  # pragma: no cover
   _cudnn, _CUDNN_PACKED = None, False
 
-_LOGGED: set[tuple] = set()
 IMPLS = ("auto", "cudnn", "xla", "reference")
-
-
-def log_path_once(op: str, path: str, why: str = "") -> None:
-  key = (op, path, why)
-  if key not in _LOGGED:
-    _LOGGED.add(key)
-    logging.info("effattn %s: using %s path%s", op, path, f" ({why})" if why else "")
 
 
 def reference_attention(q, k, v, mask=None, *, scale=None, bias=None):

@@ -21,23 +21,20 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 from effattn.kernels.block_sparse import pallas_gpu, pallas_tpu, reference, xla
 from effattn.kernels.block_sparse.common import Aux, BlockSizes, transpose_lists
+from effattn.kernels.paths import log_path_once
 
 IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "reference")
 PALLAS_HEAD_DIMS = (64, 128)
 # Segment ids given to padded rows: padded keys match no query, padded queries see nothing.
 _PAD_Q_SEG = -(2 ** 31)
 _PAD_KV_SEG = -(2 ** 31) + 1
-_LOGGED: set[tuple[str, str]] = set()
 
 
 def _log_once(path: str, why: str) -> None:
-  if (path, why) not in _LOGGED:
-    _LOGGED.add((path, why))
-    logging.info("effattn block_sparse: using %s path (%s)", path, why)
+  log_path_once("block_sparse", path, why)
 
 
 @dataclasses.dataclass(frozen=True)

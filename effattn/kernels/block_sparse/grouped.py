@@ -30,20 +30,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 from jax import lax
 
 from effattn.kernels.block_sparse import grouped_pallas_gpu, grouped_pallas_tpu
+from effattn.kernels.paths import log_path_once
 
 IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla")
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
-_LOGGED: set[tuple[str, str]] = set()
 
 
 def _log_once(path: str, why: str) -> None:
-  if (path, why) not in _LOGGED:
-    _LOGGED.add((path, why))
-    logging.info("effattn landmark grouped softmax: using %s path (%s)", path, why)
+  log_path_once("landmark grouped softmax", path, why)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,21 +24,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 from effattn.kernels.head_routing import pallas_gpu, pallas_tpu, reference, xla
 from effattn.kernels.head_routing.common import (BlockSizes, compact, gather_tokens,
                                                  key_block_bounds)
+from effattn.kernels.paths import log_path_once
 
 IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "reference")
 PALLAS_HEAD_DIMS = (16, 32, 64, 128)
-_LOGGED: set[tuple[str, str]] = set()
 
 
 def _log_once(path: str, why: str) -> None:
-  if (path, why) not in _LOGGED:
-    _LOGGED.add((path, why))
-    logging.info("effattn head_routing: using %s path (%s)", path, why)
+  log_path_once("head_routing", path, why)
 
 
 @dataclasses.dataclass(frozen=True)

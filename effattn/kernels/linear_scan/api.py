@@ -31,18 +31,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from effattn.kernels.linear_scan import pallas_gpu, pallas_tpu, reference, xla
+from effattn.kernels.paths import log_path_once
 
 IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "reference")
-_LOGGED: set[tuple] = set()
 
 
 def _log_once(path: str, why: str) -> None:
-  if (path, why) not in _LOGGED:
-    _LOGGED.add((path, why))
-    logging.info("effattn linear_scan: using %s path (%s)", path, why)
+  log_path_once("linear_scan", path, why)
 
 
 def _gpu_kernel_limits(q, v) -> str:
