@@ -31,10 +31,7 @@ PALLAS_HEAD_DIMS = (64, 128)
 # Segment ids given to padded rows: padded keys match no query, padded queries see nothing.
 _PAD_Q_SEG = -(2 ** 31)
 _PAD_KV_SEG = -(2 ** 31) + 1
-
-
-def _log_once(path: str, why: str) -> None:
-  log_path_once("block_sparse", path, why)
+_log_once = functools.partial(log_path_once, "block_sparse")
 
 
 @dataclasses.dataclass(frozen=True)

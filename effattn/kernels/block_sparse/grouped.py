@@ -37,10 +37,7 @@ from effattn.kernels.paths import log_path_once
 
 IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla")
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
-
-
-def _log_once(path: str, why: str) -> None:
-  log_path_once("landmark grouped softmax", path, why)
+_log_once = functools.partial(log_path_once, "landmark grouped softmax")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,10 +32,7 @@ from effattn.kernels.paths import log_path_once
 
 IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "reference")
 PALLAS_HEAD_DIMS = (16, 32, 64, 128)
-
-
-def _log_once(path: str, why: str) -> None:
-  log_path_once("head_routing", path, why)
+_log_once = functools.partial(log_path_once, "head_routing")
 
 
 @dataclasses.dataclass(frozen=True)

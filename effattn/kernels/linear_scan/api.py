@@ -36,10 +36,7 @@ from effattn.kernels.linear_scan import pallas_gpu, pallas_tpu, reference, xla
 from effattn.kernels.paths import log_path_once
 
 IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "reference")
-
-
-def _log_once(path: str, why: str) -> None:
-  log_path_once("linear_scan", path, why)
+_log_once = functools.partial(log_path_once, "linear_scan")
 
 
 def _gpu_kernel_limits(q, v) -> str:

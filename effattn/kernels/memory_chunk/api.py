@@ -31,10 +31,7 @@ from effattn.kernels.memory_chunk import common, pallas_gpu, pallas_tpu, referen
 from effattn.kernels.paths import log_path_once
 
 IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "reference")
-
-
-def _log_once(path: str, why: str) -> None:
-  log_path_once("memory_chunk", path, why)
+_log_once = functools.partial(log_path_once, "memory_chunk")
 
 
 def _gpu_kernel_limits(q, v, chunk_size) -> str:
