@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from effattn import attention
 from effattn.model.transformer import DTYPES
+from effattn.ranges import ConfigError
 
 _CHOICES = {
     "model.head": ("lm", "classifier"),
@@ -12,10 +13,6 @@ _CHOICES = {
     "optimizer.name": ("adamw", "adam", "sgd"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
 }
-
-
-class ConfigError(ValueError):
-  """A config field has a bad value."""
 
 
 def _get(config, dotted: str):
