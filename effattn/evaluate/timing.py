@@ -106,3 +106,24 @@ def measure(fn, *args, reps: int, budget_s: float | None = None) -> dict:
   compiled, kernels, compile_s = compile_counted(fn, *args)
   return {"ms": median_ms(compiled, *args, reps=reps, budget_s=budget_s), "kernels": kernels,
           "compile_s": compile_s}
+
+
+def footprint_bytes(compiled) -> dict | None:
+  """The compiled program's memory: {"total": arguments + outputs + temporaries - aliased,
+  "temp": temporaries}, or None where the backend does not report it."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 -- not every backend reports it
+    return None
+  if m is None:
+    return None
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+           - m.alias_size_in_bytes)
+  return {"total": int(total), "temp": int(m.temp_size_in_bytes)}
+
+
+def device_peak_bytes() -> int | None:
+  """Peak bytes in use on the first device since the process started (a running maximum), or
+  None where the backend keeps no allocator statistics (CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
