@@ -56,7 +56,8 @@ def parse_args(argv=None):
   p.add_argument("--mechanisms", default="default",
                  help="comma list of names or name:option=value; 'default' = mha and every "
                       "registered mechanism; 'all' adds bench_train's gqa and swa")
-  p.add_argument("--prompt_lens", default="4096,16384,65536")
+  p.add_argument("--prompt_lens", default="4096,16384,65536",
+                 help="run in this order (longest first keeps the 64k rows under --max_seconds)")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--d_model", type=int, default=1024)
   p.add_argument("--num_layers", type=int, default=4)
@@ -218,6 +219,18 @@ def markdown(rows: list[dict], args, device: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def save(args, device: str, rows: list[dict]) -> str:
+  """Writes decode.json and decode.md under --out (if given); returns the table."""
+  table = markdown(rows, args, device)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "decode.json"), "w") as f:
+      json.dump({"device": device, "args": vars(args), "rows": rows}, f, indent=2)
+    with open(os.path.join(args.out, "decode.md"), "w") as f:
+      f.write(table)
+  return table
+
+
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   import jax
@@ -251,13 +264,8 @@ def main(argv=None) -> list[dict]:
               f"MiB/seq  kernels {row['kernels']}  temp {row['temp_mib'] or 0:.1f} MiB  "
               f"compile {row['compile_s']:.1f}s  fill {row['fill_s']:.1f}s", flush=True)
       jax.clear_caches()
-  table = markdown(rows, args, device)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode.json"), "w") as f:
-      json.dump({"device": device, "args": vars(args), "rows": rows}, f, indent=2)
-    with open(os.path.join(args.out, "decode.md"), "w") as f:
-      f.write(table)
+      save(args, device, rows)  # after every row: a run stopped from outside keeps its rows
+  table = save(args, device, rows)
   print(f"total {time.perf_counter() - start:.0f}s\n")
   print(table)
   return rows

@@ -244,8 +244,8 @@ def markdown(rows: list[dict], args, device: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def run_isolated(args, mechanism: str, seq_len: int) -> dict:
-  """One row in a fresh process (its own allocator, so its own peak memory)."""
+def run_isolated(args, mechanism: str, seq_len: int) -> tuple[dict, str | None]:
+  """(row, device) from a fresh process (its own allocator, so its own peak memory)."""
   skip = {"mechanisms", "seq_lens", "out", "isolate", "max_seconds"}
   argv = [f"--{k}" if v is True else f"--{k}={v}" for k, v in vars(args).items()
           if k not in skip and v is not False and v is not None]
@@ -256,17 +256,32 @@ def run_isolated(args, mechanism: str, seq_len: int) -> dict:
     path = os.path.join(tmp, "bench_train.json")
     if os.path.exists(path):
       with open(path) as f:
-        return json.load(f)["rows"][0]
+        result = json.load(f)
+      return result["rows"][0], result["device"]
   tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
   return {"mechanism": mechanism, "seq_len": seq_len,
-          "error": f"process exited {proc.returncode}: {tail[0][:200]}"}
+          "error": f"process exited {proc.returncode}: {tail[0][:200]}"}, None
+
+
+def save(args, device: str, rows: list[dict]) -> str:
+  """Writes bench_train.json and bench_train.md under --out (if given); returns the table."""
+  table = markdown(rows, args, device)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_train.json"), "w") as f:
+      json.dump({"device": device, "args": vars(args), "rows": rows}, f, indent=2)
+    with open(os.path.join(args.out, "bench_train.md"), "w") as f:
+      f.write(table)
+  return table
 
 
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   import jax
 
-  device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
+  # --isolate: the parent must not take the device (its allocator would starve the children).
+  device = ("(from the row processes)" if args.isolate else
+            f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})")
   mechanisms = mechanism_names(args.mechanisms)
   seq_lens = [int(t) for t in args.seq_lens.split(",")]
   print(f"{device}: mechanisms {mechanisms}, T {seq_lens}", flush=True)
@@ -279,8 +294,11 @@ def main(argv=None) -> list[dict]:
                      "error": f"not run: --max_seconds={args.max_seconds:g} reached"})
         continue
       try:
-        row = (run_isolated(args, mechanism, seq_len) if args.isolate
-               else bench_one(args, mechanism, seq_len))
+        if args.isolate:
+          row, child_device = run_isolated(args, mechanism, seq_len)
+          device = child_device or device
+        else:
+          row = bench_one(args, mechanism, seq_len)
       except Exception as e:  # noqa: BLE001 -- report and go on with the other configurations
         traceback.print_exc(limit=3)
         row = {"mechanism": mechanism, "seq_len": seq_len,
@@ -294,14 +312,8 @@ def main(argv=None) -> list[dict]:
               f"mem {row['compiled_gib'] or 0:.2f} GiB  peak {peak_cell(row) or '-'} GiB  "
               f"kernels {row['kernels']}  compile {row['compile_s']:.0f}s", flush=True)
       jax.clear_caches()
-  table = markdown(rows, args, device)
-  print(table)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_train.json"), "w") as f:
-      json.dump({"device": device, "args": vars(args), "rows": rows}, f, indent=2)
-    with open(os.path.join(args.out, "bench_train.md"), "w") as f:
-      f.write(table)
+      save(args, device, rows)  # after every row: a run stopped from outside keeps its rows
+  print(save(args, device, rows))
   return rows
 
 
