@@ -34,12 +34,10 @@ the table printed last. --max_seconds stops starting new rows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-import traceback
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(SCRIPTS))
@@ -196,11 +194,10 @@ def bench_one(args, mechanism: str, prompt_len: int, model) -> dict:
 
 
 def markdown(rows: list[dict], args, device: str) -> str:
-  head = (f"Device: {device}. Model: {args.num_layers} layers, d_model {args.d_model}, "
-          f"{args.num_heads} heads, vocab {args.vocab_size}, {args.dtype}, SwiGLU, RoPE. Batch "
-          f"{args.batch}; one-token greedy decode after a prompt of P tokens (cache filled with "
-          f"random values at its real shapes, index = P); median of {args.reps} calls of "
-          f"{args.steps} steps in a lax.scan, carry donated.")
+  head = (f"Device: {device}. {bench_train.model_description(args)}. Batch {args.batch}; "
+          f"one-token greedy decode after a prompt of P tokens (cache filled with random values "
+          f"at its real shapes, index = P); median of {args.reps} calls of {args.steps} steps "
+          f"in a lax.scan, carry donated.")
   lines = [head, "", "| mechanism | P | ms/token | tokens/s | vs mha | cache MiB/seq | kernels "
            "| temp MiB | compile (s) |", "|---|---|---|---|---|---|---|---|---|"]
   mha = {r["prompt_len"]: r["tokens_per_sec"] for r in rows
@@ -219,18 +216,6 @@ def markdown(rows: list[dict], args, device: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def save(args, device: str, rows: list[dict]) -> str:
-  """Writes decode.json and decode.md under --out (if given); returns the table."""
-  table = markdown(rows, args, device)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode.json"), "w") as f:
-      json.dump({"device": device, "args": vars(args), "rows": rows}, f, indent=2)
-    with open(os.path.join(args.out, "decode.md"), "w") as f:
-      f.write(table)
-  return table
-
-
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   import jax
@@ -239,35 +224,27 @@ def main(argv=None) -> list[dict]:
   mechanisms = mechanism_list(args.mechanisms)
   prompt_lens = [int(p) for p in args.prompt_lens.split(",")]
   print(f"{device}: mechanisms {mechanisms}, P {prompt_lens}, batch {args.batch}", flush=True)
-  rows, models = [], {}
+  models = {}  # params built once per mechanism, reused across lengths
   start = time.perf_counter()
-  for prompt_len in prompt_lens:  # every mechanism at one length before the next
-    for mechanism in mechanisms:
-      if args.max_seconds and time.perf_counter() - start > args.max_seconds:
-        rows.append({"mechanism": mechanism, "prompt_len": prompt_len,
-                     "error": f"not run: --max_seconds={args.max_seconds:g} reached"})
-        continue
-      try:
-        if mechanism not in models:  # params built once per mechanism, reused across lengths
-          models[mechanism] = build_model(args, mechanism)
-        row = bench_one(args, mechanism, prompt_len, models[mechanism])
-      except Exception as e:  # noqa: BLE001 -- report and go on with the other rows
-        traceback.print_exc(limit=3)
-        row = {"mechanism": mechanism, "prompt_len": prompt_len,
-               "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-      rows.append(row)
-      if row["error"]:
-        print(f"{mechanism:>14} P={prompt_len:<6} {row['error']}", flush=True)
-      else:
-        print(f"{mechanism:>14} P={prompt_len:<6} {row['tokens_per_sec']:>10,.0f} tok/s  "
-              f"{row['ms_per_token']:.3f} ms/token  cache {row['cache_mib_per_seq']:.2f} "
-              f"MiB/seq  kernels {row['kernels']}  temp {row['temp_mib'] or 0:.1f} MiB  "
-              f"compile {row['compile_s']:.1f}s  fill {row['fill_s']:.1f}s", flush=True)
-      jax.clear_caches()
-      save(args, device, rows)  # after every row: a run stopped from outside keeps its rows
-  table = save(args, device, rows)
+
+  def run_one(mechanism, prompt_len):
+    if mechanism not in models:
+      models[mechanism] = build_model(args, mechanism)
+    return bench_one(args, mechanism, prompt_len, models[mechanism])
+
+  def line(row):
+    return (f"{row['tokens_per_sec']:>10,.0f} tok/s  {row['ms_per_token']:.3f} ms/token  "
+            f"cache {row['cache_mib_per_seq']:.2f} MiB/seq  kernels {row['kernels']}  "
+            f"temp {row['temp_mib'] or 0:.1f} MiB  compile {row['compile_s']:.1f}s  "
+            f"fill {row['fill_s']:.1f}s")
+
+  def save(rows):
+    bench_train.write_results(args, "decode", device, rows, markdown(rows, args, device))
+
+  rows = bench_train.run_grid(prompt_lens, mechanisms, run_one, length_key="prompt_len",
+                              max_seconds=args.max_seconds, line=line, save=save)
   print(f"total {time.perf_counter() - start:.0f}s\n")
-  print(table)
+  print(markdown(rows, args, device))
   return rows
 
 

@@ -218,11 +218,14 @@ def peak_cell(row: dict) -> str:
   return f"{row['peak_gib']:.2f}" if row["peak_is_this_row"] else f"<= {row['peak_gib']:.2f}"
 
 
+def model_description(args) -> str:
+  return (f"Model: {args.num_layers} layers, d_model {args.d_model}, {args.num_heads} heads, "
+          f"vocab {args.vocab_size}, {args.dtype}, SwiGLU, RoPE, remat={args.remat}")
+
+
 def markdown(rows: list[dict], args, device: str) -> str:
-  head = (f"Device: {device}. Model: {args.num_layers} layers, d_model {args.d_model}, "
-          f"{args.num_heads} heads, vocab {args.vocab_size}, {args.dtype}, SwiGLU, RoPE, "
-          f"remat={args.remat}; segment_ids={args.segments}; {args.tokens_per_batch} tokens per "
-          f"step; AdamW; mean step time over "
+  head = (f"Device: {device}. {model_description(args)}; segment_ids={args.segments}; "
+          f"{args.tokens_per_batch} tokens per step; AdamW; mean step time over "
           f"{args.steps} steps timed together after {args.warmup} warm-up steps.")
   lines = [head, "",
            "| mechanism | T | batch | params (M) | step (ms) | tokens/s | MFU | compiled mem "
@@ -263,16 +266,43 @@ def run_isolated(args, mechanism: str, seq_len: int) -> tuple[dict, str | None]:
           "error": f"process exited {proc.returncode}: {tail[0][:200]}"}, None
 
 
-def save(args, device: str, rows: list[dict]) -> str:
-  """Writes bench_train.json and bench_train.md under --out (if given); returns the table."""
-  table = markdown(rows, args, device)
+def write_results(args, stem: str, device: str, rows: list[dict], table: str) -> None:
+  """--out/<stem>.json (device, args, rows) and --out/<stem>.md (the table), if --out is set."""
   if args.out:
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_train.json"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
       json.dump({"device": device, "args": vars(args), "rows": rows}, f, indent=2)
-    with open(os.path.join(args.out, "bench_train.md"), "w") as f:
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
       f.write(table)
-  return table
+
+
+def run_grid(lengths, mechanisms, run_one, *, length_key: str, max_seconds: float, line,
+             save) -> list[dict]:
+  """Every mechanism at each length in turn through run_one(mechanism, length) -> row. A row
+  that raises is reported with its error and the others still run; after max_seconds (0: no
+  limit) the rows left are marked not run. Each row is printed (line(row) when it ran) and
+  save(rows) follows it, so a run stopped from outside keeps the rows it has."""
+  import jax
+
+  rows = []
+  start = time.perf_counter()
+  for length in lengths:  # every mechanism at the first length before the next length
+    for mechanism in mechanisms:
+      if max_seconds and time.perf_counter() - start > max_seconds:
+        rows.append({"mechanism": mechanism, length_key: length,
+                     "error": f"not run: --max_seconds={max_seconds:g} reached"})
+        continue
+      try:
+        row = run_one(mechanism, length)
+      except Exception as e:  # noqa: BLE001 -- report and go on with the other configurations
+        traceback.print_exc(limit=3)
+        row = {"mechanism": mechanism, length_key: length,
+               "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+      rows.append(row)
+      print(f"{mechanism:>14} {length_key}={length:<6} {row['error'] or line(row)}", flush=True)
+      jax.clear_caches()
+      save(rows)
+  return rows
 
 
 def main(argv=None) -> list[dict]:
@@ -280,40 +310,31 @@ def main(argv=None) -> list[dict]:
   import jax
 
   # --isolate: the parent must not take the device (its allocator would starve the children).
-  device = ("(from the row processes)" if args.isolate else
-            f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})")
+  device = ["(from the row processes)" if args.isolate else
+            f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"]
   mechanisms = mechanism_names(args.mechanisms)
   seq_lens = [int(t) for t in args.seq_lens.split(",")]
-  print(f"{device}: mechanisms {mechanisms}, T {seq_lens}", flush=True)
-  rows = []
-  start = time.perf_counter()
-  for seq_len in seq_lens:  # every mechanism at the first length before the next length
-    for mechanism in mechanisms:
-      if args.max_seconds and time.perf_counter() - start > args.max_seconds:
-        rows.append({"mechanism": mechanism, "seq_len": seq_len,
-                     "error": f"not run: --max_seconds={args.max_seconds:g} reached"})
-        continue
-      try:
-        if args.isolate:
-          row, child_device = run_isolated(args, mechanism, seq_len)
-          device = child_device or device
-        else:
-          row = bench_one(args, mechanism, seq_len)
-      except Exception as e:  # noqa: BLE001 -- report and go on with the other configurations
-        traceback.print_exc(limit=3)
-        row = {"mechanism": mechanism, "seq_len": seq_len,
-               "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-      rows.append(row)
-      if row["error"]:
-        print(f"{mechanism:>14} T={seq_len:<6} {row['error']}", flush=True)
-      else:
-        print(f"{mechanism:>14} T={seq_len:<6} {row['tokens_per_sec']:>12,.0f} tok/s  "
-              f"step {row['step_ms']:.1f} ms  MFU {row['mfu'] or 0:.1%}  "
-              f"mem {row['compiled_gib'] or 0:.2f} GiB  peak {peak_cell(row) or '-'} GiB  "
-              f"kernels {row['kernels']}  compile {row['compile_s']:.0f}s", flush=True)
-      jax.clear_caches()
-      save(args, device, rows)  # after every row: a run stopped from outside keeps its rows
-  print(save(args, device, rows))
+  print(f"{device[0]}: mechanisms {mechanisms}, T {seq_lens}", flush=True)
+
+  def run_one(mechanism, seq_len):
+    if not args.isolate:
+      return bench_one(args, mechanism, seq_len)
+    row, child_device = run_isolated(args, mechanism, seq_len)
+    device[0] = child_device or device[0]
+    return row
+
+  def line(row):
+    return (f"{row['tokens_per_sec']:>12,.0f} tok/s  step {row['step_ms']:.1f} ms  "
+            f"MFU {row['mfu'] or 0:.1%}  mem {row['compiled_gib'] or 0:.2f} GiB  "
+            f"peak {peak_cell(row) or '-'} GiB  kernels {row['kernels']}  "
+            f"compile {row['compile_s']:.0f}s")
+
+  def save(rows):
+    write_results(args, "bench_train", device[0], rows, markdown(rows, args, device[0]))
+
+  rows = run_grid(seq_lens, mechanisms, run_one, length_key="seq_len",
+                  max_seconds=args.max_seconds, line=line, save=save)
+  print(markdown(rows, args, device[0]))
   return rows
 
 

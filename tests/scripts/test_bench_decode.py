@@ -1,25 +1,17 @@
 """scripts/bench_decode.py on CPU: its filled cache is a real cache, and a --smoke run reports."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
 from effattn import attention
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.scripts.loading import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location(
-      "bench_decode", os.path.join(ROOT, "scripts", "bench_decode.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script("bench_decode")
 
 
 @pytest.mark.parametrize("mechanism", ["mha", *(n for n in attention.names() if n != "softmax")])
@@ -50,10 +42,10 @@ def test_filled_cache_has_the_structure_of_a_real_prefill(bench, mechanism):
 
 
 def test_smoke_run_reports_every_row(bench, tmp_path):
-  rows = bench.main(["--smoke", "--mechanisms=mha,linear,neural_memory:variant=lmm",
-                     "--prompt_lens=16,32", "--num_layers=1", f"--out={tmp_path}"])
+  rows = bench.main(["--smoke", "--mechanisms=mha,linear", "--prompt_lens=16,32",
+                     "--num_layers=1", f"--out={tmp_path}"])
   assert [(r["mechanism"], r["prompt_len"]) for r in rows] == [
-      (m, p) for p in (16, 32) for m in ("mha", "linear", "neural_memory:variant=lmm")]
+      (m, p) for p in (16, 32) for m in ("mha", "linear")]
   for r in rows:
     assert r["error"] is None and r["tokens_per_sec"] > 0 and r["kernels"] == 0
     steps = bench.SMOKE["steps"] * (bench.SMOKE["reps"] + 1)

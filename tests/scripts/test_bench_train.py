@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.scripts.loading import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _PROGRAM = """
@@ -40,17 +42,8 @@ def test_bench_train_tiny_on_cpu(tmp_path):
   assert len(json.loads((tmp_path / "bench_train.json").read_text())["rows"]) == 2
 
 
-def _bench_train():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "bench_train", os.path.join(ROOT, "scripts", "bench_train.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_mechanism_options_in_the_spec():
-  bench = _bench_train()
+  bench = load_script("bench_train")
   args = bench.parse_args(["--num_heads=8"])
   config = bench.make_config(args, "neural_memory:variant=lmm:chunk_size=32", 128)
   assert config.model.attention.name == "neural_memory"
