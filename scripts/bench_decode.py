@@ -177,8 +177,8 @@ def bench_one(args, mechanism: str, prompt_len: int, model) -> dict:
   carry = (cache, token, jnp.full((b,), prompt_len, jnp.int32))
   jax.block_until_ready(carry)
   fill_s = time.perf_counter() - t0
-  compiled, kernels, compile_s = timing.compile_counted(decode_steps(graphdef, steps), state,
-                                                        carry, donate_argnums=(1,))
+  compiled, kernel_names, compile_s = timing.compile_counted(
+      decode_steps(graphdef, steps), state, carry, donate_argnums=(1,))
   footprint = timing.footprint_bytes(compiled)
   times, carry = timing.carried_ms(lambda c: compiled(state, c), carry, reps=args.reps)
   index = cache_indices(carry[0])
@@ -188,7 +188,7 @@ def bench_one(args, mechanism: str, prompt_len: int, model) -> dict:
           "ms_per_token": call_ms / steps, "tokens_per_sec": b * steps / call_ms * 1e3,
           "mean_ms_per_token": statistics.mean(times) / steps,
           "cache_mib_per_seq": cache_bytes_per_sequence(graphdef, state, b, prompt_len) / 2**20,
-          "kernels": kernels, "temp_mib": footprint["temp"] / 2**20 if footprint else None,
+          "kernels": len(kernel_names), "kernel_names": kernel_names, "temp_mib": footprint["temp"] / 2**20 if footprint else None,
           "compile_s": compile_s, "fill_s": fill_s,
           "final_index": sorted(set(index)), "error": None}
 

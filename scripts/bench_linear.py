@@ -270,7 +270,8 @@ def bench_ours(sizes, sizes_tuned, on_row=lambda rows: None) -> tuple[list[dict]
   def row(name, t, fwd, fwd_bwd, q, k, v, do):
     f, fb = timed(fwd, q, k, v), timed(fwd_bwd, q, k, v, do)
     return {"impl": name, "T": t, "fwd_ms": f["ms"], "fwd_bwd_ms": fb["ms"],
-            "fwd_kernels": f["kernels"], "fwd_bwd_kernels": fb["kernels"]}
+            "fwd_kernels": f["kernels"], "fwd_bwd_kernels": fb["kernels"],
+            "fwd_bwd_kernel_names": fb["kernel_names"]}
 
   # Block-size sweep on fwd+bwd at the tuning length.
   best, best_ms = pallas_gpu.BlockSizes(), float("inf")
