@@ -188,7 +188,8 @@ def bench_one(args, mechanism: str, prompt_len: int, model) -> dict:
           "ms_per_token": call_ms / steps, "tokens_per_sec": b * steps / call_ms * 1e3,
           "mean_ms_per_token": statistics.mean(times) / steps,
           "cache_mib_per_seq": cache_bytes_per_sequence(graphdef, state, b, prompt_len) / 2**20,
-          "kernels": len(kernel_names), "kernel_names": kernel_names, "temp_mib": footprint["temp"] / 2**20 if footprint else None,
+          "kernels": len(kernel_names), "kernel_names": kernel_names,
+          "temp_mib": footprint["temp"] / 2**20 if footprint else None,
           "compile_s": compile_s, "fill_s": fill_s,
           "final_index": sorted(set(index)), "error": None}
 

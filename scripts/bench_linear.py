@@ -375,7 +375,9 @@ def main() -> None:
     SMOKE["on"] = True
     args.no_fla = True
     if args.sizes == parser.get_default("sizes"):
-      args.sizes, args.tune_sizes = "128,256", "128"
+      args.sizes = "128,256"
+    if args.tune_sizes == parser.get_default("tune_sizes"):
+      args.tune_sizes = "128"
   os.makedirs(args.out, exist_ok=True)
   sizes = [int(s) for s in args.sizes.split(",") if s]
   tune_sizes = [int(s) for s in args.tune_sizes.split(",") if s]

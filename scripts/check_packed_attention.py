@@ -9,8 +9,8 @@ with the dense segment mask, on ragged and padded rows, GQA, causal and bidirect
 (2) times forward+backward at B=8, T=4096, H=16, D=128 in bf16 (four documents per row) for the
 packed cuDNN call (max_segments 16 and 64), the block-sparse fallback, the XLA dense-mask path
 the trainer ran before, and unpacked cuDNN as the ceiling; and with a 512-token sliding window
-the packed cuDNN call, its query-chunked XLA fallback and the dense mask. Medians of --iters calls after a
-warm-up; forward+backward returns the output with the q, k, v gradients
+the packed cuDNN call, its query-chunked XLA fallback and the dense mask. Medians of --iters
+calls after a warm-up; forward+backward returns the output with the q, k, v gradients
 (timing.forward_and_grads) and each row gives the custom kernels compiled (fwd / fwd+bwd: cuDNN
 calls, or the block-sparse kernels of the fallback). A table is printed last and JSON goes to
 --out. --smoke runs the script on CPU at tiny shapes with XLA in place of cuDNN.

@@ -9,7 +9,8 @@ Two text forms are read, one instruction per line:
   StableHLO  `jax.jit(f).lower(*args).as_text()` (or an export's `mlir_module()`):
              `stablehlo.custom_call @TARGET(...) {... name = "linear_scan" ...}`
   HLO        `jax.jit(f).lower(*args).compile().as_text()`, `lowered.as_text(dialect="hlo")`:
-             `custom-call(...), custom_call_target="TARGET", ..., metadata={op_name=".../x/pallas_call"}`
+             `custom-call(...), custom_call_target="TARGET", ...,
+              metadata={op_name=".../linear_scan/pallas_call"}`
 A custom kernel is a custom call whose target is a Pallas/Triton, Mosaic GPU, Mosaic TPU or
 cuDNN fused-attention call (`KERNEL_TARGETS`); cuBLAS matmuls, LAPACK and other library calls
 are custom calls but not kernels of ours. Counts are of instructions in the program (a kernel in
