@@ -86,6 +86,12 @@ CASES = [
      ("bias", "threshold", "head_positions"), "bfloat16", False),
     ("f16-causal-segments-b64", (1, 320, 2, 1, 64, 64, 64), "causal", True, ("segments",),
      "float16", False),
+    # Pieces of threshold-positions-b128x64, to tell which one a failure comes from.
+    ("causal-b128x64", (1, 512, 4, 2, 128, 128, 64), "causal", True, (), "bfloat16", False),
+    ("positions-b128x64", (1, 512, 4, 2, 128, 128, 64), "causal", True, ("head_positions",),
+     "bfloat16", False),
+    ("threshold-b128", (1, 512, 4, 2, 128, 128, 128), "causal", True, ("bias", "threshold"),
+     "bfloat16", False),
 ]
 SMOKE_CASES = [
     ("smoke-causal-gqa", (1, 256, 4, 2, 128, 128, 128), "causal", True, (), "bfloat16", True),
@@ -159,62 +165,89 @@ def _rel_err(name, want, got) -> tuple[float, str]:
   return err, ""
 
 
-def check(cases, lower_only: bool) -> dict:
-  """{case name: {ok, errors or lowered}}; lower_only: trace and lower for cuda (CPU smoke)."""
-  results = {}
-  for name, dims, pattern, causal, features, dtype, gates in cases:
-    print(f"check {name}: start", flush=True)
-    row = {"dims": dims, "pattern": pattern, "causal": causal, "features": features,
-           "dtype": dtype, "gates_timing": gates}
+def _compiled(f, args, platform=None):
+  """(compiled or lowered text, seconds): lower (for `platform` only, if given) and compile."""
+  start = time.time()
+  with mosaic_kernels():
+    traced = jax.jit(f).trace(*args)
+    if platform:
+      return traced.lower(lowering_platforms=(platform,)).as_text(), time.time() - start
+    return traced.lower().compile(), time.time() - start
+
+
+def check_case(name, dims, pattern, causal, features, dtype, gates, lower_only: bool) -> dict:
+  """One case: {ok, fwd_ok, rel_err, seconds} or {ok: False, error}."""
+  row = {"dims": dims, "pattern": pattern, "causal": causal, "features": features,
+         "dtype": dtype, "gates_timing": gates, "ok": False}
+  try:
+    args, idx, cnt, kw, cot = _case_inputs(name, dims, pattern, causal, features, dtype)
+    f = _vjp_fn("mosaic", idx, cnt, kw)
+    if lower_only:
+      text, row["lower_s"] = _compiled(f, (*args, *cot), platform="cuda")
+      row["custom_calls"] = text.count("custom_call @mosaic_gpu")
+      row["ok"] = row["custom_calls"] == 3
+      return row
+    up = [None if x is None else x.astype(jnp.float32) for x in args]
+    want = jax.jit(_vjp_fn("reference", idx, cnt, kw))(*up, *cot)
+    row["rel_err"], notes = {}, []
+
+    def compare(names, wants, gots):
+      for gname, w, g in zip(names, wants, gots):
+        if w is not None:
+          row["rel_err"][gname], note = _rel_err(gname, w, g)
+          notes.extend([note] if note else [])
+      return all(e <= REL_TOL for e in row["rel_err"].values()) and not notes
+
     try:
-      args, idx, cnt, kw, cot = _case_inputs(name, dims, pattern, causal, features, dtype)
-      f = _vjp_fn("mosaic", idx, cnt, kw)
-      if lower_only:
-        with mosaic_kernels():
-          text = jax.jit(f).trace(*args, *cot).lower(lowering_platforms=("cuda",)).as_text()
-        row["custom_calls"] = text.count("custom_call @mosaic_gpu")
-        row["ok"] = row["custom_calls"] == 3
-      else:
-        up = [None if x is None else x.astype(jnp.float32) for x in args]
-        want_f = _vjp_fn("reference", idx, cnt, kw)
-        want = jax.jit(want_f)(*up, *cot)
-        row["rel_err"], notes = {}, []
+      compiled, row["compile_s"] = _compiled(f, (*args, *cot))
+    except Exception:  # the backward did not build: still give the forward its verdict
+      fwd, row["compile_fwd_s"] = _compiled(lambda *a: f(*a)[0], (*args, *cot))
+      row["fwd_ok"] = compare(("o", "lse"), want[0], fwd(*args, *cot))
+      raise
+    print(f"check {name}: compiled in {row['compile_s']:.1f} s", flush=True)
+    start = time.time()
+    (o, lse), grads = jax.block_until_ready(compiled(*args, *cot))
+    row["run_s"] = time.time() - start
+    row["fwd_ok"] = compare(("o", "lse"), want[0], (o, lse))
+    row["ok"] = compare(("dq", "dk", "dv", "dbias"), want[1], grads)
+    if notes:
+      row["notes"] = notes
+  except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
+    row["error"] = "".join(traceback.format_exception_only(e)).strip()[-2000:]
+  return row
 
-        def compare(names, wants, gots):
-          for gname, w, g in zip(names, wants, gots):
-            if w is not None:
-              row["rel_err"][gname], note = _rel_err(gname, w, g)
-              notes.extend([note] if note else [])
 
-        # Forward alone first, so a failing backward still leaves the forward's verdict.
-        with mosaic_kernels():
-          o, lse = jax.jit(lambda *a: f(*a)[0])(*args, *cot)
-        compare(("o", "lse"), want[0], (o, lse))
-        row["fwd_ok"] = all(e <= REL_TOL for e in row["rel_err"].values()) and not notes
-        with mosaic_kernels():
-          _, grads = jax.jit(f)(*args, *cot)
-        compare(("dq", "dk", "dv", "dbias"), want[1], grads)
-        row["ok"] = all(e <= REL_TOL for e in row["rel_err"].values()) and not notes
-        if notes:
-          row["notes"] = notes
-    except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
-      row["ok"] = False
-      row["error"] = "".join(traceback.format_exception_only(e)).strip()[-2000:]
-    results[name] = row
+def check_f32_refused() -> dict:
+  """Float32 operands must raise NotImplementedError (the dispatcher's cue to fall back)."""
+  q = jnp.zeros((1, 128, 1, 64), jnp.float32)
+  idx, cnt = lists_from_block_mask(jnp.ones((1, 1, 1, 1), bool))
+  try:
+    _compiled(lambda q: attention("mosaic", q, q, q, idx, cnt, block_q=128, block_k=128), (q,),
+              platform="cuda")
+    return {"ok": False, "error": "float32 inputs were accepted"}
+  except NotImplementedError as e:
+    return {"ok": True, "message": str(e)}
+
+
+def check(cases, lower_only: bool, path: str) -> dict:
+  """Runs the cases in order, rewriting `path` after each (a hang leaves the earlier ones)."""
+  results = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f).get("checks", {})
+  for case in cases:
+    name = case[0]
+    print(f"check {name}: start", flush=True)
+    results[name] = row = check_case(*case, lower_only=lower_only)
     errs = " ".join(f"{k}={v:.1e}" for k, v in row.get("rel_err", {}).items())
     print(f"check {name:32s} {'ok' if row['ok'] else 'FAIL'} {errs} "
           f"{row.get('error', '')[-600:]} {row.get('notes', '')}", flush=True)
-  # Float32 operands: the kernel must refuse with NotImplementedError (dispatcher falls back).
-  try:
-    q = jnp.zeros((1, 128, 1, 64), jnp.float32)
-    idx, cnt = lists_from_block_mask(jnp.ones((1, 1, 1, 1), bool))
-    with mosaic_kernels():
-      jax.jit(lambda q: attention("mosaic", q, q, q, idx, cnt, block_q=128, block_k=128)
-              ).trace(q).lower(lowering_platforms=("cuda",))
-    results["f32-refused"] = {"ok": False, "error": "float32 inputs were accepted"}
-  except NotImplementedError as e:
-    results["f32-refused"] = {"ok": True, "message": str(e)}
+    with open(path, "w") as f:
+      json.dump({"jax": jax.__version__, "checks": results}, f, indent=1, default=str)
+  results["f32-refused"] = check_f32_refused()
   print(f"check f32-refused {results['f32-refused']}", flush=True)
+  with open(path, "w") as f:
+    json.dump({"jax": jax.__version__, "checks": results}, f, indent=1, default=str)
   return results
 
 
@@ -228,82 +261,91 @@ def _random_pattern(key, b, h, n_q, n_k, density):
   return ranks < keep
 
 
-def _custom_calls(compiled) -> int:
-  return compiled.as_text().count("custom_call_target=")
-
-
-def _time(fn, args, reps):
-  lowered = jax.jit(fn).lower(*args)
-  compiled = lowered.compile()
-  return median_ms(compiled, *args, reps=reps), _custom_calls(compiled)
-
-
 def bench(t, args_ok: dict, reps: int, deadline: float, b=4, h=16, d=128, block=128):
-  """Rows of one sequence length; each row {name, fwd_ms, fwdbwd_ms, calls, tflops...}."""
-  rows = []
+  """Rows of one sequence length; each row {name, fwd_ms, fwdbwd_ms, calls, tflops...}.
+
+  The lists are jit arguments ([B, H, nQ, K] for every pattern), so one compiled executable
+  per (backend, causal, mode) serves all patterns.
+  """
+  rows, cache = [], {}
   keys = jax.random.split(jax.random.key(t), 5)
   q, k, v, do = (jax.random.normal(kk, (b, t, h, d), jnp.bfloat16) for kk in keys[:4])
   n = t // block
   flops_dense = 4.0 * b * h * t * t * d
 
-  def fwd_bwd(f):
-    def run(q, k, v, do):
-      (o, lse), vjp = jax.vjp(f, q, k, v)
+  def with_grads(f):
+    def run(q, k, v, do, *lists):
+      (o, lse), vjp = jax.vjp(lambda q, k, v: f(q, k, v, *lists), q, k, v)
       return o, lse, vjp((do, jnp.zeros_like(lse)))
     return run
 
-  def timed(name, f_fwd, flops, backend):
+  def timed(name, f, lists, flops, backend, causal, blk=block):
     row = {"name": name, "t": t, "backend": backend, "flops_fwd": flops}
+    rows.append(row)
     if time.time() > deadline:
       row["skipped"] = "time budget"
-      rows.append(row)
       print(f"bench {name}: skipped (time budget)", flush=True)
       return
     if not args_ok.get(f"{backend}_fwd", args_ok[backend]):
       row["skipped"] = "failed its check"
-      rows.append(row)
       print(f"bench {name}: not timed (failed its check)", flush=True)
       return
     ctx = mosaic_kernels() if backend == "mosaic" else contextlib.nullcontext()
-    for mode, fn, args, mult in (("fwd", f_fwd, (q, k, v), 1.0),
-                                 ("fwdbwd", fwd_bwd(f_fwd), (q, k, v, do), 3.5)):
+    for mode, fn, args, mult in (("fwd", f, (q, k, v, *lists), 1.0),
+                                 ("fwdbwd", with_grads(f), (q, k, v, do, *lists), 3.5)):
       if mode == "fwdbwd" and not args_ok[backend]:
         row["fwdbwd_error"] = "backward failed its check: not timed"
         continue
       try:
-        with ctx:
-          ms, calls = _time(fn, args, reps)
-        row[f"{mode}_ms"], row[f"{mode}_calls"] = ms, calls
-        row[f"{mode}_tflops"] = mult * flops / ms / 1e9
+        key = (backend, causal, mode, blk)
+        if key not in cache:
+          start = time.time()
+          with ctx:
+            cache[key] = jax.jit(fn).lower(*args).compile()
+          row[f"{mode}_compile_s"] = time.time() - start
+        compiled = cache[key]
+        row[f"{mode}_ms"] = median_ms(compiled, *args, reps=reps)
+        row[f"{mode}_calls"] = compiled.as_text().count("custom_call_target=")
+        row[f"{mode}_tflops"] = mult * flops / row[f"{mode}_ms"] / 1e9
       except Exception as e:  # noqa: BLE001
         row[f"{mode}_error"] = "".join(traceback.format_exception_only(e)).strip()[-1500:]
         print(f"bench {name} {mode}: ERROR {row[f'{mode}_error'][-800:]}", flush=True)
-    rows.append(row)
     print(f"bench {name}: " + " ".join(f"{k_}={v_:.3f}" if isinstance(v_, float) else
                                        f"{k_}={v_}" for k_, v_ in row.items()
-                                       if k_.endswith(("_ms", "_calls", "_tflops"))), flush=True)
+                                       if k_.endswith(("_ms", "_calls", "_tflops", "_s"))),
+          flush=True)
+
+  def cudnn(c):
+    return lambda q, k, v: (
+        jax.nn.dot_product_attention(q, k, v, is_causal=c, implementation="cudnn"),
+        jnp.zeros((b, h, t), jnp.float32))
+
+  def ours(backend, c, blk=block):
+    return lambda q, k, v, idx, cnt: attention(backend, q, k, v, idx, cnt, block_q=blk,
+                                               block_k=blk, causal=c)
 
   for causal in (False, True):
-    label = "causal" if causal else "dense"
-    timed(f"cudnn-{label}",
-          lambda q, k, v, c=causal: (
-              jax.nn.dot_product_attention(q, k, v, is_causal=c, implementation="cudnn"),
-              jnp.zeros((b, h, t), jnp.float32)),
-          flops_dense / (2 if causal else 1), "cudnn")
-    patterns = ([("all", jnp.ones((1, 1, n, n), bool))] if not causal else
-                [("causal-list", causal_block_mask(n, n, block, block)[None, None])])
-    if not causal:
-      patterns += [(f"random{int(rho * 100)}", _random_pattern(keys[4], b, h, n, n, rho))
-                   for rho in (0.25, 0.10)]
+    timed(f"cudnn-{'causal' if causal else 'dense'}", cudnn(causal), (),
+          flops_dense / (2 if causal else 1), "cudnn", causal)
+    if causal:
+      patterns = [("causal-list", causal_block_mask(n, n, block, block)[None, None])]
+    else:
+      patterns = [("all", jnp.ones((1, 1, n, n), bool))] + [
+          (f"random{int(rho * 100)}", _random_pattern(keys[4], b, h, n, n, rho))
+          for rho in (0.25, 0.10)]
     for pname, pat in patterns:
-      idx, cnt = lists_from_block_mask(pat)
-      visited = float(jnp.sum(jnp.broadcast_to(cnt, (b, h, n))))
-      flops = 4.0 * visited * block * block * d
+      idx, cnt = lists_from_block_mask(jnp.broadcast_to(pat, (b, h, n, n)))
+      flops = 4.0 * float(jnp.sum(cnt)) * block * block * d
       for backend in ("mosaic", "triton"):
-        timed(f"{backend}-{pname}",
-              lambda q, k, v, idx=idx, cnt=cnt, c=causal, be=backend: attention(
-                  be, q, k, v, idx, cnt, block_q=block, block_k=block, causal=c),
-              flops, backend)
+        timed(f"{backend}-{pname}", ours(backend, causal), (idx, cnt), flops, backend, causal)
+  # Triton at its default tiles (64): its best, as the issue's baseline was measured.
+  m = t // 64
+  for pname, pat, causal in (("all", jnp.ones((1, 1, m, m), bool), False),
+                             ("causal-list", causal_block_mask(m, m, 64, 64)[None, None], True)):
+    idx, cnt = lists_from_block_mask(jnp.broadcast_to(pat, (b, h, m, m)))
+    flops = 4.0 * float(jnp.sum(cnt)) * 64 * 64 * d
+    timed(f"triton64-{pname}", ours("triton", causal, 64), (idx, cnt), flops, "triton", causal,
+          64)
   return rows
 
 
@@ -346,6 +388,9 @@ def main():
   parser.add_argument("--part", choices=("all", "check", "bench"), default="all",
                       help="check / bench in separate processes (a hung kernel then costs one "
                       "part); bench reads the check's JSON to decide what it may time")
+  parser.add_argument("--cases", default="all",
+                      help="comma-separated check case names, or 'core' (those gating the "
+                      "timing), 'features' (the rest) or 'all'")
   parser.add_argument("--t", type=int, nargs="*", default=[16384],
                       help="sequence lengths to time")
   parser.add_argument("--reps", type=int, default=10)
@@ -359,9 +404,14 @@ def main():
   check_path = os.path.join(args.out, "mosaic_check.json")
   report = {"jax": jax.__version__, "device": str(jax.devices()[0]), "checks": {}, "rows": []}
   if args.part in ("all", "check"):
-    report["checks"] = check(SMOKE_CASES if args.smoke else CASES, lower_only=not on_gpu)
-    with open(check_path, "w") as f:
-      json.dump(report, f, indent=1, default=str)
+    cases = SMOKE_CASES if args.smoke else CASES
+    if args.cases == "core":
+      cases = [c for c in cases if c[-1]]
+    elif args.cases == "features":
+      cases = [c for c in cases if not c[-1]]
+    elif args.cases != "all":
+      cases = [c for c in cases if c[0] in args.cases.split(",")]
+    report["checks"] = check(cases, lower_only=not on_gpu, path=check_path)
   elif os.path.exists(check_path):
     with open(check_path) as f:
       report["checks"] = json.load(f)["checks"]

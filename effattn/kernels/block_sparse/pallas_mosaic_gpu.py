@@ -138,21 +138,31 @@ def _same(x):
   return x
 
 
-def _tile_mask(shape, *, causal: bool, qv: dict, kv: dict, q_dim: int, q0, k0):
-  """Keep-mask of one register tile, or None: common.element_mask with the per-query vectors
-  (already broadcast) along axis `q_dim` and the per-key ones along the other axis; default
-  positions are the token indices q0 + i and k0 + j."""
+def _masked(s, *, causal: bool, qv: dict, kv: dict, q_dim: int, q0, k0):
+  """Scores of one register tile with masked elements at -inf: common.element_mask with the
+  per-query vectors (already broadcast) along axis `q_dim` and the per-key ones along the
+  other; default positions are the token indices q0 + i and k0 + j. When causality by token
+  index is the only condition, tiles wholly below the diagonal skip the mask."""
+  shape = s.shape
+
   def iota(dim):
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=_WGMMA)
 
   qv, kv = dict(qv), dict(kv)
+  only_causal = causal and not ({"q_pos", "q_seg", "q_thr"} & qv.keys()) and "kv_pos" not in kv
   if causal and "q_pos" not in qv:
     qv["q_pos"] = q0 + iota(q_dim)
   if (causal or "q_thr" in qv) and "kv_pos" not in kv:
     kv["kv_pos"] = k0 + iota(1 - q_dim)
   qv.setdefault("q_pos", None)
   kv.setdefault("kv_pos", None)
-  return element_mask(causal=causal, **qv, **kv, rows=_same, cols=_same)
+  mask = element_mask(causal=causal, **qv, **kv, rows=_same, cols=_same)
+  if mask is None:
+    return s
+  if only_causal:  # some key of the tile is after some query: k0 + n_keys - 1 > q0
+    return lax.cond(k0 + shape[1 - q_dim] - 1 > q0, lambda: jnp.where(mask, s, -jnp.inf),
+                    lambda: s)
+  return jnp.where(mask, s, -jnp.inf)
 
 
 def _used(aux: Aux, causal: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -228,9 +238,7 @@ def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, scale, block_k, 
       if "kv_bias" in kv_cols:
         s = s + kv_cols["kv_bias"] * LOG2E
       qv = {n_: _bcast(x, tile, 0) for n_, x in qv_rows.items()}
-      mask = _tile_mask(tile, causal=causal, qv=qv, kv=kv_cols, q_dim=0, q0=q0, k0=k0)
-      if mask is not None:
-        s = jnp.where(mask, s, -jnp.inf)
+      s = _masked(s, causal=causal, qv=qv, kv=kv_cols, q_dim=0, q0=q0, k0=k0)
       if has_member:
         s = s + jnp.where(r["member"][lb, lh, ci, wg, j] != 0, 0.0, -jnp.inf)
       m_new = jnp.maximum(m, s.max(axis=1))
@@ -399,9 +407,7 @@ def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_k, num_head
         if "kv_bias" in kv:
           s = s + kv["kv_bias"] * LOG2E
         qv = {n_: _bcast(x, tile, 0) for n_, x in qv_rows.items()}
-        mask = _tile_mask(tile, causal=causal, qv=qv, kv=kv, q_dim=0, q0=q0, k0=k0)
-        if mask is not None:
-          s = jnp.where(mask, s, -jnp.inf)
+        s = _masked(s, causal=causal, qv=qv, kv=kv, q_dim=0, q0=q0, k0=k0)
         if penalty is not None:
           s = s + penalty
         p = jnp.exp2(s - _bcast(lse2, tile, 0))
@@ -507,9 +513,7 @@ def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_hea
             x = r[name]
             qv[name] = _bcast(_load(x.at[(*_q_row(x, bi, h, num_heads, group), q_cols)], _COL),
                               tile, 1)
-          mask = _tile_mask(tile, causal=causal, qv=qv, kv=kv, q_dim=1, q0=q0, k0=k0)
-          if mask is not None:
-            st = jnp.where(mask, st, -jnp.inf)
+          st = _masked(st, causal=causal, qv=qv, kv=kv, q_dim=1, q0=q0, k0=k0)
           if penalty is not None:
             st = st + penalty
           lse2 = _bcast(_load(r["lse2"].at[bi, h, q_cols], _COL), tile, 1)
