@@ -180,6 +180,22 @@ def _sched_sync(sched):
   plgpu.barrier_wait(sched)
 
 
+def _stream_kv(r, n, row, bi, hk, smems, loaded, free, *, block_k: int, num_stages: int):
+  """Producer warpgroup of the forward and dQ kernels: the K and V tiles of list row `row`
+  into the stage ring. loaded / free: (K, V) barriers; V's free barrier None when one barrier
+  frees both (it must then be waited once per step)."""
+  plgpu.set_max_registers(40, action="decrease")
+
+  @pl.loop(0, n)
+  def _(j):
+    slot = lax.rem(j, num_stages)
+    ks = pl.ds(r["idx"][(*row, j)] * block_k, block_k)
+    for name, smem, done, wait in zip("kv", smems, loaded, free):
+      if wait is not None:
+        pl.when(j >= num_stages)(lambda wait=wait: plgpu.barrier_wait(wait.at[slot]))
+      plgpu.copy_gmem_to_smem(r[name].at[bi, ks, hk], smem.at[slot], done.at[slot])
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 
@@ -272,24 +288,8 @@ def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, scale, block_k, 
 
   @pl.when(wg == 2)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
-
-    @pl.loop(0, n)
-    def _(j):
-      slot = lax.rem(j, num_stages)
-      ks = pl.ds(r["idx"][lb, lh, ci, j] * block_k, block_k)
-
-      @pl.when(j >= num_stages)
-      def _():
-        plgpu.barrier_wait(k_free.at[slot])
-
-      plgpu.copy_gmem_to_smem(r["k"].at[bi, ks, hk], k_smem.at[slot], k_bar.at[slot])
-
-      @pl.when(j >= num_stages)
-      def _():
-        plgpu.barrier_wait(v_free.at[slot])
-
-      plgpu.copy_gmem_to_smem(r["v"].at[bi, ks, hk], v_smem.at[slot], v_bar.at[slot])
+    _stream_kv(r, n, (lb, lh, ci), bi, hk, (k_smem, v_smem), (k_bar, v_bar), (k_free, v_free),
+               block_k=block_k, num_stages=num_stages)
 
 
 def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: float,
@@ -428,19 +428,8 @@ def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_k, num_head
 
   @pl.when(wg == 2)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
-
-    @pl.loop(0, n)
-    def _(j):
-      slot = lax.rem(j, num_stages)
-      ks = pl.ds(r["idx"][lb, lh, ci, j] * block_k, block_k)
-
-      @pl.when(j >= num_stages)
-      def _():
-        plgpu.barrier_wait(kv_free.at[slot])
-
-      plgpu.copy_gmem_to_smem(r["k"].at[bi, ks, hk], k_smem.at[slot], kv_bar.at[slot])
-      plgpu.copy_gmem_to_smem(r["v"].at[bi, ks, hk], v_smem.at[slot], kv_bar.at[slot])
+    _stream_kv(r, n, (lb, lh, ci), bi, hk, (k_smem, v_smem), (kv_bar, kv_bar), (kv_free, None),
+               block_k=block_k, num_stages=num_stages)
 
 
 def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_heads, group,
