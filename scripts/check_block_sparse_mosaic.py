@@ -1,4 +1,4 @@
-"""The Mosaic GPU block-sparse kernels: check against reference.py, then time beside cuDNN and Triton.
+"""Mosaic GPU block-sparse kernels: check against reference.py, then time beside cuDNN, Triton.
 
     python scripts/check_block_sparse_mosaic.py --out $OUT            # on an H100/H200
     python scripts/check_block_sparse_mosaic.py --smoke               # CPU: lower for cuda only
@@ -157,7 +157,8 @@ def _rel_err(name, want, got) -> tuple[float, str]:
   want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
   finite = np.isfinite(want)
   if not np.array_equal(finite, np.isfinite(got)):
-    return float("inf"), f"{name}: -inf/NaN pattern differs ({int((finite != np.isfinite(got)).sum())} elements)"
+    wrong = int((finite != np.isfinite(got)).sum())
+    return float("inf"), f"{name}: -inf/NaN pattern differs ({wrong} elements)"
   with np.errstate(invalid="ignore"):
     diff = np.where(finite, got - want, 0.0)
   ref = np.where(finite, want, 0.0)

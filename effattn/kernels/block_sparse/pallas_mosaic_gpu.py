@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +72,14 @@ def _smem(shape, dtype):
 def _params():
   return plgpu.CompilerParams(approx_math=True,
                               lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+def _launch(kernel, name: str, args: dict, *, out_type, scratch, grid, grid_names):
+  """One CTA of two consumer warpgroups and a producer over `grid`; `args` in kernel order."""
+  kernel.__name__ = name
+  return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
+                      grid_names=grid_names, num_threads=3, thread_name="wg",
+                      compiler_params=_params())(*args.values())
 
 
 def _check(q, k, v, block_q: int, block_k: int, interpret: bool):
@@ -317,12 +324,11 @@ def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: fl
       _fwd_kernel, names=names, q_names=q_names, kv_names=kv_names, n_out=2, causal=causal,
       scale=scale, block_k=block_k, num_heads=h, group=group, num_stages=num_stages,
       lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None)
-  kernel.__name__ = "block_sparse_mgpu_fwd"
-  o, lse = plgpu.kernel(
-      kernel,
+  o, lse = _launch(
+      kernel, "block_sparse_mgpu_fwd", args,
       out_type=[jax.ShapeDtypeStruct((b, t_cta, h, d), q.dtype),
                 jax.ShapeDtypeStruct((b, h, t_cta), jnp.float32)],
-      scratch_types=[
+      scratch=[
           _smem((2, WG_ROWS, d), q.dtype),
           _smem((num_stages, block_k, d), k.dtype),
           _smem((num_stages, block_k, d), v.dtype),
@@ -336,10 +342,7 @@ def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: fl
       ],
       grid=(h, t_cta // CTA_ROWS, b),
       grid_names=("h", "q", "b"),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=_params(),
-  )(*(args[n_] for n_ in names))
+  )
   return o[:, :t], lse[:, :, :t]
 
 
@@ -595,11 +598,10 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
       _dq_kernel, names=names, q_names=q_names, kv_names=kv_names, causal=causal, scale=scale,
       block_k=block_k, num_heads=h, group=group, num_stages=num_stages,
       lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None)
-  kernel.__name__ = "block_sparse_mgpu_dq"
-  dq = plgpu.kernel(
-      kernel,
+  dq = _launch(
+      kernel, "block_sparse_mgpu_dq", args,
       out_type=jax.ShapeDtypeStruct((b, t_cta, h, d), q.dtype),
-      scratch_types=[
+      scratch=[
           _smem((2, WG_ROWS, d), q.dtype),
           _smem((2, WG_ROWS, d), q.dtype),
           _smem((num_stages, block_k, d), k.dtype),
@@ -610,10 +612,7 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
       ],
       grid=(h, t_cta // CTA_ROWS, b),
       grid_names=("h", "q", "b"),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=_params(),
-  )(*(args[n_] for n_ in names))
+  )
 
   # dK/dV: 128 keys per CTA over the transposed lists of every query head of the group.
   idx, cnt, member = _cta_lists(q_indices, q_counts, t // block_q, block_k)
@@ -630,15 +629,14 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
       scale=scale, block_q=block_q, num_heads=h, group=group, num_stages=num_stages,
       lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None,
       has_bias=has_bias)
-  kernel.__name__ = "block_sparse_mgpu_dkv"
   out_type = [jax.ShapeDtypeStruct((b, s_cta, h_kv, d), k.dtype),
               jax.ShapeDtypeStruct((b, s_cta, h_kv, d), v.dtype)]
   if has_bias:
     out_type.append(jax.ShapeDtypeStruct((b, h_kv, s_cta), jnp.float32))
-  outs = plgpu.kernel(
-      kernel,
+  outs = _launch(
+      kernel, "block_sparse_mgpu_dkv", args,
       out_type=out_type,
-      scratch_types=[
+      scratch=[
           _smem((2, WG_ROWS, d), k.dtype),
           _smem((2, WG_ROWS, d), v.dtype),
           _smem((num_stages, block_q, d), q.dtype),
@@ -650,9 +648,6 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
       ],
       grid=(h_kv, s_cta // CTA_ROWS, b),
       grid_names=("h", "k", "b"),
-      num_threads=3,
-      thread_name="wg",
-      compiler_params=_params(),
-  )(*(args[n_] for n_ in names))
+  )
   dbias = outs[2][:, :, :s_len] if has_bias else None
   return dq[:, :t], outs[0][:, :s_len], outs[1][:, :s_len], dbias
