@@ -21,21 +21,11 @@ import jax
 from absl import logging
 from flax import nnx
 
-from effattn.evaluate.accuracy import evaluate_split
-from effattn.evaluate.registry import EVAL_TASKS, load_builtin_tasks, register_eval_task
+from effattn.evaluate import accuracy  # noqa: F401 -- registers the "accuracy" task
+from effattn.evaluate.registry import EVAL_TASKS, load_builtin_tasks
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train.loop import build_model, resolve_config
 from effattn.train.state import split_model
-
-
-@register_eval_task("accuracy")
-def accuracy_task(model, config, workdir) -> dict:
-  """Loss, accuracy and perplexity over config.eval.split (the trainer's eval metric)."""
-  del workdir
-  graphdef, params, rest = split_model(model)
-  return evaluate_split(graphdef, params, rest, config.data, config.eval.split,
-                        batch_size=config.eval.batch_size, max_examples=config.eval.max_examples)
-
 
 load_builtin_tasks()  # positions, passkey, generate
 

@@ -16,10 +16,10 @@ from flax import nnx
 
 from effattn import data as data_lib
 from effattn.config import validate
-from effattn.evaluate.accuracy import evaluate_split
 from effattn.model import Transformer
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train import sharding
+from effattn.train.evaluation import evaluate_split
 from effattn.train.metrics import MetricWriter
 from effattn.train.optimizer import make_optimizer
 from effattn.train.state import count_params, create
