@@ -1,26 +1,52 @@
-"""Shared behaviour of the entry points (train.py, eval.py, scripts/)."""
+"""Shared behaviour of the entry points (train.py, eval.py, scripts/): one line per failure.
+
+A bad config field, a refused checkpoint, a NaN, a full disk: each ends the process with one
+line on stderr and a status (2: bad input, 1: the run failed). EFFATTN_TRACEBACK=1 shows full
+tracebacks instead.
+"""
 
 from __future__ import annotations
 
 import logging as pylogging
 import os
 import sys
+import threading
 from typing import Any, Callable
 
 from absl import logging
 
 from effattn.config import ConfigError
-from effattn.train.checkpoint import CheckpointError
+from effattn.train.errors import CheckpointError, RunError, is_disk_full, short
 
 # Errors that describe bad input: shown as one line, not a traceback.
 USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError)
 
 
+_quiet = threading.Event()  # a full disk seen, or the run's failure already reported
+
+
+def _tracebacks() -> bool:
+  return bool(os.environ.get("EFFATTN_TRACEBACK"))
+
+
 class _OwnInfoOnly(pylogging.Filter):
-  """Keeps effattn's INFO lines and every library's warnings (orbax logs a lot at INFO)."""
+  """Keeps effattn's INFO lines and every library's warnings (orbax logs a lot at INFO).
+
+  A library's record is cut to its first line, without traceback: a failure that matters
+  reaches the entry point and is reported there once (orbax logs each failed save thread).
+  """
 
   def filter(self, record: pylogging.LogRecord) -> bool:
-    return record.levelno >= pylogging.WARNING or f"{os.sep}effattn{os.sep}" in record.pathname
+    own = f"{os.sep}effattn{os.sep}" in record.pathname
+    if own or _tracebacks():
+      return True
+    if record.levelno < pylogging.WARNING or _quiet.is_set():
+      return False
+    if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+      return False  # a failed save; the trainer raises it as one line
+    record.msg, record.args = record.getMessage().split("\n", 1)[0][:300], None
+    record.exc_info = record.exc_text = None
+    return True
 
 
 def setup_logging() -> None:
@@ -30,16 +56,59 @@ def setup_logging() -> None:
     handler.addFilter(_OwnInfoOnly())
 
 
+def _background_failure(where: str, error: BaseException) -> None:
+  """A crash outside the main thread (a writer thread, an atexit hook) in one line at most.
+
+  A full disk, and whatever breaks after one or while the process exits after its report, is
+  left to the main thread's report.
+  """
+  if is_disk_full(error):
+    _quiet.set()
+  if not _quiet.is_set():
+    print(f"warning: {where} failed: {short(error)}", file=sys.stderr)
+
+
+def _thread_failed(args) -> None:
+  if _tracebacks():
+    threading.__excepthook__(args)
+  else:
+    _background_failure(args.thread.name if args.thread is not None else "a thread",
+                        args.exc_value)
+
+
+def _unraisable(args) -> None:
+  if _tracebacks():
+    sys.__unraisablehook__(args)
+  elif "Event loop is closed" not in str(args.exc_value):  # orbax's shutdown after a failed save
+    _background_failure(args.err_msg or "cleanup", args.exc_value)
+
+
+def _one_line(error: BaseException) -> tuple[str, int] | None:
+  """(line, exit status) for errors reported without traceback, else None."""
+  if isinstance(error, RunError):
+    return f"error: {error}", error.exit_code
+  if isinstance(error, USER_ERRORS):
+    return f"error: {error}", 2
+  if is_disk_full(error):
+    return f"error: no space left on device ({short(error)}): free space and run again", 1
+  return None
+
+
 def run_main(fn: Callable[[], Any]) -> Any:
-  """Runs fn; a user error prints `error: <message>` and exits 2 (EFFATTN_TRACEBACK=1 raises)."""
+  """Runs fn; a known failure prints one line and exits (EFFATTN_TRACEBACK=1 raises)."""
   setup_logging()
+  threading.excepthook = _thread_failed
+  sys.unraisablehook = _unraisable
   try:
     return fn()
-  except USER_ERRORS as e:
-    if os.environ.get("EFFATTN_TRACEBACK"):
+  except BaseException as e:
+    reported = None if _tracebacks() else _one_line(e)
+    if reported is None:
       raise
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    line, status = reported
+    _quiet.set()  # threads and atexit hooks failing on the way out add nothing
+    print(line.replace("\n", " "), file=sys.stderr)
+    sys.exit(status)
 
 
 def default_config_from_workdir(argv: list[str]) -> list[str]:

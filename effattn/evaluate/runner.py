@@ -9,7 +9,9 @@ registry.py) and chosen with `config.eval.task`:
     generate   cached greedy/sampled decoding, tokens/s, checked    -> eval_generate.json
 
 The report is written as JSON; a task that returns a matplotlib Figure under "figure" gets it
-saved beside the report as a PNG (path recorded under "plot").
+saved beside the report as a PNG (path recorded under "plot"). The newest checkpoint that
+verifies is used (a damaged newer one is named in a warning and left in place); `step=` picks
+one, refused if damaged.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ def restore_model(config, workdir: str, step: int | None = None):
   graphdef, abs_params, abs_rest = split_model(abstract)
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
-    params, rest, step = checkpointer.restore_model_state(abs_params, abs_rest, step)
+    step, skipped = checkpointer.choose_step(step, items=ckpt_lib.MODEL_ITEMS)
+    for s, why in skipped:
+      logging.warning("checkpoint step %d %s; evaluating step %d instead", s, why, step)
+    params, rest = checkpointer.restore_model_state(abs_params, abs_rest, step)
   finally:
     checkpointer.close()
   return nnx.merge(graphdef, params, rest), step

@@ -1,0 +1,275 @@
+"""Fault injection: no fault loses a step that was reported saved, none exits 0 with a wrong result.
+
+Each test is a row of docs/reliability.md. Runs are tiny MQAR models (d_model 16, 8 steps, a
+checkpoint every 2 steps, async saves). Real processes are used only where a process death or a
+signal is the point (SIGKILL, SIGINT, SIGTERM, a second run holding the lock); everything else
+runs in this process with the fault patched in.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from configs import base
+from effattn import cli
+from effattn.config import ConfigError
+from effattn.evaluate import runner
+from effattn.train import checkpoint as ckpt_lib
+from effattn.train import loop, manifest
+from effattn.train.errors import CheckpointError, NonFiniteLossError, SaveError
+from tests.train import tiny
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data"))
+
+
+def config_for(data_dir, **fields):
+  """tiny.get_config with dotted overrides, the same config the subprocess runs get."""
+  config = tiny.get_config(data_dir)
+  for dotted, value in fields.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def copy_of(workdir, tmp_path, name="run"):
+  dest = str(tmp_path / name)
+  shutil.copytree(workdir, dest)
+  return dest
+
+
+def final_params(workdir):
+  config = ckpt_lib.merge_into(base.get_config(), ckpt_lib.load_config(workdir))
+  model, step = runner.restore_model(config, workdir)
+  return step, jax.device_get(nnx.state(model, nnx.Param))
+
+
+def tmp_folders(workdir):
+  return [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n]
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+  """A finished 6-step run (checkpoints 2, 4, 6) and its final eval, copied by each test."""
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  return workdir, loop.train_and_evaluate(config_for(data_dir, **{"train.steps": 6}), workdir)
+
+
+def a_data_file(step_dir, item):
+  folder = os.path.join(step_dir, item, "ocdbt.process_0", "d")
+  return max((os.path.join(folder, f) for f in os.listdir(folder)), key=os.path.getsize)
+
+
+def flip_a_byte(path):
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x40
+  open(path, "wb").write(bytes(data))
+
+
+DAMAGE = {
+    "flipped byte in params": lambda d: flip_a_byte(a_data_file(d, "params")),
+    "truncated params": lambda d: os.truncate(a_data_file(d, "params"), 100),
+    "deleted params file": lambda d: os.remove(os.path.join(d, "params", "manifest.ocdbt")),
+    "garbled step metadata": lambda d: open(os.path.join(d, "_CHECKPOINT_METADATA"), "a").write(
+        "x"),
+    "deleted manifest": lambda d: os.remove(os.path.join(d, manifest.MANIFEST)),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_latest_step_falls_back_in_eval_and_train(data_dir, trained, tmp_path, damage):
+  workdir = copy_of(trained[0], tmp_path)
+  DAMAGE[damage](os.path.join(workdir, "checkpoints", "6"))
+  config = ckpt_lib.merge_into(base.get_config(), ckpt_lib.load_config(workdir))
+  report = runner.evaluate_checkpoint(config, workdir)
+  clean = runner.evaluate_checkpoint(config, trained[0], step=4, output=str(tmp_path / "4.json"))
+  assert report["step"] == 4 and report == clean  # the previous good step, exactly
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))  # eval moves nothing
+  if damage != "deleted manifest":  # a step without manifest may still be chosen explicitly
+    with pytest.raises(CheckpointError, match="checkpoint step 6 .* damaged; choose another"):
+      runner.evaluate_checkpoint(config, workdir, step=6)
+  final = loop.train_and_evaluate(config_for(data_dir, **{"train.steps": 6}), workdir)
+  assert final == trained[1]  # resumed from 4, trained 4 -> 6 again: the same result
+  assert os.listdir(os.path.join(workdir, ckpt_lib.DAMAGED)) == ["6"]  # set aside, not deleted
+  assert manifest.problem(os.path.join(workdir, "checkpoints", "6")) is None
+
+
+def test_damaged_optimizer_state_does_not_stop_eval(trained, tmp_path):
+  workdir = copy_of(trained[0], tmp_path)
+  os.truncate(a_data_file(os.path.join(workdir, "checkpoints", "6"), "opt_state"), 10)
+  config = ckpt_lib.merge_into(base.get_config(), ckpt_lib.load_config(workdir))
+  assert runner.evaluate_checkpoint(config, workdir)["step"] == 6  # eval reads no opt_state
+
+
+def test_every_step_damaged_is_refused_in_one_line(data_dir, trained, tmp_path):
+  workdir = copy_of(trained[0], tmp_path)
+  for step in (2, 4, 6):
+    flip_a_byte(a_data_file(os.path.join(workdir, "checkpoints", str(step)), "params"))
+  with pytest.raises(CheckpointError, match="no checkpoint .* passes verification") as err:
+    loop.train_and_evaluate(config_for(data_dir, **{"train.steps": 6}), workdir)
+  assert "\n" not in str(err.value) and "bound method" not in str(err.value)
+
+
+def test_checkpoint_of_another_model_shape_is_one_line(trained, tmp_path):
+  workdir = copy_of(trained[0], tmp_path)
+  config = ckpt_lib.merge_into(base.get_config(), ckpt_lib.load_config(workdir))
+  config.model.d_model = 32
+  with pytest.raises(CheckpointError, match="does not fit the model") as err:
+    runner.evaluate_checkpoint(config, workdir)
+  assert "\n" not in str(err.value) and "bound method" not in str(err.value)
+
+
+def test_an_error_after_a_save_keeps_that_save(data_dir, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+
+  def failing_eval(*args, **kwargs):
+    raise RuntimeError("the final evaluation failed")
+
+  monkeypatch.setattr(loop, "evaluate_split", failing_eval)
+  with pytest.raises(RuntimeError, match="final evaluation failed"):
+    loop.train_and_evaluate(config_for(data_dir, **{"train.steps": 6}), workdir)
+  assert tmp_folders(workdir) == []  # the async save of step 6 was finished, not cut
+  assert manifest.problem(os.path.join(workdir, "checkpoints", "6")) is None
+
+
+def test_settings_used_only_at_the_end_are_checked_before_the_first_step(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  with pytest.raises(ConfigError, match=r"train.eval_split='tset'.*splits: \['train', 'test'\]"):
+    loop.train_and_evaluate(config_for(data_dir, **{"train.eval_split": "tset"}), workdir)
+  assert not os.path.exists(workdir)
+
+
+def poison_after(step_index, key):
+  """make_train_step whose update turns `key` of the state NaN at 0-based step_index."""
+  real = loop.make_train_step
+
+  def make(*args, **kwargs):
+    step_fn = real(*args, **kwargs)
+
+    def poisoned(state, batch):
+      new_state, metrics = step_fn(state, batch)
+      bad = state.step == step_index
+      nan = lambda x: jax.numpy.where(bad, jax.numpy.nan, x)
+      if key == "params":
+        new_state = new_state.replace(params=jax.tree.map(nan, new_state.params))
+      else:
+        metrics = dict(metrics, total_loss=nan(metrics["total_loss"]))
+      return new_state, metrics
+
+    return poisoned
+
+  return make
+
+
+@pytest.mark.parametrize("key,what", [("params", "parameters"), ("loss", "loss")])
+def test_nan_is_never_saved_and_the_stop_names_a_finite_checkpoint(data_dir, tmp_path,
+                                                                   monkeypatch, key, what):
+  workdir = str(tmp_path / "run")
+  # "params": the update goes NaN while the loss of that step is still finite.
+  monkeypatch.setattr(loop, "make_train_step", poison_after(5, key))
+  with pytest.raises(NonFiniteLossError, match=rf"at step 6 \(first NaN or inf: {what}\).*"
+                     r"last checkpoint, step 4, is finite") as err:
+    loop.train_and_evaluate(config_for(data_dir), workdir)
+  assert "\n" not in str(err.value)
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  assert checkpointer.all_steps() == [2, 4]  # step 6 (NaN weights) was not saved
+  _, params = final_params(workdir)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def _enospc(what):
+  return OSError(errno.ENOSPC, "No space left on device", what)
+
+
+@pytest.mark.parametrize("writer,last", [("orbax", 2), ("manifest", 2), ("metrics", 4)])
+def test_a_full_disk_stops_in_one_line_keeping_the_saved_steps(data_dir, tmp_path, monkeypatch,
+                                                                writer, last):
+  workdir = str(tmp_path / "run")
+  if writer == "orbax":  # tensorstore reports a full disk as a ValueError
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+      if step == 4:
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "x": Failed to write 272 '
+                         "bytes: No space left on device [os_error_code='28']")
+      return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  elif writer == "manifest":
+    real_seal = manifest.seal
+
+    def seal(step_dir):
+      if step_dir.endswith(f"{os.sep}4"):
+        raise _enospc(step_dir)
+      return real_seal(step_dir)
+
+    monkeypatch.setattr(manifest, "seal", seal)
+  else:
+    real_open = builtins.open
+    rows = []
+
+    def open_(file, mode="r", *args, **kwargs):
+      if str(file).endswith("metrics.jsonl") and "a" in mode:
+        rows.append(1)
+        if len(rows) > 2:  # the rows of steps 2 and 4 fit, the third does not
+          raise _enospc(str(file))
+      return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+  with pytest.raises(SaveError, match=rf"no space left on device .*last saved checkpoint: step "
+                     rf"{last}\)") as err:
+    loop.train_and_evaluate(config_for(data_dir), workdir)
+  assert "\n" not in str(err.value)
+  assert manifest.problem(os.path.join(workdir, "checkpoints", str(last))) is None
+  if writer == "orbax":  # space was freed: the same command resumes (once is enough)
+    monkeypatch.undo()
+    loop.train_and_evaluate(config_for(data_dir), workdir)
+    assert ckpt_lib.Checkpointer(workdir, read_only=True).last_saved() == STEPS
+
+
+def run_main_output(capsys, error):
+  def fail():
+    raise error
+
+  with pytest.raises(SystemExit) as exit_:
+    cli.run_main(fail)
+  return exit_.value.code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("error,code", [
+    (ConfigError("optimizer.b1=1.5 must be in [0, 1)"), 2),
+    (CheckpointError("no checkpoint in x"), 2),
+    (NonFiniteLossError("training became non-finite at step 6"), 1),
+    (SaveError("no space left on device saving checkpoint step 4"), 1),
+    (_enospc("metrics.jsonl"), 1),
+])
+def test_entry_points_print_one_line_and_the_status(capsys, monkeypatch, error, code):
+  monkeypatch.delenv("EFFATTN_TRACEBACK", raising=False)
+  status, lines = run_main_output(capsys, error)
+  assert status == code and len(lines) == 1, lines
+
+
+def test_effattn_traceback_keeps_the_traceback(monkeypatch):
+  monkeypatch.setenv("EFFATTN_TRACEBACK", "1")
+
+  def fail():
+    raise SaveError("no space left on device")
+
+  with pytest.raises(SaveError):
+    cli.run_main(fail)
