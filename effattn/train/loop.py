@@ -1,15 +1,17 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
 Resumes from the newest checkpoint in `workdir` that verifies (a damaged newer one is moved to
-workdir/checkpoints_damaged and named in the log). The data position is the step (batches are a pure function
+workdir/checkpoints_damaged and named in the log), after checking that the config is the one
+the checkpoints were trained with. The data position is the step (batches are a pure function
 of (seed, step)), so a resumed run sees the batches it would have.
 
 Every way out (success or an error) finishes or abandons the pending save first, so a step
-reported saved is whole, on disk and checksummed.
+reported saved is whole, on disk and checksummed. One run holds a workdir at a time.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -22,7 +24,9 @@ from effattn.config import ConfigError, validate
 from effattn.model import Transformer
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train import sharding
-from effattn.train.errors import NonFiniteLossError, RunError, SaveError, is_disk_full
+from effattn.train import workdir as workdir_lib
+from effattn.train.errors import (NonFiniteLossError, RunError, SaveError, WorkdirError,
+                                  is_disk_full)
 from effattn.train.evaluation import evaluate_split
 from effattn.train.metrics import MetricWriter
 from effattn.train.optimizer import make_optimizer
@@ -58,7 +62,7 @@ def check_finite(host_metrics: list[dict], last_step: int,
   raise NonFiniteLossError(
       f"training became non-finite at step {bad} (first NaN or inf: {what}); nothing from step "
       f"{bad} on was saved and {kept}; lower optimizer.learning_rate, keep optimizer.grad_clip "
-      "> 0 or use model.dtype=float32, and start again in a new --workdir")
+      "> 0 or use model.dtype=float32, and resume with --allow_config_change or a new --workdir")
 
 
 def resolve_config(config):
@@ -129,12 +133,33 @@ def put_batch(batch: dict, batch_sharding) -> dict:
   return jax.tree.map(put, batch)
 
 
-def resume(config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state):
-  """(state, start step): the newest checkpoint that verifies, or (state, 0)."""
-  ckpt_lib.save_config(config, workdir)
+def resume(config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state, *,
+           allow_config_change: bool):
+  """(state, start step): the checkpoint to continue from after the checks, or (state, 0).
+
+  config.json is written only once the checks pass, so a refused run changes nothing.
+  """
   if not checkpointer.all_steps():
+    ckpt_lib.save_config(config, workdir)
     return state, 0
+  if os.path.exists(os.path.join(workdir, "config.json")):
+    changes = workdir_lib.config_changes(config, workdir)
+  else:
+    changes = ["config.json is missing, so nothing can be compared"]
+  if changes and not allow_config_change:
+    more = f" and {len(changes) - 6} more" if len(changes) > 6 else ""
+    raise WorkdirError(f"--workdir={workdir} holds checkpoints of another config: "
+                       f"{', '.join(changes[:6])}{more}; resume with the saved values, pass "
+                       "--allow_config_change to resume anyway, or use a new --workdir")
+  if changes:
+    logging.warning("resuming with a changed config (--allow_config_change): %s",
+                    ", ".join(changes))
   step, skipped = checkpointer.choose_step()
+  if config.train.steps < step:
+    raise WorkdirError(f"train.steps={config.train.steps} is below step {step} of the checkpoint "
+                       f"this run would resume in {workdir}: set train.steps >= {step} (= {step} "
+                       "evaluates it again) or use a new --workdir")
+  ckpt_lib.save_config(config, workdir)
   if skipped:
     target = checkpointer.set_aside([s for s, _ in skipped])
     for s, why in skipped:
@@ -145,32 +170,38 @@ def resume(config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state):
   return state, step
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming if possible); returns the final eval metrics."""
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+  """Trains `config` in `workdir` (resuming if possible); returns the final eval metrics.
+
+  allow_config_change: resume even though the config differs from the saved one in fields
+  outside workdir.RESUMABLE_CHANGES (the differences are logged).
+  """
   if config.mesh.distributed:
     jax.distributed.initialize()
   config = resolve_config(config)
   check_eval_split(config)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_divides(config.train.batch_size, mesh)
-  checkpointer = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every,
-                                       keep=config.checkpoint.keep,
-                                       async_save=config.checkpoint.async_save)
-  try:
-    result = _train(config, workdir, mesh, checkpointer)
-  except BaseException as e:
-    save_error = checkpointer.abandon()
-    checkpointer.close(quiet=True)
-    if not isinstance(e, RunError) and (is_disk_full(e) or is_disk_full(save_error)):
-      last = checkpointer.last_saved()
-      raise SaveError(f"no space left on device writing to {workdir} (last saved checkpoint: "
-                      f"step {last}): free space, then run the same command to resume") from e
-    raise
-  checkpointer.close()
-  return result
+  workdir = workdir_lib.prepare(workdir)
+  with workdir_lib.WorkdirLock(workdir):
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_divides(config.train.batch_size, mesh)
+    checkpointer = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every,
+                                         keep=config.checkpoint.keep,
+                                         async_save=config.checkpoint.async_save)
+    try:
+      result = _train(config, workdir, mesh, checkpointer, allow_config_change)
+    except BaseException as e:
+      save_error = checkpointer.abandon()
+      checkpointer.close(quiet=True)
+      if not isinstance(e, RunError) and (is_disk_full(e) or is_disk_full(save_error)):
+        last = checkpointer.last_saved()
+        raise SaveError(f"no space left on device writing to {workdir} (last saved checkpoint: "
+                        f"step {last}): free space, then run the same command to resume") from e
+      raise
+    checkpointer.close()
+    return result
 
 
-def _train(config, workdir, mesh, checkpointer) -> dict:
+def _train(config, workdir, mesh, checkpointer, allow_config_change) -> dict:
   tc = config.train
   model = build_model(config)
   tx, schedule = make_optimizer(config.optimizer, tc.steps)
@@ -180,7 +211,8 @@ def _train(config, workdir, mesh, checkpointer) -> dict:
                num_params / 1e6, jax.default_backend())
   state_sharding = sharding.param_shardings(state, mesh)
   state = jax.device_put(state, state_sharding)
-  state, start = resume(config, workdir, checkpointer, state)
+  state, start = resume(config, workdir, checkpointer, state,
+                        allow_config_change=allow_config_change)
 
   train_step = jax.jit(with_finite_flags(make_train_step(graphdef, tx, schedule,
                                                          grad_accum_steps=tc.grad_accum_steps)),

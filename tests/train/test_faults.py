@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import builtins
 import errno
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -25,8 +28,12 @@ from effattn.config import ConfigError
 from effattn.evaluate import runner
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train import loop, manifest
-from effattn.train.errors import CheckpointError, NonFiniteLossError, SaveError
+from effattn.train.errors import CheckpointError, NonFiniteLossError, SaveError, WorkdirError
+from effattn.train.metrics import read_metrics
 from tests.train import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 STEPS = 8
 
@@ -62,6 +69,27 @@ def final_params(workdir):
 
 def tmp_folders(workdir):
   return [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n]
+
+
+def test_a_second_run_is_refused_naming_the_holder_and_a_dead_holder_blocks_nothing(
+    data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from effattn.train.workdir import WorkdirLock; "
+       "WorkdirLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(300)",
+       workdir], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE,
+      text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(WorkdirError, match=rf"in use by process {holder.pid} on host"):
+      loop.train_and_evaluate(config_for(data_dir, **{"train.steps": 2}), workdir)
+    assert sorted(os.listdir(workdir)) == [".lock"]  # the refused run wrote nothing
+  finally:
+    holder.kill()  # SIGKILL: the kernel drops its flock
+    holder.wait()
+  loop.train_and_evaluate(config_for(data_dir, **{"train.steps": 2}), workdir)
+  assert ckpt_lib.Checkpointer(workdir, read_only=True).last_saved() == 2
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +221,38 @@ def test_nan_is_never_saved_and_the_stop_names_a_finite_checkpoint(data_dir, tmp
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+def test_a_resume_with_another_config_is_refused_and_changes_nothing(data_dir, trained,
+                                                                     tmp_path):
+  workdir = copy_of(trained[0], tmp_path)
+  saved = open(os.path.join(workdir, "config.json")).read()
+  config = config_for(data_dir, **{"train.steps": 8})
+  config.model.attention.name = "linear"
+  with pytest.raises(WorkdirError, match=r"model.attention.name \('softmax' -> 'linear'\).*"
+                     "--allow_config_change"):
+    loop.train_and_evaluate(config, workdir)
+  assert open(os.path.join(workdir, "config.json")).read() == saved
+  assert ckpt_lib.Checkpointer(workdir, read_only=True).all_steps() == [2, 4, 6]
+  loop.train_and_evaluate(config, workdir, allow_config_change=True)  # explicit: resumes
+  assert json.load(open(os.path.join(workdir, "config.json")))["model"]["attention"]["name"] == \
+      "linear"
+
+
+def test_steps_logging_and_checkpoint_settings_may_change_on_resume(data_dir, trained, tmp_path):
+  workdir = copy_of(trained[0], tmp_path)
+  config = config_for(data_dir, **{"train.steps": 8, "train.log_every": 1,
+                                   "checkpoint.every": 4, "train.eval_examples": 16})
+  loop.train_and_evaluate(config, workdir)
+  assert ckpt_lib.Checkpointer(workdir, read_only=True).last_saved() == 8
+
+
+def test_train_steps_below_the_checkpoint_is_refused(data_dir, trained, tmp_path):
+  workdir = copy_of(trained[0], tmp_path)
+  before = read_metrics(workdir)
+  with pytest.raises(WorkdirError, match=r"train.steps=3 is below step 6"):
+    loop.train_and_evaluate(config_for(data_dir, **{"train.steps": 3}), workdir)
+  assert read_metrics(workdir) == before  # no eval labelled step 3
+
+
 def _enospc(what):
   return OSError(errno.ENOSPC, "No space left on device", what)
 
@@ -243,6 +303,25 @@ def test_a_full_disk_stops_in_one_line_keeping_the_saved_steps(data_dir, tmp_pat
     assert ckpt_lib.Checkpointer(workdir, read_only=True).last_saved() == STEPS
 
 
+def test_workdir_that_is_a_file_or_not_writable_is_one_line(data_dir, tmp_path, monkeypatch):
+  a_file = tmp_path / "file"
+  a_file.write_text("")
+  with pytest.raises(WorkdirError, match="is a file, not a directory"):
+    loop.train_and_evaluate(config_for(data_dir), str(a_file))
+  workdir = str(tmp_path / "ro")
+  os.makedirs(workdir)
+  real_os_open = os.open
+
+  def os_open(path, *args, **kwargs):
+    if str(path).startswith(workdir):
+      raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    return real_os_open(path, *args, **kwargs)
+
+  monkeypatch.setattr(os, "open", os_open)
+  with pytest.raises(WorkdirError, match="is not writable"):
+    loop.train_and_evaluate(config_for(data_dir), workdir)
+
+
 def run_main_output(capsys, error):
   def fail():
     raise error
@@ -255,6 +334,7 @@ def run_main_output(capsys, error):
 @pytest.mark.parametrize("error,code", [
     (ConfigError("optimizer.b1=1.5 must be in [0, 1)"), 2),
     (CheckpointError("no checkpoint in x"), 2),
+    (WorkdirError("--workdir=x is in use by process 1"), 2),
     (NonFiniteLossError("training became non-finite at step 6"), 1),
     (SaveError("no space left on device saving checkpoint step 4"), 1),
     (_enospc("metrics.jsonl"), 1),
