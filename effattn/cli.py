@@ -1,8 +1,8 @@
 """Shared behaviour of the entry points (train.py, eval.py, scripts/): one line per failure.
 
-A bad config field, a refused checkpoint, a NaN, a full disk: each ends the process with one
-line on stderr and a status (2: bad input, 1: the run failed). EFFATTN_TRACEBACK=1 shows full
-tracebacks instead.
+A bad config field, a refused workdir or checkpoint, a NaN, a full disk, a signal:
+each ends the process with one line on stderr and a status (2: bad input, 1: the run failed,
+128 + N: stopped by signal N). EFFATTN_TRACEBACK=1 shows full tracebacks instead.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Callable
 from absl import logging
 
 from effattn.config import ConfigError
-from effattn.train.errors import CheckpointError, RunError, is_disk_full, short
+from effattn.train.errors import CheckpointError, Interrupted, RunError, is_disk_full, short
 
 # Errors that describe bad input: shown as one line, not a traceback.
 USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError)
@@ -85,6 +85,10 @@ def _unraisable(args) -> None:
 
 def _one_line(error: BaseException) -> tuple[str, int] | None:
   """(line, exit status) for errors reported without traceback, else None."""
+  if isinstance(error, Interrupted):
+    return str(error), error.exit_code
+  if isinstance(error, KeyboardInterrupt):  # eval.py, or a second Ctrl-C while train.py saves
+    return "stopped by SIGINT; nothing more was saved", 130
   if isinstance(error, RunError):
     return f"error: {error}", error.exit_code
   if isinstance(error, USER_ERRORS):

@@ -7,6 +7,7 @@ The entry points (effattn/cli.py) print `error: <message>` for any RunError and 
 from __future__ import annotations
 
 import errno
+import signal
 
 
 class RunError(RuntimeError):
@@ -33,6 +34,15 @@ class NonFiniteLossError(RunError, FloatingPointError):
 
 class SaveError(RunError):
   """Writing a checkpoint or a report failed (a full disk among others)."""
+
+
+class Interrupted(RunError):
+  """SIGINT or SIGTERM stopped the run after saving; exit status 128 + the signal number."""
+
+  def __init__(self, signum: int, message: str = ""):
+    super().__init__(message or f"stopped by {signal.Signals(signum).name}")
+    self.signum = signum
+    self.exit_code = 128 + signum
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

@@ -5,13 +5,15 @@ workdir/checkpoints_damaged and named in the log), after checking that the confi
 the checkpoints were trained with. The data position is the step (batches are a pure function
 of (seed, step)), so a resumed run sees the batches it would have.
 
-Every way out (success or an error) finishes or abandons the pending save first, so a step
-reported saved is whole, on disk and checksummed. One run holds a workdir at a time.
+Every way out (success, an error, SIGINT / SIGTERM) finishes or abandons the pending save
+first, so a step reported saved is whole, on disk and checksummed; SIGINT / SIGTERM save the
+current step before stopping. See docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import jax
@@ -25,11 +27,12 @@ from effattn.model import Transformer
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train import sharding
 from effattn.train import workdir as workdir_lib
-from effattn.train.errors import (NonFiniteLossError, RunError, SaveError, WorkdirError,
-                                  is_disk_full)
+from effattn.train.errors import (Interrupted, NonFiniteLossError, RunError, SaveError,
+                                  WorkdirError, is_disk_full)
 from effattn.train.evaluation import evaluate_split
 from effattn.train.metrics import MetricWriter
 from effattn.train.optimizer import make_optimizer
+from effattn.train.signals import StopSignals
 from effattn.train.state import count_params, create
 from effattn.train.step import FINITE_CHECKS, make_train_step, with_finite_flags
 
@@ -181,14 +184,14 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   config = resolve_config(config)
   check_eval_split(config)
   workdir = workdir_lib.prepare(workdir)
-  with workdir_lib.WorkdirLock(workdir):
+  with workdir_lib.WorkdirLock(workdir), StopSignals() as stop:
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divides(config.train.batch_size, mesh)
     checkpointer = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every,
                                          keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
     try:
-      result = _train(config, workdir, mesh, checkpointer, allow_config_change)
+      result = _train(config, workdir, mesh, checkpointer, stop, allow_config_change)
     except BaseException as e:
       save_error = checkpointer.abandon()
       checkpointer.close(quiet=True)
@@ -201,7 +204,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     return result
 
 
-def _train(config, workdir, mesh, checkpointer, allow_config_change) -> dict:
+def _train(config, workdir, mesh, checkpointer, stop, allow_config_change) -> dict:
   tc = config.train
   model = build_model(config)
   tx, schedule = make_optimizer(config.optimizer, tc.steps)
@@ -239,39 +242,59 @@ def _train(config, workdir, mesh, checkpointer, allow_config_change) -> dict:
     bar = tqdm(total=tc.steps, initial=start, desc=config.model.attention.name, unit="step",
                dynamic_ncols=True)
   pending: list[dict] = []
+  done = start
   finished = False
   t_last, step_last = time.perf_counter(), start
   try:
     for step in range(start, tc.steps):
-      batch = put_batch(next(batches), batch_sharding)
-      state, metrics = train_step(state, batch)
-      pending.append(metrics)
-      done = step + 1
-      if done % tc.log_every == 0 or done == tc.steps:
-        host = jax.device_get(pending)
-        check_finite(host, done, checkpointer)
-        steps_done = done - step_last
-        row = train_row(host, time.perf_counter() - t_last, steps_done, tokens_per_step,
-                        flops_per_token)
-        writer.write(done, row, prefix="train/")
-        if bar is not None:
-          bar.update(steps_done)
-          bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}")
-        pending, t_last, step_last = [], time.perf_counter(), done
-      checkpointer.poll()  # seal a committed save soon, in the background
+      with stop.deferred():  # a signal waits for the step and its save: the state is donated
+        batch = put_batch(next(batches), batch_sharding)
+        state, metrics = train_step(state, batch)
+        pending.append(metrics)
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+          host = jax.device_get(pending)
+          check_finite(host, done, checkpointer)
+          steps_done = done - step_last
+          row = train_row(host, time.perf_counter() - t_last, steps_done, tokens_per_step,
+                          flops_per_token)
+          writer.write(done, row, prefix="train/")
+          if bar is not None:
+            bar.update(steps_done)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}")
+          pending, t_last, step_last = [], time.perf_counter(), done
+        checkpointer.poll()  # seal a committed save soon, in the background
       if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
         run_eval(done)
         t_last = time.perf_counter()
-      if done % config.checkpoint.every == 0 or done == tc.steps:
-        check_finite(jax.device_get(pending), done, checkpointer)  # never save unchecked steps
-        checkpointer.maybe_save(done, state, force=True)
+      with stop.deferred():
+        if done % config.checkpoint.every == 0 or done == tc.steps:
+          check_finite(jax.device_get(pending), done, checkpointer)  # never save unchecked steps
+          checkpointer.maybe_save(done, state, force=True)
+      stop.check()
     if bar is not None:
       bar.close()
     final_eval = run_eval(tc.steps)
     checkpointer.wait()
     finished = True
     return final_eval
+  except Interrupted as e:
+    raise _stop_on_signal(e.signum, done, start, pending, state, checkpointer) from None
   finally:
     if bar is not None:
       bar.close()
     writer.close(quiet=not finished)  # on the way out of an error, the error is what counts
+
+
+def _stop_on_signal(signum, done, start, pending, state, checkpointer) -> Interrupted:
+  """Saves step `done` (checked first) and waits for it; the error to stop with."""
+  name = signal.Signals(signum).name
+  if done > start:
+    check_finite(jax.device_get(pending), done, checkpointer)
+    checkpointer.maybe_save(done, state, force=True)
+  checkpointer.wait()
+  last = checkpointer.last_saved()
+  kept = (f"checkpoint step {last} is saved in {checkpointer.directory}" if last is not None
+          else "no checkpoint was saved")
+  return Interrupted(signum, f"stopped by {name} at step {done}; {kept}: run the same command "
+                             "to resume")

@@ -12,7 +12,9 @@ import builtins
 import errno
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -28,7 +30,8 @@ from effattn.config import ConfigError
 from effattn.evaluate import runner
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train import loop, manifest
-from effattn.train.errors import CheckpointError, NonFiniteLossError, SaveError, WorkdirError
+from effattn.train.errors import (CheckpointError, Interrupted, NonFiniteLossError, SaveError,
+                                  WorkdirError)
 from effattn.train.metrics import read_metrics
 from tests.train import tiny
 
@@ -55,6 +58,13 @@ def config_for(data_dir, **fields):
   return config
 
 
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+  """An uninterrupted run: (workdir, final eval) every resumed run must reproduce exactly."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  return workdir, loop.train_and_evaluate(config_for(data_dir), workdir)
+
+
 def copy_of(workdir, tmp_path, name="run"):
   dest = str(tmp_path / name)
   shutil.copytree(workdir, dest)
@@ -67,8 +77,83 @@ def final_params(workdir):
   return step, jax.device_get(nnx.state(model, nnx.Param))
 
 
+def assert_same_params(workdir, reference_workdir):
+  step, params = final_params(workdir)
+  ref_step, ref_params = final_params(reference_workdir)
+  assert step == ref_step == STEPS
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)  # bit-identical
+
+
 def tmp_folders(workdir):
   return [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n]
+
+
+# Real processes: a runner that delivers the fault from inside train.py's own process.
+_FAULT_RUNNER = """
+import os, runpy, signal, sys
+from effattn.train import loop, manifest
+fault, at = os.environ["FAULT"], int(os.environ["FAULT_AT"])
+if fault == "before_seal":  # SIGKILL after orbax committed step `at`, before its manifest
+  real_seal = manifest.seal
+  def seal(step_dir):
+    if int(os.path.basename(step_dir)) == at:
+      os.kill(os.getpid(), signal.SIGKILL)
+    return real_seal(step_dir)
+  manifest.seal = seal
+else:  # the signal arrives while the process loads the batch of its `at`-th step
+  real_put, calls = loop.put_batch, [0]
+  def put(batch, sharding):
+    calls[0] += 1
+    if calls[0] == at:
+      os.kill(os.getpid(), getattr(signal, fault))
+    return real_put(batch, sharding)
+  loop.put_batch = put
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def run_train_process(data_dir, workdir, fault, at, *extra):
+  cmd = [sys.executable, "-c", _FAULT_RUNNER, f"--config=tests/train/tiny.py:{data_dir}",
+         f"--workdir={workdir}", *extra]
+  env = {**os.environ, "FAULT": fault, "FAULT_AT": str(at), "PYTHONPATH": ROOT}
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def error_lines(stderr):
+  """stderr without absl's log lines (I/W/E + date): what the user reads as the outcome."""
+  return [line for line in stderr.splitlines()
+          if line.strip() and not (line[:1] in "IWE" and line[1:5].isdigit())]
+
+
+def test_sigkill_at_random_steps_resumes_bit_identically(data_dir, reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  kill_at = random.Random().randint(3, STEPS - 2)  # any step must do
+  print(f"SIGKILL while loading the batch of step {kill_at}")  # shown if the test fails
+  first = run_train_process(data_dir, workdir, "SIGKILL", kill_at)
+  assert first.returncode == -signal.SIGKILL, (kill_at, first.stderr[-2000:])
+  # The second process dies after orbax committed the last step and before it was sealed.
+  second = run_train_process(data_dir, workdir, "before_seal", STEPS)
+  assert second.returncode == -signal.SIGKILL, (kill_at, second.stderr[-2000:])
+  assert not manifest.is_sealed(os.path.join(workdir, "checkpoints", str(STEPS)))
+  loop.train_and_evaluate(config_for(data_dir), workdir)
+  assert os.path.isdir(os.path.join(workdir, ckpt_lib.DAMAGED, str(STEPS)))  # kept, not deleted
+  assert tmp_folders(workdir) == []
+  assert_same_params(workdir, reference[0])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_and_sigterm_save_the_current_step_and_stop(data_dir, reference, tmp_path, sig):
+  workdir = str(tmp_path / "run")
+  proc = run_train_process(data_dir, workdir, sig.name, 5)  # step 5: not a checkpoint step
+  assert proc.returncode == 128 + sig, proc.stderr[-2000:]
+  assert error_lines(proc.stderr) == [
+      f"stopped by {sig.name} at step 5; checkpoint step 5 is saved in "
+      f"{os.path.join(workdir, 'checkpoints')}: run the same command to resume"]
+  assert manifest.problem(os.path.join(workdir, "checkpoints", "5")) is None
+  if sig == signal.SIGINT:  # (one resume shows it; the saved step is the same for both)
+    loop.train_and_evaluate(config_for(data_dir), workdir)
+    assert_same_params(workdir, reference[0])
 
 
 def test_a_second_run_is_refused_naming_the_holder_and_a_dead_holder_blocks_nothing(
@@ -338,6 +423,9 @@ def run_main_output(capsys, error):
     (NonFiniteLossError("training became non-finite at step 6"), 1),
     (SaveError("no space left on device saving checkpoint step 4"), 1),
     (_enospc("metrics.jsonl"), 1),
+    (Interrupted(signal.SIGINT, "stopped by SIGINT at step 5"), 130),
+    (Interrupted(signal.SIGTERM, "stopped by SIGTERM at step 5"), 143),
+    (KeyboardInterrupt(), 130),
 ])
 def test_entry_points_print_one_line_and_the_status(capsys, monkeypatch, error, code):
   monkeypatch.delenv("EFFATTN_TRACEBACK", raising=False)
