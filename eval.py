@@ -16,7 +16,7 @@ from effattn.evaluate.runner import evaluate_checkpoint
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file; default: the one saved in --workdir.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory written by train.py.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest that verifies.")
 _OUTPUT = flags.DEFINE_string("output", None, "Report path; default: <workdir>/eval*.json.")
 flags.mark_flags_as_required(["workdir"])
 

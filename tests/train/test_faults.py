@@ -26,6 +26,7 @@ from flax import nnx
 
 from configs import base
 from effattn import cli
+from effattn import data as data_lib
 from effattn.config import ConfigError
 from effattn.evaluate import runner
 from effattn.train import checkpoint as ckpt_lib
@@ -336,6 +337,44 @@ def test_train_steps_below_the_checkpoint_is_refused(data_dir, trained, tmp_path
   with pytest.raises(WorkdirError, match=r"train.steps=3 is below step 6"):
     loop.train_and_evaluate(config_for(data_dir, **{"train.steps": 3}), workdir)
   assert read_metrics(workdir) == before  # no eval labelled step 3
+
+
+def deny_writes_under(monkeypatch, folder):
+  real_open = builtins.open
+
+  def guarded(file, mode="r", *args, **kwargs):
+    if any(c in mode for c in "wax+") and os.path.abspath(str(file)).startswith(folder):
+      raise PermissionError(errno.EACCES, "Permission denied", str(file))
+    return real_open(file, mode, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "open", guarded)  # chmod is no barrier to root; this is
+
+
+def test_eval_on_a_read_only_workdir_fails_before_evaluating(trained, tmp_path, monkeypatch):
+  workdir = copy_of(trained[0], tmp_path)
+  config = ckpt_lib.merge_into(base.get_config(), ckpt_lib.load_config(workdir))
+  restored = []
+  real_restore = runner.restore_model
+  monkeypatch.setattr(runner, "restore_model", lambda *a, **k: restored.append(1) or
+                      real_restore(*a, **k))
+  deny_writes_under(monkeypatch, workdir)
+  with pytest.raises(WorkdirError, match=r"cannot write the report .*eval.json.*--output"):
+    runner.evaluate_checkpoint(config, workdir)
+  assert not restored  # refused before any work
+  report = runner.evaluate_checkpoint(config, workdir, output=str(tmp_path / "elsewhere.json"))
+  assert report == json.load(open(tmp_path / "elsewhere.json"))
+
+
+def test_a_prepared_dataset_missing_its_info_is_named(tmp_path):
+  cfg = base.get_config().data
+  cfg.data_dir, cfg.seq_len = str(tmp_path), 16
+  cfg.mqar.update(vocab_size=32, num_pairs=2, train_examples=16, test_examples=8)
+  source = data_lib.load_split(cfg, "train")
+  os.remove(os.path.join(source.path, "dataset_info.json"))
+  for _ in range(2):  # and again: nothing is half-regenerated in between
+    with pytest.raises(ValueError, match=rf"prepared data at {source.path} is incomplete.*"
+                       "delete that directory"):
+      data_lib.load_split(cfg, "train")
 
 
 def _enospc(what):
