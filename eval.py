@@ -10,7 +10,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from effattn.cli import default_config_from_workdir, run_main
+from effattn.cli import default_config_from_workdir, parse_flags, run_main
 from effattn.evaluate.runner import evaluate_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=default_config_from_workdir(sys.argv))
+  app.run(main, argv=default_config_from_workdir(sys.argv), flags_parser=parse_flags)

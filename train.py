@@ -3,13 +3,13 @@ r"""Trains a model: `python train.py --config configs/mqar.py --workdir runs/mqa
 Any config field can be overridden (`--config.model.attention.name=linear`). Running the same
 command again resumes from the newest verified checkpoint in --workdir; a resume whose config
 differs from the saved one (outside steps, logging, eval and checkpoint settings) is refused
-unless --allow_config_change is given.
+unless --allow_config_change is given. SIGINT / SIGTERM save the current step and stop.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from effattn.cli import run_main
+from effattn.cli import parse_flags, run_main
 from effattn.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,6 +1,6 @@
 """Shared behaviour of the entry points (train.py, eval.py, scripts/): one line per failure.
 
-A bad config field, a refused workdir or checkpoint, a NaN, a full disk, a signal:
+A bad flag, a bad config field, a refused workdir or checkpoint, a NaN, a full disk, a signal:
 each ends the process with one line on stderr and a status (2: bad input, 1: the run failed,
 128 + N: stopped by signal N). EFFATTN_TRACEBACK=1 shows full tracebacks instead.
 """
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging as pylogging
 import os
+import re
 import sys
 import threading
 from typing import Any, Callable
 
-from absl import logging
+from absl import flags, logging
 
 from effattn.config import ConfigError
 from effattn.train.errors import CheckpointError, Interrupted, RunError, is_disk_full, short
@@ -113,6 +114,46 @@ def run_main(fn: Callable[[], Any]) -> Any:
     _quiet.set()  # threads and atexit hooks failing on the way out add nothing
     print(line.replace("\n", " "), file=sys.stderr)
     sys.exit(status)
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """absl's flag parsing with one-line errors: pass as `app.run(main, flags_parser=...)`.
+
+  Config files are loaded here (ml_collections loads them lazily), so a missing file or a
+  misspelled `--config.<field>` (with ml_collections' suggestion) fails before anything runs.
+  """
+  try:
+    rest = flag_values(argv)
+    for name in ("config",):
+      if name in flag_values and flag_values[name].value is not None:
+        flag_values[name].value.keys()  # raises the load error of a missing or broken file
+    return rest
+  except Exception as e:  # noqa: BLE001 -- whatever parsing raised, the user gets one line
+    if _tracebacks():
+      raise
+    print(f"error: {_flag_error(e, argv)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _flag_error(error: Exception, argv: list[str]) -> str:
+  text = str(error).strip()
+  if isinstance(error, flags.Error):
+    return f"{text.splitlines()[0]} (see --helpfull)"
+  if isinstance(error, (KeyError, AttributeError)):
+    # ml_collections: KeyError("'d_modle'\nDid you mean \"d_model\" instead of \"d_modle\"?")
+    suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+    key = suggestion.group(2) if suggestion else text.split("\\n")[0].strip("'\"\\ ")
+    given = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.")
+                  and key in a.split("=", 1)[0].split(".")[1:]), f"--config.<...>.{key}")
+    hint = f'; did you mean "{suggestion.group(1)}"?' if suggestion else ""
+    return f"{given}: no such config field{hint}"
+  if isinstance(error, OSError):
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
+      path = argv[argv.index("--config") + 1]
+    reason = text.splitlines()[-1].strip()
+    return f"--config={path}: cannot load the config file ({reason})"
+  return f"bad command line: {short(error)}"
 
 
 def default_config_from_workdir(argv: list[str]) -> list[str]:

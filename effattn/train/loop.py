@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import traceback
 
 import jax
 import numpy as np
@@ -28,7 +29,7 @@ from effattn.train import checkpoint as ckpt_lib
 from effattn.train import sharding
 from effattn.train import workdir as workdir_lib
 from effattn.train.errors import (Interrupted, NonFiniteLossError, RunError, SaveError,
-                                  WorkdirError, is_disk_full)
+                                  WorkdirError, is_disk_full, short)
 from effattn.train.evaluation import evaluate_split
 from effattn.train.metrics import MetricWriter
 from effattn.train.optimizer import make_optimizer
@@ -134,6 +135,20 @@ def put_batch(batch: dict, batch_sharding) -> dict:
                                                                        *x.shape[1:]))
 
   return jax.tree.map(put, batch)
+
+
+def first_step(train_step, state, batch):
+  """The first (compiling) step: an error tracing the model is a config error, in one line."""
+  try:
+    return train_step(state, batch)
+  except (ArithmeticError, TypeError, ValueError, IndexError, NotImplementedError) as e:
+    if isinstance(e, (RunError, ConfigError)):
+      raise
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if f"{os.sep}effattn{os.sep}" in f.filename]
+    where = (f" at {os.path.relpath(frames[-1].filename)}:{frames[-1].lineno}" if frames else "")
+    raise ConfigError(f"the model built from this config fails in its first step ({short(e)}"
+                      f"{where}); check the model.attention and model settings") from e
 
 
 def resume(config, workdir: str, checkpointer: ckpt_lib.Checkpointer, state, *,
@@ -249,7 +264,10 @@ def _train(config, workdir, mesh, checkpointer, stop, allow_config_change) -> di
     for step in range(start, tc.steps):
       with stop.deferred():  # a signal waits for the step and its save: the state is donated
         batch = put_batch(next(batches), batch_sharding)
-        state, metrics = train_step(state, batch)
+        if step == start:
+          state, metrics = first_step(train_step, state, batch)
+        else:
+          state, metrics = train_step(state, batch)
         pending.append(metrics)
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:

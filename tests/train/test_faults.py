@@ -37,8 +37,6 @@ from effattn.train.metrics import read_metrics
 from tests.train import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 STEPS = 8
 
 
@@ -176,6 +174,9 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_dead_holder_blocks_noth
     holder.wait()
   loop.train_and_evaluate(config_for(data_dir, **{"train.steps": 2}), workdir)
   assert ckpt_lib.Checkpointer(workdir, read_only=True).last_saved() == 2
+
+
+# In-process faults.
 
 
 @pytest.fixture(scope="module")
@@ -446,6 +447,18 @@ def test_workdir_that_is_a_file_or_not_writable_is_one_line(data_dir, tmp_path, 
     loop.train_and_evaluate(config_for(data_dir), workdir)
 
 
+def test_a_config_that_breaks_the_model_is_one_line(data_dir, tmp_path):
+  config = config_for(data_dir, **{"train.steps": 2})
+  config.model.attention.name = "routing"
+  config.model.attention.routing.block = 0
+  with pytest.raises(ConfigError, match="routing") as err:
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert "\n" not in str(err.value)
+
+
+# The command line: one line and a status for every failure above.
+
+
 def run_main_output(capsys, error):
   def fail():
     raise error
@@ -480,3 +493,38 @@ def test_effattn_traceback_keeps_the_traceback(monkeypatch):
 
   with pytest.raises(SaveError):
     cli.run_main(fail)
+
+
+def parse_with(argv):
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+  return cli.parse_flags(argv, flag_values=fv)
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["prog", "--config=configs/mqar.py", "--config.model.d_modle=64"],
+     'error: --config.model.d_modle: no such config field; did you mean "d_model"?'),
+    (["prog", "--config=configs/nope.py"],
+     "error: --config=configs/nope.py: cannot load the config file ([Errno 2] No such file or "
+     "directory: 'configs/nope.py')"),
+])
+def test_bad_flags_are_one_line(capsys, monkeypatch, argv, line):
+  monkeypatch.delenv("EFFATTN_TRACEBACK", raising=False)
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setattr(sys, "argv", argv)  # ml_collections reads the overrides from sys.argv
+  with pytest.raises(SystemExit) as exit_:
+    parse_with(argv)
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_train_py_misspelled_field_is_one_line():
+  proc = subprocess.run([sys.executable, "train.py", "--config=configs/mqar.py",
+                         "--config.model.d_modle=64", "--workdir=/nonexistent/never"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "PYTHONPATH": ROOT})
+  assert proc.returncode == 2
+  assert error_lines(proc.stderr) == [
+      'error: --config.model.d_modle: no such config field; did you mean "d_model"?']
