@@ -38,10 +38,13 @@ class _OwnInfoOnly(pylogging.Filter):
   """
 
   def filter(self, record: pylogging.LogRecord) -> bool:
-    own = f"{os.sep}effattn{os.sep}" in record.pathname
-    if own or _tracebacks():
+    if f"{os.sep}effattn{os.sep}" in record.pathname:
       return True
-    if record.levelno < pylogging.WARNING or _quiet.is_set():
+    if record.levelno < pylogging.WARNING:
+      return False
+    if _tracebacks():
+      return True
+    if _quiet.is_set():
       return False
     if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
       return False  # a failed save; the trainer raises it as one line
@@ -102,6 +105,7 @@ def _one_line(error: BaseException) -> tuple[str, int] | None:
 def run_main(fn: Callable[[], Any]) -> Any:
   """Runs fn; a known failure prints one line and exits (EFFATTN_TRACEBACK=1 raises)."""
   setup_logging()
+  _quiet.clear()
   threading.excepthook = _thread_failed
   sys.unraisablehook = _unraisable
   try:

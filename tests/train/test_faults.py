@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -493,6 +494,32 @@ def test_effattn_traceback_keeps_the_traceback(monkeypatch):
 
   with pytest.raises(SaveError):
     cli.run_main(fail)
+
+
+def library_record(level, exc_info=None):
+  import logging as pylogging
+  return pylogging.LogRecord("absl", level, "/site-packages/orbax/checkpoint/x.py", 1,
+                             "save failed\ndetail", None, exc_info)
+
+
+@pytest.mark.parametrize("tracebacks", [False, True])
+def test_library_logs_keep_warnings_in_one_line_unless_tracebacks_are_asked(monkeypatch,
+                                                                            tracebacks):
+  import logging as pylogging
+  if tracebacks:
+    monkeypatch.setenv("EFFATTN_TRACEBACK", "1")
+  else:
+    monkeypatch.delenv("EFFATTN_TRACEBACK", raising=False)
+  monkeypatch.setattr(cli, "_quiet", threading.Event())  # no failure reported yet
+  keep = cli._OwnInfoOnly().filter
+  assert not keep(library_record(pylogging.INFO))  # orbax's INFO chatter, either way
+  warning = library_record(pylogging.WARNING)
+  assert keep(warning) and (warning.getMessage() == "save failed\ndetail") == tracebacks
+  try:
+    raise ValueError("RESOURCE_EXHAUSTED")
+  except ValueError:
+    failed_save = library_record(pylogging.ERROR, sys.exc_info())
+  assert keep(failed_save) == tracebacks  # the trainer reports a failed save itself
 
 
 def parse_with(argv):
