@@ -10,13 +10,13 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from effattn.cli import default_config_from_workdir, run_main
+from effattn.cli import default_config_from_workdir, parse_flags, run_main
 from effattn.evaluate.runner import evaluate_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file; default: the one saved in --workdir.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory written by train.py.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest that verifies.")
 _OUTPUT = flags.DEFINE_string("output", None, "Report path; default: <workdir>/eval*.json.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=default_config_from_workdir(sys.argv))
+  app.run(main, argv=default_config_from_workdir(sys.argv), flags_parser=parse_flags)

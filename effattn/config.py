@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from effattn import attention
 from effattn.model.transformer import DTYPES
-from effattn.ranges import ConfigError
+from effattn.ranges import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, UNIT,
+                            UNIT_OPEN_TOP, ConfigError, Range)
 
 _CHOICES = {
     "model.head": ("lm", "classifier"),
@@ -14,6 +15,77 @@ _CHOICES = {
     "optimizer.schedule": ("cosine", "linear", "constant"),
 }
 
+_OPTIONAL_COUNT = Range(1, integer=True, none_ok=True)  # None: derived (from the task, the model)
+
+# The allowed range of every numeric field of configs/base.py outside model.attention (the
+# mechanisms declare theirs). tests/test_ranges.py fails for a numeric field missing here.
+RANGES: dict[str, Range] = {
+    "seed": NON_NEGATIVE_INT,
+    "model.vocab_size": Range(2, integer=True, none_ok=True),
+    "model.num_classes": Range(2, integer=True, none_ok=True),
+    "model.d_model": POSITIVE_INT,
+    "model.num_layers": POSITIVE_INT,
+    "model.num_heads": POSITIVE_INT,
+    "model.mlp_hidden": _OPTIONAL_COUNT,
+    "model.rope_theta": Range(1, lo_open=True),  # frequencies theta^(-2i/d) must decay
+    "model.max_len": POSITIVE_INT,
+    "model.norm_eps": POSITIVE,
+    "data.seq_len": Range(2, integer=True),
+    "data.seed": NON_NEGATIVE_INT,
+    "data.mqar.vocab_size": Range(4, integer=True),
+    "data.mqar.num_pairs": POSITIVE_INT,
+    "data.mqar.train_examples": POSITIVE_INT,
+    "data.mqar.test_examples": POSITIVE_INT,
+    "data.mqar.power_a": POSITIVE,
+    "data.passkey.train_examples": POSITIVE_INT,
+    "data.passkey.test_examples": POSITIVE_INT,
+    "data.passkey.min_length": NON_NEGATIVE_INT,
+    "data.passkey.min_depth": UNIT,
+    "data.passkey.max_depth": UNIT,
+    "data.passkey.key_digits": POSITIVE_INT,
+    "data.selective_copy.num_tokens": POSITIVE_INT,
+    "data.selective_copy.num_symbols": POSITIVE_INT,
+    "data.selective_copy.train_examples": POSITIVE_INT,
+    "data.selective_copy.test_examples": POSITIVE_INT,
+    "data.listops.min_length": NON_NEGATIVE_INT,
+    "data.listops.max_length": Range(2, integer=True),
+    "data.listops.max_depth": POSITIVE_INT,
+    "data.listops.max_args": Range(2, integer=True),
+    "data.listops.train_examples": POSITIVE_INT,
+    "data.listops.validation_examples": POSITIVE_INT,
+    "data.listops.test_examples": POSITIVE_INT,
+    "data.text.vocab_size": POSITIVE_INT,
+    "data.text.validation_fraction": UNIT_OPEN_TOP,
+    "data.text.test_fraction": UNIT_OPEN_TOP,
+    "data.text.max_files": NON_NEGATIVE_INT,
+    "optimizer.learning_rate": POSITIVE,
+    "optimizer.warmup_steps": NON_NEGATIVE_INT,
+    "optimizer.min_lr_ratio": UNIT,
+    "optimizer.b1": UNIT_OPEN_TOP,
+    "optimizer.b2": UNIT_OPEN_TOP,
+    "optimizer.eps": POSITIVE,
+    "optimizer.weight_decay": NON_NEGATIVE,
+    "optimizer.grad_clip": NON_NEGATIVE,  # 0 disables clipping
+    "train.steps": POSITIVE_INT,
+    "train.batch_size": POSITIVE_INT,
+    "train.grad_accum_steps": POSITIVE_INT,
+    "train.log_every": POSITIVE_INT,
+    "train.eval_every": NON_NEGATIVE_INT,  # 0: only at the end
+    "train.eval_examples": _OPTIONAL_COUNT,
+    "checkpoint.every": POSITIVE_INT,
+    "checkpoint.keep": POSITIVE_INT,
+    "mesh.data": Range(-1, integer=True),  # -1: every device the other axes leave; 0 refused
+    "mesh.fsdp": POSITIVE_INT,
+    "mesh.tensor": POSITIVE_INT,
+    "eval.batch_size": POSITIVE_INT,
+    "eval.max_examples": _OPTIONAL_COUNT,
+}
+
+
+def ranges() -> dict[str, Range]:
+  """Every declared range by dotted field (mechanism option ranges join here)."""
+  return dict(RANGES)
+
 
 def _get(config, dotted: str):
   node = config
@@ -22,8 +94,27 @@ def _get(config, dotted: str):
   return node
 
 
+def _has(config, dotted: str) -> bool:
+  node = config
+  for part in dotted.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def check_ranges(config) -> None:
+  """Raises ConfigError naming the first field outside its declared range."""
+  for field, allowed in ranges().items():
+    if _has(config, field):  # a section a config dropped has nothing to check
+      allowed.check(field, _get(config, field))
+  if config.mesh.data == 0:
+    raise ConfigError("mesh.data=0 must be -1 (every device left) or a positive count")
+
+
 def validate(config) -> None:
   """Raises ConfigError on the first bad field."""
+  check_ranges(config)
   for field, choices in _CHOICES.items():
     if _get(config, field) not in choices:
       raise ConfigError(f"{field}={_get(config, field)!r} is not one of {choices}")
@@ -33,9 +124,6 @@ def validate(config) -> None:
   if m.attention.name not in attention.names():
     raise ConfigError(f"model.attention.name={m.attention.name!r} is unknown; registered: "
                       f"{', '.join(attention.names())}")
-  for field in ("d_model", "num_layers", "num_heads"):
-    if m[field] <= 0:
-      raise ConfigError(f"model.{field}={m[field]} must be positive")
   if m.d_model % m.num_heads:
     raise ConfigError(f"model.num_heads={m.num_heads} must divide model.d_model={m.d_model}")
   kv = m.attention.num_kv_heads
@@ -52,19 +140,6 @@ def validate(config) -> None:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len} "
                       "for learned positions; raise model.max_len")
   t = config.train
-  if t.steps <= 0:
-    raise ConfigError(f"train.steps={t.steps} must be positive")
-  if t.batch_size <= 0 or t.grad_accum_steps <= 0 or t.batch_size % t.grad_accum_steps:
+  if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} must divide "
                       f"train.batch_size={t.batch_size}")
-  if t.log_every <= 0:
-    raise ConfigError(f"train.log_every={t.log_every} must be positive")
-  if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
-    raise ConfigError("checkpoint.every and checkpoint.keep must be positive")
-  if config.optimizer.learning_rate <= 0:
-    raise ConfigError(f"optimizer.learning_rate={config.optimizer.learning_rate} must be > 0")
-  if config.data.seq_len <= 0:
-    raise ConfigError(f"data.seq_len={config.data.seq_len} must be positive")
-  for axis in ("fsdp", "tensor"):
-    if config.mesh[axis] <= 0:
-      raise ConfigError(f"mesh.{axis}={config.mesh[axis]} must be positive")

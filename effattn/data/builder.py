@@ -93,6 +93,7 @@ def prepare(builder, data_dir: str):
     lock = os.path.join(data_dir, f".{builder.name}.{builder.builder_config.name}.lock")
     with _file_lock(lock):
       if not _is_prepared(builder):
+        _refuse_damaged(builder)
         logging.info("Preparing %s/%s into %s (first use)", builder.name,
                      builder.builder_config.name, builder.data_dir)
         builder.download_and_prepare(file_format="array_record")
@@ -104,3 +105,13 @@ def prepare(builder, data_dir: str):
 
 def _is_prepared(builder) -> bool:
   return os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+
+
+def _refuse_damaged(builder) -> None:
+  # TFDS prepares into an `incomplete.*` folder and renames it when done: a version folder
+  # without dataset_info.json lost it afterwards, and TFDS would reuse it as a dataset with no
+  # splits. Deleting it is the user's call (it may be the only copy of prepared data).
+  folder = str(builder.data_dir)
+  if os.path.isdir(folder) and os.listdir(folder):
+    raise ValueError(f"prepared data at {folder} is incomplete or corrupt (dataset_info.json is "
+                     "missing); delete that directory to regenerate it")

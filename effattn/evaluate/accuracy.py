@@ -1,36 +1,22 @@
-"""Loss, accuracy and perplexity of a model over one split (the trainer's and eval.py's metric)."""
+"""The `accuracy` eval task: loss, accuracy and perplexity over config.eval.split.
+
+The split pass itself (`evaluate_split`) lives in effattn.train.evaluation, since the trainer
+runs it too (evaluate/ builds on train/, never the reverse).
+"""
 
 from __future__ import annotations
 
-import jax
-import numpy as np
+from effattn.evaluate.registry import register_eval_task
+from effattn.train.evaluation import evaluate_split
+from effattn.train.state import split_model
 
-from effattn import data as data_lib
-from effattn.train.step import make_eval_step
-
-_EVAL_STEPS: dict = {}
+__all__ = ["accuracy_task", "evaluate_split"]
 
 
-def evaluate_split(graphdef, params, rest, data_cfg, split: str, *, batch_size: int,
-                   max_examples: int | None = None, batch_sharding=None) -> dict[str, float]:
-  """One pass over `split`: weighted mean loss, accuracy and perplexity over the target tokens."""
-  if graphdef not in _EVAL_STEPS:  # one compiled step per model structure
-    _EVAL_STEPS[graphdef] = jax.jit(make_eval_step(graphdef))
-  eval_step = _EVAL_STEPS[graphdef]
-  totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
-  examples = 0
-  for batch in data_lib.eval_batches(data_cfg, split, batch_size, max_examples=max_examples):
-    examples += int(np.sum(np.any(np.asarray(batch["weights"]).reshape(batch_size, -1) > 0, -1)))
-    if batch_sharding is not None:  # every host reads the whole eval batch and keeps its rows
-      i, n = jax.process_index(), jax.process_count()
-      batch = jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(batch_sharding, x[i::n], x.shape),
-          batch)
-    sums = jax.device_get(eval_step(params, rest, batch))
-    for k in totals:
-      totals[k] += float(sums[k])
-  if totals["weight_sum"] == 0:
-    raise ValueError(f"split {split!r} of data.name={data_cfg.name!r} has no weighted targets")
-  loss = totals["loss_sum"] / totals["weight_sum"]
-  return {"loss": loss, "accuracy": totals["correct_sum"] / totals["weight_sum"],
-          "perplexity": float(np.exp(min(loss, 50.0))), "examples": float(examples)}
+@register_eval_task("accuracy")
+def accuracy_task(model, config, workdir) -> dict:
+  """Loss, accuracy and perplexity over config.eval.split (the trainer's eval metric)."""
+  del workdir
+  graphdef, params, rest = split_model(model)
+  return evaluate_split(graphdef, params, rest, config.data, config.eval.split,
+                        batch_size=config.eval.batch_size, max_examples=config.eval.max_examples)

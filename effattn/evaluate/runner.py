@@ -9,7 +9,10 @@ registry.py) and chosen with `config.eval.task`:
     generate   cached greedy/sampled decoding, tokens/s, checked    -> eval_generate.json
 
 The report is written as JSON; a task that returns a matplotlib Figure under "figure" gets it
-saved beside the report as a PNG (path recorded under "plot").
+saved beside the report as a PNG (path recorded under "plot"). Everything that can be checked
+without the model (the task, its options, the report path) is checked before the restore.
+The newest checkpoint that verifies is used (a damaged newer one is named in a warning and
+left in place); `step=` picks one, refused if damaged.
 """
 
 from __future__ import annotations
@@ -21,21 +24,13 @@ import jax
 from absl import logging
 from flax import nnx
 
-from effattn.evaluate.accuracy import evaluate_split
-from effattn.evaluate.registry import EVAL_TASKS, load_builtin_tasks, register_eval_task
+from effattn.evaluate import accuracy  # noqa: F401 -- registers the "accuracy" task
+from effattn.evaluate.registry import (EVAL_OPTIONS, EVAL_TASKS, load_builtin_tasks,
+                                       task_options)
 from effattn.train import checkpoint as ckpt_lib
+from effattn.train.errors import WorkdirError
 from effattn.train.loop import build_model, resolve_config
 from effattn.train.state import split_model
-
-
-@register_eval_task("accuracy")
-def accuracy_task(model, config, workdir) -> dict:
-  """Loss, accuracy and perplexity over config.eval.split (the trainer's eval metric)."""
-  del workdir
-  graphdef, params, rest = split_model(model)
-  return evaluate_split(graphdef, params, rest, config.data, config.eval.split,
-                        batch_size=config.eval.batch_size, max_examples=config.eval.max_examples)
-
 
 load_builtin_tasks()  # positions, passkey, generate
 
@@ -47,10 +42,33 @@ def restore_model(config, workdir: str, step: int | None = None):
   graphdef, abs_params, abs_rest = split_model(abstract)
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
-    params, rest, step = checkpointer.restore_model_state(abs_params, abs_rest, step)
+    step, skipped = checkpointer.choose_step(step, items=ckpt_lib.MODEL_ITEMS)
+    for s, why in skipped:
+      logging.warning("checkpoint step %d %s; evaluating step %d instead", s, why, step)
+    params, rest = checkpointer.restore_model_state(abs_params, abs_rest, step)
   finally:
     checkpointer.close()
   return nnx.merge(graphdef, params, rest), step
+
+
+def report_path(config, workdir: str, output: str | None) -> str:
+  task = config.eval.task
+  name = "eval.json" if task == "accuracy" else f"eval_{task}.json"
+  return output or os.path.join(os.path.expanduser(workdir), name)
+
+
+def check_writable(path: str) -> None:
+  """Fails now, in one line, if the report could not be written after the evaluation."""
+  if jax.process_index() != 0:
+    return
+  probe = path + ".tmp"
+  try:
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"cannot write the report {path} ({e.strerror}): pass --output with a "
+                       "writable path") from e
 
 
 def evaluate_checkpoint(config, workdir: str, *, step: int | None = None,
@@ -58,20 +76,23 @@ def evaluate_checkpoint(config, workdir: str, *, step: int | None = None,
   task = config.eval.task
   if task not in EVAL_TASKS:
     raise ValueError(f"eval.task={task!r} is unknown; choose one of {sorted(EVAL_TASKS)}")
+  if task in EVAL_OPTIONS:
+    task_options(config, task)  # raises naming a bad option
+  path = report_path(config, workdir, output)
+  check_writable(path)
   model, step = restore_model(config, workdir, step)
   logging.info("evaluating %s at step %d on %s", task, step, jax.default_backend())
   result = {"task": task, "step": step, "split": config.eval.split,
             **EVAL_TASKS[task](model, config, workdir)}
-  name = "eval.json" if task == "accuracy" else f"eval_{task}.json"
-  path = output or os.path.join(os.path.expanduser(workdir), name)
   figure = result.pop("figure", None)
-  if figure is not None:
-    result["plot"] = os.path.splitext(path)[0] + ".png"
-    figure.suptitle(f"{os.path.basename(os.path.normpath(workdir))} (step {step})", fontsize=9)
-    figure.savefig(result["plot"], dpi=120)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, path)
-  print(json.dumps(result))
+  if jax.process_index() == 0:
+    if figure is not None:
+      result["plot"] = os.path.splitext(path)[0] + ".png"
+      figure.suptitle(f"{os.path.basename(os.path.normpath(workdir))} (step {step})", fontsize=9)
+      figure.savefig(result["plot"], dpi=120)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(result, f, indent=2)
+    os.replace(tmp, path)
+    print(json.dumps(result))
   return result

@@ -38,9 +38,16 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.flush()
 
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
+  def close(self, *, quiet: bool = False) -> None:
+    """Flushes and closes; quiet=True ignores a failing close (a run already stopping)."""
+    if self._tb is None:
+      return
+    tb, self._tb = self._tb, None
+    try:
+      tb.close()
+    except Exception:  # noqa: BLE001
+      if not quiet:
+        raise
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -100,3 +100,28 @@ def make_eval_step(graphdef) -> Callable:
     return weighted_sums(logits, batch)
 
   return eval_step
+
+
+def all_finite(tree) -> jax.Array:
+  """True when no floating leaf of `tree` holds a NaN or an inf (a bool scalar)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+# Checked by the loop before a step may be saved, in the order a step computes them.
+FINITE_CHECKS = (("total_loss", "loss"), ("grad_norm", "gradient norm"),
+                 ("finite/opt_state", "optimizer state"), ("finite/params", "parameters"),
+                 ("finite/rest", "non-gradient model state"))
+
+
+def with_finite_flags(train_step: Callable) -> Callable:
+  """train_step whose metrics also say whether the updated state is finite (finite/*)."""
+
+  def step(state: TrainState, batch):
+    new_state, metrics = train_step(state, batch)
+    return new_state, {**metrics, "finite/params": all_finite(new_state.params),
+                       "finite/opt_state": all_finite(new_state.opt_state),
+                       "finite/rest": all_finite(new_state.rest)}
+
+  return step

@@ -4,8 +4,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from configs import base
@@ -14,37 +12,12 @@ from effattn.evaluate.runner import evaluate_checkpoint
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train import loop
 from effattn.train.metrics import read_metrics
+from tests.train.tiny import tiny_config
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("data"))
-
-
-def tiny_config(data_dir, **train):
-  config = base.get_config()
-  config.model.d_model = 32
-  config.model.num_heads = 2
-  config.model.mlp = "none"
-  config.model.attention.impl = "xla"
-  config.data.name = "mqar"
-  config.data.data_dir = data_dir
-  config.data.seq_len = 16
-  config.data.mqar.vocab_size = 32
-  config.data.mqar.num_pairs = 2
-  config.data.mqar.train_examples = 512
-  config.data.mqar.test_examples = 64
-  config.train.steps = 24
-  config.train.batch_size = 16
-  config.train.log_every = 4
-  config.train.eval_every = 0
-  config.train.progress_bar = False
-  config.checkpoint.every = 8
-  config.checkpoint.async_save = False
-  config.optimizer.warmup_steps = 4
-  for k, v in train.items():
-    config.train[k] = v
-  return config
 
 
 def train_losses(workdir):
@@ -118,25 +91,6 @@ def test_params_are_sharded_over_fsdp():
   assert tuple(sharding.param_spec((3,), mesh)) == (None,)
 
 
-def test_non_finite_loss_stops_naming_the_step(data_dir, tmp_path, monkeypatch):
-  real = loop.make_train_step
-
-  def poisoned(*args, **kwargs):
-    step_fn = real(*args, **kwargs)
-
-    def wrapped(state, batch):
-      new_state, metrics = step_fn(state, batch)
-      bad = state.step == 5  # the 6th step
-      metrics = dict(metrics, total_loss=jnp.where(bad, jnp.nan, metrics["total_loss"]))
-      return new_state, metrics
-
-    return wrapped
-
-  monkeypatch.setattr(loop, "make_train_step", poisoned)
-  with pytest.raises(loop.NonFiniteLossError, match="at step 6"):
-    loop.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
-
-
 @pytest.mark.parametrize("field,value,match", [
     ("model.attention.name", "nope", "model.attention.name"),
     ("model.num_heads", 3, "model.num_heads"),
@@ -173,5 +127,5 @@ def test_missing_and_corrupt_checkpoints_are_reported(data_dir, tmp_path):
     for f in files:
       with open(os.path.join(root, f), "wb") as fh:
         fh.write(b"garbage")
-  with pytest.raises(ckpt_lib.CheckpointError, match="unreadable"):
+  with pytest.raises(ckpt_lib.CheckpointError, match="passes verification"):
     evaluate_checkpoint(saved, str(tmp_path))

@@ -1,0 +1,36 @@
+"""Loss, accuracy and perplexity of a model over one split (the trainer's and eval.py's metric)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from effattn import data as data_lib
+from effattn.train.step import make_eval_step
+
+_EVAL_STEPS: dict = {}
+
+
+def evaluate_split(graphdef, params, rest, data_cfg, split: str, *, batch_size: int,
+                   max_examples: int | None = None, batch_sharding=None) -> dict[str, float]:
+  """One pass over `split`: weighted mean loss, accuracy and perplexity over the target tokens."""
+  if graphdef not in _EVAL_STEPS:  # one compiled step per model structure
+    _EVAL_STEPS[graphdef] = jax.jit(make_eval_step(graphdef))
+  eval_step = _EVAL_STEPS[graphdef]
+  totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+  examples = 0
+  for batch in data_lib.eval_batches(data_cfg, split, batch_size, max_examples=max_examples):
+    examples += int(np.sum(np.any(np.asarray(batch["weights"]).reshape(batch_size, -1) > 0, -1)))
+    if batch_sharding is not None:  # every host reads the whole eval batch and keeps its rows
+      i, n = jax.process_index(), jax.process_count()
+      batch = jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(batch_sharding, x[i::n], x.shape),
+          batch)
+    sums = jax.device_get(eval_step(params, rest, batch))
+    for k in totals:
+      totals[k] += float(sums[k])
+  if totals["weight_sum"] == 0:
+    raise ValueError(f"split {split!r} of data.name={data_cfg.name!r} has no weighted targets")
+  loss = totals["loss_sum"] / totals["weight_sum"]
+  return {"loss": loss, "accuracy": totals["correct_sum"] / totals["weight_sum"],
+          "perplexity": float(np.exp(min(loss, 50.0))), "examples": float(examples)}
