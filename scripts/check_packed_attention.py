@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from effattn.attention import ops  # noqa: E402
+from effattn.kernels.softmax import api as ops  # noqa: E402
 from effattn.evaluate.timing import median_ms  # noqa: E402
 
 

@@ -39,6 +39,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# Masks are the softmax op's; mechanisms reach them as base.attention_mask / base.sequence_index.
+from effattn.kernels.softmax.common import attention_mask, sequence_index  # noqa: F401
+
 
 class AttentionState(nnx.Variable):
   """Non-gradient state of a mechanism, updated inside the train step and checkpointed."""
@@ -139,6 +142,11 @@ def merge_heads(x: jax.Array) -> jax.Array:
   return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
 
 
+def repeat_kv(x: jax.Array, num_heads: int) -> jax.Array:
+  """[B, T, H_kv, D] -> [B, T, H, D]: each key/value head serves H / H_kv query heads."""
+  return jnp.repeat(x, num_heads // x.shape[2], axis=2)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding (half-split layout). x: [B, T, H, D], positions: [B, T]."""
   d = x.shape[-1]
@@ -150,37 +158,3 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
-
-
-def attention_mask(
-    q_index: jax.Array,
-    k_index: jax.Array,
-    *,
-    causal: bool,
-    q_segment_ids: jax.Array | None = None,
-    k_segment_ids: jax.Array | None = None,
-    window: int | None = None,
-    k_valid: jax.Array | None = None,
-) -> jax.Array:
-  """Boolean [B, 1, Tq, Tk] mask: True where query i may attend key j.
-
-  q_index / k_index: [B, Tq] / [B, Tk] absolute token indices (not RoPE positions: packed
-  segments restart positions, indices do not). A sliding window keeps q - k < window.
-  k_valid: [B, Tk] marks filled cache slots while decoding.
-  """
-  qi, kj = q_index[:, :, None], k_index[:, None, :]
-  mask = jnp.ones(qi.shape[:1] + (qi.shape[1], kj.shape[2]), dtype=bool)
-  if causal:
-    mask &= kj <= qi
-  if window is not None:
-    mask &= (qi - kj < window) & (kj - qi < window)
-  if q_segment_ids is not None:
-    mask &= q_segment_ids[:, :, None] == k_segment_ids[:, None, :]
-  if k_valid is not None:
-    mask &= k_valid[:, None, :]
-  return mask[:, None]
-
-
-def sequence_index(batch: int, length: int, offset: jax.Array | int = 0) -> jax.Array:
-  """[B, T] int32 token indices offset..offset+T-1."""
-  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) + offset, (batch, length))

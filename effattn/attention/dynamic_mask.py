@@ -30,11 +30,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.ops import reference_attention
 from effattn.attention.registry import register
-from effattn.attention.routing import KERNEL_IMPL, _block_size
-from effattn.kernels.block_sparse import block_sparse_attention, lists_from_block_mask
+from effattn.attention.routing import KERNEL_IMPL
+from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention,
+                                          lists_from_block_mask)
 from effattn.kernels.block_sparse.common import element_mask
+from effattn.kernels.softmax import reference_attention
 
 _NEG_INF = -jnp.inf
 
@@ -177,7 +178,7 @@ class DynamicMaskAttention(base.Attention):
     b, t, _ = x.shape
     q, k, v, bias = self.project(x, positions)
     idx = base.sequence_index(b, t)
-    bs = _block_size(t, self.opts.block)
+    bs = block_size_for(t, self.opts.block)
     thr, thr_pos, tiles = select_top_w(
         bias, keep_window=self.opts.keep_window, selection=self.opts.selection, q_index=idx,
         kv_index=idx, q_seg=segment_ids, kv_seg=segment_ids, causal=causal, block_q=bs,

@@ -33,9 +33,9 @@ import numpy as np
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.linear import decode_impl, repeat_kv, scan_impl
+from effattn.attention.linear import scan_impl
 from effattn.attention.registry import register
-from effattn.kernels.linear_scan import linear_scan
+from effattn.kernels.linear_scan import decode_impl, linear_scan
 
 ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "elu+1": lambda x: jax.nn.elu(x) + 1.0,
                "identity": lambda x: x}
@@ -111,8 +111,8 @@ class LightningAttention(base.Attention):
   def forward(self, x, *, causal, segment_ids=None, state=None, impl=None):
     act = ACTIVATIONS[self.opts.act]
     q = act(base.split_heads(self.q_proj(x), self.num_heads))
-    k = repeat_kv(act(base.split_heads(self.k_proj(x), self.num_kv_heads)), self.num_heads)
-    v = repeat_kv(base.split_heads(self.v_proj(x), self.num_kv_heads), self.num_heads)
+    k = base.repeat_kv(act(base.split_heads(self.k_proj(x), self.num_kv_heads)), self.num_heads)
+    v = base.repeat_kv(base.split_heads(self.v_proj(x), self.num_kv_heads), self.num_heads)
     o, state = linear_scan(q, k, v, jnp.asarray(self.log_decay, jnp.float32), causal=causal,
                            initial_state=state, segment_ids=segment_ids, scale=self.opts.scale,
                            impl=impl or self.impl, out_dtype=jnp.float32)

@@ -23,7 +23,7 @@ from flax import nnx
 
 from effattn.attention import base
 from effattn.attention.registry import register
-from effattn.kernels.linear_scan import IMPLS, linear_scan, linear_scan_normalizer
+from effattn.kernels.linear_scan import IMPLS, decode_impl, linear_scan, linear_scan_normalizer
 
 FEATURE_MAPS = {
     "elu+1": lambda x: jax.nn.elu(x) + 1.0,
@@ -48,18 +48,6 @@ def scan_impl(impl: str) -> str:
     raise ValueError(f"model.attention.impl={impl!r} must be one of {IMPLS} for linear-scan "
                      "mechanisms")
   return impl
-
-
-def decode_impl(impl: str, length: int) -> str:
-  """One decoded token needs no kernel (a chunk of 1 is the recurrence); prompts use `impl`."""
-  if impl == "reference" or length > 1:
-    return impl
-  return "xla"
-
-
-def repeat_kv(x: jax.Array, num_heads: int) -> jax.Array:
-  """[B, T, H_kv, D] -> [B, T, H, D]: each key/value head serves H / H_kv query heads."""
-  return jnp.repeat(x, num_heads // x.shape[2], axis=2)
 
 
 def linear_attention(phi_q, phi_k, v, *, causal: bool = True, segment_ids=None,
@@ -123,7 +111,7 @@ class LinearAttention(base.Attention):
     q = phi(base.split_heads(self.q_proj(x), self.num_heads))
     k = phi(base.split_heads(self.k_proj(x), self.num_kv_heads))
     v = base.split_heads(self.v_proj(x), self.num_kv_heads)
-    return q, repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
+    return q, base.repeat_kv(k, self.num_heads), base.repeat_kv(v, self.num_heads)
 
   def attend(self, x, *, causal, segment_ids=None, state=None, impl=None):
     q, k, v = self.features(x)

@@ -33,9 +33,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.linear import decode_impl, repeat_kv, scan_impl
+from effattn.attention.linear import scan_impl
 from effattn.attention.registry import register
-from effattn.kernels.linear_scan import linear_scan, linear_scan_normalizer, segment_runs
+from effattn.kernels.linear_scan import (decode_impl, linear_scan, linear_scan_normalizer,
+                                          segment_runs)
 
 
 class MalaState(NamedTuple):
@@ -187,8 +188,8 @@ class MalaAttention(base.Attention):
   def forward(self, x, *, positions, causal, segment_ids=None, state=None, impl=None):
     phi = lambda y: jax.nn.elu(y) + 1.0
     q = phi(base.split_heads(self.q_proj(x), self.num_heads))
-    k = repeat_kv(phi(base.split_heads(self.k_proj(x), self.num_kv_heads)), self.num_heads)
-    v = repeat_kv(base.split_heads(self.v_proj(x), self.num_kv_heads), self.num_heads)
+    k = base.repeat_kv(phi(base.split_heads(self.k_proj(x), self.num_kv_heads)), self.num_heads)
+    v = base.repeat_kv(base.split_heads(self.v_proj(x), self.num_kv_heads), self.num_heads)
     rope_q = rope_k = None
     if self.opts.rope:
       theta = self.rope_theta or 10000.0

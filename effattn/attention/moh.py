@@ -32,10 +32,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.ops import softmax_attention
 from effattn.attention.registry import register
 from effattn.attention.softmax import SoftmaxAttention
 from effattn.kernels.head_routing import head_routed_attention
+from effattn.kernels.softmax import softmax_attention
 
 SCALINGS = ("official", "paper")
 # model.attention.impl -> (shared heads via ops.softmax_attention, routed heads via head_routing)

@@ -38,10 +38,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.ops import IMPLS as SOFTMAX_IMPLS
-from effattn.attention.ops import softmax_attention
 from effattn.attention.registry import register
 from effattn.kernels.memory_chunk import common, deep, memory_update, xla
+from effattn.kernels.softmax import softmax_attention
+from effattn.kernels.softmax.api import IMPLS as SOFTMAX_IMPLS
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
 # Jitted so eager calls compile the chunk loop once per shape (inlined under an outer jit).

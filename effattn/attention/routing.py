@@ -35,10 +35,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.ops import IMPLS as SOFTMAX_IMPLS
-from effattn.attention.ops import reference_attention, softmax_attention
 from effattn.attention.registry import register
-from effattn.kernels.block_sparse import block_sparse_attention, lists_from_block_mask
+from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention,
+                                          lists_from_block_mask)
+from effattn.kernels.softmax import reference_attention, softmax_attention
+from effattn.kernels.softmax.api import IMPLS as SOFTMAX_IMPLS
 
 # cfg.impl -> block_sparse impl (cuDNN does not apply to sparse attention).
 KERNEL_IMPL = {"auto": "auto", "cudnn": "auto", "pallas": "pallas", "xla": "xla",
@@ -86,10 +87,6 @@ def cluster_block_mask(sorted_clusters: jax.Array, block: int, causal: bool) -> 
   if causal:
     blocks &= jnp.tril(jnp.ones((n, n), bool))
   return blocks
-
-
-def _block_size(length: int, block: int) -> int:
-  return min(block, max(8, 1 << max(0, (length - 1).bit_length())))
 
 
 @register("routing")
@@ -214,7 +211,7 @@ class RoutingAttention(base.Attention):
     cl_sorted = jnp.take_along_axis(assign, perm, axis=1).transpose(0, 2, 1)  # [B, Hr, T]
     pos = perm.transpose(0, 2, 1).astype(jnp.int32)
     seg_sorted = jnp.take_along_axis(seg[:, :, None], perm, axis=1).transpose(0, 2, 1)
-    bs = _block_size(t, self.opts.block)
+    bs = block_size_for(t, self.opts.block)
     kv_idx, kv_cnt = lists_from_block_mask(cluster_block_mask(cl_sorted, bs, causal))
     o, _ = block_sparse_attention(
         take(ur), take(ur), take(v), kv_idx, kv_cnt, block_q=bs, block_k=bs, causal=causal,
@@ -231,7 +228,7 @@ class RoutingAttention(base.Attention):
     sim = jnp.einsum("bthd,hcd->bhct", u, self.centroids())
     _, members = jax.lax.top_k(sim, w)  # [B, Hr, C, w]
     members = jnp.sort(members, axis=-1)
-    bs = _block_size(w, self.opts.block)
+    bs = block_size_for(w, self.opts.block)
     wp = -(-w // bs) * bs  # clusters padded to whole tiles so tiles never mix clusters
     valid = jnp.arange(wp) < w
     members = jnp.pad(members, ((0, 0), (0, 0), (0, 0), (0, wp - w)))

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.ops import softmax_attention
 from effattn.attention.registry import register
+from effattn.kernels.softmax import softmax_attention
 
 
 @register("softmax")

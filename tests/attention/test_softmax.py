@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effattn.attention import base, ops
+from effattn.attention import base
+from effattn.kernels.softmax import api as ops
 from tests.attention import oracles
 
 

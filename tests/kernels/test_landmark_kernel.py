@@ -1,5 +1,5 @@
-"""The landmark grouped-softmax kernels (Triton grouped_pallas_gpu.py and Mosaic
-grouped_pallas_tpu.py, interpret mode) against the dense grouped_softmax_attention: output and
+"""The landmark grouped-softmax kernels (Triton pallas_gpu.py and Mosaic pallas_tpu.py of
+kernels/grouped_softmax, interpret mode) against the dense grouped_softmax_attention: output and
 gradients of q, k, v and the landmark keys, in f32 and bf16, with ragged lengths, packed
 segments + padding, several block lengths and the lax.cond fallback; plus the module on the
 kernel path against its chunked path."""
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effattn.attention.landmark import KERNEL_IMPL, block_groups, grouped_softmax_attention
-from effattn.kernels.block_sparse import grouped
+from effattn.attention.landmark import KERNEL_IMPL, block_groups
+from effattn.kernels.grouped_softmax import api as grouped
+from effattn.kernels.grouped_softmax import grouped_softmax_attention
 from tests.attention import oracles
 
 # Tolerance relative to the largest reference value.
@@ -61,7 +62,7 @@ CASES = {
     "block50-tile64-ragged-f32": ((1, 110, 1, 16), 50, 64, "one", jnp.float32, None),
     "fallback-f32": ((2, 40, 2, 16), 8, 16, "packed", jnp.float32, 4),
 }
-# Both kernels share grouped_tiles.py's math; the Triton one skips two cases to keep the file
+# Both kernels share grouped_softmax/common.py's math; the Triton one skips two cases to keep the file
 # fast (its loop structure is covered by the others).
 KERNEL_CASES = [(impl, name) for name in CASES for impl in ("pallas_gpu", "pallas_tpu")
                 if impl == "pallas_tpu" or name not in ("short-blocks-ragged-f32", "fallback-f32")]

@@ -8,7 +8,7 @@ heads). Paths (`impl`):
   "auto"        Pallas on GPU (Triton) and TPU (Mosaic) when the head dim allows, else "xla";
   "pallas"      the Pallas kernel of the current backend (the Triton one on CPU, for interpret);
   "pallas_gpu" / "pallas_tpu"  a specific Pallas kernel (use interpret=True off-device);
-  "xla"         every head densely through effattn.attention.ops (cuDNN on GPU), then gated:
+  "xla"         every head densely through effattn.kernels.softmax (cuDNN on GPU), then gated:
                 no FLOPs saved, what the official MoH code does;
   "reference"   dense plain jnp, the oracle.
 The Pallas paths compact each head's routed tokens (common.py) so the kernels compute

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from effattn.kernels.softmax import softmax_attention
+
 
 def head_routed_attention(q, k, v, gates, *, causal: bool, segment_ids=None, scale: float,
                           attention_impl: str = "auto"):
-  """Same contract as reference.head_routed_attention; `attention_impl` goes to ops."""
-  # Imported here: effattn.attention imports the moh mechanism, which imports this package.
-  from effattn.attention.ops import softmax_attention
-
+  """Same contract as reference.head_routed_attention; `attention_impl` goes to softmax_attention."""
   o = softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale,
                         impl=attention_impl)
   g = gates[..., None]

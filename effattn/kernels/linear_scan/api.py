@@ -76,6 +76,14 @@ def choose_path(impl: str, q, v, interpret: bool = False) -> str:
   return "xla"
 
 
+def decode_impl(impl: str, length: int) -> str:
+  """The impl for `length` new tokens of a decode step: one token needs no kernel (a chunk of
+  one is the recurrence), so it takes xla; prompts keep `impl`."""
+  if impl == "reference" or length > 1:
+    return impl
+  return "xla"
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
   """Static settings of one scan (hashable: a nondiff argument of the custom VJP)."""

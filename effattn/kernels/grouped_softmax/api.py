@@ -2,17 +2,17 @@
 
     o = grouped_softmax(q, k, v, k_land, gid, seg, block_len=50)   # o [B, T, H, D]
 
-Computes effattn.attention.landmark.grouped_softmax_attention's output (the spec's grouped
+Computes reference.grouped_softmax_attention's output (the spec's grouped
 softmax: own-group tokens j <= i and the landmarks of earlier groups of the segment share one
 softmax; an earlier group's tokens get their within-group softmax times their landmark's
 weight). Paths (`impl`):
   "auto"        the Pallas kernel of the backend on GPU and TPU when head_dim is in
                 KERNEL_HEAD_DIMS and block_len <= tile, else "xla" (logged once);
   "pallas"      the Pallas kernel of the current backend (the Triton one off TPU);
-  "pallas_gpu"  the Triton kernels of grouped_pallas_gpu.py (interpret=True off-device);
-  "pallas_tpu"  the Mosaic kernels of grouped_pallas_tpu.py (same contract; interpret=True
+  "pallas_gpu"  the Triton kernels of pallas_gpu.py (interpret=True off-device);
+  "pallas_tpu"  the Mosaic kernels of pallas_tpu.py (same contract; interpret=True
                 off-device);
-  "xla"         landmark.chunked_grouped_softmax_attention: dense [B, H, chunk, T] scores,
+  "xla"         xla.chunked_grouped_softmax_attention: dense [B, H, chunk, T] scores,
                 `chunk` queries at a time (the oracle's arithmetic, O(T^2) FLOPs).
 
 The kernel path re-lays tokens out so each group fills one tile of `tile` slots (slot (g, r)
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from effattn.kernels.block_sparse import grouped_pallas_gpu, grouped_pallas_tpu
+from effattn.kernels.grouped_softmax import pallas_gpu, pallas_tpu, reference, xla
 from effattn.kernels.paths import log_path_once
 
 IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla")
@@ -46,11 +46,11 @@ class _Static:
   scale: float
   interpret: bool
   tuning: tuple = ()  # Triton (num_warps, num_stages) overrides as key-value pairs
-  platform: str = "gpu"  # whose kernels: "gpu" (grouped_pallas_gpu) | "tpu" (grouped_pallas_tpu)
+  platform: str = "gpu"  # whose kernels: "gpu" (pallas_gpu.py) | "tpu" (pallas_tpu.py)
 
   @property
   def kernels(self):
-    return grouped_pallas_tpu if self.platform == "tpu" else grouped_pallas_gpu
+    return pallas_tpu if self.platform == "tpu" else pallas_gpu
 
 
 Layout = dict  # relayout's output: a dict of arrays (a pytree)
@@ -225,14 +225,11 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
     raise ValueError(f"max_groups={max_groups} must be >= 1")
   scale = d ** -0.5 if scale is None else float(scale)
   gid, seg = gid.astype(jnp.int32), seg.astype(jnp.int32)
-  # Lazy import: landmark.py imports this module.
-  from effattn.attention import landmark  # pylint: disable=g-import-not-at-top
-
   def xla_path(q, k, v, k_land):
     if 0 < chunk < t:
-      return landmark.chunked_grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=scale,
-                                                        chunk=chunk)
-    return landmark.grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=scale)[0]
+      return xla.chunked_grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=scale,
+                                                   chunk=chunk)
+    return reference.grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=scale)[0]
 
   path = _choose(impl, d, block_len, tile)
   if path == "xla":

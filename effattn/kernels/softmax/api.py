@@ -16,7 +16,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 
-from effattn.attention.base import attention_mask, sequence_index
+from effattn.kernels.softmax.common import attention_mask, sequence_index
 from effattn.kernels.paths import log_path_once
 
 try:  # cuDNN's packed-sequence form is only in jax's internal API (jax.nn does not expose it).
@@ -128,7 +128,7 @@ def _cudnn_packed(q, k, v, segment_ids, *, causal, window, scale, max_segments):
   """cuDNN over packed rows; rows with more than max_segments runs take the block-sparse
   kernel, or with a window the query-chunked XLA form (lax.cond: exact either way, and no
   branch holds a [T, T] array)."""
-  from effattn.kernels.block_sparse import api as block_sparse  # imports ops' package
+  from effattn.kernels.block_sparse import api as block_sparse
   from effattn.kernels.block_sparse.common import causal_block_mask, lists_from_block_mask
 
   lengths, offsets, count = packed_segments(segment_ids, max_segments)
