@@ -11,151 +11,12 @@ per distinct choice.
 
 from __future__ import annotations
 
-import inspect
-
 import jax
-import jax.numpy as jnp
 
-from effattn.kernels.softmax.common import attention_mask, sequence_index
 from effattn.kernels.paths import log_path_once
-
-try:  # cuDNN's packed-sequence form is only in jax's internal API (jax.nn does not expose it).
-  from jax._src.cudnn import fused_attention_stablehlo as _cudnn
-  _CUDNN_PACKED = {"q_offsets", "kv_offsets", "q_seqlen", "kv_seqlen", "mask_type",
-                   "sliding_window_length"} <= set(
-                       inspect.signature(_cudnn.dot_product_attention).parameters)
-except (ImportError, AttributeError, ValueError, TypeError):  # pragma: no cover
-  _cudnn, _CUDNN_PACKED = None, False
+from effattn.kernels.softmax import cudnn, reference, xla
 
 IMPLS = ("auto", "cudnn", "xla", "reference")
-
-
-def reference_attention(q, k, v, mask=None, *, scale=None, bias=None):
-  """Plain softmax attention, the oracle. q: [B, Tq, H, D], k/v: [B, Tk, H_kv, D] -> [B, Tq, H, D].
-
-  mask: bool, broadcastable to [B, H, Tq, Tk]; bias: additive, same broadcasting.
-  K/V heads are shared by groups of H / H_kv query heads (GQA) without materializing repeats.
-  """
-  b, tq, h, d = q.shape
-  h_kv = k.shape[2]
-  scale = d ** -0.5 if scale is None else scale
-  qg = q.reshape(b, tq, h_kv, h // h_kv, d)
-  s = jnp.einsum("bqhgd,bkhd->bhgqk", qg.astype(jnp.float32), k.astype(jnp.float32)) * scale
-  s = s.reshape(b, h, tq, k.shape[1])
-  if bias is not None:
-    s = s + bias.astype(jnp.float32)
-  if mask is not None:
-    s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
-  p = jax.nn.softmax(s, axis=-1)
-  p = p.reshape(b, h_kv, h // h_kv, tq, k.shape[1])
-  o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32))
-  return o.reshape(b, tq, h, v.shape[-1]).astype(q.dtype)
-
-
-def _cudnn_supported(q, k, mask_is_dense: bool) -> str:
-  """Empty string when cuDNN applies, else the reason it does not."""
-  if jax.default_backend() != "gpu":
-    return f"backend is {jax.default_backend()}"
-  if q.dtype not in (jnp.bfloat16, jnp.float16):
-    return f"dtype {q.dtype} (cuDNN needs bf16/fp16)"
-  if q.shape[-1] % 8 or q.shape[-1] > 128:
-    return f"head_dim {q.shape[-1]}"
-  if mask_is_dense:
-    return "a dense mask"
-  return ""
-
-
-def _cudnn_packed_unsupported(causal: bool, window: int | None) -> str:
-  """Empty string when cuDNN's packed layout can take these segments, else why not."""
-  if not _CUDNN_PACKED:
-    return "this jax has no cuDNN packed-segment API"
-  if window is not None and not causal:
-    return "cuDNN windows are causal only"
-  return ""
-
-
-def packed_segments(segment_ids: jax.Array, max_segments: int):
-  """Runs of equal ids in each row -> cuDNN's packed layout.
-
-  segment_ids: [B, T] (padding is a run like any other, so it attends only to itself).
-  Returns (lengths [B, M], offsets [B, M + 1], count [B]) with M = max_segments: each row's run
-  lengths and start offsets, -1 past its `count` runs. A row with more than M runs is truncated
-  here; callers check `count`.
-  """
-  b, t = segment_ids.shape
-  starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-                           axis=1)
-  count = jnp.sum(starts, axis=1, dtype=jnp.int32)
-  first = jax.vmap(lambda row: jnp.nonzero(row, size=max_segments, fill_value=t)[0])(starts)
-  first = first.astype(jnp.int32)
-  ends = jnp.concatenate([first[:, 1:], jnp.full((b, 1), t, jnp.int32)], axis=1)
-  real = jnp.arange(max_segments)[None, :] < count[:, None]
-  lengths = jnp.where(real, ends - first, -1)
-  offsets = jnp.concatenate([jnp.where(real, first, -1), jnp.full((b, 1), -1, jnp.int32)], 1)
-  return lengths, offsets, count
-
-
-def _segment_mask(q, k, segment_ids, causal, window):
-  idx = sequence_index(q.shape[0], q.shape[1])
-  return attention_mask(idx, idx, causal=causal, q_segment_ids=segment_ids,
-                        k_segment_ids=segment_ids, window=window)
-
-
-def _query_chunked_xla(q, k, v, segment_ids, *, causal, window, scale, chunk: int = 512):
-  """The dense-mask XLA attention `chunk` queries at a time (scores recomputed in the backward
-  pass): O(chunk * T) memory, for the rare packed rows cuDNN's layout cannot hold."""
-  b, t = q.shape[:2]
-  n = -(-t // chunk)
-  pad = n * chunk - t
-  q_pad = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  seg_q = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)  # matches no key
-  k_idx = sequence_index(b, t)
-
-  @jax.checkpoint
-  def one_chunk(c):
-    rows = jax.lax.dynamic_slice_in_dim(q_pad, c * chunk, chunk, axis=1)
-    seg = jax.lax.dynamic_slice_in_dim(seg_q, c * chunk, chunk, axis=1)
-    mask = attention_mask(sequence_index(b, chunk, c * chunk), k_idx, causal=causal,
-                          q_segment_ids=seg, k_segment_ids=segment_ids, window=window)
-    return jax.nn.dot_product_attention(rows, k, v, mask=mask, scale=scale,
-                                        implementation="xla")
-
-  o = jax.lax.map(one_chunk, jnp.arange(n))  # [n, B, chunk, H, D]
-  return jnp.moveaxis(o, 0, 1).reshape((b, n * chunk) + q.shape[2:])[:, :t]
-
-
-def _cudnn_packed(q, k, v, segment_ids, *, causal, window, scale, max_segments):
-  """cuDNN over packed rows; rows with more than max_segments runs take the block-sparse
-  kernel, or with a window the query-chunked XLA form (lax.cond: exact either way, and no
-  branch holds a [T, T] array)."""
-  from effattn.kernels.block_sparse import api as block_sparse
-  from effattn.kernels.block_sparse.common import causal_block_mask, lists_from_block_mask
-
-  lengths, offsets, count = packed_segments(segment_ids, max_segments)
-  mask_type = _cudnn.MaskType.PADDING_CAUSAL if causal else _cudnn.MaskType.PADDING
-  d = q.shape[-1]
-  scale = d ** -0.5 if scale is None else scale
-
-  def fused(q, k, v):
-    return _cudnn.dot_product_attention(
-        q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
-        scale=scale, mask_type=mask_type, sliding_window_length=window)
-
-  def kernel(q, k, v):
-    blk = 64
-    n = -(-q.shape[1] // blk)
-    blocks = (causal_block_mask(n, n, blk, blk) if causal else jnp.ones((n, n), bool))
-    idx, cnt = lists_from_block_mask(blocks[None, None])
-    o, _ = block_sparse.block_sparse_attention(
-        q, k, v, idx, cnt, block_q=blk, block_k=blk, causal=causal, q_segment_ids=segment_ids,
-        kv_segment_ids=segment_ids, scale=scale)
-    return o
-
-  def chunked(q, k, v):
-    return _query_chunked_xla(q, k, v, segment_ids, causal=causal, window=window, scale=scale)
-
-  fallback = kernel if window is None else chunked
-  return jax.lax.cond(jnp.max(count) <= max_segments, fused, fallback, q, k, v)
 
 
 def softmax_attention(
@@ -198,18 +59,12 @@ def softmax_attention(
       raise ValueError(f"{max_segments=} must be >= 2")
   if impl == "reference":
     log_path_once("softmax", "reference")
-    if segment_ids is not None:
-      mask = _segment_mask(q, k, segment_ids, causal, window)
-    if mask is None:
-      b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
-      mask = attention_mask(sequence_index(b, tq), sequence_index(b, tk), causal=causal,
-                            window=window)
-    return reference_attention(q, k, v, mask, scale=scale)
-  window_arg = None if window is None else ((window - 1, 0) if causal else (window - 1, window - 1))
+    return reference.softmax_attention(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids,
+                                       window=window, scale=scale)
   if impl == "auto":
-    why = _cudnn_supported(q, k, mask is not None)
+    why = cudnn.unsupported(q, mask is not None)
     if not why and segment_ids is not None:
-      why = _cudnn_packed_unsupported(causal, window)
+      why = cudnn.packed_unsupported(causal, window)
     impl = "cudnn" if not why else "xla"
     log_path_once("softmax", impl, why)
   else:
@@ -219,16 +74,10 @@ def softmax_attention(
       raise ValueError("impl='cudnn' cannot take a dense mask; pass segment_ids or use "
                        "impl='auto'")
     if segment_ids is not None:
-      why = _cudnn_packed_unsupported(causal, window)
+      why = cudnn.packed_unsupported(causal, window)
       if why:
         raise ValueError(f"impl='cudnn' cannot take these segment_ids: {why}; use impl='auto'")
-      return _cudnn_packed(q, k, v, segment_ids, causal=causal, window=window, scale=scale,
-                           max_segments=max_segments)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                        local_window_size=window_arg, implementation="cudnn")
-  if segment_ids is not None:
-    mask = _segment_mask(q, k, segment_ids, causal, window)
-  if mask is not None:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                      local_window_size=window_arg, implementation="xla")
+    return cudnn.softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
+                                   scale=scale, max_segments=max_segments)
+  return xla.softmax_attention(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids,
+                               window=window, scale=scale)

@@ -41,3 +41,17 @@ def attention_mask(
 def sequence_index(batch: int, length: int, offset: jax.Array | int = 0) -> jax.Array:
   """[B, T] int32 token indices offset..offset+T-1."""
   return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) + offset, (batch, length))
+
+
+def segment_mask(q, segment_ids, causal: bool, window: int | None):
+  """The [B, 1, T, T] mask of a packed self-attention: q [B, T, ...], segment_ids [B, T]."""
+  idx = sequence_index(q.shape[0], q.shape[1])
+  return attention_mask(idx, idx, causal=causal, q_segment_ids=segment_ids,
+                        k_segment_ids=segment_ids, window=window)
+
+
+def local_window(causal: bool, window: int | None):
+  """jax.nn.dot_product_attention's local_window_size for a window of `window` keys."""
+  if window is None:
+    return None
+  return (window - 1, 0) if causal else (window - 1, window - 1)

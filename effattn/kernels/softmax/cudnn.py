@@ -1,0 +1,112 @@
+"""Softmax attention through cuDNN's fused kernel, including its packed-segment layout.
+
+Packed rows (segment ids) reach cuDNN as segment offsets and lengths (at most `max_segments`
+runs per row, a static shape), so no [T, T] mask is built. A batch with a row of more runs takes
+the block-sparse kernel with the segment ids, or with a sliding window the query-chunked XLA
+form (lax.cond: exact either way, and no branch holds a [T, T] array).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+
+from effattn.kernels.block_sparse import api as block_sparse
+from effattn.kernels.block_sparse.common import causal_block_mask, lists_from_block_mask
+from effattn.kernels.softmax import xla
+from effattn.kernels.softmax.common import local_window
+
+try:  # cuDNN's packed-sequence form is only in jax's internal API (jax.nn does not expose it).
+  from jax._src.cudnn import fused_attention_stablehlo as jax_cudnn
+  PACKED_API = {"q_offsets", "kv_offsets", "q_seqlen", "kv_seqlen", "mask_type",
+                "sliding_window_length"} <= set(
+                    inspect.signature(jax_cudnn.dot_product_attention).parameters)
+except (ImportError, AttributeError, ValueError, TypeError):  # pragma: no cover
+  jax_cudnn, PACKED_API = None, False
+
+
+def unsupported(q, mask_is_dense: bool) -> str:
+  """Empty string when cuDNN applies, else the reason it does not."""
+  if jax.default_backend() != "gpu":
+    return f"backend is {jax.default_backend()}"
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"dtype {q.dtype} (cuDNN needs bf16/fp16)"
+  if q.shape[-1] % 8 or q.shape[-1] > 128:
+    return f"head_dim {q.shape[-1]}"
+  if mask_is_dense:
+    return "a dense mask"
+  return ""
+
+
+def packed_unsupported(causal: bool, window: int | None) -> str:
+  """Empty string when cuDNN's packed layout can take these segments, else why not."""
+  if not PACKED_API:
+    return "this jax has no cuDNN packed-segment API"
+  if window is not None and not causal:
+    return "cuDNN windows are causal only"
+  return ""
+
+
+def packed_segments(segment_ids: jax.Array, max_segments: int):
+  """Runs of equal ids in each row -> cuDNN's packed layout.
+
+  segment_ids: [B, T] (padding is a run like any other, so it attends only to itself).
+  Returns (lengths [B, M], offsets [B, M + 1], count [B]) with M = max_segments: each row's run
+  lengths and start offsets, -1 past its `count` runs. A row with more than M runs is truncated
+  here; callers check `count`.
+  """
+  b, t = segment_ids.shape
+  starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                           axis=1)
+  count = jnp.sum(starts, axis=1, dtype=jnp.int32)
+  first = jax.vmap(lambda row: jnp.nonzero(row, size=max_segments, fill_value=t)[0])(starts)
+  first = first.astype(jnp.int32)
+  ends = jnp.concatenate([first[:, 1:], jnp.full((b, 1), t, jnp.int32)], axis=1)
+  real = jnp.arange(max_segments)[None, :] < count[:, None]
+  lengths = jnp.where(real, ends - first, -1)
+  offsets = jnp.concatenate([jnp.where(real, first, -1), jnp.full((b, 1), -1, jnp.int32)], 1)
+  return lengths, offsets, count
+
+
+def packed_attention(q, k, v, segment_ids, *, causal, window, scale, max_segments):
+  """cuDNN over packed rows; rows with more than max_segments runs take the block-sparse
+  kernel, or with a window the query-chunked XLA form (lax.cond: exact either way, and no
+  branch holds a [T, T] array)."""
+  lengths, offsets, count = packed_segments(segment_ids, max_segments)
+  mask_type = jax_cudnn.MaskType.PADDING_CAUSAL if causal else jax_cudnn.MaskType.PADDING
+  d = q.shape[-1]
+  scale = d ** -0.5 if scale is None else scale
+
+  def fused(q, k, v):
+    return jax_cudnn.dot_product_attention(
+        q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
+        scale=scale, mask_type=mask_type, sliding_window_length=window)
+
+  def kernel(q, k, v):
+    blk = 64
+    n = -(-q.shape[1] // blk)
+    blocks = (causal_block_mask(n, n, blk, blk) if causal else jnp.ones((n, n), bool))
+    idx, cnt = lists_from_block_mask(blocks[None, None])
+    o, _ = block_sparse.block_sparse_attention(
+        q, k, v, idx, cnt, block_q=blk, block_k=blk, causal=causal, q_segment_ids=segment_ids,
+        kv_segment_ids=segment_ids, scale=scale)
+    return o
+
+  def chunked(q, k, v):
+    return xla.query_chunked(q, k, v, segment_ids, causal=causal, window=window, scale=scale)
+
+  fallback = kernel if window is None else chunked
+  return jax.lax.cond(jnp.max(count) <= max_segments, fused, fallback, q, k, v)
+
+
+def softmax_attention(q, k, v, *, causal, segment_ids=None, window=None, scale=None,
+                      max_segments: int = 16):
+  """The cudnn path of api.softmax_attention (no dense mask: cuDNN takes segments packed)."""
+  if segment_ids is not None:
+    return packed_attention(q, k, v, segment_ids, causal=causal, window=window, scale=scale,
+                            max_segments=max_segments)
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                      local_window_size=local_window(causal, window),
+                                      implementation="cudnn")
