@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effattn.kernels import dispatch
 # Masks are the softmax op's; mechanisms reach them as base.attention_mask / base.sequence_index.
 from effattn.kernels.softmax.common import attention_mask, sequence_index  # noqa: F401
 
@@ -57,6 +58,9 @@ class Attention(nnx.Module):
   # The mechanism's own options and their defaults; configs/base.py exposes them as
   # `model.attention.<name>.<option>` and `self.opts.<option>` reads them.
   DEFAULTS: dict[str, Any] = {}
+  # The op families (effattn/kernels/<family>) the mechanism calls: `impl` must name a path
+  # of one of them, and `self.op_impl(op)` is what each op gets (kernels/dispatch.py's rule).
+  OPS: tuple[str, ...] = ()
 
   def __init__(
       self,
@@ -84,6 +88,12 @@ class Attention(nnx.Module):
     self.num_layers = num_layers
     self.dtype = dtype
     self.rope_theta = rope_theta
+    self.impl = cfg.get("impl", "auto") if hasattr(cfg, "get") else "auto"
+    dispatch.check_mechanism_impl(self.impl, type(self).OPS, type(self).registered_name)
+
+  def op_impl(self, op: str) -> str:
+    """The impl op family `op` runs with under this mechanism's `impl`."""
+    return dispatch.op_impl(self.impl, op)
 
 
 def _frozen(value: Any) -> Any:

@@ -31,7 +31,6 @@ from flax import nnx
 
 from effattn.attention import base
 from effattn.attention.registry import register
-from effattn.attention.routing import KERNEL_IMPL
 from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention,
                                           lists_from_block_mask)
 from effattn.kernels.block_sparse.common import element_mask
@@ -134,6 +133,7 @@ class DynamicMaskAttention(base.Attention):
       "qk_norm": True,  # RMS-normalize q and k per head (Doge)
       "block": 64,  # kernel tile size (tokens)
   }
+  OPS = ("block_sparse",)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
@@ -147,7 +147,6 @@ class DynamicMaskAttention(base.Attention):
     if o.selection not in ("per_query", "global"):
       raise ValueError(f"model.attention.dynamic_mask.selection={o.selection!r} must be "
                        "'per_query' or 'global'")
-    self.impl = cfg.get("impl", "auto")
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
@@ -188,7 +187,7 @@ class DynamicMaskAttention(base.Attention):
     o, _ = block_sparse_attention(
         q, k, v, kv_idx, kv_cnt, block_q=bs, block_k=bs, causal=causal, q_segment_ids=segment_ids,
         kv_segment_ids=segment_ids, kv_bias=bias, q_threshold=thr, q_threshold_pos=thr_pos,
-        impl=KERNEL_IMPL[self.impl])
+        impl=self.op_impl("block_sparse"))
     kept = jnp.mean(tiles.astype(jnp.float32))
     return self.o_proj(base.merge_heads(o)), {"dma_kept_tile_frac": kept}
 

@@ -48,10 +48,6 @@ from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels import grouped_softmax
 
-# model.attention.impl -> grouped_softmax's impl.
-KERNEL_IMPL = {"auto": "auto", "cudnn": "auto", "pallas": "pallas", "xla": "xla",
-               "reference": "xla"}
-
 _NEG = -1e30
 
 
@@ -92,6 +88,7 @@ class LandmarkAttention(base.Attention):
       "max_groups": 0,
       "interpret": False,
   }
+  OPS = ("grouped_softmax",)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
@@ -111,9 +108,6 @@ class LandmarkAttention(base.Attention):
     if self.opts.max_groups < 0:
       raise ValueError(f"model.attention.landmark.max_groups={self.opts.max_groups} must be "
                        ">= 0 (0: default)")
-    self.impl = cfg.get("impl", "auto")
-    if self.impl not in KERNEL_IMPL:
-      raise ValueError(f"model.attention.impl={self.impl!r} must be one of {sorted(KERNEL_IMPL)}")
     d, h = self.head_dim, num_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
@@ -151,7 +145,7 @@ class LandmarkAttention(base.Attention):
     k, scale = self._rope(k_raw, positions), self.head_dim ** -0.5
     o = grouped_softmax.grouped_softmax(
         q, k, v, k_land, gid, seg, scale=scale, block_len=self.opts.block_len,
-        impl=KERNEL_IMPL[self.impl], chunk=self.opts.query_chunk, tile=self.opts.tile,
+        impl=self.op_impl("grouped_softmax"), chunk=self.opts.query_chunk, tile=self.opts.tile,
         max_groups=self.opts.max_groups or None, interpret=self.opts.interpret)
     return self.o_proj(base.merge_heads(o)), {}
 

@@ -33,7 +33,6 @@ import numpy as np
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.linear import scan_impl
 from effattn.attention.registry import register
 from effattn.kernels.linear_scan import decode_impl, linear_scan
 
@@ -81,6 +80,7 @@ class LightningAttention(base.Attention):
       "norm_eps": 1e-6,  # SRMSNorm epsilon
       "scale": 1.0,  # score scale; the official op has none (fla defaults to D^-0.5)
   }
+  OPS = ("linear_scan",)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
@@ -100,7 +100,6 @@ class LightningAttention(base.Attention):
     if num_heads % self.num_kv_heads:
       raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
                        f"model.num_heads={num_heads}")
-    self.impl = scan_impl(cfg.get("impl", "auto"))
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
@@ -115,7 +114,7 @@ class LightningAttention(base.Attention):
     v = base.repeat_kv(base.split_heads(self.v_proj(x), self.num_kv_heads), self.num_heads)
     o, state = linear_scan(q, k, v, jnp.asarray(self.log_decay, jnp.float32), causal=causal,
                            initial_state=state, segment_ids=segment_ids, scale=self.opts.scale,
-                           impl=impl or self.impl, out_dtype=jnp.float32)
+                           impl=impl or self.op_impl("linear_scan"), out_dtype=jnp.float32)
     o = srms_norm(base.merge_heads(o), self.opts.norm_eps) * self.u_proj(x).astype(jnp.float32)
     return self.o_proj(o.astype(x.dtype)), state
 
@@ -129,4 +128,5 @@ class LightningAttention(base.Attention):
 
   def decode(self, x, *, positions, cache):
     del positions
-    return self.forward(x, causal=True, state=cache, impl=decode_impl(self.impl, x.shape[1]))
+    return self.forward(x, causal=True, state=cache,
+                        impl=decode_impl(self.op_impl("linear_scan"), x.shape[1]))

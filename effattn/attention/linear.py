@@ -23,7 +23,7 @@ from flax import nnx
 
 from effattn.attention import base
 from effattn.attention.registry import register
-from effattn.kernels.linear_scan import IMPLS, decode_impl, linear_scan, linear_scan_normalizer
+from effattn.kernels.linear_scan import decode_impl, linear_scan, linear_scan_normalizer
 
 FEATURE_MAPS = {
     "elu+1": lambda x: jax.nn.elu(x) + 1.0,
@@ -38,16 +38,6 @@ class LinearState(NamedTuple):
 
   kv: jax.Array     # [B, H, Dk, Dv]  sum of phi(k)^T v
   k_sum: jax.Array  # [B, H, Dk]      sum of phi(k)
-
-
-def scan_impl(impl: str) -> str:
-  """The mechanism's `impl` field as a linear_scan impl ("cudnn" is softmax's: use auto)."""
-  if impl == "cudnn":
-    return "auto"
-  if impl not in IMPLS:
-    raise ValueError(f"model.attention.impl={impl!r} must be one of {IMPLS} for linear-scan "
-                     "mechanisms")
-  return impl
 
 
 def linear_attention(phi_q, phi_k, v, *, causal: bool = True, segment_ids=None,
@@ -87,6 +77,7 @@ class LinearAttention(base.Attention):
       "feature_map": "elu+1",  # elu+1 | relu | softmax (over features) | identity (no normalizer)
       "eps": 1e-6,  # added to the normalizer phi(q) . z
   }
+  OPS = ("linear_scan",)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
@@ -97,7 +88,6 @@ class LinearAttention(base.Attention):
     if num_heads % self.num_kv_heads:
       raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
                        f"model.num_heads={num_heads}")
-    self.impl = scan_impl(cfg.get("impl", "auto"))
     self.normalize = self.opts.feature_map != "identity"
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
@@ -118,7 +108,7 @@ class LinearAttention(base.Attention):
     o, state = linear_attention(
         q, k, v, causal=causal, segment_ids=segment_ids, normalize=self.normalize,
         eps=self.opts.eps, scale=1.0 if self.normalize else self.head_dim ** -0.5, state=state,
-        impl=impl or self.impl)
+        impl=impl or self.op_impl("linear_scan"))
     return self.o_proj(base.merge_heads(o.astype(x.dtype))), state
 
   def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
@@ -133,4 +123,5 @@ class LinearAttention(base.Attention):
 
   def decode(self, x, *, positions, cache):
     del positions
-    return self.attend(x, causal=True, state=cache, impl=decode_impl(self.impl, x.shape[1]))
+    return self.attend(x, causal=True, state=cache,
+                       impl=decode_impl(self.op_impl("linear_scan"), x.shape[1]))

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.linear import scan_impl
 from effattn.attention.registry import register
 from effattn.kernels.linear_scan import (decode_impl, linear_scan, linear_scan_normalizer,
                                           segment_runs)
@@ -141,6 +140,7 @@ class MalaAttention(base.Attention):
       "lepe_kernel": 0,  # official: depthwise conv of v (5x5 in 2D); 0 = off
       "output_gate": False,  # official: multiply by a linear projection of x before W_o
   }
+  OPS = ("linear_scan",)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
@@ -153,7 +153,6 @@ class MalaAttention(base.Attention):
                        "(0 turns it off)")
     if self.opts.rope and self.head_dim % 2:
       raise ValueError(f"model.attention.mala.rope needs an even head_dim, got {self.head_dim}")
-    self.impl = scan_impl(cfg.get("impl", "auto"))
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
@@ -196,7 +195,7 @@ class MalaAttention(base.Attention):
       rope_q, rope_k = base.apply_rope(q, positions, theta), base.apply_rope(k, positions, theta)
     o, new_state = mala_attention(q, k, v, causal=causal, segment_ids=segment_ids,
                                   eps=self.opts.eps, rope_q=rope_q, rope_k=rope_k, state=state,
-                                  impl=impl or self.impl)
+                                  impl=impl or self.op_impl("linear_scan"))
     if self.lepe is not None:
       runs = None if segment_ids is None else segment_runs(segment_ids)
       tail = (jnp.zeros((x.shape[0], self.opts.lepe_kernel - 1) + v.shape[2:], v.dtype)
@@ -225,4 +224,4 @@ class MalaAttention(base.Attention):
 
   def decode(self, x, *, positions, cache):
     return self.forward(x, positions=positions, causal=True, state=cache,
-                        impl=decode_impl(self.impl, x.shape[1]))
+                        impl=decode_impl(self.op_impl("linear_scan"), x.shape[1]))

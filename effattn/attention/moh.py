@@ -38,9 +38,6 @@ from effattn.kernels.head_routing import head_routed_attention
 from effattn.kernels.softmax import softmax_attention
 
 SCALINGS = ("official", "paper")
-# model.attention.impl -> (shared heads via ops.softmax_attention, routed heads via head_routing)
-_IMPLS = {"auto": ("auto", "auto"), "cudnn": ("cudnn", "xla"), "xla": ("xla", "xla"),
-          "pallas": ("auto", "pallas"), "reference": ("reference", "reference")}
 
 
 @register("moh")
@@ -59,6 +56,7 @@ class MixtureOfHeadAttention(SoftmaxAttention):
       "block_q": 64,  # head_routing kernel tiles
       "block_k": 64,
   }
+  OPS = ("softmax", "head_routing")  # shared heads, routed heads
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
@@ -82,9 +80,6 @@ class MixtureOfHeadAttention(SoftmaxAttention):
                        f"multiple of num_heads / num_kv_heads = {group}")
     if self.window is not None:
       raise ValueError("model.attention.window is not supported by moh; set it to None")
-    if self.impl not in _IMPLS:
-      raise ValueError(f"model.attention.impl={self.impl!r} must be one of {sorted(_IMPLS)} "
-                       "for moh")
     # Routers in float32: softmax / top-k on bf16 logits flips near-ties.
     router = lambda n: base.dense(d_model, n, rngs=rngs, dtype=jnp.float32)  # noqa: E731
     self.w_routed = router(e) if e else None
@@ -141,18 +136,17 @@ class MixtureOfHeadAttention(SoftmaxAttention):
     q, k, v = self.project(x, positions)
     valid = None if segment_ids is None else segment_ids != 0
     gates, aux = self.route(x, valid)
-    shared_impl, routed_impl = _IMPLS[self.impl]
     hs, hs_kv = self.num_shared, self.num_shared // (self.num_heads // self.num_kv_heads)
     outs = []
     if hs:
       o = softmax_attention(q[:, :, :hs], k[:, :, :hs_kv], v[:, :, :hs_kv], causal=causal,
-                            segment_ids=segment_ids, impl=shared_impl)
+                            segment_ids=segment_ids, impl=self.op_impl("softmax"))
       outs.append(o * gates[..., :hs, None].astype(o.dtype))
     if self.num_routed:
       outs.append(head_routed_attention(
           q[:, :, hs:], k[:, :, hs_kv:], v[:, :, hs_kv:], gates[..., hs:].astype(q.dtype),
           causal=causal, segment_ids=segment_ids, block_q=self.opts.block_q,
-          block_k=self.opts.block_k, impl=routed_impl))
+          block_k=self.opts.block_k, impl=self.op_impl("head_routing")))
     o = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
     return self.o_proj(base.merge_heads(o)), aux
 

@@ -39,11 +39,7 @@ from effattn.attention.registry import register
 from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention,
                                           lists_from_block_mask)
 from effattn.kernels.softmax import reference_attention, softmax_attention
-from effattn.kernels.softmax.api import IMPLS as SOFTMAX_IMPLS
 
-# cfg.impl -> block_sparse impl (cuDNN does not apply to sparse attention).
-KERNEL_IMPL = {"auto": "auto", "cudnn": "auto", "pallas": "pallas", "xla": "xla",
-               "reference": "reference"}
 # Cluster ids are folded into segment ids as cluster * _SEG_STRIDE + segment.
 _SEG_STRIDE = 1 << 20
 
@@ -103,6 +99,7 @@ class RoutingAttention(base.Attention):
       "commitment": 1e-4,  # beta of the commitment loss
       "block": 64,  # kernel tile size (tokens)
   }
+  OPS = ("softmax", "block_sparse")  # local heads, routing heads
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
@@ -122,7 +119,6 @@ class RoutingAttention(base.Attention):
     if o.num_clusters < 1:
       raise ValueError(f"model.attention.routing.num_clusters={o.num_clusters} must be >= 1")
     self.num_local = num_heads - self.num_routing
-    self.impl = cfg.get("impl", "auto")
     d, hl, hr = self.head_dim, self.num_local, self.num_routing
     if hl:
       self.q_proj = base.dense(d_model, hl * d, rngs=rngs, dtype=self.dtype)
@@ -190,9 +186,8 @@ class RoutingAttention(base.Attention):
     return y, {"loss_commitment": self.opts.commitment * commit}
 
   def _local(self, q, k, v, segment_ids, causal):
-    impl = self.impl if self.impl in SOFTMAX_IMPLS else "auto"
     return softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids,
-                             window=self.opts.local_window, impl=impl)
+                             window=self.opts.local_window, impl=self.op_impl("softmax"))
 
   def _route_nearest(self, ur, v, assign, seg, causal):
     """Each token attends causally to earlier tokens of its own cluster. -> [B, T, Hr, D]."""
@@ -216,7 +211,7 @@ class RoutingAttention(base.Attention):
     o, _ = block_sparse_attention(
         take(ur), take(ur), take(v), kv_idx, kv_cnt, block_q=bs, block_k=bs, causal=causal,
         q_positions=pos, kv_positions=pos, q_segment_ids=cl_sorted * _SEG_STRIDE + seg_sorted,
-        kv_segment_ids=cl_sorted * _SEG_STRIDE + seg_sorted, impl=KERNEL_IMPL[self.impl])
+        kv_segment_ids=cl_sorted * _SEG_STRIDE + seg_sorted, impl=self.op_impl("block_sparse"))
     inverse = jnp.argsort(perm, axis=1)
     return jnp.take_along_axis(o, inverse[..., None], axis=1)
 
@@ -249,7 +244,7 @@ class RoutingAttention(base.Attention):
     o, _ = block_sparse_attention(
         gather(ur), gather(ur), gather(v), kv_idx, kv_cnt, block_q=bs, block_k=bs,
         causal=causal, q_positions=flat, kv_positions=flat, q_segment_ids=q_seg,
-        kv_segment_ids=kv_seg, impl=KERNEL_IMPL[self.impl])  # [B, C*wp, Hr, D]
+        kv_segment_ids=kv_seg, impl=self.op_impl("block_sparse"))  # [B, C*wp, Hr, D]
     o = jnp.where(pad[None, :, None, None], 0.0, o.astype(jnp.float32))
     tok = flat.transpose(0, 2, 1)  # [B, C*wp, Hr]
     bi = jnp.arange(b)[:, None, None]

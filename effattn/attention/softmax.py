@@ -22,6 +22,7 @@ class SoftmaxAttention(base.Attention):
   """y = softmax(q k^T / sqrt(D) + mask) v with H_kv key/value heads shared by H / H_kv queries."""
 
   DEFAULTS = {}
+  OPS = ("softmax",)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
@@ -30,7 +31,6 @@ class SoftmaxAttention(base.Attention):
       raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
                        f"model.num_heads={num_heads}")
     self.window = cfg.get("window")
-    self.impl = cfg.get("impl", "auto")
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
@@ -50,7 +50,7 @@ class SoftmaxAttention(base.Attention):
   def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
     q, k, v = self.project(x, positions)
     o = softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=self.window,
-                          impl=self.impl)
+                          impl=self.op_impl("softmax"))
     return self.o_proj(base.merge_heads(o)), {}
 
   def init_cache(self, batch, max_len, dtype=None):

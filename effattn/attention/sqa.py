@@ -80,7 +80,6 @@ class SparseQueryAttention(SoftmaxAttention):
     self.num_heads = h_q
     self.num_kv_heads = h_kv
     self.window = cfg.get("window")
-    self.impl = cfg.get("impl", "auto")
     d = self.head_dim
     self.q_proj = base.dense(d_model, h_q * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effattn.attention.landmark import KERNEL_IMPL, block_groups
+from effattn.attention.landmark import block_groups
+from effattn.kernels import dispatch
 from effattn.kernels.grouped_softmax import api as grouped
 from effattn.kernels.grouped_softmax import grouped_softmax_attention
 from tests.attention import oracles
@@ -62,8 +63,8 @@ CASES = {
     "block50-tile64-ragged-f32": ((1, 110, 1, 16), 50, 64, "one", jnp.float32, None),
     "fallback-f32": ((2, 40, 2, 16), 8, 16, "packed", jnp.float32, 4),
 }
-# Both kernels share grouped_softmax/common.py's math; the Triton one skips two cases to keep the file
-# fast (its loop structure is covered by the others).
+# Both kernels share grouped_softmax/common.py's math; the Triton one skips two cases to keep
+# the file fast (its loop structure is covered by the others).
 KERNEL_CASES = [(impl, name) for name in CASES for impl in ("pallas_gpu", "pallas_tpu")
                 if impl == "pallas_tpu" or name not in ("short-blocks-ragged-f32", "fallback-f32")]
 
@@ -140,7 +141,8 @@ def test_tpu_backend_gets_the_mosaic_kernel(monkeypatch):
   seg = jnp.ones((1, 20), jnp.int32)
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   # The module's "auto" and "pallas" reach grouped_softmax unchanged.
-  for impl in {KERNEL_IMPL["auto"], KERNEL_IMPL["pallas"]}:
+  for impl in {dispatch.op_impl("auto", "grouped_softmax"),
+               dispatch.op_impl("pallas", "grouped_softmax")}:
     f = lambda x, impl=impl: grouped.grouped_softmax(  # noqa: E731
         x, x, x, x, gid, seg, block_len=8, tile=16, impl=impl, interpret=True)
     assert "landmark_grouped_tpu_fwd" in str(jax.make_jaxpr(f)(x)), impl

@@ -1,22 +1,32 @@
 """Softmax attention as a function, with the path chosen per backend.
 
-`impl="auto"` uses cuDNN fused attention on GPU when the dtype, head dim and mask allow, and XLA
-otherwise; "reference" is the plain einsum oracle. Packed sequences (segment ids) reach cuDNN
-through its packed layout (segment offsets and lengths) when the row holds at most
-`max_segments` segments, and otherwise the block-sparse Pallas kernel with the segment ids
-(query-chunked XLA with a window); only an explicit dense mask (cache validity while decoding)
-forces XLA. The path taken is logged once
-per distinct choice.
+    o = softmax_attention(q, k, v, causal=True, segment_ids=seg, window=None, impl="auto")
+
+Paths (FAMILY, in the order "auto" tries them; the rules are kernels/dispatch.py's):
+  "cudnn"      cuDNN fused attention (GPU; bf16/fp16, head_dim a multiple of 8 up to 128, no
+               dense mask). Packed sequences (segment ids) reach it through its packed layout
+               (segment offsets and lengths) when every row holds at most `max_segments`
+               segments; otherwise the batch takes the block-sparse kernel with the segment
+               ids (query-chunked XLA with a window), see cudnn.py;
+  "xla"        jax.nn.dot_product_attention(implementation="xla"); a dense mask where one is
+               given (cache validity while decoding) or segments need it;
+  "reference"  the plain einsum oracle (reference.py).
+The path taken is logged once per distinct choice.
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 
-from effattn.kernels.paths import log_path_once
+from effattn.kernels import dispatch
 from effattn.kernels.softmax import cudnn, reference, xla
 
-IMPLS = ("auto", "cudnn", "xla", "reference")
+FAMILY = dispatch.Family("softmax", (
+    dispatch.Path("cudnn", platform="gpu", limits=cudnn.LIMITS),
+    dispatch.Path("xla"),
+    dispatch.Path("reference"),
+))
 
 
 def softmax_attention(
@@ -42,11 +52,9 @@ def softmax_attention(
       within its run of equal ids. cuDNN takes them in its packed layout (rows of at most
       `max_segments` runs, else the block-sparse kernel); XLA builds the dense mask.
     window: sliding-window size (keys with q - k < window).
-    impl: "auto" | "cudnn" | "xla" | "reference".
+    impl: "auto" | a path of FAMILY (kernels/dispatch.py has the rules).
     max_segments: runs per row the cuDNN packed call is built for (a static shape).
   """
-  if impl not in IMPLS:
-    raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"num_kv_heads={k.shape[2]} must divide num_heads={q.shape[2]}")
   if segment_ids is not None:
@@ -57,26 +65,13 @@ def softmax_attention(
                        f"self-attention (keys {k.shape[:2]})")
     if max_segments < 2:
       raise ValueError(f"{max_segments=} must be >= 2")
-  if impl == "reference":
-    log_path_once("softmax", "reference")
+  path, _ = FAMILY.choose(impl, dtype=np.dtype(q.dtype), head_dim=q.shape[-1],
+                          dense_mask=mask is not None, segments=segment_ids is not None,
+                          causal=causal, window=window)
+  if path == "reference":
     return reference.softmax_attention(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids,
                                        window=window, scale=scale)
-  if impl == "auto":
-    why = cudnn.unsupported(q, mask is not None)
-    if not why and segment_ids is not None:
-      why = cudnn.packed_unsupported(causal, window)
-    impl = "cudnn" if not why else "xla"
-    log_path_once("softmax", impl, why)
-  else:
-    log_path_once("softmax", impl, "forced")
-  if impl == "cudnn":
-    if mask is not None:
-      raise ValueError("impl='cudnn' cannot take a dense mask; pass segment_ids or use "
-                       "impl='auto'")
-    if segment_ids is not None:
-      why = cudnn.packed_unsupported(causal, window)
-      if why:
-        raise ValueError(f"impl='cudnn' cannot take these segment_ids: {why}; use impl='auto'")
+  if path == "cudnn":
     return cudnn.softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
                                    scale=scale, max_segments=max_segments)
   return xla.softmax_attention(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids,

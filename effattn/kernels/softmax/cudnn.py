@@ -13,6 +13,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 
+from effattn.kernels import dispatch
 from effattn.kernels.block_sparse import api as block_sparse
 from effattn.kernels.block_sparse.common import causal_block_mask, lists_from_block_mask
 from effattn.kernels.softmax import xla
@@ -27,26 +28,33 @@ except (ImportError, AttributeError, ValueError, TypeError):  # pragma: no cover
   jax_cudnn, PACKED_API = None, False
 
 
-def unsupported(q, mask_is_dense: bool) -> str:
-  """Empty string when cuDNN applies, else the reason it does not."""
-  if jax.default_backend() != "gpu":
-    return f"backend is {jax.default_backend()}"
-  if q.dtype not in (jnp.bfloat16, jnp.float16):
-    return f"dtype {q.dtype} (cuDNN needs bf16/fp16)"
-  if q.shape[-1] % 8 or q.shape[-1] > 128:
-    return f"head_dim {q.shape[-1]}"
-  if mask_is_dense:
-    return "a dense mask"
-  return ""
+def _dtype(dtype) -> str:
+  return "" if dtype in (jnp.bfloat16, jnp.float16) else f"dtype {dtype} (cuDNN needs bf16/fp16)"
 
 
-def packed_unsupported(causal: bool, window: int | None) -> str:
+def _head_dim(head_dim) -> str:
+  return "" if head_dim % 8 == 0 and head_dim <= 128 else (
+      f"head_dim {head_dim} (cuDNN needs a multiple of 8, at most 128)")
+
+
+def _packed(segments: bool, causal: bool, window) -> str:
   """Empty string when cuDNN's packed layout can take these segments, else why not."""
+  if not segments:
+    return ""
   if not PACKED_API:
     return "this jax has no cuDNN packed-segment API"
   if window is not None and not causal:
     return "cuDNN windows are causal only"
   return ""
+
+
+# What the cudnn path takes (softmax api's FAMILY): checked in this order, each reason logged.
+LIMITS = (
+    dispatch.Limit(("dtype",), lambda dtype: _dtype(dtype)),
+    dispatch.Limit(("head_dim",), lambda head_dim: _head_dim(head_dim)),
+    dispatch.Limit(("dense_mask",), lambda dense_mask: "a dense mask" if dense_mask else ""),
+    dispatch.Limit(("segments", "causal", "window"), _packed),
+)
 
 
 def packed_segments(segment_ids: jax.Array, max_segments: int):
