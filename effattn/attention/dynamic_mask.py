@@ -35,6 +35,7 @@ from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention
                                           lists_from_block_mask)
 from effattn.kernels.block_sparse.common import element_mask
 from effattn.kernels.softmax import reference_attention
+from effattn.ranges import POSITIVE_INT
 
 _NEG_INF = -jnp.inf
 
@@ -134,19 +135,17 @@ class DynamicMaskAttention(base.Attention):
       "block": 64,  # kernel tile size (tokens)
   }
   OPS = ("block_sparse",)
+  SUPPORTS = ("num_kv_heads", "head_dim")  # keep_window, not a sliding window, bounds the keys
+  CHOICES = {"selection": ("per_query", "global")}
+  RANGES = {"keep_window": POSITIVE_INT}
+
+  @classmethod
+  def check(cls, opts, sizes):
+    base.check_power_of_two("model.attention.dynamic_mask.block", opts.block, 8)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     o = self.opts
-    self.num_kv_heads = int(cfg.get("num_kv_heads") or num_heads)
-    if num_heads % self.num_kv_heads:
-      raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
-                       f"model.num_heads={num_heads}")
-    if o.keep_window < 1:
-      raise ValueError(f"model.attention.dynamic_mask.keep_window={o.keep_window} must be >= 1")
-    if o.selection not in ("per_query", "global"):
-      raise ValueError(f"model.attention.dynamic_mask.selection={o.selection!r} must be "
-                       "'per_query' or 'global'")
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)

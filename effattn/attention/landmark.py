@@ -47,6 +47,7 @@ from flax import nnx
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels import grouped_softmax
+from effattn.ranges import NON_NEGATIVE_INT, POSITIVE_INT, ConfigError
 
 _NEG = -1e30
 
@@ -89,25 +90,26 @@ class LandmarkAttention(base.Attention):
       "interpret": False,
   }
   OPS = ("grouped_softmax",)
+  SUPPORTS = ("head_dim",)  # MHA only; blocks, not a sliding window, bound the keys
+  CAUSAL_ONLY = True
+  RANGES = {"block_len": POSITIVE_INT, "top_k": POSITIVE_INT, "query_chunk": NON_NEGATIVE_INT,
+            "max_groups": NON_NEGATIVE_INT}
+
+  @classmethod
+  def check(cls, opts, sizes):
+    base.check_power_of_two("model.attention.landmark.tile", opts.tile, 16)
+    if opts.max_groups and sizes.seq_len and opts.max_groups < -(-sizes.seq_len // opts.block_len):
+      raise ConfigError(f"model.attention.landmark.max_groups={opts.max_groups} holds fewer "
+                        f"block tiles than one sequence of data.seq_len={sizes.seq_len} has "
+                        f"({-(-sizes.seq_len // opts.block_len)}): the kernel could never run; "
+                        "raise it or set 0 (default)")
+
+  @classmethod
+  def op_shapes(cls, opts, sizes):
+    return dict(super().op_shapes(opts, sizes), block_len=opts.block_len, tile=opts.tile)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
-    kv = cfg.get("num_kv_heads")
-    if kv not in (None, num_heads):
-      raise ValueError(f"model.attention.num_kv_heads={kv}: landmark supports MHA only; "
-                       "leave it unset")
-    if self.opts.block_len < 1 or self.opts.top_k < 1:
-      raise ValueError(f"model.attention.landmark block_len={self.opts.block_len} and "
-                       f"top_k={self.opts.top_k} must be >= 1")
-    if self.opts.query_chunk < 0:
-      raise ValueError(f"model.attention.landmark.query_chunk={self.opts.query_chunk} must be "
-                       ">= 0 (0: all queries at once)")
-    tile = self.opts.tile
-    if tile < 16 or tile & (tile - 1):
-      raise ValueError(f"model.attention.landmark.tile={tile} must be a power of two >= 16")
-    if self.opts.max_groups < 0:
-      raise ValueError(f"model.attention.landmark.max_groups={self.opts.max_groups} must be "
-                       ">= 0 (0: default)")
     d, h = self.head_dim, num_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)

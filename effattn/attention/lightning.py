@@ -35,6 +35,7 @@ from flax import nnx
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.linear_scan import decode_impl, linear_scan
+from effattn.ranges import POSITIVE, ConfigError
 
 ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "elu+1": lambda x: jax.nn.elu(x) + 1.0,
                "identity": lambda x: x}
@@ -81,25 +82,26 @@ class LightningAttention(base.Attention):
       "scale": 1.0,  # score scale; the official op has none (fla defaults to D^-0.5)
   }
   OPS = ("linear_scan",)
+  SUPPORTS = ("num_kv_heads", "head_dim")  # the decay, not a window, forgets the past
+  CHOICES = {"decay": ("tnl", "fla", "none"), "act": tuple(ACTIVATIONS)}
+  RANGES = {"norm_eps": POSITIVE, "scale": POSITIVE}
+
+  @classmethod
+  def check(cls, opts, sizes):
+    if opts.log_decay:
+      log_decay = np.asarray(opts.log_decay, np.float64)
+      if log_decay.shape != (sizes.num_heads,) or np.any(log_decay > 0):
+        raise ConfigError(f"model.attention.lightning.log_decay needs {sizes.num_heads} values "
+                          f"<= 0 (one per head); got {opts.log_decay}")
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     opts = self.opts
-    if opts.act not in ACTIVATIONS:
-      raise ValueError(f"model.attention.lightning.act={opts.act!r} must be one of "
-                       f"{sorted(ACTIVATIONS)}")
     if opts.log_decay:
       log_decay = np.asarray(opts.log_decay, np.float64)
-      if log_decay.shape != (num_heads,) or np.any(log_decay > 0):
-        raise ValueError(f"model.attention.lightning.log_decay needs {num_heads} values <= 0 "
-                         f"(one per head); got {opts.log_decay}")
     else:
       log_decay = decay_schedule(opts.decay, num_heads, self.layer_idx, self.num_layers)
     self.log_decay = tuple(float(g) for g in log_decay)  # static and hashable
-    self.num_kv_heads = int(cfg.get("num_kv_heads") or num_heads)
-    if num_heads % self.num_kv_heads:
-      raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
-                       f"model.num_heads={num_heads}")
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)

@@ -24,6 +24,7 @@ from flax import nnx
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.linear_scan import decode_impl, linear_scan, linear_scan_normalizer
+from effattn.ranges import NON_NEGATIVE
 
 FEATURE_MAPS = {
     "elu+1": lambda x: jax.nn.elu(x) + 1.0,
@@ -78,16 +79,12 @@ class LinearAttention(base.Attention):
       "eps": 1e-6,  # added to the normalizer phi(q) . z
   }
   OPS = ("linear_scan",)
+  SUPPORTS = ("num_kv_heads", "head_dim")  # the state holds every past token: no window
+  CHOICES = {"feature_map": tuple(FEATURE_MAPS)}
+  RANGES = {"eps": NON_NEGATIVE}
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
-    if self.opts.feature_map not in FEATURE_MAPS:
-      raise ValueError(f"model.attention.linear.feature_map={self.opts.feature_map!r} must be "
-                       f"one of {sorted(FEATURE_MAPS)}")
-    self.num_kv_heads = int(cfg.get("num_kv_heads") or num_heads)
-    if num_heads % self.num_kv_heads:
-      raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
-                       f"model.num_heads={num_heads}")
     self.normalize = self.opts.feature_map != "identity"
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)

@@ -36,6 +36,7 @@ from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.linear_scan import (decode_impl, linear_scan, linear_scan_normalizer,
                                           segment_runs)
+from effattn.ranges import NON_NEGATIVE, NON_NEGATIVE_INT, ConfigError
 
 
 class MalaState(NamedTuple):
@@ -141,18 +142,16 @@ class MalaAttention(base.Attention):
       "output_gate": False,  # official: multiply by a linear projection of x before W_o
   }
   OPS = ("linear_scan",)
+  SUPPORTS = ("num_kv_heads", "head_dim")  # the state holds every past token: no window
+  RANGES = {"eps": NON_NEGATIVE, "lepe_kernel": NON_NEGATIVE_INT}
+
+  @classmethod
+  def check(cls, opts, sizes):
+    if opts.rope and sizes.head_dim % 2:
+      raise ConfigError(f"model.attention.mala.rope needs an even head_dim, got {sizes.head_dim}")
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
-    self.num_kv_heads = int(cfg.get("num_kv_heads") or num_heads)
-    if num_heads % self.num_kv_heads:
-      raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
-                       f"model.num_heads={num_heads}")
-    if self.opts.lepe_kernel < 0:
-      raise ValueError(f"model.attention.mala.lepe_kernel={self.opts.lepe_kernel} must be >= 0 "
-                       "(0 turns it off)")
-    if self.opts.rope and self.head_dim % 2:
-      raise ValueError(f"model.attention.mala.rope needs an even head_dim, got {self.head_dim}")
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)

@@ -36,6 +36,7 @@ from effattn.attention.registry import register
 from effattn.attention.softmax import SoftmaxAttention
 from effattn.kernels.head_routing import head_routed_attention
 from effattn.kernels.softmax import softmax_attention
+from effattn.ranges import NON_NEGATIVE, ConfigError, Range
 
 SCALINGS = ("official", "paper")
 
@@ -57,29 +58,40 @@ class MixtureOfHeadAttention(SoftmaxAttention):
       "block_k": 64,
   }
   OPS = ("softmax", "head_routing")  # shared heads, routed heads
+  SUPPORTS = ("num_kv_heads", "head_dim")  # the routed-head kernel has no window
+  CHOICES = {"scaling": SCALINGS}
+  RANGES = {"num_shared_heads": Range(0, integer=True, none_ok=True),
+            "top_k": Range(1, integer=True, none_ok=True), "balance_weight": NON_NEGATIVE}
+
+  @staticmethod
+  def head_split(opts, num_heads: int) -> tuple[int, int]:
+    """(shared heads h_s, routed heads per token K) with their defaults filled in."""
+    shared = num_heads // 2 if opts.num_shared_heads is None else int(opts.num_shared_heads)
+    routed = num_heads - shared
+    top_k = (max(1, routed // 2) if routed else 0) if opts.top_k is None else int(opts.top_k)
+    return shared, top_k
+
+  @classmethod
+  def check(cls, opts, sizes):
+    h = sizes.num_heads
+    shared, top_k = cls.head_split(opts, h)
+    if not 0 <= shared <= h:
+      raise ConfigError(f"model.attention.moh.num_shared_heads={shared} must be in "
+                        f"[0, num_heads={h}]")
+    if h - shared and not 1 <= top_k <= h - shared:
+      raise ConfigError(f"model.attention.moh.top_k={top_k} must be in [1, {h - shared}] (the "
+                        "routed heads)")
+    group = h // (sizes.num_kv_heads or h)
+    if shared % group:
+      raise ConfigError(f"model.attention.moh.num_shared_heads={shared} must be a "
+                        f"multiple of num_heads / num_kv_heads = {group}")
+    for field in ("block_q", "block_k"):
+      base.check_power_of_two(f"model.attention.moh.{field}", getattr(opts, field), 16)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
-    o = self.opts
-    h = num_heads
-    self.num_shared = h // 2 if o.num_shared_heads is None else int(o.num_shared_heads)
-    self.num_routed = h - self.num_shared
-    if not 0 <= self.num_shared <= h:
-      raise ValueError(f"model.attention.moh.num_shared_heads={self.num_shared} must be in "
-                       f"[0, num_heads={h}]")
-    e = self.num_routed
-    self.top_k = (max(1, e // 2) if e else 0) if o.top_k is None else int(o.top_k)
-    if e and not 1 <= self.top_k <= e:
-      raise ValueError(f"model.attention.moh.top_k={self.top_k} must be in [1, {e}] (the routed "
-                       "heads)")
-    if o.scaling not in SCALINGS:
-      raise ValueError(f"model.attention.moh.scaling={o.scaling!r} must be one of {SCALINGS}")
-    group = h // self.num_kv_heads
-    if self.num_shared % group:
-      raise ValueError(f"model.attention.moh.num_shared_heads={self.num_shared} must be a "
-                       f"multiple of num_heads / num_kv_heads = {group}")
-    if self.window is not None:
-      raise ValueError("model.attention.window is not supported by moh; set it to None")
+    self.num_shared, self.top_k = self.head_split(self.opts, num_heads)
+    self.num_routed = e = num_heads - self.num_shared
     # Routers in float32: softmax / top-k on bf16 logits flips near-ties.
     router = lambda n: base.dense(d_model, n, rngs=rngs, dtype=jnp.float32)  # noqa: E731
     self.w_routed = router(e) if e else None

@@ -41,6 +41,7 @@ from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.memory_chunk import common, deep, deep_memory_update, memory_update, xla
 from effattn.kernels.softmax import softmax_attention
+from effattn.ranges import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigError
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
 
@@ -208,26 +209,35 @@ class NeuralMemory(base.Attention):
       "store_norm": True,
   }
   OPS = ("softmax", "memory_chunk")  # attention branch, memory
+  CAUSAL_ONLY = True
+  CHOICES = {"variant": VARIANTS}
+  RANGES = {"depth": POSITIVE_INT, "expansion": POSITIVE_INT, "chunk_size": POSITIVE_INT,
+            "segment_len": POSITIVE_INT, "num_persistent": NON_NEGATIVE_INT,
+            "conv_size": POSITIVE_INT, "max_lr": POSITIVE}
+
+  @classmethod
+  def supports(cls, field, opts):
+    if field == "window":  # MAG's and MAL's sliding-window branch; MAC attends per segment
+      return opts.variant in ("mag", "mal")
+    if field == "num_kv_heads":  # the memory alone has no attention
+      return opts.variant != "lmm"
+    # MAG and MAC gate the d_model-wide attention output by the H * D-wide memory output.
+    return field == "head_dim" and opts.variant in ("mal", "lmm")
+
+  @classmethod
+  def check(cls, opts, sizes):
+    if opts.variant == "mac" and opts.segment_len % opts.chunk_size:
+      raise ConfigError(f"model.attention.neural_memory.segment_len={opts.segment_len} must be "
+                        f"a multiple of chunk_size={opts.chunk_size} (MAC updates whole chunks)")
+
+  @classmethod
+  def op_shapes(cls, opts, sizes):
+    return dict(super().op_shapes(opts, sizes), chunk_size=opts.chunk_size, depth=opts.depth)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     o = self.opts
-    if o.variant not in VARIANTS:
-      raise ValueError(f"model.attention.neural_memory.variant={o.variant!r} must be one of "
-                       f"{VARIANTS}")
-    if o.depth < 1:
-      raise ValueError(f"model.attention.neural_memory.depth={o.depth} must be >= 1")
-    if o.chunk_size < 1 or o.conv_size < 1:
-      raise ValueError("model.attention.neural_memory.chunk_size and conv_size must be >= 1")
-    if o.variant == "mac" and o.segment_len % o.chunk_size:
-      raise ValueError(f"model.attention.neural_memory.segment_len={o.segment_len} must be a "
-                       f"multiple of chunk_size={o.chunk_size} (MAC updates whole chunks)")
     self.variant = o.variant
-    self.window = cfg.get("window")
-    self.num_kv_heads = int(cfg.get("num_kv_heads") or num_heads)
-    if num_heads % self.num_kv_heads:
-      raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
-                       f"model.num_heads={num_heads}")
     h, d, h_kv, dt = num_heads, self.head_dim, self.num_kv_heads, self.dtype
     self.memory = _Memory(d_model, h, d, depth=o.depth, expansion=o.expansion,
                           conv_size=o.conv_size, max_lr=o.max_lr, chunk_size=o.chunk_size,

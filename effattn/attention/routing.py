@@ -39,6 +39,7 @@ from effattn.attention.registry import register
 from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention,
                                           lists_from_block_mask)
 from effattn.kernels.softmax import reference_attention, softmax_attention
+from effattn.ranges import (NON_NEGATIVE, POSITIVE_INT, UNIT_OPEN_TOP, ConfigError, Range)
 
 # Cluster ids are folded into segment ids as cluster * _SEG_STRIDE + segment.
 _SEG_STRIDE = 1 << 20
@@ -100,24 +101,25 @@ class RoutingAttention(base.Attention):
       "block": 64,  # kernel tile size (tokens)
   }
   OPS = ("softmax", "block_sparse")  # local heads, routing heads
+  # Q = K per routing head, so no key/value head sharing; local heads have their own window.
+  SUPPORTS = ("head_dim",)
+  CHOICES = {"membership": ("nearest", "balanced")}
+  RANGES = {"num_clusters": POSITIVE_INT, "routing_heads": Range(1, integer=True, none_ok=True),
+            "local_window": POSITIVE_INT, "cluster_size": Range(1, integer=True, none_ok=True),
+            "decay": UNIT_OPEN_TOP, "commitment": NON_NEGATIVE}
+
+  @classmethod
+  def check(cls, opts, sizes):
+    if opts.routing_heads is not None and opts.routing_heads > sizes.num_heads:
+      raise ConfigError(f"model.attention.routing.routing_heads={opts.routing_heads} must be in "
+                        f"1..{sizes.num_heads} (model.num_heads)")
+    base.check_power_of_two("model.attention.routing.block", opts.block, 8)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     o = self.opts
-    kv = cfg.get("num_kv_heads")
-    if kv not in (None, num_heads):
-      raise ValueError(f"model.attention.num_kv_heads={kv}: routing shares Q and K per head; "
-                       "leave it unset")
     self.num_routing = int(o.routing_heads if o.routing_heads is not None
                            else max(1, num_heads // 2))
-    if not 0 < self.num_routing <= num_heads:
-      raise ValueError(f"model.attention.routing.routing_heads={o.routing_heads} must be in "
-                       f"1..{num_heads}")
-    if o.membership not in ("nearest", "balanced"):
-      raise ValueError(f"model.attention.routing.membership={o.membership!r} must be "
-                       "'nearest' or 'balanced'")
-    if o.num_clusters < 1:
-      raise ValueError(f"model.attention.routing.num_clusters={o.num_clusters} must be >= 1")
     self.num_local = num_heads - self.num_routing
     d, hl, hr = self.head_dim, self.num_local, self.num_routing
     if hl:
