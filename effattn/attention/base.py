@@ -266,6 +266,16 @@ class AttentionModule(Protocol):
   def decode(self, x: jax.Array, *, positions: jax.Array, cache: Any) -> tuple[jax.Array, Any]: ...
 
 
+def fallback_aux(op: str, *fracs) -> dict[str, jax.Array]:
+  """The aux entry `<op>_fallback_frac` of the runtime fallbacks an op reported (ops called
+  with return_fallback_frac=True; None: the path taken has none): the largest fraction of batch
+  rows that took one, or {} when no path could fall back. The trainer logs it as aux/<key>."""
+  fracs = [f for f in fracs if f is not None]
+  if not fracs:
+    return {}
+  return {f"{op}_fallback_frac": functools.reduce(jnp.maximum, fracs)}
+
+
 def dense(d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype: Any, use_bias: bool = False,
           scale: float = 1.0) -> nnx.Linear:
   """A bias-free projection with f32 params and `dtype` compute (mixed precision)."""

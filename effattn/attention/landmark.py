@@ -25,10 +25,11 @@ flash-style Pallas kernel (Triton on GPU, Mosaic on TPU): tokens are re-laid out
 block fills one tile of `tile` slots, an earlier block is one key tile whose within-block
 softmax, value summary and landmark score are tile-local, and nothing [T, T] is built; rows
 with more blocks than the layout's `max_groups` tiles take the path below through lax.cond, so
-the result is always exact. Elsewhere (and with impl "xla" / "reference") the grouped softmax
-is evaluated with dense scores (as the official code's non-Triton path), `query_chunk` queries
-at a time with the scores recomputed in the backward pass, so memory is O(query_chunk * T) per
-layer (docs/mechanisms_sparse.md).
+the result is always exact, and aux["grouped_softmax_fallback_frac"] says how often. Elsewhere
+(and with impl "xla") the grouped softmax is evaluated with dense scores (as the official
+code's non-Triton path), `query_chunk` queries at a time with the scores recomputed in the
+backward pass, so memory is O(query_chunk * T) per layer (docs/mechanisms_sparse.md); impl
+"reference" takes all queries at once.
 
 Decoding scores the landmarks of completed blocks, keeps the top_k blocks per query and head
 plus the current block, and attends to them with the same grouped formula at a cost of
@@ -145,11 +146,12 @@ class LandmarkAttention(base.Attention):
     k_land = self._rope((mean + self._landmark_key_base()).astype(q.dtype),
                         jnp.maximum(last_pos, 0))
     k, scale = self._rope(k_raw, positions), self.head_dim ** -0.5
-    o = grouped_softmax.grouped_softmax(
+    o, frac = grouped_softmax.grouped_softmax(
         q, k, v, k_land, gid, seg, scale=scale, block_len=self.opts.block_len,
         impl=self.op_impl("grouped_softmax"), chunk=self.opts.query_chunk, tile=self.opts.tile,
-        max_groups=self.opts.max_groups or None, interpret=self.opts.interpret)
-    return self.o_proj(base.merge_heads(o)), {}
+        max_groups=self.opts.max_groups or None, interpret=self.opts.interpret,
+        return_fallback_frac=True)
+    return self.o_proj(base.merge_heads(o)), base.fallback_aux("grouped_softmax", frac)
 
   # -- decoding with retrieval ---------------------------------------------------------------
 

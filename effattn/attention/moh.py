@@ -20,7 +20,8 @@ FLOPs follow (h_s + K) / H. The official code computes every head and masks.
 Load balance (aux `loss_moh_balance`, already times `balance_weight`): L_b = E * sum_i f_i P_i,
 f_i the fraction of tokens routed to head i and P_i its mean routing probability, over real
 tokens (segment id != 0). Logged: `moh_active_fraction` (share of (token, head) pairs with a
-non-zero gate) and `moh_load_imbalance` (max_i f_i / mean_i f_i, 1 = balanced).
+non-zero gate), `moh_load_imbalance` (max_i f_i / mean_i f_i, 1 = balanced) and, where a path
+taken runs cuDNN's packed layout, `softmax_fallback_frac`.
 """
 
 from __future__ import annotations
@@ -149,18 +150,23 @@ class MixtureOfHeadAttention(SoftmaxAttention):
     valid = None if segment_ids is None else segment_ids != 0
     gates, aux = self.route(x, valid)
     hs, hs_kv = self.num_shared, self.num_shared // (self.num_heads // self.num_kv_heads)
-    outs = []
+    outs, fracs = [], []
     if hs:
-      o = softmax_attention(q[:, :, :hs], k[:, :, :hs_kv], v[:, :, :hs_kv], causal=causal,
-                            segment_ids=segment_ids, impl=self.op_impl("softmax"))
+      o, frac = softmax_attention(q[:, :, :hs], k[:, :, :hs_kv], v[:, :, :hs_kv], causal=causal,
+                                  segment_ids=segment_ids, impl=self.op_impl("softmax"),
+                                  return_fallback_frac=True)
       outs.append(o * gates[..., :hs, None].astype(o.dtype))
+      fracs.append(frac)
     if self.num_routed:
-      outs.append(head_routed_attention(
+      o, frac = head_routed_attention(
           q[:, :, hs:], k[:, :, hs_kv:], v[:, :, hs_kv:], gates[..., hs:].astype(q.dtype),
           causal=causal, segment_ids=segment_ids, block_q=self.opts.block_q,
-          block_k=self.opts.block_k, impl=self.op_impl("head_routing")))
+          block_k=self.opts.block_k, impl=self.op_impl("head_routing"),
+          return_fallback_frac=True)
+      outs.append(o)
+      fracs.append(frac)
     o = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
-    return self.o_proj(base.merge_heads(o)), aux
+    return self.o_proj(base.merge_heads(o)), {**aux, **base.fallback_aux("softmax", *fracs)}
 
   def decode(self, x, *, positions, cache):
     """Every head over the cache, then gated (a decode step is a handful of tokens)."""

@@ -23,7 +23,8 @@ cluster, causally by position. Two memberships:
              on the whole sequence (future tokens can evict past ones), which is not causal;
              decoding uses nearest-centroid routing. Use it for the paper's bounded cost.
 
-aux: `loss_commitment` = commitment * mean ||u - stopgrad(mu_nearest)||^2 (already weighted).
+aux: `loss_commitment` = commitment * mean ||u - stopgrad(mu_nearest)||^2 (already weighted);
+`softmax_fallback_frac` where the local heads run cuDNN's packed path (rows past its segments).
 """
 
 from __future__ import annotations
@@ -167,9 +168,10 @@ class RoutingAttention(base.Attention):
     vl, vr = v[:, :, :self.num_local], v[:, :, self.num_local:]
     seg = segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32)
     assign = self.assign(u)
-    outs = []
+    outs, frac = [], None
     if self.num_local:
-      outs.append(self._local(ql, kl, vl, segment_ids, causal))
+      o, frac = self._local(ql, kl, vl, segment_ids, causal)
+      outs.append(o)
     if self.opts.membership == "nearest":
       outs.append(self._route_nearest(ur, vr, assign, seg, causal))
     else:
@@ -185,11 +187,13 @@ class RoutingAttention(base.Attention):
       new_sum, new_count = ema_update(self.ema_sum[...], self.ema_count[...],
                                       jax.lax.stop_gradient(u), assign, real, self.opts.decay)
       self.ema_sum[...], self.ema_count[...] = new_sum, new_count
-    return y, {"loss_commitment": self.opts.commitment * commit}
+    return y, {"loss_commitment": self.opts.commitment * commit,
+               **base.fallback_aux("softmax", frac)}
 
   def _local(self, q, k, v, segment_ids, causal):
     return softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids,
-                             window=self.opts.local_window, impl=self.op_impl("softmax"))
+                             window=self.opts.local_window, impl=self.op_impl("softmax"),
+                             return_fallback_frac=True)
 
   def _route_nearest(self, ur, v, assign, seg, causal):
     """Each token attends causally to earlier tokens of its own cluster. -> [B, T, Hr, D]."""

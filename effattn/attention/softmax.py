@@ -1,7 +1,8 @@
 """Softmax attention baseline: MHA, GQA (num_kv_heads < H) and MQA (num_kv_heads = 1).
 
 Optional sliding window (`window`), RoPE applied by the module when the model uses rotary
-positions, segment ids for packed sequences, and a KV cache for decoding.
+positions, segment ids for packed sequences, and a KV cache for decoding. aux holds
+`softmax_fallback_frac` where the path taken (cuDNN's packed layout) has a runtime fallback.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ class SoftmaxAttention(base.Attention):
 
   def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
     q, k, v = self.project(x, positions)
-    o = softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=self.window,
-                          impl=self.op_impl("softmax"))
-    return self.o_proj(base.merge_heads(o)), {}
+    o, frac = softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                                window=self.window, impl=self.op_impl("softmax"),
+                                return_fallback_frac=True)
+    return self.o_proj(base.merge_heads(o)), base.fallback_aux("softmax", frac)
 
   def init_cache(self, batch, max_len, dtype=None):
     dtype = dtype or self.dtype

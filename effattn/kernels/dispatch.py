@@ -266,29 +266,26 @@ def impls() -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def interpret_kernels(platform: str) -> Iterator[None]:
+def _standing_in(platform: str, interpreted: bool, what: str) -> Iterator[None]:
+  if platform not in _PLATFORMS:
+    raise ValueError(f"{what}({platform!r}): platform must be one of {_PLATFORMS}")
+  _STAND_IN.append((platform, interpreted))
+  try:
+    yield
+  finally:
+    _STAND_IN.pop()
+
+
+def interpret_kernels(platform: str) -> contextlib.AbstractContextManager[None]:
   """Test-only: within the block, "auto" and "pallas" off `platform` pick `platform`'s Pallas
   kernels and run them in the interpreter, with the device's limits; ops traced here only."""
-  if platform not in _PLATFORMS:
-    raise ValueError(f"interpret_kernels({platform!r}): platform must be one of {_PLATFORMS}")
-  _STAND_IN.append((platform, True))
-  try:
-    yield
-  finally:
-    _STAND_IN.pop()
+  return _standing_in(platform, True, "interpret_kernels")
 
 
-@contextlib.contextmanager
-def lower_for(platform: str) -> Iterator[None]:
+def lower_for(platform: str) -> contextlib.AbstractContextManager[None]:
   """Within the block, ops choose paths as on `platform` (its kernels, not interpreted): for
   exporting or lowering a program for a device this machine does not have (jax.export)."""
-  if platform not in _PLATFORMS:
-    raise ValueError(f"lower_for({platform!r}): platform must be one of {_PLATFORMS}")
-  _STAND_IN.append((platform, False))
-  try:
-    yield
-  finally:
-    _STAND_IN.pop()
+  return _standing_in(platform, False, "lower_for")
 
 
 # -- a mechanism's impl and its ops --------------------------------------------------------------

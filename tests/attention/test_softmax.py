@@ -101,9 +101,11 @@ def test_cudnn_packed_path_and_its_fallback(monkeypatch, causal, window):
   for seg in (few, many):
     want = ops.softmax_attention(q, k, v, causal=causal, segment_ids=seg, window=window,
                                  impl="reference")
-    got = cudnn.packed_attention(q, k, v, seg, causal=causal, window=window, scale=None,
-                                 max_segments=4)
+    got, fallback_frac = cudnn.packed_attention(q, k, v, seg, causal=causal, window=window,
+                                                scale=None, max_segments=4)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    # The whole batch takes the fallback when one row has more runs than max_segments.
+    assert float(fallback_frac) == (1.0 if seg is many else 0.0)
 
 
 def test_segment_ids_with_a_mask_is_refused():

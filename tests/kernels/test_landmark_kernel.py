@@ -192,3 +192,21 @@ def test_module_kernel_path_equals_chunked_path():
   for (path, a), (_, c) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(g_k)),
                                jax.tree_util.tree_leaves_with_path(nnx.state(g_c))):
     _close(f"grad {jax.tree_util.keystr(path)}", c, a, jnp.float32)
+
+
+@pytest.mark.parametrize("max_groups,want", [(0, 0.0), (2, 1.0)])
+def test_runtime_fallback_is_reported_in_aux(max_groups, want):
+  """The module's kernel path (interpret switch, as on a GPU) says in aux how many rows took the
+  lax.cond fallback: none with room for every block, all when the layout holds 2 blocks."""
+  module = oracles.build("landmark", num_heads=2, impl="auto", landmark={
+      "block_len": 8, "tile": 16, "query_chunk": 8, "max_groups": max_groups})
+  x, _ = oracles.random_inputs(batch=2, length=30)
+  pos, seg = _layout("packed", 2, 30)
+  with dispatch.interpret_kernels("gpu"):
+    y, aux = module(x, positions=pos, segment_ids=seg)
+  assert float(aux["grouped_softmax_fallback_frac"]) == want
+  y_ref, aux_ref = oracles.build("landmark", num_heads=2, impl="xla", landmark={
+      "block_len": 8, "tile": 16, "query_chunk": 8})(x, positions=pos, segment_ids=seg)
+  assert "grouped_softmax_fallback_frac" not in aux_ref  # a path with no runtime fallback
+  real = np.asarray(seg) > 0
+  _close("y", np.where(real[..., None], y_ref, 0), np.where(real[..., None], y, 0), jnp.float32)

@@ -162,7 +162,8 @@ def default_max_groups(t: int, block_len: int) -> int:
 def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
                     block_len: int | None = None, impl: str = "auto", chunk: int = 256,
                     tile: int = 64, max_groups: int | None = None, interpret: bool = False,
-                    num_warps: int | None = None, num_stages: int | None = None):
+                    num_warps: int | None = None, num_stages: int | None = None,
+                    return_fallback_frac: bool = False):
   """The landmark grouped softmax.
 
   Args:
@@ -179,9 +180,12 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
       tile)); rows with more groups run the xla path instead (lax.cond).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
     num_warps, num_stages: Triton tuning overrides (the GPU kernel only).
+    return_fallback_frac: also return the fraction of batch rows that took the kernel path's
+      runtime fallback (1.0 or 0.0: the lax.cond sends the whole batch), or None on a path that
+      has none.
 
   Returns:
-    o [B, T, H, D] in q's dtype.
+    o [B, T, H, D] in q's dtype; with return_fallback_frac, (o, fraction or None).
   """
   if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
     raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} must all be [B, T, H, D]")
@@ -211,15 +215,18 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
 
   path, interpret = FAMILY.choose(impl, interpret=interpret, head_dim=d, block_len=block_len,
                                   tile=tile)
-  if path == "reference":
-    return reference.grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=scale)[0]
-  if path == "xla":
-    return xla_path(q, k, v, k_land)
+  static = {"reference": lambda *a: reference.grouped_softmax_attention(*a, gid, seg,
+                                                                       scale=scale)[0],
+            "xla": xla_path}
+  if path in static:
+    o = static[path](q, k, v, k_land)
+    return (o, None) if return_fallback_frac else o
   max_groups = max_groups or default_max_groups(t, block_len or tile)
   lay = relayout(gid, seg, max_groups=max_groups, tile=tile)
   tuning = tuple((n, x) for n, x in (("num_warps", num_warps), ("num_stages", num_stages))
                  if x is not None)
   st = _Static(tile=tile, scale=scale, interpret=interpret, tuning=tuning,
                platform=path.removeprefix("pallas_"))
-  return lax.cond(lay["ok"], lambda *a: kernel_attention(*a, lay, st).astype(q.dtype),
-                  xla_path, q, k, v, k_land)
+  o = lax.cond(lay["ok"], lambda *a: kernel_attention(*a, lay, st).astype(q.dtype),
+               xla_path, q, k, v, k_land)
+  return (o, 1.0 - lay["ok"].astype(jnp.float32)) if return_fallback_frac else o

@@ -121,7 +121,8 @@ def head_routed_attention(
     block_k: int = 64,
     impl: str = "auto",
     interpret: bool = False,
-) -> jax.Array:
+    return_fallback_frac: bool = False,
+):
   """Gated attention computed only for the (token, head) pairs with a non-zero gate.
 
   Args:
@@ -134,9 +135,12 @@ def head_routed_attention(
     block_q, block_k: Pallas tile sizes (powers of two >= 16).
     impl: "auto" | "pallas" | a path of FAMILY (kernels/dispatch.py has the rules).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
+    return_fallback_frac: also return the fraction of batch rows that took a runtime fallback
+      (only the xla path has one: softmax's packed cuDNN call), or None.
 
   Returns:
-    o [B, T, H, D] in q's dtype: gates * attention where gates != 0, else 0.
+    o [B, T, H, D] in q's dtype: gates * attention where gates != 0, else 0; with
+    return_fallback_frac, (o, fraction or None).
   """
   if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
     raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} must be [B, T, H, D] with k and v "
@@ -152,12 +156,21 @@ def head_routed_attention(
   sizes = BlockSizes(block_q, block_k)
   scale = d ** -0.5 if scale is None else float(scale)
   path, interpret = FAMILY.choose(impl, interpret=interpret, head_dim=d)
+  frac = None
   if path == "reference":
-    return reference.head_routed_attention(q, k, v, gates, causal=causal,
-                                           segment_ids=segment_ids, scale=scale)
-  if path == "xla":
-    return xla.head_routed_attention(q, k, v, gates, causal=causal, segment_ids=segment_ids,
-                                     scale=scale)
+    o = reference.head_routed_attention(q, k, v, gates, causal=causal, segment_ids=segment_ids,
+                                        scale=scale)
+  elif path == "xla":
+    o, frac = xla.head_routed_attention(q, k, v, gates, causal=causal, segment_ids=segment_ids,
+                                        scale=scale)
+  else:
+    o = _pallas_path(q, k, v, gates, segment_ids, causal=causal, scale=scale, sizes=sizes,
+                     interpret=interpret, platform=path.removeprefix("pallas_"))
+  return (o, frac) if return_fallback_frac else o
+
+
+def _pallas_path(q, k, v, gates, segment_ids, *, causal, scale, sizes, interpret, platform):
+  t = q.shape[1]
   # Pad to whole tiles: padded tokens are never routed, and as keys they are masked by
   # causality or by kv_len.
   tile = max(sizes.block_q, sizes.block_k)
@@ -167,6 +180,6 @@ def head_routed_attention(
     q, k, v, gates = pad(q), pad(k), pad(v), pad(gates)
     segment_ids = None if segment_ids is None else pad(segment_ids)
   st = _Static(causal=causal, scale=scale, block_q=sizes.block_q, block_k=sizes.block_k,
-               kv_len=t, interpret=interpret, platform=path.removeprefix("pallas_"))
+               kv_len=t, interpret=interpret, platform=platform)
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
   return _pallas(q, k, v, gates, seg, st)[:, :t]

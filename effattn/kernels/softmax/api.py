@@ -41,7 +41,8 @@ def softmax_attention(
     scale: float | None = None,
     impl: str = "auto",
     max_segments: int = 16,
-) -> jax.Array:
+    return_fallback_frac: bool = False,
+):
   """Softmax attention over [B, T, H, D] queries and [B, S, H_kv, D] keys/values.
 
   Args:
@@ -54,6 +55,11 @@ def softmax_attention(
     window: sliding-window size (keys with q - k < window).
     impl: "auto" | a path of FAMILY (kernels/dispatch.py has the rules).
     max_segments: runs per row the cuDNN packed call is built for (a static shape).
+    return_fallback_frac: also return the fraction of batch rows that took a runtime fallback
+      (the packed cuDNN path's lax.cond), or None when the chosen path has none.
+
+  Returns:
+    o [B, T, H, D] in q's dtype; with return_fallback_frac, (o, fraction or None).
   """
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"num_kv_heads={k.shape[2]} must divide num_heads={q.shape[2]}")
@@ -68,11 +74,14 @@ def softmax_attention(
   path, _ = FAMILY.choose(impl, dtype=np.dtype(q.dtype), head_dim=q.shape[-1],
                           dense_mask=mask is not None, segments=segment_ids is not None,
                           causal=causal, window=window)
+  frac = None
   if path == "reference":
-    return reference.softmax_attention(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids,
-                                       window=window, scale=scale)
-  if path == "cudnn":
-    return cudnn.softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=window,
-                                   scale=scale, max_segments=max_segments)
-  return xla.softmax_attention(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids,
-                               window=window, scale=scale)
+    o = reference.softmax_attention(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids,
+                                    window=window, scale=scale)
+  elif path == "cudnn":
+    o, frac = cudnn.softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                                      window=window, scale=scale, max_segments=max_segments)
+  else:
+    o = xla.softmax_attention(q, k, v, causal=causal, mask=mask, segment_ids=segment_ids,
+                              window=window, scale=scale)
+  return (o, frac) if return_fallback_frac else o

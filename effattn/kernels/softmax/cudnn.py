@@ -79,9 +79,13 @@ def packed_segments(segment_ids: jax.Array, max_segments: int):
 
 
 def packed_attention(q, k, v, segment_ids, *, causal, window, scale, max_segments):
-  """cuDNN over packed rows; rows with more than max_segments runs take the block-sparse
-  kernel, or with a window the query-chunked XLA form (lax.cond: exact either way, and no
-  branch holds a [T, T] array)."""
+  """cuDNN over packed rows; a batch with a row of more than max_segments runs takes the
+  block-sparse kernel, or with a window the query-chunked XLA form (lax.cond: exact either way,
+  and no branch holds a [T, T] array).
+
+  Returns (o [B, T, H, D], the fraction of rows that took the fallback: 1.0 or 0.0, since the
+  whole batch takes it when one row needs it).
+  """
   lengths, offsets, count = packed_segments(segment_ids, max_segments)
   mask_type = jax_cudnn.MaskType.PADDING_CAUSAL if causal else jax_cudnn.MaskType.PADDING
   d = q.shape[-1]
@@ -106,15 +110,19 @@ def packed_attention(q, k, v, segment_ids, *, causal, window, scale, max_segment
     return xla.query_chunked(q, k, v, segment_ids, causal=causal, window=window, scale=scale)
 
   fallback = kernel if window is None else chunked
-  return jax.lax.cond(jnp.max(count) <= max_segments, fused, fallback, q, k, v)
+  fits = jnp.max(count) <= max_segments
+  return jax.lax.cond(fits, fused, fallback, q, k, v), 1.0 - fits.astype(jnp.float32)
 
 
 def softmax_attention(q, k, v, *, causal, segment_ids=None, window=None, scale=None,
                       max_segments: int = 16):
-  """The cudnn path of api.softmax_attention (no dense mask: cuDNN takes segments packed)."""
+  """The cudnn path of api.softmax_attention (no dense mask: cuDNN takes segments packed).
+
+  Returns (o, fallback fraction of packed_attention, or None without segments: no fallback).
+  """
   if segment_ids is not None:
     return packed_attention(q, k, v, segment_ids, causal=causal, window=window, scale=scale,
                             max_segments=max_segments)
   return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                       local_window_size=local_window(causal, window),
-                                      implementation="cudnn")
+                                      implementation="cudnn"), None
