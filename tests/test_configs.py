@@ -100,11 +100,14 @@ def test_documented_eval_task_options_override_a_saved_config(tmp_path):
 
 def _sweep_variants():
   """(id, config file, overrides) of every variant of every sweep file, and each config file."""
-  spec = importlib.util.spec_from_file_location("sweep_for_configs",
-                                                os.path.join(ROOT, "scripts", "sweep.py"))
-  sweep_lib = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = sweep_lib
-  spec.loader.exec_module(sweep_lib)
+  # One import per process, shared with tests/scripts/test_sweep.py (its absl flags are global).
+  sweep_lib = sys.modules.get("sweep_script")
+  if sweep_lib is None:
+    spec = importlib.util.spec_from_file_location("sweep_script",
+                                                  os.path.join(ROOT, "scripts", "sweep.py"))
+    sweep_lib = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sweep_lib
+    spec.loader.exec_module(sweep_lib)
   cases = [(os.path.basename(p), p, {}) for p in CONFIG_FILES]
   for path in sorted(glob.glob(os.path.join(ROOT, "configs", "sweeps", "*.py"))):
     if "def get_sweep(" not in open(path, encoding="utf-8").read():
