@@ -15,6 +15,7 @@ import ml_collections
 
 from effattn import attention
 from effattn.data import registry as data_registry
+from effattn.evaluate import registry as eval_registry
 
 
 def attention_config() -> ml_collections.ConfigDict:
@@ -24,16 +25,19 @@ def attention_config() -> ml_collections.ConfigDict:
   cfg.num_kv_heads = ml_collections.FieldReference(None, field_type=int)  # None: = num_heads
   cfg.head_dim = ml_collections.FieldReference(None, field_type=int)  # None: d_model / num_heads
   cfg.window = ml_collections.FieldReference(None, field_type=int)  # sliding window, None: full
-  cfg.impl = "auto"  # auto | cudnn | xla | reference | pallas (mechanisms with kernels)
+  # A shared field set for a mechanism that does not honor it (base.Attention.SUPPORTS) fails.
+  # auto | pallas | pallas_gpu | pallas_tpu | cudnn | xla | reference: effattn/kernels/dispatch.py
+  # maps it to each op of the mechanism; one no op of the mechanism has fails at config time.
+  cfg.impl = "auto"
   for name in attention.names():
     cfg[name] = options_section(attention.get(name).DEFAULTS)
   return cfg
 
 
 def options_section(defaults: dict) -> ml_collections.ConfigDict:
-  """A mechanism's DEFAULTS as a config section. A None default ("derive it from the model")
-  is an integer count in every mechanism, so it becomes an int-typed reference: a bare None
-  field could not be overridden from the command line."""
+  """A mechanism's DEFAULTS (or an eval task's options) as a config section. A None default
+  ("derive it from the model") is an integer count in every mechanism, so it becomes an
+  int-typed reference: a bare None field could not be overridden from the command line."""
   return ml_collections.ConfigDict({
       k: ml_collections.FieldReference(None, field_type=int) if v is None else v
       for k, v in defaults.items()})
@@ -113,4 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
   ev.split = "test"
   ev.batch_size = 64
   ev.max_examples = ml_collections.FieldReference(None, field_type=int)
+  # One section of options per eval task that has them (--config.eval.passkey.examples=32).
+  for task, options in eval_registry.default_options().items():
+    ev[task] = options_section(options)
   return config

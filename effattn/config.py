@@ -126,16 +126,13 @@ def validate(config) -> None:
                       f"{', '.join(attention.names())}")
   if m.d_model % m.num_heads:
     raise ConfigError(f"model.num_heads={m.num_heads} must divide model.d_model={m.d_model}")
-  kv = m.attention.num_kv_heads
-  if kv is not None and (kv <= 0 or m.num_heads % kv):
-    raise ConfigError(f"model.attention.num_kv_heads={kv} must divide model.num_heads="
-                      f"{m.num_heads}")
   hd = m.attention.head_dim or m.d_model // m.num_heads
   if m.position == "rope" and hd % 2:
     raise ConfigError(f"RoPE needs an even head dim, got {hd}; change model.attention.head_dim "
                       "or model.position")
-  if m.attention.window is not None and m.attention.window <= 0:
-    raise ConfigError(f"model.attention.window={m.attention.window} must be positive or None")
+  # The mechanism checks the shared fields it honors, impl, and its options (ranges included)
+  # against the whole config.
+  attention.get(m.attention.name).validate_config(config)
   if m.position == "learned" and config.data.seq_len > m.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len} "
                       "for learned positions; raise model.max_len")

@@ -38,7 +38,7 @@ from flax import nnx
 sys.path.insert(0, ".")
 from effattn.attention import moh as moh_module  # noqa: E402
 from effattn.attention import registry  # noqa: E402
-from effattn.attention.ops import softmax_attention  # noqa: E402
+from effattn.kernels.softmax import softmax_attention  # noqa: E402
 from effattn.kernels.head_routing import api  # noqa: E402
 from effattn.kernels.head_routing import head_routed_attention as _hra  # noqa: E402
 from effattn.evaluate.timing import forward_and_grads, measure  # noqa: E402

@@ -2,7 +2,7 @@
 
     python scripts/bench_landmark.py --out /tmp/bench_landmark
 
-(a) Check: the Triton kernel (effattn/kernels/block_sparse/grouped_pallas_gpu.py) against the
+(a) Check: the Triton kernel (effattn/kernels/grouped_softmax/pallas_gpu.py) against the
     dense grouped_softmax_attention (float32, highest matmul precision) at small shapes, forward
     and gradients of q, k, v and the landmark keys, bf16 and f32, one segment and packed
     segments + padding, and the lax.cond fallback; prints the max error relative to the largest
@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from effattn.attention.landmark import (block_groups,  # noqa: E402
-                                        grouped_softmax_attention)
-from effattn.kernels.block_sparse import grouped  # noqa: E402
+from effattn.attention.landmark import block_groups  # noqa: E402
+from effattn.kernels.grouped_softmax import api as grouped  # noqa: E402
+from effattn.kernels.grouped_softmax import grouped_softmax_attention  # noqa: E402
 from effattn.evaluate.timing import forward_and_grads, measure  # noqa: E402
 
 SMOKE = {"on": False}

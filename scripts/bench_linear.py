@@ -412,9 +412,8 @@ def main() -> None:
   info["ceilings"] = ceilings()
   print("ceilings", info["ceilings"], flush=True)
   from effattn.kernels.linear_scan import api
-  info["auto_path_on_this_gpu"] = api.choose_path(
-      "auto", jax.ShapeDtypeStruct((1, 1, 1, D), "bfloat16"),
-      jax.ShapeDtypeStruct((1, 1, 1, D), "bfloat16"))
+  info["auto_path_on_this_gpu"] = api.FAMILY.choose(
+      "auto", Dk=D, Dv=D, dtype=jax.numpy.dtype("bfloat16")).path
   save = lambda rows: json.dump({"info": info, "rows": rows, "fla": fla},
                                 open(os.path.join(args.out, "results.json"), "w"), indent=1,
                                 default=str)

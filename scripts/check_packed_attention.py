@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from effattn.attention import ops  # noqa: E402
+from effattn.kernels.softmax import api as ops  # noqa: E402
 from effattn.evaluate.timing import forward_and_grads, measure  # noqa: E402
 
 SMOKE = {"on": False}

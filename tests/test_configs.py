@@ -1,17 +1,24 @@
 """Config files load and validate, and every field is overridable from the command line."""
 
 import glob
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import pytest
 from absl import flags
+from flax import nnx
 from ml_collections import config_flags
 
 from configs import base
 from effattn.config import validate
+from effattn.evaluate.registry import default_options, task_options
+from effattn.model import Transformer
+from effattn.train.checkpoint import save_config
+from effattn.train.loop import resolve_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -69,3 +76,68 @@ def test_optional_counts_are_overridable_from_the_command_line():
       check=False)
   assert out.returncode == 0, out.stderr[-2000:]
   assert json.loads(out.stdout.strip().splitlines()[-1]) == {k: 2 for k in optional}
+
+
+def test_documented_eval_task_options_override_a_saved_config(tmp_path):
+  """`eval.py --workdir W --config.eval.task=passkey --config.eval.passkey.examples=32` (eval.py
+  reads configs/saved.py:W): the eval task sections are declared, so the override parses."""
+  save_config(base.get_config(), str(tmp_path))
+  out = subprocess.run(
+      [sys.executable, "-c", _PRINT_OVERRIDDEN, "eval.task,eval.passkey.examples",
+       f"--config={os.path.join(ROOT, 'configs', 'saved.py')}:{tmp_path}",
+       "--config.eval.task=passkey", "--config.eval.passkey.examples=32"],
+      capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+      check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == {"eval.task": "passkey",
+                                                             "eval.passkey.examples": 32}
+  config = base.get_config()
+  for task, options in default_options().items():  # every task with options has its section
+    assert config.eval[task].to_dict() == options, task
+  config.eval.passkey.examples = 32
+  assert task_options(config, "passkey").examples == 32
+
+
+def _sweep_variants():
+  """(id, config file, overrides) of every variant of every sweep file, and each config file."""
+  # One import per process, shared with tests/scripts/test_sweep.py (its absl flags are global).
+  sweep_lib = sys.modules.get("sweep_script")
+  if sweep_lib is None:
+    spec = importlib.util.spec_from_file_location("sweep_script",
+                                                  os.path.join(ROOT, "scripts", "sweep.py"))
+    sweep_lib = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sweep_lib
+    spec.loader.exec_module(sweep_lib)
+  cases = [(os.path.basename(p), p, {}) for p in CONFIG_FILES]
+  for path in sorted(glob.glob(os.path.join(ROOT, "configs", "sweeps", "*.py"))):
+    if "def get_sweep(" not in open(path, encoding="utf-8").read():
+      continue  # a helper module of the sweeps (families.py)
+    sweep = sweep_lib.load_sweep(path, [], [])
+    for variant in sweep_lib.expand(sweep):
+      cases.append((f"{os.path.basename(path)}:{variant.name}", sweep.config, variant.overrides))
+  return cases
+
+
+def _set(config, key, value):
+  node = config
+  *parents, leaf = key.split(".")
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+_CASES = _sweep_variants()
+
+
+@pytest.mark.parametrize("path,overrides", [c[1:] for c in _CASES], ids=[c[0] for c in _CASES])
+def test_every_config_and_sweep_variant_builds_its_model(path, overrides):
+  """Validated, task fields filled in, and the model built abstractly (no parameters)."""
+  config = parse(path, [])
+  with config.unlocked():
+    for key, value in overrides.items():
+      if value is not None:  # as the sweep's command line does
+        _set(config, key, value)
+  config = resolve_config(config)
+  model = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0)))
+  params = nnx.state(model, nnx.Param)
+  assert sum(x.size for x in jax.tree.leaves(params)) > 0

@@ -2,8 +2,9 @@
 
 Each variant is a dict of overrides with a `label` (the sweep's series name). `window` is the
 short-range budget W given to everything that has one: the sliding-window baseline, the local
-heads of routing, the keys dynamic_mask keeps per query and the attention branch of Titans, so
-that "does it retrieve beyond W" is the question every row answers. Used by
+heads of routing, the keys dynamic_mask keeps per query and the sliding-window branch of Titans'
+MAG and MAL (MAC attends within its segments and takes no window), so that "does it retrieve
+beyond W" is the question every row answers. Used by
 configs/sweeps/mqar_families.py and configs/sweeps/passkey_families.py.
 """
 
@@ -43,7 +44,7 @@ def variants(window: int, num_heads: int = 4) -> list[dict]:
       {"label": "moh75", **_name("moh")},
       {"label": "moh50", **_name("moh", num_shared_heads=1, top_k=1)},
       # neural memory (Titans) with the same attention window
-      {"label": "titans-mac", **_name("neural_memory", variant="mac"), **w},
+      {"label": "titans-mac", **_name("neural_memory", variant="mac")},
       {"label": "titans-mag", **_name("neural_memory", variant="mag"), **w},
       {"label": "titans-mal", **_name("neural_memory", variant="mal"), **w},
   ]

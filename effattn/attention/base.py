@@ -39,21 +39,88 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effattn.kernels import dispatch
+from effattn.ranges import ConfigError, Range
+
+# Masks are the softmax op's; mechanisms reach them as base.attention_mask / base.sequence_index.
+from effattn.kernels.softmax.common import attention_mask, sequence_index  # noqa: F401
+
 
 class AttentionState(nnx.Variable):
   """Non-gradient state of a mechanism, updated inside the train step and checkpointed."""
 
 
-class Attention(nnx.Module):
-  """Base class: stores the shared sizes and validates them once.
+# Shared fields of model.attention besides `impl`; None is each one's default ("derive it").
+SHARED_FIELDS = ("num_kv_heads", "head_dim", "window")
+_SHARED_RANGE = Range(1, integer=True, none_ok=True)
 
-  Subclasses implement `__call__`, `init_cache` and `decode` (see `AttentionModule`).
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """What a mechanism's validation sees besides its own options: the model's sizes, the shared
+  fields as given (None: unset) and, at config time, the compute dtype and data.seq_len."""
+
+  d_model: int
+  num_heads: int
+  head_dim: int  # the head dim in use (model.attention.head_dim or d_model / num_heads)
+  num_kv_heads: int | None
+  window: int | None
+  impl: str = "auto"
+  dtype: Any = None
+  seq_len: int | None = None
+
+  @classmethod
+  def read(cls, cfg: Any, *, d_model: int, num_heads: int, dtype: Any = None,
+           seq_len: int | None = None) -> "Sizes":
+    """The shared fields of an attention config (a ConfigDict or a mapping), read once."""
+    get = cfg.get if hasattr(cfg, "get") else (lambda key, default=None: default)
+    head_dim = get("head_dim", None)
+    return cls(d_model=d_model, num_heads=num_heads,
+               head_dim=int(head_dim or d_model // num_heads),
+               num_kv_heads=get("num_kv_heads", None), window=get("window", None),
+               impl=get("impl", None) or "auto",
+               dtype=None if dtype is None else jnp.dtype(dtype), seq_len=seq_len)
+
+  def given(self, field: str) -> bool:
+    """Whether shared `field` is set to something other than its default."""
+    value = getattr(self, field)
+    if field == "num_kv_heads":
+      return value not in (None, self.num_heads)
+    if field == "head_dim":
+      return value != self.d_model // self.num_heads
+    return value is not None
+
+
+def check_power_of_two(field: str, value: int, minimum: int) -> None:
+  """ConfigError naming `field` unless `value` is a power of two >= minimum (kernel tiles)."""
+  if not isinstance(value, int) or value < minimum or value & (value - 1):
+    raise ConfigError(f"{field}={value!r} must be a power of two >= {minimum}; try 64")
+
+
+class Attention(nnx.Module):
+  """Base class: reads the shared fields once and validates the mechanism's config.
+
+  Subclasses implement `__call__`, `init_cache` and `decode` (see `AttentionModule`) and declare
+  what they take: DEFAULTS (their options), OPS (the op families they call), SUPPORTS (the shared
+  fields they honor), CHOICES / RANGES (allowed values of their options) and, for checks across
+  fields, `check`. `validate_config` runs all of it against a whole config before anything runs.
   """
 
   registered_name: str = "?"
   # The mechanism's own options and their defaults; configs/base.py exposes them as
   # `model.attention.<name>.<option>` and `self.opts.<option>` reads them.
   DEFAULTS: dict[str, Any] = {}
+  # The op families (effattn/kernels/<family>) the mechanism calls: `impl` must name a path
+  # of one of them, and `self.op_impl(op)` is what each op gets (kernels/dispatch.py's rule).
+  OPS: tuple[str, ...] = ()
+  # The shared fields (SHARED_FIELDS) it honors; any other one set to a non-default value fails
+  # naming the field and the mechanism (`supports` may depend on the options).
+  SUPPORTS: tuple[str, ...] = ()
+  # Allowed values of string options, and ranges (effattn.ranges) of numeric ones.
+  CHOICES: dict[str, tuple] = {}
+  RANGES: dict[str, Range] = {}
+  # Causal by construction (model.causal=False fails at config time).
+  CAUSAL_ONLY: bool = False
 
   def __init__(
       self,
@@ -72,15 +139,93 @@ class Attention(nnx.Module):
       raise ValueError(
           f"model.num_heads={num_heads} must divide model.d_model={d_model}; pick a divisor"
       )
-    self.opts = mechanism_options(cfg, type(self).registered_name, type(self).DEFAULTS)
+    sizes = Sizes.read(cfg, d_model=d_model, num_heads=num_heads, dtype=dtype)
+    self.opts = type(self).validate(cfg, sizes)
+    self.sizes = sizes
     self.d_model = d_model
     self.num_heads = num_heads
-    head_dim = cfg.get("head_dim", None) if hasattr(cfg, "get") else None
-    self.head_dim = int(head_dim or d_model // num_heads)
+    self.head_dim = sizes.head_dim
+    self.num_kv_heads = int(sizes.num_kv_heads or num_heads)  # read only where supported
+    self.window = sizes.window
+    self.impl = sizes.impl
     self.layer_idx = layer_idx
     self.num_layers = num_layers
     self.dtype = dtype
     self.rope_theta = rope_theta
+
+  def op_impl(self, op: str) -> str:
+    """The impl op family `op` runs with under this mechanism's `impl`."""
+    return dispatch.op_impl(self.impl, op)
+
+  # -- what the mechanism supports -----------------------------------------------------------
+
+  @classmethod
+  def supports(cls, field: str, opts) -> bool:
+    """Whether shared `field` means something for these options."""
+    del opts
+    return field in cls.SUPPORTS
+
+  @classmethod
+  def query_heads(cls, opts, num_heads: int, num_kv_heads: int | None) -> int:
+    """The query heads the key/value heads are shared by (SQA has fewer than the model)."""
+    del opts, num_kv_heads
+    return num_heads
+
+  @classmethod
+  def check(cls, opts, sizes: Sizes) -> None:
+    """The mechanism's checks across its options and the sizes; ConfigError naming the field."""
+
+  @classmethod
+  def op_shapes(cls, opts, sizes: Sizes) -> dict[str, Any]:
+    """The shapes its ops see (keys of the dispatcher's limits), for config-time checks of a
+    forced impl."""
+    del opts
+    return {"head_dim": sizes.head_dim, "Dk": sizes.head_dim, "Dv": sizes.head_dim,
+            "dtype": sizes.dtype}
+
+  @classmethod
+  def validate(cls, cfg: Any, sizes: Sizes):
+    """Checks the shared fields, impl and the options; returns the options (frozen)."""
+    name = cls.registered_name
+    opts = mechanism_options(cfg, name, cls.DEFAULTS)
+    for field in SHARED_FIELDS:
+      _SHARED_RANGE.check(f"model.attention.{field}", getattr(sizes, field))
+    for field in SHARED_FIELDS:
+      if sizes.given(field) and not cls.supports(field, opts):
+        honored = [f for f in SHARED_FIELDS if cls.supports(f, opts)]
+        raise ConfigError(f"model.attention.{field}={getattr(sizes, field)!r} is not supported "
+                          f"by {name} (it honors {', '.join(honored) or 'none of them'}); "
+                          "leave it unset")
+    kv = sizes.num_kv_heads
+    if kv is not None and cls.supports("num_kv_heads", opts):
+      heads = cls.query_heads(opts, sizes.num_heads, kv)
+      if heads % kv:
+        raise ConfigError(f"model.attention.num_kv_heads={kv} must divide the {heads} query "
+                          f"heads (model.num_heads={sizes.num_heads})")
+    dispatch.check_mechanism_impl(sizes.impl, cls.OPS, name)
+    for field, choices in cls.CHOICES.items():
+      if getattr(opts, field) not in choices:
+        raise ConfigError(f"model.attention.{name}.{field}={getattr(opts, field)!r} must be one "
+                          f"of {choices}")
+    for field, allowed in cls.RANGES.items():
+      allowed.check(f"model.attention.{name}.{field}", getattr(opts, field))
+    cls.check(opts, sizes)
+    return opts
+
+  @classmethod
+  def validate_config(cls, config) -> None:
+    """Config-time validation against the whole config: model sizes, dtype, data.seq_len, and
+    whether a forced impl's kernels take this model's shapes (on their device)."""
+    m = config.model
+    if cls.CAUSAL_ONLY and not m.causal:
+      raise ConfigError(f"model.causal=False: {cls.registered_name} is causal by construction; "
+                        "set model.causal=True or pick another mechanism")
+    sizes = Sizes.read(m.attention, d_model=m.d_model, num_heads=m.num_heads, dtype=m.dtype,
+                       seq_len=config.data.seq_len)
+    opts = cls.validate(m.attention, sizes)
+    shapes = cls.op_shapes(opts, sizes)
+    for op in cls.OPS:
+      dispatch.check_forced_shapes(sizes.impl, op, cls.registered_name, **shapes)
 
 
 def _frozen(value: Any) -> Any:
@@ -98,8 +243,8 @@ def mechanism_options(cfg: Any, name: str, defaults: dict[str, Any]):
     given = dict(section.items()) if hasattr(section, "items") else dict(section)
   unknown = sorted(set(given) - set(defaults))
   if unknown:
-    raise ValueError(f"unknown option(s) {unknown} in model.attention.{name}; "
-                     f"known: {sorted(defaults)}")
+    raise ConfigError(f"unknown option(s) {unknown} in model.attention.{name}; "
+                      f"known: {sorted(defaults)}")
   merged = {k: _frozen(v) for k, v in {**defaults, **given}.items()}
   return _options_class(name, tuple(merged))(**merged)
 
@@ -121,6 +266,16 @@ class AttentionModule(Protocol):
   def decode(self, x: jax.Array, *, positions: jax.Array, cache: Any) -> tuple[jax.Array, Any]: ...
 
 
+def fallback_aux(op: str, *fracs) -> dict[str, jax.Array]:
+  """The aux entry `<op>_fallback_frac` of the runtime fallbacks an op reported (ops called
+  with return_fallback_frac=True; None: the path taken has none): the largest fraction of batch
+  rows that took one, or {} when no path could fall back. The trainer logs it as aux/<key>."""
+  fracs = [f for f in fracs if f is not None]
+  if not fracs:
+    return {}
+  return {f"{op}_fallback_frac": functools.reduce(jnp.maximum, fracs)}
+
+
 def dense(d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype: Any, use_bias: bool = False,
           scale: float = 1.0) -> nnx.Linear:
   """A bias-free projection with f32 params and `dtype` compute (mixed precision)."""
@@ -139,6 +294,11 @@ def merge_heads(x: jax.Array) -> jax.Array:
   return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
 
 
+def repeat_kv(x: jax.Array, num_heads: int) -> jax.Array:
+  """[B, T, H_kv, D] -> [B, T, H, D]: each key/value head serves H / H_kv query heads."""
+  return jnp.repeat(x, num_heads // x.shape[2], axis=2)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding (half-split layout). x: [B, T, H, D], positions: [B, T]."""
   d = x.shape[-1]
@@ -150,37 +310,3 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
-
-
-def attention_mask(
-    q_index: jax.Array,
-    k_index: jax.Array,
-    *,
-    causal: bool,
-    q_segment_ids: jax.Array | None = None,
-    k_segment_ids: jax.Array | None = None,
-    window: int | None = None,
-    k_valid: jax.Array | None = None,
-) -> jax.Array:
-  """Boolean [B, 1, Tq, Tk] mask: True where query i may attend key j.
-
-  q_index / k_index: [B, Tq] / [B, Tk] absolute token indices (not RoPE positions: packed
-  segments restart positions, indices do not). A sliding window keeps q - k < window.
-  k_valid: [B, Tk] marks filled cache slots while decoding.
-  """
-  qi, kj = q_index[:, :, None], k_index[:, None, :]
-  mask = jnp.ones(qi.shape[:1] + (qi.shape[1], kj.shape[2]), dtype=bool)
-  if causal:
-    mask &= kj <= qi
-  if window is not None:
-    mask &= (qi - kj < window) & (kj - qi < window)
-  if q_segment_ids is not None:
-    mask &= q_segment_ids[:, :, None] == k_segment_ids[:, None, :]
-  if k_valid is not None:
-    mask &= k_valid[:, None, :]
-  return mask[:, None]
-
-
-def sequence_index(batch: int, length: int, offset: jax.Array | int = 0) -> jax.Array:
-  """[B, T] int32 token indices offset..offset+T-1."""
-  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) + offset, (batch, length))

@@ -30,11 +30,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.ops import reference_attention
 from effattn.attention.registry import register
-from effattn.attention.routing import KERNEL_IMPL, _block_size
-from effattn.kernels.block_sparse import block_sparse_attention, lists_from_block_mask
+from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention,
+                                          lists_from_block_mask)
 from effattn.kernels.block_sparse.common import element_mask
+from effattn.kernels.softmax import reference_attention
+from effattn.ranges import POSITIVE_INT
 
 _NEG_INF = -jnp.inf
 
@@ -133,20 +134,18 @@ class DynamicMaskAttention(base.Attention):
       "qk_norm": True,  # RMS-normalize q and k per head (Doge)
       "block": 64,  # kernel tile size (tokens)
   }
+  OPS = ("block_sparse",)
+  SUPPORTS = ("num_kv_heads", "head_dim")  # keep_window, not a sliding window, bounds the keys
+  CHOICES = {"selection": ("per_query", "global")}
+  RANGES = {"keep_window": POSITIVE_INT}
+
+  @classmethod
+  def check(cls, opts, sizes):
+    base.check_power_of_two("model.attention.dynamic_mask.block", opts.block, 8)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     o = self.opts
-    self.num_kv_heads = int(cfg.get("num_kv_heads") or num_heads)
-    if num_heads % self.num_kv_heads:
-      raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
-                       f"model.num_heads={num_heads}")
-    if o.keep_window < 1:
-      raise ValueError(f"model.attention.dynamic_mask.keep_window={o.keep_window} must be >= 1")
-    if o.selection not in ("per_query", "global"):
-      raise ValueError(f"model.attention.dynamic_mask.selection={o.selection!r} must be "
-                       "'per_query' or 'global'")
-    self.impl = cfg.get("impl", "auto")
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
@@ -177,7 +176,7 @@ class DynamicMaskAttention(base.Attention):
     b, t, _ = x.shape
     q, k, v, bias = self.project(x, positions)
     idx = base.sequence_index(b, t)
-    bs = _block_size(t, self.opts.block)
+    bs = block_size_for(t, self.opts.block)
     thr, thr_pos, tiles = select_top_w(
         bias, keep_window=self.opts.keep_window, selection=self.opts.selection, q_index=idx,
         kv_index=idx, q_seg=segment_ids, kv_seg=segment_ids, causal=causal, block_q=bs,
@@ -187,7 +186,7 @@ class DynamicMaskAttention(base.Attention):
     o, _ = block_sparse_attention(
         q, k, v, kv_idx, kv_cnt, block_q=bs, block_k=bs, causal=causal, q_segment_ids=segment_ids,
         kv_segment_ids=segment_ids, kv_bias=bias, q_threshold=thr, q_threshold_pos=thr_pos,
-        impl=KERNEL_IMPL[self.impl])
+        impl=self.op_impl("block_sparse"))
     kept = jnp.mean(tiles.astype(jnp.float32))
     return self.o_proj(base.merge_heads(o)), {"dma_kept_tile_frac": kept}
 

@@ -19,16 +19,17 @@ the [B, T, d_model] interface. Landmark queries are never needed: their outputs 
 Blocks follow positions within each packed segment, so segments stay independent (padding,
 segment 0 at position 0, is cut by token count instead).
 
-Training and full-sequence calls go through effattn.kernels.block_sparse.grouped. On GPU and
+Training and full-sequence calls go through effattn.kernels.grouped_softmax. On GPU and
 TPU (`impl` "auto" or "pallas", head_dim in 16/32/64/128, block_len <= `tile`) that is a
 flash-style Pallas kernel (Triton on GPU, Mosaic on TPU): tokens are re-laid out so every
 block fills one tile of `tile` slots, an earlier block is one key tile whose within-block
 softmax, value summary and landmark score are tile-local, and nothing [T, T] is built; rows
 with more blocks than the layout's `max_groups` tiles take the path below through lax.cond, so
-the result is always exact. Elsewhere (and with impl "xla" / "reference") the grouped softmax
-is evaluated with dense scores (as the official code's non-Triton path), `query_chunk` queries
-at a time with the scores recomputed in the backward pass, so memory is O(query_chunk * T) per
-layer (docs/mechanisms_sparse.md).
+the result is always exact, and aux["grouped_softmax_fallback_frac"] says how often. Elsewhere
+(and with impl "xla") the grouped softmax is evaluated with dense scores (as the official
+code's non-Triton path), `query_chunk` queries at a time with the scores recomputed in the
+backward pass, so memory is O(query_chunk * T) per layer (docs/mechanisms_sparse.md); impl
+"reference" takes all queries at once.
 
 Decoding scores the landmarks of completed blocks, keeps the top_k blocks per query and head
 plus the current block, and attends to them with the same grouped formula at a cost of
@@ -46,11 +47,8 @@ from flax import nnx
 
 from effattn.attention import base
 from effattn.attention.registry import register
-from effattn.kernels.block_sparse import grouped
-
-# model.attention.impl -> grouped.grouped_softmax's impl.
-KERNEL_IMPL = {"auto": "auto", "cudnn": "auto", "pallas": "pallas", "xla": "xla",
-               "reference": "xla"}
+from effattn.kernels import grouped_softmax
+from effattn.ranges import NON_NEGATIVE_INT, POSITIVE_INT, ConfigError
 
 _NEG = -1e30
 
@@ -75,101 +73,6 @@ def block_groups(positions, segment_ids, block_len: int):
   return jnp.cumsum(start.astype(jnp.int32), axis=1) - 1
 
 
-def _group_table(gid, seg, g_slots: int):
-  """Per group slot: whether it exists and its segment ([B, G] each; groups never straddle
-  segments)."""
-  onehot = jax.nn.one_hot(gid, g_slots, dtype=jnp.float32)  # [B, T, G]
-  count = jnp.sum(onehot, axis=1)
-  group_seg = jnp.einsum("btg,bt->bg", onehot, seg.astype(jnp.float32)) / jnp.maximum(count, 1.0)
-  return count > 0, group_seg
-
-
-def _grouped_rows(q, q_idx, q_gid, q_seg, k, v, k_land, gid, seg, table, *, scale: float):
-  """The grouped softmax of some query rows over every key.
-
-  q: [B, C, H, D] with token indices q_idx [C] and groups / segments q_gid, q_seg [B, C];
-  k, v: [B, T, H, D]; k_land: [B, G, H, D]; gid, seg: [B, T]; table: _group_table's output.
-  Returns o [B, C, H, D] (float32) and the weights a [B, H, C, T].
-  """
-  g_slots = k_land.shape[1]
-  f32 = jnp.float32
-  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(f32), k.astype(f32)) * scale
-  s_land = jnp.einsum("bqhd,bghd->bhqg", q.astype(f32), k_land.astype(f32)) * scale
-  b, h, c, t = s.shape
-  own = ((q_gid[:, :, None] == gid[:, None, :])
-         & (jnp.arange(t)[None, None, :] <= q_idx[None, :, None]))  # [B, C, T]
-  earlier = (q_seg[:, :, None] == seg[:, None, :]) & (gid[:, None, :] < q_gid[:, :, None])
-  exists, group_seg = table
-  land_vis = (exists[:, None, :] & (jnp.arange(g_slots)[None, None, :] < q_gid[:, :, None])
-              & (group_seg[:, None, :] == q_seg[:, :, None].astype(f32)))  # [B, C, G]
-  # Within-group log-normalizer of every query over every group: lse_g(i).
-  s_e = jnp.where(earlier[:, None], s, _NEG)
-  m_g = jax.vmap(lambda sb, gb: jax.ops.segment_max(jnp.moveaxis(sb, -1, 0), gb, g_slots))(
-      s_e, gid)  # [B, G, H, C]
-  m_g = jnp.where(m_g > _NEG / 2, m_g, 0.0)
-  m_tok = jnp.moveaxis(jnp.take_along_axis(m_g, gid[:, :, None, None], axis=1), 1, -1)
-  e_in = jnp.where(earlier[:, None], jnp.exp(s - m_tok), 0.0)  # [B, H, C, T]
-  z_g = jax.vmap(lambda eb, gb: jax.ops.segment_sum(jnp.moveaxis(eb, -1, 0), gb, g_slots))(
-      e_in, gid)  # [B, G, H, C]
-  z_tok = jnp.moveaxis(jnp.take_along_axis(z_g, gid[:, :, None, None], axis=1), 1, -1)
-  within = e_in / jnp.where(z_tok > 0, z_tok, 1.0)
-  # Outer softmax over own-block tokens and visible landmarks.
-  s_own = jnp.where(own[:, None], s, _NEG)
-  s_l = jnp.where(land_vis[:, None], s_land, _NEG)
-  m = jnp.maximum(s_own.max(-1), s_l.max(-1))[..., None]
-  p_own = jnp.where(own[:, None], jnp.exp(s_own - m), 0.0)
-  p_land = jnp.where(land_vis[:, None], jnp.exp(s_l - m), 0.0)
-  denom = p_own.sum(-1, keepdims=True) + p_land.sum(-1, keepdims=True)
-  denom = jnp.where(denom > 0, denom, 1.0)  # padded query rows see nothing
-  p_own, p_land = p_own / denom, p_land / denom
-  land_of_key = jnp.take_along_axis(p_land, jnp.broadcast_to(gid[:, None, None, :],
-                                                             (b, h, c, t)), axis=-1)
-  a = p_own + within * land_of_key
-  return jnp.einsum("bhqk,bkhd->bqhd", a, v.astype(f32)), a
-
-
-def grouped_softmax_attention(q, k, v, k_land, gid, seg, *, scale: float):
-  """The grouped softmax over regular tokens and landmark keys (dense reference form).
-
-  q, k, v: [B, T, H, D]; k_land: [B, G, H, D] landmark key of group g (G = T slots, unused
-  ones never visible); gid, seg: [B, T] group and segment of each token.
-  Returns o [B, T, H, D] and the attention weights a [B, H, T, T] (rows sum to 1).
-  """
-  table = _group_table(gid, seg, k_land.shape[1])
-  o, a = _grouped_rows(q, jnp.arange(q.shape[1]), gid, seg, k, v, k_land, gid, seg, table,
-                       scale=scale)
-  return o.astype(q.dtype), a
-
-
-def chunked_grouped_softmax_attention(q, k, v, k_land, gid, seg, *, scale: float, chunk: int):
-  """grouped_softmax_attention's output, computed `chunk` queries at a time.
-
-  Each chunk's [B, H, chunk, T] scores live only inside its step, and the backward pass
-  recomputes them (jax.checkpoint), so memory is O(chunk * T) per layer instead of O(T^2);
-  FLOPs are the dense form's. Returns o [B, T, H, D].
-  """
-  b, t, h, d = q.shape
-  n = -(-t // chunk)
-  pad = n * chunk - t
-  table = _group_table(gid, seg, k_land.shape[1])
-  # Padded query rows get group -1: they see no key and are dropped below.
-  rows = (jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))), jnp.arange(n * chunk),
-          jnp.pad(gid, ((0, 0), (0, pad)), constant_values=-1),
-          jnp.pad(seg, ((0, 0), (0, pad))))
-  chunks = tuple(jnp.moveaxis(r.reshape(r.shape[:1] + (n, chunk) + r.shape[2:]), 1, 0)
-                 if r.ndim > 1 else r.reshape(n, chunk) for r in rows)
-
-  @jax.checkpoint
-  def one_chunk(args):
-    q_c, idx_c, gid_c, seg_c = args
-    return _grouped_rows(q_c, idx_c, gid_c, seg_c, k, v, k_land, gid, seg, table,
-                         scale=scale)[0]
-
-  o = jax.lax.map(one_chunk, chunks)  # [n, B, chunk, H, D]
-  o = jnp.moveaxis(o, 0, 1).reshape(b, n * chunk, h, d)[:, :t]
-  return o.astype(q.dtype)
-
-
 @register("landmark")
 class LandmarkAttention(base.Attention):
   """Grouped-softmax attention through per-block landmarks; see the module docstring."""
@@ -181,33 +84,33 @@ class LandmarkAttention(base.Attention):
       # O(T^2); 0 evaluates all queries at once.
       "query_chunk": 256,
       # Kernel path (GPU/TPU): slots per block tile (a power of two >= 16, >= block_len), block
-      # tiles of the layout (0: grouped.default_max_groups), Pallas interpret mode (CPU tests).
+      # tiles of the layout (0: grouped_softmax.default_max_groups), Pallas interpret mode (CPU
+      # tests).
       "tile": 64,
       "max_groups": 0,
       "interpret": False,
   }
+  OPS = ("grouped_softmax",)
+  SUPPORTS = ("head_dim",)  # MHA only; blocks, not a sliding window, bound the keys
+  CAUSAL_ONLY = True
+  RANGES = {"block_len": POSITIVE_INT, "top_k": POSITIVE_INT, "query_chunk": NON_NEGATIVE_INT,
+            "max_groups": NON_NEGATIVE_INT}
+
+  @classmethod
+  def check(cls, opts, sizes):
+    base.check_power_of_two("model.attention.landmark.tile", opts.tile, 16)
+    if opts.max_groups and sizes.seq_len and opts.max_groups < -(-sizes.seq_len // opts.block_len):
+      raise ConfigError(f"model.attention.landmark.max_groups={opts.max_groups} holds fewer "
+                        f"block tiles than one sequence of data.seq_len={sizes.seq_len} has "
+                        f"({-(-sizes.seq_len // opts.block_len)}): the kernel could never run; "
+                        "raise it or set 0 (default)")
+
+  @classmethod
+  def op_shapes(cls, opts, sizes):
+    return dict(super().op_shapes(opts, sizes), block_len=opts.block_len, tile=opts.tile)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
-    kv = cfg.get("num_kv_heads")
-    if kv not in (None, num_heads):
-      raise ValueError(f"model.attention.num_kv_heads={kv}: landmark supports MHA only; "
-                       "leave it unset")
-    if self.opts.block_len < 1 or self.opts.top_k < 1:
-      raise ValueError(f"model.attention.landmark block_len={self.opts.block_len} and "
-                       f"top_k={self.opts.top_k} must be >= 1")
-    if self.opts.query_chunk < 0:
-      raise ValueError(f"model.attention.landmark.query_chunk={self.opts.query_chunk} must be "
-                       ">= 0 (0: all queries at once)")
-    tile = self.opts.tile
-    if tile < 16 or tile & (tile - 1):
-      raise ValueError(f"model.attention.landmark.tile={tile} must be a power of two >= 16")
-    if self.opts.max_groups < 0:
-      raise ValueError(f"model.attention.landmark.max_groups={self.opts.max_groups} must be "
-                       ">= 0 (0: default)")
-    self.impl = cfg.get("impl", "auto")
-    if self.impl not in KERNEL_IMPL:
-      raise ValueError(f"model.attention.impl={self.impl!r} must be one of {sorted(KERNEL_IMPL)}")
     d, h = self.head_dim, num_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
@@ -243,11 +146,12 @@ class LandmarkAttention(base.Attention):
     k_land = self._rope((mean + self._landmark_key_base()).astype(q.dtype),
                         jnp.maximum(last_pos, 0))
     k, scale = self._rope(k_raw, positions), self.head_dim ** -0.5
-    o = grouped.grouped_softmax(
+    o, frac = grouped_softmax.grouped_softmax(
         q, k, v, k_land, gid, seg, scale=scale, block_len=self.opts.block_len,
-        impl=KERNEL_IMPL[self.impl], chunk=self.opts.query_chunk, tile=self.opts.tile,
-        max_groups=self.opts.max_groups or None, interpret=self.opts.interpret)
-    return self.o_proj(base.merge_heads(o)), {}
+        impl=self.op_impl("grouped_softmax"), chunk=self.opts.query_chunk, tile=self.opts.tile,
+        max_groups=self.opts.max_groups or None, interpret=self.opts.interpret,
+        return_fallback_frac=True)
+    return self.o_proj(base.merge_heads(o)), base.fallback_aux("grouped_softmax", frac)
 
   # -- decoding with retrieval ---------------------------------------------------------------
 

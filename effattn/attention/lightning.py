@@ -33,9 +33,9 @@ import numpy as np
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.linear import decode_impl, repeat_kv, scan_impl
 from effattn.attention.registry import register
-from effattn.kernels.linear_scan import linear_scan
+from effattn.kernels.linear_scan import decode_impl, linear_scan
+from effattn.ranges import POSITIVE, ConfigError
 
 ACTIVATIONS = {"silu": jax.nn.silu, "relu": jax.nn.relu, "elu+1": lambda x: jax.nn.elu(x) + 1.0,
                "identity": lambda x: x}
@@ -81,26 +81,27 @@ class LightningAttention(base.Attention):
       "norm_eps": 1e-6,  # SRMSNorm epsilon
       "scale": 1.0,  # score scale; the official op has none (fla defaults to D^-0.5)
   }
+  OPS = ("linear_scan",)
+  SUPPORTS = ("num_kv_heads", "head_dim")  # the decay, not a window, forgets the past
+  CHOICES = {"decay": ("tnl", "fla", "none"), "act": tuple(ACTIVATIONS)}
+  RANGES = {"norm_eps": POSITIVE, "scale": POSITIVE}
+
+  @classmethod
+  def check(cls, opts, sizes):
+    if opts.log_decay:
+      log_decay = np.asarray(opts.log_decay, np.float64)
+      if log_decay.shape != (sizes.num_heads,) or np.any(log_decay > 0):
+        raise ConfigError(f"model.attention.lightning.log_decay needs {sizes.num_heads} values "
+                          f"<= 0 (one per head); got {opts.log_decay}")
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     opts = self.opts
-    if opts.act not in ACTIVATIONS:
-      raise ValueError(f"model.attention.lightning.act={opts.act!r} must be one of "
-                       f"{sorted(ACTIVATIONS)}")
     if opts.log_decay:
       log_decay = np.asarray(opts.log_decay, np.float64)
-      if log_decay.shape != (num_heads,) or np.any(log_decay > 0):
-        raise ValueError(f"model.attention.lightning.log_decay needs {num_heads} values <= 0 "
-                         f"(one per head); got {opts.log_decay}")
     else:
       log_decay = decay_schedule(opts.decay, num_heads, self.layer_idx, self.num_layers)
     self.log_decay = tuple(float(g) for g in log_decay)  # static and hashable
-    self.num_kv_heads = int(cfg.get("num_kv_heads") or num_heads)
-    if num_heads % self.num_kv_heads:
-      raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
-                       f"model.num_heads={num_heads}")
-    self.impl = scan_impl(cfg.get("impl", "auto"))
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
@@ -111,11 +112,11 @@ class LightningAttention(base.Attention):
   def forward(self, x, *, causal, segment_ids=None, state=None, impl=None):
     act = ACTIVATIONS[self.opts.act]
     q = act(base.split_heads(self.q_proj(x), self.num_heads))
-    k = repeat_kv(act(base.split_heads(self.k_proj(x), self.num_kv_heads)), self.num_heads)
-    v = repeat_kv(base.split_heads(self.v_proj(x), self.num_kv_heads), self.num_heads)
+    k = base.repeat_kv(act(base.split_heads(self.k_proj(x), self.num_kv_heads)), self.num_heads)
+    v = base.repeat_kv(base.split_heads(self.v_proj(x), self.num_kv_heads), self.num_heads)
     o, state = linear_scan(q, k, v, jnp.asarray(self.log_decay, jnp.float32), causal=causal,
                            initial_state=state, segment_ids=segment_ids, scale=self.opts.scale,
-                           impl=impl or self.impl, out_dtype=jnp.float32)
+                           impl=impl or self.op_impl("linear_scan"), out_dtype=jnp.float32)
     o = srms_norm(base.merge_heads(o), self.opts.norm_eps) * self.u_proj(x).astype(jnp.float32)
     return self.o_proj(o.astype(x.dtype)), state
 
@@ -129,4 +130,5 @@ class LightningAttention(base.Attention):
 
   def decode(self, x, *, positions, cache):
     del positions
-    return self.forward(x, causal=True, state=cache, impl=decode_impl(self.impl, x.shape[1]))
+    return self.forward(x, causal=True, state=cache,
+                        impl=decode_impl(self.op_impl("linear_scan"), x.shape[1]))

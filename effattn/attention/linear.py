@@ -23,7 +23,8 @@ from flax import nnx
 
 from effattn.attention import base
 from effattn.attention.registry import register
-from effattn.kernels.linear_scan import IMPLS, linear_scan, linear_scan_normalizer
+from effattn.kernels.linear_scan import decode_impl, linear_scan, linear_scan_normalizer
+from effattn.ranges import NON_NEGATIVE
 
 FEATURE_MAPS = {
     "elu+1": lambda x: jax.nn.elu(x) + 1.0,
@@ -38,28 +39,6 @@ class LinearState(NamedTuple):
 
   kv: jax.Array     # [B, H, Dk, Dv]  sum of phi(k)^T v
   k_sum: jax.Array  # [B, H, Dk]      sum of phi(k)
-
-
-def scan_impl(impl: str) -> str:
-  """The mechanism's `impl` field as a linear_scan impl ("cudnn" is softmax's: use auto)."""
-  if impl == "cudnn":
-    return "auto"
-  if impl not in IMPLS:
-    raise ValueError(f"model.attention.impl={impl!r} must be one of {IMPLS} for linear-scan "
-                     "mechanisms")
-  return impl
-
-
-def decode_impl(impl: str, length: int) -> str:
-  """One decoded token needs no kernel (a chunk of 1 is the recurrence); prompts use `impl`."""
-  if impl == "reference" or length > 1:
-    return impl
-  return "xla"
-
-
-def repeat_kv(x: jax.Array, num_heads: int) -> jax.Array:
-  """[B, T, H_kv, D] -> [B, T, H, D]: each key/value head serves H / H_kv query heads."""
-  return jnp.repeat(x, num_heads // x.shape[2], axis=2)
 
 
 def linear_attention(phi_q, phi_k, v, *, causal: bool = True, segment_ids=None,
@@ -99,17 +78,13 @@ class LinearAttention(base.Attention):
       "feature_map": "elu+1",  # elu+1 | relu | softmax (over features) | identity (no normalizer)
       "eps": 1e-6,  # added to the normalizer phi(q) . z
   }
+  OPS = ("linear_scan",)
+  SUPPORTS = ("num_kv_heads", "head_dim")  # the state holds every past token: no window
+  CHOICES = {"feature_map": tuple(FEATURE_MAPS)}
+  RANGES = {"eps": NON_NEGATIVE}
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
-    if self.opts.feature_map not in FEATURE_MAPS:
-      raise ValueError(f"model.attention.linear.feature_map={self.opts.feature_map!r} must be "
-                       f"one of {sorted(FEATURE_MAPS)}")
-    self.num_kv_heads = int(cfg.get("num_kv_heads") or num_heads)
-    if num_heads % self.num_kv_heads:
-      raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
-                       f"model.num_heads={num_heads}")
-    self.impl = scan_impl(cfg.get("impl", "auto"))
     self.normalize = self.opts.feature_map != "identity"
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
@@ -123,14 +98,14 @@ class LinearAttention(base.Attention):
     q = phi(base.split_heads(self.q_proj(x), self.num_heads))
     k = phi(base.split_heads(self.k_proj(x), self.num_kv_heads))
     v = base.split_heads(self.v_proj(x), self.num_kv_heads)
-    return q, repeat_kv(k, self.num_heads), repeat_kv(v, self.num_heads)
+    return q, base.repeat_kv(k, self.num_heads), base.repeat_kv(v, self.num_heads)
 
   def attend(self, x, *, causal, segment_ids=None, state=None, impl=None):
     q, k, v = self.features(x)
     o, state = linear_attention(
         q, k, v, causal=causal, segment_ids=segment_ids, normalize=self.normalize,
         eps=self.opts.eps, scale=1.0 if self.normalize else self.head_dim ** -0.5, state=state,
-        impl=impl or self.impl)
+        impl=impl or self.op_impl("linear_scan"))
     return self.o_proj(base.merge_heads(o.astype(x.dtype))), state
 
   def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
@@ -145,4 +120,5 @@ class LinearAttention(base.Attention):
 
   def decode(self, x, *, positions, cache):
     del positions
-    return self.attend(x, causal=True, state=cache, impl=decode_impl(self.impl, x.shape[1]))
+    return self.attend(x, causal=True, state=cache,
+                       impl=decode_impl(self.op_impl("linear_scan"), x.shape[1]))

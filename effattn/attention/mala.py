@@ -33,9 +33,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.linear import decode_impl, repeat_kv, scan_impl
 from effattn.attention.registry import register
-from effattn.kernels.linear_scan import linear_scan, linear_scan_normalizer, segment_runs
+from effattn.kernels.linear_scan import (decode_impl, linear_scan, linear_scan_normalizer,
+                                          segment_runs)
+from effattn.ranges import NON_NEGATIVE, NON_NEGATIVE_INT, ConfigError
 
 
 class MalaState(NamedTuple):
@@ -140,19 +141,17 @@ class MalaAttention(base.Attention):
       "lepe_kernel": 0,  # official: depthwise conv of v (5x5 in 2D); 0 = off
       "output_gate": False,  # official: multiply by a linear projection of x before W_o
   }
+  OPS = ("linear_scan",)
+  SUPPORTS = ("num_kv_heads", "head_dim")  # the state holds every past token: no window
+  RANGES = {"eps": NON_NEGATIVE, "lepe_kernel": NON_NEGATIVE_INT}
+
+  @classmethod
+  def check(cls, opts, sizes):
+    if opts.rope and sizes.head_dim % 2:
+      raise ConfigError(f"model.attention.mala.rope needs an even head_dim, got {sizes.head_dim}")
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
-    self.num_kv_heads = int(cfg.get("num_kv_heads") or num_heads)
-    if num_heads % self.num_kv_heads:
-      raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
-                       f"model.num_heads={num_heads}")
-    if self.opts.lepe_kernel < 0:
-      raise ValueError(f"model.attention.mala.lepe_kernel={self.opts.lepe_kernel} must be >= 0 "
-                       "(0 turns it off)")
-    if self.opts.rope and self.head_dim % 2:
-      raise ValueError(f"model.attention.mala.rope needs an even head_dim, got {self.head_dim}")
-    self.impl = scan_impl(cfg.get("impl", "auto"))
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
@@ -187,15 +186,15 @@ class MalaAttention(base.Attention):
   def forward(self, x, *, positions, causal, segment_ids=None, state=None, impl=None):
     phi = lambda y: jax.nn.elu(y) + 1.0
     q = phi(base.split_heads(self.q_proj(x), self.num_heads))
-    k = repeat_kv(phi(base.split_heads(self.k_proj(x), self.num_kv_heads)), self.num_heads)
-    v = repeat_kv(base.split_heads(self.v_proj(x), self.num_kv_heads), self.num_heads)
+    k = base.repeat_kv(phi(base.split_heads(self.k_proj(x), self.num_kv_heads)), self.num_heads)
+    v = base.repeat_kv(base.split_heads(self.v_proj(x), self.num_kv_heads), self.num_heads)
     rope_q = rope_k = None
     if self.opts.rope:
       theta = self.rope_theta or 10000.0
       rope_q, rope_k = base.apply_rope(q, positions, theta), base.apply_rope(k, positions, theta)
     o, new_state = mala_attention(q, k, v, causal=causal, segment_ids=segment_ids,
                                   eps=self.opts.eps, rope_q=rope_q, rope_k=rope_k, state=state,
-                                  impl=impl or self.impl)
+                                  impl=impl or self.op_impl("linear_scan"))
     if self.lepe is not None:
       runs = None if segment_ids is None else segment_runs(segment_ids)
       tail = (jnp.zeros((x.shape[0], self.opts.lepe_kernel - 1) + v.shape[2:], v.dtype)
@@ -224,4 +223,4 @@ class MalaAttention(base.Attention):
 
   def decode(self, x, *, positions, cache):
     return self.forward(x, positions=positions, causal=True, state=cache,
-                        impl=decode_impl(self.impl, x.shape[1]))
+                        impl=decode_impl(self.op_impl("linear_scan"), x.shape[1]))

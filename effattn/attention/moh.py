@@ -20,7 +20,8 @@ FLOPs follow (h_s + K) / H. The official code computes every head and masks.
 Load balance (aux `loss_moh_balance`, already times `balance_weight`): L_b = E * sum_i f_i P_i,
 f_i the fraction of tokens routed to head i and P_i its mean routing probability, over real
 tokens (segment id != 0). Logged: `moh_active_fraction` (share of (token, head) pairs with a
-non-zero gate) and `moh_load_imbalance` (max_i f_i / mean_i f_i, 1 = balanced).
+non-zero gate), `moh_load_imbalance` (max_i f_i / mean_i f_i, 1 = balanced) and, where a path
+taken runs cuDNN's packed layout, `softmax_fallback_frac`.
 """
 
 from __future__ import annotations
@@ -32,15 +33,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.ops import softmax_attention
 from effattn.attention.registry import register
 from effattn.attention.softmax import SoftmaxAttention
 from effattn.kernels.head_routing import head_routed_attention
+from effattn.kernels.softmax import softmax_attention
+from effattn.ranges import NON_NEGATIVE, ConfigError, Range
 
 SCALINGS = ("official", "paper")
-# model.attention.impl -> (shared heads via ops.softmax_attention, routed heads via head_routing)
-_IMPLS = {"auto": ("auto", "auto"), "cudnn": ("cudnn", "xla"), "xla": ("xla", "xla"),
-          "pallas": ("auto", "pallas"), "reference": ("reference", "reference")}
 
 
 @register("moh")
@@ -59,32 +58,41 @@ class MixtureOfHeadAttention(SoftmaxAttention):
       "block_q": 64,  # head_routing kernel tiles
       "block_k": 64,
   }
+  OPS = ("softmax", "head_routing")  # shared heads, routed heads
+  SUPPORTS = ("num_kv_heads", "head_dim")  # the routed-head kernel has no window
+  CHOICES = {"scaling": SCALINGS}
+  RANGES = {"num_shared_heads": Range(0, integer=True, none_ok=True),
+            "top_k": Range(1, integer=True, none_ok=True), "balance_weight": NON_NEGATIVE}
+
+  @staticmethod
+  def head_split(opts, num_heads: int) -> tuple[int, int]:
+    """(shared heads h_s, routed heads per token K) with their defaults filled in."""
+    shared = num_heads // 2 if opts.num_shared_heads is None else int(opts.num_shared_heads)
+    routed = num_heads - shared
+    top_k = (max(1, routed // 2) if routed else 0) if opts.top_k is None else int(opts.top_k)
+    return shared, top_k
+
+  @classmethod
+  def check(cls, opts, sizes):
+    h = sizes.num_heads
+    shared, top_k = cls.head_split(opts, h)
+    if not 0 <= shared <= h:
+      raise ConfigError(f"model.attention.moh.num_shared_heads={shared} must be in "
+                        f"[0, num_heads={h}]")
+    if h - shared and not 1 <= top_k <= h - shared:
+      raise ConfigError(f"model.attention.moh.top_k={top_k} must be in [1, {h - shared}] (the "
+                        "routed heads)")
+    group = h // (sizes.num_kv_heads or h)
+    if shared % group:
+      raise ConfigError(f"model.attention.moh.num_shared_heads={shared} must be a "
+                        f"multiple of num_heads / num_kv_heads = {group}")
+    for field in ("block_q", "block_k"):
+      base.check_power_of_two(f"model.attention.moh.{field}", getattr(opts, field), 16)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
-    o = self.opts
-    h = num_heads
-    self.num_shared = h // 2 if o.num_shared_heads is None else int(o.num_shared_heads)
-    self.num_routed = h - self.num_shared
-    if not 0 <= self.num_shared <= h:
-      raise ValueError(f"model.attention.moh.num_shared_heads={self.num_shared} must be in "
-                       f"[0, num_heads={h}]")
-    e = self.num_routed
-    self.top_k = (max(1, e // 2) if e else 0) if o.top_k is None else int(o.top_k)
-    if e and not 1 <= self.top_k <= e:
-      raise ValueError(f"model.attention.moh.top_k={self.top_k} must be in [1, {e}] (the routed "
-                       "heads)")
-    if o.scaling not in SCALINGS:
-      raise ValueError(f"model.attention.moh.scaling={o.scaling!r} must be one of {SCALINGS}")
-    group = h // self.num_kv_heads
-    if self.num_shared % group:
-      raise ValueError(f"model.attention.moh.num_shared_heads={self.num_shared} must be a "
-                       f"multiple of num_heads / num_kv_heads = {group}")
-    if self.window is not None:
-      raise ValueError("model.attention.window is not supported by moh; set it to None")
-    if self.impl not in _IMPLS:
-      raise ValueError(f"model.attention.impl={self.impl!r} must be one of {sorted(_IMPLS)} "
-                       "for moh")
+    self.num_shared, self.top_k = self.head_split(self.opts, num_heads)
+    self.num_routed = e = num_heads - self.num_shared
     # Routers in float32: softmax / top-k on bf16 logits flips near-ties.
     router = lambda n: base.dense(d_model, n, rngs=rngs, dtype=jnp.float32)  # noqa: E731
     self.w_routed = router(e) if e else None
@@ -141,20 +149,24 @@ class MixtureOfHeadAttention(SoftmaxAttention):
     q, k, v = self.project(x, positions)
     valid = None if segment_ids is None else segment_ids != 0
     gates, aux = self.route(x, valid)
-    shared_impl, routed_impl = _IMPLS[self.impl]
     hs, hs_kv = self.num_shared, self.num_shared // (self.num_heads // self.num_kv_heads)
-    outs = []
+    outs, fracs = [], []
     if hs:
-      o = softmax_attention(q[:, :, :hs], k[:, :, :hs_kv], v[:, :, :hs_kv], causal=causal,
-                            segment_ids=segment_ids, impl=shared_impl)
+      o, frac = softmax_attention(q[:, :, :hs], k[:, :, :hs_kv], v[:, :, :hs_kv], causal=causal,
+                                  segment_ids=segment_ids, impl=self.op_impl("softmax"),
+                                  return_fallback_frac=True)
       outs.append(o * gates[..., :hs, None].astype(o.dtype))
+      fracs.append(frac)
     if self.num_routed:
-      outs.append(head_routed_attention(
+      o, frac = head_routed_attention(
           q[:, :, hs:], k[:, :, hs_kv:], v[:, :, hs_kv:], gates[..., hs:].astype(q.dtype),
           causal=causal, segment_ids=segment_ids, block_q=self.opts.block_q,
-          block_k=self.opts.block_k, impl=routed_impl))
+          block_k=self.opts.block_k, impl=self.op_impl("head_routing"),
+          return_fallback_frac=True)
+      outs.append(o)
+      fracs.append(frac)
     o = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
-    return self.o_proj(base.merge_heads(o)), aux
+    return self.o_proj(base.merge_heads(o)), {**aux, **base.fallback_aux("softmax", *fracs)}
 
   def decode(self, x, *, positions, cache):
     """Every head over the cache, then gated (a decode step is a handful of tokens)."""

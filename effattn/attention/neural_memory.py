@@ -38,14 +38,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.ops import IMPLS as SOFTMAX_IMPLS
-from effattn.attention.ops import softmax_attention
 from effattn.attention.registry import register
-from effattn.kernels.memory_chunk import common, deep, memory_update, xla
+from effattn.kernels.memory_chunk import common, deep, deep_memory_update, memory_update, xla
+from effattn.kernels.softmax import softmax_attention
+from effattn.ranges import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigError
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
-# Jitted so eager calls compile the chunk loop once per shape (inlined under an outer jit).
-_deep_chunked = jax.jit(deep.chunked, static_argnames="chunk_size")
 
 
 def _rms(x, scale, eps=1e-6):
@@ -131,8 +129,8 @@ class _Memory(nnx.Module):
                                   chunk_size=self.chunk_size, impl=self.impl)
       return r, ((w1,), (s1,))
     reset_to, _ = self.initial_state(q.shape[0])
-    return _deep_chunked(w, s, q, k, v, theta, alpha, eta, seg, reset_to,
-                         chunk_size=self.chunk_size)
+    return deep_memory_update(w, s, q, k, v, theta, alpha, eta, seg, reset_to,
+                              chunk_size=self.chunk_size, impl=self.impl)
 
   def retrieve(self, weights, q):
     """M(q) without an update: weights leaves [B, H, ...], q [B, T, H, D] -> [B, T, H, D]."""
@@ -210,32 +208,40 @@ class NeuralMemory(base.Attention):
       # that diverged at lr 1e-3; docs/mechanisms_memory.md). Other variants ignore it.
       "store_norm": True,
   }
+  OPS = ("softmax", "memory_chunk")  # attention branch, memory
+  CAUSAL_ONLY = True
+  CHOICES = {"variant": VARIANTS}
+  RANGES = {"depth": POSITIVE_INT, "expansion": POSITIVE_INT, "chunk_size": POSITIVE_INT,
+            "segment_len": POSITIVE_INT, "num_persistent": NON_NEGATIVE_INT,
+            "conv_size": POSITIVE_INT, "max_lr": POSITIVE}
+
+  @classmethod
+  def supports(cls, field, opts):
+    if field == "window":  # MAG's and MAL's sliding-window branch; MAC attends per segment
+      return opts.variant in ("mag", "mal")
+    if field == "num_kv_heads":  # the memory alone has no attention
+      return opts.variant != "lmm"
+    # MAG and MAC gate the d_model-wide attention output by the H * D-wide memory output.
+    return field == "head_dim" and opts.variant in ("mal", "lmm")
+
+  @classmethod
+  def check(cls, opts, sizes):
+    if opts.variant == "mac" and opts.segment_len % opts.chunk_size:
+      raise ConfigError(f"model.attention.neural_memory.segment_len={opts.segment_len} must be "
+                        f"a multiple of chunk_size={opts.chunk_size} (MAC updates whole chunks)")
+
+  @classmethod
+  def op_shapes(cls, opts, sizes):
+    return dict(super().op_shapes(opts, sizes), chunk_size=opts.chunk_size, depth=opts.depth)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     o = self.opts
-    if o.variant not in VARIANTS:
-      raise ValueError(f"model.attention.neural_memory.variant={o.variant!r} must be one of "
-                       f"{VARIANTS}")
-    if o.depth < 1:
-      raise ValueError(f"model.attention.neural_memory.depth={o.depth} must be >= 1")
-    if o.chunk_size < 1 or o.conv_size < 1:
-      raise ValueError("model.attention.neural_memory.chunk_size and conv_size must be >= 1")
-    if o.variant == "mac" and o.segment_len % o.chunk_size:
-      raise ValueError(f"model.attention.neural_memory.segment_len={o.segment_len} must be a "
-                       f"multiple of chunk_size={o.chunk_size} (MAC updates whole chunks)")
     self.variant = o.variant
-    self.window = cfg.get("window")
-    impl = cfg.get("impl", "auto")
-    self.attn_impl = impl if impl in SOFTMAX_IMPLS else "auto"
-    self.num_kv_heads = int(cfg.get("num_kv_heads") or num_heads)
-    if num_heads % self.num_kv_heads:
-      raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
-                       f"model.num_heads={num_heads}")
     h, d, h_kv, dt = num_heads, self.head_dim, self.num_kv_heads, self.dtype
     self.memory = _Memory(d_model, h, d, depth=o.depth, expansion=o.expansion,
                           conv_size=o.conv_size, max_lr=o.max_lr, chunk_size=o.chunk_size,
-                          impl=impl, dtype=dt, rngs=rngs)
+                          impl=self.op_impl("memory_chunk"), dtype=dt, rngs=rngs)
     width = h * d
     self.out_proj = base.dense(width, d_model, rngs=rngs, dtype=dt)
     if self.variant in ("lmm", "mal"):
@@ -271,7 +277,7 @@ class NeuralMemory(base.Attention):
     k = jnp.concatenate([per(self.persistent_k), k.astype(q.dtype)], axis=1)
     v = jnp.concatenate([per(self.persistent_v), v.astype(q.dtype)], axis=1)
     mask = jnp.concatenate([jnp.ones((b, 1, tq, n_p), bool), mask], axis=-1)
-    o = softmax_attention(q, k, v, causal=False, mask=mask, impl=self.attn_impl)
+    o = softmax_attention(q, k, v, causal=False, mask=mask, impl=self.op_impl("softmax"))
     return self.o_proj(base.merge_heads(o))
 
   def _swa(self, z, positions, segment_ids):

@@ -23,7 +23,8 @@ cluster, causally by position. Two memberships:
              on the whole sequence (future tokens can evict past ones), which is not causal;
              decoding uses nearest-centroid routing. Use it for the paper's bounded cost.
 
-aux: `loss_commitment` = commitment * mean ||u - stopgrad(mu_nearest)||^2 (already weighted).
+aux: `loss_commitment` = commitment * mean ||u - stopgrad(mu_nearest)||^2 (already weighted);
+`softmax_fallback_frac` where the local heads run cuDNN's packed path (rows past its segments).
 """
 
 from __future__ import annotations
@@ -35,14 +36,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.ops import IMPLS as SOFTMAX_IMPLS
-from effattn.attention.ops import reference_attention, softmax_attention
 from effattn.attention.registry import register
-from effattn.kernels.block_sparse import block_sparse_attention, lists_from_block_mask
+from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention,
+                                          lists_from_block_mask)
+from effattn.kernels.softmax import reference_attention, softmax_attention
+from effattn.ranges import (NON_NEGATIVE, POSITIVE_INT, UNIT_OPEN_TOP, ConfigError, Range)
 
-# cfg.impl -> block_sparse impl (cuDNN does not apply to sparse attention).
-KERNEL_IMPL = {"auto": "auto", "cudnn": "auto", "pallas": "pallas", "xla": "xla",
-               "reference": "reference"}
 # Cluster ids are folded into segment ids as cluster * _SEG_STRIDE + segment.
 _SEG_STRIDE = 1 << 20
 
@@ -88,10 +87,6 @@ def cluster_block_mask(sorted_clusters: jax.Array, block: int, causal: bool) -> 
   return blocks
 
 
-def _block_size(length: int, block: int) -> int:
-  return min(block, max(8, 1 << max(0, (length - 1).bit_length())))
-
-
 @register("routing")
 class RoutingAttention(base.Attention):
   """Local heads + k-means routing heads; see the module docstring."""
@@ -106,26 +101,27 @@ class RoutingAttention(base.Attention):
       "commitment": 1e-4,  # beta of the commitment loss
       "block": 64,  # kernel tile size (tokens)
   }
+  OPS = ("softmax", "block_sparse")  # local heads, routing heads
+  # Q = K per routing head, so no key/value head sharing; local heads have their own window.
+  SUPPORTS = ("head_dim",)
+  CHOICES = {"membership": ("nearest", "balanced")}
+  RANGES = {"num_clusters": POSITIVE_INT, "routing_heads": Range(1, integer=True, none_ok=True),
+            "local_window": POSITIVE_INT, "cluster_size": Range(1, integer=True, none_ok=True),
+            "decay": UNIT_OPEN_TOP, "commitment": NON_NEGATIVE}
+
+  @classmethod
+  def check(cls, opts, sizes):
+    if opts.routing_heads is not None and opts.routing_heads > sizes.num_heads:
+      raise ConfigError(f"model.attention.routing.routing_heads={opts.routing_heads} must be in "
+                        f"1..{sizes.num_heads} (model.num_heads)")
+    base.check_power_of_two("model.attention.routing.block", opts.block, 8)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     o = self.opts
-    kv = cfg.get("num_kv_heads")
-    if kv not in (None, num_heads):
-      raise ValueError(f"model.attention.num_kv_heads={kv}: routing shares Q and K per head; "
-                       "leave it unset")
     self.num_routing = int(o.routing_heads if o.routing_heads is not None
                            else max(1, num_heads // 2))
-    if not 0 < self.num_routing <= num_heads:
-      raise ValueError(f"model.attention.routing.routing_heads={o.routing_heads} must be in "
-                       f"1..{num_heads}")
-    if o.membership not in ("nearest", "balanced"):
-      raise ValueError(f"model.attention.routing.membership={o.membership!r} must be "
-                       "'nearest' or 'balanced'")
-    if o.num_clusters < 1:
-      raise ValueError(f"model.attention.routing.num_clusters={o.num_clusters} must be >= 1")
     self.num_local = num_heads - self.num_routing
-    self.impl = cfg.get("impl", "auto")
     d, hl, hr = self.head_dim, self.num_local, self.num_routing
     if hl:
       self.q_proj = base.dense(d_model, hl * d, rngs=rngs, dtype=self.dtype)
@@ -172,9 +168,10 @@ class RoutingAttention(base.Attention):
     vl, vr = v[:, :, :self.num_local], v[:, :, self.num_local:]
     seg = segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32)
     assign = self.assign(u)
-    outs = []
+    outs, frac = [], None
     if self.num_local:
-      outs.append(self._local(ql, kl, vl, segment_ids, causal))
+      o, frac = self._local(ql, kl, vl, segment_ids, causal)
+      outs.append(o)
     if self.opts.membership == "nearest":
       outs.append(self._route_nearest(ur, vr, assign, seg, causal))
     else:
@@ -190,12 +187,13 @@ class RoutingAttention(base.Attention):
       new_sum, new_count = ema_update(self.ema_sum[...], self.ema_count[...],
                                       jax.lax.stop_gradient(u), assign, real, self.opts.decay)
       self.ema_sum[...], self.ema_count[...] = new_sum, new_count
-    return y, {"loss_commitment": self.opts.commitment * commit}
+    return y, {"loss_commitment": self.opts.commitment * commit,
+               **base.fallback_aux("softmax", frac)}
 
   def _local(self, q, k, v, segment_ids, causal):
-    impl = self.impl if self.impl in SOFTMAX_IMPLS else "auto"
     return softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids,
-                             window=self.opts.local_window, impl=impl)
+                             window=self.opts.local_window, impl=self.op_impl("softmax"),
+                             return_fallback_frac=True)
 
   def _route_nearest(self, ur, v, assign, seg, causal):
     """Each token attends causally to earlier tokens of its own cluster. -> [B, T, Hr, D]."""
@@ -214,12 +212,12 @@ class RoutingAttention(base.Attention):
     cl_sorted = jnp.take_along_axis(assign, perm, axis=1).transpose(0, 2, 1)  # [B, Hr, T]
     pos = perm.transpose(0, 2, 1).astype(jnp.int32)
     seg_sorted = jnp.take_along_axis(seg[:, :, None], perm, axis=1).transpose(0, 2, 1)
-    bs = _block_size(t, self.opts.block)
+    bs = block_size_for(t, self.opts.block)
     kv_idx, kv_cnt = lists_from_block_mask(cluster_block_mask(cl_sorted, bs, causal))
     o, _ = block_sparse_attention(
         take(ur), take(ur), take(v), kv_idx, kv_cnt, block_q=bs, block_k=bs, causal=causal,
         q_positions=pos, kv_positions=pos, q_segment_ids=cl_sorted * _SEG_STRIDE + seg_sorted,
-        kv_segment_ids=cl_sorted * _SEG_STRIDE + seg_sorted, impl=KERNEL_IMPL[self.impl])
+        kv_segment_ids=cl_sorted * _SEG_STRIDE + seg_sorted, impl=self.op_impl("block_sparse"))
     inverse = jnp.argsort(perm, axis=1)
     return jnp.take_along_axis(o, inverse[..., None], axis=1)
 
@@ -231,7 +229,7 @@ class RoutingAttention(base.Attention):
     sim = jnp.einsum("bthd,hcd->bhct", u, self.centroids())
     _, members = jax.lax.top_k(sim, w)  # [B, Hr, C, w]
     members = jnp.sort(members, axis=-1)
-    bs = _block_size(w, self.opts.block)
+    bs = block_size_for(w, self.opts.block)
     wp = -(-w // bs) * bs  # clusters padded to whole tiles so tiles never mix clusters
     valid = jnp.arange(wp) < w
     members = jnp.pad(members, ((0, 0), (0, 0), (0, 0), (0, wp - w)))
@@ -252,7 +250,7 @@ class RoutingAttention(base.Attention):
     o, _ = block_sparse_attention(
         gather(ur), gather(ur), gather(v), kv_idx, kv_cnt, block_q=bs, block_k=bs,
         causal=causal, q_positions=flat, kv_positions=flat, q_segment_ids=q_seg,
-        kv_segment_ids=kv_seg, impl=KERNEL_IMPL[self.impl])  # [B, C*wp, Hr, D]
+        kv_segment_ids=kv_seg, impl=self.op_impl("block_sparse"))  # [B, C*wp, Hr, D]
     o = jnp.where(pad[None, :, None, None], 0.0, o.astype(jnp.float32))
     tok = flat.transpose(0, 2, 1)  # [B, C*wp, Hr]
     bi = jnp.arange(b)[:, None, None]

@@ -1,7 +1,8 @@
 """Softmax attention baseline: MHA, GQA (num_kv_heads < H) and MQA (num_kv_heads = 1).
 
 Optional sliding window (`window`), RoPE applied by the module when the model uses rotary
-positions, segment ids for packed sequences, and a KV cache for decoding.
+positions, segment ids for packed sequences, and a KV cache for decoding. aux holds
+`softmax_fallback_frac` where the path taken (cuDNN's packed layout) has a runtime fallback.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn.attention import base
-from effattn.attention.ops import softmax_attention
 from effattn.attention.registry import register
+from effattn.kernels.softmax import softmax_attention
 
 
 @register("softmax")
@@ -22,15 +23,11 @@ class SoftmaxAttention(base.Attention):
   """y = softmax(q k^T / sqrt(D) + mask) v with H_kv key/value heads shared by H / H_kv queries."""
 
   DEFAULTS = {}
+  OPS = ("softmax",)
+  SUPPORTS = ("num_kv_heads", "head_dim", "window")
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
-    self.num_kv_heads = int(cfg.get("num_kv_heads") or num_heads)
-    if num_heads % self.num_kv_heads:
-      raise ValueError(f"model.attention.num_kv_heads={self.num_kv_heads} must divide "
-                       f"model.num_heads={num_heads}")
-    self.window = cfg.get("window")
-    self.impl = cfg.get("impl", "auto")
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
@@ -49,9 +46,10 @@ class SoftmaxAttention(base.Attention):
 
   def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
     q, k, v = self.project(x, positions)
-    o = softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids, window=self.window,
-                          impl=self.impl)
-    return self.o_proj(base.merge_heads(o)), {}
+    o, frac = softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                                window=self.window, impl=self.op_impl("softmax"),
+                                return_fallback_frac=True)
+    return self.o_proj(base.merge_heads(o)), base.fallback_aux("softmax", frac)
 
   def init_cache(self, batch, max_len, dtype=None):
     dtype = dtype or self.dtype

@@ -26,6 +26,7 @@ from flax import nnx
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.attention.softmax import SoftmaxAttention
+from effattn.ranges import ConfigError, Range
 
 # variant -> (query heads, kv heads) as fractions of H; None for kv heads means 1 (MQA).
 VARIANTS = {"sqa": (2, 4), "ssqa": (2, 2), "xsqa": (4, 4), "xsmqa": (4, None)}
@@ -40,21 +41,21 @@ def head_counts(variant: str, num_heads: int, num_query_heads: int | None,
   elif variant in VARIANTS:
     q_div, kv_div = VARIANTS[variant]
     if num_heads % q_div or (kv_div and num_heads % kv_div):
-      raise ValueError(f"model.attention.sqa.variant={variant!r} needs model.num_heads="
-                       f"{num_heads} divisible by {kv_div or q_div}; use variant='general'")
+      raise ConfigError(f"model.attention.sqa.variant={variant!r} needs model.num_heads="
+                        f"{num_heads} divisible by {kv_div or q_div}; use variant='general'")
     if num_query_heads is not None or num_kv_heads is not None:
-      raise ValueError(f"model.attention.sqa.variant={variant!r} sets the head counts itself; "
-                       "set num_query_heads / num_kv_heads only with variant='general'")
+      raise ConfigError(f"model.attention.sqa.variant={variant!r} sets the head counts itself; "
+                        "set num_query_heads / num_kv_heads only with variant='general'")
     h_q, h_kv = num_heads // q_div, (num_heads // kv_div if kv_div else 1)
   else:
-    raise ValueError(f"model.attention.sqa.variant={variant!r} must be one of "
-                     f"{sorted(VARIANTS) + ['general']}")
+    raise ConfigError(f"model.attention.sqa.variant={variant!r} must be one of "
+                      f"{sorted(VARIANTS) + ['general']}")
   if not 0 < h_q <= num_heads:
-    raise ValueError(f"model.attention.sqa.num_query_heads={h_q} must be in [1, num_heads="
-                     f"{num_heads}]")
+    raise ConfigError(f"model.attention.sqa.num_query_heads={h_q} must be in [1, num_heads="
+                      f"{num_heads}]")
   if h_kv <= 0 or h_q % h_kv:
-    raise ValueError(f"model.attention.num_kv_heads={h_kv} must divide the {h_q} query heads "
-                     "of SQA")
+    raise ConfigError(f"model.attention.num_kv_heads={h_kv} must divide the {h_q} query heads "
+                      "of SQA")
   return h_q, h_kv
 
 
@@ -70,17 +71,25 @@ class SparseQueryAttention(SoftmaxAttention):
       "variant": "sqa",  # sqa | ssqa | xsqa | xsmqa | general
       "num_query_heads": None,  # H_q for variant='general' (None: num_heads, i.e. GQA)
   }
+  CHOICES = {"variant": tuple(VARIANTS) + ("general",)}
+  RANGES = {"num_query_heads": Range(1, integer=True, none_ok=True)}
+
+  @classmethod
+  def query_heads(cls, opts, num_heads, num_kv_heads):
+    return head_counts(opts.variant, num_heads, opts.num_query_heads, num_kv_heads)[0]
+
+  @classmethod
+  def check(cls, opts, sizes):
+    head_counts(opts.variant, sizes.num_heads, opts.num_query_heads, sizes.num_kv_heads)
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     # base.Attention fixes head_dim = d_model / H from the baseline head count.
     base.Attention.__init__(self, cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     h_q, h_kv = head_counts(self.opts.variant, num_heads, self.opts.num_query_heads,
-                            cfg.get("num_kv_heads"))
+                            self.sizes.num_kv_heads)
     self.baseline_heads = num_heads
     self.num_heads = h_q
     self.num_kv_heads = h_kv
-    self.window = cfg.get("window")
-    self.impl = cfg.get("impl", "auto")
     d = self.head_dim
     self.q_proj = base.dense(d_model, h_q * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from effattn.attention import base
 from effattn.attention.dynamic_mask import select_top_w
-from effattn.attention.ops import reference_attention
+from effattn.kernels.softmax import reference_attention
 from effattn.kernels.block_sparse.common import element_mask
 from tests.attention import oracles
 from tests.attention.test_routing import Jitted

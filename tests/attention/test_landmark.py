@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from effattn.attention import base
-from effattn.attention.landmark import (block_groups, chunked_grouped_softmax_attention,
-                                        grouped_softmax_attention)
-from effattn.attention.ops import reference_attention
+from effattn.attention.landmark import block_groups
+from effattn.kernels.grouped_softmax import (chunked_grouped_softmax_attention,
+                                             grouped_softmax_attention)
+from effattn.kernels.softmax import reference_attention
 from tests.attention import oracles
 from tests.attention.test_routing import Jitted
 

@@ -16,7 +16,8 @@ SMALL = dict(chunk_size=4, segment_len=8, num_persistent=2, conv_size=3)
 
 
 def build(variant, depth=1, impl="xla", **opts):
-  return oracles.build("neural_memory", d_model=16, num_heads=2, window=5, impl=impl,
+  window = 5 if variant in ("mag", "mal") else None  # MAC and the memory alone have no window
+  return oracles.build("neural_memory", d_model=16, num_heads=2, window=window, impl=impl,
                        neural_memory=dict(SMALL, variant=variant, depth=depth, **opts))
 
 

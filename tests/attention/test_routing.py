@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from effattn.attention import base, routing
-from effattn.attention.ops import reference_attention
+from effattn.kernels.softmax import reference_attention
 from tests.attention import oracles
 
 

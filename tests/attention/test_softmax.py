@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effattn.attention import base, ops
+from effattn.attention import base
+from effattn.kernels.softmax import api as ops
+from effattn.kernels.softmax import cudnn, reference_attention
 from tests.attention import oracles
 
 
@@ -56,7 +58,7 @@ def test_softmax_attention_segment_mask_matches_naive():
 
 def test_packed_segments_lists_every_run():
   seg = np.array([[1, 1, 1, 2, 2, 0, 0], [3, 3, 3, 3, 3, 3, 3], [1, 2, 1, 2, 2, 2, 0]])
-  lengths, offsets, count = map(np.asarray, ops.packed_segments(jnp.asarray(seg), 4))
+  lengths, offsets, count = map(np.asarray, cudnn.packed_segments(jnp.asarray(seg), 4))
   np.testing.assert_array_equal(count, [3, 1, 5])
   np.testing.assert_array_equal(lengths[:2], [[3, 2, 2, -1], [7, -1, -1, -1]])
   np.testing.assert_array_equal(offsets[:2], [[0, 3, 5, -1, -1], [0, -1, -1, -1, -1]])
@@ -74,13 +76,13 @@ def _emulated_cudnn(q, k, v, *, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scal
             & (pos[None, None, :] < q_offsets[:, :-1, None] + q_seqlen[..., None])
             & (q_seqlen[..., None] > 0))  # [B, M, T]
   run = jnp.argmax(inside, axis=1) + jnp.where(inside.any(1), 0, -10 ** 6)
-  causal = mask_type == ops._cudnn.MaskType.PADDING_CAUSAL
+  causal = mask_type == cudnn.jax_cudnn.MaskType.PADDING_CAUSAL
   mask = (run[:, :, None] == run[:, None, :]) & (run[:, :, None] >= 0)
   if causal:
     mask &= pos[None, None, :] <= pos[None, :, None]
   if sliding_window_length is not None:
     mask &= pos[None, :, None] - pos[None, None, :] < sliding_window_length
-  return ops.reference_attention(q, k, v, mask[:, None], scale=scale)
+  return reference_attention(q, k, v, mask[:, None], scale=scale)
 
 
 @pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 9)])
@@ -88,9 +90,9 @@ def test_cudnn_packed_path_and_its_fallback(monkeypatch, causal, window):
   """The cuDNN call gets runs that reproduce the segment mask; a row with more runs than
   max_segments goes to the block-sparse kernel (query-chunked XLA with a window). (cuDNN itself is checked on the GPU:
   scripts/bench_train.py --check_packed.)"""
-  if not ops._CUDNN_PACKED:
+  if not cudnn.PACKED_API:
     pytest.skip("this jax has no cuDNN packed-segment API")
-  monkeypatch.setattr(ops._cudnn, "dot_product_attention", _emulated_cudnn)
+  monkeypatch.setattr(cudnn.jax_cudnn, "dot_product_attention", _emulated_cudnn)
   keys = jax.random.split(jax.random.key(2), 3)
   b, t, h, d = 2, 70, 2, 16
   q, k, v = (jax.random.normal(kk, (b, t, h, d)) for kk in keys)
@@ -99,9 +101,11 @@ def test_cudnn_packed_path_and_its_fallback(monkeypatch, causal, window):
   for seg in (few, many):
     want = ops.softmax_attention(q, k, v, causal=causal, segment_ids=seg, window=window,
                                  impl="reference")
-    got = ops._cudnn_packed(q, k, v, seg, causal=causal, window=window, scale=None,
-                            max_segments=4)
+    got, fallback_frac = cudnn.packed_attention(q, k, v, seg, causal=causal, window=window,
+                                                scale=None, max_segments=4)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    # The whole batch takes the fallback when one row has more runs than max_segments.
+    assert float(fallback_frac) == (1.0 if seg is many else 0.0)
 
 
 def test_segment_ids_with_a_mask_is_refused():

@@ -1,5 +1,5 @@
-"""The landmark grouped-softmax kernels (Triton grouped_pallas_gpu.py and Mosaic
-grouped_pallas_tpu.py, interpret mode) against the dense grouped_softmax_attention: output and
+"""The landmark grouped-softmax kernels (Triton pallas_gpu.py and Mosaic pallas_tpu.py of
+kernels/grouped_softmax, interpret mode) against the dense grouped_softmax_attention: output and
 gradients of q, k, v and the landmark keys, in f32 and bf16, with ragged lengths, packed
 segments + padding, several block lengths and the lax.cond fallback; plus the module on the
 kernel path against its chunked path."""
@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effattn.attention.landmark import KERNEL_IMPL, block_groups, grouped_softmax_attention
-from effattn.kernels.block_sparse import grouped
+from effattn.attention.landmark import block_groups
+from effattn.kernels import dispatch
+from effattn.kernels.grouped_softmax import api as grouped
+from effattn.kernels.grouped_softmax import grouped_softmax_attention
 from tests.attention import oracles
 
 # Tolerance relative to the largest reference value.
@@ -61,8 +63,8 @@ CASES = {
     "block50-tile64-ragged-f32": ((1, 110, 1, 16), 50, 64, "one", jnp.float32, None),
     "fallback-f32": ((2, 40, 2, 16), 8, 16, "packed", jnp.float32, 4),
 }
-# Both kernels share grouped_tiles.py's math; the Triton one skips two cases to keep the file
-# fast (its loop structure is covered by the others).
+# Both kernels share grouped_softmax/common.py's math; the Triton one skips two cases to keep
+# the file fast (its loop structure is covered by the others).
 KERNEL_CASES = [(impl, name) for name in CASES for impl in ("pallas_gpu", "pallas_tpu")
                 if impl == "pallas_tpu" or name not in ("short-blocks-ragged-f32", "fallback-f32")]
 
@@ -139,7 +141,8 @@ def test_tpu_backend_gets_the_mosaic_kernel(monkeypatch):
   seg = jnp.ones((1, 20), jnp.int32)
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   # The module's "auto" and "pallas" reach grouped_softmax unchanged.
-  for impl in {KERNEL_IMPL["auto"], KERNEL_IMPL["pallas"]}:
+  for impl in {dispatch.op_impl("auto", "grouped_softmax"),
+               dispatch.op_impl("pallas", "grouped_softmax")}:
     f = lambda x, impl=impl: grouped.grouped_softmax(  # noqa: E731
         x, x, x, x, gid, seg, block_len=8, tile=16, impl=impl, interpret=True)
     assert "landmark_grouped_tpu_fwd" in str(jax.make_jaxpr(f)(x)), impl
@@ -189,3 +192,21 @@ def test_module_kernel_path_equals_chunked_path():
   for (path, a), (_, c) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(g_k)),
                                jax.tree_util.tree_leaves_with_path(nnx.state(g_c))):
     _close(f"grad {jax.tree_util.keystr(path)}", c, a, jnp.float32)
+
+
+@pytest.mark.parametrize("max_groups,want", [(0, 0.0), (2, 1.0)])
+def test_runtime_fallback_is_reported_in_aux(max_groups, want):
+  """The module's kernel path (interpret switch, as on a GPU) says in aux how many rows took the
+  lax.cond fallback: none with room for every block, all when the layout holds 2 blocks."""
+  module = oracles.build("landmark", num_heads=2, impl="auto", landmark={
+      "block_len": 8, "tile": 16, "query_chunk": 8, "max_groups": max_groups})
+  x, _ = oracles.random_inputs(batch=2, length=30)
+  pos, seg = _layout("packed", 2, 30)
+  with dispatch.interpret_kernels("gpu"):
+    y, aux = module(x, positions=pos, segment_ids=seg)
+  assert float(aux["grouped_softmax_fallback_frac"]) == want
+  y_ref, aux_ref = oracles.build("landmark", num_heads=2, impl="xla", landmark={
+      "block_len": 8, "tile": 16, "query_chunk": 8})(x, positions=pos, segment_ids=seg)
+  assert "grouped_softmax_fallback_frac" not in aux_ref  # a path with no runtime fallback
+  real = np.asarray(seg) > 0
+  _close("y", np.where(real[..., None], y_ref, 0), np.where(real[..., None], y, 0), jnp.float32)

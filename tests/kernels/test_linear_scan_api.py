@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effattn.kernels.linear_scan import choose_path, linear_scan
+from effattn.kernels.linear_scan import FAMILY, linear_scan
 
 
 def ones(*shape):
@@ -14,12 +14,15 @@ def ones(*shape):
 
 def test_auto_uses_xla_on_cpu_and_pallas_needs_a_device():
   x = ones(1, 4, 1, 16)
-  assert choose_path("auto", x, x) == "xla"
-  assert choose_path("pallas", x, x, interpret=True) == "pallas_gpu"
-  with pytest.raises(ValueError, match="impl='pallas' needs a GPU or TPU"):
-    choose_path("pallas", x, x)
+  choose = lambda impl, **kw: FAMILY.choose(impl, Dk=16, Dv=16, dtype=x.dtype, **kw)  # noqa
+  assert choose("auto").path == "xla"
+  assert choose("pallas", interpret=True) == ("pallas_gpu", True)
+  with pytest.raises(ValueError, match="impl='pallas' cannot run: no Pallas kernel"):
+    choose("pallas")
+  with pytest.raises(ValueError, match="impl='pallas' cannot run"):
+    linear_scan(x, x, x, impl="pallas")
   with pytest.raises(ValueError, match="impl='fast' is not one of"):
-    choose_path("fast", x, x)
+    choose("fast")
 
 
 @pytest.mark.parametrize("kwargs,match", [

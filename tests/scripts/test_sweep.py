@@ -10,11 +10,15 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_spec = importlib.util.spec_from_file_location("sweep_script", os.path.join(ROOT, "scripts",
-                                                                             "sweep.py"))
-sweep_lib = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = sweep_lib  # dataclasses look their module up while being defined
-_spec.loader.exec_module(sweep_lib)
+# Loaded once per process (tests/test_configs.py expands the sweeps with it too): a second
+# import would define its absl flags twice.
+sweep_lib = sys.modules.get("sweep_script")
+if sweep_lib is None:
+  _spec = importlib.util.spec_from_file_location("sweep_script", os.path.join(ROOT, "scripts",
+                                                                               "sweep.py"))
+  sweep_lib = importlib.util.module_from_spec(_spec)
+  sys.modules[_spec.name] = sweep_lib  # dataclasses look their module up while being defined
+  _spec.loader.exec_module(sweep_lib)
 
 TINY = '''
 def get_sweep():

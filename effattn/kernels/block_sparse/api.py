@@ -5,12 +5,13 @@
 
 Each (batch, head, query block i) visits the key blocks kv_indices[b, h, i, :kv_counts[b, h, i]]
 (build them from a dense block mask with `lists_from_block_mask`); inside visited tiles the
-element conditions of common.py apply. Paths (`impl`):
-  "auto"       Pallas on GPU (Triton) and TPU (Mosaic), else the blocked jnp path (logged once);
-  "pallas"     the Pallas kernel of the current backend (the Triton one on CPU, for interpret);
-  "pallas_gpu" / "pallas_tpu"  a specific Pallas kernel (use interpret=True off-device);
-  "xla"        blocked jnp, work proportional to the lists;
-  "reference"  dense masked attention, the oracle.
+element conditions of common.py apply. Paths (FAMILY, in the order "auto" tries them; the rules
+are kernels/dispatch.py's):
+  "pallas_gpu"  Triton kernels (GPU; head_dim 64 or 128; interpret=True off-device);
+  "pallas_tpu"  Mosaic kernels (TPU; same limits);
+  "xla"         blocked jnp, work proportional to the lists;
+  "reference"   dense masked attention, the oracle.
+"pallas" is the Pallas kernel of the current backend (the Triton one off-device, interpreted).
 Pallas paths differentiate with their own backward kernels (custom_vjp).
 """
 
@@ -22,16 +23,21 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from effattn.kernels import dispatch
 from effattn.kernels.block_sparse import pallas_gpu, pallas_tpu, reference, xla
 from effattn.kernels.block_sparse.common import Aux, BlockSizes, transpose_lists
-from effattn.kernels.paths import log_path_once
 
-IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "reference")
 PALLAS_HEAD_DIMS = (64, 128)
+_HEAD_DIM = dispatch.one_of("head_dim", PALLAS_HEAD_DIMS)
+FAMILY = dispatch.Family("block_sparse", (
+    dispatch.Path("pallas_gpu", platform="gpu", limits=(_HEAD_DIM,)),
+    dispatch.Path("pallas_tpu", platform="tpu", limits=(_HEAD_DIM,)),
+    dispatch.Path("xla"),
+    dispatch.Path("reference"),
+))
 # Segment ids given to padded rows: padded keys match no query, padded queries see nothing.
 _PAD_Q_SEG = -(2 ** 31)
 _PAD_KV_SEG = -(2 ** 31) + 1
-_log_once = functools.partial(log_path_once, "block_sparse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,26 +49,6 @@ class _Static:
   interpret: bool
   platform: str  # "gpu" | "tpu"
   tuning: tuple = ()  # Triton (num_warps, num_stages) overrides as key-value pairs
-
-
-def _choose(impl: str, q) -> str:
-  backend = jax.default_backend()
-  d_ok = q.shape[-1] in PALLAS_HEAD_DIMS
-  if impl == "auto":
-    if backend in ("gpu", "tpu") and d_ok:
-      _log_once(f"pallas_{backend}", f"backend {backend}")
-      return f"pallas_{backend}"
-    why = f"backend {backend}" if d_ok else f"head_dim {q.shape[-1]} not in {PALLAS_HEAD_DIMS}"
-    _log_once("xla", why)
-    return "xla"
-  if impl == "pallas":
-    impl = "pallas_tpu" if backend == "tpu" else "pallas_gpu"
-  if impl.startswith("pallas"):
-    if not d_ok:
-      raise ValueError(f"head_dim={q.shape[-1]} must be one of {PALLAS_HEAD_DIMS} for {impl=}; "
-                       "use impl='xla'")
-  _log_once(impl, "forced")
-  return impl
 
 
 def _vec(x, name: str, b: int, n: int, heads: tuple[int, ...], dtype):
@@ -161,7 +147,7 @@ def block_sparse_attention(
     q_threshold / q_threshold_pos: per query [B', 1 | H_kv | H, T]; keep key j only when
       (kv_bias[j], -kv_pos[j]) >= (q_threshold[i], -q_threshold_pos[i]) (top-w by bias).
     scale: score scale, default D ** -0.5.
-    impl: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "xla" | "reference".
+    impl: "auto" | "pallas" | a path of FAMILY (kernels/dispatch.py has the rules).
     interpret: run Pallas kernels in interpret mode (CPU tests).
     num_warps, num_stages: Triton tuning overrides for the GPU kernels (default: heuristic).
 
@@ -169,8 +155,6 @@ def block_sparse_attention(
     o [B, T, H, D] in q's dtype, lse [B, H, T] float32 log-sum-exp of the kept scores (natural
     log; -inf and o = 0 where a query keeps no key).
   """
-  if impl not in IMPLS:
-    raise ValueError(f"block_sparse {impl=} is not one of {IMPLS}")
   if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
     raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} must be [B, T, H, D] with k and v "
                      "of one shape")
@@ -203,7 +187,7 @@ def block_sparse_attention(
     raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
   scale = d ** -0.5 if scale is None else float(scale)
   kv_indices, kv_counts = kv_indices.astype(jnp.int32), kv_counts.astype(jnp.int32)
-  path = _choose(impl, q)
+  path, interpret = FAMILY.choose(impl, interpret=interpret, head_dim=d)
   if path == "reference":
     return reference.block_sparse_attention(q, k, v, kv_indices, kv_counts, aux, causal=causal,
                                             scale=scale, block_q=block_q, block_k=block_k)

@@ -48,6 +48,12 @@ class BlockSizes:
         raise ValueError(f"{name}={value} must be a power of two >= 8; try 64 or 128")
 
 
+def block_size_for(length: int, block: int) -> int:
+  """The tile for `length` tokens: `block`, or the smallest power of two >= length (at least 8)
+  when the sequence is shorter, so short sequences are not padded to a whole large tile."""
+  return min(block, max(8, 1 << max(0, (length - 1).bit_length())))
+
+
 class Aux(NamedTuple):
   """Optional per-query [B', Hq, T] and per-key [B', Hk, S] vectors (None = not used).
 

@@ -3,7 +3,7 @@
 Used by the moh mechanism (mixture-of-head attention). See api.py for the contract.
 """
 
-from effattn.kernels.head_routing.api import IMPLS, head_routed_attention
+from effattn.kernels.head_routing.api import FAMILY, head_routed_attention
 from effattn.kernels.head_routing.common import BlockSizes, compact
 
-__all__ = ["IMPLS", "BlockSizes", "compact", "head_routed_attention"]
+__all__ = ["FAMILY", "BlockSizes", "compact", "head_routed_attention"]

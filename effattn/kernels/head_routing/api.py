@@ -4,13 +4,13 @@
 
 Each (token, head) pair with a non-zero gate gets gate * softmax attention of that head over the
 keys it may see; pairs with gate 0 are skipped and output 0 (mixture-of-head attention's routed
-heads). Paths (`impl`):
-  "auto"        Pallas on GPU (Triton) and TPU (Mosaic) when the head dim allows, else "xla";
-  "pallas"      the Pallas kernel of the current backend (the Triton one on CPU, for interpret);
-  "pallas_gpu" / "pallas_tpu"  a specific Pallas kernel (use interpret=True off-device);
-  "xla"         every head densely through effattn.attention.ops (cuDNN on GPU), then gated:
+heads). Paths (FAMILY, in the order "auto" tries them; the rules are kernels/dispatch.py's):
+  "pallas_gpu"  Triton kernels (GPU; head_dim 16, 32, 64 or 128; interpret=True off-device);
+  "pallas_tpu"  Mosaic kernels (TPU; same limits);
+  "xla"         every head densely through effattn.kernels.softmax (cuDNN on GPU), then gated:
                 no FLOPs saved, what the official MoH code does;
   "reference"   dense plain jnp, the oracle.
+"pallas" is the Pallas kernel of the current backend (the Triton one off-device, interpreted).
 The Pallas paths compact each head's routed tokens (common.py) so the kernels compute
 ceil(count / block_q) query tiles per head, and differentiate with their own backward kernels
 (custom_vjp). The gradient with respect to a zero gate is 0: skipped pairs are absent, not
@@ -25,14 +25,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from effattn.kernels import dispatch
 from effattn.kernels.head_routing import pallas_gpu, pallas_tpu, reference, xla
 from effattn.kernels.head_routing.common import (BlockSizes, compact, gather_tokens,
                                                  key_block_bounds)
-from effattn.kernels.paths import log_path_once
 
-IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "reference")
 PALLAS_HEAD_DIMS = (16, 32, 64, 128)
-_log_once = functools.partial(log_path_once, "head_routing")
+_HEAD_DIM = dispatch.one_of("head_dim", PALLAS_HEAD_DIMS)
+FAMILY = dispatch.Family("head_routing", (
+    dispatch.Path("pallas_gpu", platform="gpu", limits=(_HEAD_DIM,)),
+    dispatch.Path("pallas_tpu", platform="tpu", limits=(_HEAD_DIM,)),
+    dispatch.Path("xla"),
+    dispatch.Path("reference"),
+))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,25 +49,6 @@ class _Static:
   kv_len: int
   interpret: bool
   platform: str  # "gpu" | "tpu"
-
-
-def _choose(impl: str, head_dim: int) -> str:
-  backend = jax.default_backend()
-  d_ok = head_dim in PALLAS_HEAD_DIMS
-  if impl == "auto":
-    if backend in ("gpu", "tpu") and d_ok:
-      _log_once(f"pallas_{backend}", f"backend {backend}")
-      return f"pallas_{backend}"
-    why = f"backend {backend}" if d_ok else f"head_dim {head_dim} not in {PALLAS_HEAD_DIMS}"
-    _log_once("xla", why)
-    return "xla"
-  if impl == "pallas":
-    impl = "pallas_tpu" if backend == "tpu" else "pallas_gpu"
-  if impl.startswith("pallas") and not d_ok:
-    raise ValueError(f"head_dim={head_dim} must be one of {PALLAS_HEAD_DIMS} for {impl=}; "
-                     "use impl='xla'")
-  _log_once(impl, "forced")
-  return impl
 
 
 def _kernels(platform: str):
@@ -135,7 +121,8 @@ def head_routed_attention(
     block_k: int = 64,
     impl: str = "auto",
     interpret: bool = False,
-) -> jax.Array:
+    return_fallback_frac: bool = False,
+):
   """Gated attention computed only for the (token, head) pairs with a non-zero gate.
 
   Args:
@@ -146,14 +133,15 @@ def head_routed_attention(
     segment_ids: [B, T] int; tokens attend only inside their own segment (packing, padding).
     scale: score scale, default D ** -0.5.
     block_q, block_k: Pallas tile sizes (powers of two >= 16).
-    impl: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "xla" | "reference".
+    impl: "auto" | "pallas" | a path of FAMILY (kernels/dispatch.py has the rules).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
+    return_fallback_frac: also return the fraction of batch rows that took a runtime fallback
+      (only the xla path has one: softmax's packed cuDNN call), or None.
 
   Returns:
-    o [B, T, H, D] in q's dtype: gates * attention where gates != 0, else 0.
+    o [B, T, H, D] in q's dtype: gates * attention where gates != 0, else 0; with
+    return_fallback_frac, (o, fraction or None).
   """
-  if impl not in IMPLS:
-    raise ValueError(f"head_routing {impl=} is not one of {IMPLS}")
   if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
     raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} must be [B, T, H, D] with k and v "
                      "of one shape")
@@ -167,13 +155,22 @@ def head_routed_attention(
     raise ValueError(f"segment_ids has shape {segment_ids.shape}; expected [B, T] = {(b, t)}")
   sizes = BlockSizes(block_q, block_k)
   scale = d ** -0.5 if scale is None else float(scale)
-  path = _choose(impl, d)
+  path, interpret = FAMILY.choose(impl, interpret=interpret, head_dim=d)
+  frac = None
   if path == "reference":
-    return reference.head_routed_attention(q, k, v, gates, causal=causal,
-                                           segment_ids=segment_ids, scale=scale)
-  if path == "xla":
-    return xla.head_routed_attention(q, k, v, gates, causal=causal, segment_ids=segment_ids,
-                                     scale=scale)
+    o = reference.head_routed_attention(q, k, v, gates, causal=causal, segment_ids=segment_ids,
+                                        scale=scale)
+  elif path == "xla":
+    o, frac = xla.head_routed_attention(q, k, v, gates, causal=causal, segment_ids=segment_ids,
+                                        scale=scale)
+  else:
+    o = _pallas_path(q, k, v, gates, segment_ids, causal=causal, scale=scale, sizes=sizes,
+                     interpret=interpret, platform=path.removeprefix("pallas_"))
+  return (o, frac) if return_fallback_frac else o
+
+
+def _pallas_path(q, k, v, gates, segment_ids, *, causal, scale, sizes, interpret, platform):
+  t = q.shape[1]
   # Pad to whole tiles: padded tokens are never routed, and as keys they are masked by
   # causality or by kv_len.
   tile = max(sizes.block_q, sizes.block_k)
@@ -183,6 +180,6 @@ def head_routed_attention(
     q, k, v, gates = pad(q), pad(k), pad(v), pad(gates)
     segment_ids = None if segment_ids is None else pad(segment_ids)
   st = _Static(causal=causal, scale=scale, block_q=sizes.block_q, block_k=sizes.block_k,
-               kv_len=t, interpret=interpret, platform=path.removeprefix("pallas_"))
+               kv_len=t, interpret=interpret, platform=platform)
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
   return _pallas(q, k, v, gates, seg, st)[:, :t]

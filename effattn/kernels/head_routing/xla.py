@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from effattn.kernels.softmax import softmax_attention
+
 
 def head_routed_attention(q, k, v, gates, *, causal: bool, segment_ids=None, scale: float,
                           attention_impl: str = "auto"):
-  """Same contract as reference.head_routed_attention; `attention_impl` goes to ops."""
-  # Imported here: effattn.attention imports the moh mechanism, which imports this package.
-  from effattn.attention.ops import softmax_attention
-
-  o = softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale,
-                        impl=attention_impl)
+  """Same contract as reference.head_routed_attention (`attention_impl` goes to
+  softmax_attention); returns (o, softmax's runtime-fallback fraction or None)."""
+  o, frac = softmax_attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale,
+                              impl=attention_impl, return_fallback_frac=True)
   g = gates[..., None]
-  return jnp.where(g != 0, g.astype(o.dtype) * o, 0).astype(q.dtype)
+  return jnp.where(g != 0, g.astype(o.dtype) * o, 0).astype(q.dtype), frac

@@ -4,7 +4,8 @@ o_t = scale * sum_{s <= t} exp(g_h (t - s)) (q_t . k_s) v_s, causal or bidirecti
 state in and out. Public entry points live in api.py; reference.py is the oracle.
 """
 
-from effattn.kernels.linear_scan.api import IMPLS, choose_path, linear_scan, linear_scan_normalizer
+from effattn.kernels.linear_scan.api import (FAMILY, decode_impl, linear_scan,
+                                             linear_scan_normalizer)
 from effattn.kernels.linear_scan.reference import segment_runs
 
-__all__ = ["IMPLS", "choose_path", "linear_scan", "linear_scan_normalizer", "segment_runs"]
+__all__ = ["FAMILY", "decode_impl", "linear_scan", "linear_scan_normalizer", "segment_runs"]

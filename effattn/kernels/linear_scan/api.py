@@ -6,9 +6,10 @@
 computes o_t = scale * sum_{s <= t} exp(g_h (t - s)) (q_t . k_s) v_s (+ the initial-state term;
 bidirectional: sum over all s with exp(g_h |t - s|)); reference.py has the exact definition.
 
-Paths: "reference" (O(T^2) jnp, autodiff), "xla" (chunked jnp), "pallas_gpu" (Triton),
-"pallas_tpu" (Mosaic); "pallas" = the kernel of the current backend, "auto" = that kernel on
-GPU/TPU when the shapes allow it, else xla. The choice is logged once per distinct reason.
+Paths (FAMILY, in the order "auto" tries them; the rules are kernels/dispatch.py's):
+"pallas_gpu" (Triton; on the GPU, Dk and Dv powers of two >= 16), "pallas_tpu" (Mosaic),
+"xla" (chunked jnp), "reference" (O(T^2) jnp, autodiff); "pallas" = the kernel of the current
+backend. The choice is logged once per distinct reason.
 
 Gradients (all paths but reference) come from one custom VJP. The causal scan and the reverse
 scan are each other's transpose, so the backward of one direction is three calls of the same
@@ -32,47 +33,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effattn.kernels import dispatch
 from effattn.kernels.linear_scan import pallas_gpu, pallas_tpu, reference, xla
-from effattn.kernels.paths import log_path_once
 
-IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "reference")
-_log_once = functools.partial(log_path_once, "linear_scan")
-
-
-def _gpu_kernel_limits(q, v) -> str:
-  """Empty when the GPU kernel takes these shapes, else the reason it does not."""
-  for name, dim in (("Dk", q.shape[-1]), ("Dv", v.shape[-1])):
-    if dim < 16 or dim & (dim - 1):
-      return f"{name}={dim} is not a power of two >= 16"
-  if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-    return f"dtype {q.dtype}"
-  return ""
+_GPU_DTYPES = tuple(np.dtype(t) for t in (jnp.bfloat16, jnp.float16, jnp.float32))
+FAMILY = dispatch.Family("linear_scan", (
+    # Triton's dots need tiles of >= 16 (the interpreter has no such limit).
+    dispatch.Path("pallas_gpu", platform="gpu", device_limits=(
+        dispatch.power_of_two("Dk", 16), dispatch.power_of_two("Dv", 16),
+        dispatch.one_of("dtype", _GPU_DTYPES))),
+    dispatch.Path("pallas_tpu", platform="tpu"),
+    dispatch.Path("xla"),
+    dispatch.Path("reference"),
+))
 
 
-def choose_path(impl: str, q, v, interpret: bool = False) -> str:
-  """Resolves `impl` to one of reference | xla | pallas_gpu | pallas_tpu (and logs why)."""
-  if impl not in IMPLS:
-    raise ValueError(f"linear_scan impl={impl!r} is not one of {IMPLS}")
-  backend = jax.default_backend()
-  if impl in ("reference", "xla", "pallas_gpu", "pallas_tpu"):
-    _log_once(impl, "forced")
+def _choose(impl: str, q, v, interpret: bool) -> dispatch.Choice:
+  return FAMILY.choose(impl, interpret=interpret, Dk=q.shape[-1], Dv=v.shape[-1],
+                       dtype=np.dtype(q.dtype))
+
+
+def decode_impl(impl: str, length: int) -> str:
+  """The impl for `length` new tokens of a decode step: one token needs no kernel (a chunk of
+  one is the recurrence), so it takes xla; prompts keep `impl`."""
+  if impl == "reference" or length > 1:
     return impl
-  if impl == "pallas":
-    if backend == "tpu":
-      return "pallas_tpu"
-    if backend == "gpu" or interpret:
-      return "pallas_gpu"
-    raise ValueError("impl='pallas' needs a GPU or TPU backend (or interpret=True); "
-                     "use impl='xla' on CPU")
-  if backend == "tpu":
-    _log_once("pallas_tpu", "auto on tpu")
-    return "pallas_tpu"
-  if backend == "gpu":
-    why = _gpu_kernel_limits(q, v)
-    path = "xla" if why else "pallas_gpu"
-    _log_once(path, why or "auto on gpu")
-    return path
-  _log_once("xla", f"auto on {backend}")
   return "xla"
 
 
@@ -161,7 +146,7 @@ def linear_scan(q, k, v, log_decay=None, *, causal: bool = True, initial_state=N
     segment_ids: [B, T] packed sequences: tokens see only their own run of equal ids; the state
       restarts at each new run.
     scale: multiplies the output (e.g. Dk ** -0.5).
-    impl: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "xla" | "reference".
+    impl: "auto" | "pallas" | a path of FAMILY (kernels/dispatch.py has the rules).
     chunk_size: tokens per chunk (default 64 on GPU and xla, 128 on TPU).
     block_sizes: pallas_gpu.BlockSizes / pallas_tpu.BlockSizes for the kernel paths.
     out_dtype: dtype of o (default q.dtype).
@@ -171,9 +156,17 @@ def linear_scan(q, k, v, log_decay=None, *, causal: bool = True, initial_state=N
     (o [B, T, H, Dv], final_state [B, H, Dk, Dv] float32). Bidirectional: the causal final state.
   """
   _check(q, k, v, log_decay, initial_state, segment_ids, causal)
+  return _linear_scan(_choose(impl, q, v, interpret), q, k, v, log_decay, causal=causal,
+                      initial_state=initial_state, segment_ids=segment_ids, scale=scale,
+                      chunk_size=chunk_size, block_sizes=block_sizes, out_dtype=out_dtype)
+
+
+def _linear_scan(choice: dispatch.Choice, q, k, v, log_decay, *, causal, initial_state,
+                 segment_ids, scale, chunk_size, block_sizes, out_dtype):
+  """linear_scan on a chosen path (arguments already checked)."""
   b, _, h, dk = q.shape
   dv = v.shape[-1]
-  path = choose_path(impl, q, v, interpret)
+  path = choice.path
   out_dtype = np.dtype(out_dtype or q.dtype)
   g = (jnp.zeros((h,), jnp.float32) if log_decay is None
        else jax.lax.stop_gradient(log_decay.astype(jnp.float32)))
@@ -186,7 +179,7 @@ def linear_scan(q, k, v, log_decay=None, *, causal: bool = True, initial_state=N
   runs = None if segment_ids is None else reference.segment_runs(segment_ids)
   zeros = jnp.zeros((b, h, dk, dv), jnp.float32)
   s0 = zeros if initial_state is None else initial_state.astype(jnp.float32)
-  plan = _Plan(path, float(scale), out_dtype, chunk_size, block_sizes, interpret)
+  plan = _Plan(path, float(scale), out_dtype, chunk_size, block_sizes, choice.interpret)
   if causal:
     return _scan(plan, False, q, k, v, g, s0, runs)
   # Bidirectional = causal + reverse - the diagonal both of them counted; summed in f32.
@@ -213,14 +206,15 @@ def linear_scan_normalizer(q, k, log_decay=None, *, causal: bool = True, initial
   Returns:
     (n [B, T, H] float32, final key sum [B, H, Dk] float32).
   """
-  path = choose_path(impl, q, q, interpret)
-  width = 16 if path.startswith("pallas") else 1
+  choice = _choose(impl, q, q, interpret)
+  width = 16 if choice.path.startswith("pallas") else 1
   ones = jnp.ones(q.shape[:3] + (width,), q.dtype)
   s0 = None
   if initial_state is not None:
     s0 = jnp.broadcast_to(initial_state.astype(jnp.float32)[..., None],
                           initial_state.shape + (width,))
-  n, final = linear_scan(q, k, ones, log_decay, causal=causal, initial_state=s0,
-                         segment_ids=segment_ids, scale=scale, impl=path, chunk_size=chunk_size,
-                         out_dtype=jnp.float32, interpret=interpret)
+  _check(q, k, ones, log_decay, s0, segment_ids, causal)
+  n, final = _linear_scan(choice, q, k, ones, log_decay, causal=causal, initial_state=s0,
+                          segment_ids=segment_ids, scale=scale, chunk_size=chunk_size,
+                          block_sizes=None, out_dtype=jnp.float32)
   return n[..., 0], final[..., 0]

@@ -9,9 +9,12 @@ W_t = (1 - alpha_t) W_{t-1} + S_t, y_t = q_t W_t, with grad_t = 2 k_t^T (k_t W_r
 at the chunk's starting weights W_ref (mini-batch gradient descent inside each chunk of
 `chunk_size` tokens; chunk_size=1 is the paper's token recurrence).
 
-Paths: "reference" (reference.chunk_loop, autodiff), "xla" (chunked closed form in jnp, xla.py),
-"pallas_gpu" (Triton), "pallas_tpu" (Mosaic); "pallas" = the kernel of the current backend,
-"auto" = that kernel on GPU/TPU when the shapes allow it, else xla. Logged once per choice.
+Paths (FAMILY, in the order "auto" tries them; the rules are kernels/dispatch.py's):
+"pallas_gpu" (Triton; on the GPU, Dk, Dv and chunk_size powers of two in [16, 128]),
+"pallas_tpu" (Mosaic; on the TPU, chunk_size a multiple of 8), "xla" (chunked closed form in jnp,
+xla.py), "reference" (reference.chunk_loop, autodiff); "pallas" = the kernel of the current
+backend. Logged once per choice. The deep (MLP) memory, `deep_memory_update`, has no kernel:
+the dispatcher sends it to deep.py's chunk-parallel jnp form (xla and reference alike).
 The xla and Pallas paths share one custom VJP whose backward walks the chunks in reverse
 (xla.chunk_backward); the chunk-start states saved by the forward are its only residual besides
 the inputs. Gradients flow to q, k, v, all three gates and both initial states.
@@ -27,50 +30,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effattn.kernels.memory_chunk import common, pallas_gpu, pallas_tpu, reference, xla
-from effattn.kernels.paths import log_path_once
+from effattn.kernels import dispatch
+from effattn.kernels.memory_chunk import common, deep, pallas_gpu, pallas_tpu, reference, xla
 
-IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "reference")
-_log_once = functools.partial(log_path_once, "memory_chunk")
-
-
-def _gpu_kernel_limits(q, v, chunk_size) -> str:
-  """Empty when the GPU kernel takes these shapes, else the reason it does not."""
-  for name, dim in (("Dk", q.shape[-1]), ("Dv", v.shape[-1]), ("chunk_size", chunk_size)):
-    if dim < 16 or dim & (dim - 1):
-      return f"{name}={dim} is not a power of two >= 16"
-  if max(q.shape[-1], v.shape[-1]) > 128:
-    return "head dims above 128 do not fit the kernel's registers"
-  return ""
-
-
-def choose_path(impl: str, q, v, chunk_size: int, interpret: bool = False) -> str:
-  """Resolves `impl` to one of reference | xla | pallas_gpu | pallas_tpu (and logs why)."""
-  if impl not in IMPLS:
-    raise ValueError(f"memory_chunk impl={impl!r} is not one of {IMPLS}")
-  backend = jax.default_backend()
-  if impl in ("reference", "xla", "pallas_gpu", "pallas_tpu"):
-    _log_once(impl, "forced")
-    return impl
-  if impl == "pallas":
-    if backend == "tpu":
-      return "pallas_tpu"
-    if backend == "gpu" or interpret:
-      return "pallas_gpu"
-    raise ValueError("impl='pallas' needs a GPU or TPU backend (or interpret=True); "
-                     "use impl='xla' on CPU")
-  if backend == "tpu":
-    why = "" if chunk_size % 8 == 0 else f"chunk_size={chunk_size} is not a multiple of 8"
-    path = "xla" if why else "pallas_tpu"
-    _log_once(path, why or "auto on tpu")
-    return path
-  if backend == "gpu":
-    why = _gpu_kernel_limits(q, v, chunk_size)
-    path = "xla" if why else "pallas_gpu"
-    _log_once(path, why or "auto on gpu")
-    return path
-  _log_once("xla", f"auto on {backend}")
-  return "xla"
+_LINEAR = dispatch.Limit(("depth",), lambda depth: "" if depth == 1 else
+                         f"depth={depth}: the kernels hold the linear (depth-1) memory only")
+_REGISTERS = "larger head dims do not fit the kernel's registers"
+FAMILY = dispatch.Family("memory_chunk", (
+    dispatch.Path("pallas_gpu", platform="gpu", limits=(_LINEAR,), device_limits=(
+        dispatch.power_of_two("Dk", 16), dispatch.power_of_two("Dv", 16),
+        dispatch.power_of_two("chunk_size", 16), dispatch.at_most("Dk", 128, _REGISTERS),
+        dispatch.at_most("Dv", 128, _REGISTERS))),
+    dispatch.Path("pallas_tpu", platform="tpu", limits=(_LINEAR,),
+                  device_limits=(dispatch.multiple_of("chunk_size", 8),)),
+    dispatch.Path("xla"),
+    dispatch.Path("reference"),
+))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +130,7 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
     initial_memory, initial_momentum: [B, H, Dk, Dv] W_0 and S_0 (None: zeros).
     segment_ids: [B, T] packed sequences; a new id restarts the memory at zero.
     chunk_size: tokens per mini-batch C (the GPU kernel needs a power of two >= 16).
-    impl: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "xla" | "reference".
+    impl: "auto" | "pallas" | a path of FAMILY (kernels/dispatch.py has the rules).
     block_sizes: pallas_gpu.BlockSizes / pallas_tpu.BlockSizes for the kernel paths.
     compute_dtype: matmul operand dtype (default q.dtype; float32 runs at full precision).
     out_dtype: dtype of y (default q.dtype). interpret: Pallas interpreter (CPU tests).
@@ -167,7 +142,8 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   out_dtype = np.dtype(out_dtype or q.dtype)
-  path = choose_path(impl, q, v, chunk_size, interpret)
+  path, interpret = FAMILY.choose(impl, interpret=interpret, Dk=dk, Dv=dv,
+                                  chunk_size=chunk_size, depth=1)
   if path == "reference":
     y, state = _chunk_loop_jit(q, k, v, theta, alpha, eta, initial_memory, initial_momentum,
                                segment_ids, chunk_size=chunk_size)
@@ -189,3 +165,25 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
   plan = _Plan(path, c, np.dtype(compute_dtype or q.dtype), block_sizes, interpret)
   y, w, s = _update_jit(plan, q, k, v, theta, lb, le, seg, carry, end, w0, s0)
   return y[:, :t].astype(out_dtype), (w, s)
+
+
+# Jitted so eager calls compile the chunk loop once per shape (inlined under an outer jit).
+_deep_chunked = jax.jit(deep.chunked, static_argnames="chunk_size")
+
+
+def deep_memory_update(params0, mom0, q, k, v, theta, alpha, eta, segment_ids=None,
+                       reset_to=None, *, chunk_size: int, impl: str = "auto"):
+  """The deep (MLP) memory's chunk-parallel update (deep.chunked): same gates and layout as
+  memory_update, weights and momentum as tuples of [B, H, d_in, d_out] leaves.
+
+  No kernel holds an MLP memory, so the dispatcher sends every impl to deep.py's jnp form:
+  logged once under "auto", a one-line error for a forced Pallas path.
+
+  Returns:
+    (y [B, T, H, Dv] float32, (weights, momentum) after the last token).
+  """
+  if chunk_size < 1:
+    raise ValueError(f"{chunk_size=} must be >= 1")
+  FAMILY.choose(impl, Dk=q.shape[-1], Dv=v.shape[-1], chunk_size=chunk_size, depth=len(params0))
+  return _deep_chunked(params0, mom0, q, k, v, theta, alpha, eta, segment_ids, reset_to,
+                       chunk_size=chunk_size)

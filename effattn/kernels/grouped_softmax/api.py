@@ -2,18 +2,17 @@
 
     o = grouped_softmax(q, k, v, k_land, gid, seg, block_len=50)   # o [B, T, H, D]
 
-Computes effattn.attention.landmark.grouped_softmax_attention's output (the spec's grouped
+Computes reference.grouped_softmax_attention's output (the spec's grouped
 softmax: own-group tokens j <= i and the landmarks of earlier groups of the segment share one
 softmax; an earlier group's tokens get their within-group softmax times their landmark's
-weight). Paths (`impl`):
-  "auto"        the Pallas kernel of the backend on GPU and TPU when head_dim is in
-                KERNEL_HEAD_DIMS and block_len <= tile, else "xla" (logged once);
-  "pallas"      the Pallas kernel of the current backend (the Triton one off TPU);
-  "pallas_gpu"  the Triton kernels of grouped_pallas_gpu.py (interpret=True off-device);
-  "pallas_tpu"  the Mosaic kernels of grouped_pallas_tpu.py (same contract; interpret=True
-                off-device);
-  "xla"         landmark.chunked_grouped_softmax_attention: dense [B, H, chunk, T] scores,
-                `chunk` queries at a time (the oracle's arithmetic, O(T^2) FLOPs).
+weight). Paths (FAMILY, in the order "auto" tries them; the rules are kernels/dispatch.py's):
+  "pallas_gpu"  the Triton kernels of pallas_gpu.py (GPU; head_dim in KERNEL_HEAD_DIMS and
+                block_len <= tile; interpret=True off-device);
+  "pallas_tpu"  the Mosaic kernels of pallas_tpu.py (TPU; same contract and limits);
+  "xla"         xla.chunked_grouped_softmax_attention: dense [B, H, chunk, T] scores,
+                `chunk` queries at a time (the oracle's arithmetic, O(T^2) FLOPs);
+  "reference"   reference.grouped_softmax_attention, all queries at once.
+"pallas" is the Pallas kernel of the current backend (the Triton one off-device, interpreted).
 
 The kernel path re-lays tokens out so each group fills one tile of `tile` slots (slot (g, r)
 holds token start[g] + r for r < len[g]), which makes every earlier group a single key tile:
@@ -32,12 +31,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from effattn.kernels.block_sparse import grouped_pallas_gpu, grouped_pallas_tpu
-from effattn.kernels.paths import log_path_once
+from effattn.kernels import dispatch
+from effattn.kernels.grouped_softmax import pallas_gpu, pallas_tpu, reference, xla
 
-IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla")
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
-_log_once = functools.partial(log_path_once, "landmark grouped softmax")
+_LIMITS = (dispatch.one_of("head_dim", KERNEL_HEAD_DIMS),
+           dispatch.Limit(("block_len", "tile"), lambda block_len, tile: "" if (
+               block_len is None or block_len <= tile) else f"block_len={block_len} > tile={tile}"))
+FAMILY = dispatch.Family("grouped_softmax", (
+    dispatch.Path("pallas_gpu", platform="gpu", limits=_LIMITS),
+    dispatch.Path("pallas_tpu", platform="tpu", limits=_LIMITS),
+    dispatch.Path("xla"),
+    dispatch.Path("reference"),
+))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +52,11 @@ class _Static:
   scale: float
   interpret: bool
   tuning: tuple = ()  # Triton (num_warps, num_stages) overrides as key-value pairs
-  platform: str = "gpu"  # whose kernels: "gpu" (grouped_pallas_gpu) | "tpu" (grouped_pallas_tpu)
+  platform: str = "gpu"  # whose kernels: "gpu" (pallas_gpu.py) | "tpu" (pallas_tpu.py)
 
   @property
   def kernels(self):
-    return grouped_pallas_tpu if self.platform == "tpu" else grouped_pallas_gpu
+    return pallas_tpu if self.platform == "tpu" else pallas_gpu
 
 
 Layout = dict  # relayout's output: a dict of arrays (a pytree)
@@ -153,37 +159,11 @@ def default_max_groups(t: int, block_len: int) -> int:
   return -(-t // block_len) + max(8, t // 64)
 
 
-def _choose(impl: str, d: int, block_len: int | None, tile: int) -> str:
-  backend = jax.default_backend()
-  if impl == "auto":
-    if backend not in ("gpu", "tpu"):
-      why = f"backend {backend}"
-    elif d not in KERNEL_HEAD_DIMS:
-      why = f"head_dim {d} not in {KERNEL_HEAD_DIMS}"
-    elif block_len is not None and block_len > tile:
-      why = f"block_len {block_len} > tile {tile}"
-    else:
-      _log_once(f"pallas_{backend}", f"backend {backend}")
-      return f"pallas_{backend}"
-    _log_once("xla", why)
-    return "xla"
-  if impl == "pallas":
-    impl = "pallas_tpu" if backend == "tpu" else "pallas_gpu"
-  if impl.startswith("pallas"):
-    if d not in KERNEL_HEAD_DIMS:
-      raise ValueError(f"head_dim={d} must be one of {KERNEL_HEAD_DIMS} for {impl=}; "
-                       "use impl='xla'")
-    if block_len is not None and block_len > tile:
-      raise ValueError(f"block_len={block_len} must be <= tile={tile} for {impl=}; "
-                       "raise tile or use impl='xla'")
-  _log_once(impl, "forced")
-  return impl
-
-
 def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
                     block_len: int | None = None, impl: str = "auto", chunk: int = 256,
                     tile: int = 64, max_groups: int | None = None, interpret: bool = False,
-                    num_warps: int | None = None, num_stages: int | None = None):
+                    num_warps: int | None = None, num_stages: int | None = None,
+                    return_fallback_frac: bool = False):
   """The landmark grouped softmax.
 
   Args:
@@ -193,19 +173,20 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
     scale: score scale, default D ** -0.5.
     block_len: the largest group length, if known (lets "auto" skip a kernel that could not
       hold a group, and sizes the default max_groups).
-    impl: "auto" | "pallas" | "pallas_gpu" | "pallas_tpu" | "xla".
+    impl: "auto" | "pallas" | a path of FAMILY (kernels/dispatch.py has the rules).
     chunk: queries per step of the xla path (0: all at once); also the kernel's fallback.
     tile: slots per group tile of the kernel (a power of two >= 16, >= block_len).
     max_groups: group tiles of the kernel layout (default default_max_groups(T, block_len or
       tile)); rows with more groups run the xla path instead (lax.cond).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
     num_warps, num_stages: Triton tuning overrides (the GPU kernel only).
+    return_fallback_frac: also return the fraction of batch rows that took the kernel path's
+      runtime fallback (1.0 or 0.0: the lax.cond sends the whole batch), or None on a path that
+      has none.
 
   Returns:
-    o [B, T, H, D] in q's dtype.
+    o [B, T, H, D] in q's dtype; with return_fallback_frac, (o, fraction or None).
   """
-  if impl not in IMPLS:
-    raise ValueError(f"landmark grouped softmax {impl=} is not one of {IMPLS}")
   if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
     raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} must all be [B, T, H, D]")
   if not q.dtype == k.dtype == v.dtype:
@@ -225,23 +206,27 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
     raise ValueError(f"max_groups={max_groups} must be >= 1")
   scale = d ** -0.5 if scale is None else float(scale)
   gid, seg = gid.astype(jnp.int32), seg.astype(jnp.int32)
-  # Lazy import: landmark.py imports this module.
-  from effattn.attention import landmark  # pylint: disable=g-import-not-at-top
 
   def xla_path(q, k, v, k_land):
     if 0 < chunk < t:
-      return landmark.chunked_grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=scale,
-                                                        chunk=chunk)
-    return landmark.grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=scale)[0]
+      return xla.chunked_grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=scale,
+                                                   chunk=chunk)
+    return reference.grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=scale)[0]
 
-  path = _choose(impl, d, block_len, tile)
-  if path == "xla":
-    return xla_path(q, k, v, k_land)
+  path, interpret = FAMILY.choose(impl, interpret=interpret, head_dim=d, block_len=block_len,
+                                  tile=tile)
+  static = {"reference": lambda *a: reference.grouped_softmax_attention(*a, gid, seg,
+                                                                       scale=scale)[0],
+            "xla": xla_path}
+  if path in static:
+    o = static[path](q, k, v, k_land)
+    return (o, None) if return_fallback_frac else o
   max_groups = max_groups or default_max_groups(t, block_len or tile)
   lay = relayout(gid, seg, max_groups=max_groups, tile=tile)
   tuning = tuple((n, x) for n, x in (("num_warps", num_warps), ("num_stages", num_stages))
                  if x is not None)
   st = _Static(tile=tile, scale=scale, interpret=interpret, tuning=tuning,
                platform=path.removeprefix("pallas_"))
-  return lax.cond(lay["ok"], lambda *a: kernel_attention(*a, lay, st).astype(q.dtype),
-                  xla_path, q, k, v, k_land)
+  o = lax.cond(lay["ok"], lambda *a: kernel_attention(*a, lay, st).astype(q.dtype),
+               xla_path, q, k, v, k_land)
+  return (o, 1.0 - lay["ok"].astype(jnp.float32)) if return_fallback_frac else o

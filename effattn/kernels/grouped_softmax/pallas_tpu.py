@@ -1,7 +1,7 @@
 """Landmark grouped softmax as Pallas Mosaic TPU kernels (verified in interpret mode on CPU).
 
-Same contract as grouped_pallas_gpu.py (the group-tiled layout of grouped.py, lse in log2
-units), so grouped.py swaps the two modules freely; the tile math is grouped_tiles.py's.
+Same contract as pallas_gpu.py (the group-tiled layout of api.py, lse in log2 units), so
+api.py swaps the two modules freely; the tile math is common.py's.
 The per-group lengths and first / last group indices are scalar-prefetched into SMEM and drive
 the index maps, and the grid walks pairs of group tiles:
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from effattn.kernels.block_sparse import grouped_tiles as tiles
+from effattn.kernels.grouped_softmax import common as tiles
 from effattn.kernels.block_sparse.common import LOG2E
 
 _F32 = jnp.float32
@@ -92,7 +92,7 @@ def forward(q, k, v, kl, glen, gfirst, *, lt: int, scale: float, interpret: bool
   """q, k, v [B, N = G * Lt, H, D] (group-tiled), kl [B, G, H, D], glen / gfirst [B, Gp] int32.
 
   Returns o [B, N, H, D] in q's dtype and lse [B, H, N] float32 in log2 units.
-  num_warps / num_stages: Triton settings, accepted for grouped_pallas_gpu's signature and
+  num_warps / num_stages: Triton settings, accepted for pallas_gpu.py's signature and
   unused here.
   """
   del num_warps, num_stages

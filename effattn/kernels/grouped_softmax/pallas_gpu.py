@@ -1,6 +1,6 @@
 """Landmark grouped softmax as flash-style Pallas kernels with the Triton lowering (GPU).
 
-Inputs are in the group-tiled layout built by grouped.py: group g of a row occupies the slots
+Inputs are in the group-tiled layout built by api.py: group g of a row occupies the slots
 [g * Lt, g * Lt + len[g]) of an [B, N = G * Lt, H, D] array (slots past len[g] are zero), so a
 key tile is exactly one group and everything about an earlier group (its within-group softmax,
 its value summary o_bar, its landmark) is local to one tile. Per group: len [B, Gp] tokens,
@@ -15,7 +15,7 @@ Three kernels:
            rowsum(w * (do v^T)) (no o_bar product);
   dK/dV/dkL grid (G, B, H): key group gk, its own group, then query groups gq in (gk, last[gk]].
 Scores are kept in base 2 (exp2 is the native instruction), like pallas_gpu.py. The tile
-math is grouped_tiles.py's, shared with the Mosaic kernels of grouped_pallas_tpu.py.
+math is common.py's, shared with the Mosaic kernels of pallas_tpu.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from effattn.kernels.block_sparse import grouped_tiles as tiles
+from effattn.kernels.grouped_softmax import common as tiles
 from effattn.kernels.block_sparse.common import LOG2E
 
 _F32 = jnp.float32

@@ -1,5 +1,5 @@
-"""Tile math of the landmark grouped-softmax kernels, shared by the Triton (grouped_pallas_gpu)
-and Mosaic (grouped_pallas_tpu) versions: pure jnp on one query group tile and one key group
+"""Tile math of the landmark grouped-softmax kernels, shared by the Triton (pallas_gpu.py)
+and Mosaic (pallas_tpu.py) versions: pure jnp on one query group tile and one key group
 tile of Lt slots, so both lowerings run the same arithmetic and differ only in how tiles reach
 the kernel (a loop over full-sequence refs on GPU, the pipelined grid axis on TPU).
 
