@@ -79,12 +79,35 @@ RANGES: dict[str, Range] = {
     "mesh.tensor": POSITIVE_INT,
     "eval.batch_size": POSITIVE_INT,
     "eval.max_examples": _OPTIONAL_COUNT,
+    "eval.passkey.examples": POSITIVE_INT,
+    "eval.passkey.seed": NON_NEGATIVE_INT,
+    "eval.passkey.tokens_per_batch": NON_NEGATIVE_INT,  # 0: eval.batch_size * data.seq_len
+    "eval.positions.num_buckets": POSITIVE_INT,
+    "eval.positions.max_examples": NON_NEGATIVE_INT,
+    "eval.positions.tokens_per_batch": NON_NEGATIVE_INT,
+    "eval.generate.num_prompts": POSITIVE_INT,
+    "eval.generate.prompt_len": NON_NEGATIVE_INT,  # 0: derived from data.seq_len
+    "eval.generate.max_new_tokens": NON_NEGATIVE_INT,
+    "eval.generate.temperature": POSITIVE,  # greedy decoding always runs as well
+    "eval.generate.top_k": NON_NEGATIVE_INT,  # 0: all tokens
+    "eval.generate.seed": NON_NEGATIVE_INT,
+    "eval.generate.repeats": POSITIVE_INT,
+    # Shared attention fields (a mechanism also refuses the ones it does not support).
+    "model.attention.num_kv_heads": _OPTIONAL_COUNT,
+    "model.attention.head_dim": _OPTIONAL_COUNT,
+    "model.attention.window": _OPTIONAL_COUNT,
 }
 
 
 def ranges() -> dict[str, Range]:
-  """Every declared range by dotted field (mechanism option ranges join here)."""
-  return dict(RANGES)
+  """Every declared range by dotted field: the table above and each registered mechanism's
+  option ranges (`model.attention.<name>.<option>`), so a value outside its range fails here
+  whichever mechanism the config picks."""
+  out = dict(RANGES)
+  for name in attention.names():
+    for option, allowed in attention.get(name).RANGES.items():
+      out[f"model.attention.{name}.{option}"] = allowed
+  return out
 
 
 def _get(config, dotted: str):

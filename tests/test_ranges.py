@@ -6,9 +6,6 @@ from configs import base
 from effattn import config as config_lib
 from effattn.config import ConfigError
 
-# Subtrees whose ranges are declared elsewhere (the mechanisms' own options). Mechanism option
-# ranges join the walk by adding them to effattn.config.ranges() and dropping the prefix here.
-NOT_YET_WALKED = ("model.attention.",)
 
 
 def numeric_fields(cfg, prefix=""):
@@ -24,11 +21,7 @@ def numeric_fields(cfg, prefix=""):
       yield name
 
 
-def walked(name):
-  return not name.startswith(NOT_YET_WALKED)
-
-
-FIELDS = sorted(f for f in numeric_fields(base.get_config()) if walked(f))
+FIELDS = sorted(numeric_fields(base.get_config()))
 
 
 def set_field(config, dotted, value):
@@ -41,8 +34,9 @@ def set_field(config, dotted, value):
 
 def test_every_numeric_field_declares_a_range():
   missing = [f for f in FIELDS if f not in config_lib.ranges()]
-  assert not missing, f"declare a Range for these fields in effattn.config.RANGES: {missing}"
-  stale = [f for f in config_lib.ranges() if walked(f) and f not in FIELDS]
+  assert not missing, (f"declare a Range for these fields in effattn.config.RANGES (or a "
+                       f"mechanism's RANGES): {missing}")
+  stale = [f for f in config_lib.ranges() if f not in FIELDS]
   assert not stale, f"RANGES names fields configs/base.py does not have: {stale}"
 
 

@@ -35,7 +35,7 @@ from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention
                                           lists_from_block_mask)
 from effattn.kernels.block_sparse.common import element_mask
 from effattn.kernels.softmax import reference_attention
-from effattn.ranges import POSITIVE_INT
+from effattn.ranges import POSITIVE_INT, Range
 
 _NEG_INF = -jnp.inf
 
@@ -137,7 +137,7 @@ class DynamicMaskAttention(base.Attention):
   OPS = ("block_sparse",)
   SUPPORTS = ("num_kv_heads", "head_dim")  # keep_window, not a sliding window, bounds the keys
   CHOICES = {"selection": ("per_query", "global")}
-  RANGES = {"keep_window": POSITIVE_INT}
+  RANGES = {"keep_window": POSITIVE_INT, "block": Range(8, integer=True)}  # block: power of 2
 
   @classmethod
   def check(cls, opts, sizes):

@@ -48,7 +48,7 @@ from flax import nnx
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels import grouped_softmax
-from effattn.ranges import NON_NEGATIVE_INT, POSITIVE_INT, ConfigError
+from effattn.ranges import NON_NEGATIVE_INT, POSITIVE_INT, ConfigError, Range
 
 _NEG = -1e30
 
@@ -94,7 +94,7 @@ class LandmarkAttention(base.Attention):
   SUPPORTS = ("head_dim",)  # MHA only; blocks, not a sliding window, bound the keys
   CAUSAL_ONLY = True
   RANGES = {"block_len": POSITIVE_INT, "top_k": POSITIVE_INT, "query_chunk": NON_NEGATIVE_INT,
-            "max_groups": NON_NEGATIVE_INT}
+            "max_groups": NON_NEGATIVE_INT, "tile": Range(16, integer=True)}  # tile: power of 2
 
   @classmethod
   def check(cls, opts, sizes):

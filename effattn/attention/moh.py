@@ -62,7 +62,8 @@ class MixtureOfHeadAttention(SoftmaxAttention):
   SUPPORTS = ("num_kv_heads", "head_dim")  # the routed-head kernel has no window
   CHOICES = {"scaling": SCALINGS}
   RANGES = {"num_shared_heads": Range(0, integer=True, none_ok=True),
-            "top_k": Range(1, integer=True, none_ok=True), "balance_weight": NON_NEGATIVE}
+            "top_k": Range(1, integer=True, none_ok=True), "balance_weight": NON_NEGATIVE,
+            "block_q": Range(16, integer=True), "block_k": Range(16, integer=True)}  # powers of 2
 
   @staticmethod
   def head_split(opts, num_heads: int) -> tuple[int, int]:

@@ -107,7 +107,8 @@ class RoutingAttention(base.Attention):
   CHOICES = {"membership": ("nearest", "balanced")}
   RANGES = {"num_clusters": POSITIVE_INT, "routing_heads": Range(1, integer=True, none_ok=True),
             "local_window": POSITIVE_INT, "cluster_size": Range(1, integer=True, none_ok=True),
-            "decay": UNIT_OPEN_TOP, "commitment": NON_NEGATIVE}
+            "decay": UNIT_OPEN_TOP, "commitment": NON_NEGATIVE,
+            "block": Range(8, integer=True)}  # block: a power of two
 
   @classmethod
   def check(cls, opts, sizes):

@@ -104,8 +104,8 @@ def test_every_option_range_is_checked_at_config_time(name):
     ({"model.attention.name": "landmark", "model.attention.landmark.max_groups": 1},
      r"landmark.max_groups=1 holds fewer block tiles"),
     ({"model.attention.routing.block": 48}, r"routing.block=48 must be a power of two"),
-    ({"model.attention.name": "moh", "model.attention.moh.block_q": 8},
-     r"moh.block_q=8 must be a power of two >= 16"),
+    ({"model.attention.name": "moh", "model.attention.moh.block_q": 24},
+     r"moh.block_q=24 must be a power of two >= 16"),
 ])
 def test_config_time_errors_are_one_line(fields, match):
   config = config_with("routing")
