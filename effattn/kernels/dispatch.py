@@ -202,8 +202,10 @@ class Family:
       reasons.append(f"backend is {backend}{hint}")
     limits = path.limits if bare_interpreter and not native else path.limits + path.device_limits
     reasons += [r for r in (lim.check(shapes) for lim in limits) if r]
-    if native and path.platform is not None and path.device is not None and not reasons:
-      reasons += [r for r in (path.device(),) if r]
+    if path.device is not None and not reasons:
+      # A device check (a compute capability) needs the device: a stand-in cannot pass it.
+      reasons += [r for r in ((path.device() if native else
+                               f"its device check needs a real {path.platform}"),) if r]
     return "; ".join(reasons)
 
   def _auto(self, shapes: dict, interpret: bool) -> tuple[Choice, str]:

@@ -24,8 +24,8 @@ FAMILIES = ("softmax", "block_sparse", "grouped_softmax", "head_routing", "linea
 
 
 def test_one_vocabulary_with_xla_and_reference_everywhere():
-  assert dispatch.impls() == ("auto", "pallas", "pallas_gpu", "pallas_tpu", "cudnn", "xla",
-                              "reference")
+  assert dispatch.impls() == ("auto", "pallas", "pallas_gpu", "pallas_mosaic_gpu", "pallas_tpu",
+                              "cudnn", "xla", "reference")
   for op in FAMILIES:
     assert {"xla", "reference"} <= set(dispatch.family(op).names), op
 
@@ -140,6 +140,20 @@ def test_device_limits_hold_on_the_device_not_in_the_bare_interpreter(monkeypatc
     fam.choose("pallas_gpu", **shapes)
   with pytest.raises(dispatch.PathError, match="depth=2: the kernels hold the linear"):
     fam.choose("pallas", **dict(shapes, chunk_size=16, depth=2))
+
+
+@pytest.mark.parametrize("cc,dtype,block,want", [
+    ("9.0", "bfloat16", 64, "pallas_mosaic_gpu"), ("9.0", "bfloat16", 128, "pallas_mosaic_gpu"),
+    ("9.0", "float16", 64, "pallas_gpu"),  # not yet checked on the GPU in float16
+    ("9.0", "float32", 64, "pallas_gpu"), ("9.0", "bfloat16", 32, "pallas_gpu"),
+    ("8.0", "bfloat16", 64, "pallas_gpu")])
+def test_block_sparse_auto_takes_mosaic_gpu_on_hopper_only(monkeypatch, cc, dtype, block, want):
+  from effattn.kernels.block_sparse import api
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(api, "_hopper", lambda: "" if cc.startswith("9") else f"cc {cc}")
+  fam = dispatch.family("block_sparse")
+  shapes = dict(head_dim=128, dtype=dtype, block_q=block, block_k=block)
+  assert fam.choose("auto", **shapes) == (want, False)
 
 
 def test_a_new_backend_is_one_entry():
