@@ -2,6 +2,10 @@
 
     python scripts/check_block_sparse_mosaic.py --out $OUT            # on an H100/H200
     python scripts/check_block_sparse_mosaic.py --smoke               # CPU: lower for cuda only
+    python scripts/check_block_sparse_mosaic.py --bwd split,fused --check 'split:core;fused:all'
+
+`--bwd` names backward variants (pallas_mosaic_gpu.BACKWARDS) to check and time side by side
+in one run, the first being the baseline; `--check` gives each its own cases.
 
 1. Check (before any timing): forward (o, lse) and every gradient (dq, dk, dv, d kv_bias) of
    the Mosaic GPU path against reference.py in float32 on the same bf16 / f16 inputs, through

@@ -14,6 +14,11 @@ Three warp-specialized kernels, each a CTA of three warpgroups:
                                    streams Q/dO tiles of every query head of the key head's
                                    group (GQA without repeats) from the transposed lists.
 
+`backward(bwd=...)` also offers a dK/dV kernel over 64-query TMA stages ("staged") and the same
+kernel adding dQ by TMA reduce-add ("fused", "fused_keys": one backward kernel); they compute
+the same gradients but were slower on the H200 (docs/mosaic_gpu.md), so "split" (the dQ and
+dK/dV kernels above) is the default.
+
 A CTA covers 128 query rows (or keys), and both consumers walk one list. Lists made at tile 128
 are used as they are; lists made at 64 are merged in pairs of rows (2c, 2c+1) and each consumer
 masks the tiles that are not in its own row (the pair's union is streamed, so a pattern whose
@@ -449,6 +454,38 @@ def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_k, num_head
                block_k=block_k, num_stages=num_stages)
 
 
+def _own_keys(r, kv_names, k_smem, v_smem, k_bar, *, bi, hk, ci, wg):
+  """Consumer prologue of the dK/dV kernels: this warpgroup's 64 keys of K and V by TMA and
+  their per-key vectors (row layout). Returns (k0, keys, K smem, V smem, vectors), K/V landed."""
+  k0 = ci * CTA_ROWS + wg * WG_ROWS
+  keys = pl.ds(k0, WG_ROWS)
+  ks, vs = k_smem.at[wg], v_smem.at[wg]
+  plgpu.copy_gmem_to_smem(r["k"].at[bi, keys, hk], ks, k_bar.at[wg])
+  plgpu.copy_gmem_to_smem(r["v"].at[bi, keys, hk], vs, k_bar.at[wg])
+  kv_rows = {}
+  for name in kv_names:
+    x = r[name]
+    kv_rows[name] = _load(x.at[(*_kv_row(x, bi, hk), keys)], _ROW)
+  plgpu.barrier_wait(k_bar.at[wg])
+  return k0, keys, ks, vs, kv_rows
+
+
+def _store_dkv(dk, dv, db, ks, vs, db_smem, out_refs, *, bi, hk, keys):
+  """Consumer epilogue of the dK/dV kernels: dK, dV (into the K / V smem they no longer need)
+  and d bias (None: none) out by TMA."""
+  dk_ref, dv_ref, dbias_ref = out_refs
+  ks[...] = dk.astype(ks.dtype)
+  vs[...] = dv.astype(vs.dtype)
+  if db is not None:
+    db_smem[...] = db
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(ks, dk_ref.at[bi, keys, hk])
+  plgpu.copy_smem_to_gmem(vs, dv_ref.at[bi, keys, hk])
+  if db is not None:
+    plgpu.copy_smem_to_gmem(db_smem, dbias_ref.at[bi, hk, keys])
+  plgpu.wait_smem_to_gmem(0)
+
+
 def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_heads, group,
                 num_stages, lists_b, lists_h, has_member, has_bias):
   r = dict(zip(names, refs))
@@ -473,16 +510,8 @@ def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_hea
   @pl.when(wg < 2)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
-    k0 = ci * CTA_ROWS + wg * WG_ROWS
-    keys = pl.ds(k0, WG_ROWS)
-    ks, vs = k_smem.at[wg], v_smem.at[wg]
-    plgpu.copy_gmem_to_smem(r["k"].at[bi, keys, hk], ks, k_bar.at[wg])
-    plgpu.copy_gmem_to_smem(r["v"].at[bi, keys, hk], vs, k_bar.at[wg])
-    kv_rows = {}
-    for name in kv_names:
-      x = r[name]
-      kv_rows[name] = _load(x.at[(*_kv_row(x, bi, hk), keys)], _ROW)
-    plgpu.barrier_wait(k_bar.at[wg])
+    k0, keys, ks, vs, kv_rows = _own_keys(r, kv_names, k_smem, v_smem, k_bar, bi=bi, hk=hk,
+                                          ci=ci, wg=wg)
     zeros = jnp.zeros((WG_ROWS, k_smem.shape[-1]), jnp.float32)
     carry = (plgpu.layout_cast(zeros, _WGMMA), plgpu.layout_cast(zeros, _WGMMA),
              plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), _ROW))
@@ -542,16 +571,8 @@ def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_hea
       carry = lax.fori_loop(0, n, step, carry)
       done = done + n
     dk, dv, db = carry
-    ks[...] = (dk * scale).astype(dtype)
-    vs[...] = dv.astype(dtype)
-    if has_bias:
-      db_smem.at[wg][...] = db
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(ks, dk_ref.at[bi, keys, hk])
-    plgpu.copy_smem_to_gmem(vs, dv_ref.at[bi, keys, hk])
-    if has_bias:
-      plgpu.copy_smem_to_gmem(db_smem.at[wg], dbias_ref.at[bi, hk, keys])
-    plgpu.wait_smem_to_gmem(0)
+    _store_dkv(dk * scale, dv, db if has_bias else None, ks, vs, db_smem.at[wg],
+               (dk_ref, dv_ref, dbias_ref), bi=bi, hk=hk, keys=keys)
 
   @pl.when(wg == 2)
   def _producer():
@@ -634,16 +655,8 @@ def _dkv_staged_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, 
   @pl.when(wg < 2)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
-    k0 = ci * CTA_ROWS + wg * WG_ROWS
-    keys = pl.ds(k0, WG_ROWS)
-    ks, vs = k_smem.at[wg], v_smem.at[wg]
-    plgpu.copy_gmem_to_smem(r["k"].at[bi, keys, hk], ks, k_bar.at[wg])
-    plgpu.copy_gmem_to_smem(r["v"].at[bi, keys, hk], vs, k_bar.at[wg])
-    kv_rows = {}
-    for name in kv_names:
-      x = r[name]
-      kv_rows[name] = _load(x.at[(*_kv_row(x, bi, hk), keys)], _ROW)
-    plgpu.barrier_wait(k_bar.at[wg])
+    k0, keys, ks, vs, kv_rows = _own_keys(r, kv_names, k_smem, v_smem, k_bar, bi=bi, hk=hk,
+                                          ci=ci, wg=wg)
     if dq_mode == "cols":  # dQ reads the other consumer's K half too
       plgpu.barrier_wait(k_bar.at[1 - wg])
 
@@ -712,16 +725,8 @@ def _dkv_staged_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, 
     dk, dv, db = pl.run_scoped(accumulate, acc, acc)
     if dq_mode == "cols":  # the other consumer's last dQ may still read this K half
       _sched_sync(ds_bar)
-    ks[...] = (dk * scale).astype(dtype)
-    vs[...] = dv.astype(dtype)
-    if has_bias:
-      db_smem.at[wg][...] = db
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(ks, dk_ref.at[bi, keys, hk])
-    plgpu.copy_smem_to_gmem(vs, dv_ref.at[bi, keys, hk])
-    if has_bias:
-      plgpu.copy_smem_to_gmem(db_smem.at[wg], dbias_ref.at[bi, hk, keys])
-    plgpu.wait_smem_to_gmem(0)
+    _store_dkv(dk * scale, dv, db if has_bias else None, ks, vs, db_smem.at[wg],
+               (dk_ref, dv_ref, dbias_ref), bi=bi, hk=hk, keys=keys)
 
   @pl.when(wg == 2)
   def _producer():
