@@ -16,8 +16,10 @@
            sSQA (H_q = kv = 8), MoH with 50 % and 75 % of heads active (4 shared + top-4 or
            top-8 of 12 routed), and MoH 50 % computed densely with XLA attention (impl="xla":
            every head, then masked, as the official code does).
-Times are medians of repeated runs after a warm-up (block_until_ready). Targets: SQA (H_q 8)
->= 1.8x MHA tokens/s at 32k; MoH 50 % >= 1.6x MHA.
+Times are medians of repeated runs after a warm-up (block_until_ready); forward+backward
+returns the forward output with the gradients (timing.forward_and_grads), and every row gives
+the custom kernels compiled (fwd / fwd+bwd). Targets: SQA (H_q 8) >= 1.8x MHA tokens/s at 32k;
+MoH 50 % >= 1.6x MHA.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from effattn.attention import registry  # noqa: E402
 from effattn.kernels.softmax import softmax_attention  # noqa: E402
 from effattn.kernels.head_routing import api  # noqa: E402
 from effattn.kernels.head_routing import head_routed_attention as _hra  # noqa: E402
-from effattn.evaluate.timing import median_ms  # noqa: E402
+from effattn.evaluate.timing import forward_and_grads, measure  # noqa: E402
 
 SMOKE = {"on": False}
 
@@ -126,16 +128,17 @@ def tiles(t: int, reps: int) -> list[dict]:
         f"{float(occupied):.3f}", flush=True)
 
   def time_fn(f):
-    fwd = jax.jit(f)
-    grad = jax.jit(jax.grad(lambda q, k, v, g: jnp.vdot(f(q, k, v, g), ct).real,
-                            argnums=(0, 1, 2, 3)))
-    return median_ms(fwd, q, k, v, gates, reps=reps), median_ms(grad, q, k, v, gates, reps=reps)
+    fwd = measure(f, q, k, v, gates, reps=reps)
+    fb = measure(forward_and_grads(f, argnums=(0, 1, 2, 3)), q, k, v, gates, ct, reps=reps)
+    return fwd["ms"], fb["ms"], (fwd["kernels"], fb["kernels"])
 
   dense_impl = "xla" if SMOKE["on"] else "cudnn"
   f_dense = lambda q, k, v, g: softmax_attention(q, k, v, causal=True, impl=dense_impl)  # noqa
-  fwd_ms, bwd_ms = time_fn(f_dense)
-  rows.append({"what": "cudnn all heads", "fwd_ms": fwd_ms, "fwd_bwd_ms": bwd_ms})
-  print(f"tiles: cuDNN all {h} heads: fwd {fwd_ms:.2f} ms, fwd+bwd {bwd_ms:.2f} ms", flush=True)
+  fwd_ms, bwd_ms, kernels = time_fn(f_dense)
+  rows.append({"what": "cudnn all heads", "fwd_ms": fwd_ms, "fwd_bwd_ms": bwd_ms,
+               "kernels": kernels})
+  print(f"tiles: cuDNN all {h} heads: fwd {fwd_ms:.2f} ms, fwd+bwd {bwd_ms:.2f} ms, kernels "
+        f"{kernels}", flush=True)
   blocks = [(64, 64), (128, 64), (64, 128)]
   if SMOKE["on"]:
     blocks = [(16, 16)]
@@ -143,14 +146,15 @@ def tiles(t: int, reps: int) -> list[dict]:
     f = functools.partial(head_routed_attention, causal=True, block_q=bq, block_k=bk,
                           impl="pallas_gpu")
     try:
-      fwd_ms, bwd_ms = time_fn(f)
+      fwd_ms, bwd_ms, kernels = time_fn(f)
     except Exception as e:  # a tile that does not compile (shared memory) is reported, not fatal
       rows.append({"what": f"pallas {bq}x{bk}", "error": str(e)[:300]})
       print(f"tiles: pallas {bq}x{bk}: failed: {str(e)[:200]}", flush=True)
       continue
     rows.append({"what": f"pallas {bq}x{bk}", "block_q": bq, "block_k": bk, "fwd_ms": fwd_ms,
-                 "fwd_bwd_ms": bwd_ms})
-    print(f"tiles: pallas {bq}x{bk}: fwd {fwd_ms:.2f} ms, fwd+bwd {bwd_ms:.2f} ms", flush=True)
+                 "fwd_bwd_ms": bwd_ms, "kernels": kernels})
+    print(f"tiles: pallas {bq}x{bk}: fwd {fwd_ms:.2f} ms, fwd+bwd {bwd_ms:.2f} ms, kernels "
+          f"{kernels}", flush=True)
   return rows
 
 
@@ -182,14 +186,14 @@ def layer(name, fields, t, b, d_model, reps):
   def fwd(state, x):
     return nnx.merge(graph, state)(x, positions=pos)[0]
 
-  def loss(state, x):
+  def train(state, x):  # the layer's output and its weighted aux losses, as training sees them
     y, aux = nnx.merge(graph, state)(x, positions=pos, train=True)
-    extra = sum((v for key, v in aux.items() if key.startswith("loss_")), 0.0)
-    return jnp.vdot(y.astype(jnp.float32), ct.astype(jnp.float32)) + extra
+    return y, sum((v for key, v in aux.items() if key.startswith("loss_")), jnp.float32(0))
 
-  fwd_ms = median_ms(jax.jit(fwd), state, x, reps=reps)
-  bwd_ms = median_ms(jax.jit(jax.grad(loss, argnums=(0, 1))), state, x, reps=reps)
-  return fwd_ms, bwd_ms
+  f = measure(fwd, state, x, reps=reps)
+  fb = measure(forward_and_grads(train, argnums=(0, 1)), state, x, (ct, jnp.float32(1)),
+               reps=reps)
+  return f["ms"], fb["ms"], (f["kernels"], fb["kernels"])
 
 
 def main():
@@ -234,23 +238,24 @@ def main():
         print(f"budget reached, skipping {label} at T={t}", flush=True)
         continue
       try:
-        fwd_ms, bwd_ms = layer(name, fields, t, b, d_model, args.reps)
+        fwd_ms, bwd_ms, kernels = layer(name, fields, t, b, d_model, args.reps)
       except Exception as e:  # report and go on: one failing layer must not hide the others
         layers.append({"layer": label, "T": t, "B": b, "error": str(e)[:300]})
         print(f"{label} T={t}: failed: {str(e)[:300]}", flush=True)
         continue
-      layers.append({"layer": label, "T": t, "B": b, "fwd_ms": fwd_ms, "fwd_bwd_ms": bwd_ms})
-      print(f"{label:18s} T={t:6d} B={b}: fwd {fwd_ms:8.2f} ms  fwd+bwd {bwd_ms:8.2f} ms",
-            flush=True)
+      layers.append({"layer": label, "T": t, "B": b, "fwd_ms": fwd_ms, "fwd_bwd_ms": bwd_ms,
+                     "kernels": kernels})
+      print(f"{label:18s} T={t:6d} B={b}: fwd {fwd_ms:8.2f} ms  fwd+bwd {bwd_ms:8.2f} ms  "
+            f"kernels {kernels[0]} / {kernels[1]}", flush=True)
     result["layers"] = layers
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
   # Throughput relative to MHA at the same T.
-  print("\n| layer | T | B | fwd ms | fwd+bwd ms | fwd vs MHA | fwd+bwd vs MHA |")
-  print("|---|---|---|---|---|---|---|")
+  print("\n| layer | T | B | fwd ms | fwd+bwd ms | fwd vs MHA | fwd+bwd vs MHA | kernels |")
+  print("|---|---|---|---|---|---|---|---|")
   for row in layers:
     if "error" in row:
-      print(f"| {row['layer']} | {row['T']} | {row['B']} | failed | | | |")
+      print(f"| {row['layer']} | {row['T']} | {row['B']} | failed | | | | |")
       continue
     mha = next((r for r in layers if r["T"] == row["T"] and r["layer"].startswith("MHA")
                 and "fwd_ms" in r), None)
@@ -258,7 +263,8 @@ def main():
     row["fwd_speedup"] = mha["fwd_ms"] / row["fwd_ms"] if mha else None
     row["fwd_bwd_speedup"] = mha["fwd_bwd_ms"] / row["fwd_bwd_ms"] if mha else None
     print(f"| {row['layer']} | {row['T']} | {row['B']} | {row['fwd_ms']:.2f} | "
-          f"{row['fwd_bwd_ms']:.2f} | {ratio('fwd_ms')} | {ratio('fwd_bwd_ms')} |")
+          f"{row['fwd_bwd_ms']:.2f} | {ratio('fwd_ms')} | {ratio('fwd_bwd_ms')} | "
+          f"{row['kernels'][0]} / {row['kernels'][1]} |")
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   print(f"total {time.time() - start:.0f} s; wrote {args.out}")

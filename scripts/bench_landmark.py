@@ -8,7 +8,8 @@
     segments + padding, and the lax.cond fallback; prints the max error relative to the largest
     reference value (pass: < 2e-2 bf16, < 1e-4 f32).
 (b) Times (median of --reps after a warm-up call, block_until_ready), forward and
-    forward+backward, at B=8/T=1024 and B=2/T=4096 (H=8, D=128, bf16, block_len 50, one
+    forward+backward (the output with the gradients, timing.forward_and_grads; each with the
+    custom kernels compiled), at B=8/T=1024 and B=2/T=4096 (H=8, D=128, bf16, block_len 50, one
     segment): the kernel path (relayout + kernels + lax.cond, what the module runs), the
     kernels alone (layout precomputed), the chunked XLA path (query_chunk 256, the module's
     fallback) and cuDNN causal softmax attention (jax.nn.dot_product_attention) as the peer.
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from effattn.attention.landmark import block_groups  # noqa: E402
 from effattn.kernels.grouped_softmax import api as grouped  # noqa: E402
 from effattn.kernels.grouped_softmax import grouped_softmax_attention  # noqa: E402
-from effattn.evaluate.timing import median_ms  # noqa: E402
+from effattn.evaluate.timing import forward_and_grads, measure  # noqa: E402
 
 SMOKE = {"on": False}
 
@@ -135,12 +136,12 @@ def bench_one(b, t, h, d, block_len, tile, reps, tuning=()) -> dict:
   for name, f in (("kernel", kernel), ("kernel_core", core), ("chunked_xla", chunked),
                   ("cudnn_causal", cudnn)):
     # The layout is an argument, not a constant: XLA would constant-fold the relayout.
-    fwd = jax.jit(f)
-    fb = jax.jit(lambda q, k, v, kl, gid, seg, lay, f=f: jax.vjp(
-        lambda *a: f(*a, gid, seg, lay), q, k, v, kl)[1](do))
+    fb = forward_and_grads(f, argnums=(0, 1, 2, 3))
     try:
-      row[f"{name}_fwd_ms"] = median_ms(fwd, q, k, v, kl, gid, seg, lay, reps=reps)
-      row[f"{name}_fwdbwd_ms"] = median_ms(fb, q, k, v, kl, gid, seg, lay, reps=reps)
+      fwd = measure(f, q, k, v, kl, gid, seg, lay, reps=reps)
+      fwd_bwd = measure(fb, q, k, v, kl, gid, seg, lay, do, reps=reps)
+      row[f"{name}_fwd_ms"], row[f"{name}_fwdbwd_ms"] = fwd["ms"], fwd_bwd["ms"]
+      row[f"{name}_kernels"] = (fwd["kernels"], fwd_bwd["kernels"])
     except Exception as e:  # noqa: BLE001  (report, keep the other rows)
       row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
       print(f"{name} failed: {row[f'{name}_error']}", flush=True)
@@ -201,21 +202,24 @@ def main(argv=None):
     for r in result["tune"]:
       print(f"  {r['tuning']}: {r['kernel_core_fwd_ms']} / {r['kernel_core_fwdbwd_ms']}")
   names = ("kernel", "kernel_core", "chunked_xla", "cudnn_causal")
-  print(f"\nH={h} D={d} bf16 block_len={block_len}; median ms, fwd / fwd+bwd")
-  print(f"{'B':>3} {'T':>6} " + " ".join(f"{n:>19}" for n in names)
+  print(f"\nH={h} D={d} bf16 block_len={block_len}; median ms, fwd / fwd+bwd; kernels compiled "
+        f"(fwd / fwd+bwd) per path: "
+        + ", ".join(f"{n} {r.get(n + '_kernels')}" for r in result["rows"][:1] for n in names))
+  print(f"{'B':>3} {'T':>6} " + " ".join(f"{n:>25}" for n in names)
         + f" {'chunked/kernel':>15} {'kernel/cudnn':>13}")
   for r in result["rows"]:
     cells = []
     for n in names:
       if f"{n}_fwd_ms" in r:
-        cells.append(f"{r[f'{n}_fwd_ms']:>8.2f} / {r[f'{n}_fwdbwd_ms']:>8.2f}")
+        cells.append(f"{r[f'{n}_fwd_ms']:>8.2f} / {r[f'{n}_fwdbwd_ms']:>8.2f}"
+                     f" [{r[f'{n}_kernels'][0]}/{r[f'{n}_kernels'][1]}]")
       else:
-        cells.append(f"{'error':>19}")
+        cells.append(f"{'error':>25}")
 
     def ratio(a, b, r=r):
       ka, kb = f"{a}_fwdbwd_ms", f"{b}_fwdbwd_ms"
       return f"{r[ka] / r[kb]:.2f}" if ka in r and kb in r else "-"
-    print(f"{r['B']:>3} {r['T']:>6} " + " ".join(f"{c:>19}" for c in cells)
+    print(f"{r['B']:>3} {r['T']:>6} " + " ".join(f"{c:>25}" for c in cells)
           + f" {ratio('chunked_xla', 'kernel'):>15} {ratio('kernel', 'cudnn_causal'):>13}")
   if "check" in result and not all(c["ok"] for c in result["check"]):
     print("CHECK FAILED")

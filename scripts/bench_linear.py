@@ -3,6 +3,8 @@
     python scripts/bench_linear.py --out /tmp/bench_linear          # everything
     python scripts/bench_linear.py --out DIR --fla-results OLD_DIR  # reuse fla's numbers
     python scripts/bench_linear.py --out DIR --part check           # correctness only
+    python scripts/bench_linear.py --out DIR --no-fla --skip-check  # ours and cuDNN only
+    python scripts/bench_linear.py --out DIR --smoke                # CPU self-test (interpret)
 
 Parts, in order (results as JSON and a markdown table under --out):
 1. fla (PyTorch/Triton, flash-linear-attention 0.6.0) in a subprocess, before JAX takes the GPU:
@@ -15,6 +17,11 @@ Parts, in order (results as JSON and a markdown table under --out):
    (Pallas, xla) without and with decay, fla's two ops, cuDNN softmax
    (jax.nn.dot_product_attention). The JAX part takes about 2 minutes on an H100.
 Shapes: B=8, H=16, D=128, bf16, causal, T in --sizes. Results: docs/benchmarks.md.
+
+fwd+bwd returns the forward output with the gradients (timing.forward_and_grads), as fla's
+timing includes its forward: timing our gradients alone let XLA drop our forward kernel (its
+backward reads only q, k, v). Every row carries the custom kernels of its compiled program
+(1 forward + 3 backward scans on the Pallas path).
 """
 
 from __future__ import annotations
@@ -23,13 +30,20 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 B, H, D = 8, 16, 128
 CHECK = dict(b=2, t=1000, h=8, d=128, layer=1, layers=4)  # fla-vs-ours numeric check
+# --smoke (CPU): tiny shapes, the Pallas kernel in interpret mode, XLA instead of cuDNN.
+SMOKE = {"on": False}
+
+
+def interpret() -> dict:
+  return {"interpret": True} if SMOKE["on"] else {}
 
 
 def fla_decays(h: int, layer: int, layers: int):
@@ -98,34 +112,19 @@ def fla_part(out: str, sizes: list[int]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- jax
-def timeit(fn, *args, budget_s: float = 0.25, reps: int = 5) -> float:
-  """Median milliseconds per call: warm-up, then `reps` timed loops of k calls each."""
-  import jax
-  jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  once = time.perf_counter() - t0
-  k = max(1, int(budget_s / reps / max(once, 1e-6)))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(k):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / k)
-  return 1e3 * statistics.median(times)
+def timed(fn, *args, reps: int = 5) -> dict:
+  """{"ms", "kernels", "compile_s"}: median of `reps` timed loops filling about 0.25 s."""
+  from effattn.evaluate import timing
+  return timing.measure(fn, *args, reps=reps, budget_s=0.25)
 
 
 def ceilings() -> dict:
-  import jax
   import jax.numpy as jnp
-  n = 8192
+  n = 256 if SMOKE["on"] else 8192
   a = jnp.ones((n, n), jnp.bfloat16)
-  mm = jax.jit(lambda a: a @ a)
-  ms = timeit(mm, a)
-  x = jnp.ones((512 * 1024 * 1024,), jnp.bfloat16)  # 1 GiB
-  cp = jax.jit(lambda x: x * 2)
-  ms_cp = timeit(cp, x)
+  ms = timed(lambda a: a @ a, a)["ms"]
+  x = jnp.ones((2**20 if SMOKE["on"] else 512 * 1024 * 1024,), jnp.bfloat16)  # 1 GiB
+  ms_cp = timed(lambda x: x * 2, x)["ms"]
   return {"bf16_matmul_tflops": 2 * n ** 3 / ms / 1e9, "copy_gbps": 2 * x.nbytes / ms_cp / 1e6}
 
 
@@ -148,19 +147,19 @@ def correctness() -> list[dict]:
       ("bfloat16", 64, False, False, False, True),
   ]
   tol = {"float32": 2e-4, "bfloat16": 2e-2}
-  b, t, h = 2, 300, 2
+  b, t, h = (1, 70, 2) if SMOKE["on"] else (2, 300, 2)
   for dtype, d, causal, decay, state, segments in cases:
     keys = jax.random.split(jax.random.key(d + causal), 6)
     q, k, v, do = (jax.random.normal(kk, (b, t, h, d), dtype) * 0.5 for kk in keys[:4])
     s0 = jax.random.normal(keys[4], (b, h, d, d)) if state else None
     ds = jax.random.normal(keys[5], (b, h, d, d))
     g = jnp.array([-0.05, -1.0]) if decay else None
-    seg = jnp.concatenate([jnp.ones((b, 120), jnp.int32), 2 * jnp.ones((b, t - 120), jnp.int32)],
-                          1) if segments else None
+    seg = jnp.concatenate([jnp.ones((b, t // 3), jnp.int32),
+                           2 * jnp.ones((b, t - t // 3), jnp.int32)], 1) if segments else None
 
     def run(impl, q, k, v, s0):
       return api.linear_scan(q, k, v, g, causal=causal, initial_state=s0, segment_ids=seg,
-                             scale=d ** -0.5, impl=impl)
+                             scale=d ** -0.5, impl=impl, **interpret())
     name = (f"{dtype} D={d} {'causal' if causal else 'bidir'} decay={decay} state={state} "
             f"seg={segments}")
     try:
@@ -253,6 +252,7 @@ def compare_with_fla(out: str) -> dict:
 def bench_ours(sizes, sizes_tuned, on_row=lambda rows: None) -> tuple[list[dict], dict]:
   import jax
   import jax.numpy as jnp
+  from effattn.evaluate.timing import forward_and_grads
   from effattn.kernels.linear_scan import api, pallas_gpu
   rows, tuning = [], {}
   g_lightning = jnp.asarray(fla_decays(H, 0, 2), jnp.float32)
@@ -260,23 +260,28 @@ def bench_ours(sizes, sizes_tuned, on_row=lambda rows: None) -> tuple[list[dict]
   def make(impl, decay, sizes=None):
     def op(q, k, v):
       return api.linear_scan(q, k, v, g_lightning if decay else None, scale=D ** -0.5, impl=impl,
-                             block_sizes=sizes)[0]
-    fwd = jax.jit(op)
-    fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(op, q, k, v)[1](do))
-    return fwd, fwd_bwd
+                             block_sizes=sizes, **(interpret() if impl != "xla" else {}))[0]
+    return op, forward_and_grads(op, argnums=(0, 1, 2))  # fb(q, k, v, do) -> (o, grads)
 
   def inputs(t):
     keys = jax.random.split(jax.random.key(t), 4)
     return [jax.random.normal(kk, (B, t, H, D), jnp.bfloat16) * 0.3 for kk in keys]
 
+  def row(name, t, fwd, fwd_bwd, q, k, v, do):
+    f, fb = timed(fwd, q, k, v), timed(fwd_bwd, q, k, v, do)
+    return {"impl": name, "T": t, "fwd_ms": f["ms"], "fwd_bwd_ms": fb["ms"],
+            "fwd_kernels": f["kernels"], "fwd_bwd_kernels": fb["kernels"],
+            "fwd_bwd_kernel_names": fb["kernel_names"]}
+
   # Block-size sweep on fwd+bwd at the tuning length.
   best, best_ms = pallas_gpu.BlockSizes(), float("inf")
+  candidates = (pallas_gpu.BlockSizes(64, 64, 4, 2), pallas_gpu.BlockSizes(64, 64, 8, 2),
+                pallas_gpu.BlockSizes(64, 128, 8, 2), pallas_gpu.BlockSizes(128, 64, 8, 2))
   for t in sizes_tuned:
     q, k, v, do = inputs(t)
-    for cfg in (pallas_gpu.BlockSizes(64, 64, 4, 2), pallas_gpu.BlockSizes(64, 64, 8, 2),
-                pallas_gpu.BlockSizes(64, 128, 8, 2), pallas_gpu.BlockSizes(128, 64, 8, 2)):
+    for cfg in candidates[:1] if SMOKE["on"] else candidates:
       try:
-        ms = timeit(make("pallas_gpu", False, cfg)[1], q, k, v, do, reps=3)
+        ms = timed(make("pallas_gpu", False, cfg)[1], q, k, v, do, reps=3)["ms"]
       except Exception as e:
         ms = float("nan")
         print("tune", cfg, "failed:", repr(e)[:300], flush=True)
@@ -294,19 +299,16 @@ def bench_ours(sizes, sizes_tuned, on_row=lambda rows: None) -> tuple[list[dict]
                 ("ours xla (lightning decay)", "xla", True, None)]
     for name, impl, decay, cfg in variants:
       try:
-        fwd, fwd_bwd = make(impl, decay, cfg)
-        rows.append({"impl": name, "T": t, "fwd_ms": timeit(fwd, q, k, v),
-                     "fwd_bwd_ms": timeit(fwd_bwd, q, k, v, do)})
+        rows.append(row(name, t, *make(impl, decay, cfg), q, k, v, do))
       except Exception as e:
         rows.append({"impl": name, "T": t, "error": repr(e)[:300]})
       print(rows[-1], flush=True)
       on_row(rows)
     try:
-      sm = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                        implementation="cudnn")
-      sm_bwd = jax.jit(lambda q, k, v, do: jax.vjp(sm, q, k, v)[1](do))
-      rows.append({"impl": "cuDNN softmax", "T": t, "fwd_ms": timeit(jax.jit(sm), q, k, v),
-                   "fwd_bwd_ms": timeit(sm_bwd, q, k, v, do)})
+      sm = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+          q, k, v, is_causal=True, implementation="xla" if SMOKE["on"] else "cudnn")
+      rows.append(row("cuDNN softmax", t, sm, forward_and_grads(sm, argnums=(0, 1, 2)),
+                      q, k, v, do))
     except Exception as e:
       rows.append({"impl": "cuDNN softmax", "T": t, "error": repr(e)[:300]})
     print(rows[-1], flush=True)
@@ -329,14 +331,15 @@ def markdown(rows, fla_rows, info) -> str:
   for r in rows + fla_rows:
     by.setdefault(r["T"], []).append(r)
   lines = [f"Device: {info.get('device', '?')}; B={B}, H={H}, D={D}, bf16, causal. "
-           f"Medians in ms; tokens/s for fwd+bwd = B*T / time.", "",
-           "| T | impl | fwd ms | fwd+bwd ms | fwd+bwd Mtok/s | fwd+bwd vs fla |",
-           "|---|---|---|---|---|---|"]
+           f"Medians in ms; tokens/s for fwd+bwd = B*T / time; fwd+bwd includes the forward "
+           f"output; kernels = custom kernels compiled (fwd / fwd+bwd; fla: not counted).", "",
+           "| T | impl | fwd ms | fwd+bwd ms | fwd+bwd Mtok/s | fwd+bwd vs fla | kernels |",
+           "|---|---|---|---|---|---|---|"]
   for t in sorted(by):
     ref = {r["impl"]: r.get("fwd_bwd_ms") for r in by[t]}
     for r in by[t]:
       if "error" in r:
-        lines.append(f"| {t} | {r['impl']} | error | {r['error'][:80]} | | |")
+        lines.append(f"| {t} | {r['impl']} | error | {r['error'][:80]} | | | |")
         continue
       peer = ("fla chunk_lightning_attn" if "decay)" in r["impl"] and "no decay" not in r["impl"]
               else "fla chunk_linear_attn")
@@ -344,8 +347,10 @@ def markdown(rows, fla_rows, info) -> str:
       if r["impl"].startswith("ours") and ref.get(peer):
         speed = f"{ref[peer] / r['fwd_bwd_ms']:.2f}x vs {peer.split()[-1]}"
       mtok = B * t / r["fwd_bwd_ms"] / 1e3
+      kernels = (f"{r['fwd_kernels']} / {r['fwd_bwd_kernels']}" if "fwd_kernels" in r
+                 else "-")
       lines.append(f"| {t} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-                   f"{mtok:.1f} | {speed} |")
+                   f"{mtok:.1f} | {speed} | {kernels} |")
   return "\n".join(lines)
 
 
@@ -359,7 +364,20 @@ def main() -> None:
   parser.add_argument("--skip-check", action="store_true")
   parser.add_argument("--fla-results", default="",
                       help="reuse fla.json and fla_*.npy from this folder instead of running fla")
+  parser.add_argument("--no-fla", action="store_true",
+                      help="skip fla (its figures: docs/benchmarks.md, /work/shared/gpu-notes.md)")
+  parser.add_argument("--smoke", action="store_true",
+                      help="CPU self-test: tiny shapes, Pallas interpret mode, no fla")
   args = parser.parse_args()
+  if args.smoke:
+    global B, H, D
+    B, H, D = 1, 2, 16
+    SMOKE["on"] = True
+    args.no_fla = True
+    if args.sizes == parser.get_default("sizes"):
+      args.sizes = "128,256"
+    if args.tune_sizes == parser.get_default("tune_sizes"):
+      args.tune_sizes = "128"
   os.makedirs(args.out, exist_ok=True)
   sizes = [int(s) for s in args.sizes.split(",") if s]
   tune_sizes = [int(s) for s in args.tune_sizes.split(",") if s]
@@ -368,7 +386,8 @@ def main() -> None:
     return
   t0 = time.time()
   if args.part == "check":
-    checks = {"kernel": correctness(), "mechanisms": mechanism_checks()}
+    # The module checks build the mechanisms on the Pallas path, which needs a GPU.
+    checks = {"kernel": correctness(), "mechanisms": [] if args.smoke else mechanism_checks()}
     with open(os.path.join(args.out, "checks.json"), "w") as f:
       json.dump(checks, f, indent=1)
     for row in checks["kernel"] + checks["mechanisms"]:
@@ -376,7 +395,9 @@ def main() -> None:
             f"{'ok' if row['ok'] else 'FAIL ' + row.get('error', '')[:200]}")
     print(f"total {time.time() - t0:.0f}s")
     return
-  if args.fla_results:
+  if args.no_fla:
+    pass
+  elif args.fla_results:
     for name in os.listdir(args.fla_results):
       if name.startswith("fla"):
         shutil.copy(os.path.join(args.fla_results, name), args.out)
@@ -397,7 +418,7 @@ def main() -> None:
                                 open(os.path.join(args.out, "results.json"), "w"), indent=1,
                                 default=str)
   info["correctness"] = [] if args.skip_check else correctness()
-  info["lightning_vs_fla"] = compare_with_fla(args.out)
+  info["lightning_vs_fla"] = {} if args.no_fla else compare_with_fla(args.out)
   print("lightning vs fla", info["lightning_vs_fla"], flush=True)
   print(f"checks done at {time.time() - t0:.0f}s", flush=True)
   save([])

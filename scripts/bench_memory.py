@@ -10,8 +10,11 @@ Parts (JSON under --out, a markdown table printed last; docs/benchmarks.md has r
 2. op: forward and forward+backward medians of the linear-memory update (B=4, H=16, D=64,
    bf16, chunk 64) for Pallas, chunked xla and the sequential token recurrence (reference.py,
    a lax.scan over tokens), T = 2k .. 32k; a num_warps sweep and chunk 16 at T = 8k.
+   forward+backward = the outputs (y, W_T, S_T) with the gradients of every input for random
+   cotangents (timing.forward_and_grads); each row gives the custom kernels compiled.
 3. layer: the whole neural_memory module (variant lmm, d_model 1024, 16 heads) forward+backward
-   tokens/s with the memory on Pallas vs xla.
+   (output, gradients of the parameters and the input) tokens/s with the memory on Pallas vs
+   xla.
 fla 0.6.0's titans op is not timed: it is a TTT-style update of a layer-normed residual MLP
 memory (a different loss and different state), so it computes another function.
 """
@@ -21,17 +24,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
+import sys
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effattn.kernels.memory_chunk import memory_update, reference
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from effattn.evaluate.timing import cotangent_like, forward_and_grads, measure  # noqa: E402
+from effattn.kernels.memory_chunk import memory_update, reference  # noqa: E402
 
 B, H, D = 4, 16, 64
+SMOKE = {"on": False}  # --smoke: the Pallas kernels in interpret mode (CPU)
+
+
+def kernel_kwargs(impl: str) -> dict:
+  return {"interpret": True} if SMOKE["on"] and impl.startswith("pallas") else {}
 
 
 def inputs(key, b, t, h, d, dtype, segments=False):
@@ -58,8 +67,8 @@ def check(results):
     args, seg = inputs(jax.random.key(0), 2, t, 4, 64, dtype, segments=True)
 
     def run(impl):
-      f = lambda *a: memory_update(*a[:6], initial_memory=a[6], segment_ids=seg,
-                                   chunk_size=chunk, impl=impl)
+      f = lambda *a: memory_update(*a[:6], initial_memory=a[6], segment_ids=seg,  # noqa: E731
+                                   chunk_size=chunk, impl=impl, **kernel_kwargs(impl))
       out, vjp = jax.vjp(f, *args)
       return out, vjp
 
@@ -87,17 +96,6 @@ def check(results):
   results["check"] = rows
 
 
-def median_ms(fn, *args, reps=10):
-  out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
-
-
 def op_fns(impl, chunk, warps=4):
   from effattn.kernels.memory_chunk import pallas_gpu
   sizes = pallas_gpu.BlockSizes(num_warps=warps) if impl == "pallas_gpu" else None
@@ -106,13 +104,16 @@ def op_fns(impl, chunk, warps=4):
     if impl == "recurrent":
       return reference.recurrent(*a[:6], a[6])
     return memory_update(*a[:6], initial_memory=a[6], chunk_size=chunk, impl=impl,
-                         block_sizes=sizes)
+                         block_sizes=sizes, **kernel_kwargs(impl))
 
-  def loss(*a):
-    y, (w, _) = fwd(*a)
-    return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(w)
+  return fwd, forward_and_grads(fwd, argnums=tuple(range(7)))
 
-  return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+def timed(impl, chunk, warps, args, reps):
+  """(fwd, fwd+bwd) measurements of the memory update on args (q, k, v, gates, w0)."""
+  fwd, fb = op_fns(impl, chunk, warps)
+  return (measure(fwd, *args, reps=reps),
+          measure(fb, *args, cotangent_like(fwd, *args), reps=max(2, reps // 2)))
 
 
 def op(results, sizes, b, h, d):
@@ -122,10 +123,8 @@ def op(results, sizes, b, h, d):
     for impl, chunk, warps in (("pallas_gpu", 64, 4), ("xla", 64, 4), ("recurrent", 1, 4)):
       row = dict(t=t, impl=impl, chunk=chunk, warps=warps)
       try:
-        fwd, grad = op_fns(impl, chunk, warps)
-        reps = 3 if impl == "recurrent" else 10
-        row["fwd_ms"] = median_ms(fwd, *args, reps=reps)
-        row["fwdbwd_ms"] = median_ms(grad, *args, reps=max(2, reps // 2))
+        f, fb = timed(impl, chunk, warps, args, 3 if impl == "recurrent" else 10)
+        row.update(fwd_ms=f["ms"], fwdbwd_ms=fb["ms"], kernels=(f["kernels"], fb["kernels"]))
         row["fwd_tok_s"] = b * t / row["fwd_ms"] * 1e3
         row["fwdbwd_tok_s"] = b * t / row["fwdbwd_ms"] * 1e3
         print(f"op T={t:6d} {impl:10s} fwd {row['fwd_ms']:8.2f} ms  fwd+bwd "
@@ -144,9 +143,8 @@ def sweep(results, t, b, h, d):
   for chunk, warps in ((64, 8), (64, 2), (16, 4), (32, 4)):
     row = dict(t=t, impl="pallas_gpu", chunk=chunk, warps=warps)
     try:
-      fwd, grad = op_fns("pallas_gpu", chunk, warps)
-      row["fwd_ms"] = median_ms(fwd, *args)
-      row["fwdbwd_ms"] = median_ms(grad, *args, reps=5)
+      f, fb = timed("pallas_gpu", chunk, warps, args, 10)
+      row.update(fwd_ms=f["ms"], fwdbwd_ms=fb["ms"], kernels=(f["kernels"], fb["kernels"]))
       print(f"sweep C={chunk} warps={warps}: fwd {row['fwd_ms']:.2f} ms fwd+bwd "
             f"{row['fwdbwd_ms']:.2f} ms", flush=True)
     except Exception as e:
@@ -154,9 +152,9 @@ def sweep(results, t, b, h, d):
       print(f"sweep C={chunk} warps={warps} failed: {row['error']}", flush=True)
     rows.append(row)
   for chunk in (16, 32):
-    fwd, grad = op_fns("xla", chunk)
-    row = dict(t=t, impl="xla", chunk=chunk, fwd_ms=median_ms(fwd, *args),
-               fwdbwd_ms=median_ms(grad, *args, reps=5))
+    f, fb = timed("xla", chunk, 4, args, 10)
+    row = dict(t=t, impl="xla", chunk=chunk, fwd_ms=f["ms"], fwdbwd_ms=fb["ms"],
+               kernels=(f["kernels"], fb["kernels"]))
     print(f"sweep xla C={chunk}: fwd {row['fwd_ms']:.2f} ms fwd+bwd {row['fwdbwd_ms']:.2f} ms",
           flush=True)
     rows.append(row)
@@ -170,25 +168,25 @@ def layer(results, t, b, d_model, heads):
   rows = []
   x = jax.random.normal(jax.random.key(4), (b, t, d_model), jnp.bfloat16)
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  for impl in ("pallas_gpu", "xla"):
+  # The module's Pallas path has no interpret switch: on CPU (--smoke) only xla runs.
+  for impl in ("xla",) if SMOKE["on"] else ("pallas_gpu", "xla"):
     cfg = {"name": "neural_memory", "impl": impl, "window": None, "num_kv_heads": None,
            "head_dim": None, "neural_memory": {"variant": "lmm", "chunk_size": 64}}
     module = registry.build(cfg, d_model=d_model, num_heads=heads, rngs=nnx.Rngs(0),
                             dtype=jnp.bfloat16)
+    graph, params, rest = nnx.split(module, nnx.Param, ...)
 
-    @nnx.jit
-    def step(m, x):
-      def loss(m):
-        y, _ = m(x, positions=pos)
-        return jnp.mean(y.astype(jnp.float32) ** 2)
-      return nnx.grad(loss)(m)
+    def layer_out(params, x, graph=graph, rest=rest):
+      return nnx.merge(graph, params, rest)(x, positions=pos)[0]
 
     row = dict(impl=impl, t=t, b=b, d_model=d_model, heads=heads)
     try:
-      ms = median_ms(lambda x: step(module, x), x, reps=5)
-      row.update(fwdbwd_ms=ms, tok_s=b * t / ms * 1e3)
-      print(f"layer lmm {impl:10s} T={t} fwd+bwd {ms:.2f} ms ({b * t / ms * 1e3:,.0f} tok/s)",
-            flush=True)
+      fb = measure(forward_and_grads(layer_out, argnums=(0, 1)), params, x,
+                   cotangent_like(layer_out, params, x), reps=5)
+      ms = fb["ms"]
+      row.update(fwdbwd_ms=ms, tok_s=b * t / ms * 1e3, kernels=fb["kernels"])
+      print(f"layer lmm {impl:10s} T={t} fwd+bwd {ms:.2f} ms ({b * t / ms * 1e3:,.0f} tok/s), "
+            f"kernels {fb['kernels']}", flush=True)
     except Exception as e:
       row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
       print(f"layer {impl} failed: {row['error']}", flush=True)
@@ -197,14 +195,15 @@ def layer(results, t, b, d_model, heads):
 
 
 def table(results):
-  lines = ["| T | path | fwd ms | fwd tok/s | fwd+bwd ms | fwd+bwd tok/s |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| T | path | fwd ms | fwd tok/s | fwd+bwd ms | fwd+bwd tok/s | kernels |",
+           "|---|---|---|---|---|---|---|"]
   for r in results.get("op", []):
     if "error" in r:
-      lines.append(f"| {r['t']} | {r['impl']} | failed: {r['error'][:60]} | | | |")
+      lines.append(f"| {r['t']} | {r['impl']} | failed: {r['error'][:60]} | | | | |")
       continue
     lines.append(f"| {r['t']} | {r['impl']} (C={r['chunk']}) | {r['fwd_ms']:.2f} | "
-                 f"{r['fwd_tok_s']:,.0f} | {r['fwdbwd_ms']:.2f} | {r['fwdbwd_tok_s']:,.0f} |")
+                 f"{r['fwd_tok_s']:,.0f} | {r['fwdbwd_ms']:.2f} | {r['fwdbwd_tok_s']:,.0f} | "
+                 f"{r['kernels'][0]} / {r['kernels'][1]} |")
   return "\n".join(lines)
 
 
@@ -215,6 +214,7 @@ def main():
   parser.add_argument("--parts", default="check,op,sweep,layer")
   parser.add_argument("--sizes", default="2048,4096,8192,16384,32768", help="T values of 'op'")
   flags = parser.parse_args()
+  SMOKE["on"] = flags.smoke
   os.makedirs(flags.out, exist_ok=True)
   results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "shape": dict(B=B, H=H, D=D)}
   parts = flags.parts.split(",")

@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from tests.scripts.loading import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _PROGRAM = """
@@ -31,5 +35,26 @@ def test_bench_train_tiny_on_cpu(tmp_path):
   assert [(r["mechanism"], r["seq_len"]) for r in rows] == [("mha", 16), ("swa", 16)]
   for r in rows:
     assert r["error"] is None and r["tokens_per_sec"] > 0 and r["batch"] * r["seq_len"] == 64
+    assert r["kernels"] == 0  # CPU: XLA attention, no custom kernel
+    assert r["peak_gib"] is None  # CPU keeps no allocator statistics
   assert "| swa | 16 |" in (tmp_path / "bench_train.md").read_text()
+  assert "| kernels |" in (tmp_path / "bench_train.md").read_text()
   assert len(json.loads((tmp_path / "bench_train.json").read_text())["rows"]) == 2
+
+
+def test_mechanism_options_in_the_spec():
+  bench = load_script("bench_train")
+  args = bench.parse_args(["--num_heads=8"])
+  config = bench.make_config(args, "neural_memory:variant=lmm:chunk_size=32", 128)
+  assert config.model.attention.name == "neural_memory"
+  assert config.model.attention.neural_memory.variant == "lmm"
+  assert config.model.attention.neural_memory.chunk_size == 32
+  assert bench.make_config(args, "gqa:window=64", 128).model.attention.num_kv_heads == 2
+  assert bench.make_config(args, "gqa:window=64", 128).model.attention.window == 64
+  with pytest.raises(ValueError, match="'top_w' is neither an option of moh"):
+    bench.make_config(args, "moh:top_w=2", 128)
+  with pytest.raises(ValueError, match="is not option=value"):
+    bench.split_spec("moh:top_k")
+  assert bench.mechanism_names("mha,moh:top_k=2") == ["mha", "moh:top_k=2"]
+  with pytest.raises(ValueError, match="neither baselines"):
+    bench.mechanism_names("flash")

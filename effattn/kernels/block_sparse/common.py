@@ -71,11 +71,21 @@ class Aux(NamedTuple):
   q_thr_pos: jax.Array | None = None
 
 
+def _as_rows(x):
+  return x[..., :, None]
+
+
+def _as_cols(x):
+  return x[..., None, :]
+
+
 def element_mask(*, causal: bool, q_pos, kv_pos, q_seg=None, kv_seg=None, kv_bias=None,
-                 q_thr=None, q_thr_pos=None):
+                 q_thr=None, q_thr_pos=None, rows=_as_rows, cols=_as_cols):
   """Boolean [..., Tq, Tk] keep-mask from per-query [..., Tq] and per-key [..., Tk] vectors.
 
-  Returns None when nothing is masked. Arguments left None impose no condition.
+  Returns None when nothing is masked. Arguments left None impose no condition. `rows` /
+  `cols` place a per-query / per-key vector on the tile (a kernel whose registers cannot be
+  indexed with None passes vectors already broadcast to the tile and identity functions).
   """
   mask = None
 
@@ -83,12 +93,12 @@ def element_mask(*, causal: bool, q_pos, kv_pos, q_seg=None, kv_seg=None, kv_bia
     return b if a is None else jnp.logical_and(a, b)
 
   if causal:
-    mask = both(mask, kv_pos[..., None, :] <= q_pos[..., :, None])
+    mask = both(mask, cols(kv_pos) <= rows(q_pos))
   if q_seg is not None:
-    mask = both(mask, q_seg[..., :, None] == kv_seg[..., None, :])
+    mask = both(mask, rows(q_seg) == cols(kv_seg))
   if q_thr is not None:
-    b, t = kv_bias[..., None, :], q_thr[..., :, None]
-    tie_ok = kv_pos[..., None, :] <= q_thr_pos[..., :, None]
+    b, t = cols(kv_bias), rows(q_thr)
+    tie_ok = cols(kv_pos) <= rows(q_thr_pos)
     mask = both(mask, (b > t) | ((b == t) & tie_ok))
   return mask
 

@@ -1,0 +1,653 @@
+"""Block-sparse flash attention in Pallas Mosaic GPU (Hopper: warpgroups, wgmma, TMA).
+
+Same contract as pallas_gpu.py (the Triton backend): `forward` and `backward` take the arguments
+api.py normalizes (lengths padded to the list's tiles, int32 lists) and return the same results.
+Three warp-specialized kernels, each a CTA of three warpgroups:
+
+  forward  grid (H, T/128, B):     two consumer warpgroups own 64 query rows each; a producer
+                                   warpgroup streams the listed K/V tiles through `num_stages`
+                                   shared-memory stages by TMA; the consumers run QK^T and PV on
+                                   wgmma, taking turns on the tensor core (a schedule barrier)
+                                   so one's softmax overlaps the other's matmul;
+  dQ       grid (H, T/128, B):     the same split, streaming K/V, dq += dS K;
+  dK/dV    grid (H_kv, S/128, B):  two consumer warpgroups own 64 keys each; the producer
+                                   streams Q/dO tiles of every query head of the key head's
+                                   group (GQA without repeats) from the transposed lists.
+
+A CTA covers 128 query rows (or keys), and both consumers walk one list. Lists made at tile 128
+are used as they are; lists made at 64 are merged in pairs of rows (2c, 2c+1) and each consumer
+masks the tiles that are not in its own row (the pair's union is streamed, so a pattern whose
+paired rows differ costs up to twice its visited tiles: prefer block 128 here). Element masks
+(causality by positions, segments, the top-w threshold) and the key bias are the ones of
+common.py. Inputs must be bfloat16 or float16 (wgmma), head dim 64 or 128, tiles 64 or 128;
+anything else raises NotImplementedError naming it, for a dispatcher to fall back on.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from effattn.kernels.block_sparse.common import (LN2, LOG2E, Aux, block_mask_from_lists,
+                                                 element_mask, lists_from_block_mask)
+
+Q_VECS = ("q_pos", "q_seg", "q_thr", "q_thr_pos")
+KV_VECS = ("kv_pos", "kv_seg", "kv_bias")
+HEAD_DIMS = (64, 128)
+TILES = (64, 128)
+DTYPES = (jnp.bfloat16, jnp.float16)
+WG_ROWS = 64  # rows of one consumer warpgroup's wgmma tile
+CTA_ROWS = 2 * WG_ROWS  # two consumer warpgroups per CTA
+# A masked score: -inf, so its exp2 is exactly 0; the running max starts finite so that a row
+# whose visited scores are all masked stays NaN-free (alpha = exp2(finite) and p = 0).
+M_INIT = -1e30
+
+_WGMMA = plgpu.Layout.WGMMA
+_ROW = _WGMMA.reduce(1)  # one value per row of a [64, N] wgmma tile
+_COL = _WGMMA.reduce(0)  # one value per column
+# jax 0.10 takes load(ref, idx, ...); 0.11 deprecates idx (index the ref instead).
+_LOAD_TAKES_IDX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+
+
+def _load(ref, layout):
+  """A 1-D slice of a GMEM or SMEM ref as a register array in `layout`."""
+  if _LOAD_TAKES_IDX:
+    return plgpu.load(ref, (), layout=layout, optimized=False)
+  return plgpu.load(ref, layout=layout, optimized=False)
+
+
+def _smem(shape, dtype):
+  """Shared memory laid out for wgmma and TMA: 128-byte swizzle, (8, 128-byte) tiles."""
+  elems = 128 // jnp.dtype(dtype).itemsize
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, elems)),
+                                              plgpu.SwizzleTransform(128)))
+
+
+def _params():
+  return plgpu.CompilerParams(approx_math=True,
+                              lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+def _launch(kernel, name: str, args: dict, *, out_type, scratch, grid, grid_names):
+  """One CTA of two consumer warpgroups and a producer over `grid`; `args` in kernel order."""
+  kernel.__name__ = name
+  return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
+                      grid_names=grid_names, num_threads=3, thread_name="wg",
+                      compiler_params=_params())(*args.values())
+
+
+def _check(q, k, v, block_q: int, block_k: int, interpret: bool):
+  if interpret:
+    raise NotImplementedError("pallas_mosaic_gpu: interpret mode (Mosaic GPU has no CPU "
+                              "interpreter for wgmma); use impl='pallas_gpu' with interpret")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.dtype not in DTYPES:
+      raise NotImplementedError(f"pallas_mosaic_gpu: {name} dtype {x.dtype} (wgmma takes "
+                                "bfloat16 or float16)")
+  if not q.dtype == k.dtype == v.dtype:
+    raise NotImplementedError(f"pallas_mosaic_gpu: mixed dtypes q {q.dtype}, k {k.dtype}, "
+                              f"v {v.dtype}")
+  if q.shape[-1] not in HEAD_DIMS:
+    raise NotImplementedError(f"pallas_mosaic_gpu: head_dim {q.shape[-1]} not in {HEAD_DIMS}")
+  for name, x in (("block_q", block_q), ("block_k", block_k)):
+    if x not in TILES:
+      raise NotImplementedError(f"pallas_mosaic_gpu: {name}={x} not in {TILES}")
+
+
+def _pad_to(x, axis: int, size: int, value=0):
+  if x is None or x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def _cta_lists(indices, counts, num_cols: int, tile: int):
+  """Lists per 128-row CTA: (indices [B', H', nR', K], counts [B', H', nR'], member or None).
+
+  Lists at tile 128 pass through. Lists at tile 64 are merged in row pairs (2c, 2c+1); member
+  [B', H', nR', 2, K] int32 says whether slot j is in the list of the pair's row w.
+  """
+  if tile == CTA_ROWS:
+    return indices, counts, None
+  dense = block_mask_from_lists(indices, counts, num_cols)  # [B', H', nR, nC]
+  dense = _pad_to(dense, 2, 2 * -(-dense.shape[2] // 2), False)
+  pairs = dense.reshape(*dense.shape[:2], dense.shape[2] // 2, 2, num_cols)
+  idx, cnt = lists_from_block_mask(jnp.any(pairs, axis=3))
+  slots = jnp.broadcast_to(idx[:, :, :, None, :], (*idx.shape[:3], 2, idx.shape[-1]))
+  member = jnp.take_along_axis(pairs, slots, axis=-1).astype(jnp.int32)
+  return idx, cnt, member
+
+
+def _kv_row(x, b, hk):
+  """Index of (batch b, key head hk) into a per-key [B', Hk, S] array (Hk in {1, H_kv})."""
+  return (b if x.shape[0] > 1 else 0, hk if x.shape[1] > 1 else 0)
+
+
+def _q_row(x, b, h, num_heads: int, group: int):
+  """Index of (batch b, query head h) into a per-query [B', Hq, T] array (Hq in {1, H_kv, H})."""
+  hq = x.shape[1]
+  return (b if x.shape[0] > 1 else 0,
+          0 if hq == 1 else (h if hq == num_heads else lax.div(h, group)))
+
+
+def _bcast(x, shape, dim: int):
+  return lax.broadcast_in_dim(x, shape, [dim])
+
+
+def _same(x):
+  return x
+
+
+def _masked(s, *, causal: bool, qv: dict, kv: dict, q_dim: int, q0, k0):
+  """Scores of one register tile with masked elements at -inf: common.element_mask with the
+  per-query vectors (already broadcast) along axis `q_dim` and the per-key ones along the
+  other; default positions are the token indices q0 + i and k0 + j. When causality by token
+  index is the only condition, tiles wholly below the diagonal skip the mask."""
+  shape = s.shape
+
+  def iota(dim):
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=_WGMMA)
+
+  qv, kv = dict(qv), dict(kv)
+  only_causal = causal and not ({"q_pos", "q_seg", "q_thr"} & qv.keys()) and "kv_pos" not in kv
+  if causal and "q_pos" not in qv:
+    qv["q_pos"] = q0 + iota(q_dim)
+  if (causal or "q_thr" in qv) and "kv_pos" not in kv:
+    kv["kv_pos"] = k0 + iota(1 - q_dim)
+  qv.setdefault("q_pos", None)
+  kv.setdefault("kv_pos", None)
+  mask = element_mask(causal=causal, **qv, **kv, rows=_same, cols=_same)
+  if mask is None:
+    return s
+  if only_causal:  # some key of the tile is after some query: k0 + n_keys - 1 > q0
+    return lax.cond(k0 + shape[1 - q_dim] - 1 > q0, lambda: jnp.where(mask, s, -jnp.inf),
+                    lambda: s)
+  return jnp.where(mask, s, -jnp.inf)
+
+
+def _used(aux: Aux, causal: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """The per-query and per-key vectors the mask reads (positions only for causality and the
+  threshold's tie-break)."""
+  thr = aux.q_thr is not None
+  q_names = tuple(n for n in Q_VECS if getattr(aux, n) is not None and (n != "q_pos" or causal))
+  kv_names = tuple(n for n in KV_VECS if getattr(aux, n) is not None
+                   and (n != "kv_pos" or causal or thr))
+  return q_names, kv_names
+
+
+def _sched_sync(sched):
+  plgpu.barrier_arrive(sched)
+  plgpu.barrier_wait(sched)
+
+
+def _stream_kv(r, n, row, bi, hk, smems, loaded, free, *, block_k: int, num_stages: int):
+  """Producer warpgroup of the forward and dQ kernels: the K and V tiles of list row `row`
+  into the stage ring. loaded / free: (K, V) barriers; V's free barrier None when one barrier
+  frees both (it must then be waited once per step)."""
+  plgpu.set_max_registers(40, action="decrease")
+
+  @pl.loop(0, n)
+  def _(j):
+    slot = lax.rem(j, num_stages)
+    ks = pl.ds(r["idx"][(*row, j)] * block_k, block_k)
+    for name, smem, done, wait in zip("kv", smems, loaded, free):
+      if wait is not None:
+        pl.when(j >= num_stages)(lambda wait=wait: plgpu.barrier_wait(wait.at[slot]))
+      plgpu.copy_gmem_to_smem(r[name].at[bi, ks, hk], smem.at[slot], done.at[slot])
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+
+
+def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, scale, block_k, num_heads, group,
+                num_stages, lists_b, lists_h, has_member):
+  r = dict(zip(names, refs))
+  o_ref, lse_ref = refs[len(names):len(names) + n_out]
+  (q_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free,
+   sched) = refs[len(names) + n_out:]
+  hi, ci, bi = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  hk = lax.div(hi, group)
+  lb, lh = (bi if lists_b else 0), (hi if lists_h else 0)
+  n = r["cnt"][lb, lh, ci]
+  dtype = q_smem.dtype
+  tile = (WG_ROWS, block_k)
+  need_k0 = causal or bool(kv_names) or "q_thr" in q_names
+
+  @pl.when(wg < 2)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    q0 = ci * CTA_ROWS + wg * WG_ROWS
+    qs = q_smem.at[wg]
+    plgpu.copy_gmem_to_smem(r["q"].at[bi, pl.ds(q0, WG_ROWS), hi], qs, q_bar.at[wg])
+    qv_rows = {}
+    for name in q_names:
+      x = r[name]
+      qv_rows[name] = _load(x.at[(*_q_row(x, bi, hi, num_heads, group),
+                                  pl.ds(q0, WG_ROWS))], _ROW)
+    plgpu.barrier_wait(q_bar.at[wg])
+    acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, q_smem.shape[-1]), jnp.float32), _WGMMA)
+    m = plgpu.layout_cast(jnp.full((WG_ROWS,), M_INIT, jnp.float32), _ROW)
+    l = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), _ROW)
+    pl.when(wg == 1)(lambda: _sched_sync(sched))
+
+    def step(j, carry):
+      acc, m, l = carry
+      slot = lax.rem(j, num_stages)
+      plgpu.barrier_wait(k_bar.at[slot])
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, qs, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+        _sched_sync(sched)
+        return acc_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
+      plgpu.barrier_arrive(k_free.at[slot])
+      s = s * (scale * LOG2E)
+      k0 = r["idx"][lb, lh, ci, j] * block_k if need_k0 else None
+      kv_cols = {}
+      for name in kv_names:
+        x = r[name]
+        kv_cols[name] = _bcast(_load(x.at[(*_kv_row(x, bi, hk), pl.ds(k0, block_k))], _COL),
+                               tile, 1)
+      if "kv_bias" in kv_cols:
+        s = s + kv_cols["kv_bias"] * LOG2E
+      qv = {n_: _bcast(x, tile, 0) for n_, x in qv_rows.items()}
+      s = _masked(s, causal=causal, qv=qv, kv=kv_cols, q_dim=0, q0=q0, k0=k0)
+      if has_member:
+        s = s + jnp.where(r["member"][lb, lh, ci, wg, j] != 0, 0.0, -jnp.inf)
+      m_new = jnp.maximum(m, s.max(axis=1))
+      alpha = jnp.exp2(m - m_new)
+      p = jnp.exp2(s - _bcast(m_new, tile, 0))
+      l = l * alpha + p.sum(axis=1)
+      acc = acc * _bcast(alpha, acc.shape, 0)
+      p16 = p.astype(dtype)
+      acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+      plgpu.barrier_arrive(sched)  # softmax done: let the other warpgroup's QK^T in
+      plgpu.barrier_wait(v_bar.at[slot])
+      plgpu.barrier_wait(sched)
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, m_new, l
+
+    acc, m, l = lax.fori_loop(0, n, step, (acc, m, l))
+    pl.when(wg == 0)(lambda: _sched_sync(sched))
+    seen = l > 0.0
+    l_safe = jnp.where(seen, l, 1.0)
+    qs[...] = (acc * _bcast(1.0 / l_safe, acc.shape, 0)).astype(dtype)
+    lse_smem.at[wg][...] = jnp.where(seen, m * LN2 + jnp.log(l_safe), -jnp.inf)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qs, o_ref.at[bi, pl.ds(q0, WG_ROWS), hi])
+    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[bi, hi, pl.ds(q0, WG_ROWS)])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == 2)
+  def _producer():
+    _stream_kv(r, n, (lb, lh, ci), bi, hk, (k_smem, v_smem), (k_bar, v_bar), (k_free, v_free),
+               block_k=block_k, num_stages=num_stages)
+
+
+def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: float,
+            block_q: int, block_k: int, interpret: bool = False, num_warps: int | None = None,
+            num_stages: int = 2):
+  """o [B, T, H, D], lse [B, H, T] float32 (natural log). num_warps is unused (the CTA is
+  always three warpgroups); num_stages is the depth of the K/V pipeline."""
+  del num_warps
+  _check(q, k, v, block_q, block_k, interpret)
+  b, t, h, d = q.shape
+  h_kv = k.shape[2]
+  group = h // h_kv
+  t_cta = CTA_ROWS * -(-t // CTA_ROWS)
+  idx, cnt, member = _cta_lists(kv_indices, kv_counts, k.shape[1] // block_k, block_q)
+  q_names, kv_names = _used(aux, causal)
+  args = {"q": _pad_to(q, 1, t_cta), "k": k, "v": v, "idx": idx, "cnt": cnt}
+  if member is not None:
+    args["member"] = member
+  for name in q_names:
+    args[name] = _pad_to(getattr(aux, name), 2, t_cta)
+  for name in kv_names:
+    args[name] = getattr(aux, name)
+  names = tuple(args)
+  kernel = functools.partial(
+      _fwd_kernel, names=names, q_names=q_names, kv_names=kv_names, n_out=2, causal=causal,
+      scale=scale, block_k=block_k, num_heads=h, group=group, num_stages=num_stages,
+      lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None)
+  o, lse = _launch(
+      kernel, "block_sparse_mgpu_fwd", args,
+      out_type=[jax.ShapeDtypeStruct((b, t_cta, h, d), q.dtype),
+                jax.ShapeDtypeStruct((b, h, t_cta), jnp.float32)],
+      scratch=[
+          _smem((2, WG_ROWS, d), q.dtype),
+          _smem((num_stages, block_k, d), k.dtype),
+          _smem((num_stages, block_k, d), v.dtype),
+          plgpu.SMEM((2, WG_ROWS), jnp.float32),
+          plgpu.Barrier(num_barriers=2),
+          plgpu.Barrier(num_barriers=num_stages),
+          plgpu.Barrier(num_barriers=num_stages),
+          plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
+          plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
+          plgpu.Barrier(num_arrivals=2),
+      ],
+      grid=(h, t_cta // CTA_ROWS, b),
+      grid_names=("h", "q", "b"),
+  )
+  return o[:, :t], lse[:, :, :t]
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+
+
+def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_k, num_heads, group,
+               num_stages, lists_b, lists_h, has_member):
+  r = dict(zip(names, refs))
+  (dq_ref,) = refs[len(names):len(names) + 1]
+  q_smem, do_smem, k_smem, v_smem, q_bar, kv_bar, kv_free = refs[len(names) + 1:]
+  hi, ci, bi = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  hk = lax.div(hi, group)
+  lb, lh = (bi if lists_b else 0), (hi if lists_h else 0)
+  n = r["cnt"][lb, lh, ci]
+  dtype = q_smem.dtype
+  tile = (WG_ROWS, WG_ROWS)  # a K/V tile is taken in 64-key pieces (fewer live registers)
+  need_k0 = causal or bool(kv_names) or "q_thr" in q_names
+
+  @pl.when(wg < 2)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    q0 = ci * CTA_ROWS + wg * WG_ROWS
+    rows = pl.ds(q0, WG_ROWS)
+    qs, dos = q_smem.at[wg], do_smem.at[wg]
+    plgpu.copy_gmem_to_smem(r["q"].at[bi, rows, hi], qs, q_bar.at[wg])
+    plgpu.copy_gmem_to_smem(r["do"].at[bi, rows, hi], dos, q_bar.at[wg])
+    # Per-row vectors stay [64] and are broadcast where used (no [64, 64] copies kept live).
+    lse2 = _load(r["lse2"].at[bi, hi, rows], _ROW)
+    delta = _load(r["delta"].at[bi, hi, rows], _ROW)
+    qv_rows = {}
+    for name in q_names:
+      x = r[name]
+      qv_rows[name] = _load(x.at[(*_q_row(x, bi, hi, num_heads, group), rows)], _ROW)
+    plgpu.barrier_wait(q_bar.at[wg])
+    dq = plgpu.layout_cast(jnp.zeros((WG_ROWS, q_smem.shape[-1]), jnp.float32), _WGMMA)
+
+    def step(j, dq):
+      slot = lax.rem(j, num_stages)
+      plgpu.barrier_wait(kv_bar.at[slot])
+      kb0 = r["idx"][lb, lh, ci, j] * block_k if need_k0 else None
+      penalty = None
+      if has_member:
+        penalty = jnp.where(r["member"][lb, lh, ci, wg, j] != 0, 0.0, -jnp.inf)
+      for piece in range(block_k // WG_ROWS):
+        keys = pl.ds(piece * WG_ROWS, WG_ROWS)
+        kp, vp = k_smem.at[slot, keys], v_smem.at[slot, keys]
+
+        def s_dp(s_ref, dp_ref, kp=kp, vp=vp):
+          plgpu.wgmma(s_ref, qs, plgpu.transpose_ref(kp, (1, 0)))
+          plgpu.wgmma(dp_ref, dos, plgpu.transpose_ref(vp, (1, 0)))
+          return s_ref[...], dp_ref[...]
+
+        acc = plgpu.ACC(tile, jnp.float32)
+        s, dp = pl.run_scoped(s_dp, acc, acc)
+        k0 = None if kb0 is None else kb0 + piece * WG_ROWS
+        s = s * (scale * LOG2E)
+        kv = {}
+        for name in kv_names:
+          x = r[name]
+          kv[name] = _bcast(_load(x.at[(*_kv_row(x, bi, hk), pl.ds(k0, WG_ROWS))], _COL),
+                            tile, 1)
+        if "kv_bias" in kv:
+          s = s + kv["kv_bias"] * LOG2E
+        qv = {n_: _bcast(x, tile, 0) for n_, x in qv_rows.items()}
+        s = _masked(s, causal=causal, qv=qv, kv=kv, q_dim=0, q0=q0, k0=k0)
+        if penalty is not None:
+          s = s + penalty
+        p = jnp.exp2(s - _bcast(lse2, tile, 0))
+        ds = (p * (dp - _bcast(delta, tile, 0))).astype(dtype)
+
+        def dq_acc(dq_ref, ds=ds, kp=kp):
+          plgpu.wgmma(dq_ref, ds, kp)
+
+        dq = pl.run_state(dq_acc)(plgpu.ACC.init(dq))
+      plgpu.barrier_arrive(kv_free.at[slot])
+      return dq
+
+    dq = lax.fori_loop(0, n, step, dq)
+    qs[...] = (dq * scale).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qs, dq_ref.at[bi, rows, hi])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == 2)
+  def _producer():
+    _stream_kv(r, n, (lb, lh, ci), bi, hk, (k_smem, v_smem), (kv_bar, kv_bar), (kv_free, None),
+               block_k=block_k, num_stages=num_stages)
+
+
+def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_heads, group,
+                num_stages, lists_b, lists_h, has_member, has_bias):
+  r = dict(zip(names, refs))
+  n_out = 3 if has_bias else 2
+  dk_ref, dv_ref = refs[len(names):len(names) + 2]
+  dbias_ref = refs[len(names) + 2] if has_bias else None
+  (k_smem, v_smem, q_smem, do_smem, db_smem, k_bar, qdo_bar,
+   qdo_free) = refs[len(names) + n_out:]
+  hk, ci, bi = lax.axis_index("h"), lax.axis_index("k"), lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  lb = bi if lists_b else 0
+  dtype = k_smem.dtype
+  tile = (WG_ROWS, WG_ROWS)  # [keys, queries]: a Q/dO tile is taken in 64-query pieces
+
+  def heads():
+    """(query head, list head row, count) of every query head sharing key head hk."""
+    for g in range(group):
+      h = hk * group + g
+      lh = h if lists_h else 0
+      yield g, h, lh, r["cnt"][lb, lh, ci]
+
+  @pl.when(wg < 2)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    k0 = ci * CTA_ROWS + wg * WG_ROWS
+    keys = pl.ds(k0, WG_ROWS)
+    ks, vs = k_smem.at[wg], v_smem.at[wg]
+    plgpu.copy_gmem_to_smem(r["k"].at[bi, keys, hk], ks, k_bar.at[wg])
+    plgpu.copy_gmem_to_smem(r["v"].at[bi, keys, hk], vs, k_bar.at[wg])
+    kv_rows = {}
+    for name in kv_names:
+      x = r[name]
+      kv_rows[name] = _load(x.at[(*_kv_row(x, bi, hk), keys)], _ROW)
+    plgpu.barrier_wait(k_bar.at[wg])
+    zeros = jnp.zeros((WG_ROWS, k_smem.shape[-1]), jnp.float32)
+    carry = (plgpu.layout_cast(zeros, _WGMMA), plgpu.layout_cast(zeros, _WGMMA),
+             plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), _ROW))
+    done = 0  # tiles streamed so far: the stage of tile j of head g is (done + j) % stages
+
+    for g, h, lh, n in heads():
+      def step(j, carry, h=h, lh=lh, done=done):
+        dk, dv, db = carry
+        slot = lax.rem(done + j, num_stages)
+        plgpu.barrier_wait(qdo_bar.at[slot])
+        qb0 = r["idx"][lb, lh, ci, j] * block_q
+        penalty = None
+        if has_member:
+          penalty = jnp.where(r["member"][lb, lh, ci, wg, j] != 0, 0.0, -jnp.inf)
+        for piece in range(block_q // WG_ROWS):
+          q_rows = pl.ds(piece * WG_ROWS, WG_ROWS)
+          qp, dop = q_smem.at[slot, q_rows], do_smem.at[slot, q_rows]
+          q0 = qb0 + piece * WG_ROWS
+          q_cols = pl.ds(q0, WG_ROWS)
+
+          def st_dpt(st_ref, dpt_ref, qp=qp, dop=dop):
+            plgpu.wgmma(st_ref, ks, plgpu.transpose_ref(qp, (1, 0)))
+            plgpu.wgmma(dpt_ref, vs, plgpu.transpose_ref(dop, (1, 0)))
+            return st_ref[...], dpt_ref[...]
+
+          acc = plgpu.ACC(tile, jnp.float32)
+          st, dpt = pl.run_scoped(st_dpt, acc, acc)
+          st = st * (scale * LOG2E)
+          kv = {n_: _bcast(x, tile, 0) for n_, x in kv_rows.items()}
+          if "kv_bias" in kv:
+            st = st + kv["kv_bias"] * LOG2E
+          qv = {}
+          for name in q_names:
+            x = r[name]
+            qv[name] = _bcast(_load(x.at[(*_q_row(x, bi, h, num_heads, group), q_cols)], _COL),
+                              tile, 1)
+          st = _masked(st, causal=causal, qv=qv, kv=kv, q_dim=1, q0=q0, k0=k0)
+          if penalty is not None:
+            st = st + penalty
+          lse2 = _bcast(_load(r["lse2"].at[bi, h, q_cols], _COL), tile, 1)
+          delta = _bcast(_load(r["delta"].at[bi, h, q_cols], _COL), tile, 1)
+          pt = jnp.exp2(st - lse2)
+          dst = pt * (dpt - delta)
+          if has_bias:
+            db = db + dst.sum(axis=1)
+          pt16, dst16 = pt.astype(dtype), dst.astype(dtype)
+
+          def dkv_acc(refs, pt16=pt16, dst16=dst16, qp=qp, dop=dop):
+            dk_ref_, dv_ref_ = refs
+            plgpu.wgmma(dv_ref_, pt16, dop)
+            plgpu.wgmma(dk_ref_, dst16, qp)
+
+          dk, dv = pl.run_state(dkv_acc)((plgpu.ACC.init(dk), plgpu.ACC.init(dv)))
+        plgpu.barrier_arrive(qdo_free.at[slot])
+        return dk, dv, db
+
+      carry = lax.fori_loop(0, n, step, carry)
+      done = done + n
+    dk, dv, db = carry
+    ks[...] = (dk * scale).astype(dtype)
+    vs[...] = dv.astype(dtype)
+    if has_bias:
+      db_smem.at[wg][...] = db
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(ks, dk_ref.at[bi, keys, hk])
+    plgpu.copy_smem_to_gmem(vs, dv_ref.at[bi, keys, hk])
+    if has_bias:
+      plgpu.copy_smem_to_gmem(db_smem.at[wg], dbias_ref.at[bi, hk, keys])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == 2)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    done = 0
+    for _, h, lh, n in heads():
+      def load(j, _, h=h, lh=lh, done=done):
+        step = done + j
+        slot = lax.rem(step, num_stages)
+        rows = pl.ds(r["idx"][lb, lh, ci, j] * block_q, block_q)
+
+        @pl.when(step >= num_stages)
+        def _():
+          plgpu.barrier_wait(qdo_free.at[slot])
+
+        plgpu.copy_gmem_to_smem(r["q"].at[bi, rows, h], q_smem.at[slot], qdo_bar.at[slot])
+        plgpu.copy_gmem_to_smem(r["do"].at[bi, rows, h], do_smem.at[slot], qdo_bar.at[slot])
+        return _
+
+      lax.fori_loop(0, n, load, None)
+      done = done + n
+
+
+def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts, aux: Aux, *,
+             causal: bool, scale: float, block_q: int, block_k: int, interpret: bool = False,
+             num_warps: int | None = None, num_stages: int = 2):
+  """dq [B, T, H, D], dk / dv [B, S, H_kv, D], dbias [B, H_kv, S] float32 or None.
+
+  delta [B, H, T] = rowsum(o * do) - dlse; q_indices / q_counts are the transposed lists
+  [B', H', nK, Q] / [B', H', nK]. Same contract as pallas_gpu.backward.
+  """
+  del num_warps
+  _check(q, k, v, block_q, block_k, interpret)
+  b, t, h, d = q.shape
+  s_len, h_kv = k.shape[1], k.shape[2]
+  group = h // h_kv
+  t_cta = CTA_ROWS * -(-t // CTA_ROWS)
+  s_cta = CTA_ROWS * -(-s_len // CTA_ROWS)
+  q_names, kv_names = _used(aux, causal)
+  has_bias = aux.kv_bias is not None
+  # Rows that see nothing have lse = -inf; every score of theirs is masked, so any finite value
+  # gives p = exp2(-inf) = 0.
+  lse2 = _pad_to(jnp.where(jnp.isfinite(lse), lse * LOG2E, 0.0), 2, t_cta)
+  delta = _pad_to(delta.astype(jnp.float32), 2, t_cta)
+  qp, dop = _pad_to(q, 1, t_cta), _pad_to(do.astype(q.dtype), 1, t_cta)
+  common_args = {"q": qp, "do": dop, "lse2": lse2, "delta": delta}
+  q_vecs = {n_: _pad_to(getattr(aux, n_), 2, t_cta) for n_ in q_names}
+
+  # dQ: the forward's tiling and lists.
+  idx, cnt, member = _cta_lists(kv_indices, kv_counts, s_len // block_k, block_q)
+  args = {**common_args, "k": k, "v": v, "idx": idx, "cnt": cnt}
+  if member is not None:
+    args["member"] = member
+  args.update(q_vecs)
+  args.update({n_: getattr(aux, n_) for n_ in kv_names})
+  names = tuple(args)
+  kernel = functools.partial(
+      _dq_kernel, names=names, q_names=q_names, kv_names=kv_names, causal=causal, scale=scale,
+      block_k=block_k, num_heads=h, group=group, num_stages=num_stages,
+      lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None)
+  dq = _launch(
+      kernel, "block_sparse_mgpu_dq", args,
+      out_type=jax.ShapeDtypeStruct((b, t_cta, h, d), q.dtype),
+      scratch=[
+          _smem((2, WG_ROWS, d), q.dtype),
+          _smem((2, WG_ROWS, d), q.dtype),
+          _smem((num_stages, block_k, d), k.dtype),
+          _smem((num_stages, block_k, d), v.dtype),
+          plgpu.Barrier(num_arrivals=2, num_barriers=2),
+          plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
+          plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
+      ],
+      grid=(h, t_cta // CTA_ROWS, b),
+      grid_names=("h", "q", "b"),
+  )
+
+  # dK/dV: 128 keys per CTA over the transposed lists of every query head of the group.
+  idx, cnt, member = _cta_lists(q_indices, q_counts, t // block_q, block_k)
+  kv_vecs = {n_: _pad_to(getattr(aux, n_), 2, s_cta) for n_ in kv_names}
+  args = {**common_args, "k": _pad_to(k, 1, s_cta), "v": _pad_to(v, 1, s_cta), "idx": idx,
+          "cnt": cnt}
+  if member is not None:
+    args["member"] = member
+  args.update(q_vecs)
+  args.update(kv_vecs)
+  names = tuple(args)
+  kernel = functools.partial(
+      _dkv_kernel, names=names, q_names=q_names, kv_names=kv_names, causal=causal,
+      scale=scale, block_q=block_q, num_heads=h, group=group, num_stages=num_stages,
+      lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None,
+      has_bias=has_bias)
+  out_type = [jax.ShapeDtypeStruct((b, s_cta, h_kv, d), k.dtype),
+              jax.ShapeDtypeStruct((b, s_cta, h_kv, d), v.dtype)]
+  if has_bias:
+    out_type.append(jax.ShapeDtypeStruct((b, h_kv, s_cta), jnp.float32))
+  outs = _launch(
+      kernel, "block_sparse_mgpu_dkv", args,
+      out_type=out_type,
+      scratch=[
+          _smem((2, WG_ROWS, d), k.dtype),
+          _smem((2, WG_ROWS, d), v.dtype),
+          _smem((num_stages, block_q, d), q.dtype),
+          _smem((num_stages, block_q, d), q.dtype),
+          plgpu.SMEM((2, WG_ROWS), jnp.float32),
+          plgpu.Barrier(num_arrivals=2, num_barriers=2),
+          plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
+          plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
+      ],
+      grid=(h_kv, s_cta // CTA_ROWS, b),
+      grid_names=("h", "k", "b"),
+  )
+  dbias = outs[2][:, :, :s_len] if has_bias else None
+  return dq[:, :t], outs[0][:, :s_len], outs[1][:, :s_len], dbias

@@ -1,0 +1,441 @@
+"""Mosaic GPU block-sparse kernels: check against reference.py, then time beside cuDNN, Triton.
+
+    python scripts/check_block_sparse_mosaic.py --out $OUT            # on an H100/H200
+    python scripts/check_block_sparse_mosaic.py --smoke               # CPU: lower for cuda only
+
+1. Check (before any timing): forward (o, lse) and every gradient (dq, dk, dv, d kv_bias) of
+   the Mosaic GPU path against reference.py in float32 on the same bf16 / f16 inputs, through
+   the op's public entry (padding, custom_vjp): head dims 64 and 128, ragged T, empty and full
+   rows, causal edges, GQA, segments, the top-w threshold, per-head positions, tiles 64 and 128.
+   Float32 inputs must raise NotImplementedError (the dispatcher's cue to fall back).
+2. Time (median ms) at B=4, H=16, D=128, bf16: cuDNN dense / causal
+   (jax.nn.dot_product_attention(implementation="cudnn")), the Triton backend (pallas_gpu) and
+   the Mosaic GPU one on the same inputs and lists: all tiles, random 25 % and 10 % of tiles
+   per row, the causal list. Forward, and forward+backward returning the forward output too
+   (so no kernel is dropped); TFLOP/s on visited tiles; the number of custom calls in each
+   row's compiled HLO. A backend whose check failed is not timed (its rows say so).
+A table is printed last; details go to <out>/mosaic_check.json and <out>/mosaic_bench.json.
+
+The Mosaic kernels are reached through api.py's Pallas custom_vjp with the platform's kernel
+module swapped for pallas_mosaic_gpu (`mosaic_kernels`), which is the one table entry the
+dispatcher needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, ".")
+from effattn.evaluate.timing import median_ms  # noqa: E402
+from effattn.kernels.block_sparse import api, pallas_mosaic_gpu  # noqa: E402
+from effattn.kernels.block_sparse import (block_sparse_attention, causal_block_mask,  # noqa: E402
+                                          lists_from_block_mask)
+
+_START = time.time()
+
+
+@contextlib.contextmanager
+def mosaic_kernels():
+  """Routes impl='pallas_gpu' to the Mosaic GPU kernels while tracing inside this block."""
+  if not hasattr(api, "_kernel_module"):
+    raise RuntimeError("api._kernel_module is gone: wire pallas_mosaic_gpu into the new "
+                       "dispatcher and call it by its impl name here")
+  saved = api._kernel_module
+  api._kernel_module = lambda platform: pallas_mosaic_gpu if platform == "gpu" else saved(
+      platform)
+  try:
+    yield
+  finally:
+    api._kernel_module = saved
+
+
+def attention(backend: str, *args, **kwargs):
+  """backend in {"mosaic", "triton", "reference"}; the op with that path (trace-time switch)."""
+  impl = "reference" if backend == "reference" else "pallas_gpu"
+  ctx = mosaic_kernels() if backend == "mosaic" else contextlib.nullcontext()
+  with ctx:
+    return block_sparse_attention(*args, impl=impl, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# 1. Check
+
+CASES = [
+    # name, (B, T, H, H_kv, D, bq, bk), pattern, causal, features, dtype, gates timing
+    ("causal-d128-b128", (2, 1024, 4, 4, 128, 128, 128), "causal", True, (), "bfloat16", True),
+    ("full-d128-b128", (1, 512, 2, 2, 128, 128, 128), "full", False, (), "bfloat16", True),
+    ("random-d128-b128", (2, 768, 2, 2, 128, 128, 128), "random", False, (), "bfloat16", True),
+    ("gqa-causal-ragged-d64", (2, 1000, 8, 2, 64, 128, 128), "causal", True, (), "bfloat16",
+     False),
+    ("mqa-random-b64-bias", (1, 900, 4, 1, 128, 64, 64), "random", True, ("bias",), "bfloat16",
+     False),
+    ("segments-b64x128-d64", (2, 640, 4, 2, 64, 64, 128), "random", False, ("segments",),
+     "bfloat16", False),
+    ("threshold-positions-b128x64", (1, 512, 4, 2, 128, 128, 64), "causal", True,
+     ("bias", "threshold", "head_positions"), "bfloat16", False),
+    ("f16-causal-segments-b64", (1, 320, 2, 1, 64, 64, 64), "causal", True, ("segments",),
+     "float16", False),
+    # Pieces of threshold-positions-b128x64, to tell which one a failure comes from.
+    ("causal-b128x64", (1, 512, 4, 2, 128, 128, 64), "causal", True, (), "bfloat16", False),
+    ("positions-b128x64", (1, 512, 4, 2, 128, 128, 64), "causal", True, ("head_positions",),
+     "bfloat16", False),
+    ("threshold-b128", (1, 512, 4, 2, 128, 128, 128), "causal", True, ("bias", "threshold"),
+     "bfloat16", False),
+]
+SMOKE_CASES = [
+    ("smoke-causal-gqa", (1, 256, 4, 2, 128, 128, 128), "causal", True, (), "bfloat16", True),
+    ("smoke-b64-bias-thr", (1, 200, 2, 1, 64, 64, 64), "random", True,
+     ("bias", "threshold", "segments"), "bfloat16", False),
+]
+REL_TOL = 1e-2  # ||got - ref|| / ||ref|| for bf16 / f16 operands (METHOD: 1e-3 .. 1e-2)
+
+
+def _pattern(kind, key, b, h, n_q, n_k, bq, bk):
+  if kind == "random":  # per-head lists with an empty first row and a full last row
+    m = jax.random.bernoulli(key, 0.35, (b, h, n_q, n_k))
+    return m.at[:, :, 0].set(False).at[:, :, -1].set(True)
+  if kind == "causal":  # one list shared by every batch and head
+    return causal_block_mask(n_q, n_k, bq, bk)[None, None]
+  if kind == "full":
+    return jnp.ones((1, 1, n_q, n_k), bool)
+  raise ValueError(kind)
+
+
+def _case_inputs(name, dims, pattern, causal, features, dtype):
+  b, t, h, h_kv, d, bq, bk = dims
+  dtype = jnp.dtype(dtype)
+  keys = jax.random.split(jax.random.key(zlib.crc32(name.encode())), 10)
+  q = jax.random.normal(keys[0], (b, t, h, d)).astype(dtype)
+  k = jax.random.normal(keys[1], (b, t, h_kv, d)).astype(dtype)
+  v = jax.random.normal(keys[2], (b, t, h_kv, d)).astype(dtype)
+  idx, cnt = lists_from_block_mask(_pattern(pattern, keys[3], b, h, -(-t // bq), -(-t // bk),
+                                            bq, bk))
+  bias = jax.random.normal(keys[4], (b, h_kv, t)) if "bias" in features else None
+  extra = {}
+  if "segments" in features:
+    seg = (jnp.arange(t) >= t // 3).astype(jnp.int32) + (jnp.arange(t) >= (2 * t) // 3)
+    extra.update(q_segment_ids=jnp.broadcast_to(seg, (b, t)),
+                 kv_segment_ids=jnp.broadcast_to(seg, (b, t)))
+  if "head_positions" in features:
+    perm = jax.random.permutation(keys[5], t)
+    extra["q_positions"] = jnp.broadcast_to(perm, (b, h, t))
+    extra["kv_positions"] = jnp.broadcast_to(perm, (b, h_kv, t))
+  if "threshold" in features:
+    bias = bias.at[:, :, 3].set(bias[:, :, 5])  # a tie, broken by position
+    order = jnp.argsort(-bias, axis=-1, stable=True)[..., t // 2]
+    extra["q_threshold"] = jnp.broadcast_to(jnp.take_along_axis(bias, order[..., None], -1),
+                                            (b, h_kv, t))
+    extra["q_threshold_pos"] = jnp.broadcast_to(order[..., None], (b, h_kv, t))
+  kw = dict(block_q=bq, block_k=bk, causal=causal, **extra)
+  do = jax.random.normal(keys[6], q.shape).astype(dtype)
+  dlse = jax.random.normal(keys[7], (b, h, t))
+  return (q, k, v, bias), idx, cnt, kw, (do, dlse)
+
+
+def _vjp_fn(backend, idx, cnt, kw):
+  def f(q, k, v, bias, do, dlse):
+    def g(q, k, v, bias):
+      return attention(backend, q, k, v, idx, cnt, kv_bias=bias, **kw)
+    (o, lse), vjp = jax.vjp(g, q, k, v, bias)
+    dlse = jnp.where(jnp.isfinite(lse), dlse, 0.0)
+    return (o, lse), vjp((do.astype(o.dtype), dlse))
+  return f
+
+
+def _rel_err(name, want, got) -> tuple[float, str]:
+  want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+  finite = np.isfinite(want)
+  if not np.array_equal(finite, np.isfinite(got)):
+    wrong = int((finite != np.isfinite(got)).sum())
+    return float("inf"), f"{name}: -inf/NaN pattern differs ({wrong} elements)"
+  with np.errstate(invalid="ignore"):
+    diff = np.where(finite, got - want, 0.0)
+  ref = np.where(finite, want, 0.0)
+  err = float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30))
+  return err, ""
+
+
+def _compiled(f, args, platform=None):
+  """(compiled or lowered text, seconds): lower (for `platform` only, if given) and compile."""
+  start = time.time()
+  with mosaic_kernels():
+    traced = jax.jit(f).trace(*args)
+    if platform:
+      return traced.lower(lowering_platforms=(platform,)).as_text(), time.time() - start
+    return traced.lower().compile(), time.time() - start
+
+
+def check_case(name, dims, pattern, causal, features, dtype, gates, lower_only: bool) -> dict:
+  """One case: {ok, fwd_ok, rel_err, seconds} or {ok: False, error}."""
+  row = {"dims": dims, "pattern": pattern, "causal": causal, "features": features,
+         "dtype": dtype, "gates_timing": gates, "ok": False}
+  try:
+    args, idx, cnt, kw, cot = _case_inputs(name, dims, pattern, causal, features, dtype)
+    f = _vjp_fn("mosaic", idx, cnt, kw)
+    if lower_only:
+      text, row["lower_s"] = _compiled(f, (*args, *cot), platform="cuda")
+      row["custom_calls"] = text.count("custom_call @mosaic_gpu")
+      row["ok"] = row["custom_calls"] == 3
+      return row
+    up = [None if x is None else x.astype(jnp.float32) for x in args]
+    want = jax.jit(_vjp_fn("reference", idx, cnt, kw))(*up, *cot)
+    row["rel_err"], notes = {}, []
+
+    def compare(names, wants, gots):
+      for gname, w, g in zip(names, wants, gots):
+        if w is not None:
+          row["rel_err"][gname], note = _rel_err(gname, w, g)
+          notes.extend([note] if note else [])
+      return all(e <= REL_TOL for e in row["rel_err"].values()) and not notes
+
+    try:
+      compiled, row["compile_s"] = _compiled(f, (*args, *cot))
+    except Exception:  # the backward did not build: still give the forward its verdict
+      fwd, row["compile_fwd_s"] = _compiled(lambda *a: f(*a)[0], (*args, *cot))
+      row["fwd_ok"] = compare(("o", "lse"), want[0], fwd(*args, *cot))
+      raise
+    print(f"check {name}: compiled in {row['compile_s']:.1f} s", flush=True)
+    start = time.time()
+    (o, lse), grads = jax.block_until_ready(compiled(*args, *cot))
+    row["run_s"] = time.time() - start
+    row["fwd_ok"] = compare(("o", "lse"), want[0], (o, lse))
+    row["ok"] = compare(("dq", "dk", "dv", "dbias"), want[1], grads)
+    if notes:
+      row["notes"] = notes
+  except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
+    row["error"] = "".join(traceback.format_exception_only(e)).strip()[-2000:]
+  return row
+
+
+def check_f32_refused() -> dict:
+  """Float32 operands must raise NotImplementedError (the dispatcher's cue to fall back)."""
+  q = jnp.zeros((1, 128, 1, 64), jnp.float32)
+  idx, cnt = lists_from_block_mask(jnp.ones((1, 1, 1, 1), bool))
+  try:
+    _compiled(lambda q: attention("mosaic", q, q, q, idx, cnt, block_q=128, block_k=128), (q,),
+              platform="cuda")
+    return {"ok": False, "error": "float32 inputs were accepted"}
+  except NotImplementedError as e:
+    return {"ok": True, "message": str(e)}
+
+
+def check(cases, lower_only: bool, path: str) -> dict:
+  """Runs the cases in order, rewriting `path` after each (a hang leaves the earlier ones)."""
+  results = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f).get("checks", {})
+  for case in cases:
+    name = case[0]
+    print(f"check {name}: start", flush=True)
+    results[name] = row = check_case(*case, lower_only=lower_only)
+    errs = " ".join(f"{k}={v:.1e}" for k, v in row.get("rel_err", {}).items())
+    print(f"check {name:32s} {'ok' if row['ok'] else 'FAIL'} {errs} "
+          f"{row.get('error', '')[-600:]} {row.get('notes', '')}", flush=True)
+    with open(path, "w") as f:
+      json.dump({"jax": jax.__version__, "checks": results}, f, indent=1, default=str)
+  results["f32-refused"] = check_f32_refused()
+  print(f"check f32-refused {results['f32-refused']}", flush=True)
+  with open(path, "w") as f:
+    json.dump({"jax": jax.__version__, "checks": results}, f, indent=1, default=str)
+  return results
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Time
+
+
+def _random_pattern(key, b, h, n_q, n_k, density):
+  keep = max(1, round(density * n_k))
+  ranks = jnp.argsort(jax.random.uniform(key, (b, h, n_q, n_k)), axis=-1).argsort(axis=-1)
+  return ranks < keep
+
+
+def bench(t, args_ok: dict, reps: int, deadline: float, b=4, h=16, d=128, block=128):
+  """Rows of one sequence length; each row {name, fwd_ms, fwdbwd_ms, calls, tflops...}.
+
+  The lists are jit arguments ([B, H, nQ, K] for every pattern), so one compiled executable
+  per (backend, causal, mode) serves all patterns.
+  """
+  rows, cache = [], {}
+  keys = jax.random.split(jax.random.key(t), 5)
+  q, k, v, do = (jax.random.normal(kk, (b, t, h, d), jnp.bfloat16) for kk in keys[:4])
+  n = t // block
+  flops_dense = 4.0 * b * h * t * t * d
+
+  def with_grads(f):
+    def run(q, k, v, do, *lists):
+      (o, lse), vjp = jax.vjp(lambda q, k, v: f(q, k, v, *lists), q, k, v)
+      return o, lse, vjp((do, jnp.zeros_like(lse)))
+    return run
+
+  def timed(name, f, lists, flops, backend, causal, blk=block):
+    row = {"name": name, "t": t, "backend": backend, "flops_fwd": flops}
+    rows.append(row)
+    if time.time() > deadline:
+      row["skipped"] = "time budget"
+      print(f"bench {name}: skipped (time budget)", flush=True)
+      return
+    if not args_ok.get(f"{backend}_fwd", args_ok[backend]):
+      row["skipped"] = "failed its check"
+      print(f"bench {name}: not timed (failed its check)", flush=True)
+      return
+    for mode, fn, args, mult in (("fwd", f, (q, k, v, *lists), 1.0),
+                                 ("fwdbwd", with_grads(f), (q, k, v, do, *lists), 3.5)):
+      if mode == "fwdbwd" and not args_ok[backend]:
+        row["fwdbwd_error"] = "backward failed its check: not timed"
+        continue
+      try:
+        key = (backend, causal, mode, blk)
+        if key not in cache:
+          start = time.time()
+          with mosaic_kernels() if backend == "mosaic" else contextlib.nullcontext():
+            cache[key] = jax.jit(fn).lower(*args).compile()
+          row[f"{mode}_compile_s"] = time.time() - start
+        compiled = cache[key]
+        row[f"{mode}_ms"] = median_ms(compiled, *args, reps=reps)
+        row[f"{mode}_calls"] = compiled.as_text().count("custom_call_target=")
+        row[f"{mode}_tflops"] = mult * flops / row[f"{mode}_ms"] / 1e9
+      except Exception as e:  # noqa: BLE001
+        row[f"{mode}_error"] = "".join(traceback.format_exception_only(e)).strip()[-1500:]
+        print(f"bench {name} {mode}: ERROR {row[f'{mode}_error'][-800:]}", flush=True)
+    print(f"bench {name}: " + " ".join(f"{k_}={v_:.3f}" if isinstance(v_, float) else
+                                       f"{k_}={v_}" for k_, v_ in row.items()
+                                       if k_.endswith(("_ms", "_calls", "_tflops", "_s"))),
+          flush=True)
+
+  def cudnn(c):
+    return lambda q, k, v: (
+        jax.nn.dot_product_attention(q, k, v, is_causal=c, implementation="cudnn"),
+        jnp.zeros((b, h, t), jnp.float32))
+
+  def ours(backend, c, blk=block):
+    return lambda q, k, v, idx, cnt: attention(backend, q, k, v, idx, cnt, block_q=blk,
+                                               block_k=blk, causal=c)
+
+  for causal in (False, True):
+    timed(f"cudnn-{'causal' if causal else 'dense'}", cudnn(causal), (),
+          flops_dense / (2 if causal else 1), "cudnn", causal)
+    if causal:
+      patterns = [("causal-list", causal_block_mask(n, n, block, block)[None, None])]
+    else:
+      patterns = [("all", jnp.ones((1, 1, n, n), bool))] + [
+          (f"random{int(rho * 100)}", _random_pattern(keys[4], b, h, n, n, rho))
+          for rho in (0.25, 0.10)]
+    for pname, pat in patterns:
+      idx, cnt = lists_from_block_mask(jnp.broadcast_to(pat, (b, h, n, n)))
+      flops = 4.0 * float(jnp.sum(cnt)) * block * block * d
+      for backend in ("mosaic", "triton"):
+        timed(f"{backend}-{pname}", ours(backend, causal), (idx, cnt), flops, backend, causal)
+  # Triton at its default tiles (64): its best, as the issue's baseline was measured.
+  m = t // 64
+  for pname, pat, causal in (("all", jnp.ones((1, 1, m, m), bool), False),
+                             ("causal-list", causal_block_mask(m, m, 64, 64)[None, None], True)):
+    idx, cnt = lists_from_block_mask(jnp.broadcast_to(pat, (b, h, m, m)))
+    flops = 4.0 * float(jnp.sum(cnt)) * 64 * 64 * d
+    timed(f"triton64-{pname}", ours("triton", causal, 64), (idx, cnt), flops, "triton", causal,
+          64)
+  return rows
+
+
+def _table(rows):
+  """Markdown: each row against cuDNN (dense, or causal for the causal list; rho-normalized
+  for the random patterns) and, for the Mosaic rows, against Triton on the same lists."""
+  by = {(r["t"], r["name"]): r for r in rows}
+  lines = ["| T | row | fwd ms | fwd+bwd ms | fwd vs cuDNN | fwd+bwd vs cuDNN | vs Triton fwd / "
+           "fwd+bwd | TFLOP/s visited fwd / fwd+bwd | custom calls fwd / fwd+bwd |",
+           "|---" * 9 + "|"]
+  fmt = lambda x: "ERR" if x is None else f"{x:.2f}"  # noqa: E731
+  for r in rows:
+    if "skipped" in r:
+      lines.append(f"| {r['t']} | {r['name']} | {r['skipped']} |" + " |" * 6)
+      continue
+    ref = by.get((r["t"], "cudnn-causal" if "causal" in r["name"] else "cudnn-dense"), {})
+    tri = by.get((r["t"], r["name"].replace("mosaic-", "triton-")), {}) if r[
+        "name"].startswith("mosaic-") else {}
+    density = int(r["name"][-2:]) / 100 if r["name"].endswith(("random25", "random10")) else 1
+    vs_ref, vs_tri = [], []
+    for mode in ("fwd", "fwdbwd"):
+      ms, base, tms = r.get(f"{mode}_ms"), ref.get(f"{mode}_ms"), tri.get(f"{mode}_ms")
+      if ms is None or base is None:
+        vs_ref.append("")
+      else:
+        vs_ref.append(f"{ms / base / density:.2f} rho" if density < 1 else f"{ms / base:.2f}x")
+      vs_tri.append("" if ms is None or tms is None else f"{ms / tms:.2f}x")
+    lines.append(
+        f"| {r['t']} | {r['name']} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwdbwd_ms'))} | "
+        f"{vs_ref[0]} | {vs_ref[1]} | {vs_tri[0]} / {vs_tri[1]} | "
+        f"{fmt(r.get('fwd_tflops'))} / {fmt(r.get('fwdbwd_tflops'))} | "
+        f"{r.get('fwd_calls', '?')} / {r.get('fwdbwd_calls', '?')} |")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny shapes; on CPU only lower the kernels for cuda")
+  parser.add_argument("--part", choices=("all", "check", "bench"), default="all",
+                      help="check / bench in separate processes (a hung kernel then costs one "
+                      "part); bench reads the check's JSON to decide what it may time")
+  parser.add_argument("--cases", default="all",
+                      help="comma-separated check case names, or 'core' (those gating the "
+                      "timing), 'features' (the rest) or 'all'")
+  parser.add_argument("--t", type=int, nargs="*", default=[16384],
+                      help="sequence lengths to time")
+  parser.add_argument("--reps", type=int, default=10)
+  parser.add_argument("--budget-s", type=float, default=380.0,
+                      help="stop starting new timing rows after this many seconds")
+  parser.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+  args = parser.parse_args()
+  on_gpu = jax.default_backend() == "gpu"
+  print(f"jax {jax.__version__} backend {jax.default_backend()} devices {jax.devices()}",
+        flush=True)
+  check_path = os.path.join(args.out, "mosaic_check.json")
+  report = {"jax": jax.__version__, "device": str(jax.devices()[0]), "checks": {}, "rows": []}
+  if args.part in ("all", "check"):
+    cases = SMOKE_CASES if args.smoke else CASES
+    if args.cases == "core":
+      cases = [c for c in cases if c[-1]]
+    elif args.cases == "features":
+      cases = [c for c in cases if not c[-1]]
+    elif args.cases != "all":
+      cases = [c for c in cases if c[0] in args.cases.split(",")]
+    report["checks"] = check(cases, lower_only=not on_gpu, path=check_path)
+  elif os.path.exists(check_path):
+    with open(check_path) as f:
+      report["checks"] = json.load(f)["checks"]
+  checks = report["checks"]
+  if on_gpu and not args.smoke and args.part in ("all", "bench"):
+    gates = [c for c in checks.values() if c.get("gates_timing")]
+    ok = {"mosaic": bool(gates) and all(c["ok"] for c in gates),
+          "mosaic_fwd": bool(gates) and all(c.get("fwd_ok", c["ok"]) for c in gates),
+          "triton": True, "cudnn": True}
+    deadline = _START + args.budget_s
+    for t in args.t:
+      try:
+        report["rows"] += bench(t, ok, args.reps, deadline)
+      except Exception as e:  # noqa: BLE001
+        print(f"bench T={t}: ERROR {e}", flush=True)
+    with open(os.path.join(args.out, "mosaic_bench.json"), "w") as f:
+      json.dump(report, f, indent=1, default=str)
+  failed = [n for n, c in checks.items() if not c["ok"]]
+  print(f"\nchecks: {len(checks) - len(failed)} ok, {len(failed)} failed {failed}")
+  if report["rows"]:
+    print(_table(report["rows"]))
+  print(f"wrote {args.out}/mosaic_*.json; {time.time() - _START:.0f} s")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

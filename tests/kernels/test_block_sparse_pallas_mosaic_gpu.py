@@ -1,0 +1,101 @@
+"""The Mosaic GPU (Hopper) block-sparse kernels on CPU: they lower for cuda, refuse what they
+cannot run, and their row-pair lists are right. Numbers need the GPU (no wgmma interpreter):
+scripts/check_block_sparse_mosaic.py compares them with reference.py there."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effattn.kernels.block_sparse.common import (Aux, block_mask_from_lists, causal_block_mask,
+                                                 lists_from_block_mask, transpose_lists)
+
+mgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu",
+                           reason="this jax has no Pallas Mosaic GPU")
+if not hasattr(mgpu, "LoweringSemantics") or not hasattr(mgpu.LoweringSemantics, "Warpgroup"):
+  pytest.skip("this jax's Mosaic GPU has no warpgroup lowering semantics", allow_module_level=True)
+
+from effattn.kernels.block_sparse import pallas_mosaic_gpu  # noqa: E402
+
+
+def _inputs(b, t, h, h_kv, d, bq, bk, features):
+  n_q, n_k = t // bq, t // bk
+  idx, cnt = lists_from_block_mask(jax.random.bernoulli(jax.random.key(0), 0.5,
+                                                        (b, h, n_q, n_k)))
+  q = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, t, h_kv, d), jnp.bfloat16)
+  aux = Aux()
+  if "bias" in features:
+    aux = aux._replace(kv_bias=jnp.zeros((b, h_kv, t)))
+  if "segments" in features:
+    aux = aux._replace(q_seg=jnp.zeros((b, 1, t), jnp.int32),
+                       kv_seg=jnp.zeros((b, 1, t), jnp.int32))
+  if "threshold" in features:
+    aux = aux._replace(q_thr=jnp.zeros((b, h_kv, t)), q_thr_pos=jnp.zeros((b, h_kv, t), jnp.int32),
+                       q_pos=jnp.zeros((b, h, t), jnp.int32),
+                       kv_pos=jnp.zeros((b, h_kv, t), jnp.int32))
+  return q, kv, idx, cnt, aux
+
+
+@pytest.mark.parametrize("dims,features,causal", [
+    ((1, 256, 4, 2, 128, 128, 128), (), True),  # two consumer warpgroups share one list
+    ((1, 192, 2, 1, 64, 64, 64), ("bias", "segments", "threshold"), True),  # row pairs, odd nQ
+    ((2, 256, 2, 2, 64, 64, 128), ("segments",), False),
+])
+def test_forward_and_backward_lower_for_cuda(dims, features, causal):
+  b, t, h, h_kv, d, bq, bk = dims
+  q, kv, idx, cnt, aux = _inputs(*dims, features)
+  q_idx, q_cnt = transpose_lists(idx, cnt, t // bk)
+  static = dict(causal=causal, scale=d ** -0.5, block_q=bq, block_k=bk)
+
+  def fwd_bwd(q, k, v):
+    o, lse = pallas_mosaic_gpu.forward(q, k, v, idx, cnt, aux, **static)
+    delta = jnp.zeros(lse.shape, jnp.float32)
+    return o, lse, pallas_mosaic_gpu.backward(q, k, v, lse, o, delta, idx, cnt, q_idx, q_cnt,
+                                              aux, **static)
+
+  lowered = jax.jit(fwd_bwd).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  assert text.count("custom_call @mosaic_gpu") == 3, text[:2000]
+  out = jax.eval_shape(fwd_bwd, q, kv, kv)
+  dq, dk, dv, dbias = out[2]
+  assert (dq.shape, dk.shape, dv.shape) == (q.shape, kv.shape, kv.shape)
+  assert (dbias is None) == ("bias" not in features)
+  if dbias is not None:
+    assert dbias.shape == (b, h_kv, t) and dbias.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"dtype": jnp.float32}, "dtype float32"),
+    ({"d": 96}, "head_dim 96"),
+    ({"block_q": 32}, "block_q=32"),
+    ({"interpret": True}, "interpret"),
+])
+def test_refuses_with_not_implemented(kwargs, match):
+  d, dtype = kwargs.pop("d", 64), kwargs.pop("dtype", jnp.bfloat16)
+  block_q = kwargs.pop("block_q", 64)
+  q = jnp.zeros((1, 128, 1, d), dtype)
+  idx, cnt = lists_from_block_mask(jnp.ones((1, 1, 128 // block_q, 2), bool))
+  with pytest.raises(NotImplementedError, match=match):
+    pallas_mosaic_gpu.forward(q, q, q, idx, cnt, Aux(), causal=True, scale=0.1,
+                              block_q=block_q, block_k=64, **kwargs)
+
+
+def test_row_pair_lists_are_the_union_with_membership():
+  mask = jax.random.bernoulli(jax.random.key(1), 0.3, (2, 3, 5, 7))  # odd row count
+  mask = mask.at[:, :, 1].set(False)
+  idx, cnt = lists_from_block_mask(mask)
+  u_idx, u_cnt, member = jax.jit(pallas_mosaic_gpu._cta_lists, static_argnums=(2, 3))(
+      idx, cnt, 7, 64)
+  padded = np.concatenate([np.asarray(mask), np.zeros((2, 3, 1, 7), bool)], axis=2)
+  pairs = padded.reshape(2, 3, 3, 2, 7)
+  np.testing.assert_array_equal(np.asarray(block_mask_from_lists(u_idx, u_cnt, 7)),
+                                pairs.any(axis=3))
+  valid = np.arange(u_idx.shape[-1]) < np.asarray(u_cnt)[..., None]
+  for w in range(2):
+    got = np.take_along_axis(pairs[:, :, :, w], np.asarray(u_idx), axis=-1)
+    np.testing.assert_array_equal(np.asarray(member[:, :, :, w]) * valid, got * valid)
+  # Lists made at tile 128 pass through untouched.
+  c_idx, c_cnt = lists_from_block_mask(causal_block_mask(4, 4, 128, 128)[None, None])
+  same = pallas_mosaic_gpu._cta_lists(c_idx, c_cnt, 4, 128)
+  assert same[0] is c_idx and same[1] is c_cnt and same[2] is None
