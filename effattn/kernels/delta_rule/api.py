@@ -12,9 +12,10 @@ Dk <= 128, chunk_size <= 64), "pallas_tpu" (Mosaic; on the TPU chunk_size a mult
 "xla" (the chunked form in jnp, xla.py), "reference" (the token recurrence, autodiff); "pallas"
 = the kernel of the current backend. Logged once per choice.
 
-The xla and Pallas paths share one custom VJP: the forward saves T = (I + A)^{-1} of every chunk
-and the state entering every chunk; the backward walks the chunks in reverse for the state's
-cotangent, then computes every chunk's gradients independently (xla.py; derivation in
+The xla and Pallas paths share one custom VJP and one structure (xla.py): per-chunk work in
+parallel, then a walk over the chunks that carries only the state, then per-chunk work again;
+the backward mirrors it with a reverse walk for the state's cotangent. The forward saves
+T = (I + A)^{-1} of every chunk and the state entering every chunk (derivation in
 docs/mechanisms_linear.md). Gradients reach q, k, v, log_gate, beta and the initial state.
 
 `delta_rule_step` is the one-token update for decoding (O(1) state, no kernel).
@@ -72,22 +73,21 @@ class _Plan:
     return kw
 
 
-def _forward(plan: _Plan, x: common.Chunked, s0, save_states: bool):
-  module = _MODULES[plan.path]
+def _forward(plan: _Plan, x: common.Chunked, s0):
   extra = {} if plan.path == "xla" else {"out_dtype": plan.out_dtype}
-  o, final, residuals = module.forward(x, s0, save_states=save_states, **plan.kwargs(), **extra)
+  o, final, residuals = _MODULES[plan.path].forward(x, s0, **plan.kwargs(), **extra)
   return o.astype(plan.out_dtype), final, residuals
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _delta(plan, q, k, v, beta, gcum, runs, carry, tail, s0):
-  o, final, _ = _forward(plan, common.Chunked(q, k, v, beta, gcum, runs, carry, tail), s0, False)
+  o, final, _ = _forward(plan, common.Chunked(q, k, v, beta, gcum, runs, carry, tail), s0)
   return o, final
 
 
 def _delta_fwd(plan, q, k, v, beta, gcum, runs, carry, tail, s0):
   x = common.Chunked(q, k, v, beta, gcum, runs, carry, tail)
-  o, final, residuals = _forward(plan, x, s0, True)
+  o, final, residuals = _forward(plan, x, s0)
   return (o, final), (x, residuals)
 
 
