@@ -103,16 +103,12 @@ def _delta_bwd(plan, saved, cotangents):
 _delta.defvjp(_delta_fwd, _delta_bwd)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _chunked(plan: _Plan, q, k, v, log_gate, beta, s0, segment_ids):
-  """Pads and prepares, runs the custom-VJP op, cuts the padding (jitted: eager calls compile
-  once per shape)."""
-  x = common.prepare(q, k, v, log_gate, beta, segment_ids, plan.chunk)
-  o, final = _delta(plan, *x, s0)
-  return o[:, :q.shape[1]], final
-
-
+# Jitted so that eager calls (tests, decoding a prompt) compile once: the op per padded shape
+# (every T up to a chunk shares one program), the padding per T.
+_prepare = jax.jit(common.prepare, static_argnames="chunk")
+_delta_jit = jax.jit(_delta, static_argnums=0)
 _recurrent = jax.jit(reference.recurrent, static_argnames="scale")
+_step = jax.jit(reference.step, static_argnames="scale")
 
 
 def _check(q, k, v, log_gate, beta, initial_state, segment_ids, chunk_size):
@@ -177,7 +173,8 @@ def delta_rule(q, k, v, log_gate, beta, *, initial_state=None, segment_ids=None,
   if block_sizes is None and path != "xla":
     block_sizes = _MODULES[path].BlockSizes()
   plan = _Plan(path, chunk, scale, np.dtype(q.dtype), out_dtype, block_sizes, interpret)
-  return _chunked(plan, q, k, v, log_gate, beta, s0, segment_ids)
+  o, final = _delta_jit(plan, *_prepare(q, k, v, log_gate, beta, segment_ids, chunk=chunk), s0)
+  return o[:, :q.shape[1]], final
 
 
 def delta_rule_step(q, k, v, log_gate, beta, state, *, scale: float | None = None):
@@ -200,5 +197,5 @@ def delta_rule_step(q, k, v, log_gate, beta, state, *, scale: float | None = Non
   if state.shape != want:
     raise ValueError(f"state must be [B, H, Dk, Dv]={want}; got {state.shape}")
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-  o, state = reference.step(state.astype(jnp.float32), q, k, v, log_gate, beta, scale=scale)
+  o, state = _step(state.astype(jnp.float32), q, k, v, log_gate, beta, scale=scale)
   return o.astype(q.dtype), state
