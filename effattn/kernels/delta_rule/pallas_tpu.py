@@ -132,7 +132,8 @@ def _bwd_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, tinv_ref, w_ref, do_ref, s
       ctx, v_ref[...], scale * do_ref[...].astype(jnp.float32), s_ref[...].astype(jnp.float32),
       ds_ref[...].astype(jnp.float32), ddelta_ref[...].astype(jnp.float32), dtype=dtype)
   dq, dk, dbeta, dg = xla.chunk_backward_finish(ctx, partial, dtype=dtype)
-  dq_ref[...], dk_ref[...], dv_ref[...] = dq, dk, dv
+  dq_ref[...], dk_ref[...] = dq.astype(dq_ref.dtype), dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
   dbeta_ref[...], dg_ref[...] = dbeta[None], dg[None]
 
 
@@ -216,7 +217,7 @@ def forward(x: Chunked, s0, *, chunk: int, scale: float, dtype, out_dtype,
 
 def backward(x: Chunked, residuals, do, dfinal, *, chunk: int, scale: float, dtype,
              block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
-  """Same contract as xla.backward."""
+  """Same contract as xla.backward, except dq, dk, dv in the dtype of q, k, v."""
   del block_sizes
   tinv, states = residuals
   b, padded, h, dk = x.q.shape
@@ -251,7 +252,8 @@ def backward(x: Chunked, residuals, do, dfinal, *, chunk: int, scale: float, dty
                 sp.tok(dk), sp.tok(dv), sp.chunk(dk, dv), sp.chunk(dk, dv),
                 sp.tok(dv)] + sp.masks,
       out_specs=[sp.tok(dk), sp.tok(dk), sp.tok(dv), sp.gate, sp.gate],
-      out_shape=[f32(q), f32(k), f32(v), f32(beta), f32(g)], **common)(
+      out_shape=[_shape(q.shape, q.dtype), _shape(k.shape, k.dtype), _shape(v.shape, v.dtype),
+                 f32(beta), f32(g)], **common)(
           q, k, v, beta, g, tinv, w, do, states, dstates, ddelta, *masks)
   heads = [jnp.swapaxes(a, 1, 2) for a in (dq, dk_, dv_)]
   scalars = [jnp.swapaxes(a.reshape(b, h, padded), 1, 2) for a in (dbeta, dg)]
