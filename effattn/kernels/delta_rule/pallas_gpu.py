@@ -270,17 +270,38 @@ def _like(x, dtype):
   return jax.ShapeDtypeStruct(x.shape, dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+  """Sizes of one call: b, padded T, h, dk, dv, chunks n, value block bv, segment masks."""
+
+  b: int
+  padded: int
+  h: int
+  dk: int
+  dv: int
+  n: int
+  bv: int
+  has_runs: bool
+
+  @classmethod
+  def of(cls, x: Chunked, chunk: int, block_sizes: BlockSizes):
+    b, padded, h, dk = x.q.shape
+    dv = x.v.shape[-1]
+    return cls(b, padded, h, dk, dv, padded // chunk, block_sizes.value_block(dv),
+               x.runs is not None)
+
+  @property
+  def masks(self) -> int:
+    return 3 if self.has_runs else 0
+
+
 def forward(x: Chunked, s0, *, chunk: int, scale: float, dtype, out_dtype,
             block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
   """Same contract as xla.forward, with o in out_dtype and residuals (T [B, Tp, H, C], states
   [B, H, N*Dk, Dv]) in `dtype`."""
-  b, padded, h, dk = x.q.shape
-  dv = x.v.shape[-1]
-  n = padded // chunk
-  bv = block_sizes.value_block(dv)
-  has_runs = x.runs is not None
-  nm = 3 if has_runs else 0
-  tok, gate, state, masks = _chunk_specs(chunk, nm)
+  d = _Dims.of(x, chunk, block_sizes)
+  b, padded, h, dk, dv, n, bv, has_runs = dataclasses.astuple(d)
+  tok, gate, state, masks = _chunk_specs(chunk, d.masks)
   tinv, w, u = pl.pallas_call(
       functools.partial(_wy_kernel, chunk=chunk, dtype=dtype, has_runs=has_runs),
       grid=(n, b, h),
@@ -293,7 +314,7 @@ def forward(x: Chunked, s0, *, chunk: int, scale: float, dtype, out_dtype,
       name="delta_rule_wy",
   )(x.k, x.v, x.beta, x.gcum, *_mask_args(x, ("runs", "carry")))
 
-  wtok, cols, wgate, wstate, wmasks = _walk_specs(padded, bv, nm)
+  wtok, cols, wgate, wstate, wmasks = _walk_specs(padded, bv, d.masks)
   delta, final, states = pl.pallas_call(
       functools.partial(_fwd_kernel, chunk=chunk, dtype=dtype, has_runs=has_runs),
       grid=(dv // bv, b, h),
@@ -324,13 +345,9 @@ def backward(x: Chunked, residuals, do, dfinal, *, chunk: int, scale: float, dty
              block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
   """Same contract as xla.backward, except dq, dk, dv in the dtype of q, k, v."""
   tinv, states = residuals
-  b, padded, h, dk = x.q.shape
-  dv = x.v.shape[-1]
-  n = padded // chunk
-  bv = block_sizes.value_block(dv)
-  has_runs = x.runs is not None
-  nm = 3 if has_runs else 0
-  tok, gate, state, masks = _chunk_specs(chunk, nm)
+  d = _Dims.of(x, chunk, block_sizes)
+  b, padded, h, dk, dv, n, bv, has_runs = dataclasses.astuple(d)
+  tok, gate, state, masks = _chunk_specs(chunk, d.masks)
   w, dlocal = pl.pallas_call(
       functools.partial(_prep_kernel, scale=float(scale), block_v=bv, dtype=dtype,
                         has_runs=has_runs),
@@ -343,7 +360,7 @@ def backward(x: Chunked, residuals, do, dfinal, *, chunk: int, scale: float, dty
       name="delta_rule_bwd_prep",
   )(x.q, x.k, x.beta, x.gcum, tinv, do, *_mask_args(x))
 
-  wtok, cols, wgate, wstate, wmasks = _walk_specs(padded, bv, nm)
+  wtok, cols, wgate, wstate, wmasks = _walk_specs(padded, bv, d.masks)
   ddelta, ds0, dstates = pl.pallas_call(
       functools.partial(_dstate_kernel, chunk=chunk, scale=float(scale), dtype=dtype,
                         has_runs=has_runs),
