@@ -10,7 +10,7 @@ Parts, in order (results.json and table.md under --out, written after every row)
 1. fla (flash-linear-attention 0.6.0, carried as wheels) in a subprocess, before JAX takes the
    GPU: chunk_gated_delta_rule on the check inputs (bf16 q, k, v and b, float32 log gates and
    initial state, T = 1000: not a multiple of the chunk; random cotangents on o AND the final
-   state), outputs and gradients saved as fla_*.npy; then fwd and fwd+bwd medians
+   state), outputs and gradients saved in fla_check.npz; then fwd and fwd+bwd medians
    (triton.testing.do_bench) at --sizes. fla autotunes on first use.
 2. JAX: (a) our Pallas path against our reference (the token recurrence, float32) on the GPU,
    forward, final state and all six gradients, f32 and bf16, with segments and initial state;
@@ -83,8 +83,10 @@ def fla_part(out: str, sizes: list[int]) -> None:
   o, ht = chunk_gated_delta_rule(*args[:5], scale=CHECK["d"] ** -0.5, initial_state=args[5],
                                  output_final_state=True)
   torch.autograd.backward([o, ht], [cuda(do, bf16), cuda(dht, f32)])
-  for name, x in zip(CHECK_NAMES, [o, ht] + [a.grad for a in args]):
-    np.save(os.path.join(out, f"fla_{name}.npy"), x.detach().float().cpu().numpy())
+  # One file (the device returns at most 8 files from $OUT).
+  np.savez(os.path.join(out, "fla_check.npz"), **{
+      name: x.detach().float().cpu().numpy()
+      for name, x in zip(CHECK_NAMES, [o, ht] + [a.grad for a in args])})
   print("fla check saved", flush=True)
 
   for t in sizes:
@@ -177,8 +179,10 @@ def compare_with_fla(out: str) -> dict:
   """Ours (Pallas, bf16) and fla against the float32 reference on the same check inputs."""
   import jax.numpy as jnp
   import numpy as np
-  if not os.path.exists(os.path.join(out, "fla_o.npy")):
+  path = os.path.join(out, "fla_check.npz")
+  if not os.path.exists(path):
     return {"error": "fla outputs missing (fla part failed or --no-fla)"}
+  fla = np.load(path)
   q, k, v, g, beta, h0, do, dht = check_inputs()
   bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
   f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
@@ -188,7 +192,7 @@ def compare_with_fla(out: str) -> dict:
                       f32(dht))
   res = {}
   for name, a, r in zip(CHECK_NAMES, ours, ref):
-    theirs = np.load(os.path.join(out, f"fla_{name}.npy"))
+    theirs = fla[name]
     res[name] = {"ours_vs_ref": rel_err(a, r), "fla_vs_ref": rel_err(theirs, r),
                  "ours_vs_fla": rel_err(a, theirs)}
   # Ours is as exact as fla when no tensor sits further from the float32 reference than twice
@@ -304,7 +308,7 @@ def parse_args(argv=None):
   parser.add_argument("--part", default="all", choices=["all", "fla"])
   parser.add_argument("--skip-check", action="store_true")
   parser.add_argument("--fla-results", default="",
-                      help="reuse fla.json and fla_*.npy from this folder instead of running fla")
+                      help="reuse fla.json and fla_check.npz from this folder (no fla run)")
   parser.add_argument("--no-fla", action="store_true")
   parser.add_argument("--smoke", action="store_true",
                       help="CPU self-test: tiny shapes, Pallas interpret mode, no fla")
