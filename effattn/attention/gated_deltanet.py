@@ -33,6 +33,7 @@ from flax import nnx
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.delta_rule import delta_rule, delta_rule_step
+from effattn.ranges import POSITIVE, POSITIVE_INT, ConfigError
 
 
 @jax.jit  # eager calls (tests, decoding) compile once per shape, not once per op
@@ -96,24 +97,27 @@ class GatedDeltaNet(base.Attention):
       "chunk_size": 64,  # tokens per chunk of the delta-rule kernel
   }
   OPS = ("delta_rule",)
+  SUPPORTS = ("head_dim",)  # one key per value head; the decay, not a window, forgets the past
+  CAUSAL_ONLY = True
+  RANGES = {"expand_v": POSITIVE, "conv_size": POSITIVE_INT, "norm_eps": POSITIVE,
+            "chunk_size": POSITIVE_INT}
+
+  @classmethod
+  def check(cls, opts, sizes):
+    value_dim = opts.expand_v * sizes.head_dim
+    if value_dim != int(value_dim):
+      raise ConfigError(f"model.attention.gated_deltanet.expand_v={opts.expand_v} times "
+                        f"head_dim={sizes.head_dim} must be a whole number (the value head dim); "
+                        "pick expand_v so that it is")
+
+  @classmethod
+  def op_shapes(cls, opts, sizes):
+    return dict(super().op_shapes(opts, sizes), Dv=int(opts.expand_v * sizes.head_dim))
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     o = self.opts
-    name = "model.attention.gated_deltanet"
     value_dim = o.expand_v * self.head_dim
-    if value_dim <= 0 or value_dim != int(value_dim):
-      raise ValueError(f"{name}.expand_v={o.expand_v} times head_dim={self.head_dim} must be a "
-                       "positive integer (the value head dim)")
-    if o.conv_size < 1 or o.chunk_size < 1:
-      raise ValueError(f"{name}.conv_size={o.conv_size} and chunk_size={o.chunk_size} must be "
-                       ">= 1")
-    if cfg.get("num_kv_heads") not in (None, num_heads):
-      raise ValueError("gated_deltanet keeps one key per value head: leave "
-                       "model.attention.num_kv_heads unset")
-    if cfg.get("window") is not None:
-      raise ValueError("gated_deltanet has no attention window (its state decays instead): "
-                       "leave model.attention.window unset")
     h, dk, dt = num_heads, self.head_dim, self.dtype
     self.value_dim = dv = int(value_dim)
     self.widths = (h * dk, h * dk, h * dv)  # q | k | v channels of the fused projection
