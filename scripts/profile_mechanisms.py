@@ -18,7 +18,7 @@ the gradients, so no forward kernel is dropped):
   step    the whole train step (bench_train.bench_one), with --steps
 
 Groups and their stages:
-  mha            attention op (cuDNN on GPU)
+  mha            attention op (cuDNN on GPU; with the batch's segment ids, and without)
   dynamic_mask   projections; top-w selection; tile lists; block-sparse kernel
   landmark       landmark keys; grouped softmax
   neural_memory  per variant (mag, mal, lmm, mac): memory streams; memory update; attention
@@ -76,6 +76,9 @@ def parse_args(argv=None):
   p.add_argument("--steps", action="store_true", help="add a full train-step row per entry")
   p.add_argument("--max_seconds", type=float, default=0.0, help="0: no limit")
   p.add_argument("--smoke", action="store_true", help="CPU self-test at tiny sizes")
+  p.add_argument("--estimate", action="store_true",
+                 help="compile only: XLA's cost_analysis (GFLOP, GB accessed) and the memory "
+                      "figures per row, no timing (what a machine without the GPU can say)")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   if args.smoke:
@@ -184,8 +187,11 @@ def stages(group: str, label: str, layer: Layer) -> list[dict]:
   if group == "mha":
     from effattn.kernels.softmax import softmax_attention
     q, k, v = layer.run(layer.bind(lambda mod, x: mod.project(x, pos)), x)
-    return [_stage("attention op", lambda p, q, k, v: softmax_attention(
-        q, k, v, causal=True, segment_ids=seg, impl=m.op_impl("softmax")), (q, k, v), (1, 2, 3))]
+    attend = lambda segment_ids: lambda p, q, k, v: softmax_attention(  # noqa: E731
+        q, k, v, causal=True, segment_ids=segment_ids, impl=m.op_impl("softmax"))
+    # With segment ids (every pipeline batch has them) cuDNN runs its packed layout.
+    return [_stage("attention op", attend(seg), (q, k, v), (1, 2, 3)),
+            _stage("attention op (no segment ids)", attend(None), (q, k, v), (1, 2, 3))]
   if group == "dynamic_mask":
     from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention,
                                               lists_from_block_mask)
@@ -266,9 +272,9 @@ def base_split(x, mod):
 # -- measuring ---------------------------------------------------------------------------------
 
 
-def measure(fn, args, diff, reps: int) -> tuple[dict, object]:
+def measure(fn, args, diff, reps: int, estimate: bool = False) -> tuple[dict, object]:
   """Compile fn (fwd+bwd over `diff` when given), time it; the row's numbers and the forward
-  output of one call."""
+  output of one call (estimate: XLA's cost figures instead of a time, and no call)."""
   import jax
 
   from effattn.evaluate import timing
@@ -279,12 +285,18 @@ def measure(fn, args, diff, reps: int) -> tuple[dict, object]:
   else:
     fb, call_args = fn, args
   compiled, names, compile_s = timing.compile_counted(fb, *call_args)
-  ms = timing.median_ms(compiled, *call_args, reps=reps)
-  out = compiled(*call_args)
   memory = compiled.memory_analysis()
-  row = {"ms": ms, "kernels": len(names), "kernel_names": names, "compile_s": compile_s,
+  row = {"kernels": len(names), "kernel_names": names, "compile_s": compile_s,
          "temp_gib": memory.temp_size_in_bytes / 2**30 if memory else None,
          "argument_gib": memory.argument_size_in_bytes / 2**30 if memory else None}
+  if estimate:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+    row.update(ms=None, gflop=cost.get("flops", 0.0) / 1e9,
+               gbytes=cost.get("bytes accessed", 0.0) / 1e9)
+    return row, None
+  row["ms"] = timing.median_ms(compiled, *call_args, reps=reps)
+  out = compiled(*call_args)
   forward = out[0] if diff is not None else out
   return row, jax.tree.leaves(forward)[0]
 
@@ -304,13 +316,13 @@ def profile_entry(args, group: str, label: str, spec: str, keep_row, outputs: di
     if not keep_row(f"{label} {name}"):
       continue
     before = timing.device_peak_bytes()
-    row, y = measure(s["fn"], (layer.params, *s["args"]), s["diff"], args.reps)
+    row, y = measure(s["fn"], (layer.params, *s["args"]), s["diff"], args.reps, args.estimate)
     peak = timing.device_peak_bytes()
     row.update(group=group, entry=label, spec=spec, row=name, seq_len=args.seq_len,
                batch=layer.x.shape[0], error=None, diff=None,
                peak_gib=peak / 2**30 if peak else None,
                peak_is_this_row=bool(peak and (before or 0) < peak))
-    if name == "layer":
+    if name == "layer" and y is not None:
       base_label = label.rsplit(" ", 1)[0]
       if label.endswith(" old"):
         outputs[base_label] = y
@@ -319,11 +331,13 @@ def profile_entry(args, group: str, label: str, spec: str, keep_row, outputs: di
         row["diff"] = float(jnp.max(jnp.abs(old - y.astype(jnp.float32)))
                             / jnp.maximum(jnp.max(jnp.abs(old)), 1e-30))
     rows.append(row)
-    print(f"{label:>22} | {name:<34} {row['ms']:9.3f} ms  kernels {row['kernels']:>2}  "
+    cost = (f"{row['gflop']:9.1f} GFLOP {row['gbytes']:7.2f} GB" if args.estimate
+            else f"{row['ms']:9.3f} ms")
+    print(f"{label:>22} | {name:<34} {cost}  kernels {row['kernels']:>2}  "
           f"temp {row['temp_gib'] or 0:6.2f} GiB  compile {row['compile_s']:.0f}s", flush=True)
     del y
   del layer
-  if args.steps and keep_row(f"{label} step"):
+  if args.steps and not args.estimate and keep_row(f"{label} step"):
     step = bench_train.bench_one(bench_args(args), spec, args.seq_len)
     rows.append(dict(group=group, entry=label, spec=spec, row="step", seq_len=args.seq_len,
                      batch=step["batch"], ms=step["step_ms"], kernels=step["kernels"],
@@ -351,6 +365,18 @@ def markdown(rows: list[dict], args, device: str) -> str:
           f"d_model {args.d_model}, {args.num_heads} heads, {args.dtype}, SwiGLU, RoPE; "
           f"{args.tokens_per_batch} tokens per step) at T = {args.seq_len}; median of "
           f"{args.reps} calls; fwd+bwd where a stage is differentiated.")
+  if args.estimate:
+    head = head.replace(f"median of {args.reps} calls", "XLA cost_analysis of the compiled "
+                        "program on this backend (no timing)")
+    lines = [head, "", "| entry | row | GFLOP | GB accessed | kernels | temp GiB | args GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+      if r.get("error"):
+        lines.append(f"| {r['entry']} | {r['row']} | failed: {r['error'][:100]} | | | | |")
+      else:
+        lines.append(f"| {r['entry']} | {r['row']} | {r['gflop']:.2f} | {r['gbytes']:.2f} | "
+                     f"{r['kernels']} | {r['temp_gib']:.3f} | {r['argument_gib']:.3f} |")
+    return "\n".join(lines) + "\n"
   lines = [head, "", "| entry | row | ms | of layer | kernels | temp GiB | args GiB | peak GiB "
            "| diff | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
   layer_ms = {r["entry"]: r["ms"] for r in rows if r.get("row") == "layer" and not r["error"]}
