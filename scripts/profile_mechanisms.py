@@ -106,7 +106,8 @@ def entries(args) -> list[tuple[str, str, str]]:
     if group == "mha":
       out.append((group, "mha", "mha"))
     elif group == "landmark":  # block_len 64 fills the kernel's 64-slot tiles (50 fills 61%)
-      out += [(group, "landmark", "landmark"), (group, "landmark block 64", "landmark:block_len=64")]
+      out += [(group, "landmark", "landmark"),
+              (group, "landmark block 64", "landmark:block_len=64")]
     elif group == "dynamic_mask":
       out += [(group, f"dynamic_mask {v}",
                "dynamic_mask:select_impl=" + ("dense" if v == "old" else "ranked"))
@@ -205,7 +206,8 @@ def stages(group: str, label: str, layer: Layer) -> list[dict]:
     q, k, v, bias = layer.run(project, x)
     select = layer.bind(lambda mod, bias: mod.select(bias, seg, True, bs))
     thr, thr_pos, tiles, _ = layer.run(select, bias)
-    lists = lambda p, tiles: lists_from_block_mask(jnp.repeat(tiles, group_size, axis=1))  # noqa: E731
+    lists = lambda p, tiles: lists_from_block_mask(  # noqa: E731
+        jnp.repeat(tiles, group_size, axis=1))
     idx, cnt = layer.run(lists, tiles)
     kernel = lambda p, q, k, v, bias: block_sparse_attention(  # noqa: E731
         q, k, v, idx, cnt, block_q=bs, block_k=bs, causal=True, q_segment_ids=seg,

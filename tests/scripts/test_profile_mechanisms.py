@@ -30,7 +30,7 @@ def test_every_group_plans_its_entries():
 def test_smoke_run_on_cpu(tmp_path):
   profile = load_script("profile_mechanisms")
   rows = profile.main(["--smoke", "--groups=dynamic_mask,moh", f"--out={tmp_path}",
-                       "--rows=mask old layer,mask new layer,selection,router", "--variants=old,new"])
+                       "--rows=mask old layer,mask new layer,selection,router"])
   assert all(r["error"] is None for r in rows), [r["error"] for r in rows]
   names = [(r["entry"], r["row"]) for r in rows]
   assert names == [("dynamic_mask old", "layer"), ("dynamic_mask old", "top-w selection (dense)"),

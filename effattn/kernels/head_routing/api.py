@@ -15,8 +15,8 @@ The Pallas paths compact each head's routed tokens (common.py) so the kernels co
 ceil(count / block_q) query tiles per head, and differentiate with their own backward kernels
 (custom_vjp). A batch whose rows are each one segment (segment ids of ones, as unpacked
 pipeline batches have) runs the kernels without segment ids (lax.cond), so tiles below the
-causal diagonal skip the element mask. The gradient with respect to a zero gate is 0: skipped pairs are absent, not
-zero-weighted (MoH's top-k mask has no gradient either).
+causal diagonal skip the element mask. The gradient with respect to a zero gate is 0: skipped
+pairs are absent, not zero-weighted (MoH's top-k mask has no gradient either).
 """
 
 from __future__ import annotations

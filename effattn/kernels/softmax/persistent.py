@@ -201,7 +201,8 @@ def persistent_attention(q, k, v, persistent_k, persistent_v, *, segment_ids=Non
     log_path_once(OP, path, "cudnn: a window hides the persistent keys from its layout")
   else:
     log_path_once(OP, path)
-  xla_path = lambda q, k, v: chunked(q, k, v, persistent_k, persistent_v, chunk=chunk, **kw)  # noqa: E731
+  xla_path = lambda q, k, v: chunked(  # noqa: E731
+      q, k, v, persistent_k, persistent_v, chunk=chunk, **kw)
   if path == "xla":
     return xla_path(q, k, v)
   lay = None if segment_ids is None else layout(segment_ids, q.shape[1], persistent_k.shape[0],
