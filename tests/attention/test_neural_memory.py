@@ -118,3 +118,35 @@ def test_registered_and_checked():
     build("mac", segment_len=6)
   with pytest.raises(ValueError, match="depth"):
     build("mag", depth=0)
+
+
+@pytest.mark.parametrize("variant,window", [("mag", 5), ("mal", None)])
+def test_fused_attention_branch_equals_the_dense_mask(variant, window):
+  """swa_impl fused (no [T, T] mask) and dense (the oracle) give one output and one gradient,
+  with packed segments and padding."""
+  from flax import nnx
+
+  x, pos = oracles.random_inputs(2, 14, d_model=16, seed=4)
+  seg = jnp.asarray(np.repeat([[1, 2], [3, 0]], 7, axis=1), jnp.int32)
+  results = []
+  for swa_impl in ("fused", "dense"):
+    module = oracles.build("neural_memory", d_model=16, num_heads=2, window=window, impl="xla",
+                           neural_memory=dict(SMALL, variant=variant, swa_impl=swa_impl))
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def loss(p):
+      y, _ = nnx.merge(graphdef, p, rest)(x, positions=pos, segment_ids=seg)
+      return jnp.sum(jnp.sin(y)), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    results.append((y, grads))
+  (y, g), (y_d, g_d) = results
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_d), rtol=0, atol=2e-6)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_d)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)
+
+
+def test_bad_swa_impl_named():
+  x, pos = oracles.random_inputs(1, 8, d_model=16)
+  with pytest.raises(ValueError, match="swa_impl"):
+    build("mag", swa_impl="flash")(x, positions=pos)

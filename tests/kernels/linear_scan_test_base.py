@@ -49,12 +49,14 @@ class LinearScanSuite:
   IMPL = "reference"
   INTERPRET = False
   CHUNK = 16
+  BLOCK_SIZES = None  # the kernel paths' BlockSizes (None: their defaults)
 
   def fwd_and_grads(self, impl, q, k, v, log_decay, s0, causal, seg, scale, do, ds):
     """(o, final_state, dq, dk, dv, ds0) of one path, in a single jit (fast on CPU)."""
     def f(q, k, v, s0):
       return linear_scan(q, k, v, log_decay, causal=causal, initial_state=s0, segment_ids=seg,
-                         scale=scale, impl=impl, chunk_size=self.CHUNK, interpret=self.INTERPRET)
+                         scale=scale, impl=impl, chunk_size=self.CHUNK, interpret=self.INTERPRET,
+                         block_sizes=self.BLOCK_SIZES)
 
     @jax.jit
     def run(q, k, v, s0, do, ds):
@@ -98,7 +100,7 @@ class LinearScanSuite:
       for impl in ("reference", self.IMPL):
         f = lambda q, k, z0, impl=impl: linear_scan_normalizer(
             q, k, jnp.array([0.0, -0.4]), initial_state=z0, segment_ids=seg, impl=impl,
-            chunk_size=self.CHUNK, interpret=self.INTERPRET)
+            chunk_size=self.CHUNK, interpret=self.INTERPRET)  # block_sizes: the defaults
         (n, z), vjp = jax.vjp(f, q, k, z0)
         out[impl] = (n, z) + vjp((dn, dz))
       return out
@@ -121,7 +123,7 @@ class LinearScanSuite:
     def run(q, k, v):
       scan = lambda q, k, v, s0=None: linear_scan(
           q, k, v, g, initial_state=s0, impl=self.IMPL, chunk_size=self.CHUNK,
-          interpret=self.INTERPRET)
+          interpret=self.INTERPRET, block_sizes=self.BLOCK_SIZES)
       o1, s1 = scan(q[:, :cut], k[:, :cut], v[:, :cut])
       o2, s2 = scan(q[:, cut:], k[:, cut:], v[:, cut:], s1)
       return scan(q, k, v), (o1, o2, s2)

@@ -41,6 +41,8 @@ CASES = [
     ("mha-bidir-segments", (1, 48, 2, 2, 32, 16, 32), False, True, 0.5, jnp.float32),
     ("mqa-causal-segments-bq>bk", (1, 64, 3, 1, 16, 32, 16), True, True, 0.3, jnp.float32),
     ("bf16-causal", (1, 64, 2, 1, 32, 16, 32), True, False, 0.7, jnp.bfloat16),
+    # segment ids of ones (one run per row: the kernels run without the segment mask)
+    ("gqa-causal-one-segment", (2, 40, 4, 2, 16, 16, 16), True, "ones", 0.4, jnp.float32),
 ]
 
 
@@ -63,7 +65,9 @@ class HeadRoutingSuite:
     v = jax.random.normal(keys[2], (b, t, h_kv, d), jnp.float32).astype(dtype)
     gates = make_gates(keys[3], b, t, h, density)
     seg = None
-    if segments:  # two segments and a padded tail (segment 0)
+    if segments == "ones":
+      seg = jnp.ones((b, t), jnp.int32)
+    elif segments:  # two segments and a padded tail (segment 0)
       seg = jnp.where(jnp.arange(t) < t // 3, 1, 2).at[t - 5:].set(0)
       seg = jnp.broadcast_to(seg.astype(jnp.int32), (b, t))
     o_r, vjp_r = self.run("reference", q, k, v, gates, seg, causal, bq, bk)
@@ -94,7 +98,8 @@ class TestPallasGpuInterpret(HeadRoutingSuite):
 class TestPallasTpuInterpret(HeadRoutingSuite):
   IMPL = "pallas_tpu"
   INTERPRET = True
-  CASES = [CASES[1], CASES[2]]  # bidirectional + segments, and causal GQA with bq > bk
+  CASES = [CASES[1], CASES[2], CASES[4]]  # bidirectional + segments, causal GQA with bq > bk,
+  # one segment per row
 
 
 def test_compaction_is_a_stable_permutation():
