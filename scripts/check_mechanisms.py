@@ -48,9 +48,10 @@ def parse_args(argv=None):
 
 def mechanism_specs(arg: str) -> list[str]:
   from effattn import attention
-  if arg == "default":
-    return sorted(attention.names())
-  return [s for s in arg.split(",") if s]
+  specs = []
+  for s in filter(None, arg.split(",")):
+    specs += sorted(attention.names()) if s == "default" else [s]
+  return specs
 
 
 def layer_config(spec: str, impl: str):
