@@ -7,9 +7,11 @@ and its kernels, checked where the kernels run.
 For each mechanism (configs/base.py's defaults; `name:option=value` specs as bench_train takes
 them) one attention layer is built once and called with impl="auto" and impl="xla" on the same
 parameters and inputs: x [B, T, d_model], positions, and segment ids, both of ones and packed
-(three segments of ragged lengths per row). Compared: the layer output and the gradients of a
-random projection of it with respect to x and every parameter, as max |auto - xla| / max |xla|
-per leaf (the worst leaf is reported). The auto row's compiled program is searched for custom
+(three segments of ragged lengths per row). Both are compared with the xla path in float32 on the
+same (rounded) inputs: the layer output and the gradients of a random projection of it with
+respect to x and every parameter, as max |path - f32| / max |f32| per leaf (the worst leaf is
+reported). A row passes when the auto path's error is within 1.5x the xla path's in the same
+dtype plus a floor: the kernels may round differently from XLA, not worse. The auto row's compiled program is searched for custom
 kernels (effattn.kernels.hlo): a mechanism whose auto path ran no kernel on a GPU is reported,
 not failed (some have none). The table is printed last; check.json under --out.
 """
@@ -17,6 +19,7 @@ not failed (some have none). The table is printed last; check.json under --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -36,12 +39,15 @@ def parse_args(argv=None):
   p.add_argument("--d_model", type=int, default=1024)
   p.add_argument("--num_heads", type=int, default=8)
   p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--tol", type=float, default=0.0, help="0: 3e-2 for 16-bit dtypes, 1e-4 f32")
+  p.add_argument("--floor", type=float, default=0.0,
+                 help="error allowed beyond 1.5x the xla path's (0: 2e-3 for 16-bit, 1e-5 f32)")
+  p.add_argument("--interpret", default="", choices=("", "gpu", "tpu"),
+                 help="CPU: run the auto path's kernels of this platform in interpret mode")
   p.add_argument("--smoke", action="store_true", help="CPU self-test at tiny sizes")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   if args.smoke:
-    args.seq_len, args.batch, args.d_model, args.num_heads = 40, 2, 32, 4
+    args.seq_len, args.batch, args.d_model, args.num_heads = 40, 2, 64, 4
     args.dtype = "float32"
   return args
 
@@ -90,18 +96,18 @@ def check_one(args, spec: str) -> dict:
   from flax import nnx
 
   from effattn.attention import registry
-  from effattn.kernels import hlo
+  from effattn.kernels import dispatch, hlo
 
   dtype = jnp.dtype(args.dtype)
   b, t, d = args.batch, args.seq_len, args.d_model
-  tol = args.tol or (1e-4 if dtype == jnp.float32 else 3e-2)
-  build = lambda impl: registry.build(layer_config(spec, impl), d_model=d,  # noqa: E731
-                                      num_heads=args.num_heads, rngs=nnx.Rngs(0), dtype=dtype)
-  auto, xla = build("auto"), build("xla")
-  graph_auto, params = nnx.split(auto)
-  graph_xla, params_xla = nnx.split(xla)
-  assert jax.tree.structure(params) == jax.tree.structure(params_xla)
-  keys = jax.random.split(jax.random.key(1), 3)
+  floor = args.floor or (1e-5 if dtype == jnp.float32 else 2e-3)
+  build = lambda impl, dt: registry.build(layer_config(spec, impl), d_model=d,  # noqa: E731
+                                          num_heads=args.num_heads, rngs=nnx.Rngs(0), dtype=dt)
+  graphs = {}
+  for role, impl, dt in (("auto", "auto", dtype), ("xla", "xla", dtype),
+                         ("f32", "xla", jnp.float32)):
+    graphs[role], params = nnx.split(build(impl, dt))  # same seed: the same parameters
+  keys = jax.random.split(jax.random.key(1), 2)
   x = jax.random.normal(keys[0], (b, t, d), jnp.float32).astype(dtype)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   proj = jax.random.normal(keys[1], (b, t, d), jnp.float32)
@@ -112,38 +118,49 @@ def check_one(args, spec: str) -> dict:
       return jnp.sum(y.astype(jnp.float32) * proj), y
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
-  f_auto, f_xla = loss_fn(graph_auto), loss_fn(graph_xla)
+  def rel(a, r):
+    a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+    if not np.all(np.isfinite(a)):
+      return float("inf")
+    return float(np.max(np.abs(a - r)) / max(np.max(np.abs(r)), 1e-30))
+
+  def errors(out, ref):
+    (_, y), (dparams, dx) = out
+    (_, y_ref), (dparams_ref, dx_ref) = ref
+    leaf = jax.tree.leaves(jax.tree.map(rel, dparams, dparams_ref))
+    return {"y": rel(y, y_ref), "dx": rel(dx, dx_ref), "dparams": max(leaf, default=0.0)}
+
+  fns = {role: loss_fn(g) for role, g in graphs.items()}
+  interpret = (lambda: dispatch.interpret_kernels(args.interpret)) if args.interpret else (
+      contextlib.nullcontext)
   row = {"mechanism": spec}
   for case, seg in (("ones", jnp.ones((b, t), jnp.int32)),
                     ("packed", jnp.asarray(packed_segments(b, t)))):
-    (_, y_a), g_a = f_auto(params, x, seg)
-    (_, y_x), g_x = f_xla(params, x, seg)
-
-    def rel(a, r):
-      a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
-      if not np.all(np.isfinite(a)):
-        return float("inf")
-      return float(np.max(np.abs(a - r)) / max(np.max(np.abs(r)), 1e-30))
-    errs = {"y": rel(y_a, y_x), "dx": rel(g_a[1], g_x[1])}
-    leaf_errs = jax.tree.leaves(jax.tree.map(rel, g_a[0], g_x[0]))
-    errs["dparams"] = max(leaf_errs) if leaf_errs else 0.0
-    row[case] = errs
-    if case == "ones":
-      row["kernels"] = hlo.kernel_names(hlo.compiled_text(f_auto, params, x, seg))
-  worst = max(max(row[c].values()) for c in ("ones", "packed"))
-  row["worst"], row["tol"], row["ok"] = worst, tol, bool(worst <= tol)
+    ref = fns["f32"](params, x.astype(jnp.float32), seg)
+    with interpret():
+      out = fns["auto"](params, x, seg)
+      if case == "ones":
+        row["kernels"] = hlo.kernel_names(hlo.compiled_text(fns["auto"], params, x, seg))
+    row[case] = {"auto": errors(out, ref), "xla": errors(fns["xla"](params, x, seg), ref)}
+  worst = {role: max(row[c][role][n] for c in ("ones", "packed") for n in ("y", "dx", "dparams"))
+           for role in ("auto", "xla")}
+  row["worst"], row["floor"] = worst, floor
+  # The kernels may round differently from XLA, not worse: within 1.5x of the xla path's error
+  # against float32 (and a floor for paths that agree to rounding).
+  row["ok"] = bool(worst["auto"] <= 1.5 * worst["xla"] + floor)
   return row
 
 
 def table(rows) -> str:
-  lines = ["| mechanism | kernels (auto) | y | dx | dparams (ones) | y | dx | dparams (packed) | ok |",
+  lines = ["| mechanism | kernels (auto) | auto: y | dx | dparams | xla: y | dx | dparams | ok |",
            "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "error" in r:
       lines.append(f"| {r['mechanism']} | failed: {r['error'][:140]} |")
       continue
     k = sorted(set(r["kernels"]))
-    e = [f"{r[c][n]:.1e}" for c in ("ones", "packed") for n in ("y", "dx", "dparams")]
+    worst = lambda role, n: max(r[c][role][n] for c in ("ones", "packed"))  # noqa: E731
+    e = [f"{worst(role, n):.1e}" for role in ("auto", "xla") for n in ("y", "dx", "dparams")]
     lines.append(f"| {r['mechanism']} | {len(r['kernels'])}: {', '.join(k)[:80]} | "
                  f"{' | '.join(e)} | {'yes' if r['ok'] else 'NO'} |")
   return "\n".join(lines)
