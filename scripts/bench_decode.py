@@ -88,7 +88,10 @@ def build_model(args, mechanism: str):
   from effattn.config import validate
   from effattn.model import Transformer
 
-  config = bench_train.make_config(args, mechanism, 1)
+  # The decode model does not depend on data.seq_len (rope positions): the longest prompt names
+  # the context the model is checked for.
+  longest = max(int(p) for p in args.prompt_lens.split(","))
+  config = bench_train.make_config(args, mechanism, longest)
   validate(config)
   return nnx.split(Transformer(config.model, rngs=nnx.Rngs(0)))
 

@@ -5,6 +5,8 @@
     python scripts/bench_linear.py --out DIR --part check           # correctness only
     python scripts/bench_linear.py --out DIR --no-fla --skip-check  # ours and cuDNN only
     python scripts/bench_linear.py --out DIR --smoke                # CPU self-test (interpret)
+    python scripts/bench_linear.py --out DIR --no-fla --skip-check --batch 2 --heads 8 \
+        --sizes 4096,16384 --tune-sizes "" --splits 1,0 --no-xla  # one pass vs T in parts
 
 Parts, in order (results as JSON and a markdown table under --out):
 1. fla (PyTorch/Triton, flash-linear-attention 0.6.0) in a subprocess, before JAX takes the GPU:
@@ -249,7 +251,12 @@ def compare_with_fla(out: str) -> dict:
   return res
 
 
-def bench_ours(sizes, sizes_tuned, on_row=lambda rows: None) -> tuple[list[dict], dict]:
+def bench_ours(sizes, sizes_tuned, on_row=lambda rows: None, *, splits=(None,),
+               with_xla: bool = True) -> tuple[list[dict], dict]:
+  """Rows of ours (Pallas at the tuned block sizes, once per value of `splits`: None keeps the
+  tuned value, 1 the one-pass kernel, 0 parts chosen from the grid; xla) and cuDNN."""
+  import dataclasses
+
   import jax
   import jax.numpy as jnp
   from effattn.evaluate.timing import forward_and_grads
@@ -293,10 +300,15 @@ def bench_ours(sizes, sizes_tuned, on_row=lambda rows: None) -> tuple[list[dict]
 
   for t in sizes:
     q, k, v, do = inputs(t)
-    variants = [("ours pallas (no decay)", "pallas_gpu", False, best),
-                ("ours pallas (lightning decay)", "pallas_gpu", True, best),
-                ("ours xla (no decay)", "xla", False, None),
-                ("ours xla (lightning decay)", "xla", True, None)]
+    variants = []
+    for split in splits:
+      cfg = best if split is None else dataclasses.replace(best, splits=split)
+      tag = "" if split is None else f" splits={split}"
+      variants += [(f"ours pallas{tag} (no decay)", "pallas_gpu", False, cfg),
+                   (f"ours pallas{tag} (lightning decay)", "pallas_gpu", True, cfg)]
+    if with_xla:
+      variants += [("ours xla (no decay)", "xla", False, None),
+                   ("ours xla (lightning decay)", "xla", True, None)]
     for name, impl, decay, cfg in variants:
       try:
         rows.append(row(name, t, *make(impl, decay, cfg), q, k, v, do))
@@ -355,6 +367,7 @@ def markdown(rows, fla_rows, info) -> str:
 
 
 def main() -> None:
+  global B, H, D
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="/tmp/bench_linear")
   parser.add_argument("--sizes", default="2048,8192,32768")
@@ -368,9 +381,16 @@ def main() -> None:
                       help="skip fla (its figures: docs/benchmarks.md, /work/shared/gpu-notes.md)")
   parser.add_argument("--smoke", action="store_true",
                       help="CPU self-test: tiny shapes, Pallas interpret mode, no fla")
+  parser.add_argument("--batch", type=int, default=B, help="B of the timed shapes")
+  parser.add_argument("--heads", type=int, default=H, help="H of the timed shapes")
+  parser.add_argument("--splits", default="",
+                      help="comma list of BlockSizes.splits to time the Pallas kernel with "
+                           "(1: one pass over T per program, 0: T in parts chosen from the "
+                           "grid); default: the tuned block sizes as they are")
+  parser.add_argument("--no-xla", action="store_true", help="skip the xla rows")
   args = parser.parse_args()
+  B, H = args.batch, args.heads
   if args.smoke:
-    global B, H, D
     B, H, D = 1, 2, 16
     SMOKE["on"] = True
     args.no_fla = True
@@ -422,7 +442,9 @@ def main() -> None:
   print("lightning vs fla", info["lightning_vs_fla"], flush=True)
   print(f"checks done at {time.time() - t0:.0f}s", flush=True)
   save([])
-  rows, info["tuning"] = bench_ours(sizes, tune_sizes, on_row=save)
+  splits = [int(x) for x in args.splits.split(",") if x] or [None]
+  rows, info["tuning"] = bench_ours(sizes, tune_sizes, on_row=save, splits=splits,
+                                    with_xla=not args.no_xla)
   info["model_costs"] = {t: model_costs(t) for t in sizes}
   table = markdown(rows, fla["rows"], info)
   save(rows)

@@ -2,6 +2,10 @@
 
     python scripts/check_block_sparse_mosaic.py --out $OUT            # on an H100/H200
     python scripts/check_block_sparse_mosaic.py --smoke               # CPU: lower for cuda only
+    python scripts/check_block_sparse_mosaic.py --bwd split,fused --check 'split:core;fused:all'
+
+`--bwd` names backward variants (pallas_mosaic_gpu.BACKWARDS) to check and time side by side
+in one run, the first being the baseline; `--check` gives each its own cases.
 
 1. Check (before any timing): forward (o, lse) and every gradient (dq, dk, dv, d kv_bias) of
    the Mosaic GPU path against reference.py in float32 on the same bf16 / f16 inputs, through
@@ -25,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
 import time
 import traceback
+import types
 import zlib
 
 import jax
@@ -46,25 +52,35 @@ _START = time.time()
 
 
 @contextlib.contextmanager
-def mosaic_kernels():
-  """Routes impl='pallas_gpu' to the Mosaic GPU kernels while tracing inside this block."""
+def mosaic_kernels(bwd: str = "split"):
+  """Routes impl='pallas_gpu' to the Mosaic GPU kernels, backward variant `bwd`
+  (pallas_mosaic_gpu.BACKWARDS), while tracing inside this block."""
   if not hasattr(api, "_kernel_module"):
     raise RuntimeError("api._kernel_module is gone: wire pallas_mosaic_gpu into the new "
                        "dispatcher and call it by its impl name here")
   saved = api._kernel_module
-  api._kernel_module = lambda platform: pallas_mosaic_gpu if platform == "gpu" else saved(
-      platform)
+  module = types.SimpleNamespace(
+      forward=pallas_mosaic_gpu.forward,
+      backward=functools.partial(pallas_mosaic_gpu.backward, bwd=bwd))
+  api._kernel_module = lambda platform: module if platform == "gpu" else saved(platform)
   try:
     yield
   finally:
     api._kernel_module = saved
 
 
+def _kernels(backend: str):
+  """The trace-time context of a backend: "mosaic" or "mosaic:<bwd>" swap the kernels in."""
+  if backend.startswith("mosaic"):
+    return mosaic_kernels(*backend.split(":")[1:])
+  return contextlib.nullcontext()
+
+
 def attention(backend: str, *args, **kwargs):
-  """backend in {"mosaic", "triton", "reference"}; the op with that path (trace-time switch)."""
+  """backend "mosaic[:<bwd>]", "triton" or "reference"; the op with that path (a trace-time
+  switch: call it while tracing)."""
   impl = "reference" if backend == "reference" else "pallas_gpu"
-  ctx = mosaic_kernels() if backend == "mosaic" else contextlib.nullcontext()
-  with ctx:
+  with _kernels(backend):
     return block_sparse_attention(*args, impl=impl, **kwargs)
 
 
@@ -166,56 +182,74 @@ def _rel_err(name, want, got) -> tuple[float, str]:
   return err, ""
 
 
-def _compiled(f, args, platform=None):
+def _compiled(f, args, platform=None, backend="mosaic"):
   """(compiled or lowered text, seconds): lower (for `platform` only, if given) and compile."""
   start = time.time()
-  with mosaic_kernels():
+  with _kernels(backend):
     traced = jax.jit(f).trace(*args)
     if platform:
       return traced.lower(lowering_platforms=(platform,)).as_text(), time.time() - start
     return traced.lower().compile(), time.time() - start
 
 
-def check_case(name, dims, pattern, causal, features, dtype, gates, lower_only: bool) -> dict:
-  """One case: {ok, fwd_ok, rel_err, seconds} or {ok: False, error}."""
-  row = {"dims": dims, "pattern": pattern, "causal": causal, "features": features,
-         "dtype": dtype, "gates_timing": gates, "ok": False}
+def _kernel_count(bwd: str) -> int:
+  """Mosaic kernels of forward + backward: the fused backward is one kernel, the others two."""
+  return 2 if bwd.startswith("fused") else 3
+
+
+def check_case(case, bwds, lower_only: bool) -> dict:
+  """One case against the reference, for each backward variant in `bwds`: {bwd: row}, each
+  row {ok, fwd_ok, rel_err, seconds} or {ok: False, error}. The reference runs once."""
+  name, dims, pattern, causal, features, dtype, gates = case
+  rows = {}
   try:
     args, idx, cnt, kw, cot = _case_inputs(name, dims, pattern, causal, features, dtype)
-    f = _vjp_fn("mosaic", idx, cnt, kw)
-    if lower_only:
-      text, row["lower_s"] = _compiled(f, (*args, *cot), platform="cuda")
-      row["custom_calls"] = text.count("custom_call @mosaic_gpu")
-      row["ok"] = row["custom_calls"] == 3
-      return row
-    up = [None if x is None else x.astype(jnp.float32) for x in args]
-    want = jax.jit(_vjp_fn("reference", idx, cnt, kw))(*up, *cot)
-    row["rel_err"], notes = {}, []
-
-    def compare(names, wants, gots):
-      for gname, w, g in zip(names, wants, gots):
-        if w is not None:
-          row["rel_err"][gname], note = _rel_err(gname, w, g)
-          notes.extend([note] if note else [])
-      return all(e <= REL_TOL for e in row["rel_err"].values()) and not notes
-
+    want = None
+    if not lower_only:
+      up = [None if x is None else x.astype(jnp.float32) for x in args]
+      want = jax.jit(_vjp_fn("reference", idx, cnt, kw))(*up, *cot)
+  except Exception as e:  # noqa: BLE001
+    err = "".join(traceback.format_exception_only(e)).strip()[-2000:]
+    return {bwd: {"ok": False, "error": f"inputs/reference: {err}"} for bwd in bwds}
+  for bwd in bwds:
+    row = rows[bwd] = {"case": name, "bwd": bwd, "dims": dims, "pattern": pattern,
+                       "causal": causal, "features": features, "dtype": dtype,
+                       "gates_timing": gates, "ok": False}
+    backend = f"mosaic:{bwd}"
     try:
-      compiled, row["compile_s"] = _compiled(f, (*args, *cot))
-    except Exception:  # the backward did not build: still give the forward its verdict
-      fwd, row["compile_fwd_s"] = _compiled(lambda *a: f(*a)[0], (*args, *cot))
-      row["fwd_ok"] = compare(("o", "lse"), want[0], fwd(*args, *cot))
-      raise
-    print(f"check {name}: compiled in {row['compile_s']:.1f} s", flush=True)
-    start = time.time()
-    (o, lse), grads = jax.block_until_ready(compiled(*args, *cot))
-    row["run_s"] = time.time() - start
-    row["fwd_ok"] = compare(("o", "lse"), want[0], (o, lse))
-    row["ok"] = compare(("dq", "dk", "dv", "dbias"), want[1], grads)
-    if notes:
-      row["notes"] = notes
-  except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
-    row["error"] = "".join(traceback.format_exception_only(e)).strip()[-2000:]
-  return row
+      f = _vjp_fn(backend, idx, cnt, kw)
+      if lower_only:
+        text, row["lower_s"] = _compiled(f, (*args, *cot), platform="cuda", backend=backend)
+        row["custom_calls"] = text.count("custom_call @mosaic_gpu")
+        row["ok"] = row["custom_calls"] == _kernel_count(bwd)
+        continue
+      row["rel_err"], notes = {}, []
+
+      def compare(names, wants, gots, row=row, notes=notes):
+        for gname, w, g in zip(names, wants, gots):
+          if w is not None:
+            row["rel_err"][gname], note = _rel_err(gname, w, g)
+            notes.extend([note] if note else [])
+        return all(e <= REL_TOL for e in row["rel_err"].values()) and not notes
+
+      print(f"check {name}:{bwd}: compiling", flush=True)
+      try:
+        compiled, row["compile_s"] = _compiled(f, (*args, *cot), backend=backend)
+      except Exception:  # the backward did not build: still give the forward its verdict
+        fwd, row["compile_fwd_s"] = _compiled(lambda *a, f=f: f(*a)[0], (*args, *cot),
+                                              backend=backend)
+        row["fwd_ok"] = compare(("o", "lse"), want[0], fwd(*args, *cot))
+        raise
+      start = time.time()
+      (o, lse), grads = jax.block_until_ready(compiled(*args, *cot))
+      row["run_s"] = time.time() - start
+      row["fwd_ok"] = compare(("o", "lse"), want[0], (o, lse))
+      row["ok"] = compare(("dq", "dk", "dv", "dbias"), want[1], grads)
+      if notes:
+        row["notes"] = notes
+    except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
+      row["error"] = "".join(traceback.format_exception_only(e)).strip()[-2000:]
+  return rows
 
 
 def check_f32_refused() -> dict:
@@ -230,19 +264,21 @@ def check_f32_refused() -> dict:
     return {"ok": True, "message": str(e)}
 
 
-def check(cases, lower_only: bool, path: str) -> dict:
-  """Runs the cases in order, rewriting `path` after each (a hang leaves the earlier ones)."""
+def check(plan, lower_only: bool, path: str) -> dict:
+  """Runs plan [(case, bwds)] in order, rewriting `path` after each case (a hang leaves the
+  earlier ones). Results are keyed "<case>:<bwd>"."""
   results = {}
   if os.path.exists(path):
     with open(path) as f:
       results = json.load(f).get("checks", {})
-  for case in cases:
+  for case, bwds in plan:
     name = case[0]
-    print(f"check {name}: start", flush=True)
-    results[name] = row = check_case(*case, lower_only=lower_only)
-    errs = " ".join(f"{k}={v:.1e}" for k, v in row.get("rel_err", {}).items())
-    print(f"check {name:32s} {'ok' if row['ok'] else 'FAIL'} {errs} "
-          f"{row.get('error', '')[-600:]} {row.get('notes', '')}", flush=True)
+    print(f"check {name}: start ({', '.join(bwds)})", flush=True)
+    for bwd, row in check_case(case, bwds, lower_only=lower_only).items():
+      results[f"{name}:{bwd}"] = row
+      errs = " ".join(f"{k}={v:.1e}" for k, v in row.get("rel_err", {}).items())
+      print(f"check {name + ':' + bwd:44s} {'ok' if row['ok'] else 'FAIL'} {errs} "
+            f"{row.get('error', '')[-600:]} {row.get('notes', '')}", flush=True)
     with open(path, "w") as f:
       json.dump({"jax": jax.__version__, "checks": results}, f, indent=1, default=str)
   results["f32-refused"] = check_f32_refused()
@@ -262,11 +298,14 @@ def _random_pattern(key, b, h, n_q, n_k, density):
   return ranks < keep
 
 
-def bench(t, args_ok: dict, reps: int, deadline: float, b=4, h=16, d=128, block=128):
+def bench(t, args_ok: dict, reps: int, deadline: float, bwds=("split",), triton=True, b=4,
+          h=16, d=128, block=128):
   """Rows of one sequence length; each row {name, fwd_ms, fwdbwd_ms, calls, tflops...}.
 
-  The lists are jit arguments ([B, H, nQ, K] for every pattern), so one compiled executable
-  per (backend, causal, mode) serves all patterns.
+  Mosaic rows per backward variant in `bwds` ("mosaic:<bwd>-<pattern>"); the forward is the
+  same kernel for all of them, so it is timed in the first variant's row only. The lists are
+  jit arguments ([B, H, nQ, K] for every pattern), so one compiled executable per (backend,
+  causal, mode) serves all patterns.
   """
   rows, cache = [], {}
   keys = jax.random.split(jax.random.key(t), 5)
@@ -280,27 +319,29 @@ def bench(t, args_ok: dict, reps: int, deadline: float, b=4, h=16, d=128, block=
       return o, lse, vjp((do, jnp.zeros_like(lse)))
     return run
 
-  def timed(name, f, lists, flops, backend, causal, blk=block):
+  def timed(name, f, lists, flops, backend, causal, blk=block, modes=("fwd", "fwdbwd")):
     row = {"name": name, "t": t, "backend": backend, "flops_fwd": flops}
     rows.append(row)
     if time.time() > deadline:
       row["skipped"] = "time budget"
       print(f"bench {name}: skipped (time budget)", flush=True)
       return
-    if not args_ok.get(f"{backend}_fwd", args_ok[backend]):
+    if not args_ok.get(f"{backend}_fwd", args_ok.get(backend, False)):
       row["skipped"] = "failed its check"
       print(f"bench {name}: not timed (failed its check)", flush=True)
       return
     for mode, fn, args, mult in (("fwd", f, (q, k, v, *lists), 1.0),
                                  ("fwdbwd", with_grads(f), (q, k, v, do, *lists), 3.5)):
-      if mode == "fwdbwd" and not args_ok[backend]:
+      if mode not in modes:
+        continue
+      if mode == "fwdbwd" and not args_ok.get(backend, False):
         row["fwdbwd_error"] = "backward failed its check: not timed"
         continue
       try:
         key = (backend, causal, mode, blk)
         if key not in cache:
           start = time.time()
-          with mosaic_kernels() if backend == "mosaic" else contextlib.nullcontext():
+          with _kernels(backend):
             cache[key] = jax.jit(fn).lower(*args).compile()
           row[f"{mode}_compile_s"] = time.time() - start
         compiled = cache[key]
@@ -324,20 +365,24 @@ def bench(t, args_ok: dict, reps: int, deadline: float, b=4, h=16, d=128, block=
     return lambda q, k, v, idx, cnt: attention(backend, q, k, v, idx, cnt, block_q=blk,
                                                block_k=blk, causal=c)
 
-  for causal in (False, True):
-    timed(f"cudnn-{'causal' if causal else 'dense'}", cudnn(causal), (),
-          flops_dense / (2 if causal else 1), "cudnn", causal)
-    if causal:
-      patterns = [("causal-list", causal_block_mask(n, n, block, block)[None, None])]
-    else:
-      patterns = [("all", jnp.ones((1, 1, n, n), bool))] + [
-          (f"random{int(rho * 100)}", _random_pattern(keys[4], b, h, n, n, rho))
-          for rho in (0.25, 0.10)]
-    for pname, pat in patterns:
-      idx, cnt = lists_from_block_mask(jnp.broadcast_to(pat, (b, h, n, n)))
-      flops = 4.0 * float(jnp.sum(cnt)) * block * block * d
-      for backend in ("mosaic", "triton"):
-        timed(f"{backend}-{pname}", ours(backend, causal), (idx, cnt), flops, backend, causal)
+  # The dense and causal rows first: a run that meets its time budget loses random rows first.
+  patterns = [(False, "all", jnp.ones((1, 1, n, n), bool)),
+              (True, "causal-list", causal_block_mask(n, n, block, block)[None, None])] + [
+                  (False, f"random{int(rho * 100)}", _random_pattern(keys[4], b, h, n, n, rho))
+                  for rho in (0.25, 0.10)]
+  for causal, pname, pat in patterns:
+    if pname in ("all", "causal-list"):
+      timed(f"cudnn-{'causal' if causal else 'dense'}", cudnn(causal), (),
+            flops_dense / (2 if causal else 1), "cudnn", causal)
+    idx, cnt = lists_from_block_mask(jnp.broadcast_to(pat, (b, h, n, n)))
+    flops = 4.0 * float(jnp.sum(cnt)) * block * block * d
+    for i, bwd in enumerate(bwds):
+      timed(f"mosaic:{bwd}-{pname}", ours(f"mosaic:{bwd}", causal), (idx, cnt), flops,
+            f"mosaic:{bwd}", causal, modes=("fwd", "fwdbwd") if i == 0 else ("fwdbwd",))
+    if triton:
+      timed(f"triton-{pname}", ours("triton", causal), (idx, cnt), flops, "triton", causal)
+  if not triton:
+    return rows
   # Triton at its default tiles (64): its best, as the issue's baseline was measured.
   m = t // 64
   for pname, pat, causal in (("all", jnp.ones((1, 1, m, m), bool), False),
@@ -351,34 +396,89 @@ def bench(t, args_ok: dict, reps: int, deadline: float, b=4, h=16, d=128, block=
 
 def _table(rows):
   """Markdown: each row against cuDNN (dense, or causal for the causal list; rho-normalized
-  for the random patterns) and, for the Mosaic rows, against Triton on the same lists."""
+  for the random patterns), each Mosaic fwd+bwd against the first (baseline) backward
+  variant's on the same pattern, and against Triton on the same lists where it was timed."""
   by = {(r["t"], r["name"]): r for r in rows}
-  lines = ["| T | row | fwd ms | fwd+bwd ms | fwd vs cuDNN | fwd+bwd vs cuDNN | vs Triton fwd / "
-           "fwd+bwd | TFLOP/s visited fwd / fwd+bwd | custom calls fwd / fwd+bwd |",
-           "|---" * 9 + "|"]
-  fmt = lambda x: "ERR" if x is None else f"{x:.2f}"  # noqa: E731
+  first = {}  # (t, pattern) -> the first Mosaic row: its forward serves every variant
+  for r in rows:
+    if r["name"].startswith("mosaic:"):
+      first.setdefault((r["t"], r["name"].split("-", 1)[1]), r)
+  lines = ["| T | row | fwd ms | fwd+bwd ms | fwd vs cuDNN | fwd+bwd vs cuDNN | fwd+bwd vs "
+           "first variant | vs Triton fwd / fwd+bwd | TFLOP/s visited fwd / fwd+bwd | "
+           "custom calls fwd / fwd+bwd |", "|---" * 10 + "|"]
+  fmt = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
   for r in rows:
     if "skipped" in r:
-      lines.append(f"| {r['t']} | {r['name']} | {r['skipped']} |" + " |" * 6)
+      lines.append(f"| {r['t']} | {r['name']} | {r['skipped']} |" + " |" * 7)
       continue
+    pattern = r["name"].split("-", 1)[1] if r["name"].startswith("mosaic:") else None
+    base = first.get((r["t"], pattern), {}) if pattern else {}
+    fwd_ms = r.get("fwd_ms", base.get("fwd_ms") if pattern else None)
     ref = by.get((r["t"], "cudnn-causal" if "causal" in r["name"] else "cudnn-dense"), {})
-    tri = by.get((r["t"], r["name"].replace("mosaic-", "triton-")), {}) if r[
-        "name"].startswith("mosaic-") else {}
+    tri = by.get((r["t"], f"triton-{pattern}"), {}) if pattern else {}
     density = int(r["name"][-2:]) / 100 if r["name"].endswith(("random25", "random10")) else 1
     vs_ref, vs_tri = [], []
-    for mode in ("fwd", "fwdbwd"):
-      ms, base, tms = r.get(f"{mode}_ms"), ref.get(f"{mode}_ms"), tri.get(f"{mode}_ms")
-      if ms is None or base is None:
+    for mode, ms in (("fwd", fwd_ms), ("fwdbwd", r.get("fwdbwd_ms"))):
+      ref_ms, tms = ref.get(f"{mode}_ms"), tri.get(f"{mode}_ms")
+      if ms is None or ref_ms is None:
         vs_ref.append("")
       else:
-        vs_ref.append(f"{ms / base / density:.2f} rho" if density < 1 else f"{ms / base:.2f}x")
+        vs_ref.append(f"{ms / ref_ms / density:.2f} rho" if density < 1 else
+                      f"{ms / ref_ms:.2f}x")
       vs_tri.append("" if ms is None or tms is None else f"{ms / tms:.2f}x")
+    vs_first = ""
+    if pattern and r is not base and r.get("fwdbwd_ms") and base.get("fwdbwd_ms"):
+      vs_first = f"{r['fwdbwd_ms'] / base['fwdbwd_ms']:.3f}x"
+    tflops_fwd = r.get("fwd_tflops", base.get("fwd_tflops") if pattern else None)
     lines.append(
-        f"| {r['t']} | {r['name']} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwdbwd_ms'))} | "
-        f"{vs_ref[0]} | {vs_ref[1]} | {vs_tri[0]} / {vs_tri[1]} | "
-        f"{fmt(r.get('fwd_tflops'))} / {fmt(r.get('fwdbwd_tflops'))} | "
-        f"{r.get('fwd_calls', '?')} / {r.get('fwdbwd_calls', '?')} |")
+        f"| {r['t']} | {r['name']} | {fmt(fwd_ms)} | {fmt(r.get('fwdbwd_ms'))} | "
+        f"{vs_ref[0]} | {vs_ref[1]} | {vs_first} | {vs_tri[0]} / {vs_tri[1]} | "
+        f"{fmt(tflops_fwd)} / {fmt(r.get('fwdbwd_tflops'))} | "
+        f"{r.get('fwd_calls', base.get('fwd_calls', '?'))} / {r.get('fwdbwd_calls', '?')} |")
   return "\n".join(lines)
+
+
+def _select(cases, spec: str):
+  """Cases by a spec: 'all', 'core' (those gating the timing), 'features' (the rest), or
+  names joined by ',' or '+' (each may be 'core' / 'features' too)."""
+  picked = []
+  for part in spec.replace("+", ",").split(","):
+    if part == "all":
+      chosen = cases
+    elif part in ("core", "features"):
+      chosen = [c for c in cases if c[-1] == (part == "core")]
+    else:
+      chosen = [c for c in cases if c[0] == part]
+      if not chosen:
+        raise SystemExit(f"--cases/--check: no check case named {part!r}")
+    picked += [c for c in chosen if c not in picked]
+  return picked
+
+
+def _plan(cases, spec_cases: str, bwds, spec_check: str | None):
+  """[(case, [bwd, ...])] in case order: --check 'bwd:cases;bwd:cases' or --cases x --bwd."""
+  wanted = []  # (case, bwd)
+  if spec_check:
+    for group in spec_check.split(";"):
+      bwd, _, names = group.partition(":")
+      if bwd not in pallas_mosaic_gpu.BACKWARDS:
+        raise SystemExit(f"--check: backward {bwd!r} not in {pallas_mosaic_gpu.BACKWARDS}")
+      wanted += [(c, bwd) for c in _select(cases, names or "all")]
+  else:
+    wanted = [(c, bwd) for c in _select(cases, spec_cases) for bwd in bwds]
+  return [(c, [bwd for c2, bwd in wanted if c2 is c]) for c in cases
+          if any(c2 is c for c2, _ in wanted)]
+
+
+def _timing_gates(checks: dict, bwds) -> dict:
+  """backend -> may it be timed: a Mosaic variant needs at least one gating check, all passed
+  (mosaic:<bwd>_fwd: all their forwards passed)."""
+  ok = {"triton": True, "cudnn": True}
+  for bwd in bwds:
+    gates = [c for c in checks.values() if c.get("gates_timing") and c.get("bwd") == bwd]
+    ok[f"mosaic:{bwd}"] = bool(gates) and all(c["ok"] for c in gates)
+    ok[f"mosaic:{bwd}_fwd"] = bool(gates) and all(c.get("fwd_ok", c["ok"]) for c in gates)
+  return ok
 
 
 def main():
@@ -391,6 +491,14 @@ def main():
   parser.add_argument("--cases", default="all",
                       help="comma-separated check case names, or 'core' (those gating the "
                       "timing), 'features' (the rest) or 'all'")
+  parser.add_argument("--bwd", default="split",
+                      help="comma-separated backward variants to check and time "
+                      f"({', '.join(pallas_mosaic_gpu.BACKWARDS)}); the first is the baseline "
+                      "the others are compared with")
+  parser.add_argument("--check", default=None,
+                      help="per-variant check plan instead of --cases x --bwd, e.g. "
+                      "'fused:core+mqa-random-b64-bias;staged:core'")
+  parser.add_argument("--no-triton", action="store_true", help="time no Triton rows")
   parser.add_argument("--t", type=int, nargs="*", default=[16384],
                       help="sequence lengths to time")
   parser.add_argument("--reps", type=int, default=10)
@@ -398,37 +506,34 @@ def main():
                       help="stop starting new timing rows after this many seconds")
   parser.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
   args = parser.parse_args()
+  bwds = args.bwd.split(",")
+  for bwd in bwds:
+    if bwd not in pallas_mosaic_gpu.BACKWARDS:
+      raise SystemExit(f"--bwd: {bwd!r} not in {pallas_mosaic_gpu.BACKWARDS}")
   on_gpu = jax.default_backend() == "gpu"
   print(f"jax {jax.__version__} backend {jax.default_backend()} devices {jax.devices()}",
         flush=True)
   check_path = os.path.join(args.out, "mosaic_check.json")
   report = {"jax": jax.__version__, "device": str(jax.devices()[0]), "checks": {}, "rows": []}
   if args.part in ("all", "check"):
-    cases = SMOKE_CASES if args.smoke else CASES
-    if args.cases == "core":
-      cases = [c for c in cases if c[-1]]
-    elif args.cases == "features":
-      cases = [c for c in cases if not c[-1]]
-    elif args.cases != "all":
-      cases = [c for c in cases if c[0] in args.cases.split(",")]
-    report["checks"] = check(cases, lower_only=not on_gpu, path=check_path)
+    plan = _plan(SMOKE_CASES if args.smoke else CASES, args.cases, bwds, args.check)
+    report["checks"] = check(plan, lower_only=not on_gpu, path=check_path)
   elif os.path.exists(check_path):
     with open(check_path) as f:
       report["checks"] = json.load(f)["checks"]
   checks = report["checks"]
   if on_gpu and not args.smoke and args.part in ("all", "bench"):
-    gates = [c for c in checks.values() if c.get("gates_timing")]
-    ok = {"mosaic": bool(gates) and all(c["ok"] for c in gates),
-          "mosaic_fwd": bool(gates) and all(c.get("fwd_ok", c["ok"]) for c in gates),
-          "triton": True, "cudnn": True}
+    ok = _timing_gates(checks, bwds)
+    print(f"timing gates: {ok}", flush=True)
     deadline = _START + args.budget_s
     for t in args.t:
       try:
-        report["rows"] += bench(t, ok, args.reps, deadline)
+        report["rows"] += bench(t, ok, args.reps, deadline, bwds=bwds,
+                                triton=not args.no_triton)
       except Exception as e:  # noqa: BLE001
         print(f"bench T={t}: ERROR {e}", flush=True)
-    with open(os.path.join(args.out, "mosaic_bench.json"), "w") as f:
-      json.dump(report, f, indent=1, default=str)
+      with open(os.path.join(args.out, "mosaic_bench.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
   failed = [n for n, c in checks.items() if not c["ok"]]
   print(f"\nchecks: {len(checks) - len(failed)} ok, {len(failed)} failed {failed}")
   if report["rows"]:

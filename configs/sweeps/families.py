@@ -33,6 +33,8 @@ def variants(window: int, num_heads: int = 4) -> list[dict]:
       {"label": "linear", **_name("linear"), **_LEARNED},
       {"label": "mala", **_name("mala"), **_LEARNED},
       {"label": "lightning", **_name("lightning"), **_LEARNED},
+      # the delta rule (no positions needed: its convs and decay order the tokens)
+      {"label": "gated_deltanet", **_name("gated_deltanet")},
       # sparse family
       {"label": "routing", **_name("routing", local_window=window)},
       {"label": "landmark", **_name("landmark")},

@@ -18,7 +18,9 @@ Selection "per_query" (default, the paper-era code) ranks keys among those visib
 "global" (current flash-dmattn) ranks once over all keys and applies causality afterwards, so
 early queries keep fewer keys. The kept set is passed to the block-sparse kernel as a per-query
 threshold on (bias, -position), and only tiles holding a kept key are listed, so compute skips
-every dropped tile.
+every dropped tile. The selection itself is exact in O(T log T) (`select_impl="ranked"`,
+kernels/block_sparse/top_w.py: one sort of the keys, range order statistics per query);
+`select_top_w` below is its dense O(T^2) oracle, also used while decoding.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from flax import nnx
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention,
-                                          lists_from_block_mask)
+                                          lists_from_block_mask, top_w)
 from effattn.kernels.block_sparse.common import element_mask
 from effattn.kernels.softmax import reference_attention
 from effattn.ranges import POSITIVE_INT, Range
@@ -53,6 +55,7 @@ def select_top_w(bias, *, keep_window: int, selection: str, q_index, kv_index, q
   b, h_kv, s_len = bias.shape
   t = q_index.shape[1]
   bias = jax.lax.stop_gradient(bias.astype(jnp.float32))
+  bias = jnp.where(bias == 0, 0.0, bias)  # -0.0 ties with 0.0, as in the kernels' comparison
   w = min(keep_window, s_len)
 
   def visible(qi, qs):
@@ -60,23 +63,23 @@ def select_top_w(bias, *, keep_window: int, selection: str, q_index, kv_index, q
     m = element_mask(causal=causal, q_pos=qi[:, None], kv_pos=kv_index[:, None],
                      q_seg=None if qs is None else qs[:, None],
                      kv_seg=None if kv_seg is None else kv_seg[:, None])
-    return jnp.ones((b, 1, qi.shape[1], s_len), bool) if m is None else m
+    real = (qi >= 0)[:, None, :, None]  # padded query rows see nothing (keep no tile)
+    return real if m is None else m & real
 
+  chunk = block_q or min(t, 64)
+  n_q = -(-t // chunk)
+  pad = n_q * chunk - t
   if selection == "global":
     vals, idx = jax.lax.top_k(bias, w)  # one ranking over all keys
-    thr = jnp.broadcast_to(vals[..., -1:], (b, h_kv, t))
+    thr = jnp.broadcast_to(vals[..., -1:], (b, h_kv, n_q * chunk))
     pos = jnp.take_along_axis(jnp.broadcast_to(kv_index[:, None, :], idx.shape[:2] + (s_len,)),
                               idx[..., -1:], axis=-1)
-    thr_pos = jnp.broadcast_to(pos.astype(jnp.int32), (b, h_kv, t))
+    thr_pos = jnp.broadcast_to(pos.astype(jnp.int32), (b, h_kv, n_q * chunk))
   elif selection == "per_query":
     thr, thr_pos = None, None
   else:
     raise ValueError(f"model.attention.dynamic_mask.selection={selection!r} must be "
                      "'per_query' or 'global'")
-
-  chunk = block_q or min(t, 64)
-  n_q = -(-t // chunk)
-  pad = n_q * chunk - t
   q_index_p = jnp.pad(q_index, ((0, 0), (0, pad)), constant_values=-1)  # padded: sees nothing
   q_seg_p = None if q_seg is None else jnp.pad(q_seg, ((0, 0), (0, pad)))
 
@@ -133,10 +136,14 @@ class DynamicMaskAttention(base.Attention):
       "selection": "per_query",  # per_query | global
       "qk_norm": True,  # RMS-normalize q and k per head (Doge)
       "block": 64,  # kernel tile size (tokens)
+      # ranked: exact top-w by one sort of the keys and range order statistics, O(T log T)
+      # (kernels/block_sparse/top_w.py); dense: a top-k over every visible key of every query,
+      # O(T^2) (select_top_w, the oracle). Equal results.
+      "select_impl": "ranked",
   }
   OPS = ("block_sparse",)
   SUPPORTS = ("num_kv_heads", "head_dim")  # keep_window, not a sliding window, bounds the keys
-  CHOICES = {"selection": ("per_query", "global")}
+  CHOICES = {"selection": ("per_query", "global"), "select_impl": ("ranked", "dense")}
   RANGES = {"keep_window": POSITIVE_INT, "block": Range(8, integer=True)}  # block: power of 2
   TINY = {"keep_window": 8, "block": 16}  # fewer keys kept than T = 32, two tiles
 
@@ -173,15 +180,31 @@ class DynamicMaskAttention(base.Attention):
     bias = (self.A[...] * delta).transpose(0, 2, 1)
     return q, k, v, bias
 
+  def select(self, bias, segment_ids, causal: bool, block: int):
+    """Thresholds, threshold positions and kept tiles of the top-w selection (select_top_w's
+    outputs), and 1.0 where the ranked form fell back to the dense one (a segment id that
+    recurs after another id; packing never makes one) else 0.0."""
+    o = self.opts
+    b, _, t = bias.shape
+    idx = base.sequence_index(b, t)
+    dense = lambda bias: select_top_w(  # noqa: E731
+        bias, keep_window=o.keep_window, selection=o.selection, q_index=idx, kv_index=idx,
+        q_seg=segment_ids, kv_seg=segment_ids, causal=causal, block_q=block, block_k=block)
+    if o.select_impl == "dense":
+      return (*dense(bias), jnp.zeros((), jnp.float32))
+    ranked = lambda bias: top_w.select_top_w_ranked(  # noqa: E731
+        bias, keep_window=o.keep_window, selection=o.selection, segment_ids=segment_ids,
+        causal=causal, block_q=block, block_k=block)
+    if segment_ids is None:
+      return (*ranked(bias), jnp.zeros((), jnp.float32))
+    ok = top_w.contiguous_runs(segment_ids)
+    return (*jax.lax.cond(ok, ranked, dense, bias), 1.0 - ok.astype(jnp.float32))
+
   def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
     b, t, _ = x.shape
     q, k, v, bias = self.project(x, positions)
-    idx = base.sequence_index(b, t)
     bs = block_size_for(t, self.opts.block)
-    thr, thr_pos, tiles = select_top_w(
-        bias, keep_window=self.opts.keep_window, selection=self.opts.selection, q_index=idx,
-        kv_index=idx, q_seg=segment_ids, kv_seg=segment_ids, causal=causal, block_q=bs,
-        block_k=bs)
+    thr, thr_pos, tiles, fallback = self.select(bias, segment_ids, causal, bs)
     group = self.num_heads // self.num_kv_heads
     kv_idx, kv_cnt = lists_from_block_mask(jnp.repeat(tiles, group, axis=1))
     o, _ = block_sparse_attention(
@@ -189,7 +212,8 @@ class DynamicMaskAttention(base.Attention):
         kv_segment_ids=segment_ids, kv_bias=bias, q_threshold=thr, q_threshold_pos=thr_pos,
         impl=self.op_impl("block_sparse"))
     kept = jnp.mean(tiles.astype(jnp.float32))
-    return self.o_proj(base.merge_heads(o)), {"dma_kept_tile_frac": kept}
+    return self.o_proj(base.merge_heads(o)), {"dma_kept_tile_frac": kept,
+                                              "dma_select_fallback": fallback}
 
   def init_cache(self, batch, max_len, dtype=None):
     dtype = dtype or self.dtype

@@ -128,6 +128,19 @@ class LandmarkAttention(base.Attention):
     return base.split_heads(self.k_proj(self.landmark[...].astype(self.dtype)[None]),
                             self.num_heads)[0]
 
+  def landmark_keys(self, k_raw, positions, gid):
+    """Landmark key per group, [B, G=T, H, D]: k(e) + mean of the block's keys (k is linear),
+    rotated to the group's last position. Segment sums, O(T) (groups are contiguous and at
+    most T)."""
+    b, t = gid.shape
+    seg_sum = jax.vmap(lambda x, g, op: op(x, g, num_segments=t), in_axes=(0, 0, None))
+    count = jnp.maximum(seg_sum(jnp.ones((b, t), jnp.float32), gid, jax.ops.segment_sum), 1.0)
+    mean = (seg_sum(k_raw.astype(jnp.float32), gid, jax.ops.segment_sum)
+            / count[..., None, None])  # [B, G=T, H, D]
+    last_pos = seg_sum(positions, gid, jax.ops.segment_max)  # [B, G]; empty groups: int min
+    return self._rope((mean + self._landmark_key_base()).astype(k_raw.dtype),
+                      jnp.maximum(last_pos, 0))
+
   def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
     if not causal:
       raise ValueError("landmark attention is causal by construction; use causal=True")
@@ -138,15 +151,7 @@ class LandmarkAttention(base.Attention):
     v = base.split_heads(self.v_proj(x), h)
     seg = segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32)
     gid = block_groups(positions, segment_ids, self.opts.block_len)
-    # Landmark key per group: k(e) + mean of the block's keys (k is linear), rotated to the
-    # group's last position. Segment sums, O(T) (groups are contiguous and at most T).
-    seg_sum = jax.vmap(lambda x, g, op: op(x, g, num_segments=t), in_axes=(0, 0, None))
-    count = jnp.maximum(seg_sum(jnp.ones((b, t), jnp.float32), gid, jax.ops.segment_sum), 1.0)
-    mean = (seg_sum(k_raw.astype(jnp.float32), gid, jax.ops.segment_sum)
-            / count[..., None, None])  # [B, G=T, H, D]
-    last_pos = seg_sum(positions, gid, jax.ops.segment_max)  # [B, G]; empty groups: int min
-    k_land = self._rope((mean + self._landmark_key_base()).astype(q.dtype),
-                        jnp.maximum(last_pos, 0))
+    k_land = self.landmark_keys(k_raw, positions, gid)
     k, scale = self._rope(k_raw, positions), self.head_dim ** -0.5
     o, frac = grouped_softmax.grouped_softmax(
         q, k, v, k_land, gid, seg, scale=scale, block_len=self.opts.block_len,

@@ -21,7 +21,8 @@ learnable persistent key/value pairs that every query sees:
        (M(y))))
   lmm  the memory alone:   o = W_o (norm(r(x)) * sigmoid(x W_g))
 
-SWA is sliding-window softmax attention with the common `window` (None: full causal).
+SWA is sliding-window softmax attention with the common `window` (None: full causal), over the
+persistent pairs and the sequence without a [T, T] mask (kernels/softmax/persistent.py).
 Memory carries across calls through the decode cache: it holds the memory at the last chunk
 boundary plus the tokens of the unfinished chunk, so decoding in any split equals the forward
 pass exactly. Packed segments restart the memory (depth 1: at zero; deeper: at the learned
@@ -41,6 +42,7 @@ from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.memory_chunk import common, deep, deep_memory_update, memory_update, xla
 from effattn.kernels.softmax import softmax_attention
+from effattn.kernels.softmax.persistent import persistent_attention
 from effattn.ranges import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigError
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
@@ -207,10 +209,15 @@ class NeuralMemory(base.Attention):
       # MAC only: the memory reads rms(y), not the raw y of the paper (cuts the segment loop
       # that diverged at lr 1e-3; docs/mechanisms_memory.md). Other variants ignore it.
       "store_norm": True,
+      # MAG / MAL attention branch: "fused" keeps the persistent pairs out of any [T, T] mask
+      # (cuDNN on GPU with them laid in front of each segment, else query chunks; exact, memory
+      # flat in T at equal tokens: kernels/softmax/persistent.py); "dense" builds the
+      # [T, N_p + T] mask (the oracle; O(T^2) memory on the XLA path it forces).
+      "swa_impl": "fused",
   }
   OPS = ("softmax", "memory_chunk")  # attention branch, memory
   CAUSAL_ONLY = True
-  CHOICES = {"variant": VARIANTS}
+  CHOICES = {"variant": VARIANTS, "swa_impl": ("fused", "dense")}
   RANGES = {"depth": POSITIVE_INT, "expansion": POSITIVE_INT, "chunk_size": POSITIVE_INT,
             "segment_len": POSITIVE_INT, "num_persistent": NON_NEGATIVE_INT,
             "conv_size": POSITIVE_INT, "max_lr": POSITIVE}
@@ -281,14 +288,19 @@ class NeuralMemory(base.Attention):
     return self.o_proj(base.merge_heads(o))
 
   def _swa(self, z, positions, segment_ids):
-    """Sliding-window causal attention over z [B, T, d_model] (MAG's and MAL's branch)."""
+    """Sliding-window causal attention over [persistent || z] (MAG's and MAL's branch)."""
     b, t, _ = z.shape
     q = self._rope(base.split_heads(self.q_proj(z), self.num_heads), positions)
     k, v = self._kv(z, positions)
-    idx = base.sequence_index(b, t)
-    mask = base.attention_mask(idx, idx, causal=True, q_segment_ids=segment_ids,
-                               k_segment_ids=segment_ids, window=self.window)
-    return self._attend(q, k, v, mask)
+    if self.opts.swa_impl == "dense":
+      idx = base.sequence_index(b, t)
+      mask = base.attention_mask(idx, idx, causal=True, q_segment_ids=segment_ids,
+                                 k_segment_ids=segment_ids, window=self.window)
+      return self._attend(q, k, v, mask)
+    o = persistent_attention(q, k, v, self.persistent_k.value, self.persistent_v.value,
+                             segment_ids=segment_ids, window=self.window,
+                             impl=self.op_impl("softmax"))
+    return self.o_proj(base.merge_heads(o))
 
   def _gate(self, y, r):
     """The paper's ⊗: normalized attention output gated by the normalized memory output."""

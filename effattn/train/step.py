@@ -58,8 +58,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *,
     if grad_accum_steps == 1:
       (_, (sums, aux, rest)), grads = grad_fn(state.params, state.rest, batch, total_weight)
     else:
+      # Micro-batch a takes rows a, a + A, a + 2A, ...: each device keeps its share of every
+      # micro-batch (rows are split over devices in contiguous blocks), so no step gathers rows
+      # and each micro-step computes 1/A of the device's rows.
       micro = jax.tree.map(
-          lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
+          lambda x: jnp.swapaxes(
+              x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]), 0, 1),
           batch)
 
       def body(carry, mb):

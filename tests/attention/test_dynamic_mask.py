@@ -14,7 +14,7 @@ from effattn.kernels.softmax import reference_attention
 from effattn.kernels.block_sparse.common import element_mask
 from effattn.testing import assert_close
 from effattn.testing.inputs import random_inputs
-from effattn.testing.mechanisms import build
+from effattn.testing.mechanisms import Jitted, build
 
 
 def _build(impl="xla", keep_window=5, **opts):
@@ -96,3 +96,24 @@ def test_bad_options_named():
     build("dynamic_mask", dynamic_mask={"selection": "random"})
   with pytest.raises(ValueError, match="keep_window"):
     build("dynamic_mask", dynamic_mask={"keep_window": 0})
+
+
+def test_ranked_selection_equals_dense_in_the_layer():
+  """select_impl ranked (default) and dense (the oracle) give one output; a segment id that
+  recurs after another takes the dense form, and aux says so."""
+  x, pos = random_inputs(length=24)
+  contiguous = jnp.asarray(np.repeat([[1, 2, 0], [1, 1, 1]], 8, axis=1), jnp.int32)
+  recurring = jnp.asarray(np.tile([[1, 2], [3, 3]], (1, 12)), jnp.int32)
+  ranked, dense = _build("xla", keep_window=4), _build("xla", keep_window=4, select_impl="dense")
+  for seg, fallback in ((None, 0.0), (contiguous, 0.0), (recurring, 1.0)):
+    got, aux = Jitted(ranked)(x, positions=pos, segment_ids=seg)
+    want, aux_d = Jitted(dense)(x, positions=pos, segment_ids=seg)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert float(aux["dma_kept_tile_frac"]) == float(aux_d["dma_kept_tile_frac"])
+    assert float(aux["dma_select_fallback"]) == fallback
+
+
+def test_bad_select_impl_named():
+  x, pos = random_inputs(length=8)
+  with pytest.raises(ValueError, match="select_impl"):
+    _build("xla", select_impl="fast")(x, positions=pos)

@@ -12,9 +12,10 @@ import pytest
 
 from effattn.attention import registry
 from effattn.kernels.memory_chunk import reference
-from effattn.testing import assert_close, oracles
+from effattn.testing import assert_close, assert_trees_close, oracles
 from effattn.testing.inputs import random_inputs
-from effattn.testing.mechanisms import Jitted, build as build_mechanism
+from effattn.testing.mechanisms import Jitted, params_and_rest
+from effattn.testing.mechanisms import build as build_mechanism
 
 SMALL = dict(chunk_size=4, segment_len=8, num_persistent=2, conv_size=3)
 
@@ -120,3 +121,33 @@ def test_registered_and_checked():
     build("mac", segment_len=6)
   with pytest.raises(ValueError, match="depth"):
     build("mag", depth=0)
+
+
+@pytest.mark.parametrize("variant,window", [("mag", 5), ("mal", None)])
+def test_fused_attention_branch_equals_the_dense_mask(variant, window):
+  """swa_impl fused (no [T, T] mask) and dense (the oracle) give one output and one gradient,
+  with packed segments and padding."""
+  x, pos = random_inputs(2, 14, d_model=16, seed=4)
+  seg = jnp.asarray(np.repeat([[1, 2], [3, 0]], 7, axis=1), jnp.int32)
+  results = []
+  for swa_impl in ("fused", "dense"):
+    module = build_mechanism("neural_memory", d_model=16, num_heads=2, window=window,
+                             impl="xla", neural_memory=dict(SMALL, variant=variant,
+                                                            swa_impl=swa_impl))
+    graphdef, params, rest = params_and_rest(module)
+
+    def loss(p):
+      y, _ = nnx.merge(graphdef, p, rest)(x, positions=pos, segment_ids=seg)
+      return jnp.sum(jnp.sin(y)), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    results.append((y, grads))
+  (y, g), (y_d, g_d) = results
+  assert_close("y", y_d, y, reduction=14)
+  assert_trees_close("grads", g_d, g, reduction=14)
+
+
+def test_bad_swa_impl_named():
+  x, pos = random_inputs(1, 8, d_model=16)
+  with pytest.raises(ValueError, match="swa_impl"):
+    build("mag", swa_impl="flash")(x, positions=pos)

@@ -92,7 +92,7 @@ def test_every_option_range_is_checked_at_config_time(name):
      r"neural_memory.max_lr=-1.0 must be > 0"),
     ({"model.attention.window": 8}, r"model.attention.window=8 is not supported by routing"),
     ({"model.attention.impl": "pallas"},
-     r"impl='pallas': routing's block_sparse op cannot run it \(pallas_gpu: head_dim=16"),
+     r"impl='pallas': routing's block_sparse op cannot run it \(pallas_mosaic_gpu: head_dim=16"),
     ({"model.attention.impl": "cudnn", "model.attention.name": "softmax"},
      r"impl='cudnn': softmax's softmax op cannot run it \(cudnn: dtype float32"),
     ({"model.attention.impl": "cudnn", "model.attention.name": "linear"},

@@ -30,13 +30,16 @@ CASES = [
     ("mha-bidir-segments", (1, 48, 2, 2, 32, 16, 32), False, True, 0.5, jnp.float32),
     ("mqa-causal-segments-bq>bk", (1, 64, 3, 1, 16, 32, 16), True, True, 0.3, jnp.float32),
     ("bf16-causal", (1, 64, 2, 1, 32, 16, 32), True, False, 0.7, jnp.bfloat16),
+    # segment ids of ones (one run per row: the kernels run without the segment mask)
+    ("gqa-causal-one-segment", (2, 40, 4, 2, 16, 16, 16), True, "ones", 0.4, jnp.float32),
 ]
 
 
 # (impl, interpret, cases): the xla path's dense mask is one case; the Mosaic TPU kernel shares
-# the Triton one's tiling (common.py) and takes two.
+# the Triton one's tiling (common.py) and takes three (bidirectional with segments, causal GQA
+# with bq > bk, one segment per row).
 PATHS = [("xla", False, CASES[1:2]), ("pallas_gpu", True, CASES),
-         ("pallas_tpu", True, CASES[1:3])]
+         ("pallas_tpu", True, [CASES[1], CASES[2], CASES[4]])]
 PATH_CASES = [(impl, interpret, case) for impl, interpret, cases in PATHS for case in cases]
 
 
@@ -50,7 +53,9 @@ def test_matches_reference(impl, interpret, case):
   v = jax.random.normal(keys[2], (b, t, h_kv, d), jnp.float32).astype(dtype)
   gates = make_gates(keys[3], b, t, h, density)
   seg = None
-  if segments:  # two segments and a padded tail (segment 0)
+  if segments == "ones":
+    seg = jnp.ones((b, t), jnp.int32)
+  elif segments:  # two segments and a padded tail (segment 0)
     seg = jnp.where(jnp.arange(t) < t // 3, 1, 2).at[t - 5:].set(0)
     seg = jnp.broadcast_to(seg.astype(jnp.int32), (b, t))
 

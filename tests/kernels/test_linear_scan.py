@@ -18,10 +18,15 @@ from effattn.kernels.linear_scan import (linear_scan, linear_scan_normalizer, pa
 from effattn.testing import assert_close
 from effattn.testing.inputs import case_key, two_segments
 
-# (impl, interpret, chunk): every path compared with the reference, at a chunk that leaves
-# ragged chunks in the cases below.
-PATHS = [("xla", False, 8), ("pallas_gpu", True, 16), ("pallas_tpu", True, 8)]
-PATH_IDS = ["xla", "pallas_gpu-interpret", "pallas_tpu-interpret"]
+# (impl, interpret, chunk, block_sizes): every path compared with the reference, at a chunk that
+# leaves ragged chunks in the cases below. The Triton kernel runs in one pass (splits=1) and with
+# T in parts (splits=2: 3 chunks of 16 in 2 parts of 2, so a part boundary inside the sequence
+# and a part holding only padding at the end).
+ONE_PASS, PARTS = pallas_gpu.BlockSizes(splits=1), pallas_gpu.BlockSizes(splits=2)
+PATHS = {"xla": ("xla", False, 8, None),
+         "pallas_gpu-interpret": ("pallas_gpu", True, 16, ONE_PASS),
+         "pallas_gpu-parts-interpret": ("pallas_gpu", True, 16, PARTS),
+         "pallas_tpu-interpret": ("pallas_tpu", True, 8, None)}
 
 CASES = [
     # name, (B, T, H, Dk, Dv), log-decay per head, causal, features, dtype
@@ -35,11 +40,21 @@ CASES = [
 ]
 
 
-def _fwd_and_grads(impl, interpret, chunk, q, k, v, log_decay, s0, causal, seg, scale, do, ds):
+# The parts path on the cases whose features it handles apart from the one-pass kernel: a state
+# and segments entering later parts, and the reverse scan of the bidirectional form.
+PARTS_CASES = ("strong-decay-segments", "bidirectional-segments")
+MATCH_CASES = [(path, case) for path in PATHS for case in CASES
+               if path != "pallas_gpu-parts-interpret" or case[0] in PARTS_CASES]
+
+
+def _fwd_and_grads(path, chunk, q, k, v, log_decay, s0, causal, seg, scale, do, ds):
   """(o, final_state, dq, dk, dv, ds0) of one path, in a single jit (fast on CPU)."""
+  impl, interpret, _, block_sizes = PATHS[path] if path in PATHS else (path, False, 0, None)
+
   def f(q, k, v, s0):
     return linear_scan(q, k, v, log_decay, causal=causal, initial_state=s0, segment_ids=seg,
-                       scale=scale, impl=impl, chunk_size=chunk, interpret=interpret)
+                       scale=scale, impl=impl, chunk_size=chunk, interpret=interpret,
+                       block_sizes=block_sizes)
 
   @jax.jit
   def run(q, k, v, s0, do, ds):
@@ -48,10 +63,10 @@ def _fwd_and_grads(impl, interpret, chunk, q, k, v, log_decay, s0, causal, seg, 
   return run(q, k, v, s0, do, ds)
 
 
-@pytest.mark.parametrize("impl,interpret,chunk", PATHS, ids=PATH_IDS)
-@pytest.mark.parametrize("name,dims,decay,causal,features,dtype", CASES,
-                         ids=[c[0] for c in CASES])
-def test_matches_reference(impl, interpret, chunk, name, dims, decay, causal, features, dtype):
+@pytest.mark.parametrize("path,case", MATCH_CASES, ids=[f"{p}-{c[0]}" for p, c in MATCH_CASES])
+def test_matches_reference(path, case):
+  name, dims, decay, causal, features, dtype = case
+  chunk = PATHS[path][2]
   b, t, h, dk, dv = dims
   keys = jax.random.split(case_key(name), 8)
   q = jax.random.normal(keys[0], (b, t, h, dk)).astype(dtype)
@@ -63,8 +78,8 @@ def test_matches_reference(impl, interpret, chunk, name, dims, decay, causal, fe
   do = jax.random.normal(keys[4], (b, t, h, dv)).astype(dtype)
   ds = jax.random.normal(keys[5], (b, h, dk, dv))
   args = (q, k, v, log_decay, s0, causal, seg, dk ** -0.5, do, ds)
-  want = _fwd_and_grads("reference", False, chunk, *args)
-  got = _fwd_and_grads(impl, interpret, chunk, *args)
+  want = _fwd_and_grads("reference", chunk, *args)
+  got = _fwd_and_grads(path, chunk, *args)
   assert got[0].dtype == dtype and got[1].dtype == jnp.float32
   for label, w, g in zip(("o", "final_state", "dq", "dk", "dv", "ds0"), want, got):
     if w is None:
@@ -73,8 +88,9 @@ def test_matches_reference(impl, interpret, chunk, name, dims, decay, causal, fe
     assert_close(label, w, g, dtype=dtype, reduction=t)
 
 
-@pytest.mark.parametrize("impl,interpret,chunk", PATHS, ids=PATH_IDS)
-def test_normalizer_matches_reference(impl, interpret, chunk):
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "pallas_gpu-parts-interpret"])
+def test_normalizer_matches_reference(path):
+  impl, interpret, chunk, _ = PATHS[path]  # block_sizes: the defaults
   b, t, h, d = 2, 21, 2, 16
   keys = jax.random.split(jax.random.key(7), 5)
   q, k = (jax.nn.elu(jax.random.normal(kk, (b, t, h, d))) + 1 for kk in keys[:2])
@@ -98,8 +114,9 @@ def test_normalizer_matches_reference(impl, interpret, chunk):
     assert_close(label, w, g, reduction=t)
 
 
-@pytest.mark.parametrize("impl,interpret,chunk", PATHS, ids=PATH_IDS)
-def test_state_carries_across_calls(impl, interpret, chunk):
+@pytest.mark.parametrize("path", PATHS)
+def test_state_carries_across_calls(path):
+  impl, interpret, chunk, block_sizes = PATHS[path]
   """Two calls chained through the state equal one call on the concatenation (with decay)."""
   b, t, h, d = 1, 29, 2, 16
   keys = jax.random.split(jax.random.key(3), 3)
@@ -110,7 +127,8 @@ def test_state_carries_across_calls(impl, interpret, chunk):
   @jax.jit
   def run(q, k, v):
     scan = lambda q, k, v, s0=None: linear_scan(  # noqa: E731
-        q, k, v, g, initial_state=s0, impl=impl, chunk_size=chunk, interpret=interpret)
+        q, k, v, g, initial_state=s0, impl=impl, chunk_size=chunk, interpret=interpret,
+        block_sizes=block_sizes)
     o1, s1 = scan(q[:, :cut], k[:, :cut], v[:, :cut])
     o2, s2 = scan(q[:, cut:], k[:, cut:], v[:, cut:], s1)
     return scan(q, k, v), (o1, o2, s2)
@@ -149,9 +167,10 @@ def test_xla_chunk_coefficients_mask_padding():
   assert abs(float(keep) - float(jnp.exp(-3.0))) < 1e-6
 
 
-def _loss_grads(impl, interpret):
+def _loss_grads(impl, interpret, **kwargs):
   def f(q, k, v):
-    o, s = linear_scan(q, k, v, jnp.full((q.shape[2],), -0.5), impl=impl, interpret=interpret)
+    o, s = linear_scan(q, k, v, jnp.full((q.shape[2],), -0.5), impl=impl, interpret=interpret,
+                       **kwargs)
     return jnp.vdot(o, jnp.cos(o)) + jnp.vdot(s, s)
   return jax.grad(f, argnums=(0, 1, 2))
 
@@ -167,16 +186,38 @@ def test_kernels_run_forward_and_backward(impl, names):
   assert sorted(hlo.pallas_call_names(_loss_grads(impl, True), x, x, x)) == names
 
 
-def test_lowers_to_triton_with_its_name():
-  """Lowering for CUDA (no GPU needed) emits the Triton custom calls named by the kernel."""
-  x = jax.ShapeDtypeStruct((2, 100, 2, 64), jnp.bfloat16)
+def test_parts_run_a_states_pass_per_scan():
+  """Each of the 4 scans (1 forward, 3 backward) is a states pass and an outputs pass."""
+  x = jnp.ones((1, 40, 1, 16))
+  grads = _loss_grads("pallas_gpu", True, chunk_size=16, block_sizes=PARTS)
+  assert sorted(hlo.pallas_call_names(grads, x, x, x)) == sorted(
+      ["linear_scan", "linear_scan_states"] * 2
+      + ["linear_scan_reverse", "linear_scan_reverse_states"] * 2)
+
+
+def test_parts_follow_the_grid():
+  """splits=0 cuts T into parts while the grid is small, one pass once it is large."""
+  assert pallas_gpu.parts_for(0, 32, 256) == (8, 32)  # B=2, H=8, Dv/block_v=2 at T=16k
+  assert pallas_gpu.parts_for(0, 256, 256) == (1, 256)  # B=8, H=16: one pass
+  assert pallas_gpu.parts_for(0, 32, 12) == (3, 4)  # parts of at least MIN_PART_CHUNKS
+  assert pallas_gpu.parts_for(5, 32, 12) == (4, 3)  # 5 parts of 3 chunks would leave one empty
+  assert pallas_gpu.parts_for(1, 32, 12) == (1, 12)
+
+
+@pytest.mark.parametrize("shape,passes", [((2, 100, 2, 64), ("",)),
+                                          ((1, 2048, 2, 128), ("", "_states"))])
+def test_lowers_to_triton_with_its_name(shape, passes):
+  """Lowering for CUDA (no GPU needed) emits the Triton custom calls named by the kernel: one
+  pass per scan, or (a long T on a small grid) a states pass and an outputs pass."""
+  x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   with dispatch.lower_for("gpu"):  # choose as on the GPU this machine lacks
     exported = export.export(
         jax.jit(_loss_grads("pallas_gpu", False)), platforms=["cuda"],
         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
             x, x, x)
-  assert sorted(hlo.kernel_names(exported.mlir_module())) == [
-      "linear_scan", "linear_scan", "linear_scan_reverse", "linear_scan_reverse"]
+  names = hlo.kernel_names(exported.mlir_module())
+  assert sorted(names) == sorted(f"linear_scan{r}{p}" for r in ("", "_reverse") for p in passes
+                                 for _ in range(2))
 
 
 def test_lowers_to_mosaic():

@@ -33,7 +33,8 @@ def test_filled_cache_has_the_structure_of_a_real_prefill(bench, mechanism):
       lambda x: (x.shape, x.dtype), filled)
   has_index = bool(bench.cache_indices(filled))
   assert bench.cache_indices(filled) == [p] * len(bench.cache_indices(filled))
-  assert has_index == (mechanism not in ("linear", "lightning", "mala"))  # O(1) states only
+  o1_states = ("linear", "lightning", "mala", "gated_deltanet")  # O(1) states only
+  assert has_index == (mechanism not in o1_states)
   # The integer leaves other than `index` start at 0 in init_cache, as filled_cache keeps them.
   init = nnx.merge(graphdef, state).init_cache(b, capacity)
   for path, leaf in jax.tree_util.tree_flatten_with_path(init)[0]:

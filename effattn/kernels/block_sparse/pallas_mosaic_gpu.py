@@ -14,6 +14,11 @@ Three warp-specialized kernels, each a CTA of three warpgroups:
                                    streams Q/dO tiles of every query head of the key head's
                                    group (GQA without repeats) from the transposed lists.
 
+`backward(bwd=...)` also offers a dK/dV kernel over 64-query TMA stages ("staged") and the same
+kernel adding dQ by TMA reduce-add ("fused", "fused_keys": one backward kernel); they compute
+the same gradients but were slower on the H200 (docs/mosaic_gpu.md), so "split" (the dQ and
+dK/dV kernels above) is the default.
+
 A CTA covers 128 query rows (or keys), and both consumers walk one list. Lists made at tile 128
 are used as they are; lists made at 64 are merged in pairs of rows (2c, 2c+1) and each consumer
 masks the tiles that are not in its own row (the pair's union is streamed, so a pattern whose
@@ -75,11 +80,24 @@ def _params():
 
 
 def _launch(kernel, name: str, args: dict, *, out_type, scratch, grid, grid_names):
-  """One CTA of two consumer warpgroups and a producer over `grid`; `args` in kernel order."""
+  """One CTA of two consumer warpgroups and a producer over `grid`; `args` in kernel order.
+
+  An argument that is a mutable jax Ref (jax.new_ref) is read and written in place: plgpu.kernel
+  cannot take one (its batching wrapper), so such a launch goes through pl.kernel on a
+  plgpu.Mesh, with the scratch allocated the way plgpu.kernel does it."""
   kernel.__name__ = name
-  return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
-                      grid_names=grid_names, num_threads=3, thread_name="wg",
-                      compiler_params=_params())(*args.values())
+  if not any(isinstance(x, jax.Ref) for x in args.values()):
+    return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
+                        grid_names=grid_names, num_threads=3, thread_name="wg",
+                        compiler_params=_params())(*args.values())
+  mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg")
+
+  def body(*refs):
+    pl.run_scoped(functools.partial(kernel, *refs), *scratch, collective_axes="wg")
+
+  body.__name__ = name
+  return pl.kernel(body, out_type=tuple(out_type), mesh=mesh,
+                   compiler_params=_params())(*args.values())
 
 
 def _check(q, k, v, block_q: int, block_k: int, interpret: bool):
@@ -145,11 +163,12 @@ def _same(x):
   return x
 
 
-def _masked(s, *, causal: bool, qv: dict, kv: dict, q_dim: int, q0, k0):
+def _masked(s, *, causal: bool, qv: dict, kv: dict, q_dim: int, q0, k0, skip_below=True):
   """Scores of one register tile with masked elements at -inf: common.element_mask with the
   per-query vectors (already broadcast) along axis `q_dim` and the per-key ones along the
   other; default positions are the token indices q0 + i and k0 + j. When causality by token
-  index is the only condition, tiles wholly below the diagonal skip the mask."""
+  index is the only condition, tiles wholly below the diagonal skip the mask (a lax.cond;
+  skip_below=False where a wgmma is in flight, so no branch sits inside its pipeline)."""
   shape = s.shape
 
   def iota(dim):
@@ -166,7 +185,7 @@ def _masked(s, *, causal: bool, qv: dict, kv: dict, q_dim: int, q0, k0):
   mask = element_mask(causal=causal, **qv, **kv, rows=_same, cols=_same)
   if mask is None:
     return s
-  if only_causal:  # some key of the tile is after some query: k0 + n_keys - 1 > q0
+  if only_causal and skip_below:  # some key of the tile is after some query
     return lax.cond(k0 + shape[1 - q_dim] - 1 > q0, lambda: jnp.where(mask, s, -jnp.inf),
                     lambda: s)
   return jnp.where(mask, s, -jnp.inf)
@@ -435,6 +454,38 @@ def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_k, num_head
                block_k=block_k, num_stages=num_stages)
 
 
+def _own_keys(r, kv_names, k_smem, v_smem, k_bar, *, bi, hk, ci, wg):
+  """Consumer prologue of the dK/dV kernels: this warpgroup's 64 keys of K and V by TMA and
+  their per-key vectors (row layout). Returns (k0, keys, K smem, V smem, vectors), K/V landed."""
+  k0 = ci * CTA_ROWS + wg * WG_ROWS
+  keys = pl.ds(k0, WG_ROWS)
+  ks, vs = k_smem.at[wg], v_smem.at[wg]
+  plgpu.copy_gmem_to_smem(r["k"].at[bi, keys, hk], ks, k_bar.at[wg])
+  plgpu.copy_gmem_to_smem(r["v"].at[bi, keys, hk], vs, k_bar.at[wg])
+  kv_rows = {}
+  for name in kv_names:
+    x = r[name]
+    kv_rows[name] = _load(x.at[(*_kv_row(x, bi, hk), keys)], _ROW)
+  plgpu.barrier_wait(k_bar.at[wg])
+  return k0, keys, ks, vs, kv_rows
+
+
+def _store_dkv(dk, dv, db, ks, vs, db_smem, out_refs, *, bi, hk, keys):
+  """Consumer epilogue of the dK/dV kernels: dK, dV (into the K / V smem they no longer need)
+  and d bias (None: none) out by TMA."""
+  dk_ref, dv_ref, dbias_ref = out_refs
+  ks[...] = dk.astype(ks.dtype)
+  vs[...] = dv.astype(vs.dtype)
+  if db is not None:
+    db_smem[...] = db
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(ks, dk_ref.at[bi, keys, hk])
+  plgpu.copy_smem_to_gmem(vs, dv_ref.at[bi, keys, hk])
+  if db is not None:
+    plgpu.copy_smem_to_gmem(db_smem, dbias_ref.at[bi, hk, keys])
+  plgpu.wait_smem_to_gmem(0)
+
+
 def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_heads, group,
                 num_stages, lists_b, lists_h, has_member, has_bias):
   r = dict(zip(names, refs))
@@ -459,16 +510,8 @@ def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_hea
   @pl.when(wg < 2)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
-    k0 = ci * CTA_ROWS + wg * WG_ROWS
-    keys = pl.ds(k0, WG_ROWS)
-    ks, vs = k_smem.at[wg], v_smem.at[wg]
-    plgpu.copy_gmem_to_smem(r["k"].at[bi, keys, hk], ks, k_bar.at[wg])
-    plgpu.copy_gmem_to_smem(r["v"].at[bi, keys, hk], vs, k_bar.at[wg])
-    kv_rows = {}
-    for name in kv_names:
-      x = r[name]
-      kv_rows[name] = _load(x.at[(*_kv_row(x, bi, hk), keys)], _ROW)
-    plgpu.barrier_wait(k_bar.at[wg])
+    k0, keys, ks, vs, kv_rows = _own_keys(r, kv_names, k_smem, v_smem, k_bar, bi=bi, hk=hk,
+                                          ci=ci, wg=wg)
     zeros = jnp.zeros((WG_ROWS, k_smem.shape[-1]), jnp.float32)
     carry = (plgpu.layout_cast(zeros, _WGMMA), plgpu.layout_cast(zeros, _WGMMA),
              plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), _ROW))
@@ -528,16 +571,8 @@ def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_hea
       carry = lax.fori_loop(0, n, step, carry)
       done = done + n
     dk, dv, db = carry
-    ks[...] = (dk * scale).astype(dtype)
-    vs[...] = dv.astype(dtype)
-    if has_bias:
-      db_smem.at[wg][...] = db
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(ks, dk_ref.at[bi, keys, hk])
-    plgpu.copy_smem_to_gmem(vs, dv_ref.at[bi, keys, hk])
-    if has_bias:
-      plgpu.copy_smem_to_gmem(db_smem.at[wg], dbias_ref.at[bi, hk, keys])
-    plgpu.wait_smem_to_gmem(0)
+    _store_dkv(dk * scale, dv, db if has_bias else None, ks, vs, db_smem.at[wg],
+               (dk_ref, dv_ref, dbias_ref), bi=bi, hk=hk, keys=keys)
 
   @pl.when(wg == 2)
   def _producer():
@@ -561,16 +596,190 @@ def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_hea
       done = done + n
 
 
+def _dkv_staged_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_heads, group,
+                       num_stages, lists_b, lists_h, has_member, has_bias, dq_mode):
+  """dK/dV (and with dq_mode, dQ) over 64-query steps whose Q, dO, lse, delta and per-query
+  mask vectors all arrive by TMA in one stage.
+
+  Per step, a consumer (64 keys) issues S^T and dP^T together, computes P^T while dP^T runs,
+  issues dV += P^T dO, computes dS^T while dV runs, issues dK += dS^T Q; dK and dV live in
+  wgmma accumulators for the whole loop. dq_mode "cols": both consumers' dS^T go to shared
+  memory and each computes dQ for 64 of the 128 head-dim columns over all 128 keys of the CTA
+  (FlashAttention-3's split); "keys": each computes dQ over its own 64 keys, all columns. dQ
+  pieces are added into a float32 [B, T, H, D] buffer by TMA reduce-add (one backward kernel
+  instead of two: five matmuls per tile instead of seven)."""
+  r = dict(zip(names, refs))
+  n_out = 3 if has_bias else 2
+  dk_ref, dv_ref = refs[len(names):len(names) + 2]
+  dbias_ref = refs[len(names) + 2] if has_bias else None
+  (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, qv_smems, ds_smem, dq_smem, db_smem,
+   k_bar, qdo_bar, qdo_free, ds_bar) = refs[len(names) + n_out:]
+  hk, ci, bi = lax.axis_index("h"), lax.axis_index("k"), lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  lb = bi if lists_b else 0
+  dtype = k_smem.dtype
+  d = k_smem.shape[-1]
+  tile = (WG_ROWS, WG_ROWS)  # [keys, queries]
+  sub = block_q // WG_ROWS  # 64-query steps per listed query tile
+
+  def heads():
+    """(query head, list head row, steps) of every query head sharing key head hk."""
+    for g in range(group):
+      h = hk * group + g
+      lh = h if lists_h else 0
+      yield h, lh, r["cnt"][lb, lh, ci] * sub
+
+  def query_tile(lh, s):
+    """(list slot, first query row) of step s."""
+    if sub == 1:
+      return s, r["idx"][lb, lh, ci, s] * block_q
+    j = lax.div(s, sub)
+    return j, r["idx"][lb, lh, ci, j] * block_q + lax.rem(s, sub) * WG_ROWS
+
+  def add_dq(val, smem, h, q0, col):
+    """Adds a [64 queries, 64 columns] float32 piece of dQ into the global buffer."""
+    smem[...] = val
+    plgpu.commit_smem()
+    dst = r["dq_acc"].at[bi, pl.ds(q0, WG_ROWS), h, pl.ds(col * WG_ROWS, WG_ROWS)]
+    plgpu.copy_smem_to_gmem(smem, dst, reduction_op="add")
+
+  def dq_piece(sources, col):
+    """sum over (dS^T, K) sources of dS K[:, col-th 64 columns]: [64 queries, 64]."""
+    def mm(acc):
+      for ds_t, k_part in sources:
+        plgpu.wgmma(acc, plgpu.transpose_ref(ds_t, (1, 0)),
+                    k_part.at[:, pl.ds(col * WG_ROWS, WG_ROWS)])
+      return plgpu.wgmma_accumulator_load(acc, wait_n=0)
+    return pl.run_scoped(mm, plgpu.ACC(tile, jnp.float32))
+
+  @pl.when(wg < 2)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    k0, keys, ks, vs, kv_rows = _own_keys(r, kv_names, k_smem, v_smem, k_bar, bi=bi, hk=hk,
+                                          ci=ci, wg=wg)
+    if dq_mode == "cols":  # dQ reads the other consumer's K half too
+      plgpu.barrier_wait(k_bar.at[1 - wg])
+
+    def step(s, db, *, h, lh, done, dk_acc, dv_acc):
+      slot = lax.rem(done + s, num_stages)
+      plgpu.barrier_wait(qdo_bar.at[slot])
+      j, q0 = query_tile(lh, s)
+      qs, dos = q_smem.at[slot], do_smem.at[slot]
+
+      def p_and_dp(st_acc, dpt_acc):
+        plgpu.wgmma(st_acc, ks, plgpu.transpose_ref(qs, (1, 0)))
+        plgpu.wgmma(dpt_acc, vs, plgpu.transpose_ref(dos, (1, 0)))
+        st = plgpu.wgmma_accumulator_load(st_acc, wait_n=1)  # dP^T still running
+        st = st * (scale * LOG2E)
+        kv = {n_: _bcast(x, tile, 0) for n_, x in kv_rows.items()}
+        if "kv_bias" in kv:
+          st = st + kv["kv_bias"] * LOG2E
+        qv = {n_: _bcast(_load(qv_smems[i].at[slot], _COL), tile, 1)
+              for i, n_ in enumerate(q_names)}
+        st = _masked(st, causal=causal, qv=qv, kv=kv, q_dim=1, q0=q0, k0=k0, skip_below=False)
+        if has_member:
+          st = st + jnp.where(r["member"][lb, lh, ci, wg, j] != 0, 0.0, -jnp.inf)
+        pt16 = jnp.exp2(st - _bcast(_load(lse_smem.at[slot], _COL), tile, 1)).astype(dtype)
+        plgpu.wgmma(dv_acc, pt16, dos)
+        return pt16, plgpu.wgmma_accumulator_load(dpt_acc, wait_n=1)  # dV still running
+
+      acc = plgpu.ACC(tile, jnp.float32)
+      pt16, dpt = pl.run_scoped(p_and_dp, acc, acc)
+      # dS from the bf16 P that dV used (one rounding of P, as dS itself is rounded to bf16).
+      dst = pt16.astype(jnp.float32) * (dpt - _bcast(_load(delta_smem.at[slot], _COL), tile, 1))
+      if has_bias:
+        db = db + dst.sum(axis=1)
+      dst16 = dst.astype(dtype)
+      plgpu.wgmma(dk_acc, dst16, qs)
+      if dq_mode == "keys":
+        ds_own = ds_smem.at[wg]
+        ds_own[...] = dst16
+        plgpu.commit_smem()
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's dQ pieces are out
+        for col in range(d // WG_ROWS):
+          add_dq(dq_piece([(ds_own, ks)], col), dq_smem.at[wg, col], h, q0, col)
+      elif dq_mode == "cols":
+        parity = lax.rem(done + s, 2)  # the other consumer may still read the last step's dS
+        ds_smem.at[parity, wg][...] = dst16
+        plgpu.commit_smem()
+        _sched_sync(ds_bar)  # both halves of dS^T written
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        sources = [(ds_smem.at[parity, half], k_smem.at[half]) for half in range(2)]
+        for col in range(2):
+          pl.when(wg == col)(lambda col=col: add_dq(dq_piece(sources, col), dq_smem.at[col, 0],
+                                                     h, q0, col))
+      plgpu.wgmma_wait(0)
+      plgpu.barrier_arrive(qdo_free.at[slot])
+      return db
+
+    def accumulate(dk_acc, dv_acc):
+      db = plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), _ROW)
+      done = 0  # steps so far: step s of a head runs in stage (done + s) % stages
+      for h, lh, n in heads():
+        body = functools.partial(step, h=h, lh=lh, done=done, dk_acc=dk_acc, dv_acc=dv_acc)
+        db = lax.fori_loop(0, n, body, db)
+        done = done + n
+      return dk_acc[...], dv_acc[...], db
+
+    acc = plgpu.ACC((WG_ROWS, d), jnp.float32)
+    dk, dv, db = pl.run_scoped(accumulate, acc, acc)
+    if dq_mode == "cols":  # the other consumer's last dQ may still read this K half
+      _sched_sync(ds_bar)
+    _store_dkv(dk * scale, dv, db if has_bias else None, ks, vs, db_smem.at[wg],
+               (dk_ref, dv_ref, dbias_ref), bi=bi, hk=hk, keys=keys)
+
+  @pl.when(wg == 2)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    done = 0
+    for h, lh, n in heads():
+      @pl.loop(0, n)
+      def _(s, h=h, lh=lh, done=done):
+        step = done + s
+        slot = lax.rem(step, num_stages)
+        rows = pl.ds(query_tile(lh, s)[1], WG_ROWS)
+        pl.when(step >= num_stages)(lambda: plgpu.barrier_wait(qdo_free.at[slot]))
+        done_bar = qdo_bar.at[slot]
+        plgpu.copy_gmem_to_smem(r["q"].at[bi, rows, h], q_smem.at[slot], done_bar)
+        plgpu.copy_gmem_to_smem(r["do"].at[bi, rows, h], do_smem.at[slot], done_bar)
+        plgpu.copy_gmem_to_smem(r["lse2"].at[bi, h, rows], lse_smem.at[slot], done_bar)
+        plgpu.copy_gmem_to_smem(r["delta"].at[bi, h, rows], delta_smem.at[slot], done_bar)
+        for i, name in enumerate(q_names):
+          x = r[name]
+          plgpu.copy_gmem_to_smem(x.at[(*_q_row(x, bi, h, num_heads, group), rows)],
+                                  qv_smems[i].at[slot], done_bar)
+
+      done = done + n
+
+
+BACKWARDS = ("split", "staged", "fused", "fused_keys")
+SMEM_BYTES = 227 * 1024  # a Hopper CTA's shared memory
+
+
 def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts, aux: Aux, *,
              causal: bool, scale: float, block_q: int, block_k: int, interpret: bool = False,
-             num_warps: int | None = None, num_stages: int = 2):
+             num_warps: int | None = None, num_stages: int = 2, bwd: str = "split"):
   """dq [B, T, H, D], dk / dv [B, S, H_kv, D], dbias [B, H_kv, S] float32 or None.
 
   delta [B, H, T] = rowsum(o * do) - dlse; q_indices / q_counts are the transposed lists
-  [B', H', nK, Q] / [B', H', nK]. Same contract as pallas_gpu.backward.
+  [B', H', nK, Q] / [B', H', nK]. Same contract as pallas_gpu.backward. `bwd` picks the
+  kernels (all compute the same gradients):
+    "split"       a dQ kernel (the forward's lists) and a dK/dV kernel (transposed lists),
+                  128-query stages, lse / delta read from global memory per step (7 matmuls
+                  per tile: S and dP are computed in both);
+    "staged"      the same dQ kernel and _dkv_staged_kernel: 64-query stages carrying lse,
+                  delta and mask vectors by TMA, overlapped wgmma order;
+    "fused"       _dkv_staged_kernel alone, adding dQ into a float32 buffer by TMA reduce-add
+                  (5 matmuls per tile), dQ columns split between the consumers (head dim 128;
+                  at 64 it is "fused_keys");
+    "fused_keys"  the same, each consumer adding dQ over its own 64 keys (twice the adds).
+  num_stages is the dQ kernel's K/V depth and the most 64-query stages the dK/dV kernel gets
+  (as many as fit in shared memory, at least 2).
   """
   del num_warps
   _check(q, k, v, block_q, block_k, interpret)
+  if bwd not in BACKWARDS:
+    raise ValueError(f"pallas_mosaic_gpu.backward: bwd={bwd!r} not in {BACKWARDS}")
   b, t, h, d = q.shape
   s_len, h_kv = k.shape[1], k.shape[2]
   group = h // h_kv
@@ -585,34 +794,12 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
   qp, dop = _pad_to(q, 1, t_cta), _pad_to(do.astype(q.dtype), 1, t_cta)
   common_args = {"q": qp, "do": dop, "lse2": lse2, "delta": delta}
   q_vecs = {n_: _pad_to(getattr(aux, n_), 2, t_cta) for n_ in q_names}
-
-  # dQ: the forward's tiling and lists.
-  idx, cnt, member = _cta_lists(kv_indices, kv_counts, s_len // block_k, block_q)
-  args = {**common_args, "k": k, "v": v, "idx": idx, "cnt": cnt}
-  if member is not None:
-    args["member"] = member
-  args.update(q_vecs)
-  args.update({n_: getattr(aux, n_) for n_ in kv_names})
-  names = tuple(args)
-  kernel = functools.partial(
-      _dq_kernel, names=names, q_names=q_names, kv_names=kv_names, causal=causal, scale=scale,
-      block_k=block_k, num_heads=h, group=group, num_stages=num_stages,
-      lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None)
-  dq = _launch(
-      kernel, "block_sparse_mgpu_dq", args,
-      out_type=jax.ShapeDtypeStruct((b, t_cta, h, d), q.dtype),
-      scratch=[
-          _smem((2, WG_ROWS, d), q.dtype),
-          _smem((2, WG_ROWS, d), q.dtype),
-          _smem((num_stages, block_k, d), k.dtype),
-          _smem((num_stages, block_k, d), v.dtype),
-          plgpu.Barrier(num_arrivals=2, num_barriers=2),
-          plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
-          plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
-      ],
-      grid=(h, t_cta // CTA_ROWS, b),
-      grid_names=("h", "q", "b"),
-  )
+  if bwd in ("split", "staged"):
+    dq = _dq(common_args, q_vecs, k, v, kv_indices, kv_counts, aux, q_names=q_names,
+             kv_names=kv_names, causal=causal, scale=scale, block_q=block_q, block_k=block_k,
+             num_stages=num_stages)
+  dq_mode = {"split": None, "staged": None, "fused": "cols" if d == 2 * WG_ROWS else "keys",
+             "fused_keys": "keys"}[bwd]
 
   # dK/dV: 128 keys per CTA over the transposed lists of every query head of the group.
   idx, cnt, member = _cta_lists(q_indices, q_counts, t // block_q, block_k)
@@ -623,31 +810,108 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
     args["member"] = member
   args.update(q_vecs)
   args.update(kv_vecs)
+  if dq_mode is not None:
+    args["dq_acc"] = jax.new_ref(jnp.zeros((b, t_cta, h, d), jnp.float32))
   names = tuple(args)
-  kernel = functools.partial(
-      _dkv_kernel, names=names, q_names=q_names, kv_names=kv_names, causal=causal,
-      scale=scale, block_q=block_q, num_heads=h, group=group, num_stages=num_stages,
-      lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None,
-      has_bias=has_bias)
+  static = dict(names=names, q_names=q_names, kv_names=kv_names, causal=causal, scale=scale,
+                block_q=block_q, num_heads=h, group=group, lists_b=idx.shape[0] > 1,
+                lists_h=idx.shape[1] > 1, has_member=member is not None, has_bias=has_bias)
   out_type = [jax.ShapeDtypeStruct((b, s_cta, h_kv, d), k.dtype),
               jax.ShapeDtypeStruct((b, s_cta, h_kv, d), v.dtype)]
   if has_bias:
     out_type.append(jax.ShapeDtypeStruct((b, h_kv, s_cta), jnp.float32))
-  outs = _launch(
-      kernel, "block_sparse_mgpu_dkv", args,
-      out_type=out_type,
+  kv_smem = [_smem((2, WG_ROWS, d), k.dtype), _smem((2, WG_ROWS, d), v.dtype)]
+  db_smem = plgpu.SMEM((2, WG_ROWS), jnp.float32)
+  if bwd == "split":
+    kernel = functools.partial(_dkv_kernel, **static, num_stages=num_stages)
+    scratch = [
+        *kv_smem,
+        _smem((num_stages, block_q, d), q.dtype),
+        _smem((num_stages, block_q, d), q.dtype),
+        db_smem,
+        plgpu.Barrier(num_arrivals=2, num_barriers=2),
+        plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
+        plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
+    ]
+  else:
+    q_vec_dtypes = [q_vecs[n_].dtype for n_ in q_names]
+    stages = _staged_stages(num_stages, d, q.dtype, q_vec_dtypes, dq_mode)
+    kernel = functools.partial(_dkv_staged_kernel, **static, num_stages=stages, dq_mode=dq_mode)
+    ds_smem, dq_smem, ds_bar = (), (), ()
+    if dq_mode == "cols":
+      ds_smem = _smem((2, 2, WG_ROWS, WG_ROWS), q.dtype)
+      dq_smem = _smem((2, 1, WG_ROWS, WG_ROWS), jnp.float32)
+      ds_bar = plgpu.Barrier(num_arrivals=2)
+    elif dq_mode == "keys":
+      ds_smem = _smem((2, WG_ROWS, WG_ROWS), q.dtype)
+      dq_smem = _smem((2, d // WG_ROWS, WG_ROWS, WG_ROWS), jnp.float32)
+    scratch = [
+        *kv_smem,
+        _smem((stages, WG_ROWS, d), q.dtype),
+        _smem((stages, WG_ROWS, d), q.dtype),
+        plgpu.SMEM((stages, WG_ROWS), jnp.float32),
+        plgpu.SMEM((stages, WG_ROWS), jnp.float32),
+        tuple(plgpu.SMEM((stages, WG_ROWS), dt) for dt in q_vec_dtypes),
+        ds_smem,
+        dq_smem,
+        db_smem,
+        plgpu.Barrier(num_arrivals=2, num_barriers=2),
+        plgpu.Barrier(num_arrivals=4 + len(q_names), num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        ds_bar,
+    ]
+  outs = _launch(kernel, "block_sparse_mgpu_dkv" if dq_mode is None else "block_sparse_mgpu_dkvq",
+                 args, out_type=out_type, scratch=scratch, grid=(h_kv, s_cta // CTA_ROWS, b),
+                 grid_names=("h", "k", "b"))
+  if dq_mode is not None:
+    dq = (args["dq_acc"][...] * scale).astype(q.dtype)
+  dbias = outs[2][:, :, :s_len] if has_bias else None
+  return dq[:, :t], outs[0][:, :s_len], outs[1][:, :s_len], dbias
+
+
+def _staged_stages(most: int, d: int, dtype, q_vec_dtypes, dq_mode) -> int:
+  """As many 64-query stages (at least 2, at most max(most, 3)) as fit in shared memory."""
+  item = jnp.dtype(dtype).itemsize
+  fixed = 2 * 2 * WG_ROWS * d * item + 2 * WG_ROWS * 4  # K, V halves, d bias
+  if dq_mode == "cols":
+    fixed += 4 * WG_ROWS * WG_ROWS * item + 2 * WG_ROWS * WG_ROWS * 4
+  elif dq_mode == "keys":
+    fixed += 2 * WG_ROWS * WG_ROWS * item + 2 * WG_ROWS * d * 4
+  stage = 2 * WG_ROWS * d * item + WG_ROWS * (8 + sum(jnp.dtype(x).itemsize
+                                                      for x in q_vec_dtypes))
+  fit = (SMEM_BYTES - 4096 - fixed) // stage  # 4 KiB for barriers and alignment
+  return max(2, min(fit, max(most, 3)))
+
+
+def _dq(common_args, q_vecs, k, v, kv_indices, kv_counts, aux, *, q_names, kv_names, causal,
+        scale, block_q, block_k, num_stages):
+  """The dQ kernel over the forward's tiling and lists: dq [B, T_cta, H, D]."""
+  qp = common_args["q"]
+  b, t_cta, h, d = qp.shape
+  group = h // k.shape[2]
+  idx, cnt, member = _cta_lists(kv_indices, kv_counts, k.shape[1] // block_k, block_q)
+  args = {**common_args, "k": k, "v": v, "idx": idx, "cnt": cnt}
+  if member is not None:
+    args["member"] = member
+  args.update(q_vecs)
+  args.update({n_: getattr(aux, n_) for n_ in kv_names})
+  names = tuple(args)
+  kernel = functools.partial(
+      _dq_kernel, names=names, q_names=q_names, kv_names=kv_names, causal=causal, scale=scale,
+      block_k=block_k, num_heads=h, group=group, num_stages=num_stages,
+      lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None)
+  return _launch(
+      kernel, "block_sparse_mgpu_dq", args,
+      out_type=jax.ShapeDtypeStruct((b, t_cta, h, d), qp.dtype),
       scratch=[
-          _smem((2, WG_ROWS, d), k.dtype),
-          _smem((2, WG_ROWS, d), v.dtype),
-          _smem((num_stages, block_q, d), q.dtype),
-          _smem((num_stages, block_q, d), q.dtype),
-          plgpu.SMEM((2, WG_ROWS), jnp.float32),
+          _smem((2, WG_ROWS, d), qp.dtype),
+          _smem((2, WG_ROWS, d), qp.dtype),
+          _smem((num_stages, block_k, d), k.dtype),
+          _smem((num_stages, block_k, d), v.dtype),
           plgpu.Barrier(num_arrivals=2, num_barriers=2),
           plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
           plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
       ],
-      grid=(h_kv, s_cta // CTA_ROWS, b),
-      grid_names=("h", "k", "b"),
+      grid=(h, t_cta // CTA_ROWS, b),
+      grid_names=("h", "q", "b"),
   )
-  dbias = outs[2][:, :, :s_len] if has_bias else None
-  return dq[:, :t], outs[0][:, :s_len], outs[1][:, :s_len], dbias

@@ -13,8 +13,10 @@ heads). Paths (FAMILY, in the order "auto" tries them; the rules are kernels/dis
 "pallas" is the Pallas kernel of the current backend (the Triton one off-device, interpreted).
 The Pallas paths compact each head's routed tokens (common.py) so the kernels compute
 ceil(count / block_q) query tiles per head, and differentiate with their own backward kernels
-(custom_vjp). The gradient with respect to a zero gate is 0: skipped pairs are absent, not
-zero-weighted (MoH's top-k mask has no gradient either).
+(custom_vjp). A batch whose rows are each one segment (segment ids of ones, as unpacked
+pipeline batches have) runs the kernels without segment ids (lax.cond), so tiles below the
+causal diagonal skip the element mask. The gradient with respect to a zero gate is 0: skipped
+pairs are absent, not zero-weighted (MoH's top-k mask has no gradient either).
 """
 
 from __future__ import annotations
@@ -63,46 +65,58 @@ def _per_head_segments(segment_ids, perm):
   return jnp.swapaxes(jnp.take_along_axis(seg, perm, axis=1), 1, 2)
 
 
-def _forward(q, k, v, gates, segment_ids, st: _Static):
+def _with_segments(run, segment_ids, q_seg, one_run):
+  """run(segment_ids, q_seg) with the segments, or without them where every row is one run
+  (one_run: then the segment mask keeps every pair, and the kernels skip it on the tiles
+  below the causal diagonal). A lax.cond, so both forms are exact for any batch."""
+  if segment_ids is None:
+    return run(None, None)
+  return jax.lax.cond(one_run, lambda: run(None, None), lambda: run(segment_ids, q_seg))
+
+
+def _forward(q, k, v, gates, segment_ids, one_run, st: _Static):
   active = gates != 0
   c = compact(active)
   q_seg = _per_head_segments(segment_ids, c.perm)
-  o_c, lse = _kernels(st.platform).forward(
-      gather_tokens(q, c.perm), k, v, c.pos, q_seg, segment_ids, causal=st.causal,
-      scale=st.scale, block_q=st.block_q, block_k=st.block_k, kv_len=st.kv_len,
-      interpret=st.interpret)
+  q_c = gather_tokens(q, c.perm)
+  o_c, lse = _with_segments(lambda seg, qs: _kernels(st.platform).forward(
+      q_c, k, v, c.pos, qs, seg, causal=st.causal, scale=st.scale, block_q=st.block_q,
+      block_k=st.block_k, kv_len=st.kv_len, interpret=st.interpret), segment_ids, q_seg, one_run)
   o_u = gather_tokens(o_c, c.slot)  # back to token order, unweighted
   g = gates[..., None]
   o = jnp.where(active[..., None], g * o_u.astype(jnp.float32), 0.0).astype(q.dtype)
   return o, (c, q_seg, o_c, lse, o_u)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _pallas(q, k, v, gates, segment_ids, st: _Static):
-  return _forward(q, k, v, gates, segment_ids, st)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _pallas(q, k, v, gates, segment_ids, one_run, st: _Static):
+  return _forward(q, k, v, gates, segment_ids, one_run, st)[0]
 
 
-def _pallas_fwd(q, k, v, gates, segment_ids, st):
-  o, (c, q_seg, o_c, lse, o_u) = _forward(q, k, v, gates, segment_ids, st)
-  return o, (q, k, v, gates, segment_ids, c, q_seg, o_c, lse, o_u)
+def _pallas_fwd(q, k, v, gates, segment_ids, one_run, st):
+  o, (c, q_seg, o_c, lse, o_u) = _forward(q, k, v, gates, segment_ids, one_run, st)
+  return o, (q, k, v, gates, segment_ids, one_run, c, q_seg, o_c, lse, o_u)
 
 
 def _pallas_bwd(st, res, do):
-  q, k, v, gates, segment_ids, c, q_seg, o_c, lse, o_u = res
+  q, k, v, gates, segment_ids, one_run, c, q_seg, o_c, lse, o_u = res
   active = (gates != 0)[..., None]
   do = do.astype(jnp.float32)
   d_gates = jnp.where(active, do * o_u.astype(jnp.float32), 0.0).sum(-1).astype(gates.dtype)
   do_u = jnp.where(active, gates[..., None] * do, 0.0).astype(q.dtype)
   do_c = gather_tokens(do_u, c.perm)  # unused slots hold unrouted tokens: do_u = 0 there
   delta = jnp.swapaxes(jnp.sum(o_c.astype(jnp.float32) * do_c.astype(jnp.float32), -1), 1, 2)
-  bounds = key_block_bounds(c, causal=st.causal, segments=segment_ids is not None,
-                            num_k_blocks=k.shape[1] // st.block_k, block_k=st.block_k)
-  dq_c, dk, dv = _kernels(st.platform).backward(
-      gather_tokens(q, c.perm), k, v, c.pos, q_seg, segment_ids, lse, do_c, delta, bounds,
-      causal=st.causal, scale=st.scale, block_q=st.block_q, block_k=st.block_k,
-      kv_len=st.kv_len, interpret=st.interpret)
+  q_c = gather_tokens(q, c.perm)
+
+  def run(seg, qs):
+    bounds = key_block_bounds(c, causal=st.causal, segments=seg is not None,
+                              num_k_blocks=k.shape[1] // st.block_k, block_k=st.block_k)
+    return _kernels(st.platform).backward(
+        q_c, k, v, c.pos, qs, seg, lse, do_c, delta, bounds, causal=st.causal, scale=st.scale,
+        block_q=st.block_q, block_k=st.block_k, kv_len=st.kv_len, interpret=st.interpret)
+  dq_c, dk, dv = _with_segments(run, segment_ids, q_seg, one_run)
   dq = jnp.where(active, gather_tokens(dq_c, c.slot), 0).astype(q.dtype)
-  return dq, dk, dv, d_gates, None
+  return dq, dk, dv, d_gates, None, None
 
 
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
@@ -171,6 +185,9 @@ def head_routed_attention(
 
 def _pallas_path(q, k, v, gates, segment_ids, *, causal, scale, sizes, interpret, platform):
   t = q.shape[1]
+  # Every row one run of one id (unpacked batches): the kernels may drop the segment mask.
+  one_run = (jnp.ones((), bool) if segment_ids is None
+             else jnp.all(segment_ids == segment_ids[:, :1]))
   # Pad to whole tiles: padded tokens are never routed, and as keys they are masked by
   # causality or by kv_len.
   tile = max(sizes.block_q, sizes.block_k)
@@ -182,4 +199,4 @@ def _pallas_path(q, k, v, gates, segment_ids, *, causal, scale, sizes, interpret
   st = _Static(causal=causal, scale=scale, block_q=sizes.block_q, block_k=sizes.block_k,
                kv_len=t, interpret=interpret, platform=platform)
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-  return _pallas(q, k, v, gates, seg, st)[:, :t]
+  return _pallas(q, k, v, gates, seg, one_run, st)[:, :t]

@@ -1,0 +1,392 @@
+"""Pallas (Triton lowering) kernels of the chunked gated delta rule, forward and backward.
+
+Six kernels: four parallel over every chunk, two that walk the chunks of one (row, head,
+block of bv value columns) with the [Dk, bv] state in registers, doing only what must be
+sequential (xla.py's three passes):
+
+  delta_rule_wy        grid (N, B, H)       T = (I + A)^{-1}, W, U of each chunk
+  delta_rule_fwd       grid (Dv/bv, B, H)   chunks in order: Delta, each chunk's entering state
+                                            and the final state
+  delta_rule_out       grid (N, B, H)       o of each chunk
+  delta_rule_bwd_prep  grid (N, B, H)       W again and the within-chunk cotangent P^T dO
+  delta_rule_dstate    grid (Dv/bv, B, H)   chunks in reverse: dDelta and the cotangent of each
+                                            chunk's final state
+  delta_rule_bwd       grid (N, B, H)       every chunk's input gradients
+
+The parallel kernels walk Dv in blocks of bv columns. The per-chunk math is xla.py's, called
+verbatim. The triangular inverse is blocked (fla's
+solve_tril layout): A's 16 x 16 diagonal blocks are inverted by forward substitution, the
+off-diagonal blocks of the inverse follow from T_ij = -T_ii sum_{j<=m<i} A_im T_mj, all on
+16-row tiles loaded from refs (Triton has no slicing of register values).
+
+Layout [B, T, H, D] as given; gates [B, T, H] and masks [B, T] are read with strides. The
+intermediates are stored in the compute dtype: T as [B, Tp, H, C] (row t holds its chunk's row
+of T), W, U, Delta, dDelta like k and v, and the per-chunk states as [B, H, N*Dk, Dv]. The
+forward keeps T and the states for the backward. The caller pads T to a multiple of the chunk
+(common.prepare).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from effattn.kernels.delta_rule import xla
+from effattn.kernels.delta_rule.common import Chunked
+from effattn.kernels.memory_chunk.xla import dot
+
+SUB = 16  # rows of the inverse's diagonal blocks (Triton's smallest dot)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiles and launch parameters (the chunk itself is api's chunk_size, a multiple of 16).
+
+  block_v: Dv columns per program of the two walks, and per step of the parallel kernels'
+    loops over Dv (Dv itself where it does not divide Dv).
+  num_warps: Triton warps of the walks and of the output / backward-prep kernels.
+  num_warps_wy / num_warps_bwd: of the inverse and of the backward's per-chunk kernel.
+  num_stages: pipelining of the walks' chunk loads.
+  """
+
+  block_v: int = 64
+  num_warps: int = 4
+  num_warps_wy: int = 2
+  num_warps_bwd: int = 8
+  num_stages: int = 2
+
+  def __post_init__(self):
+    if self.block_v < 16 or self.block_v & (self.block_v - 1):
+      raise ValueError(f"BlockSizes.block_v={self.block_v} must be a power of two >= 16")
+    for field in ("num_warps", "num_warps_wy", "num_warps_bwd"):
+      if getattr(self, field) not in (1, 2, 4, 8, 16):
+        raise ValueError(f"BlockSizes.{field}={getattr(self, field)} must be a power of two "
+                         "<= 16")
+
+  def value_block(self, dv: int) -> int:
+    return self.block_v if dv % self.block_v == 0 else dv
+
+
+def block_inverse(a: dict, nb: int) -> dict:
+  """(I + A)^{-1} from the blocks a[(i, j)], i >= j, of a strictly lower-triangular A (nb x nb
+  blocks): the inverse's blocks for i >= j (the rest are zero)."""
+  inv = {(i, i): xla.forward_substitution(a[(i, i)]) for i in range(nb)}
+  for d in range(1, nb):  # by distance from the diagonal: each needs only nearer blocks
+    for i in range(d, nb):
+      j = i - d
+      acc = functools.reduce(jnp.add, [dot(a[(i, m)], inv[(m, j)]) for m in range(j, i)])
+      inv[(i, j)] = -dot(inv[(i, i)], acc)
+  return inv
+
+
+def _wy_kernel(k_ref, v_ref, beta_ref, g_ref, *refs, chunk: int, dtype, has_runs: bool):
+  """One chunk: k_ref [C, Dk]; v_ref [C, Dv]; beta_ref, g_ref [C]; runs_ref, carry_ref [C];
+  outputs tinv_ref [C, C], w_ref [C, Dk], u_ref [C, Dv]."""
+  (runs_ref, carry_ref), (tinv_ref, w_ref, u_ref) = (refs[:2], refs[2:]) if has_runs else (
+      (None, None), refs)
+  nb = chunk // SUB
+  rows = [pl.ds(i * SUB, SUB) for i in range(nb)]
+  load = lambda ref: [None if ref is None else ref[r] for r in rows]  # noqa: E731
+  ks, betas, gs, runs, carry = (load(r) for r in (k_ref, beta_ref, g_ref, runs_ref, carry_ref))
+  a = {(i, j): xla.wy_block(ks[i], ks[j], betas[i], gs[i], gs[j], runs[i], runs[j],
+                            diagonal=i == j, dtype=dtype)
+       for i in range(nb) for j in range(i + 1)}
+  inv = block_inverse(a, nb)
+  zeros = jnp.zeros((SUB, SUB), jnp.float32)
+  kb, vb = [], []
+  for i in range(nb):
+    gq = jnp.exp(gs[i]) if carry[i] is None else jnp.exp(gs[i]) * carry[i]
+    kb.append((ks[i] * (betas[i] * gq)[:, None]).astype(dtype))
+    vb.append((v_ref[rows[i], :] * betas[i][:, None]).astype(dtype))
+  for i in range(nb):
+    for j in range(nb):
+      tinv_ref[rows[i], rows[j]] = inv.get((i, j), zeros).astype(tinv_ref.dtype)
+    # W and U one 16-row block at a time: row block i sums over column blocks j <= i.
+    w_ref[rows[i], :] = sum(dot(inv[(i, j)], kb[j], dtype=dtype)
+                            for j in range(i + 1)).astype(w_ref.dtype)
+    u_ref[rows[i], :] = sum(dot(inv[(i, j)], vb[j], dtype=dtype)
+                            for j in range(i + 1)).astype(u_ref.dtype)
+
+
+def _chunk_refs(refs, start, chunk):
+  """The chunk [start, start + C) of token refs (2-d: rows; 1-d: entries; None stays None)."""
+  out = []
+  for r in refs:
+    if r is None:
+      out.append(None)
+    else:
+      out.append(r[pl.ds(start, chunk), :] if len(r.shape) == 2 else r[pl.ds(start, chunk)])
+  return out
+
+
+def _masks(refs, count: int, has_runs: bool):
+  """(the first `count` refs as masks, or Nones; the remaining refs)."""
+  return (list(refs[:count]), refs[count:]) if has_runs else ([None] * count, refs)
+
+
+def _fwd_kernel(k_ref, w_ref, u_ref, g_ref, s0_ref, *refs, chunk: int, dtype, has_runs: bool):
+  """Walk: k_ref, w_ref [Tp, Dk]; u_ref [Tp, bv]; g_ref [Tp]; s0_ref [Dk, bv]; carry, tail
+  [Tp]; outputs delta_ref [Tp, bv], sT_ref [Dk, bv], states_ref [N*Dk, bv]."""
+  (carry_ref, tail_ref), (delta_ref, sT_ref, states_ref) = _masks(refs, 2, has_runs)
+  dk = k_ref.shape[1]
+
+  def body(c, state):
+    start = pl.multiple_of(c * chunk, chunk)
+    k, w, u, g, carry, tail = _chunk_refs((k_ref, w_ref, u_ref, g_ref, carry_ref, tail_ref),
+                                          start, chunk)
+    states_ref[pl.ds(c * dk, dk), :] = state.astype(states_ref.dtype)
+    _, omega, keep = xla.state_gates(g, carry, tail)
+    delta, state = xla.walk_forward(k, omega, keep, w, u, state, dtype=dtype)
+    delta_ref[pl.ds(start, chunk), :] = delta.astype(delta_ref.dtype)
+    return state
+
+  num_chunks = k_ref.shape[0] // chunk
+  sT_ref[...] = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
+
+
+def _scores(q_ref, k_ref, g_ref, masks, dtype):
+  """(P = Q K^T * D, gq) of one chunk."""
+  runs, carry, tail = (None if m is None else m[...] for m in masks)
+  g = g_ref[...]
+  gq, _, _ = xla.state_gates(g, carry, tail)
+  decay = xla.block_decay(g, g, runs, runs, diagonal=True)
+  return xla.scores(q_ref[...], k_ref[...], decay, dtype=dtype), gq
+
+
+def _out_kernel(q_ref, k_ref, g_ref, delta_ref, s_ref, *refs, scale: float, block_v: int, dtype,
+                has_runs: bool):
+  """One chunk: q_ref, k_ref [C, Dk]; g_ref [C]; delta_ref [C, Dv]; s_ref [Dk, Dv]; masks [C];
+  output o_ref [C, Dv]."""
+  masks, (o_ref,) = _masks(refs, 3, has_runs)
+  p, gq = _scores(q_ref, k_ref, g_ref, masks, dtype)
+  q = q_ref[...]
+  for j in range(o_ref.shape[1] // block_v):
+    cols = pl.ds(j * block_v, block_v)
+    o = xla.chunk_output(q, p, gq, delta_ref[:, cols], s_ref[:, cols].astype(jnp.float32),
+                         dtype=dtype)
+    o_ref[:, cols] = (scale * o).astype(o_ref.dtype)
+
+
+def _prep_kernel(q_ref, k_ref, beta_ref, g_ref, tinv_ref, do_ref, *refs, scale: float,
+                 block_v: int, dtype, has_runs: bool):
+  """One chunk of the backward's parallel prologue: outputs w_ref [C, Dk] and dlocal_ref
+  [C, Dv] = P^T (scale dO)."""
+  masks, (w_ref, dlocal_ref) = _masks(refs, 3, has_runs)
+  p, gq = _scores(q_ref, k_ref, g_ref, masks, dtype)
+  w = xla.chunk_w(tinv_ref[...], k_ref[...], beta_ref[...], gq, dtype=dtype)
+  w_ref[...] = w.astype(w_ref.dtype)
+  for j in range(do_ref.shape[1] // block_v):
+    cols = pl.ds(j * block_v, block_v)
+    dlocal = xla.chunk_dlocal(p, scale * do_ref[:, cols].astype(jnp.float32), dtype=dtype)
+    dlocal_ref[:, cols] = dlocal.astype(dlocal_ref.dtype)
+
+
+def _dstate_kernel(q_ref, k_ref, w_ref, g_ref, dlocal_ref, do_ref, dsT_ref, *refs, chunk: int,
+                   scale: float, dtype, has_runs: bool):
+  """Reverse walk: q_ref, k_ref, w_ref [Tp, Dk]; g_ref [Tp]; dlocal_ref, do_ref [Tp, bv];
+  dsT_ref [Dk, bv]; carry, tail [Tp]; outputs ddelta_ref [Tp, bv], ds0_ref [Dk, bv] and
+  dstates_ref [N*Dk, bv] (the cotangent of the state leaving each chunk)."""
+  (carry_ref, tail_ref), (ddelta_ref, ds0_ref, dstates_ref) = _masks(refs, 2, has_runs)
+  dk = q_ref.shape[1]
+  num_chunks = q_ref.shape[0] // chunk
+
+  def body(step, ds):
+    c = num_chunks - 1 - step
+    start = pl.multiple_of(c * chunk, chunk)
+    q, k, w, g, dlocal, do, carry, tail = _chunk_refs(
+        (q_ref, k_ref, w_ref, g_ref, dlocal_ref, do_ref, carry_ref, tail_ref), start, chunk)
+    dstates_ref[pl.ds(c * dk, dk), :] = ds.astype(dstates_ref.dtype)
+    gq, omega, keep = xla.state_gates(g, carry, tail)
+    ddelta, ds = xla.walk_backward(q, k, gq, omega, keep, w, dlocal.astype(jnp.float32),
+                                   scale * do.astype(jnp.float32), ds, dtype=dtype)
+    ddelta_ref[pl.ds(start, chunk), :] = ddelta.astype(ddelta_ref.dtype)
+    return ds
+
+  ds0_ref[...] = jax.lax.fori_loop(0, num_chunks, body, dsT_ref[...].astype(jnp.float32))
+
+
+def _bwd_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, tinv_ref, w_ref, do_ref, s_ref, ds_ref,
+                ddelta_ref, *refs, scale: float, block_v: int, dtype, has_runs: bool):
+  """One chunk: q_ref, k_ref, w_ref [C, Dk]; v_ref, do_ref, ddelta_ref [C, Dv]; beta_ref, g_ref
+  [C]; tinv_ref [C, C]; s_ref, ds_ref [Dk, Dv]; masks [C]; outputs dq, dk [C, Dk], dv [C, Dv],
+  dbeta, dg [C]."""
+  masks, (dq_ref, dk_ref, dv_ref, dbeta_ref, dg_ref) = _masks(refs, 3, has_runs)
+  runs, carry, tail = (None if m is None else m[...] for m in masks)
+  ctx = xla.backward_setup(q_ref[...], k_ref[...], beta_ref[...], g_ref[...], tinv_ref[...],
+                           w_ref[...], runs, carry, tail)
+  acc = None
+  for j in range(v_ref.shape[1] // block_v):  # Dv in blocks: the partial sums add up
+    cols = pl.ds(j * block_v, block_v)
+    dv, partial = xla.chunk_backward_block(
+        ctx, v_ref[:, cols], scale * do_ref[:, cols].astype(jnp.float32),
+        s_ref[:, cols].astype(jnp.float32), ds_ref[:, cols].astype(jnp.float32),
+        ddelta_ref[:, cols].astype(jnp.float32), dtype=dtype)
+    dv_ref[:, cols] = dv.astype(dv_ref.dtype)
+    acc = xla.accumulate(acc, partial)
+  dq, dk, dbeta, dg = xla.chunk_backward_finish(ctx, acc, dtype=dtype)
+  dq_ref[...], dk_ref[...] = dq.astype(dq_ref.dtype), dk.astype(dk_ref.dtype)
+  dbeta_ref[...], dg_ref[...] = dbeta, dg
+
+
+# -- wrappers -------------------------------------------------------------------------------------
+
+
+def _mask_args(x: Chunked, names=("runs", "carry", "tail")):
+  if x.runs is None:
+    return []
+  return [getattr(x, n).astype(jnp.int32) if n == "runs" else getattr(x, n) for n in names]
+
+
+def _params(num_warps, num_stages=1):
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _chunk_specs(chunk, masks: int):
+  """BlockSpecs over grid (N, B, H) for one chunk of [B, Tp, H, D], [B, Tp, H], [B, Tp] and
+  of the per-chunk states [B, H, N*Dk, Dv]."""
+  sq = pl.squeezed
+  tok = lambda d: pl.BlockSpec((sq, chunk, sq, d), lambda n, b, h: (b, n, h, 0))
+  gate = pl.BlockSpec((sq, chunk, sq), lambda n, b, h: (b, n, h))
+  state = lambda dk, dv: pl.BlockSpec((sq, sq, dk, dv), lambda n, b, h: (b, h, n, 0))
+  return tok, gate, state, [pl.BlockSpec((sq, chunk), lambda n, b, h: (b, n))] * masks
+
+
+def _walk_specs(padded, block_v, masks: int):
+  """BlockSpecs over grid (Dv/bv, B, H): whole-sequence refs of one (row, head, column block)."""
+  sq = pl.squeezed
+  tok = lambda d: pl.BlockSpec((sq, padded, sq, d), lambda vi, b, h: (b, 0, h, 0))
+  cols = pl.BlockSpec((sq, padded, sq, block_v), lambda vi, b, h: (b, 0, h, vi))
+  gate = pl.BlockSpec((sq, padded, sq), lambda vi, b, h: (b, 0, h))
+  state = lambda rows: pl.BlockSpec((sq, sq, rows, block_v), lambda vi, b, h: (b, h, 0, vi))
+  return tok, cols, gate, state, [pl.BlockSpec((sq, padded), lambda vi, b, h: (b, 0))] * masks
+
+
+def _like(x, dtype):
+  return jax.ShapeDtypeStruct(x.shape, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dims:
+  """Sizes of one call: b, padded T, h, dk, dv, chunks n, value block bv, segment masks."""
+
+  b: int
+  padded: int
+  h: int
+  dk: int
+  dv: int
+  n: int
+  bv: int
+  has_runs: bool
+
+  @classmethod
+  def of(cls, x: Chunked, chunk: int, block_sizes: BlockSizes):
+    b, padded, h, dk = x.q.shape
+    dv = x.v.shape[-1]
+    return cls(b, padded, h, dk, dv, padded // chunk, block_sizes.value_block(dv),
+               x.runs is not None)
+
+  @property
+  def masks(self) -> int:
+    return 3 if self.has_runs else 0
+
+
+def forward(x: Chunked, s0, *, chunk: int, scale: float, dtype, out_dtype,
+            block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
+  """Same contract as xla.forward, with o in out_dtype and residuals (T [B, Tp, H, C], states
+  [B, H, N*Dk, Dv]) in `dtype`."""
+  d = _Dims.of(x, chunk, block_sizes)
+  b, padded, h, dk, dv, n, bv, has_runs = dataclasses.astuple(d)
+  tok, gate, state, masks = _chunk_specs(chunk, d.masks)
+  tinv, w, u = pl.pallas_call(
+      functools.partial(_wy_kernel, chunk=chunk, dtype=dtype, has_runs=has_runs),
+      grid=(n, b, h),
+      in_specs=[tok(dk), tok(dv), gate, gate] + masks[:2],
+      out_specs=[tok(chunk), tok(dk), tok(dv)],
+      out_shape=[jax.ShapeDtypeStruct((b, padded, h, chunk), dtype), _like(x.k, dtype),
+                 _like(x.v, dtype)],
+      compiler_params=_params(block_sizes.num_warps_wy),
+      interpret=interpret,
+      name="delta_rule_wy",
+  )(x.k, x.v, x.beta, x.gcum, *_mask_args(x, ("runs", "carry")))
+
+  wtok, cols, wgate, wstate, wmasks = _walk_specs(padded, bv, d.masks)
+  delta, final, states = pl.pallas_call(
+      functools.partial(_fwd_kernel, chunk=chunk, dtype=dtype, has_runs=has_runs),
+      grid=(dv // bv, b, h),
+      in_specs=[wtok(dk), wtok(dk), cols, wgate, wstate(dk)] + wmasks[:2],
+      out_specs=[cols, wstate(dk), wstate(n * dk)],
+      out_shape=[_like(x.v, dtype), jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32),
+                 jax.ShapeDtypeStruct((b, h, n * dk, dv), dtype)],
+      compiler_params=_params(block_sizes.num_warps, block_sizes.num_stages),
+      interpret=interpret,
+      name="delta_rule_fwd",
+  )(x.k, w, u, x.gcum, s0.astype(jnp.float32), *_mask_args(x, ("carry", "tail")))
+
+  o = pl.pallas_call(
+      functools.partial(_out_kernel, scale=float(scale), block_v=bv, dtype=dtype,
+                        has_runs=has_runs),
+      grid=(n, b, h),
+      in_specs=[tok(dk), tok(dk), gate, tok(dv), state(dk, dv)] + masks,
+      out_specs=tok(dv),
+      out_shape=_like(x.v, out_dtype),
+      compiler_params=_params(block_sizes.num_warps),
+      interpret=interpret,
+      name="delta_rule_out",
+  )(x.q, x.k, x.gcum, delta, states, *_mask_args(x))
+  return o, final, (tinv, states)
+
+
+def backward(x: Chunked, residuals, do, dfinal, *, chunk: int, scale: float, dtype,
+             block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
+  """Same contract as xla.backward, except dq, dk, dv in the dtype of q, k, v."""
+  tinv, states = residuals
+  d = _Dims.of(x, chunk, block_sizes)
+  b, padded, h, dk, dv, n, bv, has_runs = dataclasses.astuple(d)
+  tok, gate, state, masks = _chunk_specs(chunk, d.masks)
+  w, dlocal = pl.pallas_call(
+      functools.partial(_prep_kernel, scale=float(scale), block_v=bv, dtype=dtype,
+                        has_runs=has_runs),
+      grid=(n, b, h),
+      in_specs=[tok(dk), tok(dk), gate, gate, tok(chunk), tok(dv)] + masks,
+      out_specs=[tok(dk), tok(dv)],
+      out_shape=[_like(x.k, dtype), _like(x.v, dtype)],
+      compiler_params=_params(block_sizes.num_warps),
+      interpret=interpret,
+      name="delta_rule_bwd_prep",
+  )(x.q, x.k, x.beta, x.gcum, tinv, do, *_mask_args(x))
+
+  wtok, cols, wgate, wstate, wmasks = _walk_specs(padded, bv, d.masks)
+  ddelta, ds0, dstates = pl.pallas_call(
+      functools.partial(_dstate_kernel, chunk=chunk, scale=float(scale), dtype=dtype,
+                        has_runs=has_runs),
+      grid=(dv // bv, b, h),
+      in_specs=[wtok(dk), wtok(dk), wtok(dk), wgate, cols, cols, wstate(dk)] + wmasks[:2],
+      out_specs=[cols, wstate(dk), wstate(n * dk)],
+      out_shape=[_like(x.v, dtype), jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32),
+                 jax.ShapeDtypeStruct((b, h, n * dk, dv), dtype)],
+      compiler_params=_params(block_sizes.num_warps, block_sizes.num_stages),
+      interpret=interpret,
+      name="delta_rule_dstate",
+  )(x.q, x.k, w, x.gcum, dlocal, do, dfinal.astype(jnp.float32),
+    *_mask_args(x, ("carry", "tail")))
+
+  f32 = lambda a: _like(a, jnp.float32)
+  # dq, dk, dv in the inputs' dtype (written once, no extra cast pass); gate grads float32.
+  dq, dk_, dv_, dbeta, dg = pl.pallas_call(
+      functools.partial(_bwd_kernel, scale=float(scale), block_v=bv, dtype=dtype,
+                        has_runs=has_runs),
+      grid=(n, b, h),
+      in_specs=[tok(dk), tok(dk), tok(dv), gate, gate, tok(chunk), tok(dk), tok(dv),
+                state(dk, dv), state(dk, dv), tok(dv)] + masks,
+      out_specs=[tok(dk), tok(dk), tok(dv), gate, gate],
+      out_shape=[x.q, x.k, x.v, f32(x.beta), f32(x.gcum)],
+      compiler_params=_params(block_sizes.num_warps_bwd),
+      interpret=interpret,
+      name="delta_rule_bwd",
+  )(x.q, x.k, x.v, x.beta, x.gcum, tinv, w, do, states, dstates, ddelta, *_mask_args(x))
+  return dq, dk_, dv_, dbeta, dg, ds0

@@ -1,0 +1,215 @@
+"""Causal softmax attention with persistent keys that every query sees, without a [T, T] mask.
+
+    o = persistent_attention(q, k, v, persistent_k, persistent_v, segment_ids=seg, window=None)
+
+Query i attends to the N_p persistent key/value pairs (Titans' persistent memory) and to the
+keys j <= i of its own segment (within the sliding window when one is given), one softmax over
+both. The dense form (a [T, N_p + T] mask, `reference`) is the oracle. Paths, chosen by the
+softmax family's rule (api.FAMILY) on the shapes of the call:
+
+  "cudnn"      the persistent pairs laid in front of each segment as N_p extra tokens (zero
+               queries whose outputs are dropped), so a plain causal cuDNN call over
+               T + N_p * M tokens (packed layout, M = max_segments - 1 segments) computes
+               exactly the persistent + causal softmax. Rows with more segments, or a segment
+               id recurring after another, take "xla" through lax.cond. A window would cut the
+               persistent tokens off, so windowed calls take "xla" (logged);
+  "xla"        `chunk` queries at a time over [persistent || the keys they can see] (the band
+               of window + chunk keys with a window), scores recomputed in the backward pass:
+               O(chunk * T) memory, O(T * (chunk + window)) work with a window;
+  "reference"  the dense mask, then the reference attention.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effattn.kernels import dispatch
+from effattn.kernels.paths import log_path_once
+from effattn.kernels.softmax import api
+from effattn.kernels.softmax.common import attention_mask, sequence_index
+from effattn.kernels.softmax.reference import reference_attention
+
+OP = "softmax_persistent"
+
+
+def _with_persistent(q, k, v, persistent_k, persistent_v):
+  """[persistent || k], [persistent || v]: persistent_k / _v [N_p, H_kv, D] broadcast over B."""
+  b = q.shape[0]
+  per = lambda p: jnp.broadcast_to(p.astype(q.dtype), (b,) + p.shape)  # noqa: E731
+  return (jnp.concatenate([per(persistent_k), k.astype(q.dtype)], axis=1),
+          jnp.concatenate([per(persistent_v), v.astype(q.dtype)], axis=1))
+
+
+def reference(q, k, v, persistent_k, persistent_v, *, segment_ids=None, window=None,
+              scale=None):
+  """The oracle: the dense [B, 1, T, N_p + T] mask and plain softmax attention."""
+  b, t = q.shape[:2]
+  idx = sequence_index(b, t)
+  mask = attention_mask(idx, idx, causal=True, q_segment_ids=segment_ids,
+                        k_segment_ids=segment_ids, window=window)
+  n_p = persistent_k.shape[0]
+  mask = jnp.concatenate([jnp.ones((b, 1, t, n_p), bool), mask], axis=-1)
+  k, v = _with_persistent(q, k, v, persistent_k, persistent_v)
+  return reference_attention(q, k, v, mask, scale=scale)
+
+
+def chunked(q, k, v, persistent_k, persistent_v, *, segment_ids=None, window=None, scale=None,
+            chunk: int = 512):
+  """The xla path: `chunk` queries at a time over [persistent || their keys] (a band of
+  chunk + window - 1 keys with a window, all T keys without), each chunk rematerialized in the
+  backward pass."""
+  b, t, h, d = q.shape
+  c = min(chunk, t)
+  n = -(-t // c)
+  pad = n * c - t
+  band = t if window is None else min(t + pad, c + window - 1)
+  front = band - c  # keys before the chunk's first query that the band holds
+  seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  q_p = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  seg_q = jnp.pad(seg, ((0, 0), (0, pad)))
+  if window is None:
+    k_p, v_p, seg_k = k, v, seg
+  else:  # keys padded in front so every band is one static slice
+    k_p, v_p = (jnp.pad(x, ((0, 0), (front, pad), (0, 0), (0, 0))) for x in (k, v))
+    seg_k = jnp.pad(seg, ((0, 0), (front, pad)))
+  n_p = persistent_k.shape[0]
+
+  @jax.checkpoint
+  def one_chunk(i):
+    start = i * c
+    rows = jax.lax.dynamic_slice_in_dim(q_p, start, c, axis=1)
+    q_idx = sequence_index(b, c, start)
+    q_seg = jax.lax.dynamic_slice_in_dim(seg_q, start, c, axis=1)
+    if window is None:
+      keys, values, k_seg, k_idx = k_p, v_p, seg_k, sequence_index(b, t)
+    else:
+      keys, values, k_seg = (jax.lax.dynamic_slice_in_dim(x, start, band, axis=1)
+                             for x in (k_p, v_p, seg_k))
+      k_idx = sequence_index(b, band, start - front)
+    mask = attention_mask(q_idx, k_idx, causal=True, q_segment_ids=q_seg, k_segment_ids=k_seg,
+                          window=window, k_valid=(k_idx >= 0) & (k_idx < t))
+    mask = jnp.concatenate([jnp.ones((b, 1, c, n_p), bool), mask], axis=-1)
+    keys, values = _with_persistent(rows, keys, values, persistent_k, persistent_v)
+    return jax.nn.dot_product_attention(rows, keys, values, mask=mask, scale=scale,
+                                        implementation="xla")
+
+  o = jax.lax.map(one_chunk, jnp.arange(n))  # [n, B, c, H, D]
+  return jnp.moveaxis(o, 0, 1).reshape(b, n * c, h, d)[:, :t]
+
+
+def layout(segment_ids, t: int, n_p: int, max_runs: int):
+  """Where tokens and persistent copies go when N_p slots precede each segment run.
+
+  Returns (tok_slot [B, T] slot of each token, src [B, T'] what each slot holds: token index,
+  or T + r for copy r of the persistent pairs, seg [B, T'] segment id of each slot, ok [] bool:
+  at most max_runs runs per row and no id recurring after another), T' = T + N_p * max_runs.
+  Unused copies sit at the end as one run of their own, so a row has at most max_runs + 1
+  runs.
+  """
+  b = segment_ids.shape[0]
+  seg = segment_ids.astype(jnp.int32)
+  starts = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  run = jnp.cumsum(starts, axis=1, dtype=jnp.int32) - 1
+  count = run[:, -1] + 1
+  tok_slot = jnp.arange(t, dtype=jnp.int32) + (run + 1) * n_p
+  first = jax.vmap(lambda row: jnp.nonzero(row, size=max_runs, fill_value=t)[0])(starts)
+  m = jnp.arange(max_runs, dtype=jnp.int32)
+  used = m[None, :] < count[:, None]
+  base = jnp.where(used, first.astype(jnp.int32), t) + m * n_p  # [B, M]
+  copy_slot = (base[:, :, None] + jnp.arange(n_p, dtype=jnp.int32)).reshape(b, -1)
+  run_id = jnp.take_along_axis(seg, jnp.minimum(first, t - 1).astype(jnp.int32), axis=1)
+  unused_id = seg[:, -1:] + 1  # differs from the last real run: the unused copies stay apart
+  copy_seg = jnp.repeat(jnp.where(used, run_id, unused_id), n_p, axis=1)
+  copy_src = jnp.broadcast_to(jnp.tile(jnp.arange(n_p, dtype=jnp.int32) + t, max_runs),
+                              copy_slot.shape)
+  width = t + n_p * max_runs
+  rows = jnp.arange(b)[:, None]
+  src = jnp.zeros((b, width), jnp.int32).at[rows, tok_slot].set(
+      jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), unique_indices=True)
+  src = src.at[rows, copy_slot].set(copy_src, unique_indices=True)
+  seg_out = jnp.zeros((b, width), jnp.int32).at[rows, tok_slot].set(seg, unique_indices=True)
+  seg_out = seg_out.at[rows, copy_slot].set(copy_seg, unique_indices=True)
+  ordered = jnp.sort(seg, axis=1)
+  distinct = jnp.sum(ordered[:, 1:] != ordered[:, :-1], axis=1) + 1
+  ok = jnp.all(count <= max_runs) & jnp.all(count == distinct)
+  return tok_slot, src, seg_out, ok
+
+
+def laid_out(q, k, v, persistent_k, persistent_v, *, segment_ids=None, scale=None,
+             max_segments: int = 16, attention_impl: str = "cudnn", lay=None):
+  """The cudnn path's arithmetic: persistent pairs as N_p tokens in front of each segment, one
+  causal softmax_attention over the result (attention_impl: cudnn on the GPU; xla or reference
+  check the layout anywhere). lay: `layout`'s result, if already made. Returns (o, ok); o is
+  exact where ok holds."""
+  b, t, h, d = q.shape
+  n_p = persistent_k.shape[0]
+  zeros = jnp.zeros((b, n_p, h, d), q.dtype)
+  if segment_ids is None:  # one run per row: the pairs simply go first
+    k2, v2 = _with_persistent(q, k, v, persistent_k, persistent_v)
+    o = api.softmax_attention(jnp.concatenate([zeros, q], axis=1), k2, v2, causal=True,
+                              scale=scale, impl=attention_impl)
+    return o[:, n_p:], jnp.ones((), bool)
+  tok_slot, src, seg, ok = lay or layout(segment_ids, t, n_p, max_segments - 1)
+  take = lambda x: jnp.take_along_axis(x, src[:, :, None, None], axis=1)  # noqa: E731
+  k2, v2 = (jnp.concatenate([x.astype(q.dtype), jnp.broadcast_to(p.astype(q.dtype),
+                                                                   (b,) + p.shape)], axis=1)
+            for x, p in ((k, persistent_k), (v, persistent_v)))
+  o = api.softmax_attention(take(jnp.concatenate([q, zeros], axis=1)), take(k2), take(v2),
+                            causal=True, segment_ids=seg, scale=scale, impl=attention_impl,
+                            max_segments=max_segments)
+  return jnp.take_along_axis(o, tok_slot[:, :, None, None], axis=1), ok
+
+
+def persistent_attention(q, k, v, persistent_k, persistent_v, *, segment_ids=None, window=None,
+                         scale=None, impl: str = "auto", chunk: int = 512,
+                         max_segments: int = 16):
+  """Causal softmax attention of q over [persistent || k] (module docstring).
+
+  Args:
+    q: [B, T, H, D]; k, v: [B, T, H_kv, D] (H_kv divides H).
+    persistent_k, persistent_v: [N_p, H_kv, D], seen by every query.
+    segment_ids: [B, T] packed sequences (keys of the query's segment only), or None.
+    window: sliding window over the sequence keys (q - k < window); None: all earlier keys.
+    impl: "auto" | "cudnn" | "xla" | "reference" (the softmax family's words).
+    chunk: queries per step of the xla path. max_segments: runs per row of the cuDNN layout.
+
+  Returns:
+    o [B, T, H, D] in q's dtype.
+  """
+  if persistent_k.ndim != 3 or persistent_k.shape != persistent_v.shape or (
+      persistent_k.shape[1:] != k.shape[2:]):
+    raise ValueError(f"persistent_k {persistent_k.shape} and persistent_v "
+                     f"{persistent_v.shape} must both be [N_p, H_kv, D] with k's "
+                     f"[H_kv, D] = {k.shape[2:]}")
+  if q.shape[1] != k.shape[1] or (segment_ids is not None and segment_ids.shape != q.shape[:2]):
+    raise ValueError(f"a self-attention: q {q.shape}, k {k.shape} and segment_ids [B, T] must "
+                     "share T")
+  path, _ = api.FAMILY.choose(impl, dtype=np.dtype(q.dtype), head_dim=q.shape[-1],
+                              dense_mask=False, segments=segment_ids is not None, causal=True,
+                              window=window)
+  kw = dict(segment_ids=segment_ids, window=window, scale=scale)
+  if path == "reference":
+    return reference(q, k, v, persistent_k, persistent_v, **kw)
+  if path == "cudnn" and window is not None:
+    if impl == "cudnn":
+      raise dispatch.PathError(
+          f"{OP} impl='cudnn' cannot run: a sliding window would hide the persistent keys from "
+          "cuDNN's layout; impl='auto' would run xla")
+    path = "xla"
+    log_path_once(OP, path, "cudnn: a window hides the persistent keys from its layout")
+  else:
+    log_path_once(OP, path)
+  xla_path = lambda q, k, v: chunked(  # noqa: E731
+      q, k, v, persistent_k, persistent_v, chunk=chunk, **kw)
+  if path == "xla":
+    return xla_path(q, k, v)
+  lay = None if segment_ids is None else layout(segment_ids, q.shape[1], persistent_k.shape[0],
+                                                 max_segments - 1)
+  cudnn_path = lambda q, k, v: laid_out(  # noqa: E731
+      q, k, v, persistent_k, persistent_v, segment_ids=segment_ids, scale=scale,
+      max_segments=max_segments, lay=lay)[0]
+  if lay is None:
+    return cudnn_path(q, k, v)
+  return jax.lax.cond(lay[3], cudnn_path, xla_path, q, k, v)

@@ -1,0 +1,378 @@
+"""Gated delta rule on one GPU: numerics against fla and our reference, then fwd+bwd beside fla.
+
+    python scripts/bench_delta_rule.py --out DIR                    # everything
+    python scripts/bench_delta_rule.py --out DIR --tune-sizes ''    # no block-size sweep
+    python scripts/bench_delta_rule.py --out DIR --fla-results OLD  # reuse fla's part
+    python scripts/bench_delta_rule.py --out DIR --no-fla --skip-check  # our timings only
+    python scripts/bench_delta_rule.py --out DIR --smoke            # CPU self-test (interpret)
+
+Parts, in order (results.json and table.md under --out, written after every row):
+1. fla (flash-linear-attention 0.6.0, carried as wheels) in a subprocess, before JAX takes the
+   GPU: chunk_gated_delta_rule on the check inputs (bf16 q, k, v and b, float32 log gates and
+   initial state, T = 1000: not a multiple of the chunk; random cotangents on o AND the final
+   state), outputs and gradients saved in fla_check.npz; then fwd and fwd+bwd medians
+   (triton.testing.do_bench) at --sizes. fla autotunes on first use.
+2. JAX: (a) our Pallas path against our reference (the token recurrence, float32) on the GPU,
+   forward, final state and all six gradients, f32 and bf16, with segments and initial state;
+   (b) on the check inputs, per tensor, ours vs the reference, fla vs the reference and ours vs
+   fla (relative Frobenius errors); (c) a block-size sweep of fwd+bwd at --tune-sizes; (d) fwd
+   and fwd+bwd of ours beside fla at --sizes, each row with the custom kernels of its compiled
+   program (6 on the Pallas path: 3 forward, 3 backward).
+Shapes: B=8, H=16, Dk=Dv=128, bf16; unit-norm q and k, log gates logsigmoid(N(0, 1)) (a mean
+decay of about 0.5 per token), b = sigmoid(N(0, 1)). fwd+bwd returns the forward output with
+the gradients of q, k, v, the gates and b (timing.forward_and_grads), as fla's backward timing
+includes its forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+B, H, D = 8, 16, 128
+CHECK = dict(b=2, t=1000, h=4, d=128)  # fla-vs-ours numeric check
+CHECK_NAMES = ("o", "ht", "dq", "dk", "dv", "dg", "dbeta", "dh0")
+# --smoke (CPU): tiny shapes, the Pallas kernels in interpret mode, no fla.
+SMOKE = {"on": False}
+
+
+def interpret() -> dict:
+  return {"interpret": True} if SMOKE["on"] else {}
+
+
+def make_inputs(seed: int, b: int, t: int, h: int, d: int):
+  """float32 numpy: q, k (unit rows), v, log gates, b in (0, 1), initial state, do, dht."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  normal = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+  q, k, v = unit(normal(b, t, h, d)), unit(normal(b, t, h, d)), normal(b, t, h, d)
+  g = -np.log1p(np.exp(-normal(b, t, h)))                    # logsigmoid
+  beta = 1 / (1 + np.exp(-normal(b, t, h)))
+  return q, k, v, g, beta, 0.1 * normal(b, h, d, d), normal(b, t, h, d), normal(b, h, d, d)
+
+
+def check_inputs():
+  c = CHECK
+  return make_inputs(0, c["b"], c["t"], c["h"], c["d"])
+
+
+# ----------------------------------------------------------------------------------------- fla
+def fla_part(out: str, sizes: list[int]) -> None:
+  import numpy as np
+  import torch
+  import triton
+  from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+  results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+             "triton": triton.__version__, "rows": []}
+  cuda = lambda x, dt: torch.from_numpy(x).cuda().to(dt)  # noqa: E731
+  bf16, f32 = torch.bfloat16, torch.float32
+  q, k, v, g, beta, h0, do, dht = check_inputs()
+  args = [cuda(q, bf16), cuda(k, bf16), cuda(v, bf16), cuda(g, f32), cuda(beta, bf16),
+          cuda(h0, f32)]
+  for x in args:
+    x.requires_grad_()
+  o, ht = chunk_gated_delta_rule(*args[:5], scale=CHECK["d"] ** -0.5, initial_state=args[5],
+                                 output_final_state=True)
+  torch.autograd.backward([o, ht], [cuda(do, bf16), cuda(dht, f32)])
+  # One file (the device returns at most 8 files from $OUT).
+  np.savez(os.path.join(out, "fla_check.npz"), **{
+      name: x.detach().float().cpu().numpy()
+      for name, x in zip(CHECK_NAMES, [o, ht] + [a.grad for a in args])})
+  print("fla check saved", flush=True)
+
+  for t in sizes:
+    q, k, v, g, beta, _, do, _ = make_inputs(1, B, t, H, D)
+    args = [cuda(q, bf16), cuda(k, bf16), cuda(v, bf16), cuda(g, f32), cuda(beta, bf16)]
+    for x in args:
+      x.requires_grad_()
+    do = cuda(do, bf16)
+    op = lambda: chunk_gated_delta_rule(*args, scale=D ** -0.5)[0]  # noqa: E731
+    try:
+      with torch.no_grad():
+        fwd = triton.testing.do_bench(op, warmup=10, rep=100, return_mode="median")
+      fwd_bwd = triton.testing.do_bench(lambda: op().backward(do), warmup=10, rep=100,
+                                        grad_to_none=args, return_mode="median")
+      results["rows"].append({"impl": "fla chunk_gated_delta_rule", "T": t, "fwd_ms": fwd,
+                              "fwd_bwd_ms": fwd_bwd})
+    except Exception as e:  # a failing peer must not hide our numbers
+      results["rows"].append({"impl": "fla chunk_gated_delta_rule", "T": t,
+                              "error": repr(e)[:300]})
+    print(results["rows"][-1], flush=True)
+    del args, do
+    torch.cuda.empty_cache()
+  with open(os.path.join(out, "fla.json"), "w") as f:
+    json.dump(results, f, indent=1)
+
+
+# ----------------------------------------------------------------------------------------- jax
+def rel_err(a, b) -> float:
+  import numpy as np
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def fwd_and_grads(impl, q, k, v, g, beta, h0, do, dht, *, segment_ids=None, block_sizes=None):
+  """(o, final state, dq, dk, dv, dg, dbeta, dh0) of one path, jitted, cotangents on o and the
+  final state."""
+  import jax
+  from effattn.kernels.delta_rule import delta_rule, reference
+
+  def f(q, k, v, g, beta, h0):
+    if impl == "reference":
+      return reference.recurrent(q, k, v, g, beta, initial_state=h0, segment_ids=segment_ids)
+    return delta_rule(q, k, v, g, beta, initial_state=h0, segment_ids=segment_ids, impl=impl,
+                      block_sizes=block_sizes, **interpret())
+
+  @jax.jit
+  def run(args, cts):
+    out, vjp = jax.vjp(f, *args)
+    return tuple(out) + tuple(vjp(cts))
+  with jax.default_matmul_precision("highest"):  # no TF32 in the float32 reference
+    return run((q, k, v, g, beta, h0), (do, dht))
+
+
+def correctness() -> list[dict]:
+  """Our Pallas path against the reference (float32 recurrence) on this device."""
+  import jax.numpy as jnp
+  import numpy as np
+  rows = []
+  cases = [("float32", True), ("bfloat16", False)]  # dtype, segments
+  b, t, h, d = (1, 40, 1, 16) if SMOKE["on"] else (2, 300, 2, 128)
+  tol = {"float32": 2e-4, "bfloat16": 3e-2}
+  for dtype, segments in cases[:1] if SMOKE["on"] else cases:
+    name = f"{dtype} B={b} T={t} H={h} D={d} segments={segments} state=True"
+    try:
+      q, k, v, g, beta, h0, do, dht = make_inputs(2, b, t, h, d)
+      seg = None
+      if segments:
+        ids = np.ones((b, t), np.int32)
+        ids[:, t // 3:] = 2
+        ids[:, t - 5:] = 0
+        seg = jnp.asarray(ids)
+      low = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+      q, k, v, do = (low(x) for x in (q, k, v, do))
+      f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+      ours = fwd_and_grads("pallas_gpu", q, k, v, f32(g), f32(beta), f32(h0), do, f32(dht),
+                           segment_ids=seg)
+      ref = fwd_and_grads("reference", f32(q), f32(k), f32(v), f32(g), f32(beta), f32(h0),
+                          f32(do), f32(dht), segment_ids=seg)
+      errs = {n: rel_err(a, r) for n, a, r in zip(CHECK_NAMES, ours, ref)}
+      worst = max(errs.values())
+      rows.append({"case": name, "max_rel_err": worst, "tol": tol[dtype],
+                   "ok": worst < tol[dtype], "errs": errs})
+    except Exception as e:
+      rows.append({"case": name, "ok": False, "error": repr(e)[:500]})
+    print(rows[-1], flush=True)
+  return rows
+
+
+def compare_with_fla(out: str) -> dict:
+  """Ours (Pallas, bf16) and fla against the float32 reference on the same check inputs."""
+  import jax.numpy as jnp
+  import numpy as np
+  path = os.path.join(out, "fla_check.npz")
+  if not os.path.exists(path):
+    return {"error": "fla outputs missing (fla part failed or --no-fla)"}
+  fla = np.load(path)
+  q, k, v, g, beta, h0, do, dht = check_inputs()
+  bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  q, k, v, do, beta = (bf(x) for x in (q, k, v, do, beta))   # the values fla saw
+  ours = fwd_and_grads("pallas_gpu", q, k, v, f32(g), f32(beta), f32(h0), do, f32(dht))
+  ref = fwd_and_grads("reference", f32(q), f32(k), f32(v), f32(g), f32(beta), f32(h0), f32(do),
+                      f32(dht))
+  res = {}
+  for name, a, r in zip(CHECK_NAMES, ours, ref):
+    theirs = fla[name]
+    res[name] = {"ours_vs_ref": rel_err(a, r), "fla_vs_ref": rel_err(theirs, r),
+                 "ours_vs_fla": rel_err(a, theirs)}
+  # Ours is as exact as fla when no tensor sits further from the float32 reference than twice
+  # fla's distance (or 1e-2, bf16's scale).
+  res["ok"] = all(e["ours_vs_ref"] <= max(2 * e["fla_vs_ref"], 1e-2)
+                  for e in res.values() if isinstance(e, dict))
+  return res
+
+
+def timed(fn, *args, reps: int = 5) -> dict:
+  from effattn.evaluate import timing
+  return timing.measure(fn, *args, reps=reps, budget_s=0.25)
+
+
+def bench_inputs(t: int):
+  import jax.numpy as jnp
+  q, k, v, g, beta, _, do, _ = make_inputs(1, B, t, H, D)
+  bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+  beta = jnp.asarray(bf(beta), jnp.float32)  # fla's b is bf16: the same values
+  return [bf(q), bf(k), bf(v), jnp.asarray(g), beta], bf(do)
+
+
+def ours(block_sizes=None):
+  """(forward, fwd+bwd) of our Pallas path: f(q, k, v, g, b) -> o, fb(..., do) -> (o, grads)."""
+  from effattn.evaluate.timing import forward_and_grads
+  from effattn.kernels.delta_rule import delta_rule
+
+  def f(q, k, v, g, beta):
+    return delta_rule(q, k, v, g, beta, impl="pallas_gpu", block_sizes=block_sizes,
+                      **interpret())[0]
+  return f, forward_and_grads(f, argnums=(0, 1, 2, 3, 4))
+
+
+def candidates():
+  from effattn.kernels.delta_rule import pallas_gpu
+  default = pallas_gpu.BlockSizes()
+  if SMOKE["on"]:
+    return [default]
+  return [default, pallas_gpu.BlockSizes(block_v=64, num_warps=8),
+          pallas_gpu.BlockSizes(block_v=128, num_warps=8, num_warps_wy=4)]
+
+
+def tune(sizes: list[int]) -> tuple[object, dict]:
+  """The fastest BlockSizes for fwd+bwd at the last of `sizes` (each candidate timed)."""
+  best, best_ms, tuning = candidates()[0], float("inf"), {}
+  for t in sizes:
+    args, do = bench_inputs(t)
+    for cfg in candidates():
+      try:
+        ms = timed(ours(cfg)[1], *args, do, reps=3)["ms"]
+      except Exception as e:
+        ms = float("nan")
+        print("tune", cfg, "failed:", repr(e)[:300], flush=True)
+      tuning[f"T={t} {cfg}"] = ms
+      print("tune", t, cfg, f"{ms:.3f} ms", flush=True)
+      if ms < best_ms:
+        best, best_ms = cfg, ms
+  tuning["best"] = str(best)
+  return best, tuning
+
+
+def bench_ours(sizes, block_sizes, on_row=lambda rows: None) -> list[dict]:
+  rows = []
+  for t in sizes:
+    args, do = bench_inputs(t)
+    name = "ours pallas_gpu"
+    try:
+      fwd, fwd_bwd = ours(block_sizes)
+      f, fb = timed(fwd, *args), timed(fwd_bwd, *args, do)
+      rows.append({"impl": name, "T": t, "fwd_ms": f["ms"], "fwd_bwd_ms": fb["ms"],
+                   "fwd_kernels": f["kernels"], "fwd_bwd_kernels": fb["kernels"],
+                   "fwd_bwd_kernel_names": fb["kernel_names"], "compile_s": fb["compile_s"]})
+    except Exception as e:
+      rows.append({"impl": name, "T": t, "error": repr(e)[:300]})
+    print(rows[-1], flush=True)
+    on_row(rows)
+    del args, do
+  return rows
+
+
+def markdown(rows, fla_rows, info) -> str:
+  by = {}
+  for r in rows + fla_rows:
+    by.setdefault(r["T"], []).append(r)
+  lines = [f"Device: {info.get('device', '?')}; B={B}, H={H}, Dk=Dv={D}, bf16; block sizes "
+           f"{info.get('block_sizes', '?')}. Medians in ms; fwd+bwd includes the forward output "
+           "and the gradients of q, k, v, gates and b; kernels = custom kernels compiled "
+           "(fwd / fwd+bwd; fla: not counted).", "",
+           "| T | impl | fwd ms | fwd+bwd ms | fwd+bwd Mtok/s | vs fla (fwd / fwd+bwd) | kernels |",
+           "|---|---|---|---|---|---|---|"]
+  for t in sorted(by):
+    peer = next((r for r in by[t] if r["impl"].startswith("fla") and "error" not in r), None)
+    for r in by[t]:
+      if "error" in r:
+        lines.append(f"| {t} | {r['impl']} | error | {r['error'][:80]} | | | |")
+        continue
+      speed = ""
+      if r["impl"].startswith("ours") and peer:
+        speed = (f"{peer['fwd_ms'] / r['fwd_ms']:.2f}x / "
+                 f"{peer['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x")
+      kernels = f"{r['fwd_kernels']} / {r['fwd_bwd_kernels']}" if "fwd_kernels" in r else "-"
+      mtok = B * t / r["fwd_bwd_ms"] / 1e3
+      lines.append(f"| {t} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
+                   f"{mtok:.1f} | {speed} | {kernels} |")
+  return "\n".join(lines)
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="/tmp/bench_delta_rule")
+  parser.add_argument("--sizes", default="8192,32768")
+  parser.add_argument("--tune-sizes", default="8192", help="'' skips the block-size sweep")
+  parser.add_argument("--part", default="all", choices=["all", "fla"])
+  parser.add_argument("--skip-check", action="store_true")
+  parser.add_argument("--fla-results", default="",
+                      help="reuse fla.json and fla_check.npz from this folder (no fla run)")
+  parser.add_argument("--no-fla", action="store_true")
+  parser.add_argument("--smoke", action="store_true",
+                      help="CPU self-test: tiny shapes, Pallas interpret mode, no fla")
+  args = parser.parse_args(argv)
+  if args.smoke:
+    global B, H, D
+    B, H, D = 1, 2, 16
+    SMOKE["on"] = True
+    args.no_fla = True
+    if args.sizes == parser.get_default("sizes"):
+      args.sizes = "64"
+    if args.tune_sizes == parser.get_default("tune_sizes"):
+      args.tune_sizes = ""
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  sizes = [int(s) for s in args.sizes.split(",") if s]
+  tune_sizes = [int(s) for s in args.tune_sizes.split(",") if s]
+  if args.part == "fla":
+    fla_part(args.out, sizes)
+    return {}
+  t0 = time.time()
+  if args.fla_results:
+    for name in os.listdir(args.fla_results):
+      if name.startswith("fla"):
+        shutil.copy(os.path.join(args.fla_results, name), args.out)
+  elif not args.no_fla:  # before JAX initializes (and preallocates) the GPU
+    subprocess.run([sys.executable, __file__, "--part", "fla", "--out", args.out,
+                    "--sizes", args.sizes], check=False)
+  print(f"fla part done at {time.time() - t0:.0f}s", flush=True)
+  import jax
+  from effattn.kernels.delta_rule import FAMILY
+  info = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+          "auto_path_on_this_device": FAMILY.choose(
+              "auto", Dk=D, Dv=D, chunk_size=64, dtype=jax.numpy.dtype("bfloat16")).path}
+  fla_path = os.path.join(args.out, "fla.json")
+  fla = json.load(open(fla_path)) if os.path.exists(fla_path) else {"rows": []}
+  results = {"info": info, "rows": [], "fla": fla}
+
+  def save(rows):
+    results["rows"] = rows
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+      json.dump(results, f, indent=1, default=str)
+
+  info["correctness"] = [] if args.skip_check else correctness()
+  info["vs_fla"] = {} if args.no_fla else compare_with_fla(args.out)
+  print("vs fla", info["vs_fla"], flush=True)
+  print(f"checks done at {time.time() - t0:.0f}s", flush=True)
+  save([])
+  block_sizes, info["tuning"] = tune(tune_sizes) if tune_sizes else (candidates()[0], {})
+  info["block_sizes"] = str(block_sizes)
+  rows = bench_ours(sizes, block_sizes, on_row=save)
+  save(rows)
+  table = markdown(rows, fla["rows"], info)
+  with open(os.path.join(args.out, "table.md"), "w") as f:
+    f.write(table + "\n")
+  print(f"total {time.time() - t0:.0f}s")
+  print("correctness:", [(c["case"], c.get("max_rel_err"), c["ok"]) for c in info["correctness"]])
+  print(table)
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,97 @@
+"""gated_deltanet: the whole layer against a float64 numpy transcription of the paper's block,
+the short convolutions' segment and decode boundaries, the O(1) cache, config checks. The common
+oracles and the kernel path (interpreted, against the reference) are in test_mechanisms.py; the
+kernels' numerics in tests/kernels/test_delta_rule.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effattn.attention import gated_deltanet
+from effattn.testing import assert_close
+from effattn.testing.inputs import random_inputs
+from effattn.testing.mechanisms import build
+
+
+@pytest.fixture(scope="module")
+def attn():
+  return build("gated_deltanet", impl="xla")
+
+
+def numpy_layer(attn, x):
+  """The block of the module docstring in float64 numpy, token by token, from attn's params."""
+  p = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  x = p(x)
+  b, t, _ = x.shape
+  h, dk, dv = attn.num_heads, attn.head_dim, attn.value_dim
+  mixed = x @ p(attn.qkv_proj.kernel.value)
+  taps = p(attn.conv.value)
+  width = taps.shape[0]
+  padded = np.concatenate([np.zeros((b, width - 1, mixed.shape[-1])), mixed], 1)
+  conv = sum(padded[:, i:i + t] * taps[i] for i in range(width))
+  silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+  act = silu(conv)
+  q, k = act[..., :h * dk].reshape(b, t, h, dk), act[..., h * dk:2 * h * dk].reshape(b, t, h, dk)
+  v = act[..., 2 * h * dk:].reshape(b, t, h, dv)
+  q, k = (z / np.sqrt((z * z).sum(-1, keepdims=True) + 1e-6) for z in (q, k))
+  gates = x @ p(attn.gate_proj.kernel.value)
+  a, beta = gates[..., :h], 1 / (1 + np.exp(-gates[..., h:]))
+  g = -np.exp(p(attn.A_log.value)) * np.log1p(np.exp(a + p(attn.dt_bias.value)))
+  s = np.zeros((b, h, dv, dk))  # the paper's S in R^{Dv x Dk}
+  o = np.zeros((b, t, h, dv))
+  eye = np.eye(dk)
+  for i in range(t):
+    kk = k[:, i]
+    proj = eye - beta[:, i, :, None, None] * kk[..., :, None] * kk[..., None, :]
+    s = (np.exp(g[:, i])[..., None, None] * s @ proj
+         + beta[:, i, :, None, None] * v[:, i, ..., :, None] * kk[..., None, :])
+    o[:, i] = np.einsum("bhvk,bhk->bhv", s, q[:, i]) * dk ** -0.5
+  o = o / np.sqrt((o * o).mean(-1, keepdims=True) + 1e-5) * p(attn.norm_scale.value)
+  o = o * silu((x @ p(attn.out_gate_proj.kernel.value)).reshape(b, t, h, dv))
+  return o.reshape(b, t, h * dv) @ p(attn.o_proj.kernel.value)
+
+
+def test_layer_is_the_papers_block(attn):
+  x, pos = random_inputs()
+  y, aux = attn(x, positions=pos)
+  assert_close("layer vs float64 numpy", numpy_layer(attn, x), y, reduction=x.shape[1])
+  assert 0 < float(aux["delta_write"]) < 1 and float(aux["delta_log_decay"]) < 0
+
+
+def test_short_conv_stops_at_segment_starts_and_continues_from_its_tail():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 10, 3)), jnp.float32)
+  taps = jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)
+  seg = jnp.asarray([[1] * 6 + [2] * 4])
+  y, _ = gated_deltanet.short_conv(x, taps, segment_ids=seg)
+  alone = [gated_deltanet.short_conv(x[:, s], taps)[0] for s in (slice(0, 6), slice(6, 10))]
+  assert_close("segments", jnp.concatenate(alone, 1), y, reduction=4)
+  # Decoding: the conv over a prompt's tail and the next tokens equals the conv over both.
+  full, _ = gated_deltanet.short_conv(x, taps)
+  _, tail = gated_deltanet.short_conv(x[:, :7], taps)
+  rest, _ = gated_deltanet.short_conv(x[:, 7:], taps, tail)
+  assert_close("decoded tail", full[:, 7:], rest, reduction=4)
+
+
+def test_cache_is_constant_in_the_length(attn):
+  small, large = attn.init_cache(2, 16), attn.init_cache(2, 4096)
+  assert jax.tree.map(jnp.shape, small) == jax.tree.map(jnp.shape, large)
+  assert small["state"].shape == (2, 4, 8, 16) and small["conv"].shape == (2, 3, 2 * 32 + 64)
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(gated_deltanet={"expand_v": 0.3}), "gated_deltanet.expand_v=0.3"),
+    (dict(gated_deltanet={"conv_size": 0}), "conv_size=0"),
+    (dict(num_kv_heads=2), "num_kv_heads"),
+    (dict(window=8), "window"),
+])
+def test_bad_options_name_the_field(fields, match):
+  with pytest.raises(ValueError, match=match):
+    build("gated_deltanet", **fields)
+
+
+def test_bidirectional_is_refused(attn):
+  x, pos = random_inputs(length=4)
+  with pytest.raises(ValueError, match="model.causal=True"):
+    attn(x, positions=pos, causal=False)

@@ -1,0 +1,85 @@
+"""Attention with persistent keys (kernels/softmax/persistent.py): the query-chunked path and
+the cuDNN layout (checked through XLA, which computes the same masked softmax) equal the dense
+oracle, forward and every gradient; the layout flags rows it cannot hold; memory is flat in T."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effattn.kernels.softmax import persistent
+
+
+def _inputs(t=37, b=2, h=4, h_kv=2, d=16, n_p=3, seed=0):
+  rng = np.random.default_rng(seed)
+  arr = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
+  return (arr(b, t, h, d), arr(b, t, h_kv, d), arr(b, t, h_kv, d), arr(n_p, h_kv, d),
+          arr(n_p, h_kv, d), arr(b, t, h, d))
+
+
+def _segments(t):
+  seg = np.ones((2, t), np.int32)
+  seg[0, 10:] = 2
+  seg[0, 30:] = 0  # padding at the end of row 0
+  seg[1, 20:] = 5
+  return jnp.asarray(seg)
+
+
+def _fwd_and_grads(fn, q, k, v, pk, pv, do):
+  out, vjp = jax.vjp(fn, q, k, v, pk, pv)
+  return (out,) + vjp(do)
+
+
+PATHS = {
+    "chunked": lambda seg, window: lambda q, k, v, pk, pv: persistent.chunked(
+        q, k, v, pk, pv, segment_ids=seg, window=window, chunk=8),
+    "laid_out": lambda seg, window: lambda q, k, v, pk, pv: persistent.laid_out(
+        q, k, v, pk, pv, segment_ids=seg, attention_impl="xla", max_segments=4)[0],
+}
+
+
+@pytest.mark.parametrize("path,segments,window", [
+    ("chunked", False, None), ("chunked", True, None), ("chunked", True, 5),
+    ("chunked", False, 100), ("laid_out", False, None), ("laid_out", True, None)])
+def test_matches_dense_oracle(path, segments, window):
+  q, k, v, pk, pv, do = _inputs()
+  seg = _segments(q.shape[1]) if segments else None
+  want = jax.jit(lambda *a: _fwd_and_grads(lambda q, k, v, pk, pv: persistent.reference(
+      q, k, v, pk, pv, segment_ids=seg, window=window), *a))(q, k, v, pk, pv, do)
+  got = jax.jit(lambda *a: _fwd_and_grads(PATHS[path](seg, window), *a))(q, k, v, pk, pv, do)
+  for name, w, g in zip(("o", "dq", "dk", "dv", "dpk", "dpv"), want, got):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=2e-5, err_msg=name)
+
+
+def test_layout_flags_what_it_cannot_hold():
+  t = 12
+  ok = lambda seg: bool(persistent.layout(jnp.asarray(seg, jnp.int32), t, 2, 3)[3])  # noqa: E731
+  assert ok([[1] * 6 + [2] * 6])
+  assert not ok([[1] * 4 + [2] * 4 + [1] * 4])  # an id recurring after another
+  assert not ok([[1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]])  # more runs than the layout's 3
+
+
+def test_layout_puts_each_segment_behind_its_copy():
+  tok_slot, src, seg, _ = persistent.layout(jnp.asarray([[7, 7, 7, 9, 9]]), 5, 2, 3)
+  np.testing.assert_array_equal(np.asarray(tok_slot[0]), [2, 3, 4, 7, 8])
+  np.testing.assert_array_equal(np.asarray(src[0, :9]), [5, 6, 0, 1, 2, 5, 6, 3, 4])
+  np.testing.assert_array_equal(np.asarray(seg[0]), [7, 7, 7, 7, 7, 9, 9, 9, 9, 10, 10])
+
+
+def test_forced_cudnn_with_a_window_is_refused():
+  q, k, v, pk, pv, _ = _inputs(t=8)
+  with pytest.raises(ValueError, match="cudnn"):
+    persistent.persistent_attention(q, k, v, pk, pv, window=4, impl="cudnn")
+
+
+def _temp_bytes(fn, t, tokens=1024):
+  q, k, v, pk, pv, do = _inputs(t=t, b=tokens // t)
+  compiled = jax.jit(lambda *a: _fwd_and_grads(fn, *a)).lower(q, k, v, pk, pv, do).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_memory_is_flat_in_t_at_equal_tokens():
+  chunk = lambda q, k, v, pk, pv: persistent.chunked(q, k, v, pk, pv, chunk=32)  # noqa: E731
+  dense = lambda q, k, v, pk, pv: persistent.reference(q, k, v, pk, pv)  # noqa: E731
+  assert _temp_bytes(chunk, 512) <= 1.25 * _temp_bytes(chunk, 128)
+  assert _temp_bytes(dense, 512) >= 2.5 * _temp_bytes(dense, 128)  # the [T, T] scores

@@ -1,0 +1,35 @@
+"""scripts/bench_delta_rule.py on CPU: a --smoke run checks the kernels and reports its rows."""
+
+import json
+
+import pytest
+
+from effattn.testing.scripts import load_script
+
+
+@pytest.fixture(scope="module")
+def bench():
+  return load_script("bench_delta_rule")
+
+
+def test_smoke_run_checks_and_times_the_kernels(bench, tmp_path):
+  results = bench.main(["--smoke", f"--out={tmp_path}"])
+  [check] = results["info"]["correctness"]
+  assert check["ok"], check
+  assert set(check["errs"]) == set(bench.CHECK_NAMES)
+  [row] = results["rows"]
+  assert row["T"] == 64 and row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+  assert row["fwd_bwd_kernels"] == 0  # interpret mode: no custom calls on CPU
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["rows"] == json.loads(json.dumps(results["rows"], default=str))
+  assert "| 64 | ours pallas_gpu |" in (tmp_path / "table.md").read_text()
+
+
+def test_table_sets_ours_beside_fla(bench):
+  ours = {"impl": "ours pallas_gpu", "T": 8192, "fwd_ms": 2.0, "fwd_bwd_ms": 5.0,
+          "fwd_kernels": 3, "fwd_bwd_kernels": 6}
+  fla = {"impl": "fla chunk_gated_delta_rule", "T": 8192, "fwd_ms": 3.0, "fwd_bwd_ms": 6.0}
+  failed = {"impl": "fla chunk_gated_delta_rule", "T": 32768, "error": "OutOfMemoryError()"}
+  table = bench.markdown([ours], [fla, failed], {"device": "H200"})
+  assert "| 8192 | ours pallas_gpu | 2.000 | 5.000 |" in table and "1.50x / 1.20x" in table
+  assert "| 3 / 6 |" in table and "| 32768 | fla chunk_gated_delta_rule | error |" in table
