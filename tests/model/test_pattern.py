@@ -128,6 +128,16 @@ def test_hybrid_layers_have_their_mechanisms_param_trees():
     assert jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(hybrid.blocks[i])) == want
 
 
+def test_every_mechanisms_aux_terms_reach_the_model():
+  """Traced only (no compile): each mechanism's terms, averaged over the layers reporting them."""
+  config = tiny_config("moh,gated_deltanet,neural_memory")
+  model = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0)))
+  _, aux = nnx.eval_shape(lambda m, x: m(x, train=True), model, jnp.zeros((2, 8), jnp.int32))
+  assert {"loss_moh_balance", "moh_active_fraction", "delta_write", "delta_log_decay",
+          "memory_lr", "memory_forget"} <= set(aux)
+  assert all(v.shape == () for v in aux.values())
+
+
 @pytest.fixture(scope="module")
 def mixed():
   """The mixed stack, and one jitted forward + backward over a batch whose row 1 differs from
