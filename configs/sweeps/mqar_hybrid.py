@@ -10,21 +10,16 @@ question: does one softmax layer in four buy softmax's recall at a quarter of it
 Learned positions for every variant, as the linear-scan mechanisms take no RoPE.
 """
 
+from configs.sweeps import mqar_linear
+
 
 def get_sweep():
   return {
       "name": "mqar_hybrid",
       "config": "configs/mqar.py",
-      "fixed": {
-          "model.num_layers": 4,
-          "model.num_heads": 4,
-          "model.position": "learned",
-          "train.steps": 600,
-          "train.batch_size": 64,
-          "train.eval_every": 0,
-          "train.eval_examples": 1000,
-          "checkpoint.every": 300,
-      },
+      # mqar_linear's model width and budget, at 4 layers with learned positions throughout.
+      "fixed": {**mqar_linear.get_sweep()["fixed"], "model.num_layers": 4,
+                "model.position": "learned"},
       "axes": {
           "attention": [
               {"label": "softmax", "model.attention.name": "softmax"},
