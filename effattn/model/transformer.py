@@ -36,7 +36,8 @@ class Block(nnx.Module):
     dtype = compute_dtype(cfg.dtype)
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.attn = attention.build(
-        cfg.attention if attention_cfg is None else attention_cfg, d_model=cfg.d_model, num_heads=cfg.num_heads, rngs=rngs,
+        cfg.attention if attention_cfg is None else attention_cfg, d_model=cfg.d_model,
+        num_heads=cfg.num_heads, rngs=rngs,
         layer_idx=layer_idx, num_layers=cfg.num_layers, dtype=dtype,
         rope_theta=cfg.rope_theta if cfg.position == "rope" else None)
     if cfg.mlp == "gated":
