@@ -93,6 +93,7 @@ def test_inherited_fields_are_checked_per_entry():
                                         r"supported by lightning"):
     validate(config)
   config.model.pattern = "2*lightning:window=none,softmax"
+  config.model.attention.name = "unused"  # a pattern replaces it
   validate(config)
   config.model.pattern, config.model.causal = "2*softmax,neural_memory", False
   config.model.attention.window = None
