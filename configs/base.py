@@ -76,6 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
   model.remat = False
   model.attention = attention_config()
+  # Hybrid stacks: each layer's mechanism, one period repeated to num_layers, e.g.
+  # "3*lightning,softmax:window=512" (effattn/model/pattern.py). Empty: every layer is
+  # model.attention.name. Entries take model.attention's fields and override them per entry.
+  model.pattern = ""
 
   config.data = data_config()
 

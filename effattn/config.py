@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from effattn import attention
+from effattn.model import pattern
 from effattn.model.transformer import DTYPES
 from effattn.ranges import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, UNIT,
                             UNIT_OPEN_TOP, ConfigError, Range)
@@ -135,6 +136,18 @@ def check_ranges(config) -> None:
     raise ConfigError("mesh.data=0 must be -1 (every device left) or a positive count")
 
 
+def check_attention(config, att) -> None:
+  """One layer kind's attention config `att` against the whole config."""
+  m = config.model
+  hd = att.get("head_dim") or m.d_model // m.num_heads
+  if m.position == "rope" and hd % 2:
+    raise ConfigError(f"RoPE needs an even head dim, got {hd}; change model.attention.head_dim "
+                      "or model.position")
+  # The mechanism checks the shared fields it honors, impl, and its options (ranges included)
+  # against the whole config.
+  attention.get(att.get("name")).validate_config(config, att)
+
+
 def validate(config) -> None:
   """Raises ConfigError on the first bad field."""
   check_ranges(config)
@@ -144,18 +157,20 @@ def validate(config) -> None:
   m = config.model
   if m.dtype not in DTYPES:
     raise ConfigError(f"model.dtype={m.dtype!r} is not one of {sorted(DTYPES)}")
-  if m.attention.name not in attention.names():
+  if not m.get("pattern") and m.attention.name not in attention.names():
     raise ConfigError(f"model.attention.name={m.attention.name!r} is unknown; registered: "
                       f"{', '.join(attention.names())}")
   if m.d_model % m.num_heads:
     raise ConfigError(f"model.num_heads={m.num_heads} must divide model.d_model={m.d_model}")
-  hd = m.attention.head_dim or m.d_model // m.num_heads
-  if m.position == "rope" and hd % 2:
-    raise ConfigError(f"RoPE needs an even head dim, got {hd}; change model.attention.head_dim "
-                      "or model.position")
-  # The mechanism checks the shared fields it honors, impl, and its options (ranges included)
-  # against the whole config.
-  attention.get(m.attention.name).validate_config(config)
+  # Each kind of layer (model.attention, or each entry of model.pattern) is checked the same
+  # way; an entry's failure names the entry before the field.
+  for entry, att in pattern.distinct_attention(m):
+    try:
+      check_attention(config, att)
+    except ConfigError as e:
+      if entry is None:
+        raise
+      raise ConfigError(f"model.pattern entry {entry!r}: {e}") from None
   if m.position == "learned" and config.data.seq_len > m.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len} "
                       "for learned positions; raise model.max_len")

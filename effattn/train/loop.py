@@ -24,7 +24,7 @@ from flax import nnx
 
 from effattn import data as data_lib
 from effattn.config import ConfigError, validate
-from effattn.model import Transformer
+from effattn.model import Transformer, pattern
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train import sharding
 from effattn.train import workdir as workdir_lib
@@ -225,7 +225,7 @@ def _train(config, workdir, mesh, checkpointer, stop, allow_config_change) -> di
   tx, schedule = make_optimizer(config.optimizer, tc.steps)
   graphdef, state = create(model, tx)
   num_params = count_params(state.params)
-  logging.info("model: %s attention, %.3fM params, backend %s", config.model.attention.name,
+  logging.info("model: %s attention, %.3fM params, backend %s", pattern.describe(config.model),
                num_params / 1e6, jax.default_backend())
   state_sharding = sharding.param_shardings(state, mesh)
   state = jax.device_put(state, state_sharding)
@@ -254,7 +254,7 @@ def _train(config, workdir, mesh, checkpointer, stop, allow_config_change) -> di
   bar = None
   if tc.progress_bar and jax.process_index() == 0:
     from tqdm import tqdm
-    bar = tqdm(total=tc.steps, initial=start, desc=config.model.attention.name, unit="step",
+    bar = tqdm(total=tc.steps, initial=start, desc=pattern.describe(config.model), unit="step",
                dynamic_ncols=True)
   pending: list[dict] = []
   done = start
