@@ -170,7 +170,12 @@ def validate(config) -> None:
     except ConfigError as e:
       if entry is None:
         raise
-      raise ConfigError(f"model.pattern entry {entry!r}: {e}") from None
+      message = str(e)
+      field = message.split("=", 1)[0].removeprefix("model.attention.")
+      if " is not supported by " in message and f":{field}=" not in entry:  # inherited
+        message = message.replace("leave it unset", f"unset it for this entry ("
+                                  f"{entry.split(':')[0]}:{field}=none) or in model.attention")
+      raise ConfigError(f"model.pattern entry {entry!r}: {message}") from None
   if m.position == "learned" and config.data.seq_len > m.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len} "
                       "for learned positions; raise model.max_len")

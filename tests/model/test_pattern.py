@@ -90,7 +90,8 @@ def test_inherited_fields_are_checked_per_entry():
   config = tiny_config("2*lightning,softmax")
   config.model.attention.window = 8  # for softmax only: lightning refuses a window
   with pytest.raises(ConfigError, match=r"entry '2\*lightning': model.attention.window=8 is not "
-                                        r"supported by lightning"):
+                                        r"supported by lightning.*unset it for this entry "
+                                        r"\(2\*lightning:window=none\)"):
     validate(config)
   config.model.pattern = "2*lightning:window=none,softmax"
   config.model.attention.name = "unused"  # a pattern replaces it
