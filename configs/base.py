@@ -104,6 +104,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_examples = ml_collections.FieldReference(None, field_type=int)  # None: whole split
   train.eval_split = "test"
   train.progress_bar = True
+  train.profile_steps = 0  # > 0: a jax.profiler trace of that many steps, in <workdir>/profile
+  train.profile_start = 10  # the trace starts after this many steps (past the compiling one)
 
   config.checkpoint = ckpt = ml_collections.ConfigDict()
   ckpt.every = 500  # steps between checkpoints (the last step is always saved)

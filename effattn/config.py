@@ -73,6 +73,8 @@ RANGES: dict[str, Range] = {
     "train.log_every": POSITIVE_INT,
     "train.eval_every": NON_NEGATIVE_INT,  # 0: only at the end
     "train.eval_examples": _OPTIONAL_COUNT,
+    "train.profile_steps": NON_NEGATIVE_INT,  # 0: no trace
+    "train.profile_start": NON_NEGATIVE_INT,
     "checkpoint.every": POSITIVE_INT,
     "checkpoint.keep": POSITIVE_INT,
     "mesh.data": Range(-1, integer=True),  # -1: every device the other axes leave; 0 refused
