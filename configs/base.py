@@ -76,6 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
   model.remat = False
   model.attention = attention_config()
+  # Hybrid stacks: each layer's mechanism, one period repeated to num_layers, e.g.
+  # "3*lightning,softmax:window=512" (effattn/model/pattern.py). Empty: every layer is
+  # model.attention.name. Entries take model.attention's fields and override them per entry.
+  model.pattern = ""
 
   config.data = data_config()
 
@@ -100,6 +104,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_examples = ml_collections.FieldReference(None, field_type=int)  # None: whole split
   train.eval_split = "test"
   train.progress_bar = True
+  train.profile_steps = 0  # > 0: a jax.profiler trace of that many steps, in <workdir>/profile
+  train.profile_start = 10  # the trace starts after this many steps (past the compiling one)
 
   config.checkpoint = ckpt = ml_collections.ConfigDict()
   ckpt.every = 500  # steps between checkpoints (the last step is always saved)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from effattn import attention
+from effattn.model import pattern
 from effattn.model.transformer import DTYPES
 from effattn.ranges import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, UNIT,
                             UNIT_OPEN_TOP, ConfigError, Range)
@@ -72,6 +73,8 @@ RANGES: dict[str, Range] = {
     "train.log_every": POSITIVE_INT,
     "train.eval_every": NON_NEGATIVE_INT,  # 0: only at the end
     "train.eval_examples": _OPTIONAL_COUNT,
+    "train.profile_steps": NON_NEGATIVE_INT,  # 0: no trace
+    "train.profile_start": NON_NEGATIVE_INT,
     "checkpoint.every": POSITIVE_INT,
     "checkpoint.keep": POSITIVE_INT,
     "mesh.data": Range(-1, integer=True),  # -1: every device the other axes leave; 0 refused
@@ -135,6 +138,18 @@ def check_ranges(config) -> None:
     raise ConfigError("mesh.data=0 must be -1 (every device left) or a positive count")
 
 
+def check_attention(config, att) -> None:
+  """One layer kind's attention config `att` against the whole config."""
+  m = config.model
+  hd = att.get("head_dim") or m.d_model // m.num_heads
+  if m.position == "rope" and hd % 2:
+    raise ConfigError(f"RoPE needs an even head dim, got {hd}; change model.attention.head_dim "
+                      "or model.position")
+  # The mechanism checks the shared fields it honors, impl, and its options (ranges included)
+  # against the whole config.
+  attention.get(att.get("name")).validate_config(config, att)
+
+
 def validate(config) -> None:
   """Raises ConfigError on the first bad field."""
   check_ranges(config)
@@ -144,18 +159,25 @@ def validate(config) -> None:
   m = config.model
   if m.dtype not in DTYPES:
     raise ConfigError(f"model.dtype={m.dtype!r} is not one of {sorted(DTYPES)}")
-  if m.attention.name not in attention.names():
+  if not m.get("pattern") and m.attention.name not in attention.names():
     raise ConfigError(f"model.attention.name={m.attention.name!r} is unknown; registered: "
                       f"{', '.join(attention.names())}")
   if m.d_model % m.num_heads:
     raise ConfigError(f"model.num_heads={m.num_heads} must divide model.d_model={m.d_model}")
-  hd = m.attention.head_dim or m.d_model // m.num_heads
-  if m.position == "rope" and hd % 2:
-    raise ConfigError(f"RoPE needs an even head dim, got {hd}; change model.attention.head_dim "
-                      "or model.position")
-  # The mechanism checks the shared fields it honors, impl, and its options (ranges included)
-  # against the whole config.
-  attention.get(m.attention.name).validate_config(config)
+  # Each kind of layer (model.attention, or each entry of model.pattern) is checked the same
+  # way; an entry's failure names the entry before the field.
+  for entry, att in pattern.distinct_attention(m):
+    try:
+      check_attention(config, att)
+    except ConfigError as e:
+      if entry is None:
+        raise
+      message = str(e)
+      field = message.split("=", 1)[0].removeprefix("model.attention.")
+      if " is not supported by " in message and f":{field}=" not in entry:  # inherited
+        message = message.replace("leave it unset", f"unset it for this entry ("
+                                  f"{entry.split(':')[0]}:{field}=none) or in model.attention")
+      raise ConfigError(f"model.pattern entry {entry!r}: {message}") from None
   if m.position == "learned" and config.data.seq_len > m.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len} "
                       "for learned positions; raise model.max_len")

@@ -217,16 +217,18 @@ class Attention(nnx.Module):
     return opts
 
   @classmethod
-  def validate_config(cls, config) -> None:
+  def validate_config(cls, config, attention: Any = None) -> None:
     """Config-time validation against the whole config: model sizes, dtype, data.seq_len, and
-    whether a forced impl's kernels take this model's shapes (on their device)."""
+    whether a forced impl's kernels take this model's shapes (on their device). `attention` is
+    the attention config to check: config.model.attention, or one entry of model.pattern's."""
     m = config.model
+    attention = m.attention if attention is None else attention
     if cls.CAUSAL_ONLY and not m.causal:
       raise ConfigError(f"model.causal=False: {cls.registered_name} is causal by construction; "
                         "set model.causal=True or pick another mechanism")
-    sizes = Sizes.read(m.attention, d_model=m.d_model, num_heads=m.num_heads, dtype=m.dtype,
+    sizes = Sizes.read(attention, d_model=m.d_model, num_heads=m.num_heads, dtype=m.dtype,
                        seq_len=config.data.seq_len)
-    opts = cls.validate(m.attention, sizes)
+    opts = cls.validate(attention, sizes)
     shapes = cls.op_shapes(opts, sizes)
     for op in cls.OPS:
       dispatch.check_forced_shapes(sizes.impl, op, cls.registered_name, **shapes)

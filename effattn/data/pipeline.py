@@ -319,18 +319,27 @@ def _prefetch(it: Iterator, depth: int) -> Iterator:
     stop.set()
 
 
-def eval_batches(data_cfg: Any, split: str, batch_size: int,
-                 max_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over the split in order; the last batch is padded with weights 0 rows."""
+def eval_batches(data_cfg: Any, split: str, batch_size: int, max_examples: int | None = None, *,
+                 process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over the split in order; the last batch is padded with weights 0 rows.
+
+  With several processes (multi-host), each reads only rows [process_index::process_count] of
+  every batch (padding rows included).
+  """
+  if batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} must be divisible by process_count="
+                     f"{process_count}")
   source = load_split(data_cfg, split)
   n = len(source) if max_examples is None else min(max_examples, len(source))
   for start in range(0, n, batch_size):
-    indices = np.arange(start, min(start + batch_size, n))
-    batch = source.get_batch(indices)
-    missing = batch_size - len(indices)
-    if missing:
-      batch = {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)])
+    rows = np.arange(start, start + batch_size)[process_index::process_count]
+    pad = rows >= n
+    # Padding rows read the last example, then become zeros (inputs: pad_id), weights 0.
+    batch = source.get_batch(np.minimum(rows, n - 1))
+    if pad.any():
+      batch = {k: np.where(pad.reshape(-1, *[1] * (v.ndim - 1)), np.zeros((), v.dtype), v)
                for k, v in batch.items()}
       if source.info.pad_id:
-        batch["inputs"][-missing:] = source.info.pad_id
+        batch["inputs"][pad] = source.info.pad_id
     yield batch

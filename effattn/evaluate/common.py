@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from effattn import data as data_lib
+from effattn.model import pattern
 from effattn.train.step import forward
 
 
@@ -62,11 +63,12 @@ def require_lm(config, task: str) -> None:
 
 
 def run_label(config) -> str:
-  """e.g. 'softmax (window 32)': names a run's mechanism in plot titles."""
+  """e.g. 'softmax (window 32)' or '3*lightning,softmax': names a run's mechanisms in plot
+  titles."""
   att = config.model.attention
   extras = []
   if att.get("window"):
     extras.append(f"window {att.window}")
   if att.get("num_kv_heads") and att.num_kv_heads != config.model.num_heads:
     extras.append(f"{att.num_kv_heads} kv heads")
-  return att.name + (f" ({', '.join(extras)})" if extras else "")
+  return pattern.describe(config.model) + (f" ({', '.join(extras)})" if extras else "")

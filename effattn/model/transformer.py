@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn import attention
+from effattn.model import pattern
 from effattn.model.layers import Embed, GatedMLP, RMSNorm, default_mlp_hidden
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -26,13 +27,17 @@ def compute_dtype(name: str):
 
 
 class Block(nnx.Module):
-  """x + attn(norm(x)), then x + mlp(norm(x)); returns the block's aux dict too."""
+  """x + attn(norm(x)), then x + mlp(norm(x)); returns the block's aux dict too.
 
-  def __init__(self, cfg: Any, layer_idx: int, *, rngs: nnx.Rngs):
+  `attention_cfg` is this layer's attention config (model.pattern's entry); default
+  cfg.attention."""
+
+  def __init__(self, cfg: Any, layer_idx: int, *, rngs: nnx.Rngs, attention_cfg: Any = None):
     dtype = compute_dtype(cfg.dtype)
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.attn = attention.build(
-        cfg.attention, d_model=cfg.d_model, num_heads=cfg.num_heads, rngs=rngs,
+        cfg.attention if attention_cfg is None else attention_cfg, d_model=cfg.d_model,
+        num_heads=cfg.num_heads, rngs=rngs,
         layer_idx=layer_idx, num_layers=cfg.num_layers, dtype=dtype,
         rope_theta=cfg.rope_theta if cfg.position == "rope" else None)
     if cfg.mlp == "gated":
@@ -72,7 +77,9 @@ class Transformer(nnx.Module):
     self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype, rngs=rngs)
     if cfg.position == "learned":
       self.pos_embed = Embed(cfg.max_len, cfg.d_model, dtype=self.dtype, rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    # One attention config per layer: model.pattern's entries, or model.attention for all.
+    self.blocks = nnx.List([Block(cfg, i, rngs=rngs, attention_cfg=att)
+                            for i, att in enumerate(pattern.layer_attention(cfg))])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     kw = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
     if cfg.head == "classifier":
@@ -95,7 +102,8 @@ class Transformer(nnx.Module):
     return self.lm_head(x).astype(jnp.float32)
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, train=False):
-    """tokens [B, T] -> (logits [B, T, V] or [B, C], aux: mean over layers of each term)."""
+    """tokens [B, T] -> (logits [B, T, V] or [B, C], aux: each term's mean over the layers
+    that report it, so in a hybrid stack every mechanism's terms appear, each at its scale)."""
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -121,6 +129,7 @@ class Transformer(nnx.Module):
     return self.logits(x), aux
 
   def init_cache(self, batch: int, max_len: int) -> list:
+    """One cache per layer, each its mechanism's own structure (mixed in a hybrid stack)."""
     return [block.attn.init_cache(batch, max_len, self.dtype) for block in self.blocks]
 
   def decode(self, tokens, *, positions, cache):

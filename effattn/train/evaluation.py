@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from effattn import data as data_lib
+from effattn.train.sharding import put_batch
 from effattn.train.step import make_eval_step
 
 _EVAL_STEPS: dict = {}
@@ -13,20 +14,23 @@ _EVAL_STEPS: dict = {}
 
 def evaluate_split(graphdef, params, rest, data_cfg, split: str, *, batch_size: int,
                    max_examples: int | None = None, batch_sharding=None) -> dict[str, float]:
-  """One pass over `split`: weighted mean loss, accuracy and perplexity over the target tokens."""
+  """One pass over `split`: weighted mean loss, accuracy and perplexity over the target tokens.
+
+  batch_sharding: each process reads only its rows of every batch and they form one global
+  array (multi-host); None: the whole batch, on the default device.
+  """
   if graphdef not in _EVAL_STEPS:  # one compiled step per model structure
     _EVAL_STEPS[graphdef] = jax.jit(make_eval_step(graphdef))
   eval_step = _EVAL_STEPS[graphdef]
   totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
   examples = 0
-  for batch in data_lib.eval_batches(data_cfg, split, batch_size, max_examples=max_examples):
-    examples += int(np.sum(np.any(np.asarray(batch["weights"]).reshape(batch_size, -1) > 0, -1)))
-    if batch_sharding is not None:  # every host reads the whole eval batch and keeps its rows
-      i, n = jax.process_index(), jax.process_count()
-      batch = jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(batch_sharding, x[i::n], x.shape),
-          batch)
+  i, n = (jax.process_index(), jax.process_count()) if batch_sharding is not None else (0, 1)
+  for batch in data_lib.eval_batches(data_cfg, split, batch_size, max_examples=max_examples,
+                                     process_index=i, process_count=n):
+    if batch_sharding is not None:
+      batch = put_batch(batch, batch_sharding)
     sums = jax.device_get(eval_step(params, rest, batch))
+    examples += int(sums["example_sum"])
     for k in totals:
       totals[k] += float(sums[k])
   if totals["weight_sum"] == 0:

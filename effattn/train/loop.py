@@ -24,7 +24,7 @@ from flax import nnx
 
 from effattn import data as data_lib
 from effattn.config import ConfigError, validate
-from effattn.model import Transformer
+from effattn.model import Transformer, pattern
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train import sharding
 from effattn.train import workdir as workdir_lib
@@ -33,6 +33,8 @@ from effattn.train.errors import (Interrupted, NonFiniteLossError, RunError, Sav
 from effattn.train.evaluation import evaluate_split
 from effattn.train.metrics import MetricWriter
 from effattn.train.optimizer import make_optimizer
+from effattn.train.profile import StepProfiler
+from effattn.train.sharding import put_batch
 from effattn.train.signals import StopSignals
 from effattn.train.state import count_params, create
 from effattn.train.step import FINITE_CHECKS, make_train_step, with_finite_flags
@@ -126,17 +128,6 @@ def train_row(host_metrics: list[dict], seconds: float, steps: int, tokens_per_s
   return row
 
 
-def put_batch(batch: dict, batch_sharding) -> dict:
-  """This host's rows of the global batch -> one sharded global jax array per field."""
-  n = jax.process_count()
-
-  def put(x):
-    return jax.make_array_from_process_local_data(batch_sharding, x, (x.shape[0] * n,
-                                                                       *x.shape[1:]))
-
-  return jax.tree.map(put, batch)
-
-
 def first_step(train_step, state, batch):
   """The first (compiling) step: an error tracing the model is a config error, in one line."""
   try:
@@ -206,7 +197,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
                                          keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
     try:
-      result = _train(config, workdir, mesh, checkpointer, stop, allow_config_change)
+      with sharding.ambient(mesh):  # the step's kernels run per shard of it (kernels/mesh.py)
+        result = _train(config, workdir, mesh, checkpointer, stop, allow_config_change)
     except BaseException as e:
       save_error = checkpointer.abandon()
       checkpointer.close(quiet=True)
@@ -225,7 +217,7 @@ def _train(config, workdir, mesh, checkpointer, stop, allow_config_change) -> di
   tx, schedule = make_optimizer(config.optimizer, tc.steps)
   graphdef, state = create(model, tx)
   num_params = count_params(state.params)
-  logging.info("model: %s attention, %.3fM params, backend %s", config.model.attention.name,
+  logging.info("model: %s attention, %.3fM params, backend %s", pattern.describe(config.model),
                num_params / 1e6, jax.default_backend())
   state_sharding = sharding.param_shardings(state, mesh)
   state = jax.device_put(state, state_sharding)
@@ -254,8 +246,9 @@ def _train(config, workdir, mesh, checkpointer, stop, allow_config_change) -> di
   bar = None
   if tc.progress_bar and jax.process_index() == 0:
     from tqdm import tqdm
-    bar = tqdm(total=tc.steps, initial=start, desc=config.model.attention.name, unit="step",
+    bar = tqdm(total=tc.steps, initial=start, desc=pattern.describe(config.model), unit="step",
                dynamic_ncols=True)
+  profiler = StepProfiler(workdir, start=tc.profile_start, steps=tc.profile_steps)
   pending: list[dict] = []
   done = start
   finished = False
@@ -264,12 +257,14 @@ def _train(config, workdir, mesh, checkpointer, stop, allow_config_change) -> di
     for step in range(start, tc.steps):
       with stop.deferred():  # a signal waits for the step and its save: the state is donated
         batch = put_batch(next(batches), batch_sharding)
-        if step == start:
-          state, metrics = first_step(train_step, state, batch)
-        else:
-          state, metrics = train_step(state, batch)
+        with profiler.step(step):
+          if step == start:
+            state, metrics = first_step(train_step, state, batch)
+          else:
+            state, metrics = train_step(state, batch)
         pending.append(metrics)
         done = step + 1
+        profiler.after(done, metrics)
         if done % tc.log_every == 0 or done == tc.steps:
           host = jax.device_get(pending)
           check_finite(host, done, checkpointer)
@@ -299,8 +294,10 @@ def _train(config, workdir, mesh, checkpointer, stop, allow_config_change) -> di
   except Interrupted as e:
     raise _stop_on_signal(e.signum, done, start, pending, state, checkpointer) from None
   finally:
+    profiler.stop()
     if bar is not None:
       bar.close()
+
     writer.close(quiet=not finished)  # on the way out of an error, the error is what counts
 
 

@@ -2,18 +2,23 @@
 
 Params: each array's largest dimension divisible by the fsdp size is split over `fsdp`; the next
 largest divisible by the tensor size over `tensor`; everything else is replicated.
-Batches: the leading (batch) dimension is split over data x fsdp.
+Batches: the leading (batch) dimension is split over data x fsdp; each process puts its own rows.
+Kernels: `ambient(mesh)` makes the mesh jax's current one while steps are traced, so each op's
+Pallas kernel runs per shard (kernels/mesh.py: batch over data x fsdp, heads over tensor).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from effattn.kernels.mesh import BATCH_AXES, HEAD_AXIS
+
+AXES = BATCH_AXES + (HEAD_AXIS,)
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
@@ -48,6 +53,24 @@ def param_shardings(tree, mesh: Mesh):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def put_batch(batch: dict, batch_sharding: NamedSharding) -> dict:
+  """This process's rows of the global batch -> one sharded global jax array per field."""
+  n = jax.process_count()
+
+  def put(x):
+    return jax.make_array_from_process_local_data(batch_sharding, x, (x.shape[0] * n,
+                                                                       *x.shape[1:]))
+
+  return jax.tree.map(put, batch)
+
+
+def ambient(mesh: Mesh) -> contextlib.AbstractContextManager:
+  """`jax.set_mesh(mesh)` for a mesh of several devices: steps traced inside run each Pallas
+  kernel per shard (kernels/mesh.py). One device needs no mesh, and its program stays the one
+  traced without any (jax.set_mesh alone renames a few of its functions)."""
+  return jax.set_mesh(mesh) if mesh.size > 1 else contextlib.nullcontext()
 
 
 def check_batch_divides(batch_size: int, mesh: Mesh) -> None:

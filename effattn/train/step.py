@@ -97,11 +97,14 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *,
 
 
 def make_eval_step(graphdef) -> Callable:
-  """Returns eval_step(params, rest, batch) -> sums of loss, correct and weight."""
+  """Returns eval_step(params, rest, batch) -> sums of loss, correct, weight and examples."""
 
   def eval_step(params, rest, batch):
     logits, _, _ = forward(graphdef, params, rest, batch, train=False)
-    return weighted_sums(logits, batch)
+    weights = batch["weights"]
+    # Rows with any weight: the examples counted (padding rows have none).
+    rows = jnp.sum(jnp.any(weights.reshape(weights.shape[0], -1) > 0, axis=-1))
+    return {**weighted_sums(logits, batch), "example_sum": rows}
 
   return eval_step
 

@@ -30,7 +30,8 @@ LOCK = ".lock"
 # where it reads data and how it is laid out on devices. Anything else changes the model,
 # the data or the optimization the checkpoints belong to.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_examples",
-                     "train.eval_split", "train.progress_bar", "checkpoint.", "eval.", "mesh.",
+                     "train.eval_split", "train.progress_bar", "train.profile_",
+                     "checkpoint.", "eval.", "mesh.",
                      "data.data_dir", "model.attention.impl", "model.remat")
 
 

@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from effattn.kernels import dispatch
+from effattn.kernels import dispatch, mesh
 from effattn.kernels.block_sparse import pallas_gpu, pallas_tpu, reference, xla
 from effattn.kernels.block_sparse.common import Aux, BlockSizes, transpose_lists
 
@@ -129,6 +129,9 @@ def _pallas_bwd(st, res, cotangents):
 
 
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
+# q, k, v, kv_indices, kv_counts, aux (every field [B', Hx, N]) -> o, lse.
+_LAYOUTS = (("BTHD", "BSHD", "BSHD", "BHQK", "BHQ", "BHN"), ("BTHD", "BHT"))
+
 
 
 def block_sparse_attention(
@@ -242,5 +245,7 @@ def block_sparse_attention(
                    if x is not None and platform in ("gpu", "mosaic_gpu"))
     st = _Static(causal=causal, scale=scale, block_q=sizes.block_q, block_k=sizes.block_k,
                  interpret=interpret, platform=platform, tuning=tuning)
-    o, lse = _pallas(q, k, v, kv_indices, kv_counts, aux, st)
+    kernel = mesh.on_mesh("block_sparse", path, lambda *a: _pallas(*a, st), *_LAYOUTS)
+    o, lse = kernel(q, k, v, kv_indices, kv_counts, aux)
+
   return o[:, :t], lse[:, :, :t]

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effattn.kernels import dispatch
+from effattn.kernels import dispatch, mesh
 from effattn.kernels.delta_rule import common, pallas_gpu, pallas_tpu, reference, xla
 
 DEFAULT_CHUNK = 64
@@ -109,6 +109,9 @@ _prepare = jax.jit(common.prepare, static_argnames="chunk")
 _delta_jit = jax.jit(_delta, static_argnums=0)
 _recurrent = jax.jit(reference.recurrent, static_argnames="scale")
 _step = jax.jit(reference.step, static_argnames="scale")
+# q, k, v, beta, gcum, runs, carry, tail (None without segments), s0 -> o, final state.
+_LAYOUTS = (("BTHD", "BTHD", "BTHD", "BTH", "BTH", "BT", "BT", "BT", "BHKV"), ("BTHD", "BHKV"))
+
 
 
 def _check(q, k, v, log_gate, beta, initial_state, segment_ids, chunk_size):
@@ -173,7 +176,8 @@ def delta_rule(q, k, v, log_gate, beta, *, initial_state=None, segment_ids=None,
   if block_sizes is None and path != "xla":
     block_sizes = _MODULES[path].BlockSizes()
   plan = _Plan(path, chunk, scale, np.dtype(q.dtype), out_dtype, block_sizes, interpret)
-  o, final = _delta_jit(plan, *_prepare(q, k, v, log_gate, beta, segment_ids, chunk=chunk), s0)
+  kernel = mesh.on_mesh("delta_rule", path, functools.partial(_delta_jit, plan), *_LAYOUTS)
+  o, final = kernel(*_prepare(q, k, v, log_gate, beta, segment_ids, chunk=chunk), s0)
   return o[:, :q.shape[1]], final
 
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from effattn.kernels import dispatch
+from effattn.kernels import dispatch, mesh
 from effattn.kernels.grouped_softmax import pallas_gpu, pallas_tpu, reference, xla
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
@@ -149,7 +149,11 @@ def kernel_attention(q, k, v, k_land, lay: Layout, st: _Static):
     klg = k_land[:, :n_groups]
   else:
     klg = jnp.pad(k_land, ((0, 0), (0, n_groups - k_land.shape[1]), (0, 0), (0, 0)))
-  og = _kernel(qg, kg, vg, klg, lay["glen"], lay["gfirst"], lay["glast"], st)
+  # qg, kg, vg [B, slots, H, D], klg [B, G, H, D], glen, gfirst, glast [B, Gp] -> og.
+  kernel = mesh.on_mesh("grouped_softmax", f"pallas_{st.platform}", lambda *a: _kernel(*a, st),
+                        ("BTHD", "BTHD", "BTHD", "BGHD", "BG", "BG", "BG"), "BTHD")
+  og = kernel(qg, kg, vg, klg, lay["glen"], lay["gfirst"], lay["glast"])
+
   return _take_rows(og, lay["tok_slot"])
 
 

@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from effattn.kernels import dispatch
+from effattn.kernels import dispatch, mesh
 from effattn.kernels.head_routing import pallas_gpu, pallas_tpu, reference, xla
 from effattn.kernels.head_routing.common import (BlockSizes, compact, gather_tokens,
                                                  key_block_bounds)
@@ -199,4 +199,8 @@ def _pallas_path(q, k, v, gates, segment_ids, *, causal, scale, sizes, interpret
   st = _Static(causal=causal, scale=scale, block_q=sizes.block_q, block_k=sizes.block_k,
                kv_len=t, interpret=interpret, platform=platform)
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-  return _pallas(q, k, v, gates, seg, one_run, st)[:, :t]
+  # one_run is the whole batch's: true on every shard when true.
+  kernel = mesh.on_mesh("head_routing", f"pallas_{platform}", lambda *a: _pallas(*a, st),
+                        ("BTHD", "BTHD", "BTHD", "BTH", "BT", ""), "BTHD")
+  return kernel(q, k, v, gates, seg, one_run)[:, :t]
+

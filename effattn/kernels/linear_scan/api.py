@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effattn.kernels import dispatch
+from effattn.kernels import dispatch, mesh
 from effattn.kernels.linear_scan import pallas_gpu, pallas_tpu, reference, xla
 
 _GPU_DTYPES = tuple(np.dtype(t) for t in (jnp.bfloat16, jnp.float16, jnp.float32))
@@ -108,6 +108,14 @@ def _scan_bwd(plan, reverse, residuals, cotangents):
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
+# q, k, v, g, s0, runs -> o, final state.
+_LAYOUTS = (("BTHD", "BTHD", "BTHD", "H", "BHKV", "BT"), ("BTHD", "BHKV"))
+
+
+def _scan_on_mesh(plan: _Plan, reverse: bool, *args):
+  """_scan per shard of the ambient mesh (kernels/mesh.py)."""
+  kernel = functools.partial(_scan, plan, reverse)
+  return mesh.on_mesh("linear_scan", plan.path, kernel, *_LAYOUTS)(*args)
 
 
 def _check(q, k, v, log_decay, initial_state, segment_ids, causal):
@@ -181,11 +189,12 @@ def _linear_scan(choice: dispatch.Choice, q, k, v, log_decay, *, causal, initial
   s0 = zeros if initial_state is None else initial_state.astype(jnp.float32)
   plan = _Plan(path, float(scale), out_dtype, chunk_size, block_sizes, choice.interpret)
   if causal:
-    return _scan(plan, False, q, k, v, g, s0, runs)
+    return _scan_on_mesh(plan, False, q, k, v, g, s0, runs)
   # Bidirectional = causal + reverse - the diagonal both of them counted; summed in f32.
   plan32 = dataclasses.replace(plan, out_dtype=np.dtype(np.float32))
-  forward, final = _scan(plan32, False, q, k, v, g, zeros, runs)
-  backward, _ = _scan(plan32, True, q, k, v, g, zeros, runs)
+  forward, final = _scan_on_mesh(plan32, False, q, k, v, g, zeros, runs)
+  backward, _ = _scan_on_mesh(plan32, True, q, k, v, g, zeros, runs)
+
   diagonal = scale * jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), -1, keepdims=True)
   o = forward + backward - diagonal * v.astype(jnp.float32)
   return o.astype(out_dtype), final

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effattn.kernels import dispatch
+from effattn.kernels import dispatch, mesh
 from effattn.kernels.memory_chunk import common, deep, pallas_gpu, pallas_tpu, reference, xla
 
 _LINEAR = dispatch.Limit(("depth",), lambda depth: "" if depth == 1 else
@@ -96,6 +96,10 @@ _update.defvjp(_update_fwd, _update_bwd)
 # Jitted so eager calls (tests, decoding) compile the chunk loop once per shape, not per call.
 _update_jit = jax.jit(_update, static_argnums=0)
 _chunk_loop_jit = jax.jit(reference.chunk_loop, static_argnames="chunk_size")
+# q, k, v, theta, lb, le, seg, carry, end, w0, s0 -> y, w, s.
+_LAYOUTS = (("BTHD", "BTHD", "BTHD", "BTH", "BTH", "BTH", "BT", "BT", "BT", "BHKV", "BHKV"),
+            ("BTHD", "BHKV", "BHKV"))
+
 
 
 def _check(q, k, v, theta, alpha, eta, w0, s0, segment_ids, chunk_size):
@@ -163,7 +167,8 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
   if block_sizes is None and path != "xla":
     block_sizes = _module(_Plan(path, c, None, None, False)).BlockSizes()
   plan = _Plan(path, c, np.dtype(compute_dtype or q.dtype), block_sizes, interpret)
-  y, w, s = _update_jit(plan, q, k, v, theta, lb, le, seg, carry, end, w0, s0)
+  kernel = mesh.on_mesh("memory_chunk", path, functools.partial(_update_jit, plan), *_LAYOUTS)
+  y, w, s = kernel(q, k, v, theta, lb, le, seg, carry, end, w0, s0)
   return y[:, :t].astype(out_dtype), (w, s)
 
 
