@@ -11,7 +11,7 @@ import pytest
 from effattn.attention import gated_deltanet
 from effattn.testing import assert_close
 from effattn.testing.inputs import random_inputs
-from effattn.testing.mechanisms import build
+from effattn.testing.mechanisms import Jitted, build
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def numpy_layer(attn, x):
 
 def test_layer_is_the_papers_block(attn):
   x, pos = random_inputs()
-  y, aux = attn(x, positions=pos)
+  y, aux = Jitted(attn)(x, positions=pos)  # one compile, not one per eager op
   assert_close("layer vs float64 numpy", numpy_layer(attn, x), y, reduction=x.shape[1])
   assert 0 < float(aux["delta_write"]) < 1 and float(aux["delta_log_decay"]) < 0
 
