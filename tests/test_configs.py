@@ -1,7 +1,6 @@
 """Config files load and validate, and every field is overridable from the command line."""
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ from configs import base
 from effattn.config import validate
 from effattn.evaluate.registry import default_options, task_options
 from effattn.model import Transformer
+from effattn.testing.scripts import load_script
 from effattn.train.checkpoint import save_config
 from effattn.train.loop import resolve_config
 
@@ -100,14 +100,7 @@ def test_documented_eval_task_options_override_a_saved_config(tmp_path):
 
 def _sweep_variants():
   """(id, config file, overrides) of every variant of every sweep file, and each config file."""
-  # One import per process, shared with tests/scripts/test_sweep.py (its absl flags are global).
-  sweep_lib = sys.modules.get("sweep_script")
-  if sweep_lib is None:
-    spec = importlib.util.spec_from_file_location("sweep_script",
-                                                  os.path.join(ROOT, "scripts", "sweep.py"))
-    sweep_lib = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = sweep_lib
-    spec.loader.exec_module(sweep_lib)
+  sweep_lib = load_script("sweep")  # one import per process, shared with test_sweep.py
   cases = [(os.path.basename(p), p, {}) for p in CONFIG_FILES]
   for path in sorted(glob.glob(os.path.join(ROOT, "configs", "sweeps", "*.py"))):
     if "def get_sweep(" not in open(path, encoding="utf-8").read():
@@ -129,6 +122,11 @@ def _set(config, key, value):
 _CASES = _sweep_variants()
 
 
+# Parameter counts of the models built so far, by model config: the variants of a sweep that
+# differ only outside config.model (data, train) build one model.
+_PARAMS_BY_MODEL: dict[str, int] = {}
+
+
 @pytest.mark.parametrize("path,overrides", [c[1:] for c in _CASES], ids=[c[0] for c in _CASES])
 def test_every_config_and_sweep_variant_builds_its_model(path, overrides):
   """Validated, task fields filled in, and the model built abstractly (no parameters)."""
@@ -138,6 +136,9 @@ def test_every_config_and_sweep_variant_builds_its_model(path, overrides):
       if value is not None:  # as the sweep's command line does
         _set(config, key, value)
   config = resolve_config(config)
-  model = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0)))
-  params = nnx.state(model, nnx.Param)
-  assert sum(x.size for x in jax.tree.leaves(params)) > 0
+  key = config.model.to_json_best_effort(sort_keys=True)
+  if key not in _PARAMS_BY_MODEL:
+    model = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    _PARAMS_BY_MODEL[key] = sum(x.size for x in jax.tree.leaves(params))
+  assert _PARAMS_BY_MODEL[key] > 0

@@ -84,6 +84,13 @@ def test_layers_point_one_way(importer, imported):
   assert not bad, f"{importer} must not import {imported}: {bad}"
 
 
+def test_only_tests_import_the_test_kit():
+  bad = sorted(f"{a} -> {b}" for a, targets in import_graph().items()
+               if not _under(a, "effattn.testing") for b in targets
+               if _under(b, "effattn.testing"))
+  assert not bad, f"effattn.testing is for tests and scripts only: {bad}"
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
   """Strongly connected components with more than one module (Tarjan)."""
   index, low, stack, on_stack, out = {}, {}, [], set(), []

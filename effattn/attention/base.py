@@ -121,6 +121,10 @@ class Attention(nnx.Module):
   RANGES: dict[str, Range] = {}
   # Causal by construction (model.causal=False fails at config time).
   CAUSAL_ONLY: bool = False
+  # Options for the tiny test model (d_model 64, 4 heads, T = 32) where DEFAULTS would not
+  # exercise the mechanism there (blocks or windows longer than T); the mechanism suite
+  # (tests/attention/test_mechanisms.py) builds every registered mechanism with them.
+  TINY: dict[str, Any] = {}
 
   def __init__(
       self,

@@ -145,6 +145,7 @@ class DynamicMaskAttention(base.Attention):
   SUPPORTS = ("num_kv_heads", "head_dim")  # keep_window, not a sliding window, bounds the keys
   CHOICES = {"selection": ("per_query", "global"), "select_impl": ("ranked", "dense")}
   RANGES = {"keep_window": POSITIVE_INT, "block": Range(8, integer=True)}  # block: power of 2
+  TINY = {"keep_window": 8, "block": 16}  # fewer keys kept than T = 32, two tiles
 
   @classmethod
   def check(cls, opts, sizes):

@@ -95,6 +95,8 @@ class LandmarkAttention(base.Attention):
   CAUSAL_ONLY = True
   RANGES = {"block_len": POSITIVE_INT, "top_k": POSITIVE_INT, "query_chunk": NON_NEGATIVE_INT,
             "max_groups": NON_NEGATIVE_INT, "tile": Range(16, integer=True)}  # tile: power of 2
+  # Several blocks in T = 32, every block retrieved (decode equals the forward pass).
+  TINY = {"block_len": 4, "top_k": 8, "query_chunk": 8, "tile": 16}
 
   @classmethod
   def check(cls, opts, sizes):

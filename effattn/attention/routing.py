@@ -109,6 +109,7 @@ class RoutingAttention(base.Attention):
             "local_window": POSITIVE_INT, "cluster_size": Range(1, integer=True, none_ok=True),
             "decay": UNIT_OPEN_TOP, "commitment": NON_NEGATIVE,
             "block": Range(8, integer=True)}  # block: a power of two
+  TINY = {"local_window": 4, "block": 16}  # a window shorter than T = 32, two tiles
 
   @classmethod
   def check(cls, opts, sizes):

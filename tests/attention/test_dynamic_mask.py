@@ -1,41 +1,27 @@
-"""dynamic_mask (DMA): the common oracles and the spec's own (naive top-w formula, w >= T, the
-kept-set size, gradients into A and W_dt, tile skipping)."""
+"""dynamic_mask (DMA), the spec's own oracles: the naive top-w formula, w >= T is causal softmax
+plus the bias, the kept-set size, tile skipping. The common oracles (causality, decode, segments,
+gradients of every parameter, paths and kernels against the reference) are in
+test_mechanisms.py."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from effattn.attention import base
 from effattn.attention.dynamic_mask import select_top_w
 from effattn.kernels.softmax import reference_attention
 from effattn.kernels.block_sparse.common import element_mask
-from tests.attention import oracles
-from tests.attention.test_routing import Jitted
+from effattn.testing import assert_close
+from effattn.testing.inputs import random_inputs
+from effattn.testing.mechanisms import Jitted, build
 
 
 def _build(impl="xla", keep_window=5, **opts):
-  attn = oracles.build("dynamic_mask", impl=impl, num_kv_heads=2,
-                       dynamic_mask={"keep_window": keep_window, "block": 8, **opts})
+  attn = build("dynamic_mask", impl=impl, num_kv_heads=2,
+               dynamic_mask={"keep_window": keep_window, "block": 8, **opts})
   attn.A[...] = jnp.array([1.5, -2.0])  # a non-trivial bias (A starts at 0 as in the code)
   return attn
-
-
-def test_common_oracles_reference():
-  attn = Jitted(_build("reference"))
-  x, pos = oracles.random_inputs(length=20)
-  oracles.check_causality(attn, x, pos)
-  oracles.check_decode_matches_forward(attn, x, pos, prompt_len=7)  # prefill + token steps
-  oracles.check_segments_isolated(attn, x)
-
-
-def test_common_oracles_kernel_path():
-  attn = _build("xla")
-  x, pos = oracles.random_inputs(length=20)
-  oracles.check_causality(Jitted(attn), x, pos, atol=1e-5)
-  oracles.check_segments_isolated(Jitted(attn), x)
-  oracles.check_gradients_finite(attn, x, pos)
 
 
 def naive_dma(q, k, v, bias, w):
@@ -58,23 +44,22 @@ def naive_dma(q, k, v, bias, w):
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 def test_matches_naive_top_w(impl):
   attn = _build(impl, keep_window=4)
-  x, pos = oracles.random_inputs(length=14)
+  x, pos = random_inputs(length=14)
   q, k, v, bias = attn.project(x, pos)
   y, _ = attn(x, positions=pos)
   want = attn.o_proj(base.merge_heads(jnp.asarray(naive_dma(q, k, v, bias, 4), jnp.float32)))
-  np.testing.assert_allclose(np.asarray(y), np.asarray(want), atol=2e-5)
+  assert_close("y", want, y, reduction=14)
 
 
 def test_window_covering_everything_is_causal_softmax_plus_bias():
   attn = _build("xla", keep_window=64)
-  x, pos = oracles.random_inputs(length=20)
+  x, pos = random_inputs(length=20)
   q, k, v, bias = attn.project(x, pos)
   idx = base.sequence_index(2, 20)
   o = reference_attention(q, k, v, base.attention_mask(idx, idx, causal=True),
                           bias=jnp.repeat(bias, 2, axis=1)[:, :, None, :])
   y, _ = attn(x, positions=pos)
-  np.testing.assert_allclose(np.asarray(y), np.asarray(attn.o_proj(base.merge_heads(o))),
-                             atol=2e-5)
+  assert_close("y", attn.o_proj(base.merge_heads(o)), y, reduction=20)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -95,41 +80,28 @@ def test_global_selection_ranks_once():
   bias = jax.random.normal(jax.random.key(1), (1, 1, t))
   idx = base.sequence_index(1, t)
   thr, _, _ = select_top_w(bias, keep_window=w, selection="global", q_index=idx, kv_index=idx)
-  np.testing.assert_allclose(np.asarray(thr[0, 0]), np.sort(np.asarray(bias[0, 0]))[-w])
-
-
-def test_gradients_reach_gate_parameters():
-  attn = _build("xla")
-  x, pos = oracles.random_inputs(length=20)
-
-  def loss(m):
-    y, _ = m(x, positions=pos)
-    return jnp.mean(jnp.sin(y))
-
-  grads = nnx.grad(loss)(attn)
-  assert float(jnp.abs(grads.A[...]).max()) > 0
-  assert float(jnp.abs(grads.dt_proj.kernel[...]).max()) > 0
+  np.testing.assert_array_equal(np.asarray(thr[0, 0]), np.sort(np.asarray(bias[0, 0]))[-w])
 
 
 def test_tiles_are_skipped_and_kernel_path_agrees():
-  x, pos = oracles.random_inputs(length=64)
+  x, pos = random_inputs(length=64)
   got, aux = _build("xla", keep_window=8)(x, positions=pos)
   want, _ = _build("reference", keep_window=8)(x, positions=pos)
   assert float(aux["dma_kept_tile_frac"]) < 0.75
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+  assert_close("y", want, got, reduction=64)
 
 
 def test_bad_options_named():
   with pytest.raises(ValueError, match="selection"):
-    oracles.build("dynamic_mask", dynamic_mask={"selection": "random"})
+    build("dynamic_mask", dynamic_mask={"selection": "random"})
   with pytest.raises(ValueError, match="keep_window"):
-    oracles.build("dynamic_mask", dynamic_mask={"keep_window": 0})
+    build("dynamic_mask", dynamic_mask={"keep_window": 0})
 
 
 def test_ranked_selection_equals_dense_in_the_layer():
   """select_impl ranked (default) and dense (the oracle) give one output; a segment id that
   recurs after another takes the dense form, and aux says so."""
-  x, pos = oracles.random_inputs(length=24)
+  x, pos = random_inputs(length=24)
   contiguous = jnp.asarray(np.repeat([[1, 2, 0], [1, 1, 1]], 8, axis=1), jnp.int32)
   recurring = jnp.asarray(np.tile([[1, 2], [3, 3]], (1, 12)), jnp.int32)
   ranked, dense = _build("xla", keep_window=4), _build("xla", keep_window=4, select_impl="dense")
@@ -142,6 +114,6 @@ def test_ranked_selection_equals_dense_in_the_layer():
 
 
 def test_bad_select_impl_named():
-  x, pos = oracles.random_inputs(length=8)
+  x, pos = random_inputs(length=8)
   with pytest.raises(ValueError, match="select_impl"):
     _build("xla", select_impl="fast")(x, positions=pos)

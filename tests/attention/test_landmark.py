@@ -1,5 +1,7 @@
-"""landmark: the common oracles and the spec's own (naive grouped softmax, rows sum to 1, one
-block is causal softmax, retrieval with k = all blocks equals the full grouped softmax)."""
+"""landmark, the spec's own oracles: the naive grouped softmax, rows sum to 1, one block is
+causal softmax, retrieving fewer blocks changes far context only, decoding past the training
+length, and the kernel path's runtime fallback in aux. The common oracles (with every block
+retrieved: decode equals the forward pass) are in test_mechanisms.py."""
 
 import jax
 import jax.numpy as jnp
@@ -11,19 +13,10 @@ from effattn.attention.landmark import block_groups
 from effattn.kernels.grouped_softmax import (chunked_grouped_softmax_attention,
                                              grouped_softmax_attention)
 from effattn.kernels.softmax import reference_attention
-from tests.attention import oracles
-from tests.attention.test_routing import Jitted
-
-
-def test_common_oracles_with_retrieval_of_all_blocks():
-  # Chunked with a ragged last chunk; the dense form equals it (test below).
-  module = oracles.build("landmark", landmark={"block_len": 4, "top_k": 100, "query_chunk": 4})
-  attn = Jitted(module)
-  x, pos = oracles.random_inputs(length=14)
-  oracles.check_causality(attn, x, pos)
-  oracles.check_decode_matches_forward(attn, x, pos, prompt_len=6)  # prefill + token steps
-  oracles.check_segments_isolated(attn, x)
-  oracles.check_gradients_finite(module, x, pos)
+from effattn.kernels import dispatch
+from effattn.testing import assert_close
+from effattn.testing.inputs import random_inputs
+from effattn.testing.mechanisms import Jitted, build
 
 
 def _random(t=11, h=2, d=8, seed=0):
@@ -65,9 +58,9 @@ def test_grouped_softmax_matches_the_formula_and_rows_sum_to_one():
   o, a = grouped_softmax_attention(q, k, v, k_land, gid, jnp.ones((1, t), jnp.int32),
                                    scale=8 ** -0.5)
   want_o, want_a = naive_grouped(q, k, v, k_land, 3)
-  np.testing.assert_allclose(np.asarray(a[0]), want_a, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(o[0]), want_o, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(a.sum(-1)), 1.0, atol=1e-5)
+  assert_close("weights", want_a, a[0], reduction=t)
+  assert_close("o", want_o, o[0], reduction=t)
+  assert_close("row sums", 1.0, a.sum(-1), reduction=t)
 
 
 @pytest.mark.parametrize("t,chunk,block_len", [(13, 4, 3), (7, 16, 2)])
@@ -83,33 +76,31 @@ def test_chunked_equals_dense_with_segments(t, chunk, block_len):
   def chunked(q, k, v, k_land):
     return chunked_grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=0.3, chunk=chunk)
 
-  np.testing.assert_allclose(np.asarray(chunked(q, k, v, k_land)),
-                             np.asarray(dense(q, k, v, k_land)), atol=1e-5)
+  assert_close("o", dense(q, k, v, k_land), chunked(q, k, v, k_land), reduction=t)
   w = jax.random.normal(jax.random.key(1), q.shape)
   loss = lambda f: lambda *a: jnp.sum(f(*a) * w)  # noqa: E731
   g_dense = jax.grad(loss(dense), argnums=(0, 1, 2, 3))(q, k, v, k_land)
   g_chunk = jax.grad(loss(chunked), argnums=(0, 1, 2, 3))(q, k, v, k_land)
-  for got, want in zip(g_chunk, g_dense):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  for name, got, want in zip(("dq", "dk", "dv", "dk_land"), g_chunk, g_dense):
+    assert_close(name, want, got, reduction=t)
 
 
 def test_one_block_is_causal_softmax():
-  attn = oracles.build("landmark", landmark={"block_len": 64})
-  x, pos = oracles.random_inputs(length=12)
+  attn = build("landmark", landmark={"block_len": 64})
+  x, pos = random_inputs(length=12)
   y, _ = attn(x, positions=pos)
   q = base.apply_rope(base.split_heads(attn.q_proj(x), 4), pos, attn.rope_theta)
   k = base.apply_rope(base.split_heads(attn.k_proj(x), 4), pos, attn.rope_theta)
   v = base.split_heads(attn.v_proj(x), 4)
   idx = base.sequence_index(2, 12)
   o = reference_attention(q, k, v, base.attention_mask(idx, idx, causal=True))
-  np.testing.assert_allclose(np.asarray(y), np.asarray(attn.o_proj(base.merge_heads(o))),
-                             atol=1e-5)
+  assert_close("y", attn.o_proj(base.merge_heads(o)), y, reduction=12)
 
 
 def test_retrieval_of_fewer_blocks_changes_far_context_only():
-  x, pos = oracles.random_inputs(length=20)
-  full = oracles.build("landmark", landmark={"block_len": 4, "top_k": 100})
-  few = oracles.build("landmark", landmark={"block_len": 4, "top_k": 1})
+  x, pos = random_inputs(length=20)
+  full = build("landmark", landmark={"block_len": 4, "top_k": 100})
+  few = build("landmark", landmark={"block_len": 4, "top_k": 1})
 
   def decode_all(attn):
     cache = attn.init_cache(2, 20, x.dtype)
@@ -118,13 +109,13 @@ def test_retrieval_of_fewer_blocks_changes_far_context_only():
 
   y_full, y_few = decode_all(full), decode_all(few)
   # Queries in the first two blocks see at most one earlier block: identical.
-  np.testing.assert_allclose(y_few[:, :8], y_full[:, :8], atol=1e-5)
+  assert_close("first two blocks", y_full[:, :8], y_few[:, :8], reduction=20)
   assert not np.allclose(y_few[:, 12:], y_full[:, 12:], atol=1e-4)
 
 
 def test_decoding_past_the_training_length():
-  attn = Jitted(oracles.build("landmark", landmark={"block_len": 4, "top_k": 2}))
-  x, pos = oracles.random_inputs(length=40)
+  attn = Jitted(build("landmark", landmark={"block_len": 4, "top_k": 2}))
+  x, pos = random_inputs(length=40)
   cache = attn.init_cache(2, 40, x.dtype)
   y, cache = attn.decode(x[:, :12], positions=pos[:, :12], cache=cache)
   for i in range(12, 40):
@@ -134,8 +125,38 @@ def test_decoding_past_the_training_length():
 
 def test_bad_options_named():
   with pytest.raises(ValueError, match="block_len"):
-    oracles.build("landmark", landmark={"block_len": 0})
+    build("landmark", landmark={"block_len": 0})
   with pytest.raises(ValueError, match="query_chunk"):
-    oracles.build("landmark", landmark={"query_chunk": -1})
+    build("landmark", landmark={"query_chunk": -1})
   with pytest.raises(ValueError, match="num_kv_heads"):
-    oracles.build("landmark", num_kv_heads=2)
+    build("landmark", num_kv_heads=2)
+
+
+def _packed(b, t):
+  """Row 0: two packed segments + padding; row 1: one segment that starts mid-block (positions
+  from 3) + padding. (positions, segment_ids) [B, T]."""
+  seg, pos = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+  a, c = t // 3, t - t // 5
+  seg[0, :a], seg[0, a:c] = 1, 2
+  pos[0, :a], pos[0, a:c] = np.arange(a), np.arange(c - a)
+  seg[1, :c], pos[1, :c] = 1, np.arange(c) + 3
+  return jnp.asarray(pos), jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("max_groups,want", [(0, 0.0), (2, 1.0)])
+def test_runtime_fallback_is_reported_in_aux(max_groups, want):
+  """The kernel path (interpreted as on a GPU) says in aux how many rows took the lax.cond
+  fallback: none with room for every block, all when the layout holds 2 blocks; either way the
+  output is the xla path's."""
+  opts = {"block_len": 8, "tile": 16, "query_chunk": 8}
+  module = build("landmark", num_heads=2, impl="auto", landmark={**opts, "max_groups": max_groups})
+  x, _ = random_inputs(batch=2, length=30)
+  pos, seg = _packed(2, 30)
+  with dispatch.interpret_kernels("gpu"):
+    y, aux = module(x, positions=pos, segment_ids=seg)
+  assert float(aux["grouped_softmax_fallback_frac"]) == want
+  y_ref, aux_ref = build("landmark", num_heads=2, impl="xla", landmark=opts)(
+      x, positions=pos, segment_ids=seg)
+  assert "grouped_softmax_fallback_frac" not in aux_ref  # a path with no runtime fallback
+  real = np.asarray(seg)[..., None] > 0
+  assert_close("y", np.where(real, y_ref, 0), np.where(real, y, 0), reduction=30)

@@ -1,12 +1,13 @@
-"""lightning: official decay schedule, the recurrent form of the whole block, decode, segments."""
+"""lightning, its own oracles: the official decay schedules, the whole block equals its recurrent
+form, strong decay forgets the past. The common oracles are in test_mechanisms.py."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from effattn.attention import lightning
-from tests.attention import oracles
+from effattn.testing import assert_close
+from effattn.testing.inputs import random_inputs
+from effattn.testing.mechanisms import build
 
 
 def test_slopes_and_schedules_match_the_official_code():
@@ -22,9 +23,9 @@ def test_slopes_and_schedules_match_the_official_code():
 
 def test_block_equals_its_recurrent_form():
   """o_t = q_t S_t, S_t = lambda S_{t-1} + k_t^T v_t; y = W_o(SRMSNorm(o) * u), in numpy."""
-  attn = oracles.build("lightning", num_heads=2, d_model=16,
-                       lightning={"log_decay": (-0.3, -0.02)})
-  x, pos = oracles.random_inputs(length=7, d_model=16)
+  attn = build("lightning", num_heads=2, d_model=16,
+               lightning={"log_decay": (-0.3, -0.02)})
+  x, pos = random_inputs(length=7, d_model=16)
   y, _ = attn(x, positions=pos)
   w = {n: np.asarray(getattr(attn, n).kernel.value, np.float64)
        for n in ("q_proj", "k_proj", "v_proj", "u_proj", "o_proj")}
@@ -41,28 +42,15 @@ def test_block_equals_its_recurrent_form():
     o[:, i] = np.einsum("bhd,bhde->bhe", q[:, i], s)
   o = o.reshape(b, t, 16)
   o = o / np.sqrt((o ** 2).mean(-1, keepdims=True) + 1e-6) * (xn @ w["u_proj"])
-  np.testing.assert_allclose(np.asarray(y), o @ w["o_proj"], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("options,fields", [({}, {}), ({"decay": "fla"}, {"num_kv_heads": 2})],
-                         ids=["tnl", "fla-gqa"])
-def test_oracles(options, fields):
-  attn = oracles.build("lightning", lightning=options, **fields)
-  x, pos = oracles.random_inputs()
-  oracles.check_causality(attn, x, pos)
-  oracles.check_decode_matches_forward(attn, x, pos)
-  oracles.check_decode_matches_forward(attn, x, pos, prompt_len=5)
-  oracles.check_segments_isolated(attn, x)
-  oracles.check_segments_isolated(attn, x, causal=False)
-  oracles.check_gradients_finite(attn, x, pos)
+  assert_close("y", o @ w["o_proj"], y, reduction=t)
 
 
 def test_strong_decay_forgets_the_past():
-  attn = oracles.build("lightning", lightning={"log_decay": (-60.0,) * 4})
-  x, pos = oracles.random_inputs()
+  attn = build("lightning", lightning={"log_decay": (-60.0,) * 4})
+  x, pos = random_inputs()
   y, _ = attn(x, positions=pos)
   y2, _ = attn(x.at[:, :5].add(1.0), positions=pos)
-  np.testing.assert_allclose(np.asarray(y2[:, 6:]), np.asarray(y[:, 6:]), atol=1e-6)
+  assert_close("outputs after the change", y[:, 6:], y2[:, 6:])
 
 
 @pytest.mark.parametrize("options,match", [({"log_decay": (0.1, 0, 0, 0)}, "log_decay needs 4"),
@@ -70,4 +58,4 @@ def test_strong_decay_forgets_the_past():
                                            ({"act": "gelu"}, "lightning.act='gelu'")])
 def test_bad_options_name_the_field(options, match):
   with pytest.raises(ValueError, match=match):
-    oracles.build("lightning", lightning=options)
+    build("lightning", lightning=options)

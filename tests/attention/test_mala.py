@@ -1,4 +1,6 @@
-"""mala: scores sum to 1, query magnitude sharpens them, the official formula, causal decode."""
+"""mala, its own oracles: scores sum to 1, query magnitude sharpens them, the official formula,
+and the official extras (RoPE, lepe, output gate) through the common oracles. The common oracles
+of the paper's form are in test_mechanisms.py."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,9 @@ import numpy as np
 import pytest
 
 from effattn.attention import mala
-from tests.attention import oracles
+from effattn.testing import assert_close, oracles
+from effattn.testing.inputs import random_inputs
+from effattn.testing.mechanisms import Jitted, build
 
 
 def features(seed=0, b=2, t=9, h=2, d=8):
@@ -19,11 +23,11 @@ def features(seed=0, b=2, t=9, h=2, d=8):
 def test_scores_sum_to_one_and_give_the_output(causal):
   q, k, v = features()
   scores = mala.mala_scores(q, k, causal=causal)
-  np.testing.assert_allclose(np.asarray(scores.sum(-1)), 1.0, atol=1e-5)
+  assert_close("score row sums", 1.0, scores.sum(-1), reduction=q.shape[1])
   assert float(scores.min()) < 0  # the offset makes some scores negative
   want = jnp.einsum("bhij,bjhd->bihd", mala.mala_scores(q, k, causal=causal, eps=1e-6), v)
   got, _ = mala.mala_attention(q, k, v, causal=causal, impl="xla")
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+  assert_close("o", want, got, reduction=q.shape[1])
 
 
 def test_query_magnitude_sharpens_mala_but_not_linear_attention():
@@ -34,7 +38,8 @@ def test_query_magnitude_sharpens_mala_but_not_linear_attention():
     s = jnp.einsum("bihd,bjhd->bhij", c * q, k)
     linear_peaks.append(float((s / s.sum(-1, keepdims=True)).max()))
   assert peaks[0] < peaks[1] < peaks[2]
-  np.testing.assert_allclose(linear_peaks, linear_peaks[0], rtol=1e-5)
+  assert_close("linear attention's peaks", linear_peaks[0], np.asarray(linear_peaks),
+               reduction=q.shape[1])
 
 
 def test_bidirectional_equals_the_official_code():
@@ -46,7 +51,7 @@ def test_bidirectional_equals_the_official_code():
   kv = (k.swapaxes(-1, -2) * (scale / n) ** 0.5) @ (v * (scale / n) ** 0.5)
   want = q @ kv * (1 + 1 / (z + 1e-6)) - z * v.mean(axis=2, keepdims=True)
   got, _ = mala.mala_attention(*features(seed=2), causal=False, impl="xla")
-  np.testing.assert_allclose(np.asarray(got), want.transpose(0, 2, 1, 3), rtol=1e-4, atol=1e-5)
+  assert_close("o", want.transpose(0, 2, 1, 3), got, reduction=n)
 
 
 def test_segment_cumsum_restarts_per_run():
@@ -58,14 +63,14 @@ def test_segment_cumsum_restarts_per_run():
                                 [6, 5, 3, 9, 5, 13, 7])
 
 
-@pytest.mark.parametrize("options", [{}, {"rope": True, "lepe_kernel": 3, "output_gate": True}],
-                         ids=["paper", "official-extras"])
-def test_oracles(options):
-  attn = oracles.build("mala", mala=options)
-  x, pos = oracles.random_inputs()
+def test_official_extras_keep_the_common_oracles():
+  """RoPE on the numerator, the lepe convolution of v (a tail in the decode state), the gate."""
+  module = build("mala", mala={"rope": True, "lepe_kernel": 3, "output_gate": True})
+  attn = Jitted(module)
+  x, pos = random_inputs()
   oracles.check_causality(attn, x, pos)
   oracles.check_decode_matches_forward(attn, x, pos)
   oracles.check_decode_matches_forward(attn, x, pos, prompt_len=5)
   oracles.check_segments_isolated(attn, x)
   oracles.check_segments_isolated(attn, x, causal=False)
-  oracles.check_gradients_finite(attn, x, pos)
+  oracles.check_gradients_finite(module, x, pos)

@@ -1,7 +1,7 @@
 import pytest
 
 from effattn import attention
-from tests.attention import oracles
+from effattn.testing.mechanisms import build
 
 
 def test_names_include_softmax():
@@ -11,17 +11,17 @@ def test_names_include_softmax():
 
 def test_unknown_name_lists_registered():
   with pytest.raises(ValueError, match="registered: .*softmax"):
-    oracles.build("flashy")
+    build("flashy")
 
 
 def test_unknown_option_named():
   with pytest.raises(ValueError, match="model.attention.softmax"):
-    oracles.build("softmax", softmax={"bogus": 1})
+    build("softmax", softmax={"bogus": 1})
 
 
 def test_heads_must_divide_width():
   with pytest.raises(ValueError, match="num_heads"):
-    oracles.build("softmax", d_model=30, num_heads=4)
+    build("softmax", d_model=30, num_heads=4)
 
 
 def test_duplicate_registration_rejected():

@@ -1,67 +1,24 @@
-"""routing: the common oracles, C = 1 equals causal softmax, the k-means update formula."""
+"""routing, its own oracles: C = 1 is causal softmax, the k-means update formula, centroids move
+only in training, the cluster block mask, and the kernel path against the formula with many
+clusters and ragged tiles. The common oracles are in test_mechanisms.py."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from effattn.attention import base, routing
 from effattn.kernels.softmax import reference_attention
-from tests.attention import oracles
-
-
-@nnx.jit(static_argnames=("causal", "train"))
-def _call(m, x, positions, segment_ids, causal, train):
-  return m(x, positions=positions, segment_ids=segment_ids, causal=causal, train=train)
-
-
-@nnx.jit
-def _decode(m, x, positions, cache):
-  return m.decode(x, positions=positions, cache=cache)
-
-
-class Jitted:
-  """A module with jit-compiled forward and decode, for the oracle loops (same interface)."""
-
-  def __init__(self, module):
-    self.module = module
-
-  def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
-    return _call(self.module, x, positions, segment_ids, causal, train)
-
-  def init_cache(self, batch, max_len, dtype=None):
-    return self.module.init_cache(batch, max_len, dtype)
-
-  def decode(self, x, *, positions, cache):
-    return _decode(self.module, x, positions, cache)
-
-
-def test_common_oracles_reference():
-  module = oracles.build("routing", impl="reference", routing={"num_clusters": 3,
-                                                               "local_window": 4})
-  attn = Jitted(module)
-  x, pos = oracles.random_inputs()
-  oracles.check_causality(attn, x, pos)
-  # Prefill, then one token at a time: covers both decode forms.
-  oracles.check_decode_matches_forward(attn, x, pos, prompt_len=5)
-  oracles.check_segments_isolated(attn, x)
-
-
-def test_common_oracles_kernel_path():
-  # Decoding does not use the kernel; causality, segments and gradients do.
-  module = oracles.build("routing", impl="xla", routing={"num_clusters": 3, "local_window": 4})
-  x, pos = oracles.random_inputs()
-  oracles.check_causality(Jitted(module), x, pos, atol=1e-5)
-  oracles.check_segments_isolated(Jitted(module), x)
-  oracles.check_gradients_finite(module, x, pos)
+from effattn.testing import assert_close
+from effattn.testing.inputs import random_inputs
+from effattn.testing.mechanisms import build
 
 
 def test_kernel_path_equals_formula_with_many_clusters():
-  x, pos = oracles.random_inputs(length=70)
+  x, pos = random_inputs(length=70)
   opts = {"num_clusters": 5, "block": 16}
-  want, _ = oracles.build("routing", impl="reference", routing=opts)(x, positions=pos)
-  got, _ = oracles.build("routing", impl="xla", routing=opts)(x, positions=pos)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  want, _ = build("routing", impl="reference", routing=opts)(x, positions=pos)
+  got, _ = build("routing", impl="xla", routing=opts)(x, positions=pos)
+  assert_close("y", want, got, reduction=70)
 
 
 def _causal_shared_qk(attn, x, pos):
@@ -73,15 +30,15 @@ def _causal_shared_qk(attn, x, pos):
 
 @pytest.mark.parametrize("membership", ["nearest", "balanced"])
 def test_one_cluster_is_causal_softmax(membership):
-  attn = oracles.build("routing", impl="xla", routing={
+  attn = build("routing", impl="xla", routing={
       "num_clusters": 1, "routing_heads": 4, "membership": membership})
-  x, pos = oracles.random_inputs(length=20)
+  x, pos = random_inputs(length=20)
   y, _ = attn(x, positions=pos)
   o = _causal_shared_qk(attn, x, pos)
   if membership == "balanced":  # every token chosen once; the code divides by count + 1e-2
     o = o / (1 + 1e-2)
   want = attn.o_proj(base.merge_heads(o))
-  np.testing.assert_allclose(np.asarray(y), np.asarray(want), atol=1e-5)
+  assert_close("y", want, y, reduction=20)
 
 
 def test_ema_update_formula():
@@ -102,8 +59,8 @@ def test_ema_update_formula():
 
 
 def test_centroids_move_only_when_training():
-  attn = oracles.build("routing", impl="xla")
-  x, pos = oracles.random_inputs()
+  attn = build("routing", impl="xla")
+  x, pos = random_inputs()
   before = np.asarray(attn.centroids())
   attn(x, positions=pos, train=False)
   np.testing.assert_array_equal(np.asarray(attn.centroids()), before)
@@ -121,8 +78,8 @@ def test_cluster_block_mask_visits_only_shared_clusters():
 
 def test_bad_options_named():
   with pytest.raises(ValueError, match="membership"):
-    oracles.build("routing", routing={"membership": "random"})
+    build("routing", routing={"membership": "random"})
   with pytest.raises(ValueError, match="routing_heads"):
-    oracles.build("routing", routing={"routing_heads": 9})
+    build("routing", routing={"routing_heads": 9})
   with pytest.raises(ValueError, match="num_kv_heads"):
-    oracles.build("routing", num_kv_heads=2)
+    build("routing", num_kv_heads=2)

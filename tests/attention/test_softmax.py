@@ -1,4 +1,5 @@
-"""softmax (MHA/GQA/MQA) against a naive per-head loop, plus the common oracles."""
+"""softmax (MHA/GQA/MQA) against a naive per-head loop, the cuDNN packed path (emulated) and its
+fallback, the sliding window's decode. The common oracles are in test_mechanisms.py."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,9 @@ import pytest
 from effattn.attention import base
 from effattn.kernels.softmax import api as ops
 from effattn.kernels.softmax import cudnn, reference_attention
-from tests.attention import oracles
+from effattn.testing import assert_close, oracles
+from effattn.testing.inputs import random_inputs
+from effattn.testing.mechanisms import Jitted, build
 
 
 def naive_attention(q, k, v, mask):
@@ -39,7 +42,7 @@ def test_softmax_attention_matches_naive(impl, num_kv_heads, causal, window):
   idx = base.sequence_index(b, t)
   mask = base.attention_mask(idx, idx, causal=causal, window=window)
   got = ops.softmax_attention(q, k, v, causal=causal, window=window, impl=impl)
-  np.testing.assert_allclose(np.asarray(got), naive_attention(q, k, v, mask), atol=2e-5)
+  assert_close("o", naive_attention(q, k, v, mask), got, reduction=t)
 
 
 def test_softmax_attention_segment_mask_matches_naive():
@@ -50,10 +53,11 @@ def test_softmax_attention_segment_mask_matches_naive():
   idx = base.sequence_index(b, t)
   mask = base.attention_mask(idx, idx, causal=True, q_segment_ids=seg, k_segment_ids=seg)
   for impl in ("reference", "xla"):
+    want = naive_attention(q, k, v, mask)
     got = ops.softmax_attention(q, k, v, causal=True, mask=mask, impl=impl)
-    np.testing.assert_allclose(np.asarray(got), naive_attention(q, k, v, mask), atol=2e-5)
+    assert_close(f"{impl} with a mask", want, got, reduction=t)
     got = ops.softmax_attention(q, k, v, causal=True, segment_ids=seg, impl=impl)
-    np.testing.assert_allclose(np.asarray(got), naive_attention(q, k, v, mask), atol=2e-5)
+    assert_close(f"{impl} with segment_ids", want, got, reduction=t)
 
 
 def test_packed_segments_lists_every_run():
@@ -103,7 +107,7 @@ def test_cudnn_packed_path_and_its_fallback(monkeypatch, causal, window):
                                  impl="reference")
     got, fallback_frac = cudnn.packed_attention(q, k, v, seg, causal=causal, window=window,
                                                 scale=None, max_segments=4)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    assert_close("o", want, got, reduction=t)
     # The whole batch takes the fallback when one row has more runs than max_segments.
     assert float(fallback_frac) == (1.0 if seg is many else 0.0)
 
@@ -118,27 +122,16 @@ def test_segment_ids_with_a_mask_is_refused():
     ops.softmax_attention(q, q, q, causal=True, segment_ids=seg[:, :3])
 
 
-@pytest.mark.parametrize("num_kv_heads", [None, 2, 1])
-def test_softmax_module_oracles(num_kv_heads):
-  attn = oracles.build("softmax", num_kv_heads=num_kv_heads)
-  x, pos = oracles.random_inputs()
-  oracles.check_causality(attn, x, pos)
-  oracles.check_decode_matches_forward(attn, x, pos)
-  oracles.check_decode_matches_forward(attn, x, pos, prompt_len=5)
-  oracles.check_segments_isolated(attn, x)
-  oracles.check_gradients_finite(attn, x, pos)
-
-
 def test_softmax_module_window_decode():
-  attn = oracles.build("softmax", window=4, num_kv_heads=2)
-  x, pos = oracles.random_inputs(length=10)
+  attn = Jitted(build("softmax", window=4, num_kv_heads=2))
+  x, pos = random_inputs(length=10)
   oracles.check_causality(attn, x, pos)
   oracles.check_decode_matches_forward(attn, x, pos, prompt_len=3)
 
 
 def test_bidirectional_sees_future():
-  attn = oracles.build("softmax")
-  x, pos = oracles.random_inputs()
+  attn = build("softmax")
+  x, pos = random_inputs()
   y, _ = attn(x, positions=pos, causal=False)
   y2, _ = attn(x.at[:, -1].add(1.0), positions=pos, causal=False)
   assert not np.allclose(np.asarray(y[:, 0]), np.asarray(y2[:, 0]))
@@ -146,7 +139,7 @@ def test_bidirectional_sees_future():
 
 def test_bad_kv_heads_named():
   with pytest.raises(ValueError, match="num_kv_heads"):
-    oracles.build("softmax", num_kv_heads=3)
+    build("softmax", num_kv_heads=3)
 
 
 def test_bad_impl_named():

@@ -10,7 +10,8 @@ from effattn import attention
 from effattn.attention import base
 from effattn.config import validate
 from effattn.ranges import ConfigError
-from tests.attention import oracles
+from effattn.testing.inputs import random_inputs
+from effattn.testing.mechanisms import build
 
 # Shared fields at a non-default value for d_model 32 and 4 heads (head dim 8 by default).
 SHARED = {"window": 4, "num_kv_heads": 2, "head_dim": 16}
@@ -38,15 +39,15 @@ def test_a_shared_field_is_honored_or_refused(name, field):
   opts = base.mechanism_options(options, name, cls.DEFAULTS)
   if not cls.supports(field, opts):
     with pytest.raises(ConfigError) as err:
-      oracles.build(name, impl="xla", **{field: SHARED[field]}, **options)
+      build(name, impl="xla", **{field: SHARED[field]}, **options)
     message = str(err.value)
     assert "\n" not in message and f"model.attention.{field}=" in message and name in message
     return
-  module = oracles.build(name, impl="xla", **{field: SHARED[field]}, **options)
+  module = build(name, impl="xla", **{field: SHARED[field]}, **options)
   if field == "window":  # honored means it changes the output
-    x, pos = oracles.random_inputs(batch=1)
+    x, pos = random_inputs(batch=1)
     y, _ = module(x, positions=pos)
-    y0, _ = oracles.build(name, impl="xla", **options)(x, positions=pos)
+    y0, _ = build(name, impl="xla", **options)(x, positions=pos)
     assert not np.allclose(np.asarray(y), np.asarray(y0)), f"{name} ignores window"
 
 
@@ -131,5 +132,5 @@ def test_sizes_read_the_shared_fields_once():
   assert (sizes.head_dim, sizes.num_kv_heads, sizes.window, sizes.impl) == (8, 2, 5, "xla")
   assert sizes.dtype == jnp.bfloat16
   assert sizes.given("window") and sizes.given("num_kv_heads") and not sizes.given("head_dim")
-  module = oracles.build("softmax", num_kv_heads=2, window=5)
+  module = build("softmax", num_kv_heads=2, window=5)
   assert (module.num_kv_heads, module.window, module.head_dim) == (2, 5, 8)

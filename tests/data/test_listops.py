@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from effattn.data import batch_at, eval_batches, listops, load_split, task_info
-from tests.data.conftest import make_cfg
+from effattn.testing.data import data_config
 
 
 def evaluate(text: str) -> int:
@@ -53,8 +53,8 @@ def test_labels_equal_an_independent_evaluator(min_length, max_length, max_depth
 
 
 def test_prepared_classification_batches(tmp_path):
-  cfg = make_cfg("listops", tmp_path, seq_len=64, min_length=10, max_length=60, max_depth=5,
-                 train_examples=40, validation_examples=10, test_examples=10)
+  cfg = data_config("listops", tmp_path, seq_len=64, min_length=10, max_length=60, max_depth=5,
+                    train_examples=40, validation_examples=10, test_examples=10)
   info = task_info(cfg)
   assert (info.kind, info.vocab_size, info.num_classes, info.pad_id) == (
       "classification", 16, 10, 0)
@@ -71,6 +71,6 @@ def test_prepared_classification_batches(tmp_path):
 
 def test_bad_options_name_the_field(tmp_path):
   with pytest.raises(ValueError, match=r"data.listops.max_length=2000 .* data.seq_len=1024"):
-    task_info(make_cfg("listops", tmp_path, seq_len=1024))
+    task_info(data_config("listops", tmp_path, seq_len=1024))
   with pytest.raises(ValueError, match=r"data.listops.min_length=600 must be in .* = \[0, 499\)"):
-    task_info(make_cfg("listops", tmp_path, seq_len=2000, min_length=600, max_length=500))
+    task_info(data_config("listops", tmp_path, seq_len=2000, min_length=600, max_length=500))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from effattn.data import load_split, passkey, task_info, tokenizers
-from tests.data.conftest import make_cfg
+from effattn.testing.data import data_config
 
 TOK = tokenizers.ByteTokenizer()
 
@@ -57,8 +57,8 @@ def test_grid_batch_is_deterministic():
 
 
 def test_prepared_split_with_variable_lengths(tmp_path):
-  cfg = make_cfg("passkey", tmp_path, seq_len=160, train_examples=40, test_examples=20,
-                 min_length=110, include_description=False)
+  cfg = data_config("passkey", tmp_path, seq_len=160, train_examples=40, test_examples=20,
+                    min_length=110, include_description=False)
   info = task_info(cfg)
   assert (info.vocab_size, info.pad_id, info.kind) == (259, 0, "lm")
   source = load_split(cfg, "train")
@@ -74,9 +74,9 @@ def test_prepared_split_with_variable_lengths(tmp_path):
 
 def test_bad_options_name_the_field(tmp_path):
   with pytest.raises(ValueError, match=r"data.seq_len=200 is shorter .*include_description"):
-    task_info(make_cfg("passkey", tmp_path, seq_len=200))
+    task_info(data_config("passkey", tmp_path, seq_len=200))
   with pytest.raises(ValueError, match=r"data.passkey.min_length=50 must be 0 or in \[104, "):
-    task_info(make_cfg("passkey", tmp_path, seq_len=200, include_description=False,
-                       min_length=50))
+    task_info(data_config("passkey", tmp_path, seq_len=200, include_description=False,
+                          min_length=50))
   with pytest.raises(ValueError, match=r"data.passkey.min_depth=0.8, max_depth=0.2"):
-    task_info(make_cfg("passkey", tmp_path, seq_len=300, min_depth=0.8, max_depth=0.2))
+    task_info(data_config("passkey", tmp_path, seq_len=300, min_depth=0.8, max_depth=0.2))

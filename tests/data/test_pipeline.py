@@ -14,7 +14,7 @@ import pytest
 from effattn.data import (batch_at, batch_indices, eval_batches, load_split, make_iterator,
                           positions_from_segments, task_info)
 from effattn.data import mqar, pipeline
-from tests.data.conftest import TINY_MQAR, make_cfg
+from effattn.testing.data import TINY_MQAR, data_config
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
@@ -36,9 +36,9 @@ def test_batch_format(mqar_cfg):
 
 
 def test_generation_is_deterministic(tmp_path):
-  a = make_cfg("mqar", tmp_path / "a", seq_len=32, **TINY_MQAR)
-  b = make_cfg("mqar", tmp_path / "b", seq_len=32, **TINY_MQAR)
-  c = make_cfg("mqar", tmp_path / "c", seq_len=32, seed=1, **TINY_MQAR)
+  a = data_config("mqar", tmp_path / "a", seq_len=32, **TINY_MQAR)
+  b = data_config("mqar", tmp_path / "b", seq_len=32, **TINY_MQAR)
+  c = data_config("mqar", tmp_path / "c", seq_len=32, seed=1, **TINY_MQAR)
   sa, sb, sc = (load_split(cfg, "test") for cfg in (a, b, c))
   everything = np.arange(len(sa))
   assert _equal(sa.get_batch(everything), sb.get_batch(everything))
@@ -46,8 +46,8 @@ def test_generation_is_deterministic(tmp_path):
 
 
 def test_options_never_share_a_directory(mqar_cfg, tmp_path):
-  other = make_cfg("mqar", mqar_cfg.data_dir, seq_len=32, **{**TINY_MQAR, "power_a": 0.5})
-  longer = make_cfg("mqar", mqar_cfg.data_dir, seq_len=40, **TINY_MQAR)
+  other = data_config("mqar", mqar_cfg.data_dir, seq_len=32, **{**TINY_MQAR, "power_a": 0.5})
+  longer = data_config("mqar", mqar_cfg.data_dir, seq_len=40, **TINY_MQAR)
   paths = {load_split(cfg, "test").path for cfg in (mqar_cfg, other, longer)}
   assert len(paths) == 3
   assert load_split(mqar_cfg, "test").path in paths  # same options: same directory again
@@ -130,9 +130,9 @@ def test_import_needs_no_tfds_and_build_needs_no_tensorflow(tmp_path):
 import sys
 import effattn.data, effattn.data.registry, effattn.data.mqar
 assert "tensorflow_datasets" not in sys.modules, "importing effattn.data imported tfds"
-from tests.data.conftest import make_cfg
-cfg = make_cfg("mqar", {str(tmp_path)!r}, seq_len=16, vocab_size=32, num_pairs=2,
-               train_examples=20, test_examples=10)
+from effattn.testing.data import data_config
+cfg = data_config("mqar", {str(tmp_path)!r}, seq_len=16, vocab_size=32, num_pairs=2,
+                  train_examples=20, test_examples=10)
 b = effattn.data.batch_at(effattn.data.load_split(cfg, "train"), 0, 4, seed=0)
 assert b["inputs"].shape == (4, 16)
 assert "tensorflow" not in sys.modules, "preparing or reading data imported tensorflow"
@@ -146,7 +146,7 @@ print("ok")
 
 
 def test_unknown_task_lists_the_known(tmp_path):
-  cfg = make_cfg("mqar", tmp_path, seq_len=32)
+  cfg = data_config("mqar", tmp_path, seq_len=32)
   cfg.name = "mqra"
   with pytest.raises(ValueError, match=r"data.name='mqra'.*known: \[.*'mqar'"):
     task_info(cfg)
@@ -160,32 +160,32 @@ def test_unknown_task_lists_the_known(tmp_path):
 ])
 def test_bad_options_name_the_field(tmp_path, change, match):
   with pytest.raises(ValueError, match=match):
-    task_info(make_cfg("mqar", tmp_path, seq_len=32, **{**TINY_MQAR, **change}))
+    task_info(data_config("mqar", tmp_path, seq_len=32, **{**TINY_MQAR, **change}))
 
 
 def test_unknown_option_and_bad_common_fields(tmp_path):
-  cfg = make_cfg("mqar", tmp_path, seq_len=32)
+  cfg = data_config("mqar", tmp_path, seq_len=32)
   cfg.mqar.num_kv_pairs = 8
   with pytest.raises(ValueError, match=r"data.mqar.num_kv_pairs is not an option of mqar"):
     task_info(cfg)
   with pytest.raises(ValueError, match=r"data.seq_len=1 must be an int >= 2"):
-    task_info(make_cfg("mqar", tmp_path, seq_len=1))
+    task_info(data_config("mqar", tmp_path, seq_len=1))
   with pytest.raises(ValueError, match=r"data.seed=-1"):
-    task_info(make_cfg("mqar", tmp_path, seq_len=32, seed=-1))
+    task_info(data_config("mqar", tmp_path, seq_len=32, seed=-1))
   with pytest.raises(ValueError, match=r"split='validation' is not a split of mqar"):
-    load_split(make_cfg("mqar", tmp_path, seq_len=16, vocab_size=32, num_pairs=2,
-                        train_examples=20, test_examples=10), "validation")
+    load_split(data_config("mqar", tmp_path, seq_len=16, vocab_size=32, num_pairs=2,
+                           train_examples=20, test_examples=10), "validation")
 
 
 def test_data_dir_that_is_a_file(tmp_path):
   (tmp_path / "file").write_text("x")
   with pytest.raises(ValueError, match=r"data.data_dir=.*is not a directory"):
-    load_split(make_cfg("mqar", tmp_path / "file", seq_len=32, **TINY_MQAR), "test")
+    load_split(data_config("mqar", tmp_path / "file", seq_len=32, **TINY_MQAR), "test")
 
 
 def test_corrupt_data_is_reported(tmp_path):
-  cfg = make_cfg("mqar", tmp_path, seq_len=16, vocab_size=32, num_pairs=2, train_examples=20,
-                 test_examples=10)
+  cfg = data_config("mqar", tmp_path, seq_len=16, vocab_size=32, num_pairs=2, train_examples=20,
+                    test_examples=10)
   path = load_split(cfg, "test").path
   for f in glob.glob(os.path.join(path, "*-test.array_record*")):
     os.remove(f)
@@ -195,15 +195,15 @@ def test_corrupt_data_is_reported(tmp_path):
 
 def test_too_small_an_example_space_fails_clearly(tmp_path):
   # 2 pairs from a 6-token vocabulary at seq_len 8 without noise: few distinct sequences.
-  cfg = make_cfg("mqar", tmp_path, seq_len=8, vocab_size=6, num_pairs=2, train_examples=500,
-                 test_examples=10, random_non_queries=False)
+  cfg = data_config("mqar", tmp_path, seq_len=8, vocab_size=6, num_pairs=2, train_examples=500,
+                    test_examples=10, random_non_queries=False)
   with pytest.raises(ValueError, match=r"too few distinct sequences"):
     load_split(cfg, "train")
 
 
 def test_default_data_dir_is_expanded(monkeypatch, tmp_path):
   monkeypatch.setenv("HOME", str(tmp_path))
-  cfg = make_cfg("mqar", "", seq_len=32)
+  cfg = data_config("mqar", "", seq_len=32)
   assert pipeline.resolve(cfg).data_dir == str(tmp_path / "effattn_data")
   assert dataclasses.asdict(pipeline.resolve(cfg).options) == dataclasses.asdict(
       mqar.MqarOptions())
@@ -212,10 +212,10 @@ def test_default_data_dir_is_expanded(monkeypatch, tmp_path):
 def test_concurrent_processes_prepare_once_and_read_the_same(tmp_path):
   script = f"""
 import sys
-from tests.data.conftest import make_cfg
+from effattn.testing.data import data_config
 import effattn.data
-cfg = make_cfg("mqar", {str(tmp_path)!r}, seq_len=32, vocab_size=64, num_pairs=4,
-               train_examples=3000, test_examples=50)
+cfg = data_config("mqar", {str(tmp_path)!r}, seq_len=32, vocab_size=64, num_pairs=4,
+                  train_examples=3000, test_examples=50)
 b = effattn.data.batch_at(effattn.data.load_split(cfg, "train"), 1, 4, seed=0)
 print(b["inputs"].sum())
 """
@@ -237,7 +237,7 @@ def test_without_tfds_the_same_data_is_generated_in_memory(name, tmp_path):
   kwargs = (dict(seq_len=32, **TINY_MQAR) if name == "mqar" else
             dict(seq_len=40, min_length=5, max_length=40, max_depth=4, train_examples=30,
                  validation_examples=10, test_examples=10))
-  cfg = make_cfg(name, tmp_path, **kwargs)
+  cfg = data_config(name, tmp_path, **kwargs)
   on_disk = {split: batch_at(load_split(cfg, split), 1, 8, seed=5) for split in ("train", "test")}
   # sys.modules[name] = None makes `import tensorflow_datasets` raise ImportError.
   script = f"""
@@ -245,8 +245,8 @@ import sys
 sys.modules["tensorflow_datasets"] = None
 import numpy as np
 import effattn.data
-from tests.data.conftest import make_cfg
-cfg = make_cfg({name!r}, {str(tmp_path / "unused")!r}, **{kwargs!r})
+from effattn.testing.data import data_config
+cfg = data_config({name!r}, {str(tmp_path / "unused")!r}, **{kwargs!r})
 out = {{}}
 for split in ("train", "test"):
   for k, v in effattn.data.batch_at(effattn.data.load_split(cfg, split), 1, 8, seed=5).items():

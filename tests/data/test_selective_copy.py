@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from effattn.data import load_split, selective_copy as sc, task_info
-from tests.data.conftest import make_cfg
+from effattn.testing.data import data_config
 
 
 def _check(inputs, targets, weights, num_tokens):
@@ -36,8 +36,8 @@ def test_sample_copies_the_scattered_tokens_in_order(seq_len, num_tokens, num_sy
 
 
 def test_prepared_split(tmp_path):
-  cfg = make_cfg("selective_copy", tmp_path, seq_len=24, num_tokens=4, num_symbols=8,
-                 train_examples=50, test_examples=20)
+  cfg = data_config("selective_copy", tmp_path, seq_len=24, num_tokens=4, num_symbols=8,
+                    train_examples=50, test_examples=20)
   assert task_info(cfg).vocab_size == 11
   source = load_split(cfg, "test")
   batch = source.get_batch(range(len(source)))
@@ -48,6 +48,6 @@ def test_prepared_split(tmp_path):
 def test_bad_options_name_the_field(tmp_path):
   with pytest.raises(ValueError, match=r"data.selective_copy.num_tokens=16 needs data.seq_len >= "
                                        r"2 \* num_tokens = 32"):
-    task_info(make_cfg("selective_copy", tmp_path, seq_len=31))
+    task_info(data_config("selective_copy", tmp_path, seq_len=31))
   with pytest.raises(ValueError, match=r"data.selective_copy.num_symbols=0 must be >= 1"):
-    task_info(make_cfg("selective_copy", tmp_path, seq_len=64, num_symbols=0))
+    task_info(data_config("selective_copy", tmp_path, seq_len=64, num_symbols=0))

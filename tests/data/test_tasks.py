@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from effattn.data import TASKS, batch_at, load_split, registry, task_info
-from tests.data.conftest import TINY_MQAR, make_cfg
+from effattn.testing.data import TINY_MQAR, data_config
 
 # A tiny configuration of every task: (seq_len, options).
 TINY = {
@@ -27,8 +27,8 @@ def test_every_task_has_a_tiny_config_here():
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_builder_is_deterministic_and_splits_are_disjoint(name, tmp_path):
   seq_len, options = TINY[name]
-  a = make_cfg(name, tmp_path / "a", seq_len=seq_len, **options)
-  b = make_cfg(name, tmp_path / "b", seq_len=seq_len, **options)
+  a = data_config(name, tmp_path / "a", seq_len=seq_len, **options)
+  b = data_config(name, tmp_path / "b", seq_len=seq_len, **options)
   info = task_info(a)
   rows = {}
   load_split(a, "train")  # prepares every split

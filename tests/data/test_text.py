@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from effattn.data import load_split, task_info, text, tokenizers
-from tests.data.conftest import make_cfg
+from effattn.testing.data import data_config
 
 SEQ_LEN = 64
 
@@ -29,8 +29,8 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(corpus, data_dir, **options):
-  return make_cfg("text", data_dir, seq_len=SEQ_LEN, files=str(corpus / "**" / "*.txt"),
-                  validation_fraction=0.2, test_fraction=0.2, **options)
+  return data_config("text", data_dir, seq_len=SEQ_LEN, files=str(corpus / "**" / "*.txt"),
+                     validation_fraction=0.2, test_fraction=0.2, **options)
 
 
 def _documents(batch):
@@ -103,14 +103,14 @@ def test_default_corpus_is_the_standard_library():
 
 def test_bad_options_name_the_field(corpus, tmp_path):
   with pytest.raises(ValueError, match=r"data.text.files='/nonexistent/\*.txt' matches no file"):
-    load_split(make_cfg("text", tmp_path, seq_len=32, files="/nonexistent/*.txt"), "train")
+    load_split(data_config("text", tmp_path, seq_len=32, files="/nonexistent/*.txt"), "train")
   with pytest.raises(ValueError, match=r"data.text.tokenizer='bpe' must be"):
-    task_info(make_cfg("text", tmp_path, seq_len=32, tokenizer="bpe"))
+    task_info(data_config("text", tmp_path, seq_len=32, tokenizer="bpe"))
   with pytest.raises(ValueError, match=r"the test split got none of the 3 files"):
-    load_split(make_cfg("text", tmp_path, seq_len=32, files=str(corpus / "d0" / "f1*.txt")),
+    load_split(data_config("text", tmp_path, seq_len=32, files=str(corpus / "d0" / "f1*.txt")),
                "train")
   with pytest.raises(ValueError, match=r"data.text.tfds_name='lm1b' is not prepared"):
-    load_split(make_cfg("tfds:lm1b", tmp_path, seq_len=32), "train")
+    load_split(data_config("tfds:lm1b", tmp_path, seq_len=32), "train")
 
 
 def test_sentencepiece_tokenizer_round_trips(tmp_path):
@@ -119,8 +119,8 @@ def test_sentencepiece_tokenizer_round_trips(tmp_path):
   src = os.path.dirname(json_module.__file__)
   stdlib = os.path.dirname(src)
   files = ",".join(os.path.join(stdlib, d, "*.py") for d in ("json", "http", "urllib", "logging"))
-  cfg = make_cfg("text", tmp_path, seq_len=128, files=files, tokenizer="sentencepiece",
-                 vocab_size=512, validation_fraction=0.25, test_fraction=0.25)
+  cfg = data_config("text", tmp_path, seq_len=128, files=files, tokenizer="sentencepiece",
+                    vocab_size=512, validation_fraction=0.25, test_fraction=0.25)
   assert task_info(cfg).vocab_size == 512
   source = load_split(cfg, "train")
   tok = text.tokenizer(cfg)
@@ -155,7 +155,7 @@ def test_prepared_tfds_catalog_dataset_by_name(tmp_path):
         yield i, {"text": d}
 
   FakeCorpus(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
-  cfg = make_cfg("tfds:fake_corpus", tmp_path, seq_len=32)
+  cfg = data_config("tfds:fake_corpus", tmp_path, seq_len=32)
   info = task_info(cfg)
   assert (info.name, info.vocab_size) == ("text", 259)
   source = load_split(cfg, "train")

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from effattn.evaluate import generate as gen
+from effattn.testing.configs import fresh_model, tiny_eval
 from effattn.train.state import split_model
-from tests.evaluate.tiny import fresh_model, tiny_config
 
 PROMPT, NEW = 5, 7
 
 
 def _model(data_dir, window=None, num_kv_heads=None):
-  config = tiny_config(data_dir)
+  config = tiny_eval(data_dir)
   config.model.attention.window = window
   config.model.attention.num_kv_heads = num_kv_heads
   model, config = fresh_model(config)

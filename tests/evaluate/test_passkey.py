@@ -10,9 +10,9 @@ from configs import base
 from effattn.evaluate import common
 from effattn.evaluate import passkey as passkey_eval
 from effattn.evaluate.runner import evaluate_checkpoint
+from effattn.testing.configs import fresh_model, tiny_eval
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train import loop
-from tests.evaluate.tiny import fresh_model, tiny_config
 
 GRID = {"lengths": (128, 192), "depths": (0.0, 0.5, 1.0), "examples": 4, "seed": 7,
         "tokens_per_batch": 256}
@@ -39,7 +39,7 @@ def test_grid_accuracy_with_a_depth_blind_oracle(data_dir, monkeypatch):
     return np.zeros(correct.shape, np.float32), correct
 
   monkeypatch.setattr(common, "token_losses", oracle)
-  model, config = fresh_model(_with_grid(tiny_config(data_dir, "passkey")))
+  model, config = fresh_model(_with_grid(tiny_eval(data_dir, "passkey")))
   result = passkey_eval.passkey_task(model, config, workdir=None)
   assert result["lengths"] == [128, 192] and result["depths"] == [0.0, 0.5, 1.0]
   np.testing.assert_allclose(result["accuracy"], [[1, 1], [0, 0], [1, 1]])
@@ -47,7 +47,7 @@ def test_grid_accuracy_with_a_depth_blind_oracle(data_dir, monkeypatch):
 
 
 def test_passkey_eval_from_checkpoint_writes_json_and_heat_map(data_dir, tmp_path):
-  config = tiny_config(data_dir, "passkey")
+  config = tiny_eval(data_dir, "passkey")
   loop.train_and_evaluate(config, str(tmp_path))
   saved = ckpt_lib.merge_into(base.get_config(), ckpt_lib.load_config(str(tmp_path)))
   with saved.unlocked():
@@ -64,7 +64,7 @@ def test_passkey_eval_from_checkpoint_writes_json_and_heat_map(data_dir, tmp_pat
 
 
 def test_passkey_needs_a_byte_model(data_dir):
-  model, config = fresh_model(tiny_config(data_dir, "mqar"))
+  model, config = fresh_model(tiny_eval(data_dir, "mqar"))
   with pytest.raises(ValueError, match="needs a language model on byte tokens"):
     passkey_eval.passkey_task(model, config, workdir=None)
 

@@ -6,8 +6,8 @@ import pytest
 
 from effattn.evaluate import positions
 from effattn.evaluate.accuracy import evaluate_split
+from effattn.testing.configs import fresh_model, tiny_eval
 from effattn.train.state import split_model
-from tests.evaluate.tiny import fresh_model, tiny_config
 
 
 def test_bucket_sums_by_hand():
@@ -20,7 +20,7 @@ def test_bucket_sums_by_hand():
 
 
 def test_positions_task_matches_split_loss_and_extrapolates(data_dir):
-  config = tiny_config(data_dir)
+  config = tiny_eval(data_dir)
   with config.unlocked():
     config.eval.positions = ml_collections.ConfigDict(
         {"multiples": (1, 2), "num_buckets": 4, "max_examples": 0, "tokens_per_batch": 0})
@@ -46,7 +46,7 @@ def test_positions_task_matches_split_loss_and_extrapolates(data_dir):
 
 
 def test_positions_rejects_classifiers_and_bad_options(data_dir):
-  config = tiny_config(data_dir)
+  config = tiny_eval(data_dir)
   with config.unlocked():
     config.eval.positions = ml_collections.ConfigDict({"multiples": (0, 2)})
   model, config = fresh_model(config)

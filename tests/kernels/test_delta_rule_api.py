@@ -7,7 +7,7 @@ from jax import export
 
 from effattn.kernels import dispatch
 from effattn.kernels.delta_rule import FAMILY, delta_rule, delta_rule_step, pallas_gpu
-from tests.kernels.test_linear_scan_pallas_gpu import pallas_call_names
+from effattn.kernels.hlo import pallas_call_names
 
 
 def ones(*shape, dtype=jnp.float32):

@@ -16,7 +16,9 @@ from effattn.kernels.linear_scan import linear_scan
 from effattn.kernels.memory_chunk import memory_update
 from effattn.kernels.softmax import softmax_attention
 from effattn.ranges import ConfigError
-from tests.attention import oracles
+from effattn.testing import kernels
+from effattn.testing.inputs import random_inputs
+from effattn.testing.mechanisms import build
 
 F32, BF16 = np.dtype("float32"), np.dtype(jnp.bfloat16)
 FAMILIES = ("softmax", "block_sparse", "grouped_softmax", "head_routing", "linear_scan",
@@ -196,36 +198,33 @@ def test_one_rule_maps_a_mechanism_impl_to_each_op(impl, op, want):
 
 def test_mechanism_impl_errors_are_one_line():
   # dynamic_mask forced onto the GPU kernel on CPU: the dispatcher's error, not a KeyError.
-  attn = oracles.build("dynamic_mask", impl="pallas_gpu")
-  x, pos = oracles.random_inputs(batch=1, length=8)
+  attn = build("dynamic_mask", impl="pallas_gpu")
+  x, pos = random_inputs(batch=1, length=8)
   with pytest.raises(dispatch.PathError, match=r"^block_sparse impl='pallas_gpu' cannot run: "
                      "backend is cpu"):
     attn(x, positions=pos)
   with pytest.raises(ConfigError, match=r"^model.attention.impl='cudnn': no op of linear has "
                      "that path"):
-    oracles.build("linear", impl="cudnn")
+    build("linear", impl="cudnn")
   with pytest.raises(ConfigError, match=r"model.attention.impl='fast' is not one of"):
-    oracles.build("softmax", impl="fast")
+    build("softmax", impl="fast")
 
 
-def _runs_kernel(module, x, pos, name: str) -> bool:
-  """Whether the lowered forward holds the pallas_call named `name` (interpret mode keeps the
-  kernel's name in the name stack). A fresh lambda each time: jit would reuse a trace."""
-  text = jax.jit(lambda x: module(x, positions=pos)[0]).lower(x).as_text(debug_info=True)
-  return f"/{name}/pallas_call" in text
+def _kernels(module, x, pos) -> set[str]:
+  """The pallas_calls of the module's lowered forward (a fresh lambda: jit would reuse a trace
+  made under another switch)."""
+  return kernels.lowered_pallas_names(lambda x: module(x, positions=pos)[0], x)
 
 
 def test_interpret_switch_runs_a_mechanism_on_its_pallas_kernel():
-  attn = oracles.build("linear", d_model=32, num_heads=2, impl="auto")  # head_dim 16
-  x, pos = oracles.random_inputs(batch=1, length=16)
-  assert not _runs_kernel(attn, x, pos, "linear_scan")  # CPU: the xla path
+  """(Its numbers against the reference path: tests/attention/test_mechanisms.py.)"""
+  attn = build("linear", d_model=32, num_heads=2, impl="auto")  # head_dim 16
+  x, pos = random_inputs(batch=1, length=16)
+  assert not _kernels(attn, x, pos)  # CPU: the xla path
   with dispatch.interpret_kernels("gpu"):
-    assert _runs_kernel(attn, x, pos, "linear_scan")
-    y, _ = attn(x, positions=pos)
-  ref = oracles.build("linear", d_model=32, num_heads=2, impl="reference")
-  np.testing.assert_allclose(np.asarray(y), np.asarray(ref(x, positions=pos)[0]), atol=1e-5)
+    assert _kernels(attn, x, pos) == {"linear_scan"}
   with dispatch.interpret_kernels("tpu"):
-    assert _runs_kernel(attn, x, pos, "linear_scan_tpu")
+    assert _kernels(attn, x, pos) == {"linear_scan_tpu"}
   with pytest.raises(ValueError, match="platform must be one of"):
     with dispatch.interpret_kernels("cuda"):
       pass
@@ -234,16 +233,16 @@ def test_interpret_switch_runs_a_mechanism_on_its_pallas_kernel():
 def test_deep_memory_has_no_kernel_said_once_under_auto_and_refused_when_forced():
   from effattn.kernels import paths  # noqa: E402
   opts = {"variant": "lmm", "depth": 2, "chunk_size": 4, "conv_size": 2}
-  x, pos = oracles.random_inputs(batch=1, length=8, d_model=16)
+  x, pos = random_inputs(batch=1, length=8, d_model=16)
   with dispatch.interpret_kernels("gpu"):
-    deep = oracles.build("neural_memory", d_model=16, num_heads=2, impl="auto",
-                         neural_memory=opts)
+    deep = build("neural_memory", d_model=16, num_heads=2, impl="auto",
+                 neural_memory=opts)
     y, _ = deep(x, positions=pos)
     assert np.all(np.isfinite(np.asarray(y)))
     assert any(op == "memory_chunk" and path == "xla" and "depth=2" in why
                for op, path, why in paths._LOGGED)  # pylint: disable=protected-access
-    forced = oracles.build("neural_memory", d_model=16, num_heads=2, impl="pallas",
-                           neural_memory=opts)
+    forced = build("neural_memory", d_model=16, num_heads=2, impl="pallas",
+                   neural_memory=opts)
     with pytest.raises(dispatch.PathError, match=r"^memory_chunk impl='pallas' cannot run: "
                        r"pallas_gpu: depth=2: the kernels hold the linear \(depth-1\) memory "
                        r"only.*; impl='auto' would run xla$"):

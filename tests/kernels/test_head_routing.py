@@ -1,13 +1,10 @@
 """head_routing: every path equals reference.py, forward and gradients; the kernels really run.
 
-Gradients go through jax.vjp with a random cotangent (never `.sum()`), for q, k, v AND gates.
-Each path is a subclass of `HeadRoutingSuite` setting IMPL / INTERPRET; the Pallas kernels run in
-interpret mode on CPU.
+Gradients go through jax.vjp with a random cotangent (never `.sum()`), for q, k, v AND gates;
+the Pallas kernels run in interpret mode on CPU.
 """
 
 from __future__ import annotations
-
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +13,8 @@ import pytest
 
 from effattn.kernels.head_routing import compact, head_routed_attention
 from effattn.kernels.head_routing.common import key_block_bounds
-
-# Absolute tolerance per dtype, scaled by sqrt(reduction length) and the magnitude in `_close`.
-TOL = {jnp.float32: 2e-6, jnp.bfloat16: 4e-3}
-
-
-def _close(name, want, got, dtype, reduce_len):
-  want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
-  assert np.all(np.isfinite(got)), f"{name}: non-finite values"
-  atol = TOL[dtype] * np.sqrt(reduce_len) * max(1.0, float(np.abs(want).max()))
-  np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=name)
+from effattn.testing import assert_close, kernels
+from effattn.testing.inputs import case_key
 
 
 def make_gates(key, b, t, h, density):
@@ -46,60 +35,43 @@ CASES = [
 ]
 
 
-class HeadRoutingSuite:
-  IMPL = "reference"
-  INTERPRET = False
-  CASES = CASES
+# (impl, interpret, cases): the xla path's dense mask is one case; the Mosaic TPU kernel shares
+# the Triton one's tiling (common.py) and takes three (bidirectional with segments, causal GQA
+# with bq > bk, one segment per row).
+PATHS = [("xla", False, CASES[1:2]), ("pallas_gpu", True, CASES),
+         ("pallas_tpu", True, [CASES[1], CASES[2], CASES[4]])]
+PATH_CASES = [(impl, interpret, case) for impl, interpret, cases in PATHS for case in cases]
 
-  def run(self, impl, q, k, v, gates, seg, causal, bq, bk):
+
+@pytest.mark.parametrize("impl,interpret,case", PATH_CASES,
+                         ids=[f"{i}{'-interpret' if it else ''}-{c[0]}" for i, it, c in PATH_CASES])
+def test_matches_reference(impl, interpret, case):
+  name, (b, t, h, h_kv, d, bq, bk), causal, segments, density, dtype = case
+  keys = jax.random.split(case_key(name), 6)
+  q = jax.random.normal(keys[0], (b, t, h, d), jnp.float32).astype(dtype)
+  k = jax.random.normal(keys[1], (b, t, h_kv, d), jnp.float32).astype(dtype)
+  v = jax.random.normal(keys[2], (b, t, h_kv, d), jnp.float32).astype(dtype)
+  gates = make_gates(keys[3], b, t, h, density)
+  seg = None
+  if segments == "ones":
+    seg = jnp.ones((b, t), jnp.int32)
+  elif segments:  # two segments and a padded tail (segment 0)
+    seg = jnp.where(jnp.arange(t) < t // 3, 1, 2).at[t - 5:].set(0)
+    seg = jnp.broadcast_to(seg.astype(jnp.int32), (b, t))
+
+  def run(impl, interpret):
     def f(q, k, v, gates):
       return head_routed_attention(q, k, v, gates, causal=causal, segment_ids=seg, block_q=bq,
-                                   block_k=bk, impl=impl, interpret=self.INTERPRET)
+                                   block_k=bk, impl=impl, interpret=interpret)
     return jax.vjp(f, q, k, v, gates)
 
-  def test_matches_reference(self, case):
-    name, (b, t, h, h_kv, d, bq, bk), causal, segments, density, dtype = case
-    keys = jax.random.split(jax.random.key(zlib.crc32(name.encode())), 6)
-    q = jax.random.normal(keys[0], (b, t, h, d), jnp.float32).astype(dtype)
-    k = jax.random.normal(keys[1], (b, t, h_kv, d), jnp.float32).astype(dtype)
-    v = jax.random.normal(keys[2], (b, t, h_kv, d), jnp.float32).astype(dtype)
-    gates = make_gates(keys[3], b, t, h, density)
-    seg = None
-    if segments == "ones":
-      seg = jnp.ones((b, t), jnp.int32)
-    elif segments:  # two segments and a padded tail (segment 0)
-      seg = jnp.where(jnp.arange(t) < t // 3, 1, 2).at[t - 5:].set(0)
-      seg = jnp.broadcast_to(seg.astype(jnp.int32), (b, t))
-    o_r, vjp_r = self.run("reference", q, k, v, gates, seg, causal, bq, bk)
-    o, vjp = self.run(self.IMPL, q, k, v, gates, seg, causal, bq, bk)
-    assert o.dtype == dtype
-    _close("o", o_r, o, dtype, t)
-    do = jax.random.normal(keys[4], o.shape, jnp.float32).astype(dtype)
-    for gname, g_r, g in zip(("dq", "dk", "dv", "dgates"), vjp_r(do), vjp(do)):
-      _close(gname, g_r, g, dtype, t)
-
-
-def pytest_generate_tests(metafunc):
-  if "case" in metafunc.fixturenames:
-    cases = metafunc.cls.CASES
-    metafunc.parametrize("case", cases, ids=[c[0] for c in cases])
-
-
-class TestXla(HeadRoutingSuite):
-  IMPL = "xla"
-  CASES = [CASES[1]]  # bidirectional with segments (the dense mask path)
-
-
-class TestPallasGpuInterpret(HeadRoutingSuite):
-  IMPL = "pallas_gpu"
-  INTERPRET = True
-
-
-class TestPallasTpuInterpret(HeadRoutingSuite):
-  IMPL = "pallas_tpu"
-  INTERPRET = True
-  CASES = [CASES[1], CASES[2], CASES[4]]  # bidirectional + segments, causal GQA with bq > bk,
-  # one segment per row
+  o_r, vjp_r = run("reference", False)
+  o, vjp = run(impl, interpret)
+  assert o.dtype == dtype
+  assert_close("o", o_r, o, dtype=dtype, reduction=t)
+  do = jax.random.normal(keys[4], o.shape, jnp.float32).astype(dtype)
+  for gname, g_r, g in zip(("dq", "dk", "dv", "dgates"), vjp_r(do), vjp(do)):
+    assert_close(gname, g_r, g, dtype=dtype, reduction=t)
 
 
 def test_compaction_is_a_stable_permutation():
@@ -136,9 +108,7 @@ def test_kernels_really_run(impl, names):
     o = head_routed_attention(q, q, q, gates, block_q=16, block_k=16, impl=impl, interpret=True)
     return jnp.vdot(o, jnp.arange(o.size, dtype=o.dtype).reshape(o.shape))
 
-  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(q, gates).as_text(debug_info=True)
-  for name in names:
-    assert name in text, f"{name} not in the lowered program"
+  kernels.assert_kernels_ran(names, jax.grad(loss, argnums=(0, 1)), q, gates)
 
 
 def test_inactive_pairs_output_zero_and_get_no_gate_gradient():

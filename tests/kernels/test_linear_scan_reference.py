@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from effattn.kernels.linear_scan import reference, segment_runs
-from tests.kernels.linear_scan_test_base import assert_close, two_segments
+from effattn.testing import assert_close
+from effattn.testing.inputs import two_segments
 
 
 def inputs(b=2, t=13, h=3, dk=4, dv=5, seed=0):
@@ -42,7 +43,7 @@ def test_quadratic_equals_numpy_loop(causal):
   g = np.array([0.0, -0.7])
   o, _ = reference.scan_quadratic(q, k, v, jnp.asarray(g), causal=causal,
                                   initial_state=s0 if causal else None)
-  np.testing.assert_allclose(np.asarray(o), numpy_loop(q, k, v, g, s0, causal), atol=1e-4)
+  assert_close("o", numpy_loop(q, k, v, g, s0, causal), o, reduction=7)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -54,8 +55,8 @@ def test_recurrent_equals_quadratic(reverse, segments):
   kw = dict(reverse=reverse, initial_state=s0, segment_ids=seg, scale=0.7)
   o1, s1 = reference.scan_quadratic(q, k, v, g, **kw)
   o2, s2 = reference.scan_recurrent(q, k, v, g, **kw)
-  assert_close("o", o1, o2, jnp.float32, 13)
-  assert_close("final_state", s1, s2, jnp.float32, 13)
+  assert_close("o", o1, o2, reduction=13)
+  assert_close("final_state", s1, s2, reduction=13)
 
 
 def test_bidirectional_is_causal_plus_reverse_minus_diagonal():
@@ -66,7 +67,7 @@ def test_bidirectional_is_causal_plus_reverse_minus_diagonal():
   backward = reference.scan_quadratic(q, k, v, g, reverse=True, segment_ids=seg)[0]
   both = reference.scan_quadratic(q, k, v, g, causal=False, segment_ids=seg)[0]
   diagonal = jnp.sum(q * k, -1, keepdims=True) * v
-  assert_close("bidirectional", both, forward + backward - diagonal, jnp.float32, 13)
+  assert_close("bidirectional", both, forward + backward - diagonal, reduction=13)
 
 
 def test_reverse_is_the_transpose_of_causal():
@@ -86,9 +87,9 @@ def test_segments_do_not_interact_and_state_is_the_last_runs():
   o, s = reference.scan_quadratic(q, k, v, g, initial_state=s0, segment_ids=seg)
   o1, _ = reference.scan_quadratic(q[:, :5], k[:, :5], v[:, :5], g, initial_state=s0)
   o2, s2 = reference.scan_quadratic(q[:, 5:], k[:, 5:], v[:, 5:], g)
-  assert_close("first", o1, o[:, :5], jnp.float32, 13)
-  assert_close("second", o2, o[:, 5:], jnp.float32, 13)
-  assert_close("final_state", s2, s, jnp.float32, 13)
+  assert_close("first", o1, o[:, :5], reduction=13)
+  assert_close("second", o2, o[:, 5:], reduction=13)
+  assert_close("final_state", s2, s, reduction=13)
 
 
 def test_segment_runs_split_reused_ids():

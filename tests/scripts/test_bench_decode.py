@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from effattn import attention
-from tests.scripts.loading import load_script
+from effattn.testing.scripts import load_script
 
 
 @pytest.fixture(scope="module")

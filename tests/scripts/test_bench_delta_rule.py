@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.scripts.loading import load_script
+from effattn.testing.scripts import load_script
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.scripts.loading import load_script
+from effattn.testing.scripts import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

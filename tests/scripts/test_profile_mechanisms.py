@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.scripts.loading import load_script
+from effattn.testing.scripts import load_script
 
 
 def test_every_group_plans_its_entries():

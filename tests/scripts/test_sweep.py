@@ -1,7 +1,6 @@
 """scripts/sweep.py: the grid, names, resume rules, results, and a tiny 2x2 sweep end to end."""
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,16 +8,10 @@ import sys
 
 import pytest
 
+from effattn.testing.scripts import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Loaded once per process (tests/test_configs.py expands the sweeps with it too): a second
-# import would define its absl flags twice.
-sweep_lib = sys.modules.get("sweep_script")
-if sweep_lib is None:
-  _spec = importlib.util.spec_from_file_location("sweep_script", os.path.join(ROOT, "scripts",
-                                                                               "sweep.py"))
-  sweep_lib = importlib.util.module_from_spec(_spec)
-  sys.modules[_spec.name] = sweep_lib  # dataclasses look their module up while being defined
-  _spec.loader.exec_module(sweep_lib)
+sweep_lib = load_script("sweep")  # once per process: tests/test_configs.py expands sweeps too
 
 TINY = '''
 def get_sweep():

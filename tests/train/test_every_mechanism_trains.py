@@ -1,6 +1,7 @@
 """Every registered mechanism goes through the trainer's jitted step, state updates included.
 
-The mechanism tests call modules eagerly; this one catches what only the real step shows:
+The mechanism suite (tests/attention/test_mechanisms.py) checks a module alone; this test catches
+what only the real step shows:
 state mutated under jit(grad(...)) (routing centroids), aux terms, gradients reaching every
 parameter, and a packed batch with padding.
 """
@@ -11,23 +12,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base
 from effattn import attention
 from effattn.model.transformer import Transformer
+from effattn.testing.mechanisms import tiny_model
 from effattn.train.optimizer import make_optimizer
 from effattn.train.state import create
 from effattn.train.step import make_train_step
 
 
 def tiny_model_config(name: str):
-  config = base.get_config()
-  m = config.model
-  m.attention.name = name
-  m.attention.impl = "xla"
-  m.d_model, m.num_heads, m.num_layers, m.mlp = 64, 4, 1, "none"
-  m.vocab_size = 32
-  if name == "landmark":  # blocks shorter than the documents, so landmarks exist
-    m.attention.landmark.block_len = 6
+  """The mechanism suite's tiny model (its TINY options included) on the xla path."""
+  config = tiny_model(name)
+  config.model.attention.impl = "xla"
+  config.model.vocab_size = 32
   return config
 
 

@@ -30,12 +30,12 @@ from effattn import cli
 from effattn import data as data_lib
 from effattn.config import ConfigError
 from effattn.evaluate import runner
+from effattn.testing.configs import tiny_subprocess_trainer
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train import loop, manifest
 from effattn.train.errors import (CheckpointError, Interrupted, NonFiniteLossError, SaveError,
                                   WorkdirError)
 from effattn.train.metrics import read_metrics
-from tests.train import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 8
@@ -47,8 +47,8 @@ def data_dir(tmp_path_factory):
 
 
 def config_for(data_dir, **fields):
-  """tiny.get_config with dotted overrides, the same config the subprocess runs get."""
-  config = tiny.get_config(data_dir)
+  """The subprocess runs' config (tests/train/tiny.py) with dotted overrides."""
+  config = tiny_subprocess_trainer(data_dir)
   for dotted, value in fields.items():
     *parents, leaf = dotted.split(".")
     node = config

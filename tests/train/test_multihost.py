@@ -14,7 +14,7 @@ from effattn.kernels import mesh as kernel_mesh
 from effattn.train import loop, sharding
 from effattn.train.checkpoint import save_config
 from effattn.train.metrics import MetricWriter
-from tests.train.tiny import tiny_config
+from effattn.testing.configs import tiny_trainer as tiny_config
 
 
 @pytest.fixture(scope="module")

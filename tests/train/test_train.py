@@ -9,10 +9,10 @@ import pytest
 from configs import base
 from effattn.config import ConfigError
 from effattn.evaluate.runner import evaluate_checkpoint
+from effattn.testing.configs import tiny_trainer
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train import loop
 from effattn.train.metrics import read_metrics
-from tests.train.tiny import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def train_losses(workdir):
 
 
 def test_loss_falls_and_eval_reproduces(data_dir, tmp_path):
-  config = tiny_config(data_dir, steps=40)
+  config = tiny_trainer(data_dir, steps=40)
   config.optimizer.learning_rate = 1e-2
   final = loop.train_and_evaluate(config, str(tmp_path))
   losses = train_losses(str(tmp_path))
@@ -42,7 +42,7 @@ def test_loss_falls_and_eval_reproduces(data_dir, tmp_path):
 
 
 def test_resume_after_interruption_matches_uninterrupted(data_dir, tmp_path, monkeypatch):
-  whole = loop.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "whole"))
+  whole = loop.train_and_evaluate(tiny_trainer(data_dir), str(tmp_path / "whole"))
 
   real_put = loop.put_batch
   calls = {"n": 0}
@@ -55,26 +55,26 @@ def test_resume_after_interruption_matches_uninterrupted(data_dir, tmp_path, mon
 
   monkeypatch.setattr(loop, "put_batch", dying_put)
   with pytest.raises(KeyboardInterrupt):
-    loop.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "cut"))
+    loop.train_and_evaluate(tiny_trainer(data_dir), str(tmp_path / "cut"))
   monkeypatch.setattr(loop, "put_batch", real_put)
   assert ckpt_lib.Checkpointer(str(tmp_path / "cut")).latest_step() == 8
-  resumed = loop.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "cut"))
+  resumed = loop.train_and_evaluate(tiny_trainer(data_dir), str(tmp_path / "cut"))
   assert resumed == pytest.approx(whole, rel=1e-6, abs=1e-6)
   by_step = lambda w: {r["step"]: r["train/loss"] for r in read_metrics(w) if "train/loss" in r}
   assert by_step(str(tmp_path / "cut"))[24] == pytest.approx(by_step(str(tmp_path / "whole"))[24])
 
 
 def test_gradient_accumulation_matches_full_batch(data_dir, tmp_path):
-  one = loop.train_and_evaluate(tiny_config(data_dir, steps=6), str(tmp_path / "a"))
-  acc = loop.train_and_evaluate(tiny_config(data_dir, steps=6, grad_accum_steps=4),
+  one = loop.train_and_evaluate(tiny_trainer(data_dir, steps=6), str(tmp_path / "a"))
+  acc = loop.train_and_evaluate(tiny_trainer(data_dir, steps=6, grad_accum_steps=4),
                                 str(tmp_path / "b"))
   assert acc == pytest.approx(one, rel=1e-4, abs=1e-5)
 
 
 def test_mesh_step_on_8_devices_matches_data_parallel(data_dir, tmp_path):
   assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
-  dp = tiny_config(data_dir, steps=4)
-  fsdp = tiny_config(data_dir, steps=4)
+  dp = tiny_trainer(data_dir, steps=4)
+  fsdp = tiny_trainer(data_dir, steps=4)
   fsdp.mesh.data, fsdp.mesh.fsdp = 2, 4
   a = loop.train_and_evaluate(dp, str(tmp_path / "dp"))
   b = loop.train_and_evaluate(fsdp, str(tmp_path / "fsdp"))
@@ -99,7 +99,7 @@ def test_params_are_sharded_over_fsdp():
     ("model.position", "alibi", "model.position"),
 ])
 def test_bad_config_fields_are_named(data_dir, tmp_path, field, value, match):
-  config = tiny_config(data_dir)
+  config = tiny_trainer(data_dir)
   node = config
   *parents, leaf = field.split(".")
   for p in parents:
@@ -110,13 +110,13 @@ def test_bad_config_fields_are_named(data_dir, tmp_path, field, value, match):
 
 
 def test_batch_must_divide_mesh(data_dir, tmp_path):
-  config = tiny_config(data_dir, batch_size=12)
+  config = tiny_trainer(data_dir, batch_size=12)
   with pytest.raises(ValueError, match="train.batch_size=12"):
     loop.train_and_evaluate(config, str(tmp_path))
 
 
 def test_missing_and_corrupt_checkpoints_are_reported(data_dir, tmp_path):
-  config = tiny_config(data_dir, steps=8)
+  config = tiny_trainer(data_dir, steps=8)
   with pytest.raises(ckpt_lib.CheckpointError, match="config.json not found"):
     ckpt_lib.load_config(str(tmp_path / "none"))
   loop.train_and_evaluate(config, str(tmp_path))

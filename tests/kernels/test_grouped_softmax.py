@@ -1,28 +1,25 @@
-"""The landmark grouped-softmax kernels (Triton pallas_gpu.py and Mosaic pallas_tpu.py of
-kernels/grouped_softmax, interpret mode) against the dense grouped_softmax_attention: output and
-gradients of q, k, v and the landmark keys, in f32 and bf16, with ragged lengths, packed
-segments + padding, several block lengths and the lax.cond fallback; plus the module on the
-kernel path against its chunked path."""
+"""grouped_softmax: the landmark grouped-softmax kernels (Triton pallas_gpu.py and Mosaic
+pallas_tpu.py, interpret mode) against the dense grouped_softmax_attention: output and gradients
+of q, k, v and the landmark keys, in f32 and bf16, with ragged lengths, packed segments +
+padding, several block lengths and the lax.cond fallback; which kernel runs where. (The
+landmark module on its kernel path: tests/attention/test_mechanisms.py.)"""
 
 from __future__ import annotations
 
 import functools
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from effattn.attention.landmark import block_groups
-from effattn.kernels import dispatch
+from effattn.kernels import dispatch, hlo
 from effattn.kernels.grouped_softmax import api as grouped
 from effattn.kernels.grouped_softmax import grouped_softmax_attention
-from tests.attention import oracles
-
-# Tolerance relative to the largest reference value.
-TOL = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2}
+from effattn.testing import assert_close
+from effattn.testing.inputs import case_key
+from effattn.testing.mechanisms import build
 
 
 def _layout(kind: str, b: int, t: int):
@@ -42,17 +39,10 @@ def _layout(kind: str, b: int, t: int):
 
 
 def _inputs(name, b, t, h, d, dtype):
-  ks = jax.random.split(jax.random.key(zlib.crc32(name.encode())), 5)
+  ks = jax.random.split(case_key(name), 5)
   q, k, v, k_land, do = (jax.random.normal(kk, (b, t, h, d), jnp.float32).astype(dtype)
                          for kk in ks)
   return q, k, v, k_land, do
-
-
-def _close(name, want, got, dtype):
-  want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
-  assert np.all(np.isfinite(got)), f"{name}: not finite"
-  atol = TOL[dtype] * max(1.0, float(np.abs(want).max()))
-  np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=name)
 
 
 CASES = {
@@ -111,10 +101,10 @@ def test_kernel_matches_dense(impl, name):
   o_want, grads_want = _dense(name)
   o_got, grads_got = jax.jit(_value_and_grads, static_argnums=0)(kernel, (q, k, v, k_land), do)
   assert o_got.dtype == dtype
-  _close("o", o_want, o_got, dtype)
+  assert_close("o", o_want, o_got, dtype=dtype, reduction=t)
   for gname, want, got in zip(("dq", "dk", "dv", "dk_land"), grads_want, grads_got):
     assert got.dtype == dtype, gname
-    _close(gname, want, got, dtype)
+    assert_close(gname, want, got, dtype=dtype, reduction=t)
 
 
 def test_kernel_is_what_runs():
@@ -123,16 +113,15 @@ def test_kernel_is_what_runs():
   gid = block_groups(jnp.arange(t)[None], None, 8)
   seg = jnp.ones((b, t), jnp.int32)
 
-  def jaxpr(impl):
+  def names(impl):
     f = lambda x: grouped.grouped_softmax(x, x, x, x, gid, seg, block_len=8, tile=16,  # noqa
                                           impl=impl, interpret=True)
-    return str(jax.make_jaxpr(f)(x))
+    return hlo.pallas_call_names(f, x)
 
-  assert "landmark_grouped_fwd" in jaxpr("pallas_gpu")
-  assert "landmark_grouped_tpu_fwd" in jaxpr("pallas_tpu")
-  assert "landmark_grouped_fwd" in jaxpr("pallas")  # off TPU: the Triton kernel
-  assert "landmark_grouped" not in jaxpr("auto")  # CPU: the chunked path
-  assert "landmark_grouped" not in jaxpr("xla")
+  assert names("pallas_gpu") == ["landmark_grouped_fwd"]
+  assert names("pallas_tpu") == ["landmark_grouped_tpu_fwd"]
+  assert names("pallas") == ["landmark_grouped_fwd"]  # off TPU: the Triton kernel
+  assert names("auto") == names("xla") == []  # CPU: the chunked path
 
 
 def test_tpu_backend_gets_the_mosaic_kernel(monkeypatch):
@@ -145,7 +134,7 @@ def test_tpu_backend_gets_the_mosaic_kernel(monkeypatch):
                dispatch.op_impl("pallas", "grouped_softmax")}:
     f = lambda x, impl=impl: grouped.grouped_softmax(  # noqa: E731
         x, x, x, x, gid, seg, block_len=8, tile=16, impl=impl, interpret=True)
-    assert "landmark_grouped_tpu_fwd" in str(jax.make_jaxpr(f)(x)), impl
+    assert hlo.pallas_call_names(f, x) == ["landmark_grouped_tpu_fwd"], impl
 
 
 def test_bad_arguments_named():
@@ -168,45 +157,4 @@ def test_bad_arguments_named():
   with pytest.raises(ValueError, match="dtypes"):
     grouped.grouped_softmax(x, x.astype(jnp.bfloat16), x, x, gid, seg)
   with pytest.raises(ValueError, match="tile"):
-    oracles.build("landmark", landmark={"tile": 12})
-
-
-def test_module_kernel_path_equals_chunked_path():
-  opts = {"block_len": 8, "tile": 16, "query_chunk": 8, "top_k": 100}
-  kernel = oracles.build("landmark", num_heads=2, impl="pallas",
-                         landmark={**opts, "interpret": True})
-  chunked = oracles.build("landmark", num_heads=2, impl="xla", landmark=opts)
-  b, t = 2, 30
-  x, _ = oracles.random_inputs(batch=b, length=t)
-  pos, seg = _layout("packed", b, t)
-  real = np.asarray(seg) > 0
-
-  def loss(module, x):  # padded rows carry no loss, as in training
-    y, _ = module(x, positions=pos, segment_ids=seg, train=True)
-    return jnp.sum(jnp.where(real[..., None], y, 0.0) ** 2), y
-
-  (l_k, y_k), g_k = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(kernel, x)
-  (l_c, y_c), g_c = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(chunked, x)
-  _close("y", y_c, y_k, jnp.float32)
-  np.testing.assert_allclose(float(l_k), float(l_c), rtol=1e-5)
-  for (path, a), (_, c) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(g_k)),
-                               jax.tree_util.tree_leaves_with_path(nnx.state(g_c))):
-    _close(f"grad {jax.tree_util.keystr(path)}", c, a, jnp.float32)
-
-
-@pytest.mark.parametrize("max_groups,want", [(0, 0.0), (2, 1.0)])
-def test_runtime_fallback_is_reported_in_aux(max_groups, want):
-  """The module's kernel path (interpret switch, as on a GPU) says in aux how many rows took the
-  lax.cond fallback: none with room for every block, all when the layout holds 2 blocks."""
-  module = oracles.build("landmark", num_heads=2, impl="auto", landmark={
-      "block_len": 8, "tile": 16, "query_chunk": 8, "max_groups": max_groups})
-  x, _ = oracles.random_inputs(batch=2, length=30)
-  pos, seg = _layout("packed", 2, 30)
-  with dispatch.interpret_kernels("gpu"):
-    y, aux = module(x, positions=pos, segment_ids=seg)
-  assert float(aux["grouped_softmax_fallback_frac"]) == want
-  y_ref, aux_ref = oracles.build("landmark", num_heads=2, impl="xla", landmark={
-      "block_len": 8, "tile": 16, "query_chunk": 8})(x, positions=pos, segment_ids=seg)
-  assert "grouped_softmax_fallback_frac" not in aux_ref  # a path with no runtime fallback
-  real = np.asarray(seg) > 0
-  _close("y", np.where(real[..., None], y_ref, 0), np.where(real[..., None], y, 0), jnp.float32)
+    build("landmark", landmark={"tile": 12})
