@@ -1,6 +1,6 @@
-"""Claim 5 (Landmark Attention, Mohtashami & Jaggi 2023, figure 2 / table 1): trained at T = 512,
-landmark attention retrieves the passkey at 4x, 8x and 16x the training length, where softmax
-with RoPE fails.
+"""Claim 5 (Landmark Attention, Mohtashami & Jaggi 2023, its passkey-retrieval experiment):
+trained at T = 512, landmark attention retrieves the passkey at 4x, 8x and 16x the training
+length, where softmax with RoPE fails.
 
     python scripts/sweep.py --config configs/sweeps/claims/landmark_passkey.py --per_device 8
 

@@ -1,5 +1,5 @@
-"""Claim 6, text half (MoH, Jin et al. 2024, tables 2-3): with 50-90% of its heads active per
-token, MoH matches or beats MHA of the same size.
+"""Claim 6, text half (MoH, Jin et al. 2024): with 50-90% of its heads active per token, MoH
+matches or beats MHA of the same size.
 
     python scripts/sweep.py --config configs/sweeps/claims/moh_text.py --per_device 8
 

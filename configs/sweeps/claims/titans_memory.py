@@ -1,6 +1,6 @@
-"""Claim 9, ablation (Titans, Behrouz et al. 2025, table 5): a deep neural memory against a linear
-one. The paper's other two ablations, without momentum and without weight decay (forgetting),
-need options the memory does not have yet (docs/claims.md: TODO).
+"""Claim 9, ablation (Titans, Behrouz et al. 2025, its ablation table): a deep neural memory
+against a linear one. The paper's other two ablations, without momentum and without weight decay
+(forgetting), need options the memory does not have yet (docs/claims.md: TODO).
 
     python scripts/sweep.py --config configs/sweeps/claims/titans_memory.py --per_device 6
 

@@ -1,4 +1,4 @@
-"""Claim 9, retrieval (Titans, Behrouz et al. 2025, figure 6 / table 2 "S-NIAH"): single-needle
+"""Claim 9, retrieval (Titans, Behrouz et al. 2025, table 2, S-NIAH of RULER): single-needle
 retrieval at 2k-16k after training at a shorter length, Titans MAC / MAG / MAL against softmax
 and a sliding window.
 
