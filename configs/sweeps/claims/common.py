@@ -43,6 +43,16 @@ def text_fixed(seq_len: int, steps: int = 1500) -> dict:
   }
 
 
+# Passkey retrieval (configs/passkey.py), the passkey_families size: d_model 256, 4 heads of 64,
+# 2,000 steps of 16k tokens; eval.py's passkey grid at `lengths` after training.
+def passkey_fixed(seq_len: int, lengths: tuple[int, ...]) -> dict:
+  return {"model.d_model": 256, "model.num_heads": 4, "data.seq_len": seq_len,
+          "data.passkey.train_examples": 20_000, "train.steps": 2000,
+          "train.batch_size": 16_384 // seq_len, "train.eval_every": 0,
+          "train.eval_examples": 500, "checkpoint.every": 1000, "checkpoint.keep": 1,
+          "eval.passkey.lengths": lengths}
+
+
 def sweep(name: str, config: str, fixed: dict, attention: list[dict], learning_rates: list[float],
           metric: str, axes: dict | None = None, **keys) -> dict:
   """A claim sweep: attention x `axes` x learning rates x SEEDS (the last varies fastest), the

@@ -28,9 +28,6 @@ VARIANTS["titans-mag-deep"] = {**VARIANTS["titans-mag"], "label": "titans-mag-de
 def subset(labels: list[str]) -> dict:
   return common.sweep(
       "passkey_1024", "configs/passkey.py",
-      fixed={"model.d_model": 256, "model.num_heads": 4, "data.seq_len": 1024,
-             "data.passkey.train_examples": 20_000, "train.steps": 2000,
-             "train.batch_size": 16, "train.eval_every": 0, "train.eval_examples": 500,
-             "checkpoint.every": 1000, "checkpoint.keep": 1, "eval.passkey.lengths": LENGTHS},
+      fixed=common.passkey_fixed(1024, LENGTHS),
       attention=[VARIANTS[label] for label in labels], learning_rates=LEARNING_RATES,
       metric="eval_accuracy", eval_tasks=("accuracy", "passkey"))

@@ -23,9 +23,6 @@ LENGTHS = (512, 1024, 2048, 4096, 8192)
 def subset(labels: list[str]) -> dict:
   return common.sweep(
       "passkey_512", "configs/passkey.py",
-      fixed={"model.d_model": 256, "model.num_heads": 4, "data.seq_len": 512,
-             "data.passkey.train_examples": 20_000, "train.steps": 2000,
-             "train.batch_size": 32, "train.eval_every": 0, "train.eval_examples": 500,
-             "checkpoint.every": 1000, "checkpoint.keep": 1, "eval.passkey.lengths": LENGTHS},
+      fixed=common.passkey_fixed(512, LENGTHS),
       attention=common.pick(labels, window=128), learning_rates=LEARNING_RATES,
       metric="eval_accuracy", eval_tasks=("accuracy", "passkey"))
