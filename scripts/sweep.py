@@ -23,9 +23,12 @@ Modes:
 Resumable: a variant whose eval.json is at its final step is skipped; an interrupted one is
 started again with the same command and train.py resumes it from its latest checkpoint.
 
-Outputs in the sweep workdir: results.csv, results.md (every variant + the best accuracy per
-series and sequence length), accuracy_vs_seq_len.png, tokens_per_sec_vs_seq_len.png,
-frontier.png (quality vs throughput) and each variant's own workdir with sweep.log.
+Outputs in the sweep workdir: results.csv, results_over_seeds.csv (mean, std, min, max, n of the
+metric per cell without the seed axis), results.md (the best quality per series and sequence
+length as mean +- std over seeds of the best `select` setting, e.g. the learning rate, named in
+the cell; every cell over seeds; every variant), accuracy_vs_seq_len.png,
+tokens_per_sec_vs_seq_len.png, frontier.png (quality vs throughput) and each variant's own
+workdir with sweep.log.
 """
 
 from __future__ import annotations
