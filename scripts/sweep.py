@@ -23,9 +23,12 @@ Modes:
 Resumable: a variant whose eval.json is at its final step is skipped; an interrupted one is
 started again with the same command and train.py resumes it from its latest checkpoint.
 
-Outputs in the sweep workdir: results.csv, results.md (every variant + the best accuracy per
-series and sequence length), accuracy_vs_seq_len.png, tokens_per_sec_vs_seq_len.png,
-frontier.png (quality vs throughput) and each variant's own workdir with sweep.log.
+Outputs in the sweep workdir: results.csv, results_over_seeds.csv (mean, std, min, max, n of the
+metric per cell without the seed axis), results.md (the best quality per series and sequence
+length as mean +- std over seeds of the best `select` setting, e.g. the learning rate, named in
+the cell; every cell over seeds; every variant), accuracy_vs_seq_len.png,
+tokens_per_sec_vs_seq_len.png, frontier.png (quality vs throughput) and each variant's own
+workdir with sweep.log.
 """
 
 from __future__ import annotations
@@ -96,6 +99,10 @@ class Sweep:
   plot_x: str | None = None  # dotted key on the x axis of the plots
   plot_series: str | None = None  # axis whose values are the lines of the plots
   metric: str = "eval_accuracy"  # column plotted as quality
+  # Axes tuned per cell: the value with the best mean over seeds is reported (Zoology's best
+  # learning rate per mechanism). None: every axis other than plot_x, plot_series and seed.
+  # Axes in neither role stay in the tables and get a panel each in the plots.
+  select: tuple[str, ...] | None = None
 
   @property
   def higher_is_better(self) -> bool:
@@ -201,9 +208,15 @@ def load_sweep(path: str, axes: list[str], sets: list[str]) -> Sweep:
                   eval_tasks=tuple(spec.pop("eval_tasks", ("accuracy",))),
                   plot_x=spec.pop("plot_x", None), plot_series=spec.pop("plot_series", None),
                   metric=spec.pop("metric", "eval_accuracy"))
+    if "select" in spec:
+      sweep.select = tuple(spec.pop("select"))
     if spec:
       raise ValueError(f"{path}: get_sweep() has unknown keys {sorted(spec)}; known: config, "
-                       f"name, axes, fixed, eval_tasks, plot_x, plot_series, metric")
+                       f"name, axes, fixed, eval_tasks, plot_x, plot_series, metric, select")
+    unknown = [a for a in sweep.select or () if a not in sweep.axes]
+    if unknown:
+      raise ValueError(f"{path}: get_sweep()'s select names {unknown}, which are not axes of "
+                       f"the sweep; give axes from {sorted(sweep.axes)}")
   elif hasattr(module, "get_config"):
     sweep = Sweep(name=name, config=os.path.abspath(path), axes={})
   else:
@@ -439,28 +452,81 @@ def plot_roles(sweep: Sweep) -> tuple[str, str | None]:
   return x_col, series
 
 
-def aggregate(sweep: Sweep, rows: list[dict]) -> list[dict]:
-  """One point per (series, x): quality = best over the other axes of the mean over seeds;
-  throughput = median over everything in the group."""
+def axis_roles(sweep: Sweep) -> dict[str, Any]:
+  """x, series, the seed axes (averaged over), the select axes (best mean picked) and the panel
+  axes (every other axis: kept in the tables, a panel each in the plots)."""
   x_col, series = plot_roles(sweep)
+  seeds = [a for a in sweep.axes if _is_seed_axis(a)]
+  rest = [a for a in sweep.axes if a not in (x_col, series) and a not in seeds]
+  select = rest if sweep.select is None else [a for a in rest if a in sweep.select]
+  return {"x": x_col, "series": series, "seeds": seeds, "select": select,
+          "panels": [a for a in rest if a not in select]}
+
+
+def seed_stats(values: list[float]) -> dict[str, Any]:
+  """mean, sample standard deviation (None for a single value), min, max and n."""
+  n = len(values)
+  mean = sum(values) / n
+  std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else None
+  return {"mean": mean, "std": std, "min": min(values), "max": max(values), "n": n}
+
+
+def _median(values: list[float]) -> float | None:
+  values = sorted(values)
+  return values[len(values) // 2] if values else None
+
+
+def over_seeds(sweep: Sweep, rows: list[dict]) -> list[dict]:
+  """One row per cell of the grid without its seed axes (in the variants' order): every other
+  axis' value, the metric's seed_stats over the cell's finished runs and their median tokens/s."""
+  roles = axis_roles(sweep)
+  keys = list(dict.fromkeys([*(a for a in sweep.axes if a not in roles["seeds"]), roles["x"]]))
   metric = sweep.metric
-  others = [a for a in sweep.axes if a not in (x_col, series) and not _is_seed_axis(a)]
-  done = [r for r in rows if r["status"] == "done" and r.get(metric) is not None]
-  groups: dict[tuple, dict[tuple, list[dict]]] = {}
-  for r in done:
-    key = (r.get(series, "all") if series else "all", r.get(x_col))
-    groups.setdefault(key, {}).setdefault(tuple(r.get(a) for a in others), []).append(r)
+  cells: dict[tuple, list[dict]] = {}
+  for r in rows:
+    if r["status"] == "done" and r.get(metric) is not None:
+      cells.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+  return [{**dict(zip(keys, cell)), **seed_stats([r[metric] for r in rs]),
+           "tokens_per_sec": _median([r["tokens_per_sec"] for r in rs if r.get("tokens_per_sec")])}
+          for cell, rs in cells.items()]
+
+
+def aggregate(sweep: Sweep, rows: list[dict]) -> list[dict]:
+  """One point per (series, panel, x): quality = the mean over seeds of the best setting of the
+  select axes (its std, min, max and n beside it, the setting in "best"); throughput = median
+  over every run of the group."""
+  roles = axis_roles(sweep)
+  x_col, series, panels, select = roles["x"], roles["series"], roles["panels"], roles["select"]
+  better = max if sweep.higher_is_better else min
+  groups: dict[tuple, list[dict]] = {}
+  for cell in over_seeds(sweep, rows):
+    key = (cell.get(series, "all") if series else "all", tuple(cell.get(a) for a in panels),
+           cell.get(x_col))
+    groups.setdefault(key, []).append(cell)
+  tps: dict[tuple, list[float]] = {}
+  for r in rows:
+    if r["status"] == "done" and r.get(sweep.metric) is not None and r.get("tokens_per_sec"):
+      key = (r.get(series, "all") if series else "all", tuple(r.get(a) for a in panels),
+             r.get(x_col))
+      tps.setdefault(key, []).append(r["tokens_per_sec"])
   points = []
-  for (name, x), by_other in groups.items():
-    means = {o: sum(r[metric] for r in rs) / len(rs) for o, rs in by_other.items()}
-    best = (max if sweep.higher_is_better else min)(means, key=means.get)
-    tps = sorted(r["tokens_per_sec"] for rs in by_other.values() for r in rs
-                 if r.get("tokens_per_sec"))
-    points.append({"series": name, "x": x, "quality": means[best],
-                   "seeds": len(by_other[best]),
-                   "best": dict(zip(others, best)) if others else {},
-                   "tokens_per_sec": tps[len(tps) // 2] if tps else None})
-  return sorted(points, key=lambda p: (str(p["series"]), _sort_key(p["x"])))
+  for key, cells in groups.items():
+    best = better(cells, key=lambda c: c["mean"])  # the first of equal means
+    points.append({"series": key[0], "panel": dict(zip(panels, key[1])), "x": key[2],
+                   "quality": best["mean"], "std": best["std"], "min": best["min"],
+                   "max": best["max"], "seeds": best["n"],
+                   "best": {a: best.get(a) for a in select},
+                   "tokens_per_sec": _median(tps.get(key, []))})
+  return sorted(points, key=lambda p: (str(p["series"]), _panel_key(p["panel"]),
+                                       _sort_key(p["x"])))
+
+
+def _panel_key(panel: dict) -> tuple:
+  return tuple(_sort_key(v) for v in panel.values())
+
+
+def panel_title(panel: dict) -> str:
+  return ", ".join(f"{short_key(a)} = {format_value(v)}" for a, v in panel.items())
 
 
 def _sort_key(x: Any):
@@ -483,71 +549,109 @@ def pareto(points: list[tuple[float, float]], higher_is_better: bool = True
   return front
 
 
+def _draw_panel(ax, sweep: Sweep, points: list[dict], column: str, ylabel: str, style: dict,
+                log_x: bool) -> None:
+  """One panel of the quality or tokens/s plot: a line per series over x (bars when x has one
+  value); quality shows the mean over seeds, +- std bars and a shaded min..max band."""
+  x_col, series = plot_roles(sweep)
+  spread = column == "quality"
+  xs = sorted({p["x"] for p in points}, key=_sort_key)
+  if len(xs) == 1:  # one x value: a bar per series reads better than a column of dots
+    bars = [p for p in points if p[column] is not None]
+    if bars:
+      labels = [str(p["series"]) for p in bars]
+      values = [p[column] for p in bars]
+      err = [p["std"] or 0.0 for p in bars] if spread and any(p["std"] for p in bars) else None
+      ax.barh(labels, values, xerr=err, color=[style[p["series"]][0] for p in bars],
+              capsize=3 if err else 0)
+      if spread:  # min and max of the seeds
+        for i, p in enumerate(bars):
+          if p["seeds"] > 1:
+            ax.plot([p["min"], p["max"]], [i, i], "k|", ms=8)
+      ax.invert_yaxis()
+    if column == "tokens_per_sec":
+      ax.set_xscale("log")
+    ax.set_xlabel(ylabel)
+    ax.grid(alpha=0.3, axis="x")
+    return
+  for n in dict.fromkeys(p["series"] for p in points):
+    pts = sorted((p for p in points if p["series"] == n and p[column] is not None),
+                 key=lambda p: _sort_key(p["x"]))
+    if not pts:
+      continue
+    px = [p["x"] for p in pts] if _numeric([p["x"] for p in pts]) else [str(p["x"]) for p in pts]
+    py = [p[column] for p in pts]
+    color, marker = style[n]
+    err = [p["std"] or 0.0 for p in pts] if spread and any(p["std"] for p in pts) else None
+    ax.errorbar(px, py, yerr=err, marker=marker, color=color, label=str(n), capsize=2)
+    if spread and any(p["seeds"] > 1 for p in pts):
+      ax.fill_between(px, [p["min"] for p in pts], [p["max"] for p in pts], color=color,
+                      alpha=0.15, lw=0)
+  if log_x:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(v) for v in xs])
+  if column == "tokens_per_sec":
+    ax.set_yscale("log")
+  ax.set_xlabel(short_key(x_col))
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+
+
 def plot_results(sweep: Sweep, points: list[dict], sweep_dir: str) -> list[str]:
-  """The three PNGs; returns their paths."""
+  """The three PNGs (a panel per value of the panel axes); returns their paths."""
   from matplotlib.figure import Figure
 
   x_col, series = plot_roles(sweep)
   names = list(dict.fromkeys(p["series"] for p in points))
   # Ten colors x markers keep more than ten series apart.
-  colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
-  markers = {n: "os^Dv"[(i // 10) % 5] for i, n in enumerate(names)}
+  style = {n: (f"C{i % 10}", "os^Dv"[(i // 10) % 5]) for i, n in enumerate(names)}
   legend_kw = dict(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5)) if len(
       names) > 8 else dict(fontsize=8)
   xs = [p["x"] for p in points]
   log_x = _numeric(xs) and len(set(xs)) > 1 and min(xs) > 0
+  panels = sorted({tuple(p["panel"].items()) for p in points},
+                  key=lambda t: _panel_key(dict(t)))
+  spread = " (mean over seeds, bars +- std, band min..max)" if any(
+      p["seeds"] > 1 for p in points) else ""
   paths = []
   for column, ylabel, filename in (
       ("quality", sweep.metric.replace("_", " "),
        f"{sweep.metric.removeprefix('eval_')}_vs_{short_key(x_col)}.png"),
       ("tokens_per_sec", "train tokens / s", f"tokens_per_sec_vs_{short_key(x_col)}.png")):
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = fig.add_subplot()
-    if len(set(xs)) == 1:  # one x value: a bar per series reads better than a column of dots
-      bars = [(str(p["series"]), p[column]) for p in points if p[column] is not None]
-      if bars:
-        labels, values = zip(*bars)
-        ax.barh(labels, values, color=[colors[p["series"]] for p in points
-                                       if p[column] is not None])
-        ax.invert_yaxis()
-      if column == "tokens_per_sec":
-        ax.set_xscale("log")
-      ax.set_xlabel(ylabel)
-      ax.set_title(f"{sweep.name}: {ylabel} at {short_key(x_col)} = {xs[0]}")
-      ax.grid(alpha=0.3, axis="x")
-      path = os.path.join(sweep_dir, filename)
-      fig.savefig(path, dpi=120)
-      paths.append(path)
-      continue
-    for n in names:
-      pts = [(p["x"], p[column]) for p in points if p["series"] == n and p[column] is not None]
-      if pts:
-        px, py = zip(*sorted(pts, key=lambda t: _sort_key(t[0])))
-        ax.plot([str(v) for v in px] if not _numeric(px) else px, py, marker=markers[n],
-                color=colors[n], label=str(n))
-    if log_x:
-      ax.set_xscale("log", base=2)
-      ax.set_xticks(sorted(set(xs)), [str(v) for v in sorted(set(xs))])
-    if column == "tokens_per_sec":
-      ax.set_yscale("log")
-    ax.set_xlabel(short_key(x_col))
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"{sweep.name}: {ylabel} vs {short_key(x_col)}")
-    ax.grid(alpha=0.3)
-    ax.legend(title=short_key(series) if series else None, **legend_kw)
+    fig = Figure(figsize=(6.4 + 4.2 * (len(panels) - 1), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel in zip(axes, panels):
+      _draw_panel(ax, sweep, [p for p in points if tuple(p["panel"].items()) == panel], column,
+                  ylabel, style, log_x)
+      if panel:
+        ax.set_title(panel_title(dict(panel)), fontsize=9)
+    if len(set(xs)) > 1:
+      handles = {}
+      for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+          handles.setdefault(lab, h)
+      axes[-1].legend(handles.values(), handles.keys(),
+                      title=short_key(series) if series else None, **legend_kw)
+      fig.suptitle(f"{sweep.name}: {ylabel} vs {short_key(x_col)}"
+                   f"{spread if column == 'quality' else ''}", fontsize=10)
+    else:
+      fig.suptitle(f"{sweep.name}: {ylabel} at {short_key(x_col)} = {xs[0]}"
+                   f"{spread if column == 'quality' else ''}", fontsize=10)
     path = os.path.join(sweep_dir, filename)
     fig.savefig(path, dpi=120)
     paths.append(path)
 
-  # Frontier: one panel per x value (a fixed task difficulty), throughput vs quality.
-  panels = sorted(set(xs), key=_sort_key)
-  fig = Figure(figsize=(4.2 * max(len(panels), 1), 4.0), layout="constrained")
-  axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
-  for ax, x in zip(axes, panels):
-    pts = [p for p in points if p["x"] == x and p["tokens_per_sec"]]
+  # Frontier: one panel per (panel, x) (a fixed task difficulty), throughput vs quality.
+  frames = sorted({(tuple(p["panel"].items()), p["x"]) for p in points},
+                  key=lambda t: (_panel_key(dict(t[0])), _sort_key(t[1])))
+  fig = Figure(figsize=(4.2 * max(len(frames), 1), 4.0), layout="constrained")
+  axes = fig.subplots(1, max(len(frames), 1), squeeze=False)[0]
+  for ax, (panel, x) in zip(axes, frames):
+    pts = [p for p in points
+           if p["x"] == x and tuple(p["panel"].items()) == panel and p["tokens_per_sec"]]
     for p in pts:
-      ax.scatter(p["tokens_per_sec"], p["quality"], color=colors[p["series"]], s=40,
-                 marker=markers[p["series"]], label=str(p["series"]), zorder=3)
+      ax.scatter(p["tokens_per_sec"], p["quality"], color=style[p["series"]][0], s=40,
+                 marker=style[p["series"]][1], label=str(p["series"]), zorder=3)
     front = pareto([(p["tokens_per_sec"], p["quality"]) for p in pts], sweep.higher_is_better)
     if len(front) > 1:
       fx, fy = zip(*front)
@@ -555,7 +659,8 @@ def plot_results(sweep: Sweep, points: list[dict], sweep_dir: str) -> list[str]:
     ax.set_xscale("log")
     ax.set_xlabel("train tokens / s")
     ax.set_ylabel(sweep.metric.replace("_", " "))
-    ax.set_title(f"{short_key(x_col)} = {x}")
+    ax.set_title(", ".join([*filter(None, [panel_title(dict(panel))]),
+                            f"{short_key(x_col)} = {x}"]), fontsize=9)
     ax.grid(alpha=0.3)
   handles = {}
   for ax in axes:
@@ -568,6 +673,68 @@ def plot_results(sweep: Sweep, points: list[dict], sweep_dir: str) -> list[str]:
   fig.savefig(path, dpi=120)
   paths.append(path)
   return paths
+
+
+def _setting(best: dict) -> str:
+  return ", ".join(f"{short_key(a)} {format_value(v)}" for a, v in best.items())
+
+
+def quality_cell(p: dict) -> str:
+  """'0.952 +- 0.010 (n 3, learning_rate 0.003)': the mean, the std over seeds when there are
+  several, and the chosen setting of the select axes."""
+  text = f"{p['quality']:.3f}" + (f" ± {p['std']:.3f}" if p["std"] is not None else "")
+  notes = [*([f"n {p['seeds']}"] if p["seeds"] > 1 else []), *filter(None, [_setting(p["best"])])]
+  return text + (f" ({', '.join(notes)})" if notes else "")
+
+
+def best_tables(sweep: Sweep, points: list[dict]) -> list[str]:
+  """Markdown: per panel, a series x plot_x table of quality_cell and train tokens/s."""
+  roles = axis_roles(sweep)
+  x_col, series = roles["x"], roles["series"]
+  metric = short_key(sweep.metric)
+  choice = ("the best setting of " + ", ".join(map(short_key, roles["select"]))
+            if roles["select"] else "its setting")
+  how = f"mean ± std over seeds of {choice} (picked by that mean)" if roles["seeds"] else (
+      f"{choice}")
+  lines = []
+  panels = sorted({tuple(p["panel"].items()) for p in points}, key=lambda t: _panel_key(dict(t)))
+  for panel in panels:
+    pts = [p for p in points if tuple(p["panel"].items()) == panel]
+    names = list(dict.fromkeys(p["series"] for p in pts))
+    xs = sorted({p["x"] for p in pts}, key=_sort_key)
+    by = {(p["series"], p["x"]): p for p in pts}
+    where = f", {panel_title(dict(panel))}" if panel else ""
+    lines += [f"## Best {metric} by {short_key(series) if series else 'run'} and "
+              f"{short_key(x_col)}{where}", "", f"({how}; train tokens/s)", "",
+              "| " + " | ".join([short_key(series) if series else "", *map(str, xs)]) + " |",
+              "|" + "---|" * (len(xs) + 1)]
+    for n in names:
+      cells = ["" if (n, x) not in by else
+               f"{quality_cell(by[n, x])} ({_cell(by[n, x]['tokens_per_sec'])} tok/s)"
+               for x in xs]
+      lines.append("| " + " | ".join([str(n), *cells]) + " |")
+    lines.append("")
+  return lines
+
+
+def seed_table(sweep: Sweep, cells: list[dict], points: list[dict]) -> list[str]:
+  """Markdown: every cell of the grid without its seed axes, mean / std / min / max / n of the
+  metric over seeds; `chosen` marks the setting each best table reports."""
+  roles = axis_roles(sweep)
+  keys = [k for k in cells[0] if k not in ("mean", "std", "min", "max", "n", "tokens_per_sec")]
+  chosen = {(p["series"], _panel_key(p["panel"]), p["x"], *map(str, p["best"].values()))
+            for p in points}
+
+  def is_chosen(c: dict) -> bool:
+    series = c.get(roles["series"], "all") if roles["series"] else "all"
+    panel = _panel_key({a: c.get(a) for a in roles["panels"]})
+    return (series, panel, c.get(roles["x"]), *(str(c.get(a)) for a in roles["select"])) in chosen
+
+  table = [{**{short_key(k): c.get(k) for k in keys}, "mean": c["mean"], "std": c["std"],
+            "min": c["min"], "max": c["max"], "n": c["n"],
+            "chosen": "yes" if is_chosen(c) else ""} for c in cells]
+  return [f"## {short_key(sweep.metric)} over seeds, every setting", "",
+          markdown_table(table, list(table[0])), ""]
 
 
 def collect(sweep: Sweep, variants: list[Variant], sweep_dir: str) -> tuple[list[dict], str]:
@@ -584,23 +751,11 @@ def collect(sweep: Sweep, variants: list[Variant], sweep_dir: str) -> tuple[list
         f"`{json.dumps(sweep.fixed)}`; {len(rows)} variants, "
         f"{sum(r['status'] == 'done' for r in rows)} done.", ""]
   if points:
-    names = list(dict.fromkeys(p["series"] for p in points))
-    xs = sorted({p["x"] for p in points}, key=_sort_key)
-    by = {(p["series"], p["x"]): p for p in points}
-    metric = short_key(sweep.metric)
-    md += [f"## Best {metric} by {short_key(series) if series else 'run'} and "
-           f"{short_key(x_col)}",
-           "", "(mean over seeds of the best setting of the other axes; train tokens/s)", "",
-           "| " + " | ".join([short_key(series) if series else "", *map(str, xs)]) + " |",
-           "|" + "---|" * (len(xs) + 1)]
-    for n in names:
-      cells = []
-      for x in xs:
-        p = by.get((n, x))
-        cells.append("" if p is None else
-                     f"{p['quality']:.3f} ({_cell(p['tokens_per_sec'])} tok/s)")
-      md.append("| " + " | ".join([str(n), *cells]) + " |")
-    md.append("")
+    md += best_tables(sweep, points)
+    cells = over_seeds(sweep, rows)
+    write_csv(cells, os.path.join(sweep_dir, "results_over_seeds.csv"))
+    if axis_roles(sweep)["seeds"]:
+      md += seed_table(sweep, cells, points)
     plot_results(sweep, points, sweep_dir)
   md += ["## All variants", "", markdown_table(rows, columns), ""]
   text = "\n".join(md)

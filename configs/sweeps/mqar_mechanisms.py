@@ -1,6 +1,6 @@
 """MQAR across mechanisms x sequence lengths x seeds x learning rates (Zoology's figure 2 grid).
 
-    python scripts/sweep.py --config configs/sweeps/mqar_mechanisms.py
+    python scripts/sweep.py --config configs/sweeps/mqar_mechanisms.py --per_device 12
 
 Mechanisms: softmax MHA, GQA (4 query heads in 2 groups sharing a key/value head) and a
 sliding window of 32 tokens, plus every other mechanism registered in effattn.attention when
@@ -8,11 +8,14 @@ the sweep starts, each with its default options. The window cannot see keys more
 back, so its accuracy falls as the sequence grows: the quality cost that efficient mechanisms
 try to avoid.
 
-Sized for a CPU: 600 steps of batch 64 (softmax leaves MQAR's plateau after 350-450 steps),
-2-6 minutes per variant at T = 64 on 2 cores, about twice that at T = 128. 4 heads of 16
-dimensions, so every registered mechanism builds with its default options (SQA halves and
-quarters the heads). Run a subset with --filter 'attention=(mha|linear),'; widen it from the
-command line, e.g. --axis data.seq_len=64,128,256,512 --axis seed=0,1,2
+A GPU sweep: 600 steps of batch 64 (softmax leaves MQAR's plateau near step 500); the 24
+variants it had on 2026-11-30 ran in 3 minutes with 12 processes sharing one H200
+(--per_device 12, docs/quality.md). On a 2-core CPU each variant takes 2-12 minutes, too long
+for the whole grid: the README's CPU sweep is configs/sweeps/mqar_recall.py (five of these
+mechanisms at T = 64). 4 heads of 16 dimensions, so every registered mechanism builds with its
+default options (SQA halves and quarters the heads). Run a subset with
+--filter 'attention=(mha|linear),'; widen it from the command line, e.g.
+--axis data.seq_len=64,128,256,512 --axis seed=0,1,2
 --axis optimizer.learning_rate=1e-3,3e-3,1e-2 (an --axis replaces the axis of the same key).
 """
 

@@ -1,0 +1,25 @@
+"""MQAR at the families size, shared by claims 3 (MALA), 6 (MoH) and gated DeltaNet's row.
+
+Not a claim of its own: mala_mqar.py, moh_mqar.py and gated_deltanet_mqar.py each run a subset of
+these variants under the same sweep name, so the runs they share (softmax MHA, linear) train once
+and the others resume or skip them.
+
+configs/mqar.py at T = 256 with 32 key-value pairs (vocabulary 512), d_model 256, 4 heads of 64,
+2,000 steps of batch 64 (configs/sweeps/mqar_families.py's budget), learning rates 1e-3 / 3e-3 /
+1e-2 x 3 seeds. Estimated (not measured) from the families run: about ten minutes a variant with
+9 sharing a GPU, so ~1 variant a minute with --per_device 9 or more on an H200.
+"""
+
+from configs.sweeps.claims import common
+
+FIXED = {"model.d_model": 256, "model.num_heads": 4, "data.mqar.vocab_size": 512,
+         "data.mqar.num_pairs": 32, "data.seq_len": 256, "train.steps": 2000,
+         "train.batch_size": 64, "train.eval_every": 0, "train.eval_examples": 1000,
+         "checkpoint.every": 1000, "checkpoint.keep": 1}
+LEARNING_RATES = [1e-3, 3e-3, 1e-2]
+
+
+def subset(labels: list[str]) -> dict:
+  return common.sweep("mqar_256", "configs/mqar.py", fixed=FIXED,
+                      attention=common.pick(labels, window=64), learning_rates=LEARNING_RATES,
+                      metric="eval_accuracy")
