@@ -10,36 +10,23 @@ only for the attention settings that no sweep of configs/sweeps/*.py builds alre
 """
 
 import glob
-import importlib.util
 import json
 import os
-import sys
 
 import jax
 import pytest
 from flax import nnx
 
 from effattn.model import Transformer
+from effattn.testing.scripts import load_script
 from effattn.train.loop import resolve_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLAIMS = os.path.join(ROOT, "configs", "sweeps", "claims")
 
 
-def _sweep_lib():
-  # One import per process, shared with tests/scripts/test_sweep.py (its absl flags are global).
-  lib = sys.modules.get("sweep_script")
-  if lib is None:
-    spec = importlib.util.spec_from_file_location("sweep_script",
-                                                  os.path.join(ROOT, "scripts", "sweep.py"))
-    lib = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = lib
-    spec.loader.exec_module(lib)
-  return lib
-
-
 def _claim_sweeps():
-  lib = _sweep_lib()
+  lib = load_script("sweep")  # once per process, shared with the other sweep tests
   paths = sorted(p for p in glob.glob(os.path.join(CLAIMS, "*.py"))
                  if "def get_sweep(" in open(p, encoding="utf-8").read())
   return lib, {os.path.basename(p): lib.load_sweep(p, [], []) for p in paths}

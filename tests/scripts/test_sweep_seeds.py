@@ -1,21 +1,14 @@
 """scripts/sweep.py over seeds: mean and spread per cell, the best learning rate by its mean,
 panel axes kept apart, the tables and the plots (pure functions over a synthetic results table)."""
 
-import importlib.util
 import os
-import sys
 
 import pytest
 
+from effattn.testing.scripts import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# One import per process, shared with tests/scripts/test_sweep.py (its absl flags are global).
-sweep_lib = sys.modules.get("sweep_script")
-if sweep_lib is None:
-  _spec = importlib.util.spec_from_file_location("sweep_script", os.path.join(ROOT, "scripts",
-                                                                               "sweep.py"))
-  sweep_lib = importlib.util.module_from_spec(_spec)
-  sys.modules[_spec.name] = sweep_lib
-  _spec.loader.exec_module(sweep_lib)
+sweep_lib = load_script("sweep")  # once per process, shared with the other sweep tests
 
 # accuracy = base[mechanism][lr] + seed offset; lr 3e-3 is the better rate for "a" (by its mean),
 # 1e-3 for "b", though b's single best run is at 3e-3 (seed 2): the choice is by the mean.
