@@ -24,6 +24,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from effattn.kernels.matmul import dot  # noqa: F401  (re-exported: kernels use common.dot)
+
 # Finite stand-in for -inf on masked scores: keeps max/exp arithmetic NaN-free in empty rows.
 MASK_VALUE = -1e30
 LOG2E = math.log2(math.e)
@@ -155,14 +157,6 @@ def causal_block_mask(num_q_blocks: int, num_k_blocks: int, block_q: int, block_
   if window is not None:
     mask &= q_lo - k_hi < window
   return mask
-
-
-def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
-  """2-D matmul with float32 accumulation, lowered the same way by Triton, Mosaic and XLA."""
-  dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-  # float32 inputs get full-precision products (the default may be TF32 on GPU).
-  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def tile_scores(q, k, *, scale: float, causal: bool, q_pos, kv_pos, q_seg=None, kv_seg=None,

@@ -19,11 +19,14 @@ positions make each tile's key range [0, max(pos)] contiguous.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from effattn.kernels import matmul
 
 # Finite stand-in for -inf on masked scores: keeps max/exp arithmetic NaN-free.
 MASK_VALUE = -1e30
@@ -109,7 +112,5 @@ def key_block_bounds(c: Compaction, *, causal: bool, segments: bool, num_k_block
   return lo.astype(jnp.int32), mid.astype(jnp.int32), hi.astype(jnp.int32)
 
 
-def dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
-  """2-D matmul with float32 accumulation, lowered the same way by Triton, Mosaic and XLA."""
-  dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+# The routed-head tiles keep the backend's default precision for float32 operands.
+dot = functools.partial(matmul.dot, exact_f32=False)

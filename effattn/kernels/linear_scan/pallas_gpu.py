@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from effattn.kernels.linear_scan import xla
+from effattn.kernels.matmul import dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +86,7 @@ def parts_for(splits: int, programs: int, num_chunks: int) -> tuple[int, int]:
   return -(-num_chunks // per_part), per_part
 
 
-def _dot(a, b, *, trans_a=False, trans_b=False):
-  """f32-accumulated matmul; IEEE precision for f32 operands (no silent TF32)."""
-  dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+_dot = dot  # IEEE precision for f32 operands (no silent TF32)
 
 
 def _scan_kernel(q_ref, k_ref, v_ref, g_ref, *refs, length: int, chunk: int, reverse: bool,

@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from effattn.kernels.linear_scan import xla
+from effattn.kernels.matmul import dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +35,8 @@ class BlockSizes:
       raise ValueError(f"BlockSizes.chunk={self.chunk} must be a multiple of 8 (TPU sublanes)")
 
 
-def _dot(a, b, *, trans_a=False, trans_b=False):
-  dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+# Mosaic TPU kernels keep the backend's default precision for float32 operands.
+_dot = functools.partial(dot, exact_f32=False)
 
 
 def _scan_kernel(g_ref, q_ref, k_ref, v_ref, s0_ref, *refs, length: int, chunk: int,

@@ -29,13 +29,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from effattn.kernels import matmul
+
 
 def dot(a, b, *, trans_a=False, trans_b=False, dtype=jnp.float32):
   """Matmul with f32 accumulation; operands cast to `dtype`, full precision when that is f32."""
-  dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=precision,
-                             preferred_element_type=jnp.float32)
+  return matmul.dot(a.astype(dtype), b.astype(dtype), trans_a=trans_a, trans_b=trans_b)
 
 
 def chunk_coefficients(theta, lb, le, seg, carry, end):
