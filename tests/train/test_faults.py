@@ -93,6 +93,8 @@ _FAULT_RUNNER = """
 import os, runpy, signal, sys
 from effattn.train import loop, manifest
 fault, at = os.environ["FAULT"], int(os.environ["FAULT_AT"])
+# As from a terminal: a parent (a pytest-xdist worker) may pass SIGINT down ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 if fault == "before_seal":  # SIGKILL after orbax committed step `at`, before its manifest
   real_seal = manifest.seal
   def seal(step_dir):
