@@ -20,6 +20,7 @@ from effattn.kernels.grouped_softmax.api import grouped_softmax
 from effattn.kernels.head_routing.api import head_routed_attention
 from effattn.kernels.linear_scan.api import linear_scan
 from effattn.kernels.memory_chunk.api import memory_update
+from effattn.testing import assert_close
 
 B, T, H, H_KV = 2, 32, 8, 4  # GQA: two query heads per kv head; four heads per tensor shard
 # Row 0 packs two sequences; row 1 is one.
@@ -136,3 +137,21 @@ def test_shapes_that_do_not_split_name_the_fix(heads, match):
   x = jnp.zeros(heads)
   with jax.set_mesh(_mesh()), pytest.raises(ValueError, match=match):
     jax.jit(lambda x: linear_scan(x, x, x, impl="pallas", interpret=True)).lower(x)
+
+
+def test_sharded_linear_scan_learns_its_decay():
+  """d log_decay (replicated over data, split over tensor) sums over the batch shards."""
+  op, inputs = _case("linear_scan", np.random.default_rng(0))
+  rng = np.random.default_rng(2)
+  log_decay = -jnp.asarray(rng.uniform(0.01, 0.5, size=(H,)), jnp.float32)
+  weights = jax.tree.map(lambda s: _normal(rng, *s.shape), jax.eval_shape(op, *inputs))
+
+  def grad(impl):
+    def loss(g):
+      out = linear_scan(*inputs[:3], g, initial_state=inputs[3], segment_ids=SEGMENTS,
+                        scale=0.25, impl=impl, interpret=True)
+      return sum(jnp.vdot(o, w) for o, w in zip(out, weights))
+    return jax.jit(jax.grad(loss)).lower(log_decay).compile(FAST_COMPILE)(log_decay)
+  with jax.set_mesh(_mesh()):
+    got = grad("pallas")
+  assert_close("d log_decay", grad("reference"), got, reduction=B * T)

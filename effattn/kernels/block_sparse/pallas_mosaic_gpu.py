@@ -25,7 +25,8 @@ masks the tiles that are not in its own row (the pair's union is streamed, so a 
 paired rows differ costs up to twice its visited tiles: prefer block 128 here). Element masks
 (causality by positions, segments, the top-w threshold) and the key bias are the ones of
 common.py. Inputs must be bfloat16 or float16 (wgmma), head dim 64 or 128, tiles 64 or 128;
-anything else raises NotImplementedError naming it, for a dispatcher to fall back on.
+anything else raises a ValueError naming the argument and the path to use instead (the
+dispatcher's limits in api.py keep `auto` from choosing these kernels for such inputs).
 """
 
 from __future__ import annotations
@@ -101,21 +102,25 @@ def _launch(kernel, name: str, args: dict, *, out_type, scratch, grid, grid_name
 
 
 def _check(q, k, v, block_q: int, block_k: int, interpret: bool):
+  """ValueError, one line naming the argument and the fix, for what these kernels cannot run
+  (api.py's dispatcher checks the same limits first, so `auto` never gets here with them)."""
   if interpret:
-    raise NotImplementedError("pallas_mosaic_gpu: interpret mode (Mosaic GPU has no CPU "
-                              "interpreter for wgmma); use impl='pallas_gpu' with interpret")
+    raise ValueError("pallas_mosaic_gpu: interpret=True cannot run (Mosaic GPU has no CPU "
+                     "interpreter for wgmma); use impl='pallas_gpu' with interpret=True")
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.dtype not in DTYPES:
-      raise NotImplementedError(f"pallas_mosaic_gpu: {name} dtype {x.dtype} (wgmma takes "
-                                "bfloat16 or float16)")
+      raise ValueError(f"pallas_mosaic_gpu: {name}.dtype={x.dtype} is not bfloat16 or float16 "
+                       "(wgmma); cast the inputs to bfloat16 or use impl='pallas_gpu'")
   if not q.dtype == k.dtype == v.dtype:
-    raise NotImplementedError(f"pallas_mosaic_gpu: mixed dtypes q {q.dtype}, k {k.dtype}, "
-                              f"v {v.dtype}")
+    raise ValueError(f"pallas_mosaic_gpu: q, k, v dtypes differ ({q.dtype}, {k.dtype}, "
+                     f"{v.dtype}); cast them to one of bfloat16, float16")
   if q.shape[-1] not in HEAD_DIMS:
-    raise NotImplementedError(f"pallas_mosaic_gpu: head_dim {q.shape[-1]} not in {HEAD_DIMS}")
+    raise ValueError(f"pallas_mosaic_gpu: head_dim={q.shape[-1]} is not one of {HEAD_DIMS}; "
+                     "use impl='xla' (the Pallas kernels all take these head dims only)")
   for name, x in (("block_q", block_q), ("block_k", block_k)):
     if x not in TILES:
-      raise NotImplementedError(f"pallas_mosaic_gpu: {name}={x} not in {TILES}")
+      raise ValueError(f"pallas_mosaic_gpu: {name}={x} is not one of {TILES}; set {name} to "
+                       "one of them or use impl='pallas_gpu'")
 
 
 def _pad_to(x, axis: int, size: int, value=0):
