@@ -53,14 +53,14 @@ def sequence_size() -> int:
 def check_length(op: str, t: int, n: int) -> int:
   """Tokens per chunk C = T / 2n, or one line naming the fix."""
   if t % (2 * n):
-    raise ValueError(f"{op} context-parallel: T={t} tokens do not split into 2 x "
-                     f"mesh.sequence={n} chunks; make data.seq_len a multiple of {2 * n}")
+    raise ValueError(f"{op}: T={t} tokens do not split into the 2 x mesh.sequence={n} chunks "
+                     f"of context parallelism; make data.seq_len a multiple of {2 * n}")
   return t // (2 * n)
 
 
 def zigzag_order(t: int, n: int) -> np.ndarray:
   """[T] int32: the natural token index at each position of the zig-zag layout."""
-  c = check_length("the zig-zag layout", t, n)
+  c = check_length("the zig-zag token layout", t, n)
   chunks = np.asarray([j for i in range(n) for j in (i, 2 * n - 1 - i)])
   return (chunks[:, None] * c + np.arange(c)).reshape(-1).astype(np.int32)
 
