@@ -85,15 +85,6 @@ def shard(op: str, fn: Callable, in_layouts: Sequence[str], out_layouts, out_sha
                         out_shapes=out_shapes, sequence=True)
 
 
-# -- inside `shard` -------------------------------------------------------------------------
-
-
-def own_chunks(n: int) -> jax.Array:
-  """[2] int32: the natural chunk ids this device holds (i and 2n-1-i)."""
-  i = jax.lax.axis_index(SEQUENCE_AXIS)
-  return jnp.stack([i, 2 * n - 1 - i]).astype(jnp.int32)
-
-
 def split_chunks(x: jax.Array) -> jax.Array:
   """[B, 2C, ...] (a device's two chunks) -> [2B, C, ...]: chunk slot s of row b at row s B + b,
   so one call of a per-sequence op runs both chunks."""
@@ -108,13 +99,13 @@ def join_chunks(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x.reshape(2, b, c, *x.shape[2:]), 0, 1).reshape(b, 2 * c, *x.shape[2:])
 
 
-def chunk_entries(segment_ids: jax.Array, n: int) -> jax.Array:
-  """[2n, B] bool: whether each chunk (natural order) continues the segment the chunk before it
-  ends in. segment_ids: [2B, C] this device's chunks (split_chunks)."""
-  ends = jnp.stack([segment_ids[:, 0], segment_ids[:, -1]], -1)  # [2B, 2]
-  ends = gather_chunks(ends.reshape(2, -1, 2), n)  # [2n, B, 2]
-  first, last = ends[..., 0], ends[..., 1]
-  return jnp.concatenate([jnp.ones_like(first[:1], bool), first[1:] == last[:-1]], axis=0)
+# -- inside `shard` -------------------------------------------------------------------------
+
+
+def own_chunks(n: int) -> jax.Array:
+  """[2] int32: the natural chunk ids this device holds (i and 2n-1-i)."""
+  i = jax.lax.axis_index(SEQUENCE_AXIS)
+  return jnp.stack([i, 2 * n - 1 - i]).astype(jnp.int32)
 
 
 def pass_on(tree, n: int):
@@ -128,6 +119,15 @@ def gather_chunks(x: jax.Array, n: int) -> jax.Array:
   order, on every device. Its transpose (a reduce-scatter) returns each chunk's cotangent."""
   both = jax.lax.all_gather(x, SEQUENCE_AXIS)  # [n, 2, ...]: device d holds chunks d, 2n-1-d
   return jnp.concatenate([both[:, 0], both[::-1, 1]], axis=0)
+
+
+def chunk_entries(segment_ids: jax.Array, n: int) -> jax.Array:
+  """[2n, B] bool: whether each chunk (natural order) continues the segment the chunk before it
+  ends in. segment_ids: [2B, C] this device's chunks (split_chunks)."""
+  ends = jnp.stack([segment_ids[:, 0], segment_ids[:, -1]], -1)  # [2B, 2]
+  ends = gather_chunks(ends.reshape(2, -1, 2), n)  # [2n, B, 2]
+  first, last = ends[..., 0], ends[..., 1]
+  return jnp.concatenate([jnp.ones_like(first[:1], bool), first[1:] == last[:-1]], axis=0)
 
 
 def carried_states(maps, offsets, entry, initial, *, apply: Callable, compose: Callable):
