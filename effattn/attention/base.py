@@ -191,6 +191,16 @@ class Attention(nnx.Module):
     return ""
 
   @classmethod
+  def check_context_parallel(cls, opts, sizes: Sizes, causal: bool, sequence: int) -> None:
+    """ConfigError naming the mechanism and mesh.sequence when it cannot run with T split over
+    `sequence` devices (checked at config time, and again where a model is traced)."""
+    why_not = cls.context_parallel(opts, sizes, causal) if sequence > 1 else ""
+    if why_not:
+      raise ConfigError(f"mesh.sequence={sequence}: {cls.registered_name} cannot run "
+                        f"context-parallel ({why_not}); set mesh.sequence=1 or pick a mechanism "
+                        "that can (docs/scaling.md)")
+
+  @classmethod
   def check(cls, opts, sizes: Sizes) -> None:
     """The mechanism's checks across its options and the sizes; ConfigError naming the field."""
 
@@ -244,12 +254,7 @@ class Attention(nnx.Module):
     sizes = Sizes.read(attention, d_model=m.d_model, num_heads=m.num_heads, dtype=m.dtype,
                        seq_len=config.data.seq_len)
     opts = cls.validate(attention, sizes)
-    sequence = config.mesh.get("sequence", 1)
-    why_not = cls.context_parallel(opts, sizes, m.causal) if sequence > 1 else ""
-    if why_not:
-      raise ConfigError(f"mesh.sequence={sequence}: {cls.registered_name} cannot run "
-                        f"context-parallel ({why_not}); set mesh.sequence=1 or pick a mechanism "
-                        "that can (docs/scaling.md)")
+    cls.check_context_parallel(opts, sizes, m.causal, config.mesh.get("sequence", 1))
     shapes = cls.op_shapes(opts, sizes)
     for op in cls.OPS:
       dispatch.check_forced_shapes(sizes.impl, op, cls.registered_name, **shapes)

@@ -13,7 +13,7 @@ from effattn.model import Transformer
 from effattn.ranges import ConfigError
 from effattn.testing import assert_trees_close
 from effattn.testing.configs import base_config
-from effattn.testing.meshes import FAST_COMPILE
+from effattn.testing.meshes import FAST_COMPILE, host_mesh
 from effattn.train import optimizer, sharding, state, step
 
 
@@ -84,3 +84,13 @@ def test_what_cannot_run_context_parallel_names_the_fix(overrides, match):
   config.model.pattern = overrides.get("pattern", "linear,softmax")
   with pytest.raises(ConfigError, match=match):
     config_lib.validate(config)
+
+
+def test_a_model_run_on_a_sequence_axis_refuses_what_cannot_split():
+  config = base_config()
+  config.model.vocab_size, config.model.d_model, config.model.num_heads = 64, 32, 2
+  config.model.attention.name = "mala"
+  model = Transformer(config.model, rngs=nnx.Rngs(0))
+  with jax.set_mesh(host_mesh(sequence=4)), pytest.raises(
+      ConfigError, match="mesh.sequence=4: mala cannot run context-parallel"):
+    model(np.zeros((1, 16), np.int32))
