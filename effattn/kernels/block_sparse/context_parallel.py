@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +70,7 @@ def _derived_lists(ring: _Ring, q_pos, kv_pos):
   q_last = _block_extremes(q_pos, ring.block_q, _INT_MIN, jnp.max)
   kv_first = _block_extremes(kv_pos, ring.block_k, _INT_MAX, jnp.min)
   mask = kv_first[..., None, :] <= q_last[..., :, None]  # [B', 1, nQ, nK]
-  if not ring.causal:
-    mask = jnp.ones_like(mask)
-  return lists_from_block_mask(mask)
+  return lists_from_block_mask(mask if ring.causal else jnp.ones_like(mask))
 
 
 def _visiting_lists(ring: _Ring, lists, source):
