@@ -7,7 +7,7 @@ C = T / 2n tokens, and device i of the axis holds chunk i followed by chunk 2n-1
 
 Under causal attention chunk c attends to c + 1 chunks, so a device holding chunks i and
 2n-1-i does 2n + 1 chunk pairs of work whichever i it is: the ring of attention is balanced
-(a contiguous split would give the last device n times the first's work).
+(a contiguous split would give the last device (4n - 1) / 3 times the first's work).
 
 The global arrays the model computes on are in this order: the trainer permutes every [B, T]
 field of a batch alike (inputs, targets, weights, positions, segment ids;
