@@ -116,6 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.data = -1  # -1: every device not used by the other axes
   mesh.fsdp = 1
   mesh.tensor = 1
+  mesh.sequence = 1  # > 1: context parallelism, T split over it (docs/scaling.md)
   mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
 
   config.eval = ev = ml_collections.ConfigDict()

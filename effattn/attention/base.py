@@ -121,6 +121,11 @@ class Attention(nnx.Module):
   RANGES: dict[str, Range] = {}
   # Causal by construction (model.causal=False fails at config time).
   CAUSAL_ONLY: bool = False
+  # Runs with its tokens split over mesh.sequence (context parallelism,
+  # kernels/context_parallel.py): every op it calls has a context-parallel path and nothing else
+  # in it depends on token order. "causal": with model.causal=True only. `context_parallel` may
+  # refuse more options.
+  CONTEXT_PARALLEL: bool | str = False
   # Options for the tiny test model (d_model 64, 4 heads, T = 32) where DEFAULTS would not
   # exercise the mechanism there (blocks or windows longer than T); the mechanism suite
   # (tests/attention/test_mechanisms.py) builds every registered mechanism with them.
@@ -176,6 +181,26 @@ class Attention(nnx.Module):
     return num_heads
 
   @classmethod
+  def context_parallel(cls, opts, sizes: Sizes, causal: bool) -> str:
+    """"" when these options run with mesh.sequence > 1, else why not (a config-time check)."""
+    del opts, sizes
+    if not cls.CONTEXT_PARALLEL:
+      return "it has no context-parallel path"
+    if cls.CONTEXT_PARALLEL == "causal" and not causal:
+      return "its bidirectional form has no cross-device path"
+    return ""
+
+  @classmethod
+  def check_context_parallel(cls, opts, sizes: Sizes, causal: bool, sequence: int) -> None:
+    """ConfigError naming the mechanism and mesh.sequence when it cannot run with T split over
+    `sequence` devices (checked at config time, and again where a model is traced)."""
+    why_not = cls.context_parallel(opts, sizes, causal) if sequence > 1 else ""
+    if why_not:
+      raise ConfigError(f"mesh.sequence={sequence}: {cls.registered_name} cannot run "
+                        f"context-parallel ({why_not}); set mesh.sequence=1 or pick a mechanism "
+                        "that can (docs/scaling.md)")
+
+  @classmethod
   def check(cls, opts, sizes: Sizes) -> None:
     """The mechanism's checks across its options and the sizes; ConfigError naming the field."""
 
@@ -229,6 +254,7 @@ class Attention(nnx.Module):
     sizes = Sizes.read(attention, d_model=m.d_model, num_heads=m.num_heads, dtype=m.dtype,
                        seq_len=config.data.seq_len)
     opts = cls.validate(attention, sizes)
+    cls.check_context_parallel(opts, sizes, m.causal, config.mesh.get("sequence", 1))
     shapes = cls.op_shapes(opts, sizes)
     for op in cls.OPS:
       dispatch.check_forced_shapes(sizes.impl, op, cls.registered_name, **shapes)

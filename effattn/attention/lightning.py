@@ -83,6 +83,7 @@ class LightningAttention(base.Attention):
       "scale": 1.0,  # score scale; the official op has none (fla defaults to D^-0.5)
   }
   OPS = ("linear_scan",)
+  CONTEXT_PARALLEL = "causal"
   SUPPORTS = ("num_kv_heads", "head_dim")  # the decay, not a window, forgets the past
   CHOICES = {"decay": ("tnl", "fla", "none"), "act": tuple(ACTIVATIONS)}
   RANGES = {"norm_eps": POSITIVE, "scale": POSITIVE}

@@ -79,6 +79,7 @@ class LinearAttention(base.Attention):
       "eps": 1e-6,  # added to the normalizer phi(q) . z
   }
   OPS = ("linear_scan",)
+  CONTEXT_PARALLEL = "causal"
   SUPPORTS = ("num_kv_heads", "head_dim")  # the state holds every past token: no window
   CHOICES = {"feature_map": tuple(FEATURE_MAPS)}
   RANGES = {"eps": NON_NEGATIVE}

@@ -25,6 +25,12 @@ class SoftmaxAttention(base.Attention):
   DEFAULTS = {}
   OPS = ("softmax",)
   SUPPORTS = ("num_kv_heads", "head_dim", "window")
+  CONTEXT_PARALLEL = True
+
+  @classmethod
+  def context_parallel(cls, opts, sizes, causal):
+    why_not = super().context_parallel(opts, sizes, causal)
+    return why_not or ("a sliding window has no ring path" if sizes.window is not None else "")
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn import attention
+from effattn.kernels import context_parallel
 from effattn.model import pattern
 from effattn.model.layers import Embed, GatedMLP, RMSNorm, default_mlp_hidden
 
@@ -48,6 +49,9 @@ class Block(nnx.Module):
       self.mlp = None
 
   def __call__(self, x, *, positions, segment_ids, causal, train):
+    # Tokens split over mesh.sequence reach only mechanisms built for it (config-time check too).
+    self.attn.check_context_parallel(self.attn.opts, self.attn.sizes, causal,
+                                     context_parallel.sequence_size())
     y, aux = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
                        causal=causal, train=train)
     x = x + y

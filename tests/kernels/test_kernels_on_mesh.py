@@ -21,14 +21,11 @@ from effattn.kernels.head_routing.api import head_routed_attention
 from effattn.kernels.linear_scan.api import linear_scan
 from effattn.kernels.memory_chunk.api import memory_update
 from effattn.testing import assert_close
+from effattn.testing.meshes import FAST_COMPILE, value_and_grads
 
 B, T, H, H_KV = 2, 32, 8, 4  # GQA: two query heads per kv head; four heads per tensor shard
 # Row 0 packs two sequences; row 1 is one.
 SEGMENTS = jnp.asarray([[1] * 20 + [2] * 12, [1] * 32], jnp.int32)
-
-
-# Interpreted kernels make large CPU programs: compile them without XLA's costly passes.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _mesh():
@@ -96,26 +93,18 @@ FAMILIES = ("block_sparse", "head_routing", "grouped_softmax", "linear_scan", "m
             "delta_rule")
 
 
-def _value_and_grads(op, inputs, weights):
-  def loss(*xs):
-    out = op(*xs)
-    return sum(jnp.vdot(o, w) for o, w in zip(jax.tree.leaves(out), jax.tree.leaves(weights))), out
-
-  return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(inputs))), has_aux=True))
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sharded_kernel_equals_one_device(family):
   op, inputs = _case(family, np.random.default_rng(0))
   weights = jax.tree.map(lambda s: _normal(np.random.default_rng(1), *s.shape),
                          jax.eval_shape(op, *inputs))
   with jax.set_mesh(_mesh()):
-    lowered = _value_and_grads(op, inputs, weights).lower(*inputs)
+    lowered = value_and_grads(op, inputs, weights).lower(*inputs)
     assert "manual_computation" in lowered.as_text(), "no kernel call under shard_map"
     (_, got), got_grads = lowered.compile(FAST_COMPILE)(*inputs)
   # The one-device oracle: the family's reference path (plain jnp, cheap to compile).
   oracle, _ = _case(family, np.random.default_rng(0), impl="reference")
-  (_, want), want_grads = _value_and_grads(oracle, inputs, weights).lower(*inputs).compile(
+  (_, want), want_grads = value_and_grads(oracle, inputs, weights).lower(*inputs).compile(
       FAST_COMPILE)(*inputs)
   for name, w, g in (("outputs", want, got), ("gradients", want_grads, got_grads)):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4,
