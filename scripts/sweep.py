@@ -434,6 +434,10 @@ def collect_row(sweep: Sweep, variant: Variant, workdir: str) -> dict:
                       if eval_rows else {})
   for key in ("accuracy", "loss", "perplexity"):
     row[f"eval_{key}"] = source.get(key)
+  for task in (t for t in sweep.eval_tasks if t != "accuracy"):
+    # Another task's headline numbers (its report's "summary", e.g. the attention entropy).
+    extra = _read_json(os.path.join(workdir, _report_name(task))) or {}
+    row.update({f"eval_{key}": value for key, value in (extra.get("summary") or {}).items()})
   row["tokens_per_sec"], row["step_time"], row["mfu"] = _tokens_per_sec(rows)
   row["wall_seconds"] = info.get("seconds")
   row["workdir"] = workdir
@@ -766,8 +770,10 @@ def collect(sweep: Sweep, variants: list[Variant], sweep_dir: str) -> tuple[list
   rows = [collect_row(sweep, v, os.path.join(sweep_dir, v.name)) for v in variants]
   write_csv(rows, os.path.join(sweep_dir, "results.csv"))
   x_col, series = plot_roles(sweep)
+  summaries = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("eval_")
+               and k not in ("eval_accuracy", "eval_loss", "eval_perplexity")]
   columns = [*dict.fromkeys([*sweep.axes, x_col]), "status", "step", "train_loss",
-             "eval_accuracy", "eval_loss", "tokens_per_sec", "mfu", "wall_seconds"]
+             "eval_accuracy", "eval_loss", *summaries, "tokens_per_sec", "mfu", "wall_seconds"]
   columns = [c for c in columns if any(r.get(c) is not None for r in rows)]
   points = aggregate(sweep, rows)
   md = [f"# Sweep {sweep.name}", "",

@@ -17,7 +17,7 @@ import jax
 import pytest
 from flax import nnx
 
-from effattn.model import Transformer
+from effattn.model import Transformer, pattern
 from effattn.testing.scripts import load_script
 from effattn.train.loop import resolve_config
 
@@ -150,6 +150,6 @@ def test_every_new_attention_setting_builds(path, overrides):
   """The model built abstractly (no parameters), with one layer: the layers are alike."""
   config = _config(path, overrides)
   with config.unlocked():
-    config.model.num_layers = 1
+    config.model.num_layers = len(pattern.parse(config.model.pattern)) or 1  # one period
   model = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(0)))
   assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) > 0

@@ -166,6 +166,18 @@ class Attention(nnx.Module):
     """The impl op family `op` runs with under this mechanism's `impl`."""
     return dispatch.op_impl(self.impl, op)
 
+  def attention_weights(self, x, *, positions, segment_ids=None, causal=True):
+    """The weight a_ij of every key j in every query i's output, float32 [B, H, T, T] (0 where
+    j is masked), from the mechanism's own score definition: o_i = sum_j a_ij v_j. For analysis
+    at small T (O(T^2) memory; evaluate/entropy.py). x: [B, T, d_model] (the layer's input).
+
+    Mechanisms that define one: softmax (and GQA / a window), linear (phi(q_i) . phi(k_j) over
+    its normalizer), mala (its magnitude-aware scores, which may be negative)."""
+    del x, positions, segment_ids, causal
+    raise NotImplementedError(
+        f"{self.registered_name} does not expose its attention weights; the mechanisms that do: "
+        "softmax, linear, mala")
+
   # -- what the mechanism supports -----------------------------------------------------------
 
   @classmethod

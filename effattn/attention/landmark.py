@@ -36,6 +36,14 @@ Decoding scores the landmarks of completed blocks, keeps the top_k blocks per qu
 plus the current block, and attends to them with the same grouped formula at a cost of
 (top_k + 1) * block_len keys per token, so context can grow far past the training length; with
 top_k >= the number of blocks it equals the full forward pass.
+
+The paper's inference retrieves in the forward pass over a prompt too: with `forward_top_k` = k
+> 0, a call with train=False (evaluation) runs the prompt through that retrieval, `query_chunk`
+tokens at a time through the decode cache, with k blocks per query (training always attends to
+every block). It is an inference-time field (the parameters do not depend on it), so eval.py
+can set it on any trained checkpoint (`--config.model.attention.landmark.forward_top_k=2`, or
+eval.passkey.vary for a grid per k). It reads each row as one sequence from index 0 (padding
+after it is fine): a row packing several segments gets NaN outputs rather than a wrong answer.
 """
 
 from __future__ import annotations
@@ -87,6 +95,9 @@ class LandmarkAttention(base.Attention):
   DEFAULTS = {
       "block_len": 50,  # regular tokens per block (the official mem_freq)
       "top_k": 4,  # blocks retrieved per query while decoding (the paper uses 2-4)
+      # Blocks retrieved per query by the forward pass at inference (train=False), as decoding
+      # does: 0 = every earlier block (the grouped softmax of training), k > 0 = top k + own.
+      "forward_top_k": 0,
       # Queries per step of the full forward: O(query_chunk * T) memory per layer instead of
       # O(T^2); 0 evaluates all queries at once.
       "query_chunk": 256,
@@ -101,7 +112,8 @@ class LandmarkAttention(base.Attention):
   OPS = ("grouped_softmax",)
   SUPPORTS = ("head_dim",)  # MHA only; blocks, not a sliding window, bound the keys
   CAUSAL_ONLY = True
-  RANGES = {"block_len": POSITIVE_INT, "top_k": POSITIVE_INT, "query_chunk": NON_NEGATIVE_INT,
+  RANGES = {"block_len": POSITIVE_INT, "top_k": POSITIVE_INT, "forward_top_k": NON_NEGATIVE_INT,
+            "query_chunk": NON_NEGATIVE_INT,
             "max_groups": NON_NEGATIVE_INT, "tile": NON_NEGATIVE_INT}  # tile: power of 2
   # Several blocks in T = 32, every block retrieved (decode equals the forward pass).
   TINY = {"block_len": 4, "top_k": 8, "query_chunk": 8, "tile": 16}
@@ -157,6 +169,9 @@ class LandmarkAttention(base.Attention):
   def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
     if not causal:
       raise ValueError("landmark attention is causal by construction; use causal=True")
+    if self.opts.forward_top_k and not train:
+      return self.retrieve(x, positions=positions, segment_ids=segment_ids,
+                           top_k=self.opts.forward_top_k), {}
     b, t, _ = x.shape
     h = self.num_heads
     q = self._rope(base.split_heads(self.q_proj(x), h), positions)
@@ -176,6 +191,33 @@ class LandmarkAttention(base.Attention):
 
   # -- decoding with retrieval ---------------------------------------------------------------
 
+  def retrieve(self, x, *, positions, segment_ids=None, top_k: int):
+    """The forward pass by top-k retrieval: x [B, T, d_model] decoded from an empty cache,
+    `query_chunk` tokens a step (a scan), each query attending to its top_k blocks and its own.
+    Each row must be one sequence from index 0 (positions 0..n-1, padding after it); a row of
+    several segments gets NaN."""
+    b, t, _ = x.shape
+    chunk = min(self.opts.query_chunk or t, t)
+    pad = -t % chunk
+    n = (t + pad) // chunk
+    steps = lambda a: jnp.moveaxis(  # noqa: E731  [B, T, ...] -> [N, B, chunk, ...]
+        jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)).reshape(b, n, chunk,
+                                                                          *a.shape[2:]), 1, 0)
+
+    def step(cache, xs):
+      y, cache = self.decode(xs[0], positions=xs[1], cache=cache, top_k=top_k)
+      return cache, y
+
+    _, y = jax.lax.scan(step, self.init_cache(b, t + pad, x.dtype), (steps(x), steps(positions)))
+    y = jnp.moveaxis(y, 0, 1).reshape(b, t + pad, -1)[:, :t]
+    if segment_ids is None:
+      return y
+    real = segment_ids > 0
+    first = jnp.max(jnp.where(real, segment_ids, 0), axis=1, keepdims=True)
+    packed = jnp.any(real & (segment_ids != first), axis=1) | jnp.any(
+        real[:, 1:] & ~real[:, :-1], axis=1)  # two ids, or a real token after padding
+    return jnp.where(packed[:, None, None], jnp.nan, y)
+
   def init_cache(self, batch, max_len, dtype=None):
     dtype = dtype or self.dtype
     n_blocks = -(-max_len // self.opts.block_len)
@@ -184,8 +226,9 @@ class LandmarkAttention(base.Attention):
             "k_sum": jnp.zeros((batch, n_blocks, self.num_heads, self.head_dim), jnp.float32),
             "index": jnp.zeros((), jnp.int32)}
 
-  def decode(self, x, *, positions, cache):
-    """New tokens x [B, T, d_model] after the cached ones (positions = cache index + offset)."""
+  def decode(self, x, *, positions, cache, top_k: int | None = None):
+    """New tokens x [B, T, d_model] after the cached ones (positions = cache index + offset);
+    top_k: blocks retrieved per query (default: the top_k option)."""
     b, t, _ = x.shape
     h, d, blen = self.num_heads, self.head_dim, self.opts.block_len
     q = self._rope(base.split_heads(self.q_proj(x), h), positions)
@@ -213,11 +256,12 @@ class LandmarkAttention(base.Attention):
     k_land = self._rope(
         (new["k_sum"] / blen + self._landmark_key_base()).astype(q.dtype),
         jnp.broadcast_to(last_pos, (b, n_blocks)))  # [B, G, H, D]
-    o = jax.vmap(lambda qi, i: self._decode_one(qi, i, new, k_land), in_axes=(1, 0),
+    top_k = self.opts.top_k if top_k is None else top_k
+    o = jax.vmap(lambda qi, i: self._decode_one(qi, i, new, k_land, top_k), in_axes=(1, 0),
                  out_axes=1)(q, start + jnp.arange(t))
     return self.o_proj(base.merge_heads(o.astype(q.dtype))), new
 
-  def _decode_one(self, q, i, cache, k_land):
+  def _decode_one(self, q, i, cache, k_land, top_k):
     """One query q [B, H, D] at token index i: top-k blocks by landmark score + own block."""
     blen, scale = self.opts.block_len, self.head_dim ** -0.5
     b, n_blocks = k_land.shape[0], k_land.shape[1]
@@ -225,7 +269,7 @@ class LandmarkAttention(base.Attention):
     f32 = jnp.float32
     s_land = jnp.einsum("bhd,bghd->bhg", q.astype(f32), k_land.astype(f32)) * scale
     visible = jnp.arange(n_blocks) < own  # completed earlier blocks
-    k_top = min(self.opts.top_k, n_blocks)
+    k_top = min(top_k, n_blocks)
     ranked = jnp.where(visible[None, None], s_land, _NEG)
     _, chosen = jax.lax.top_k(ranked, k_top)  # [B, H, k]
     chosen_ok = jnp.take_along_axis(jnp.broadcast_to(visible, ranked.shape), chosen, -1)

@@ -70,6 +70,25 @@ def linear_attention(phi_q, phi_k, v, *, causal: bool = True, segment_ids=None,
   return num / (den[..., None] + eps), LinearState(kv, k_sum)
 
 
+def linear_weights(phi_q, phi_k, *, causal: bool = True, segment_ids=None,
+                   normalize: bool = True, eps: float = 1e-6, scale: float = 1.0):
+  """The implicit attention weights of linear_attention, float32 [B, H, T, T] (0 where masked):
+
+      a_ij = scale phi(q_i) . phi(k_j) / (scale sum_{l visible} phi(q_i) . phi(k_l) + eps)
+
+  (without the division when normalize=False), so o_i = sum_j a_ij v_j. O(T^2): for analysis.
+  phi_q, phi_k: [B, T, H, Dk]; the keys visible to query i are those of its segment (up to i
+  when causal).
+  """
+  b, t = phi_q.shape[:2]
+  idx = base.sequence_index(b, t)
+  mask = base.attention_mask(idx, idx, causal=causal, q_segment_ids=segment_ids,
+                             k_segment_ids=segment_ids)
+  s = jnp.einsum("bihd,bjhd->bhij", phi_q.astype(jnp.float32), phi_k.astype(jnp.float32))
+  s = jnp.where(mask, s * scale, 0.0)
+  return s / (jnp.sum(s, axis=-1, keepdims=True) + eps) if normalize else s
+
+
 @register("linear")
 class LinearAttention(base.Attention):
   """Linear attention with a configurable feature map and an O(1)-state decode."""
@@ -87,6 +106,8 @@ class LinearAttention(base.Attention):
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     self.normalize = self.opts.feature_map != "identity"
+    # The normalizer cancels any scale (up to eps); unnormalized scores are scaled like fla's.
+    self.score_scale = 1.0 if self.normalize else self.head_dim ** -0.5
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
     self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
@@ -105,13 +126,20 @@ class LinearAttention(base.Attention):
     q, k, v = self.features(x)
     o, state = linear_attention(
         q, k, v, causal=causal, segment_ids=segment_ids, normalize=self.normalize,
-        eps=self.opts.eps, scale=1.0 if self.normalize else self.head_dim ** -0.5, state=state,
+        eps=self.opts.eps, scale=self.score_scale, state=state,
         impl=impl or self.op_impl("linear_scan"))
     return self.o_proj(base.merge_heads(o.astype(x.dtype))), state
 
   def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
     del positions, train
     return self.attend(x, causal=causal, segment_ids=segment_ids)[0], {}
+
+  def attention_weights(self, x, *, positions, segment_ids=None, causal=True):
+    """linear_weights of this layer's features: [B, H, T, T]."""
+    del positions
+    q, k, _ = self.features(x)
+    return linear_weights(q, k, causal=causal, segment_ids=segment_ids,
+                          normalize=self.normalize, eps=self.opts.eps, scale=self.score_scale)
 
   def init_cache(self, batch, max_len, dtype=None):
     del max_len, dtype  # O(1) state: the length never matters

@@ -117,17 +117,27 @@ def mala_attention(phi_q, phi_k, v, *, causal: bool = True, segment_ids=None, ep
   return o, new_state
 
 
-def mala_scores(phi_q, phi_k, *, causal: bool = True, eps: float = 0.0):
-  """The explicit [B, H, T, T] score matrix beta_i s_ij - gamma_i (zero outside the causal mask).
+def mala_scores(phi_q, phi_k, *, causal: bool = True, eps: float = 0.0, segment_ids=None,
+                rope_q=None, rope_k=None):
+  """The explicit [B, H, T, T] score matrix beta_i s_ij - gamma_i (zero where masked), float32,
+  so that mala_attention's o_i = sum_j score(i, j) v_j.
 
-  For analysis and tests (O(T^2)); no RoPE, no segments.
+  The keys visible to query i are those of its segment (up to i when causal), N_i their count.
+  rope_q, rope_k: the RoPE-rotated features of the numerator (z stays unrotated, as in
+  mala_attention). For analysis and tests (O(T^2)).
   """
-  t, dk = phi_q.shape[1], phi_q.shape[-1]
-  s = jnp.einsum("bihd,bjhd->bhij", phi_q.astype(jnp.float32), phi_k.astype(jnp.float32))
-  mask = jnp.tril(jnp.ones((t, t), bool)) if causal else jnp.ones((t, t), bool)
-  n = jnp.sum(mask, axis=-1, keepdims=True).astype(jnp.float32)              # [T, 1]
-  s = jnp.where(mask, s * dk ** -0.5 / n, 0.)
+  b, t, _, dk = phi_q.shape
+  f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+  idx = base.sequence_index(b, t)
+  mask = base.attention_mask(idx, idx, causal=causal, q_segment_ids=segment_ids,
+                             k_segment_ids=segment_ids)                  # [B, 1, T, T]
+  n = jnp.sum(mask, axis=-1, keepdims=True).astype(jnp.float32)          # [B, 1, T, 1]
+  scores = lambda a, c: jnp.where(  # noqa: E731
+      mask, jnp.einsum("bihd,bjhd->bhij", f32(a), f32(c)) * dk ** -0.5 / n, 0.)
+  s = scores(phi_q, phi_k)
   z = jnp.sum(s, axis=-1, keepdims=True)
+  if rope_q is not None:
+    s = scores(rope_q, rope_k)
   return jnp.where(mask, (1.0 + 1.0 / (z + eps)) * s - z / n, 0.)
 
 
@@ -183,15 +193,20 @@ class MalaAttention(base.Attention):
       out = out + tap
     return out
 
-  def forward(self, x, *, positions, causal, segment_ids=None, state=None, impl=None):
-    phi = lambda y: jax.nn.elu(y) + 1.0
+  def features(self, x, positions):
+    """x [B, T, d_model] -> phi(q), phi(k) [B, T, H, D] and their RoPE-rotated copies for the
+    numerator (None without the rope option)."""
+    phi = lambda y: jax.nn.elu(y) + 1.0  # noqa: E731
     q = phi(base.split_heads(self.q_proj(x), self.num_heads))
     k = base.repeat_kv(phi(base.split_heads(self.k_proj(x), self.num_kv_heads)), self.num_heads)
+    if not self.opts.rope:
+      return q, k, None, None
+    theta = self.rope_theta or 10000.0
+    return q, k, base.apply_rope(q, positions, theta), base.apply_rope(k, positions, theta)
+
+  def forward(self, x, *, positions, causal, segment_ids=None, state=None, impl=None):
+    q, k, rope_q, rope_k = self.features(x, positions)
     v = base.repeat_kv(base.split_heads(self.v_proj(x), self.num_kv_heads), self.num_heads)
-    rope_q = rope_k = None
-    if self.opts.rope:
-      theta = self.rope_theta or 10000.0
-      rope_q, rope_k = base.apply_rope(q, positions, theta), base.apply_rope(k, positions, theta)
     o, new_state = mala_attention(q, k, v, causal=causal, segment_ids=segment_ids,
                                   eps=self.opts.eps, rope_q=rope_q, rope_k=rope_k, state=state,
                                   impl=impl or self.op_impl("linear_scan"))
@@ -212,6 +227,13 @@ class MalaAttention(base.Attention):
   def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
     del train
     return self.forward(x, positions=positions, causal=causal, segment_ids=segment_ids)[0], {}
+
+  def attention_weights(self, x, *, positions, segment_ids=None, causal=True):
+    """mala_scores of this layer's features (the lepe convolution and the output gate act
+    outside the scores): [B, H, T, T]."""
+    q, k, rope_q, rope_k = self.features(x, positions)
+    return mala_scores(q, k, causal=causal, eps=self.opts.eps, segment_ids=segment_ids,
+                       rope_q=rope_q, rope_k=rope_k)
 
   def init_cache(self, batch, max_len, dtype=None):
     del max_len, dtype

@@ -10,7 +10,10 @@ head, and
   r_t = M_t(q_t)                                                    (retrieval)
 
 trained in the chunk-parallel form (gradients of a chunk of `chunk_size` tokens at the chunk's
-starting weights, kernels/memory_chunk). Architectures (`variant`), each with `num_persistent`
+starting weights, kernels/memory_chunk). The paper's ablations switch the two gates off:
+`momentum=False` sets eta = 0 (S_t = -theta_t grad: plain gradient steps), `weight_decay=False`
+sets alpha = 0 (M_t = M_{t-1} + S_t: no forgetting); `depth` 1 against 2+ is its linear against
+deep memory. Architectures (`variant`), each with `num_persistent`
 learnable persistent key/value pairs that every query sees:
 
   mag  memory as a gate:  o = W_o (norm(SWA(x)) * sigmoid(norm(r(x))))
@@ -62,10 +65,11 @@ class _Memory(nnx.Module):
   """The long-term memory layer: q/k/v streams, gates, the memory MLP and its updates."""
 
   def __init__(self, d_model, num_heads, head_dim, *, depth, expansion, conv_size, max_lr,
-               chunk_size, impl, dtype, rngs):
+               chunk_size, impl, dtype, rngs, momentum=True, weight_decay=True):
     h, d = num_heads, head_dim
     self.num_heads, self.head_dim, self.depth = h, d, depth
     self.chunk_size, self.conv_size, self.max_lr = chunk_size, conv_size, max_lr
+    self.momentum, self.weight_decay = momentum, weight_decay
     self.impl, self.dtype = impl, dtype
     self.qkv_proj = base.dense(d_model, 3 * h * d, rngs=rngs, dtype=dtype)
     # Depthwise causal conv taps [K, 3, H*D]; starts as the identity (last tap = current token).
@@ -107,8 +111,10 @@ class _Memory(nnx.Module):
     q, k, v = _l2(jax.nn.silu(q)), _l2(jax.nn.silu(k)), jax.nn.silu(v)
     g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32).reshape(b, t, 3, h)
                        + self.gate_bias.value)
-    gates = (self.max_lr * g[:, :, 0], g[:, :, 1], g[:, :, 2])
-    return q, k, v, gates, full[:, t:]
+    # The ablations: alpha = 0 (no forgetting), eta = 0 (no momentum).
+    alpha = g[:, :, 1] if self.weight_decay else jnp.zeros_like(g[:, :, 1])
+    eta = g[:, :, 2] if self.momentum else jnp.zeros_like(g[:, :, 2])
+    return q, k, v, (self.max_lr * g[:, :, 0], alpha, eta), full[:, t:]
 
   # -- memory ----------------------------------------------------------------------------------
 
@@ -206,6 +212,10 @@ class NeuralMemory(base.Attention):
       "num_persistent": 4,    # N_p persistent memory tokens
       "conv_size": 4,         # short depthwise causal conv on the memory's q, k, v
       "max_lr": 0.1,          # theta = max_lr * sigmoid(.) (larger steps make deep memories diverge)
+      # The paper's ablations: False sets the momentum gate eta (resp. the forgetting gate
+      # alpha, its weight decay) to 0.
+      "momentum": True,
+      "weight_decay": True,
       # MAC only: the memory reads rms(y), not the raw y of the paper (cuts the segment loop
       # that diverged at lr 1e-3; docs/mechanisms_memory.md). Other variants ignore it.
       "store_norm": True,
@@ -248,7 +258,8 @@ class NeuralMemory(base.Attention):
     h, d, h_kv, dt = num_heads, self.head_dim, self.num_kv_heads, self.dtype
     self.memory = _Memory(d_model, h, d, depth=o.depth, expansion=o.expansion,
                           conv_size=o.conv_size, max_lr=o.max_lr, chunk_size=o.chunk_size,
-                          impl=self.op_impl("memory_chunk"), dtype=dt, rngs=rngs)
+                          impl=self.op_impl("memory_chunk"), dtype=dt, rngs=rngs,
+                          momentum=o.momentum, weight_decay=o.weight_decay)
     width = h * d
     self.out_proj = base.dense(width, d_model, rngs=rngs, dtype=dt)
     if self.variant in ("lmm", "mal"):

@@ -15,7 +15,7 @@ from flax import nnx
 
 from effattn.attention import base
 from effattn.attention.registry import register
-from effattn.kernels.softmax import softmax_attention
+from effattn.kernels.softmax import attention_probs, softmax_attention
 
 
 @register("softmax")
@@ -56,6 +56,14 @@ class SoftmaxAttention(base.Attention):
                                 window=self.window, impl=self.op_impl("softmax"),
                                 return_fallback_frac=True)
     return self.o_proj(base.merge_heads(o)), base.fallback_aux("softmax", frac)
+
+  def attention_weights(self, x, *, positions, segment_ids=None, causal=True):
+    """softmax(q k^T / sqrt(D)) over the keys the mask leaves (window, segments): [B, H, T, T]."""
+    q, k, _ = self.project(x, positions)
+    idx = base.sequence_index(x.shape[0], x.shape[1])
+    mask = base.attention_mask(idx, idx, causal=causal, q_segment_ids=segment_ids,
+                               k_segment_ids=segment_ids, window=self.window)
+    return jnp.where(mask, attention_probs(q, k, mask), 0.0)
 
   def init_cache(self, batch, max_len, dtype=None):
     dtype = dtype or self.dtype

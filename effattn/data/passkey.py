@@ -9,8 +9,11 @@ A random key is hidden in repeated filler text at a controlled depth and asked f
     The grass is green. The sky is blue. ...
     What is the pass key? The pass key is 68512
 
-Byte-level tokens (`tokenizers.ByteTokenizer`, BOS first); the targets are the next tokens and
-only the key's digits are weighted. Depth d in [0, 1] puts round(d * filler) filler characters
+The needle (`needle`) is the protocol's number of `key_digits` digits, or a word drawn from
+WORDS (100 common English nouns of 4-8 letters; RULER's S-NIAH has word needles too): "The pass
+key is falcon. Remember it. falcon is the pass key." Byte-level tokens
+(`tokenizers.ByteTokenizer`, BOS first); the targets are the next tokens and only the key's
+characters (digits or letters) are weighted. Depth d in [0, 1] puts round(d * filler) filler characters
 before the key line, as in the landmark code (both filler pieces are prefixes of the repeated
 filler). `passkey_example(length, depth, rng)` builds one example of any length for the
 length x depth evaluation grid; training examples have length data.seq_len, or a uniform
@@ -33,6 +36,22 @@ DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant tex
                "memorize them. I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
+# The word needles: none of them occurs in the filler, the description or the question.
+WORDS = (
+    "anchor", "apple", "arrow", "badger", "barrel", "basket", "beacon", "bottle", "bridge",
+    "bucket", "butter", "cabin", "camera", "candle", "canyon", "carpet", "castle", "cattle",
+    "cellar", "cherry", "circus", "clock", "cobalt", "copper", "cotton", "crayon", "dagger",
+    "desert", "dragon", "drum", "eagle", "falcon", "feather", "fiddle", "forest", "fossil",
+    "garden", "garlic", "ginger", "glacier", "goblet", "granite", "hammer", "harbor", "helmet",
+    "hermit", "island", "jacket", "jungle", "kettle", "kitten", "ladder", "lantern", "lemon",
+    "lizard", "magnet", "marble", "meadow", "mirror", "monkey", "mustard", "needle", "noodle",
+    "oyster", "paddle", "panther", "parrot", "pebble", "pepper", "pillow", "pirate", "planet",
+    "pocket", "potato", "puzzle", "rabbit", "ribbon", "rocket", "saddle", "salmon", "silver",
+    "spider", "squirrel", "statue", "tablet", "teapot", "thunder", "tiger", "tomato", "tunnel",
+    "turtle", "velvet", "violin", "walnut", "wagon", "window", "wizard", "yogurt", "zebra",
+    "zipper",
+)
+NEEDLES = ("number", "word")
 _TOKENIZER = tokenizers.ByteTokenizer()
 
 
@@ -40,9 +59,24 @@ def _info_line(key: str) -> str:
   return f"The pass key is {key}. Remember it. {key} is the pass key."
 
 
-def min_length(key_digits: int = 5, include_description: bool = True) -> int:
-  """The shortest example (no filler at all), in tokens."""
-  return len(_prompt("0" * key_digits, 0, 0, include_description)) + 1 + key_digits
+def _shortest(key: str, include_description: bool) -> int:
+  """The example with this key and no filler at all, in tokens."""
+  return len(_prompt(key, 0, 0, include_description)) + 1 + len(key)
+
+
+def min_length(key_digits: int = 5, include_description: bool = True,
+               needle: str = "number") -> int:
+  """The shortest length every key of this needle fits in (no filler at all), in tokens."""
+  longest = "0" * key_digits if needle == "number" else max(WORDS, key=len)
+  return _shortest(longest, include_description)
+
+
+def _draw_key(rng: np.random.Generator, needle: str, key_digits: int) -> str:
+  if needle == "number":
+    return str(int(rng.integers(10 ** (key_digits - 1), 10 ** key_digits)))
+  if needle == "word":
+    return WORDS[int(rng.integers(len(WORDS)))]
+  raise ValueError(f"passkey needle={needle!r} must be one of {NEEDLES}")
 
 
 def _prompt(key: str, n_prefix: int, n_suffix: int, include_description: bool) -> str:
@@ -54,46 +88,50 @@ def _prompt(key: str, n_prefix: int, n_suffix: int, include_description: bool) -
 
 
 def passkey_example(length: int, depth: float, rng: np.random.Generator, *, key_digits: int = 5,
-                    include_description: bool = True) -> dict[str, np.ndarray]:
+                    include_description: bool = True,
+                    needle: str = "number") -> dict[str, np.ndarray]:
   """One passkey example of exactly `length` tokens with the key at `depth` (0 = start, 1 = end).
 
   Returns inputs int32 [length], targets int32 [length] (next tokens), weights float32 [length]
-  (1 at the `key_digits` positions whose target is a key digit) and passkey (the key, int).
+  (1 at the positions whose target is a character of the key) and passkey (the key: an int for
+  the number needle, a str for the word needle).
   """
-  shortest = min_length(key_digits, include_description)
+  shortest = min_length(key_digits, include_description, needle)
   if length < shortest:
     raise ValueError(f"passkey length={length} must be >= {shortest} (the prompt without filler)"
                      f": raise the length or set include_description=False")
   if not 0.0 <= depth <= 1.0:
     raise ValueError(f"passkey depth={depth} must be in [0, 1]")
-  key = int(rng.integers(10 ** (key_digits - 1), 10 ** key_digits))
-  filler = length - shortest
+  key = _draw_key(rng, needle, key_digits)
+  filler = length - _shortest(key, include_description)
   n_prefix = int(round(depth * filler))
-  text = _prompt(str(key), n_prefix, filler - n_prefix, include_description)
+  text = _prompt(key, n_prefix, filler - n_prefix, include_description)
   tokens = np.concatenate([[tokenizers.BOS_ID], _TOKENIZER.encode(f"{text} {key}")])
   assert len(tokens) == length + 1, (len(tokens), length)
   weights = np.zeros(length, np.float32)
-  weights[-key_digits:] = 1.0
+  weights[-len(key):] = 1.0
   return {"inputs": tokens[:-1].astype(np.int32), "targets": tokens[1:].astype(np.int32),
-          "weights": weights, "passkey": key}
+          "weights": weights, "passkey": int(key) if needle == "number" else key}
 
 
 def passkey_batch(length: int, depth: float, num_examples: int, seed: int, *, key_digits: int = 5,
-                  include_description: bool = True) -> dict[str, np.ndarray]:
+                  include_description: bool = True, needle: str = "number") -> dict[str, np.ndarray]:
   """`num_examples` examples at one (length, depth) cell of the evaluation grid, as a batch.
 
   The batch has the pipeline's format ([N, length] inputs/targets/weights/segment_ids/
-  positions) plus passkey [N]; the same (length, depth, seed) always gives the same keys.
+  positions) plus passkey [N] (int64 numbers, or str words); the same (length, depth, seed)
+  always gives the same keys.
   """
   from effattn.data.pipeline import complete_batch
 
   rng = np.random.default_rng([seed, length, int(round(depth * 1e6))])
   examples = [passkey_example(length, depth, rng, key_digits=key_digits,
-                              include_description=include_description)
+                              include_description=include_description, needle=needle)
               for _ in range(num_examples)]
   batch = complete_batch({k: np.stack([e[k] for e in examples])
                           for k in ("inputs", "targets", "weights")})
-  batch["passkey"] = np.asarray([e["passkey"] for e in examples], np.int64)
+  batch["passkey"] = np.asarray([e["passkey"] for e in examples],
+                                np.int64 if needle == "number" else str)
   return batch
 
 
@@ -108,8 +146,9 @@ class PasskeyOptions:
       [min_length, seq_len], padded to seq_len (segment_ids 0 on the padding).
     min_depth: smallest depth of the key (fraction of the filler before it).
     max_depth: largest depth.
-    key_digits: digits of the key (5 in the landmark protocol).
+    key_digits: digits of the key (5 in the landmark protocol; the number needle).
     include_description: start with the landmark task description (as the protocol does).
+    needle: "number" (a key of key_digits digits) or "word" (a word of WORDS).
   """
 
   train_examples: int = 20_000
@@ -119,12 +158,15 @@ class PasskeyOptions:
   max_depth: float = 1.0
   key_digits: int = 5
   include_description: bool = True
+  needle: str = "number"
 
   def validate(self, seq_len: int) -> None:
     for field in ("train_examples", "test_examples", "key_digits"):
       if getattr(self, field) < 1:
         raise ValueError(f"data.passkey.{field}={getattr(self, field)} must be >= 1")
-    shortest = min_length(self.key_digits, self.include_description)
+    if self.needle not in NEEDLES:
+      raise ValueError(f"data.passkey.needle={self.needle!r} must be one of {NEEDLES}")
+    shortest = min_length(self.key_digits, self.include_description, self.needle)
     if seq_len < shortest:
       raise ValueError(f"data.seq_len={seq_len} is shorter than the shortest passkey prompt "
                        f"({shortest} tokens): raise data.seq_len or set "
@@ -150,7 +192,8 @@ def sample(options: PasskeyOptions, seq_len: int, rng: np.random.Generator, n: i
     length = int(rng.integers(lo, seq_len + 1))
     depth = float(rng.uniform(options.min_depth, options.max_depth))
     example = passkey_example(length, depth, rng, key_digits=options.key_digits,
-                              include_description=options.include_description)
+                              include_description=options.include_description,
+                              needle=options.needle)
     for k in ("inputs", "targets", "weights"):
       out[k][i, :length] = example[k]
     out["segment_ids"][i, :length] = 1

@@ -21,7 +21,7 @@ EVAL_TASKS: dict[str, Callable[..., dict]] = {}
 EVAL_OPTIONS: dict[str, type] = {}
 # Modules whose import registers the built-in tasks (see default_options).
 _BUILTIN = ("effattn.evaluate.positions", "effattn.evaluate.passkey",
-            "effattn.evaluate.generate")
+            "effattn.evaluate.generate", "effattn.evaluate.entropy")
 
 
 def register_eval_task(name: str, options: type | None = None):

@@ -132,6 +132,27 @@ class Transformer(nnx.Module):
       return self.classifier(pooled.astype(self.dtype)).astype(jnp.float32), aux
     return self.logits(x), aux
 
+  def attention_weights(self, tokens, *, positions=None, segment_ids=None,
+                        layers=None) -> list:
+    """The attention weights (Attention.attention_weights: a_ij with o_i = sum_j a_ij v_j),
+    float32 [B, H, T, T], of each layer in `layers` (default: all), on the inputs the forward
+    pass gives that layer. For analysis at small T; a mechanism without such weights raises."""
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    layers = range(len(self.blocks)) if layers is None else layers
+    x = self.embed_tokens(tokens, positions)
+    weights = []
+    for i, block in enumerate(self.blocks):
+      if i > max(layers):
+        break
+      if i in layers:
+        weights.append(block.attn.attention_weights(
+            block.attn_norm(x), positions=positions, segment_ids=segment_ids, causal=self.causal))
+      x, _ = block(x, positions=positions, segment_ids=segment_ids, causal=self.causal,
+                   train=False)
+    return weights
+
   def init_cache(self, batch: int, max_len: int) -> list:
     """One cache per layer, each its mechanism's own structure (mixed in a hybrid stack)."""
     return [block.attn.init_cache(batch, max_len, self.dtype) for block in self.blocks]

@@ -152,3 +152,48 @@ def test_bad_swa_impl_named():
   x, pos = random_inputs(1, 8, d_model=16)
   with pytest.raises(ValueError, match="swa_impl"):
     build("mag", swa_impl="flash")(x, positions=pos)
+
+
+def _recurrence(q, k, v, theta, alpha, eta, *, chunk, momentum, weight_decay):
+  """The linear memory's recurrence written without the switched-off terms (numpy, one row):
+  gradients at each chunk's starting weights; no S at all without momentum, no (1 - alpha)
+  without weight decay. Returns y [T, H, D]."""
+  q, k, v, theta, alpha, eta = (np.asarray(a, np.float64)[0] for a in (q, k, v, theta, alpha, eta))
+  t, h, d = q.shape
+  y = np.zeros((t, h, d))
+  for n in range(h):
+    w, s = np.zeros((d, d)), np.zeros((d, d))
+    for start in range(0, t, chunk):
+      w_ref = w.copy()
+      for i in range(start, min(start + chunk, t)):
+        grad = 2.0 * np.outer(k[i, n], k[i, n] @ w_ref - v[i, n])
+        if momentum:
+          s = eta[i, n] * s - theta[i, n] * grad
+          step = s
+        else:
+          step = -theta[i, n] * grad
+        w = ((1.0 - alpha[i, n]) * w if weight_decay else w) + step
+        y[i, n] = q[i, n] @ w
+  return y
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+@pytest.mark.parametrize("momentum,weight_decay", [(False, True), (True, False), (False, False)])
+def test_ablations_equal_the_recurrence_without_them(chunk, momentum, weight_decay):
+  """momentum=False / weight_decay=False (the paper's ablations) zero eta / alpha: the memory
+  then retrieves what the recurrence without momentum / forgetting gives, on the chunked xla
+  path (whose closed form takes log-gates, clamped at eta = 0)."""
+  full = build("lmm", chunk_size=chunk)
+  ablated = build("lmm", chunk_size=chunk, momentum=momentum, weight_decay=weight_decay)
+  x, _ = random_inputs(1, 10, d_model=16, seed=4)
+  q, k, v, gates, _ = full.memory.streams(x, None)  # same parameters: the same seed
+  q2, k2, v2, (theta, alpha, eta), _ = ablated.memory.streams(x, None)
+  assert_close("theta", gates[0], theta)
+  assert momentum or float(jnp.abs(eta).max()) == 0.0
+  assert weight_decay or float(jnp.abs(alpha).max()) == 0.0
+  r, _ = ablated.memory.update(q2, k2, v2, (theta, alpha, eta), None,
+                               ablated.memory.initial_state(1))
+  want = _recurrence(q, k, v, *gates, chunk=chunk, momentum=momentum, weight_decay=weight_decay)
+  assert_close("retrieval", want, r[0], reduction=10)
+  assert not np.allclose(want, _recurrence(q, k, v, *gates, chunk=chunk, momentum=True,
+                                           weight_decay=True), atol=1e-4)

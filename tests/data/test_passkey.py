@@ -11,12 +11,12 @@ from effattn.testing.data import data_config
 TOK = tokenizers.ByteTokenizer()
 
 
-def _check(inputs, targets, weights, key, key_digits=5):
+def _check(inputs, targets, weights, key):
   text = TOK.decode(inputs)
   assert f"The pass key is {key}. Remember it. {key} is the pass key." in text
   assert text.endswith("What is the pass key? The pass key is " + str(key)[:-1])
   answer = np.flatnonzero(weights)
-  assert len(answer) == key_digits and np.all(weights[answer] == 1)
+  assert len(answer) == len(str(key)) and np.all(weights[answer] == 1)
   assert TOK.decode(targets[answer]) == str(key)
   assert np.array_equal(targets[:-1], inputs[1:])  # targets are the next tokens
 
@@ -29,6 +29,20 @@ def test_example_has_the_length_and_the_key(length, depth):
   assert e["inputs"][0] == tokenizers.BOS_ID
   assert 10_000 <= e["passkey"] <= 99_999
   _check(e["inputs"], e["targets"], e["weights"], e["passkey"])
+
+
+@pytest.mark.parametrize("length", [262, 263, 1000])
+def test_word_needle(length):
+  """A word of WORDS as the key: any of them fits at the shortest length of the needle."""
+  assert passkey.min_length(5, True, "word") == 262  # the longest word, "squirrel"
+  for seed in range(8):
+    e = passkey.passkey_example(length, 0.5, np.random.default_rng(seed), needle="word")
+    assert e["inputs"].shape == (length,) and e["passkey"] in passkey.WORDS
+    _check(e["inputs"], e["targets"], e["weights"], e["passkey"])
+  batch = passkey.passkey_batch(length, 0.5, 4, seed=1, needle="word")
+  assert all(w in passkey.WORDS for w in batch["passkey"])
+  for i in range(4):
+    _check(batch["inputs"][i], batch["targets"][i], batch["weights"][i], batch["passkey"][i])
 
 
 def test_depth_moves_the_key_through_the_filler():
@@ -78,5 +92,10 @@ def test_bad_options_name_the_field(tmp_path):
   with pytest.raises(ValueError, match=r"data.passkey.min_length=50 must be 0 or in \[104, "):
     task_info(data_config("passkey", tmp_path, seq_len=200, include_description=False,
                           min_length=50))
+  with pytest.raises(ValueError, match=r"data.passkey.needle='uuid' must be one of"):
+    task_info(data_config("passkey", tmp_path, seq_len=300, needle="uuid"))
+  with pytest.raises(ValueError, match=r"data.passkey.min_length=104 must be 0 or in \[113, "):
+    task_info(data_config("passkey", tmp_path, seq_len=200, include_description=False,
+                          min_length=104, needle="word"))
   with pytest.raises(ValueError, match=r"data.passkey.min_depth=0.8, max_depth=0.2"):
     task_info(data_config("passkey", tmp_path, seq_len=300, min_depth=0.8, max_depth=0.2))

@@ -5,8 +5,10 @@ import json
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import base
+from effattn.data import passkey as passkey_data
 from effattn.evaluate import common
 from effattn.evaluate import passkey as passkey_eval
 from effattn.evaluate.runner import evaluate_checkpoint
@@ -75,3 +77,53 @@ def test_default_lengths_are_multiples_of_the_training_length():
   assert passkey_eval.grid_lengths(opts, train_len=64, shortest=104) == [104, 128, 256]
   with pytest.raises(ValueError, match="shorter than the shortest passkey prompt"):
     passkey_eval.grid_lengths(passkey_eval.PasskeyEvalOptions(lengths=(50,)), 128, 104)
+
+
+def test_word_needle_grid(data_dir, monkeypatch):
+  """The grid draws the run's needle: every key is a word, weighted over its letters."""
+  keys = []
+
+  def oracle(graphdef, params, rest, batch):
+    del graphdef, params, rest
+    for tokens, weights in zip(batch["targets"], batch["weights"]):
+      keys.append(bytes(int(t) - 3 for t in tokens[weights > 0]).decode())
+    return np.zeros(batch["targets"].shape, np.float32), np.ones(batch["targets"].shape, bool)
+
+  monkeypatch.setattr(common, "token_losses", oracle)
+  config = tiny_eval(data_dir, "passkey")
+  config.data.passkey.needle = "word"
+  model, config = fresh_model(_with_grid(config))
+  result = passkey_eval.passkey_task(model, config, workdir=None)
+  assert result["needle"] == "word" and result["summary"]["passkey"] == 1.0
+  assert len(keys) == 2 * 3 * 4 and all(k in passkey_data.WORDS for k in keys)
+
+
+def test_vary_rebuilds_the_model_per_value(data_dir, monkeypatch):
+  """eval.passkey.vary: one grid per value, each from the same parameters with the field set."""
+  seen = []
+
+  def cell(graphdef, params, rest, batch, rows):
+    del rows
+    k = nnx.merge(graphdef, params, rest).blocks[0].attn.opts.forward_top_k
+    seen.append(k)
+    n = batch["inputs"].shape[0]
+    return np.full(n, k == 1), np.full(n, 1.0 if k == 1 else 0.5)
+
+  monkeypatch.setattr(passkey_eval, "evaluate_cell", cell)
+  config = _with_grid(tiny_eval(data_dir, "passkey"))
+  config.model.attention.name = "landmark"
+  config.model.attention.landmark.block_len = 16
+  config.eval.passkey.update(vary="model.attention.landmark.forward_top_k", values=(1, 2))
+  model, config = fresh_model(config)
+  result = passkey_eval.passkey_task(model, config, workdir=None)
+  assert seen == [0] * 6 + [1] * 6 + [2] * 6  # the run's own grid, then one per value
+  assert [g["value"] for g in result["varied"]] == [1, 2]
+  assert [g["mean_accuracy"] for g in result["varied"]] == [1.0, 0.0]
+  assert result["summary"]["passkey_beyond@forward_top_k=1"] == 1.0
+  assert result["summary"]["passkey_128"] == 0.0 and "passkey_192" in result["summary"]
+  with config.unlocked():
+    config.eval.passkey.update(vary="model.d_model", values=(64,))
+  with pytest.raises(ValueError, match="changes the model's parameters"):
+    passkey_eval.passkey_task(model, config, workdir=None)
+  with pytest.raises(ValueError, match="give both"):
+    passkey_eval.PasskeyEvalOptions(vary="model.attention.window").validate()

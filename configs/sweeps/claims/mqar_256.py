@@ -19,7 +19,13 @@ FIXED = {"model.d_model": 256, "model.num_heads": 4, "data.mqar.vocab_size": 512
 LEARNING_RATES = [1e-3, 3e-3, 1e-2]
 
 
-def subset(labels: list[str]) -> dict:
+def subset(labels: list[str], attention: list[dict] = ()) -> dict:
+  """The variants of `labels` (configs/sweeps/families.py) and the extra `attention` variants.
+
+  Every variant also runs the attention-entropy probe (claim 3's; effattn/evaluate/entropy.py,
+  cheap), so that the sweeps sharing these runs evaluate them alike; it reports the layers
+  whose mechanism exposes its weights (softmax, linear, mala) and None for the others."""
   return common.sweep("mqar_256", "configs/mqar.py", fixed=FIXED,
-                      attention=common.pick(labels, window=64), learning_rates=LEARNING_RATES,
-                      metric="eval_accuracy")
+                      attention=common.pick(labels, window=64) + list(attention),
+                      learning_rates=LEARNING_RATES, metric="eval_accuracy",
+                      eval_tasks=("accuracy", "entropy"))

@@ -20,9 +20,11 @@ LEARNING_RATES = [3e-4, 1e-3, 2e-3]
 LENGTHS = (512, 1024, 2048, 4096, 8192)
 
 
-def subset(labels: list[str]) -> dict:
+def subset(labels: list[str], extra: dict[str, dict] | None = None) -> dict:
+  """The variants of `labels` (configs/sweeps/families.py), `extra[label]`'s overrides added."""
+  extra = extra or {}
   return common.sweep(
       "passkey_512", "configs/passkey.py",
       fixed=common.passkey_fixed(512, LENGTHS),
-      attention=common.pick(labels, window=128), learning_rates=LEARNING_RATES,
-      metric="eval_accuracy", eval_tasks=("accuracy", "passkey"))
+      attention=[{**v, **extra.get(v["label"], {})} for v in common.pick(labels, window=128)],
+      learning_rates=LEARNING_RATES, metric="eval_accuracy", eval_tasks=("accuracy", "passkey"))

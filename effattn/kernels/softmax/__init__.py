@@ -7,7 +7,7 @@ path of head_routing. See api.py for the contract.
 from effattn.kernels.softmax.api import FAMILY, softmax_attention
 from effattn.kernels.softmax.common import attention_mask, sequence_index
 from effattn.kernels.softmax.cudnn import packed_segments
-from effattn.kernels.softmax.reference import reference_attention
+from effattn.kernels.softmax.reference import attention_probs, reference_attention
 
-__all__ = ["FAMILY", "attention_mask", "packed_segments", "reference_attention", "sequence_index",
-           "softmax_attention"]
+__all__ = ["FAMILY", "attention_mask", "attention_probs", "packed_segments", "reference_attention",
+           "sequence_index", "softmax_attention"]
