@@ -231,6 +231,18 @@ def _stream_kv(r, n, row, bi, hk, smems, loaded, free, *, block_k: int, num_stag
 # Forward
 
 
+def _products_t(tile, *pairs):
+  """[a b^T for (a, b) in pairs] (smem refs), issued on wgmma one after the other into float32
+  accumulators of shape `tile` and read back: S and dP of the backward kernels together."""
+  def products(*accs):
+    for acc, (a, b) in zip(accs, pairs):
+      plgpu.wgmma(acc, a, plgpu.transpose_ref(b, (1, 0)))
+    return tuple(acc[...] for acc in accs)
+
+  acc = plgpu.ACC(tile, jnp.float32)
+  return pl.run_scoped(products, *[acc] * len(pairs))
+
+
 def _own_query_vectors(r, q_names, rows, *, bi, hi, num_heads: int, group: int) -> dict:
   """Consumer prologue of the forward and dQ kernels: the per-query vectors of this
   warpgroup's 64 query rows of head hi (row layout)."""
@@ -428,14 +440,7 @@ def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_k, num_head
       for piece in range(block_k // WG_ROWS):
         keys = pl.ds(piece * WG_ROWS, WG_ROWS)
         kp, vp = k_smem.at[slot, keys], v_smem.at[slot, keys]
-
-        def s_dp(s_ref, dp_ref, kp=kp, vp=vp):
-          plgpu.wgmma(s_ref, qs, plgpu.transpose_ref(kp, (1, 0)))
-          plgpu.wgmma(dp_ref, dos, plgpu.transpose_ref(vp, (1, 0)))
-          return s_ref[...], dp_ref[...]
-
-        acc = plgpu.ACC(tile, jnp.float32)
-        s, dp = pl.run_scoped(s_dp, acc, acc)
+        s, dp = _products_t(tile, (qs, kp), (dos, vp))  # S = Q K^T, dP = dO V^T
         k0 = None if kb0 is None else kb0 + piece * WG_ROWS
         s = s * (scale * LOG2E)
         s = _biased_and_masked(s, r, kv_names, qv_rows, tile, bi=bi, hk=hk, q0=q0, k0=k0,
@@ -542,13 +547,7 @@ def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_hea
           q0 = qb0 + piece * WG_ROWS
           q_cols = pl.ds(q0, WG_ROWS)
 
-          def st_dpt(st_ref, dpt_ref, qp=qp, dop=dop):
-            plgpu.wgmma(st_ref, ks, plgpu.transpose_ref(qp, (1, 0)))
-            plgpu.wgmma(dpt_ref, vs, plgpu.transpose_ref(dop, (1, 0)))
-            return st_ref[...], dpt_ref[...]
-
-          acc = plgpu.ACC(tile, jnp.float32)
-          st, dpt = pl.run_scoped(st_dpt, acc, acc)
+          st, dpt = _products_t(tile, (ks, qp), (vs, dop))  # S^T = K Q^T, dP^T = V dO^T
           st = st * (scale * LOG2E)
           kv = {n_: _bcast(x, tile, 0) for n_, x in kv_rows.items()}
           if "kv_bias" in kv:
