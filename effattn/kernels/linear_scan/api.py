@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import custom_derivatives
 
-from effattn.kernels import dispatch, mesh
+from effattn.kernels import checks, dispatch, mesh
 from effattn.kernels.linear_scan import pallas_gpu, pallas_tpu, reference, xla
 
 _GPU_DTYPES = tuple(np.dtype(t) for t in (jnp.bfloat16, jnp.float16, jnp.float32))
@@ -176,25 +176,14 @@ def _scan_on_mesh(plan: _Plan, reverse: bool, *args):
 
 
 def _check(q, k, v, log_decay, initial_state, segment_ids, causal):
-  if q.ndim != 4 or k.shape != q.shape:
-    raise ValueError(f"q and k must both be [B, T, H, Dk]; got {q.shape=} {k.shape=}")
-  if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-    raise ValueError(f"v must be [B, T, H, Dv] matching q's [B, T, H]; got {v.shape=} {q.shape=}")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-  if q.shape[1] == 0:
-    raise ValueError("the sequence is empty (T=0)")
-  b, _, h, dk = q.shape
+  checks.qkv(q, k, v)
+  h = q.shape[2]
   if log_decay is not None and log_decay.shape != (h,):
     raise ValueError(f"log_decay must be [H]={h,}; got {log_decay.shape}")
-  if initial_state is not None:
-    if not causal:
-      raise ValueError("initial_state needs causal=True (the bidirectional form carries no state)")
-    if initial_state.shape != (b, h, dk, v.shape[-1]):
-      raise ValueError(f"initial_state must be [B, H, Dk, Dv]={(b, h, dk, v.shape[-1])}; "
-                       f"got {initial_state.shape}")
-  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
-    raise ValueError(f"segment_ids must be [B, T]={q.shape[:2]}; got {segment_ids.shape}")
+  if initial_state is not None and not causal:
+    raise ValueError("initial_state needs causal=True (the bidirectional form carries no state)")
+  checks.state("initial_state", initial_state, q, v)
+  checks.segments(segment_ids, q)
 
 
 def linear_scan(q, k, v, log_decay=None, *, causal: bool = True, initial_state=None,
