@@ -7,6 +7,7 @@ from effattn.model import pattern
 from effattn.model.transformer import DTYPES
 from effattn.ranges import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, UNIT,
                             UNIT_OPEN_TOP, ConfigError, Range)
+from effattn.train import sharding
 
 _CHOICES = {
     "model.head": ("lm", "classifier"),
@@ -181,6 +182,7 @@ def validate(config) -> None:
   if m.position == "learned" and config.data.seq_len > m.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len} "
                       "for learned positions; raise model.max_len")
+  sharding.logical_rules(config.mesh)  # a malformed mesh.rules entry fails here, in one line
   t = config.train
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} must divide "
