@@ -7,6 +7,7 @@ from effattn.model import pattern
 from effattn.model.transformer import DTYPES
 from effattn.ranges import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, UNIT,
                             UNIT_OPEN_TOP, ConfigError, Range)
+from effattn.train import sharding
 
 _CHOICES = {
     "model.head": ("lm", "classifier"),
@@ -187,6 +188,7 @@ def validate(config) -> None:
     raise ConfigError(f"data.seq_len={config.data.seq_len} must be a multiple of 2 x "
                       f"mesh.sequence={sequence} (context parallelism splits it into "
                       f"{2 * sequence} chunks); pick another seq_len or mesh.sequence")
+  sharding.logical_rules(config.mesh)  # a malformed mesh.rules entry fails here, in one line
   t = config.train
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} must divide "

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effattn import logical_axes
 from effattn.kernels import dispatch
 from effattn.ranges import ConfigError, Range
 
@@ -320,21 +321,44 @@ def fallback_aux(op: str, *fracs) -> dict[str, jax.Array]:
   return {f"{op}_fallback_frac": functools.reduce(jnp.maximum, fracs)}
 
 
+# Logical names of a projection's kernel [d_in, d_out] (effattn/logical_axes.py): Megatron's
+# column-parallel q / k / v (and other per-head projections of x) split their output heads,
+# the row-parallel output projection its input heads; `head_dim` makes the split whole heads.
+COLUMNS = ("embed", "heads")
+KV_COLUMNS = ("embed", "kv_heads")
+ROWS = ("heads", "embed")
+FUSED = ("embed", None)  # q | k | v (or gates) side by side: only the d_model rows split
+
+
 def dense(d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype: Any, use_bias: bool = False,
-          scale: float = 1.0) -> nnx.Linear:
-  """A bias-free projection with f32 params and `dtype` compute (mixed precision)."""
-  return nnx.Linear(
-      d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nnx.initializers.variance_scaling(scale, "fan_in", "normal"), rngs=rngs)
+          scale: float = 1.0, axes: tuple | None = None, head_dim: int | None = None
+          ) -> nnx.Linear:
+  """A bias-free projection with f32 params and `dtype` compute (mixed precision).
+
+  axes: the logical names of the kernel's (input, output) dims (COLUMNS, KV_COLUMNS, ROWS,
+  FUSED); None leaves it unnamed (the fallback rule of logical_axes). head_dim: the features
+  per head of a `*heads` dim."""
+  kernel_init = nnx.initializers.variance_scaling(scale, "fan_in", "normal")
+  bias_init = nnx.initializers.zeros_init()
+  if axes is not None:
+    kernel_init = logical_axes.init(kernel_init, axes, head_dim=head_dim)
+    bias_init = logical_axes.init(bias_init, axes[1:], head_dim=head_dim)
+  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
-  """[B, T, H*D] -> [B, T, H, D]."""
-  return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+  """[B, T, H*D] -> [B, T, H, D], heads over the mesh's tensor axis when the trainer's rules
+  are on (logical_axes.HEADS; the split kernels/mesh.py gives a kernel's heads)."""
+  x = x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+  return logical_axes.constrain(x, logical_axes.HEADS) if x.ndim == 4 else x
 
 
 def merge_heads(x: jax.Array) -> jax.Array:
-  """[B, T, H, D] -> [B, T, H*D]."""
+  """[B, T, H, D] -> [B, T, H*D] (heads kept where they are: the input of a row-parallel
+  output projection)."""
+  if x.ndim == 4:
+    x = logical_axes.constrain(x, logical_axes.HEADS)
   return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
 
 

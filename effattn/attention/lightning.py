@@ -105,11 +105,12 @@ class LightningAttention(base.Attention):
       log_decay = decay_schedule(opts.decay, num_heads, self.layer_idx, self.num_layers)
     self.log_decay = tuple(float(g) for g in log_decay)  # static and hashable
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
-    self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
-    self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
-    self.v_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
-    self.u_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
-    self.o_proj = base.dense(h * d, d_model, rngs=rngs, dtype=self.dtype)
+    cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
+    self.q_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
+    self.k_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.v_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.u_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
+    self.o_proj = base.dense(h * d, d_model, axes=base.ROWS, **cols)
 
   def forward(self, x, *, causal, segment_ids=None, state=None, impl=None):
     act = ACTIVATIONS[self.opts.act]
