@@ -110,21 +110,20 @@ def test_ring_block_sparse_lists():
 
 
 def test_linear_scan_across_devices():
-  """Decay, segments, an initial state, the final state and the normalizer; chunks of 6 tokens
-  with scan chunks of 4."""
+  """Decay (with its gradient), segments, an initial state, the final state and the
+  normalizer; chunks of 6 tokens with scan chunks of 4."""
   rng = np.random.default_rng(0)
   b, t, h, d = 2, 24, 4, 8
-  log_decay = -jnp.asarray(rng.uniform(0.01, 0.5, size=(h,)), jnp.float32)
 
-  def op(q, k, v, s0, impl):
+  def op(q, k, v, s0, log_decay, impl):
     kw = dict(segment_ids=_ids(SEGMENTS, impl), impl=impl, chunk_size=4)
     o, final = linear_scan(q, k, v, log_decay, initial_state=s0, scale=0.5, **kw)
     den, key_sum = linear_scan_normalizer(q, k, log_decay, initial_state=s0[..., 0], **kw)
     return o, final, den, key_sum
 
   inputs = (_normal(rng, b, t, h, d), _normal(rng, b, t, h, d), _normal(rng, b, t, h, d),
-            _normal(rng, b, h, d, d))
-  _check("linear_scan", op, inputs, (1, 1, 1, None), (1, None, 1, None),
+            _normal(rng, b, h, d, d), -jnp.asarray(rng.uniform(0.01, 0.5, size=(h,)), jnp.float32))
+  _check("linear_scan", op, inputs, (1, 1, 1, None, None), (1, None, 1, None),
          mesh=host_mesh(sequence=N, tensor=2), reduction=t, collective="all_gather")
 
 

@@ -17,7 +17,7 @@ segments and decays; gradients by autodiff through linear_scan's own VJP (the al
 transposes to a reduce-scatter). Communication: an all-gather of 2 states [H, Dk, Dv] f32 per
 device and row forward, a reduce-scatter of their cotangents backward.
 
-log_decay's gradient is linear_scan's (its VJP decides whether the decay learns); the
+log_decay gets its whole gradient: linear_scan's VJP gives the chunks' own part, and the
 cross-device terms differentiate it like any jnp expression. The bidirectional form has no
 cross-device path. mechanisms import linear_scan and linear_scan_normalizer from the package,
 which are these: on one device, or without a sequence axis, they are api's functions unchanged.
