@@ -47,8 +47,9 @@ def _step(config, mesh=None):
   train_step = jax.jit(step.make_train_step(graphdef, tx, schedule))
   if mesh is None:
     return train_step.lower(train_state, _batch()).compile(FAST_COMPILE)(train_state, _batch())
-  train_state = jax.device_put(train_state, sharding.param_shardings(train_state, mesh))
-  with sharding.ambient(mesh):
+  rules = sharding.logical_rules(config.mesh)
+  train_state = jax.device_put(train_state, sharding.param_shardings(train_state, mesh, rules))
+  with sharding.ambient(mesh, rules):
     batch = sharding.put_batch(_batch(), sharding.batch_sharding(mesh))
     lowered = train_step.lower(train_state, batch)
     for collective in ("collective_permute", "all_gather"):  # the ring, the scan of states

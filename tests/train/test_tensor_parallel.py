@@ -91,7 +91,7 @@ def test_rule_table_semantics():
   assert logical_axes.spec(("a",), (6,), rules, sizes) == P(None)
   assert logical_axes.spec(("a",), (64,), rules, sizes, units=(32,)) == P(None)  # 2 heads
   with pytest.raises(ConfigError, match=r"mesh.rules entry \('embed', 'fsdpp'\) names mesh "
-                                        r"axis 'fsdpp'; the mesh has data, fsdp, tensor"):
+                                        r"axis 'fsdpp'; the mesh has data, fsdp, sequence, tensor"):
     config = tp_config()
     config.mesh.rules = (("embed", "fsdpp"),)
     validate(config)
