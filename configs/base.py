@@ -54,6 +54,33 @@ def data_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def logical_axis_rules() -> tuple:
+  """config.mesh.rules: (logical name, mesh axes) pairs, as MaxText's logical_axis_rules.
+
+  Each dimension of a parameter or constrained activation takes the first rule for its name
+  whose mesh axes have size > 1, are free in that array and divide it (whole heads for a
+  `*heads` dim); None, or no rule that fits, keeps it whole. The names and the rule in full:
+  effattn/logical_axes.py. Override as a whole, e.g.
+  --config.mesh.rules="(('embed', 'fsdp'), ('mlp', 'tensor'))" (every name left out is whole).
+  """
+  return (
+      # Parameters: FSDP over fsdp on d_model; Megatron tensor parallelism over tensor.
+      ("vocab", "tensor"),  # embedding rows, LM-head columns (a vocab-parallel softmax)
+      ("embed", "fsdp"),  # d_model of every weight
+      ("heads", "tensor"),  # q / per-head gates by output columns, the output proj by rows
+      ("kv_heads", "tensor"),  # k / v by output columns (kept whole when H_kv does not split)
+      ("mlp", "tensor"),  # MLP gate / up by output columns, down by input rows
+      ("norm", None),  # norm scales: replicated
+      # Activations, constrained at block boundaries and on the attention heads.
+      ("act_batch", ("data", "fsdp")),
+      ("act_length", "sequence"),  # T: whole, or split over mesh.sequence (its zig-zag chunks)
+      ("act_embed", None),  # the residual stream is whole over tensor between blocks
+      ("act_heads", "tensor"),  # as kernels/mesh.py splits a kernel's heads
+      ("act_mlp", "tensor"),
+      ("act_vocab", "tensor"),  # logits, and the embedding table where it is looked up
+  )
+
+
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # parameter init and batch order
@@ -116,7 +143,9 @@ def get_config() -> ml_collections.ConfigDict:
   mesh.data = -1  # -1: every device not used by the other axes
   mesh.fsdp = 1
   mesh.tensor = 1
+  mesh.sequence = 1  # > 1: context parallelism, T split over it (docs/scaling.md)
   mesh.distributed = False  # call jax.distributed.initialize() (multi-host)
+  mesh.rules = logical_axis_rules()
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.task = "accuracy"  # what eval.py computes (see effattn.evaluate)

@@ -7,6 +7,7 @@ from effattn.model import pattern
 from effattn.model.transformer import DTYPES
 from effattn.ranges import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, UNIT,
                             UNIT_OPEN_TOP, ConfigError, Range)
+from effattn.train import sharding
 
 _CHOICES = {
     "model.head": ("lm", "classifier"),
@@ -80,6 +81,7 @@ RANGES: dict[str, Range] = {
     "mesh.data": Range(-1, integer=True),  # -1: every device the other axes leave; 0 refused
     "mesh.fsdp": POSITIVE_INT,
     "mesh.tensor": POSITIVE_INT,
+    "mesh.sequence": POSITIVE_INT,
     "eval.batch_size": POSITIVE_INT,
     "eval.max_examples": _OPTIONAL_COUNT,
     "eval.passkey.examples": POSITIVE_INT,
@@ -181,6 +183,12 @@ def validate(config) -> None:
   if m.position == "learned" and config.data.seq_len > m.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={m.max_len} "
                       "for learned positions; raise model.max_len")
+  sequence = config.mesh.get("sequence", 1)
+  if sequence > 1 and config.data.seq_len % (2 * sequence):
+    raise ConfigError(f"data.seq_len={config.data.seq_len} must be a multiple of 2 x "
+                      f"mesh.sequence={sequence} (context parallelism splits it into "
+                      f"{2 * sequence} chunks); pick another seq_len or mesh.sequence")
+  sharding.logical_rules(config.mesh)  # a malformed mesh.rules entry fails here, in one line
   t = config.train
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} must divide "

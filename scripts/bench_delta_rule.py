@@ -29,12 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(SCRIPTS))
+sys.path.insert(0, SCRIPTS)
+
+from bench_vs_fla import checked, fla_results, fla_row, ours_row, rel_err, tune  # noqa: E402
 
 B, H, D = 8, 16, 128
 CHECK = dict(b=2, t=1000, h=4, d=128)  # fla-vs-ours numeric check
@@ -96,16 +98,8 @@ def fla_part(out: str, sizes: list[int]) -> None:
       x.requires_grad_()
     do = cuda(do, bf16)
     op = lambda: chunk_gated_delta_rule(*args, scale=D ** -0.5)[0]  # noqa: E731
-    try:
-      with torch.no_grad():
-        fwd = triton.testing.do_bench(op, warmup=10, rep=100, return_mode="median")
-      fwd_bwd = triton.testing.do_bench(lambda: op().backward(do), warmup=10, rep=100,
-                                        grad_to_none=args, return_mode="median")
-      results["rows"].append({"impl": "fla chunk_gated_delta_rule", "T": t, "fwd_ms": fwd,
-                              "fwd_bwd_ms": fwd_bwd})
-    except Exception as e:  # a failing peer must not hide our numbers
-      results["rows"].append({"impl": "fla chunk_gated_delta_rule", "T": t,
-                              "error": repr(e)[:300]})
+    results["rows"].append(fla_row("fla chunk_gated_delta_rule", t, op, do, args, warmup=10,
+                                   rep=100))
     print(results["rows"][-1], flush=True)
     del args, do
     torch.cuda.empty_cache()
@@ -114,12 +108,6 @@ def fla_part(out: str, sizes: list[int]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- jax
-def rel_err(a, b) -> float:
-  import numpy as np
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def fwd_and_grads(impl, q, k, v, g, beta, h0, do, dht, *, segment_ids=None, block_sizes=None):
   """(o, final state, dq, dk, dv, dg, dbeta, dh0) of one path, jitted, cotangents on o and the
   final state."""
@@ -148,30 +136,27 @@ def correctness() -> list[dict]:
   cases = [("float32", True), ("bfloat16", False)]  # dtype, segments
   b, t, h, d = (1, 40, 1, 16) if SMOKE["on"] else (2, 300, 2, 128)
   tol = {"float32": 2e-4, "bfloat16": 3e-2}
+
+  def errors(dtype, segments):
+    q, k, v, g, beta, h0, do, dht = make_inputs(2, b, t, h, d)
+    seg = None
+    if segments:
+      ids = np.ones((b, t), np.int32)
+      ids[:, t // 3:] = 2
+      ids[:, t - 5:] = 0
+      seg = jnp.asarray(ids)
+    low = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+    q, k, v, do = (low(x) for x in (q, k, v, do))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    ours = fwd_and_grads("pallas_gpu", q, k, v, f32(g), f32(beta), f32(h0), do, f32(dht),
+                         segment_ids=seg)
+    ref = fwd_and_grads("reference", f32(q), f32(k), f32(v), f32(g), f32(beta), f32(h0),
+                        f32(do), f32(dht), segment_ids=seg)
+    return {n: rel_err(a, r) for n, a, r in zip(CHECK_NAMES, ours, ref)}
+
   for dtype, segments in cases[:1] if SMOKE["on"] else cases:
     name = f"{dtype} B={b} T={t} H={h} D={d} segments={segments} state=True"
-    try:
-      q, k, v, g, beta, h0, do, dht = make_inputs(2, b, t, h, d)
-      seg = None
-      if segments:
-        ids = np.ones((b, t), np.int32)
-        ids[:, t // 3:] = 2
-        ids[:, t - 5:] = 0
-        seg = jnp.asarray(ids)
-      low = lambda x: jnp.asarray(x, dtype)  # noqa: E731
-      q, k, v, do = (low(x) for x in (q, k, v, do))
-      f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-      ours = fwd_and_grads("pallas_gpu", q, k, v, f32(g), f32(beta), f32(h0), do, f32(dht),
-                           segment_ids=seg)
-      ref = fwd_and_grads("reference", f32(q), f32(k), f32(v), f32(g), f32(beta), f32(h0),
-                          f32(do), f32(dht), segment_ids=seg)
-      errs = {n: rel_err(a, r) for n, a, r in zip(CHECK_NAMES, ours, ref)}
-      worst = max(errs.values())
-      rows.append({"case": name, "max_rel_err": worst, "tol": tol[dtype],
-                   "ok": worst < tol[dtype], "errs": errs})
-    except Exception as e:
-      rows.append({"case": name, "ok": False, "error": repr(e)[:500]})
-    print(rows[-1], flush=True)
+    rows.append(checked(name, lambda: errors(dtype, segments), tol[dtype]))
   return rows
 
 
@@ -202,11 +187,6 @@ def compare_with_fla(out: str) -> dict:
   return res
 
 
-def timed(fn, *args, reps: int = 5) -> dict:
-  from effattn.evaluate import timing
-  return timing.measure(fn, *args, reps=reps, budget_s=0.25)
-
-
 def bench_inputs(t: int):
   import jax.numpy as jnp
   q, k, v, g, beta, _, do, _ = make_inputs(1, B, t, H, D)
@@ -235,38 +215,19 @@ def candidates():
           pallas_gpu.BlockSizes(block_v=128, num_warps=8, num_warps_wy=4)]
 
 
-def tune(sizes: list[int]) -> tuple[object, dict]:
-  """The fastest BlockSizes for fwd+bwd at the last of `sizes` (each candidate timed)."""
-  best, best_ms, tuning = candidates()[0], float("inf"), {}
-  for t in sizes:
+def tune_block_sizes(sizes: list[int]) -> tuple[object, dict]:
+  """The fastest BlockSizes for fwd+bwd over `sizes` (each candidate timed)."""
+  def fwd_bwd_args(t):
     args, do = bench_inputs(t)
-    for cfg in candidates():
-      try:
-        ms = timed(ours(cfg)[1], *args, do, reps=3)["ms"]
-      except Exception as e:
-        ms = float("nan")
-        print("tune", cfg, "failed:", repr(e)[:300], flush=True)
-      tuning[f"T={t} {cfg}"] = ms
-      print("tune", t, cfg, f"{ms:.3f} ms", flush=True)
-      if ms < best_ms:
-        best, best_ms = cfg, ms
-  tuning["best"] = str(best)
-  return best, tuning
+    return (*args, do)
+  return tune(candidates(), sizes, fwd_bwd_args, lambda cfg: ours(cfg)[1])
 
 
 def bench_ours(sizes, block_sizes, on_row=lambda rows: None) -> list[dict]:
   rows = []
   for t in sizes:
     args, do = bench_inputs(t)
-    name = "ours pallas_gpu"
-    try:
-      fwd, fwd_bwd = ours(block_sizes)
-      f, fb = timed(fwd, *args), timed(fwd_bwd, *args, do)
-      rows.append({"impl": name, "T": t, "fwd_ms": f["ms"], "fwd_bwd_ms": fb["ms"],
-                   "fwd_kernels": f["kernels"], "fwd_bwd_kernels": fb["kernels"],
-                   "fwd_bwd_kernel_names": fb["kernel_names"], "compile_s": fb["compile_s"]})
-    except Exception as e:
-      rows.append({"impl": name, "T": t, "error": repr(e)[:300]})
+    rows.append(ours_row("ours pallas_gpu", t, *ours(block_sizes), args, do))
     print(rows[-1], flush=True)
     on_row(rows)
     del args, do
@@ -334,21 +295,13 @@ def main(argv=None) -> dict:
     fla_part(args.out, sizes)
     return {}
   t0 = time.time()
-  if args.fla_results:
-    for name in os.listdir(args.fla_results):
-      if name.startswith("fla"):
-        shutil.copy(os.path.join(args.fla_results, name), args.out)
-  elif not args.no_fla:  # before JAX initializes (and preallocates) the GPU
-    subprocess.run([sys.executable, __file__, "--part", "fla", "--out", args.out,
-                    "--sizes", args.sizes], check=False)
+  fla = fla_results(__file__, args.out, args.sizes, reuse=args.fla_results, skip=args.no_fla)
   print(f"fla part done at {time.time() - t0:.0f}s", flush=True)
   import jax
   from effattn.kernels.delta_rule import FAMILY
   info = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
           "auto_path_on_this_device": FAMILY.choose(
               "auto", Dk=D, Dv=D, chunk_size=64, dtype=jax.numpy.dtype("bfloat16")).path}
-  fla_path = os.path.join(args.out, "fla.json")
-  fla = json.load(open(fla_path)) if os.path.exists(fla_path) else {"rows": []}
   results = {"info": info, "rows": [], "fla": fla}
 
   def save(rows):
@@ -361,7 +314,8 @@ def main(argv=None) -> dict:
   print("vs fla", info["vs_fla"], flush=True)
   print(f"checks done at {time.time() - t0:.0f}s", flush=True)
   save([])
-  block_sizes, info["tuning"] = tune(tune_sizes) if tune_sizes else (candidates()[0], {})
+  block_sizes, info["tuning"] = (tune_block_sizes(tune_sizes) if tune_sizes
+                                 else (candidates()[0], {}))
   info["block_sizes"] = str(block_sizes)
   rows = bench_ours(sizes, block_sizes, on_row=save)
   save(rows)

@@ -68,7 +68,8 @@ def check(shape, block_len, tile, reps_unused=None) -> list[dict]:
   dims = (16,) if SMOKE["on"] else (64, 128)
   for dtype in (jnp.bfloat16, jnp.float32):
     for d in dims:
-      for kind, max_groups in (("one", None), ("packed", None), ("packed", 2)):
+      for kind, max_groups, q_groups in (("one", None, 1), ("packed", None, 1), ("packed", 2, 1),
+                                         ("one", None, 2), ("packed", None, 2)):
         ks = jax.random.split(jax.random.key(d + t), 5)
         q, k, v, kl, do = (jax.random.normal(kk, (b, t, h, d)).astype(dtype) for kk in ks)
         gid, seg = layout(kind, b, t, block_len)
@@ -76,9 +77,9 @@ def check(shape, block_len, tile, reps_unused=None) -> list[dict]:
         def ref(q, k, v, kl, gid=gid, seg=seg, d=d):
           return grouped_softmax_attention(q, k, v, kl, gid, seg, scale=d ** -0.5)[0]
 
-        def ker(q, k, v, kl, gid, seg, max_groups=max_groups):
+        def ker(q, k, v, kl, gid, seg, max_groups=max_groups, q_groups=q_groups):
           return grouped.grouped_softmax(q, k, v, kl, gid, seg, max_groups=max_groups,
-                                         **kernel_kwargs(block_len, tile))
+                                         **kernel_kwargs(block_len, tile, q_groups=q_groups))
 
         def vg(f, args, do, *layout_args):
           # gid and seg are arguments, not constants: XLA would constant-fold the relayout.
@@ -89,7 +90,7 @@ def check(shape, block_len, tile, reps_unused=None) -> list[dict]:
           want = jax.jit(vg, static_argnums=0)(
               ref, [x.astype(jnp.float32) for x in (q, k, v, kl)], do.astype(jnp.float32))
         row = {"dtype": jnp.dtype(dtype).name, "D": d, "layout": kind,
-               "fallback": max_groups is not None}
+               "fallback": max_groups is not None, "q_groups": q_groups}
         # f32: the fallback's XLA einsums would otherwise run in TF32 on the GPU.
         precision = "highest" if dtype == jnp.float32 else "default"
         try:
@@ -119,8 +120,9 @@ def bench_one(b, t, h, d, block_len, tile, reps, tuning=()) -> dict:
   kernel = lambda q, k, v, kl, gid, seg, lay: grouped.grouped_softmax(  # noqa: E731
       q, k, v, kl, gid, seg, **kw)
   # The kernels without relayout / lax.cond (the layout precomputed).
-  lay = grouped.relayout(gid, seg, max_groups=grouped.default_max_groups(t, block_len),
-                         tile=tile)
+  q_groups = dict(tuning).get("q_groups") or 1  # the layout's tiles: a multiple of it
+  max_groups = -(-grouped.default_max_groups(t, block_len) // q_groups) * q_groups
+  lay = grouped.relayout(gid, seg, max_groups=max_groups, tile=tile)
   assert bool(lay["ok"])
   st = grouped._Static(tile=tile, scale=d ** -0.5, interpret=bool(kw.get("interpret")),  # noqa
                        tuning=tuple((n, x) for n, x in tuning if x is not None))
@@ -159,8 +161,9 @@ def main(argv=None):
   ap.add_argument("--tile", type=int, default=64)
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--no_check", action="store_true", help="skip the correctness check")
-  ap.add_argument("--tune", default="4x2,8x2,4x3,8x3",
-                  help="num_warps x num_stages candidates at the largest shape ('' to skip)")
+  ap.add_argument("--tune", default="4x2x1,8x2x1,4x3x1,8x2x2,8x3x2,4x2x2",
+                  help="num_warps x num_stages x q_groups candidates at the largest shape ('' "
+                       "to skip)")
   ap.add_argument("--smoke", action="store_true", help="CPU self-test: tiny shapes, interpret")
   args = ap.parse_args(argv)
   SMOKE["on"] = args.smoke
@@ -169,7 +172,7 @@ def main(argv=None):
   check_shape, tune = (2, 300, 2), args.tune
   if args.smoke:
     shapes, h, d, block_len, tile, reps = [(1, 40)], 2, 16, 8, 16, 1
-    check_shape, tune = (2, 40, 2), "4x2" if args.tune else ""
+    check_shape, tune = (2, 40, 2), "4x2x2" if args.tune else ""
   device = jax.devices()[0].device_kind
   print("device:", device, "jax", jax.__version__, flush=True)
   result = {"device": device, "jax": jax.__version__, "smoke": args.smoke}
@@ -180,9 +183,9 @@ def main(argv=None):
   if tune:
     b, t = max(shapes, key=lambda s: s[1])
     for c in tune.split(","):
-      w, s = (int(x) for x in c.split("x"))
+      w, s, r = (int(x) for x in (c + "x1").split("x")[:3])
       row = bench_one(b, t, h, d, block_len, tile, reps,
-                      tuning=(("num_warps", w), ("num_stages", s)))
+                      tuning=(("num_warps", w), ("num_stages", s), ("q_groups", r)))
       result["tune"].append({k: row.get(k) for k in ("B", "T", "tuning", "kernel_core_fwd_ms",
                                                      "kernel_core_fwdbwd_ms")})
   os.makedirs(args.out, exist_ok=True)

@@ -31,12 +31,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(SCRIPTS))
+sys.path.insert(0, SCRIPTS)
+
+from bench_vs_fla import (checked, fla_results, fla_row, ours_row, rel_err,  # noqa: E402
+                          timed, tune)
 
 B, H, D = 8, 16, 128
 CHECK = dict(b=2, t=1000, h=8, d=128, layer=1, layers=4)  # fla-vs-ours numeric check
@@ -84,10 +87,6 @@ def fla_part(out: str, sizes: list[int]) -> None:
   for name, x in (("o", o), ("ht", ht), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
     np.save(os.path.join(out, f"fla_{name}.npy"), x.detach().float().cpu().numpy())
 
-  def bench(fn, grads_of):
-    return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grads_of,
-                                   return_mode="median")
-
   for t in sizes:
     torch.manual_seed(0)
     q, k, v, do = (torch.randn(B, t, H, D, device="cuda", dtype=torch.bfloat16) * 0.3
@@ -99,13 +98,7 @@ def fla_part(out: str, sizes: list[int]) -> None:
                                                                  num_layers=2)[0],
     }
     for name, op in ops.items():
-      try:
-        with torch.no_grad():
-          fwd = bench(op, None)
-        fwd_bwd = bench(lambda: op().backward(do), [q, k, v])
-        results["rows"].append({"impl": name, "T": t, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd})
-      except Exception as e:  # a failing peer must not hide our numbers
-        results["rows"].append({"impl": name, "T": t, "error": repr(e)[:300]})
+      results["rows"].append(fla_row(name, t, op, do, [q, k, v], warmup=25, rep=200))
       print(results["rows"][-1], flush=True)
     del q, k, v, do
     torch.cuda.empty_cache()
@@ -114,12 +107,6 @@ def fla_part(out: str, sizes: list[int]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- jax
-def timed(fn, *args, reps: int = 5) -> dict:
-  """{"ms", "kernels", "compile_s"}: median of `reps` timed loops filling about 0.25 s."""
-  from effattn.evaluate import timing
-  return timing.measure(fn, *args, reps=reps, budget_s=0.25)
-
-
 def ceilings() -> dict:
   import jax.numpy as jnp
   n = 256 if SMOKE["on"] else 8192
@@ -128,12 +115,6 @@ def ceilings() -> dict:
   x = jnp.ones((2**20 if SMOKE["on"] else 512 * 1024 * 1024,), jnp.bfloat16)  # 1 GiB
   ms_cp = timed(lambda x: x * 2, x)["ms"]
   return {"bf16_matmul_tflops": 2 * n ** 3 / ms / 1e9, "copy_gbps": 2 * x.nbytes / ms_cp / 1e6}
-
-
-def rel_err(a, b) -> float:
-  import numpy as np
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def correctness() -> list[dict]:
@@ -162,9 +143,8 @@ def correctness() -> list[dict]:
     def run(impl, q, k, v, s0):
       return api.linear_scan(q, k, v, g, causal=causal, initial_state=s0, segment_ids=seg,
                              scale=d ** -0.5, impl=impl, **interpret())
-    name = (f"{dtype} D={d} {'causal' if causal else 'bidir'} decay={decay} state={state} "
-            f"seg={segments}")
-    try:
+
+    def errors():  # called at once by checked, in this iteration
       outs = {}
       for impl in ("reference", "pallas_gpu"):
         def fwd_and_grads(q, k, v, s0, do, ds, impl=impl):
@@ -172,15 +152,12 @@ def correctness() -> list[dict]:
           return out + tuple(vjp((do, ds)))
         with jax.default_matmul_precision("highest"):  # no TF32 in the f32 reference
           outs[impl] = jax.jit(fwd_and_grads)(q, k, v, s0, do, ds)
-      errs = {n: rel_err(a, r) for n, a, r in zip(("o", "final", "dq", "dk", "dv", "ds0"),
+      return {n: rel_err(a, r) for n, a, r in zip(("o", "final", "dq", "dk", "dv", "ds0"),
                                                    outs["pallas_gpu"], outs["reference"])
               if r is not None}
-      worst = max(errs.values())
-      rows.append({"case": name, "max_rel_err": worst, "tol": tol[dtype],
-                   "ok": worst < tol[dtype], "errs": errs})
-    except Exception as e:
-      rows.append({"case": name, "ok": False, "error": repr(e)[:500]})
-    print(rows[-1], flush=True)
+    name = (f"{dtype} D={d} {'causal' if causal else 'bidir'} decay={decay} state={state} "
+            f"seg={segments}")
+    rows.append(checked(name, errors, tol[dtype]))
   return rows
 
 
@@ -261,7 +238,7 @@ def bench_ours(sizes, sizes_tuned, on_row=lambda rows: None, *, splits=(None,),
   import jax.numpy as jnp
   from effattn.evaluate.timing import forward_and_grads
   from effattn.kernels.linear_scan import api, pallas_gpu
-  rows, tuning = [], {}
+  rows = []
   g_lightning = jnp.asarray(fla_decays(H, 0, 2), jnp.float32)
 
   def make(impl, decay, sizes=None):
@@ -274,29 +251,11 @@ def bench_ours(sizes, sizes_tuned, on_row=lambda rows: None, *, splits=(None,),
     keys = jax.random.split(jax.random.key(t), 4)
     return [jax.random.normal(kk, (B, t, H, D), jnp.bfloat16) * 0.3 for kk in keys]
 
-  def row(name, t, fwd, fwd_bwd, q, k, v, do):
-    f, fb = timed(fwd, q, k, v), timed(fwd_bwd, q, k, v, do)
-    return {"impl": name, "T": t, "fwd_ms": f["ms"], "fwd_bwd_ms": fb["ms"],
-            "fwd_kernels": f["kernels"], "fwd_bwd_kernels": fb["kernels"],
-            "fwd_bwd_kernel_names": fb["kernel_names"]}
-
-  # Block-size sweep on fwd+bwd at the tuning length.
-  best, best_ms = pallas_gpu.BlockSizes(), float("inf")
+  # Block-size sweep on fwd+bwd at the tuning lengths.
   candidates = (pallas_gpu.BlockSizes(64, 64, 4, 2), pallas_gpu.BlockSizes(64, 64, 8, 2),
                 pallas_gpu.BlockSizes(64, 128, 8, 2), pallas_gpu.BlockSizes(128, 64, 8, 2))
-  for t in sizes_tuned:
-    q, k, v, do = inputs(t)
-    for cfg in candidates[:1] if SMOKE["on"] else candidates:
-      try:
-        ms = timed(make("pallas_gpu", False, cfg)[1], q, k, v, do, reps=3)["ms"]
-      except Exception as e:
-        ms = float("nan")
-        print("tune", cfg, "failed:", repr(e)[:300], flush=True)
-      tuning[str(cfg)] = ms
-      print("tune", t, cfg, f"{ms:.3f} ms", flush=True)
-      if ms < best_ms:
-        best, best_ms = cfg, ms
-  tuning["best"] = str(best)
+  best, tuning = tune(candidates[:1] if SMOKE["on"] else candidates, sizes_tuned, inputs,
+                      lambda cfg: make("pallas_gpu", False, cfg)[1])
 
   for t in sizes:
     q, k, v, do = inputs(t)
@@ -310,19 +269,13 @@ def bench_ours(sizes, sizes_tuned, on_row=lambda rows: None, *, splits=(None,),
       variants += [("ours xla (no decay)", "xla", False, None),
                    ("ours xla (lightning decay)", "xla", True, None)]
     for name, impl, decay, cfg in variants:
-      try:
-        rows.append(row(name, t, *make(impl, decay, cfg), q, k, v, do))
-      except Exception as e:
-        rows.append({"impl": name, "T": t, "error": repr(e)[:300]})
+      rows.append(ours_row(name, t, *make(impl, decay, cfg), (q, k, v), do))
       print(rows[-1], flush=True)
       on_row(rows)
-    try:
-      sm = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
-          q, k, v, is_causal=True, implementation="xla" if SMOKE["on"] else "cudnn")
-      rows.append(row("cuDNN softmax", t, sm, forward_and_grads(sm, argnums=(0, 1, 2)),
-                      q, k, v, do))
-    except Exception as e:
-      rows.append({"impl": "cuDNN softmax", "T": t, "error": repr(e)[:300]})
+    sm = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=True, implementation="xla" if SMOKE["on"] else "cudnn")
+    rows.append(ours_row("cuDNN softmax", t, sm, forward_and_grads(sm, argnums=(0, 1, 2)),
+                         (q, k, v), do))
     print(rows[-1], flush=True)
     del q, k, v, do
   return rows, tuning
@@ -415,20 +368,10 @@ def main() -> None:
             f"{'ok' if row['ok'] else 'FAIL ' + row.get('error', '')[:200]}")
     print(f"total {time.time() - t0:.0f}s")
     return
-  if args.no_fla:
-    pass
-  elif args.fla_results:
-    for name in os.listdir(args.fla_results):
-      if name.startswith("fla"):
-        shutil.copy(os.path.join(args.fla_results, name), args.out)
-  else:  # before JAX initializes (and preallocates) the GPU
-    subprocess.run([sys.executable, __file__, "--part", "fla", "--out", args.out,
-                    "--sizes", args.sizes], check=False)
+  fla = fla_results(__file__, args.out, args.sizes, reuse=args.fla_results, skip=args.no_fla)
   print(f"fla part done at {time.time() - t0:.0f}s", flush=True)
   import jax
   info = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
-  fla_path = os.path.join(args.out, "fla.json")
-  fla = json.load(open(fla_path)) if os.path.exists(fla_path) else {"rows": []}
   info["ceilings"] = ceilings()
   print("ceilings", info["ceilings"], flush=True)
   from effattn.kernels.linear_scan import api

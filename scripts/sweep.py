@@ -3,11 +3,15 @@ r"""Runs a grid of training runs (a sweep), then collects a results table and pl
     python scripts/sweep.py --config configs/sweeps/mqar_mechanisms.py
     python scripts/sweep.py --config configs/mqar.py --axis data.seq_len=64,128 \
         --axis model.attention.window=16,32 --set train.steps=300 --workdir runs/sweeps/windows
+    python scripts/sweep.py --config configs/mqar.py --set model.num_layers=4 \
+        --axis 'model.pattern=3*lightning,softmax;softmax,3*lightning'
 
 A sweep is a base config plus axes of overrides; every combination is a variant that trains in
 its own workdir, named from its overrides (`<sweep workdir>/attention=mha,seq_len=64,...`).
 --config is either a sweep file (defines `get_sweep()`, see configs/sweeps/) or an ordinary
-config file, whose axes then come from --axis; --set adds fixed overrides to either.
+config file, whose axes then come from --axis; --set adds fixed overrides to either. An axis'
+values are separated by commas, or by semicolons when one of them holds commas (a hybrid
+stack's model.pattern, whose values must use ';').
 
 Modes:
   --mode=sequential   one variant after another (default when there is one accelerator).
@@ -57,7 +61,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CONFIG = flags.DEFINE_string("config", None, "Sweep file (get_sweep()) or config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory; default runs/sweeps/<name>.")
-_AXIS = flags.DEFINE_multi_string("axis", [], "key=v1,v2,...: one more axis of the grid.")
+_AXIS = flags.DEFINE_multi_string("axis", [], "key=v1,v2,...: one more axis of the grid "
+                                   "(key=v1;v2;... when a value holds commas, e.g. a "
+                                   "model.pattern).")
 _SET = flags.DEFINE_multi_string("set", [], "key=value: a fixed override of every variant.")
 _MODE = flags.DEFINE_enum("mode", None, ["sequential", "parallel", "script", "collect"],
                           "How to run; default: parallel when several accelerators are seen.")
@@ -183,6 +189,24 @@ def parse_assignment(text: str, flag: str) -> tuple[str, str]:
   return key.strip().removeprefix("config."), value
 
 
+def split_axis_values(key: str, text: str) -> list[str]:
+  """The values of `--axis key=text`: split on ';' when text holds one (so that a value can hold
+  commas, as a model.pattern does: 'model.pattern=3*lightning,softmax;softmax'), else on ','.
+  One trailing separator is allowed ('model.pattern=3*lightning,softmax;' is one value)."""
+  sep = ";" if ";" in text else ","
+  if sep == "," and key == "model.pattern" and "," in text:
+    raise ValueError(f"--axis={key}={text}: a pattern's entries are separated by commas, so "
+                     f"separate the axis' values with ';' (e.g. --axis '{key}=3*lightning,softmax;"
+                     "softmax'; a trailing ';' makes one value)")
+  values = [v.strip() for v in text.split(sep)]
+  if len(values) > 1 and not values[-1]:
+    values.pop()
+  if "" in values:
+    raise ValueError(f"--axis={key}={text}: an empty value; write key=v1,v2 or, when a value "
+                     "holds commas, key=v1;v2 (quoted for the shell)")
+  return values
+
+
 def _load_module(path: str):
   spec = importlib.util.spec_from_file_location(f"_sweep_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
@@ -223,7 +247,7 @@ def load_sweep(path: str, axes: list[str], sets: list[str]) -> Sweep:
     raise ValueError(f"--config={path!r} defines neither get_sweep() nor get_config()")
   for text in axes:
     key, values = parse_assignment(text, "axis")
-    sweep.axes[key] = [parse_value(v) for v in values.split(",") if v.strip()]
+    sweep.axes[key] = [parse_value(v) for v in split_axis_values(key, values)]
   for text in sets:
     key, value = parse_assignment(text, "set")
     sweep.fixed[key] = parse_value(value)

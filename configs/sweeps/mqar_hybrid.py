@@ -11,28 +11,18 @@ Learned positions for every variant, as the linear-scan mechanisms take no RoPE.
 """
 
 from configs.sweeps import mqar_linear
+from configs.sweeps.common import sweep
 
 
 def get_sweep():
-  return {
-      "name": "mqar_hybrid",
-      "config": "configs/mqar.py",
-      # mqar_linear's model width and budget, at 4 layers with learned positions throughout.
-      "fixed": {**mqar_linear.get_sweep()["fixed"], "model.num_layers": 4,
-                "model.position": "learned"},
-      "axes": {
-          "attention": [
-              {"label": "softmax", "model.attention.name": "softmax"},
-              {"label": "lightning", "model.attention.name": "lightning"},
-              {"label": "lightning3_softmax1", "model.pattern": "3*lightning,softmax"},
-              {"label": "softmax1_lightning3", "model.pattern": "softmax,3*lightning"},
-              {"label": "gated_deltanet", "model.attention.name": "gated_deltanet"},
-              {"label": "gated_deltanet3_softmax1", "model.pattern": "3*gated_deltanet,softmax"},
-          ],
-          "data.seq_len": [64],
-          "seed": [0],
-      },
-      "plot_x": "data.seq_len",
-      "plot_series": "attention",
-      "metric": "eval_accuracy",
-  }
+  # mqar_linear's model width and budget, at 4 layers with learned positions throughout.
+  fixed = {**mqar_linear.get_sweep()["fixed"], "model.num_layers": 4,
+           "model.position": "learned"}
+  return sweep("mqar_hybrid", "configs/mqar.py", fixed, [
+      {"label": "softmax", "model.attention.name": "softmax"},
+      {"label": "lightning", "model.attention.name": "lightning"},
+      {"label": "lightning3_softmax1", "model.pattern": "3*lightning,softmax"},
+      {"label": "softmax1_lightning3", "model.pattern": "softmax,3*lightning"},
+      {"label": "gated_deltanet", "model.attention.name": "gated_deltanet"},
+      {"label": "gated_deltanet3_softmax1", "model.pattern": "3*gated_deltanet,softmax"},
+  ], seq_lens=[64])

@@ -11,33 +11,15 @@ and, as the control for the position change, with learned positions too. Lightni
 its own recency signal on top. Results: docs/mechanisms_linear.md.
 """
 
+from configs.sweeps.common import CPU_MQAR, sweep
+
 
 def get_sweep():
   learned = {"model.position": "learned"}
-  return {
-      "name": "mqar_linear",
-      "config": "configs/mqar.py",
-      "fixed": {
-          "model.num_heads": 4,
-          "train.steps": 600,
-          "train.batch_size": 64,
-          "train.eval_every": 0,
-          "train.eval_examples": 1000,
-          "checkpoint.every": 300,
-      },
-      "axes": {
-          "attention": [
-              {"label": "softmax-rope", "model.attention.name": "softmax"},
-              {"label": "softmax-learned", "model.attention.name": "softmax", **learned},
-              {"label": "linear", "model.attention.name": "linear", **learned},
-              {"label": "mala", "model.attention.name": "mala", **learned},
-              {"label": "lightning", "model.attention.name": "lightning", **learned},
-          ],
-          "data.seq_len": [64],
-          "seed": [0],
-          "optimizer.learning_rate": [3e-3],
-      },
-      "plot_x": "data.seq_len",
-      "plot_series": "attention",
-      "metric": "eval_accuracy",
-  }
+  return sweep("mqar_linear", "configs/mqar.py", {**CPU_MQAR, "checkpoint.every": 300}, [
+      {"label": "softmax-rope", "model.attention.name": "softmax"},
+      {"label": "softmax-learned", "model.attention.name": "softmax", **learned},
+      {"label": "linear", "model.attention.name": "linear", **learned},
+      {"label": "mala", "model.attention.name": "mala", **learned},
+      {"label": "lightning", "model.attention.name": "lightning", **learned},
+  ], seq_lens=[64], learning_rates=[3e-3])

@@ -19,14 +19,12 @@ default options (SQA halves and quarters the heads). Run a subset with
 --axis optimizer.learning_rate=1e-3,3e-3,1e-2 (an --axis replaces the axis of the same key).
 """
 
+from configs.sweeps import families
+from configs.sweeps.common import CPU_MQAR, sweep
 from effattn import attention
 
 # Mechanisms with a dedicated variant above; every other registered name is added as is.
-_BASELINES = [
-    {"label": "mha", "model.attention.name": "softmax"},
-    {"label": "gqa", "model.attention.name": "softmax", "model.attention.num_kv_heads": 2},
-    {"label": "swa32", "model.attention.name": "softmax", "model.attention.window": 32},
-]
+_BASELINES = [v for v in families.variants(window=32) if v["label"] in ("mha", "gqa", "swa32")]
 
 
 def mechanisms() -> list[dict]:
@@ -36,24 +34,5 @@ def mechanisms() -> list[dict]:
 
 
 def get_sweep():
-  return {
-      "name": "mqar_mechanisms",
-      "config": "configs/mqar.py",
-      "fixed": {
-          "model.num_heads": 4,
-          "train.steps": 600,
-          "train.batch_size": 64,
-          "train.eval_every": 0,
-          "train.eval_examples": 1000,
-          "checkpoint.every": 200,
-      },
-      "axes": {
-          "attention": mechanisms(),
-          "data.seq_len": [64, 128],
-          "seed": [0],
-          "optimizer.learning_rate": [3e-3],
-      },
-      "plot_x": "data.seq_len",
-      "plot_series": "attention",
-      "metric": "eval_accuracy",
-  }
+  return sweep("mqar_mechanisms", "configs/mqar.py", {**CPU_MQAR, "checkpoint.every": 200},
+               mechanisms(), seq_lens=[64, 128], learning_rates=[3e-3])

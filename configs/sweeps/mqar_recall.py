@@ -16,6 +16,8 @@ on a GPU). Measured on the 2-core CPU: docs/sweeps.md ("The README sweep on a CP
 grid (every registered mechanism, two lengths) is configs/sweeps/mqar_mechanisms.py, a GPU sweep.
 """
 
+from configs.sweeps.common import CPU_MQAR, sweep
+
 _LR = "optimizer.learning_rate"
 _VARIANTS = [
     {"label": "mha", "model.attention.name": "softmax", _LR: 1e-2},
@@ -26,25 +28,7 @@ _VARIANTS = [
 
 
 def get_sweep():
-  return {
-      "name": "mqar_recall",
-      "config": "configs/mqar.py",
-      "fixed": {
-          "model.num_heads": 4,
-          "train.steps": 500,
-          "train.batch_size": 64,
-          "train.eval_every": 0,
-          "train.eval_examples": 256,  # train.py's own last eval; eval.py reports 1,000
-          "eval.max_examples": 1000,
-          "checkpoint.every": 500,
-          "checkpoint.keep": 1,
-      },
-      "axes": {
-          "attention": _VARIANTS,
-          "data.seq_len": [64],
-          "seed": [0],
-      },
-      "plot_x": "data.seq_len",
-      "plot_series": "attention",
-      "metric": "eval_accuracy",
-  }
+  fixed = {**CPU_MQAR, "train.steps": 500,
+           "train.eval_examples": 256,  # train.py's own last eval; eval.py reports 1,000
+           "eval.max_examples": 1000, "checkpoint.every": 500, "checkpoint.keep": 1}
+  return sweep("mqar_recall", "configs/mqar.py", fixed, _VARIANTS, seq_lens=[64])

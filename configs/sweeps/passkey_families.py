@@ -11,31 +11,12 @@ configs/sweeps/families.py. Results: docs/quality.md.
 """
 
 from configs.sweeps import families
+from configs.sweeps.common import sweep
 
 
 def get_sweep():
-  return {
-      "name": "passkey_families",
-      "config": "configs/passkey.py",
-      "fixed": {
-          "model.d_model": 256,
-          "model.num_heads": 4,
-          "data.passkey.train_examples": 20_000,
-          "train.steps": 2000,
-          "train.batch_size": 32,
-          "train.eval_every": 0,
-          "train.eval_examples": 500,
-          "checkpoint.every": 1000,
-          "checkpoint.keep": 1,
-      },
-      "axes": {
-          "attention": families.variants(window=128),
-          "data.seq_len": [512],
-          "seed": [0],
-          "optimizer.learning_rate": [1e-3],
-      },
-      "plot_x": "data.seq_len",
-      "plot_series": "attention",
-      "metric": "eval_accuracy",
-      "eval_tasks": ("accuracy", "passkey"),
-  }
+  fixed = {"model.d_model": 256, "model.num_heads": 4, "data.passkey.train_examples": 20_000,
+           "train.steps": 2000, "train.batch_size": 32, "train.eval_every": 0,
+           "train.eval_examples": 500, "checkpoint.every": 1000, "checkpoint.keep": 1}
+  return sweep("passkey_families", "configs/passkey.py", fixed, families.variants(window=128),
+               seq_lens=[512], learning_rates=[1e-3], eval_tasks=("accuracy", "passkey"))

@@ -9,30 +9,15 @@ MHA, GQA and the SQA / MoH variants of configs/sweeps/families.py, compared by v
 """
 
 from configs.sweeps import families
+from configs.sweeps.common import sweep
 
 _HEADS = ("mha", "gqa", "sqa", "ssqa", "xsqa", "moh75", "moh50")
 
 
 def get_sweep():
-  return {
-      "name": "text_heads",
-      "config": "configs/text.py",
-      "fixed": {
-          "model.d_model": 256,
-          "model.num_heads": 4,
-          "train.steps": 1500,
-          "train.batch_size": 32,
-          "train.eval_every": 0,
-          "checkpoint.every": 1500,
-          "checkpoint.keep": 1,
-      },
-      "axes": {
-          "attention": [v for v in families.variants(window=128) if v["label"] in _HEADS],
-          "data.seq_len": [512],
-          "seed": [0],
-          "optimizer.learning_rate": [2e-3],
-      },
-      "plot_x": "data.seq_len",
-      "plot_series": "attention",
-      "metric": "eval_loss",
-  }
+  fixed = {"model.d_model": 256, "model.num_heads": 4, "train.steps": 1500,
+           "train.batch_size": 32, "train.eval_every": 0, "checkpoint.every": 1500,
+           "checkpoint.keep": 1}
+  return sweep("text_heads", "configs/text.py", fixed,
+               [v for v in families.variants(window=128) if v["label"] in _HEADS],
+               seq_lens=[512], learning_rates=[2e-3], metric="eval_loss")

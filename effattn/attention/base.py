@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effattn import logical_axes
 from effattn.kernels import dispatch
 from effattn.ranges import ConfigError, Range
 
@@ -121,6 +122,11 @@ class Attention(nnx.Module):
   RANGES: dict[str, Range] = {}
   # Causal by construction (model.causal=False fails at config time).
   CAUSAL_ONLY: bool = False
+  # Runs with its tokens split over mesh.sequence (context parallelism,
+  # kernels/context_parallel.py): every op it calls has a context-parallel path and nothing else
+  # in it depends on token order. "causal": with model.causal=True only. `context_parallel` may
+  # refuse more options.
+  CONTEXT_PARALLEL: bool | str = False
   # Options for the tiny test model (d_model 64, 4 heads, T = 32) where DEFAULTS would not
   # exercise the mechanism there (blocks or windows longer than T); the mechanism suite
   # (tests/attention/test_mechanisms.py) builds every registered mechanism with them.
@@ -188,6 +194,26 @@ class Attention(nnx.Module):
     return num_heads
 
   @classmethod
+  def context_parallel(cls, opts, sizes: Sizes, causal: bool) -> str:
+    """"" when these options run with mesh.sequence > 1, else why not (a config-time check)."""
+    del opts, sizes
+    if not cls.CONTEXT_PARALLEL:
+      return "it has no context-parallel path"
+    if cls.CONTEXT_PARALLEL == "causal" and not causal:
+      return "its bidirectional form has no cross-device path"
+    return ""
+
+  @classmethod
+  def check_context_parallel(cls, opts, sizes: Sizes, causal: bool, sequence: int) -> None:
+    """ConfigError naming the mechanism and mesh.sequence when it cannot run with T split over
+    `sequence` devices (checked at config time, and again where a model is traced)."""
+    why_not = cls.context_parallel(opts, sizes, causal) if sequence > 1 else ""
+    if why_not:
+      raise ConfigError(f"mesh.sequence={sequence}: {cls.registered_name} cannot run "
+                        f"context-parallel ({why_not}); set mesh.sequence=1 or pick a mechanism "
+                        "that can (docs/scaling.md)")
+
+  @classmethod
   def check(cls, opts, sizes: Sizes) -> None:
     """The mechanism's checks across its options and the sizes; ConfigError naming the field."""
 
@@ -241,6 +267,7 @@ class Attention(nnx.Module):
     sizes = Sizes.read(attention, d_model=m.d_model, num_heads=m.num_heads, dtype=m.dtype,
                        seq_len=config.data.seq_len)
     opts = cls.validate(attention, sizes)
+    cls.check_context_parallel(opts, sizes, m.causal, config.mesh.get("sequence", 1))
     shapes = cls.op_shapes(opts, sizes)
     for op in cls.OPS:
       dispatch.check_forced_shapes(sizes.impl, op, cls.registered_name, **shapes)
@@ -294,21 +321,44 @@ def fallback_aux(op: str, *fracs) -> dict[str, jax.Array]:
   return {f"{op}_fallback_frac": functools.reduce(jnp.maximum, fracs)}
 
 
+# Logical names of a projection's kernel [d_in, d_out] (effattn/logical_axes.py): Megatron's
+# column-parallel q / k / v (and other per-head projections of x) split their output heads,
+# the row-parallel output projection its input heads; `head_dim` makes the split whole heads.
+COLUMNS = ("embed", "heads")
+KV_COLUMNS = ("embed", "kv_heads")
+ROWS = ("heads", "embed")
+FUSED = ("embed", None)  # q | k | v (or gates) side by side: only the d_model rows split
+
+
 def dense(d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype: Any, use_bias: bool = False,
-          scale: float = 1.0) -> nnx.Linear:
-  """A bias-free projection with f32 params and `dtype` compute (mixed precision)."""
-  return nnx.Linear(
-      d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nnx.initializers.variance_scaling(scale, "fan_in", "normal"), rngs=rngs)
+          scale: float = 1.0, axes: tuple | None = None, head_dim: int | None = None
+          ) -> nnx.Linear:
+  """A bias-free projection with f32 params and `dtype` compute (mixed precision).
+
+  axes: the logical names of the kernel's (input, output) dims (COLUMNS, KV_COLUMNS, ROWS,
+  FUSED); None leaves it unnamed (the fallback rule of logical_axes). head_dim: the features
+  per head of a `*heads` dim."""
+  kernel_init = nnx.initializers.variance_scaling(scale, "fan_in", "normal")
+  bias_init = nnx.initializers.zeros_init()
+  if axes is not None:
+    kernel_init = logical_axes.init(kernel_init, axes, head_dim=head_dim)
+    bias_init = logical_axes.init(bias_init, axes[1:], head_dim=head_dim)
+  return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
-  """[B, T, H*D] -> [B, T, H, D]."""
-  return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+  """[B, T, H*D] -> [B, T, H, D], heads over the mesh's tensor axis when the trainer's rules
+  are on (logical_axes.HEADS; the split kernels/mesh.py gives a kernel's heads)."""
+  x = x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+  return logical_axes.constrain(x, logical_axes.HEADS) if x.ndim == 4 else x
 
 
 def merge_heads(x: jax.Array) -> jax.Array:
-  """[B, T, H, D] -> [B, T, H*D]."""
+  """[B, T, H, D] -> [B, T, H*D] (heads kept where they are: the input of a row-parallel
+  output projection)."""
+  if x.ndim == 4:
+    x = logical_axes.constrain(x, logical_axes.HEADS)
   return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
 
 

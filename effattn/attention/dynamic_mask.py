@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effattn import logical_axes
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention,
@@ -118,7 +119,7 @@ class _RMSScale(nnx.Module):
   """RMS normalization over the head dim with a learned scale [D] (Doge's q/k norm)."""
 
   def __init__(self, dim: int, eps: float = 1e-6):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.scale = logical_axes.param(jnp.ones((dim,), jnp.float32), ("norm",))
     self.eps = eps
 
   def __call__(self, x):
@@ -155,10 +156,11 @@ class DynamicMaskAttention(base.Attention):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     o = self.opts
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
-    self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
-    self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
-    self.v_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
-    self.o_proj = base.dense(h * d, d_model, rngs=rngs, dtype=self.dtype)
+    cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
+    self.q_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
+    self.k_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.v_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.o_proj = base.dense(h * d, d_model, axes=base.ROWS, **cols)
     self.dt_proj = base.dense(h_kv * d, h_kv, rngs=rngs, dtype=jnp.float32)
     self.A = nnx.Param(jnp.zeros((h_kv,), jnp.float32))
     if o.qk_norm:

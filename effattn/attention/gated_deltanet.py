@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effattn import logical_axes
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.delta_rule import delta_rule, delta_rule_step
@@ -121,20 +122,22 @@ class GatedDeltaNet(base.Attention):
     h, dk, dt = num_heads, self.head_dim, self.dtype
     self.value_dim = dv = int(value_dim)
     self.widths = (h * dk, h * dk, h * dv)  # q | k | v channels of the fused projection
-    self.qkv_proj = base.dense(d_model, sum(self.widths), rngs=rngs, dtype=dt)
+    self.qkv_proj = base.dense(d_model, sum(self.widths), rngs=rngs, dtype=dt, axes=base.FUSED)
     bound = o.conv_size ** -0.5
     self.conv = nnx.Param(jax.random.uniform(rngs.params(), (o.conv_size, sum(self.widths)),
                                              jnp.float32, -bound, bound))
-    self.gate_proj = base.dense(d_model, 2 * h, rngs=rngs, dtype=dt)  # a | b, per head
+    self.gate_proj = base.dense(d_model, 2 * h, rngs=rngs, dtype=dt,  # a | b, per head
+                                axes=base.FUSED)
     self.A_log = nnx.Param(jnp.log(jax.random.uniform(rngs.params(), (h,), jnp.float32, 0., 16.)))
     dt_init = jnp.exp(jax.random.uniform(rngs.params(), (h,), jnp.float32, jnp.log(1e-3),
                                          jnp.log(1e-1)))
     dt_init = jnp.maximum(dt_init, 1e-4)
     self.dt_bias = nnx.Param(dt_init + jnp.log(-jnp.expm1(-dt_init)))    # softplus^-1
     if o.use_gate:
-      self.out_gate_proj = base.dense(d_model, h * dv, rngs=rngs, dtype=dt)
-    self.norm_scale = nnx.Param(jnp.ones((dv,), jnp.float32))
-    self.o_proj = base.dense(h * dv, d_model, rngs=rngs, dtype=dt)
+      self.out_gate_proj = base.dense(d_model, h * dv, rngs=rngs, dtype=dt, axes=base.COLUMNS,
+                                      head_dim=dv)
+    self.norm_scale = logical_axes.param(jnp.ones((dv,), jnp.float32), ("norm",))
+    self.o_proj = base.dense(h * dv, d_model, rngs=rngs, dtype=dt, axes=base.ROWS, head_dim=dv)
 
   # -- pieces ----------------------------------------------------------------------------------
 

@@ -20,10 +20,11 @@ Blocks follow positions within each packed segment, so segments stay independent
 segment 0 at position 0, is cut by token count instead).
 
 Training and full-sequence calls go through effattn.kernels.grouped_softmax. On GPU and
-TPU (`impl` "auto" or "pallas", head_dim in 16/32/64/128, block_len <= `tile`) that is a
+TPU (`impl` "auto" or "pallas", head_dim in 16/32/64/128, block_len < `tile`) that is a
 flash-style Pallas kernel (Triton on GPU, Mosaic on TPU): tokens are re-laid out so every
-block fills one tile of `tile` slots, an earlier block is one key tile whose within-block
-softmax, value summary and landmark score are tile-local, and nothing [T, T] is built; rows
+block fills one tile of `tile` slots with its landmark key in the tile's last slot, an earlier
+block is one key tile whose within-block softmax, value summary and landmark score are
+tile-local, and nothing [T, T] is built; rows
 with more blocks than the layout's `max_groups` tiles take the path below through lax.cond, so
 the result is always exact, and aux["grouped_softmax_fallback_frac"] says how often. Elsewhere
 (and with impl "xla") the grouped softmax is evaluated with dense scores (as the official
@@ -56,7 +57,7 @@ from flax import nnx
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels import grouped_softmax
-from effattn.ranges import NON_NEGATIVE_INT, POSITIVE_INT, ConfigError, Range
+from effattn.ranges import NON_NEGATIVE_INT, POSITIVE_INT, ConfigError
 
 _NEG = -1e30
 
@@ -81,6 +82,12 @@ def block_groups(positions, segment_ids, block_len: int):
   return jnp.cumsum(start.astype(jnp.int32), axis=1) - 1
 
 
+def kernel_tile(opts) -> int:
+  """Slots per block tile of the kernel: opts.tile, or (0) the smallest power of two >= 16
+  above block_len (a tile holds a block's tokens and its landmark key)."""
+  return opts.tile or max(16, 1 << opts.block_len.bit_length())
+
+
 @register("landmark")
 class LandmarkAttention(base.Attention):
   """Grouped-softmax attention through per-block landmarks; see the module docstring."""
@@ -94,10 +101,11 @@ class LandmarkAttention(base.Attention):
       # Queries per step of the full forward: O(query_chunk * T) memory per layer instead of
       # O(T^2); 0 evaluates all queries at once.
       "query_chunk": 256,
-      # Kernel path (GPU/TPU): slots per block tile (a power of two >= 16, >= block_len), block
+      # Kernel path (GPU/TPU): slots per block tile (a power of two >= 16, > block_len: the
+      # last slot holds the block's landmark key; 0: the smallest such, 64 for 50), block
       # tiles of the layout (0: grouped_softmax.default_max_groups), Pallas interpret mode (CPU
       # tests).
-      "tile": 64,
+      "tile": 0,
       "max_groups": 0,
       "interpret": False,
   }
@@ -106,13 +114,18 @@ class LandmarkAttention(base.Attention):
   CAUSAL_ONLY = True
   RANGES = {"block_len": POSITIVE_INT, "top_k": POSITIVE_INT, "forward_top_k": NON_NEGATIVE_INT,
             "query_chunk": NON_NEGATIVE_INT,
-            "max_groups": NON_NEGATIVE_INT, "tile": Range(16, integer=True)}  # tile: power of 2
+            "max_groups": NON_NEGATIVE_INT, "tile": NON_NEGATIVE_INT}  # tile: power of 2
   # Several blocks in T = 32, every block retrieved (decode equals the forward pass).
   TINY = {"block_len": 4, "top_k": 8, "query_chunk": 8, "tile": 16}
 
   @classmethod
   def check(cls, opts, sizes):
-    base.check_power_of_two("model.attention.landmark.tile", opts.tile, 16)
+    if opts.tile:
+      base.check_power_of_two("model.attention.landmark.tile", opts.tile, 16)
+    if opts.tile and opts.tile <= opts.block_len:
+      raise ConfigError(f"model.attention.landmark.tile={opts.tile} must exceed block_len="
+                        f"{opts.block_len} (a tile holds a block and its landmark key); set "
+                        f"tile={1 << opts.block_len.bit_length()}")
     if opts.max_groups and sizes.seq_len and opts.max_groups < -(-sizes.seq_len // opts.block_len):
       raise ConfigError(f"model.attention.landmark.max_groups={opts.max_groups} holds fewer "
                         f"block tiles than one sequence of data.seq_len={sizes.seq_len} has "
@@ -121,15 +134,16 @@ class LandmarkAttention(base.Attention):
 
   @classmethod
   def op_shapes(cls, opts, sizes):
-    return dict(super().op_shapes(opts, sizes), block_len=opts.block_len, tile=opts.tile)
+    return dict(super().op_shapes(opts, sizes), block_len=opts.block_len, tile=kernel_tile(opts))
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     d, h = self.head_dim, num_heads
-    self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
-    self.k_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
-    self.v_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
-    self.o_proj = base.dense(h * d, d_model, rngs=rngs, dtype=self.dtype)
+    cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
+    self.q_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
+    self.k_proj = base.dense(d_model, h * d, axes=base.KV_COLUMNS, **cols)
+    self.v_proj = base.dense(d_model, h * d, axes=base.KV_COLUMNS, **cols)
+    self.o_proj = base.dense(h * d, d_model, axes=base.ROWS, **cols)
     self.landmark = nnx.Param(jax.random.normal(rngs.params(), (d_model,), jnp.float32) * 0.02)
 
   def _rope(self, x, positions):
@@ -170,7 +184,8 @@ class LandmarkAttention(base.Attention):
     k, scale = self._rope(k_raw, positions), self.head_dim ** -0.5
     o, frac = grouped_softmax.grouped_softmax(
         q, k, v, k_land, gid, seg, scale=scale, block_len=self.opts.block_len,
-        impl=self.op_impl("grouped_softmax"), chunk=self.opts.query_chunk, tile=self.opts.tile,
+        impl=self.op_impl("grouped_softmax"), chunk=self.opts.query_chunk,
+        tile=kernel_tile(self.opts),
         max_groups=self.opts.max_groups or None, interpret=self.opts.interpret,
         return_fallback_frac=True)
     return self.o_proj(base.merge_heads(o)), base.fallback_aux("grouped_softmax", frac)

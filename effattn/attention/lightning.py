@@ -19,7 +19,8 @@ Decay schedules (option `decay`):
 - "fla": fla's chunk_lightning_attn schedule g_h = -(8/H)(1 - l/L) h, h = 0..H-1 (head 0 has
   no decay), for comparisons with fla.
 - "none": no decay (plain unnormalized linear attention inside the same block).
-`log_decay` (a tuple of H numbers <= 0) overrides the schedule.
+`log_decay` (a tuple of H numbers <= 0) overrides the schedule. The decays are fixed, as in the
+paper: they are static numbers, passed to the op under stop_gradient.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class LightningAttention(base.Attention):
       "scale": 1.0,  # score scale; the official op has none (fla defaults to D^-0.5)
   }
   OPS = ("linear_scan",)
+  CONTEXT_PARALLEL = "causal"
   SUPPORTS = ("num_kv_heads", "head_dim")  # the decay, not a window, forgets the past
   CHOICES = {"decay": ("tnl", "fla", "none"), "act": tuple(ACTIVATIONS)}
   RANGES = {"norm_eps": POSITIVE, "scale": POSITIVE}
@@ -103,19 +105,22 @@ class LightningAttention(base.Attention):
       log_decay = decay_schedule(opts.decay, num_heads, self.layer_idx, self.num_layers)
     self.log_decay = tuple(float(g) for g in log_decay)  # static and hashable
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
-    self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
-    self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
-    self.v_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
-    self.u_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
-    self.o_proj = base.dense(h * d, d_model, rngs=rngs, dtype=self.dtype)
+    cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
+    self.q_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
+    self.k_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.v_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.u_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
+    self.o_proj = base.dense(h * d, d_model, axes=base.ROWS, **cols)
 
   def forward(self, x, *, causal, segment_ids=None, state=None, impl=None):
     act = ACTIVATIONS[self.opts.act]
     q = act(base.split_heads(self.q_proj(x), self.num_heads))
     k = base.repeat_kv(act(base.split_heads(self.k_proj(x), self.num_kv_heads)), self.num_heads)
     v = base.repeat_kv(base.split_heads(self.v_proj(x), self.num_kv_heads), self.num_heads)
-    o, state = linear_scan(q, k, v, jnp.asarray(self.log_decay, jnp.float32), causal=causal,
-                           initial_state=state, segment_ids=segment_ids, scale=self.opts.scale,
+    # The paper fixes the decays (a schedule, not parameters); the op would differentiate them.
+    log_decay = jax.lax.stop_gradient(jnp.asarray(self.log_decay, jnp.float32))
+    o, state = linear_scan(q, k, v, log_decay, causal=causal, initial_state=state,
+                           segment_ids=segment_ids, scale=self.opts.scale,
                            impl=impl or self.op_impl("linear_scan"), out_dtype=jnp.float32)
     o = srms_norm(base.merge_heads(o), self.opts.norm_eps) * self.u_proj(x).astype(jnp.float32)
     return self.o_proj(o.astype(x.dtype)), state

@@ -98,6 +98,7 @@ class LinearAttention(base.Attention):
       "eps": 1e-6,  # added to the normalizer phi(q) . z
   }
   OPS = ("linear_scan",)
+  CONTEXT_PARALLEL = "causal"
   SUPPORTS = ("num_kv_heads", "head_dim")  # the state holds every past token: no window
   CHOICES = {"feature_map": tuple(FEATURE_MAPS)}
   RANGES = {"eps": NON_NEGATIVE}
@@ -108,10 +109,11 @@ class LinearAttention(base.Attention):
     # The normalizer cancels any scale (up to eps); unnormalized scores are scaled like fla's.
     self.score_scale = 1.0 if self.normalize else self.head_dim ** -0.5
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
-    self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
-    self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
-    self.v_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
-    self.o_proj = base.dense(h * d, d_model, rngs=rngs, dtype=self.dtype)
+    cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
+    self.q_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
+    self.k_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.v_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.o_proj = base.dense(h * d, d_model, axes=base.ROWS, **cols)
 
   def features(self, x):
     """x [B, T, d_model] -> phi(q), phi(k) [B, T, H, D], v [B, T, H, D]."""

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effattn import logical_axes
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.linear_scan import (decode_impl, linear_scan, linear_scan_normalizer,
@@ -163,15 +164,16 @@ class MalaAttention(base.Attention):
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
-    self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
-    self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
-    self.v_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
-    self.o_proj = base.dense(h * d, d_model, rngs=rngs, dtype=self.dtype)
-    self.gate_proj = (base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
+    cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
+    self.q_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
+    self.k_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.v_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.o_proj = base.dense(h * d, d_model, axes=base.ROWS, **cols)
+    self.gate_proj = (base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
                       if self.opts.output_gate else None)
     k = self.opts.lepe_kernel
-    self.lepe = (nnx.Param(jax.random.normal(rngs.params(), (k, h * d)) * k ** -0.5)
-                 if k else None)
+    self.lepe = (logical_axes.param(jax.random.normal(rngs.params(), (k, h * d)) * k ** -0.5,
+                                    (None, "heads"), head_dim=d) if k else None)
 
   def _lepe(self, v, tail, causal, runs):
     """Depthwise conv of v [B, T, H, D] over time within segments; tail: [B, K-1, H, D] before."""

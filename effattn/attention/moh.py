@@ -60,6 +60,7 @@ class MixtureOfHeadAttention(SoftmaxAttention):
   }
   OPS = ("softmax", "head_routing")  # shared heads, routed heads
   SUPPORTS = ("num_kv_heads", "head_dim")  # the routed-head kernel has no window
+  CONTEXT_PARALLEL = False  # the routed heads' head_routing op has no context-parallel path
   CHOICES = {"scaling": SCALINGS}
   RANGES = {"num_shared_heads": Range(0, integer=True, none_ok=True),
             "top_k": Range(1, integer=True, none_ok=True), "balance_weight": NON_NEGATIVE,

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effattn import logical_axes
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.memory_chunk import common, deep, deep_memory_update, memory_update, xla
@@ -71,14 +72,15 @@ class _Memory(nnx.Module):
     self.chunk_size, self.conv_size, self.max_lr = chunk_size, conv_size, max_lr
     self.momentum, self.weight_decay = momentum, weight_decay
     self.impl, self.dtype = impl, dtype
-    self.qkv_proj = base.dense(d_model, 3 * h * d, rngs=rngs, dtype=dtype)
+    self.qkv_proj = base.dense(d_model, 3 * h * d, rngs=rngs, dtype=dtype, axes=base.FUSED)
     # Depthwise causal conv taps [K, 3, H*D]; starts as the identity (last tap = current token).
     self.conv = nnx.Param(jnp.zeros((conv_size, 3, h * d), jnp.float32).at[-1].set(1.0))
-    self.gate_proj = base.dense(d_model, 3 * h, rngs=rngs, dtype=dtype, scale=0.1)
+    self.gate_proj = base.dense(d_model, 3 * h, rngs=rngs, dtype=dtype, scale=0.1,
+                                axes=base.FUSED)
     # theta, alpha, eta start at sigmoid(0, -4, 0): half steps, slow forgetting, some momentum.
     self.gate_bias = nnx.Param(jnp.array([0.0, -4.0, 0.0], jnp.float32)[:, None]
                                * jnp.ones((3, h), jnp.float32))
-    self.norm_scale = nnx.Param(jnp.ones((d,), jnp.float32))
+    self.norm_scale = logical_axes.param(jnp.ones((d,), jnp.float32), ("norm",))
     if depth > 1:
       hidden = expansion * d
       dims = [d] + [hidden] * (depth - 1) + [d]
@@ -261,22 +263,25 @@ class NeuralMemory(base.Attention):
                           impl=self.op_impl("memory_chunk"), dtype=dt, rngs=rngs,
                           momentum=o.momentum, weight_decay=o.weight_decay)
     width = h * d
-    self.out_proj = base.dense(width, d_model, rngs=rngs, dtype=dt)
+    cols = dict(rngs=rngs, dtype=dt, head_dim=d)
+    self.out_proj = base.dense(width, d_model, axes=base.ROWS, **cols)
     if self.variant in ("lmm", "mal"):
-      self.gate_proj = base.dense(d_model, width, rngs=rngs, dtype=dt)
+      self.gate_proj = base.dense(d_model, width, axes=base.COLUMNS, **cols)
     if self.variant == "lmm":
       return
-    self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=dt)
-    self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=dt)
-    self.v_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=dt)
-    self.o_proj = base.dense(h * d, d_model, rngs=rngs, dtype=dt)
-    shape = (o.num_persistent, h_kv, d)
-    self.persistent_k = nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32))
-    self.persistent_v = nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * 0.1)
+    self.q_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
+    self.k_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.v_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.o_proj = base.dense(h * d, d_model, axes=base.ROWS, **cols)
+    shape, names = (o.num_persistent, h_kv, d), (None, "kv_heads", None)
+    self.persistent_k = logical_axes.param(jax.random.normal(rngs.params(), shape, jnp.float32),
+                                           names)
+    self.persistent_v = logical_axes.param(
+        jax.random.normal(rngs.params(), shape, jnp.float32) * 0.1, names)
     if self.variant in ("mag", "mac"):
-      self.y_scale = nnx.Param(jnp.ones((d_model,), jnp.float32))
+      self.y_scale = logical_axes.param(jnp.ones((d_model,), jnp.float32), ("norm",))
     if self.variant == "mac" and o.store_norm:
-      self.store_scale = nnx.Param(jnp.ones((d_model,), jnp.float32))
+      self.store_scale = logical_axes.param(jnp.ones((d_model,), jnp.float32), ("norm",))
 
   # -- pieces ----------------------------------------------------------------------------------
 

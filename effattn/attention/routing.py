@@ -125,12 +125,13 @@ class RoutingAttention(base.Attention):
                            else max(1, num_heads // 2))
     self.num_local = num_heads - self.num_routing
     d, hl, hr = self.head_dim, self.num_local, self.num_routing
+    cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
     if hl:
-      self.q_proj = base.dense(d_model, hl * d, rngs=rngs, dtype=self.dtype)
-      self.k_proj = base.dense(d_model, hl * d, rngs=rngs, dtype=self.dtype)
-    self.qk_proj = base.dense(d_model, hr * d, rngs=rngs, dtype=self.dtype)
-    self.v_proj = base.dense(d_model, num_heads * d, rngs=rngs, dtype=self.dtype)
-    self.o_proj = base.dense(num_heads * d, d_model, rngs=rngs, dtype=self.dtype)
+      self.q_proj = base.dense(d_model, hl * d, axes=base.COLUMNS, **cols)
+      self.k_proj = base.dense(d_model, hl * d, axes=base.KV_COLUMNS, **cols)
+    self.qk_proj = base.dense(d_model, hr * d, axes=base.COLUMNS, **cols)
+    self.v_proj = base.dense(d_model, num_heads * d, axes=base.KV_COLUMNS, **cols)
+    self.o_proj = base.dense(num_heads * d, d_model, axes=base.ROWS, **cols)
     # Centroids start as random points of the layer-norm sphere (norm sqrt(D)).
     init = jax.random.normal(rngs.params(), (hr, o.num_clusters, d), jnp.float32)
     init = init / jnp.linalg.norm(init, axis=-1, keepdims=True) * d ** 0.5

@@ -25,14 +25,21 @@ class SoftmaxAttention(base.Attention):
   DEFAULTS = {}
   OPS = ("softmax",)
   SUPPORTS = ("num_kv_heads", "head_dim", "window")
+  CONTEXT_PARALLEL = True
+
+  @classmethod
+  def context_parallel(cls, opts, sizes, causal):
+    why_not = super().context_parallel(opts, sizes, causal)
+    return why_not or ("a sliding window has no ring path" if sizes.window is not None else "")
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
-    self.q_proj = base.dense(d_model, h * d, rngs=rngs, dtype=self.dtype)
-    self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
-    self.v_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
-    self.o_proj = base.dense(h * d, d_model, rngs=rngs, dtype=self.dtype)
+    cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
+    self.q_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
+    self.k_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.v_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.o_proj = base.dense(h * d, d_model, axes=base.ROWS, **cols)
 
   def project(self, x, positions):
     """x [B, T, d_model] -> q [B, T, H, D], k and v [B, T, H_kv, D], RoPE applied."""

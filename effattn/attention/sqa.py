@@ -91,7 +91,8 @@ class SparseQueryAttention(SoftmaxAttention):
     self.num_heads = h_q
     self.num_kv_heads = h_kv
     d = self.head_dim
-    self.q_proj = base.dense(d_model, h_q * d, rngs=rngs, dtype=self.dtype)
-    self.k_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
-    self.v_proj = base.dense(d_model, h_kv * d, rngs=rngs, dtype=self.dtype)
-    self.o_proj = base.dense(h_q * d, d_model, rngs=rngs, dtype=self.dtype)
+    cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
+    self.q_proj = base.dense(d_model, h_q * d, axes=base.COLUMNS, **cols)
+    self.k_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.v_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
+    self.o_proj = base.dense(h_q * d, d_model, axes=base.ROWS, **cols)

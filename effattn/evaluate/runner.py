@@ -36,10 +36,17 @@ load_builtin_tasks()  # positions, passkey, generate
 
 
 def restore_model(config, workdir: str, step: int | None = None):
-  """(model with the checkpoint's params and state, step). No optimizer state is read."""
+  """(model with the checkpoint's params and state, step). No optimizer state is read.
+
+  The arrays are restored onto this process's first device, whatever mesh wrote them (orbax
+  reads each array's shards into the target sharding): a run trained on 8 devices with
+  fsdp and tensor axes evaluates on one."""
   config = resolve_config(config)
   abstract = nnx.eval_shape(lambda: build_model(config))
   graphdef, abs_params, abs_rest = split_model(abstract)
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abs_params, abs_rest = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), (abs_params, abs_rest))
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     step, skipped = checkpointer.choose_step(step, items=ckpt_lib.MODEL_ITEMS)

@@ -26,6 +26,7 @@ the jaxpr (`pallas_call_names`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -167,3 +168,47 @@ def pallas_call_names(fn, *args) -> list[str]:
 
   walk(jax.make_jaxpr(fn)(*args).jaxpr)
   return names
+
+
+# Collectives of compiled (partitioned) HLO text: the op (async pairs counted once, at -start),
+# and its replica groups in any of XLA's three forms: explicit `{{0,1},{2,3}}`, iota
+# `[4,2]<=[8]` (groups of the last dim's size), or mesh axes `mesh['axis_0'=4,'axis_1'=2]
+# {'axis_0'}`, maybe with `device_ids=(...)` before the braces (groups over the axes named in
+# the braces).
+_COLLECTIVE = re.compile(r"\s(all-reduce|all-gather|reduce-scatter|all-to-all|"
+                         r"collective-permute)(?:-start)?\(")
+_EXPLICIT_GROUPS = re.compile(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")
+_MESH_AXIS = re.compile(r"'(\w+)'=(\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """One collective instruction: its op and the devices in each of its groups (None: every
+  device, or point-to-point for collective-permute)."""
+
+  op: str
+  group_size: int | None
+
+
+def collectives(text: str) -> list[Collective]:
+  """Every collective of compiled HLO text (`jax.jit(f).lower(...).compile().as_text()`), in
+  order. Counts are of instructions, as for kernels (one in a loop body counts once)."""
+  found = []
+  for line in text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if m is None or "=" not in line[:m.start() + 1]:
+      continue
+    size = None
+    if (g := _EXPLICIT_GROUPS.search(line)) is not None:
+      size = len(g.group(1).split("}")[0].strip("{").split(","))
+    elif (g := _IOTA_GROUPS.search(line)) is not None:
+      size = int(g.group(1).split(",")[-1])
+    elif (g := _MESH_GROUPS.search(line)) is not None:
+      sizes = {name: int(n) for name, n in _MESH_AXIS.findall(g.group(1))}
+      axes = re.findall(r"'(\w+)'", g.group(2))
+      if axes and all(a in sizes for a in axes):
+        size = math.prod(sizes[a] for a in axes)
+    found.append(Collective(m.group(1), size))
+  return found

@@ -17,9 +17,11 @@ has one letter per dimension:
   any other letter: whole on every shard.
 
 A "B" or "H" dim of size 1 is a broadcast dim (block lists shared by every row, the one kv head
-of MQA, per-key vectors shared by the heads) and stays whole. Mesh axes of neither role (none on
-the trainer's mesh) hold copies. Gradients need nothing more: shard_map's transpose sums the
-cotangent of an input held whole over the axes it was not split on.
+of MQA, per-key vectors shared by the heads) and stays whole. Mesh axes of neither role hold
+copies: on the trainer's mesh that is SEQUENCE_AXIS, whose context-parallel ops call their
+kernels inside their own shard_map (kernels/context_parallel.py), where every axis is already
+manual. Gradients need nothing more: shard_map's transpose sums the cotangent of an input held
+whole over the axes it was not split on.
 
 The xla and reference paths are left to XLA's partitioner, which sees their operations. Without
 a mesh, on a mesh whose batch and head axes all have size 1 (one device), or inside a shard_map
@@ -37,9 +39,12 @@ from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
+# Tokens split over it in zig-zag order (context parallelism, kernels/context_parallel.py); the
+# kernels this module wraps hold whole sequences and leave it alone.
+SEQUENCE_AXIS = "sequence"
 
 
-def _free_axes(mesh) -> dict[str, int]:
+def free_axes(mesh) -> dict[str, int]:
   """The mesh's axes not already manual (an enclosing shard_map's), with their sizes."""
   manual = set(getattr(mesh, "manual_axes", ()))
   return {a: n for a, n in mesh.shape.items() if a not in manual}
@@ -50,16 +55,18 @@ def ambient_mesh():
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None
-  free = _free_axes(mesh)
+  free = free_axes(mesh)
   return mesh if any(free.get(a, 1) > 1 for a in BATCH_AXES + (HEAD_AXIS,)) else None
 
 
-def _spec(op: str, layout: str, shape: tuple[int, ...], free: dict[str, int]) -> P:
+def _spec(op: str, layout: str, shape: tuple[int, ...], free: dict[str, int],
+          sequence: bool) -> P:
   if len(layout) != len(shape):
     raise ValueError(f"{op}: layout {layout!r} does not match an argument of shape {shape}")
   batch = tuple(a for a in BATCH_AXES if a in free)
   rows = math.prod(free[a] for a in batch)
   heads = free.get(HEAD_AXIS, 1)
+  tokens = free.get(SEQUENCE_AXIS, 1) if sequence else 1
   dims = []
   for role, size in zip(layout, shape):
     if role == "B" and size > 1 and rows > 1:
@@ -76,16 +83,20 @@ def _spec(op: str, layout: str, shape: tuple[int, ...], free: dict[str, int]) ->
             f"mesh.tensor={heads}; give the mechanism a multiple of {heads} query and kv heads "
             "(model.num_heads, model.num_kv_heads) or set mesh.tensor=1")
       dims.append(HEAD_AXIS)
+    elif role == "T" and tokens > 1:  # the caller checked that T splits (context_parallel)
+      dims.append(SEQUENCE_AXIS)
     else:
       dims.append(None)
   return P(*dims)
 
 
-def _specs(op: str, layouts, tree, free: dict[str, int]) -> list[P]:
-  """One spec per array leaf of `tree`; `layouts` is a prefix of it (a string per subtree)."""
+def _specs(op: str, layouts, tree, free: dict[str, int], *, sequence: bool = False) -> list[P]:
+  """One spec per array leaf of `tree`; `layouts` is a prefix of it (a string per subtree).
+  sequence: "T" dims split over SEQUENCE_AXIS too (context-parallel ops; else they stay whole)."""
   per_leaf = jax.tree.leaves(
       jax.tree.map(lambda lay, sub: jax.tree.map(lambda _: lay, sub), layouts, tree))
-  return [_spec(op, lay, x.shape, free) for lay, x in zip(per_leaf, jax.tree.leaves(tree))]
+  return [_spec(op, lay, x.shape, free, sequence)
+          for lay, x in zip(per_leaf, jax.tree.leaves(tree))]
 
 
 def on_mesh(op: str, path: str, kernel: Callable, in_layouts: Sequence[str],
@@ -104,11 +115,27 @@ def on_mesh(op: str, path: str, kernel: Callable, in_layouts: Sequence[str],
     mesh = ambient_mesh()
     if mesh is None:
       return kernel(*args)
+    return shard(op, kernel, mesh, in_layouts, out_layouts)(*args)
+
+  return run
+
+
+def shard(op: str, kernel: Callable, mesh, in_layouts: Sequence[str], out_layouts, *,
+          out_shapes=None, sequence: bool = False) -> Callable:
+  """`kernel` under shard_map on every free axis of `mesh`, its arguments and outputs split by
+  the layouts (on_mesh's rules; with `sequence`, "T" dims split over SEQUENCE_AXIS as well).
+
+  out_shapes: the outputs' shapes (a tree of ShapeDtypeStructs) where `kernel` cannot be traced
+  outside the shard_map (it uses the mesh's collectives); default jax.eval_shape of it.
+  """
+
+  def run(*args):
     if len(in_layouts) != len(args):
       raise ValueError(f"{op}: {len(in_layouts)} layouts for {len(args)} arguments")
-    free = _free_axes(mesh)
+    free = free_axes(mesh)
     leaves, treedef = jax.tree.flatten(args)
-    out_leaves, out_tree = jax.tree.flatten(jax.eval_shape(kernel, *args))
+    shapes = jax.eval_shape(kernel, *args) if out_shapes is None else out_shapes
+    out_leaves, out_tree = jax.tree.flatten(shapes)
 
     def body(*local):
       return jax.tree.leaves(kernel(*jax.tree.unflatten(treedef, local)))
@@ -116,8 +143,9 @@ def on_mesh(op: str, path: str, kernel: Callable, in_layouts: Sequence[str],
     # check_vma=False: a pallas_call carries no varying-axes types to check.
     sharded = jax.shard_map(
         body, mesh=mesh, axis_names=frozenset(free), check_vma=False,
-        in_specs=tuple(_specs(op, tuple(in_layouts), args, free)),
-        out_specs=_specs(op, out_layouts, jax.tree.unflatten(out_tree, out_leaves), free))
+        in_specs=tuple(_specs(op, tuple(in_layouts), args, free, sequence=sequence)),
+        out_specs=_specs(op, out_layouts, jax.tree.unflatten(out_tree, out_leaves), free,
+                        sequence=sequence))
     return jax.tree.unflatten(out_tree, sharded(*leaves))
 
   return run

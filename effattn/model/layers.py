@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effattn import logical_axes
+
 
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale, computed in f32 and returned in the input dtype."""
@@ -15,7 +17,7 @@ class RMSNorm(nnx.Module):
   def __init__(self, dim: int, *, eps: float = 1e-6, rngs: nnx.Rngs):
     del rngs
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.scale = logical_axes.param(jnp.ones((dim,), jnp.float32), ("norm",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
@@ -24,28 +26,45 @@ class RMSNorm(nnx.Module):
 
 
 class GatedMLP(nnx.Module):
-  """SwiGLU feed-forward: W_down(silu(W_gate x) * W_up x). [B, T, d] -> [B, T, d]."""
+  """SwiGLU feed-forward: W_down(silu(W_gate x) * W_up x). [B, T, d] -> [B, T, d].
+
+  Megatron's layout under the trainer's rules: gate and up split their hidden columns
+  ("mlp"), down its hidden rows, so the hidden [B, T, F] never leaves its shard and only the
+  output is summed over the tensor axis."""
 
   def __init__(self, d_model: int, hidden: int, *, dtype: Any, rngs: nnx.Rngs):
     kw = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-    self.gate = nnx.Linear(d_model, hidden, **kw)
-    self.up = nnx.Linear(d_model, hidden, **kw)
-    self.down = nnx.Linear(hidden, d_model, **kw)
+    init = nnx.initializers.lecun_normal()  # nnx.Linear's default, named
+    columns = logical_axes.init(init, ("embed", "mlp"))
+    self.gate = nnx.Linear(d_model, hidden, kernel_init=columns, **kw)
+    self.up = nnx.Linear(d_model, hidden, kernel_init=columns, **kw)
+    self.down = nnx.Linear(hidden, d_model, kernel_init=logical_axes.init(init, ("mlp", "embed")),
+                           **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+    return self.down(logical_axes.constrain(hidden, logical_axes.MLP_HIDDEN))
 
 
 class Embed(nnx.Module):
-  """Token embedding [V, d]; `attend` reuses it as a tied output projection."""
+  """Token embedding [V, d]; `attend` reuses it as a tied output projection.
 
-  def __init__(self, vocab_size: int, d_model: int, *, dtype: Any, rngs: nnx.Rngs):
+  rows: the logical name of the table's rows ("vocab"; None for learned positions)."""
+
+  def __init__(self, vocab_size: int, d_model: int, *, dtype: Any, rngs: nnx.Rngs,
+               rows: str | None = "vocab"):
     self.dtype = dtype
-    self.embedding = nnx.Param(
-        jax.random.normal(rngs.params(), (vocab_size, d_model), jnp.float32) * d_model ** -0.5)
+    self.embedding = logical_axes.param(
+        jax.random.normal(rngs.params(), (vocab_size, d_model), jnp.float32) * d_model ** -0.5,
+        (rows, "embed"))
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    # Under the trainer's rules the lookup is vocab-parallel: each tensor shard looks up its
+    # rows of the table, gathered whole over d_model (FSDP), and the results are summed. Left
+    # to itself XLA kept d_model split over fsdp, then rematerialized the whole lookup output
+    # to split its batch over fsdp.
+    table = logical_axes.constrain(self.embedding[...], logical_axes.TABLE)
+    return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     return x @ self.embedding[...].astype(self.dtype).T

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from effattn import attention
+from effattn import attention, logical_axes
+from effattn.kernels import context_parallel
 from effattn.model import pattern
 from effattn.model.layers import Embed, GatedMLP, RMSNorm, default_mlp_hidden
 
@@ -48,11 +49,18 @@ class Block(nnx.Module):
       self.mlp = None
 
   def __call__(self, x, *, positions, segment_ids, causal, train):
+    # Tokens split over mesh.sequence reach only mechanisms built for it (config-time check too).
+    self.attn.check_context_parallel(self.attn.opts, self.attn.sizes, causal,
+                                     context_parallel.sequence_size())
+    # The residual stream [B, T, d] is whole over the tensor axis at each boundary: the
+    # row-parallel attention output and MLP down projection are summed there (Megatron's two
+    # all-reduces per block); a no-op without the trainer's mesh rules (logical_axes).
+    x = logical_axes.constrain(x, logical_axes.RESIDUAL)
     y, aux = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids,
                        causal=causal, train=train)
-    x = x + y
+    x = logical_axes.constrain(x + y, logical_axes.RESIDUAL)
     if self.mlp is not None:
-      x = x + self.mlp(self.mlp_norm(x))
+      x = logical_axes.constrain(x + self.mlp(self.mlp_norm(x)), logical_axes.RESIDUAL)
     return x, aux
 
   def decode(self, x, *, positions, cache):
@@ -76,18 +84,21 @@ class Transformer(nnx.Module):
     self.dtype = compute_dtype(cfg.dtype)
     self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype, rngs=rngs)
     if cfg.position == "learned":
-      self.pos_embed = Embed(cfg.max_len, cfg.d_model, dtype=self.dtype, rngs=rngs)
+      self.pos_embed = Embed(cfg.max_len, cfg.d_model, dtype=self.dtype, rngs=rngs, rows=None)
     # One attention config per layer: model.pattern's entries, or model.attention for all.
     self.blocks = nnx.List([Block(cfg, i, rngs=rngs, attention_cfg=att)
                             for i, att in enumerate(pattern.layer_attention(cfg))])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     kw = dict(use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
+    init = nnx.initializers.lecun_normal()  # nnx.Linear's default, named
     if cfg.head == "classifier":
       if not cfg.num_classes:
         raise ValueError("model.head='classifier' needs model.num_classes")
-      self.classifier = nnx.Linear(cfg.d_model, cfg.num_classes, **kw)
+      self.classifier = nnx.Linear(cfg.d_model, cfg.num_classes,
+                                   kernel_init=logical_axes.init(init, ("embed", None)), **kw)
     elif not cfg.tie_embeddings:
-      self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, **kw)
+      self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size,
+                                kernel_init=logical_axes.init(init, ("embed", "vocab")), **kw)
 
   def embed_tokens(self, tokens, positions):
     x = self.embed(tokens)
@@ -97,9 +108,8 @@ class Transformer(nnx.Module):
 
   def logits(self, x):
     x = self.final_norm(x)
-    if self.tie_embeddings:
-      return self.embed.attend(x).astype(jnp.float32)
-    return self.lm_head(x).astype(jnp.float32)
+    logits = self.embed.attend(x) if self.tie_embeddings else self.lm_head(x)
+    return logical_axes.constrain(logits.astype(jnp.float32), logical_axes.LOGITS)
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, train=False):
     """tokens [B, T] -> (logits [B, T, V] or [B, C], aux: each term's mean over the layers

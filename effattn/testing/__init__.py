@@ -3,6 +3,7 @@
 - tolerances.py: the one tolerance table and `assert_close(name, want, got, dtype=, reduction=)`.
 - inputs.py: random inputs seeded by a case's name, packed-segment ids.
 - kernels.py: which pallas_calls a lowered program holds (read with effattn/kernels/hlo.py).
+- meshes.py: meshes of the 8 host devices, a fast CPU compile, an op's value and gradients.
 - mechanisms.py: building mechanisms by hand or at the tiny size of the mechanism suite.
 - oracles.py: the common oracles of every mechanism (causality, decode, segments, gradients).
 - configs.py: the configs/base.py tree, tiny trainer and evaluation configs, a fresh model.

@@ -1,10 +1,14 @@
 """Building attention mechanisms for tests: by hand (`build`) or at the tiny size every
-registered mechanism is tested at (`tiny_model`), and which Pallas kernels a mechanism has.
+registered mechanism is tested at (`tiny_model`), and which Pallas kernels a mechanism has;
+a hybrid stack at that size (`tiny_mixed_model`, MIXED_PATTERN) and its blocks as one module
+of the attention interface (`Stack`), so that the common oracles apply to it unchanged.
 
     module = build("linear", linear={"feature_map": "relu"}, num_kv_heads=2)
 
     config = tiny_model("routing")  # configs/base.py at d_model 64, 4 heads, routing's TINY
     module = registry.build(config.model.attention, d_model=64, num_heads=4, rngs=nnx.Rngs(0))
+
+    stack = Stack(Transformer(tiny_mixed_model().model, rngs=nnx.Rngs(0)))
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from effattn.attention import base, registry
 from effattn.kernels import dispatch
+from effattn.model import pattern as model_pattern
 from effattn.ranges import ConfigError
 from effattn.testing.configs import base_config
 
@@ -27,6 +33,9 @@ NUM_HEADS = 4
 PLATFORMS = ("gpu", "tpu")
 # Head dims tried, smallest first, until every Pallas kernel of the mechanism takes one.
 _KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+# Lightning, sliding-window MQA softmax and Gated DeltaNet in one stack, each with its own
+# cache (Gated DeltaNet on its reference path, an entry's own impl: it compiles fastest).
+MIXED_PATTERN = "lightning,softmax:window=4:num_kv_heads=1,gated_deltanet:impl=reference"
 
 
 def attention_config(name: str, **fields) -> ml_collections.ConfigDict:
@@ -75,6 +84,49 @@ def tiny_model(name: str, config=None) -> ml_collections.ConfigDict:
   if head_dim != D_MODEL // NUM_HEADS:
     attn.head_dim = head_dim
   return config
+
+
+def tiny_mixed_model(config=None, pattern: str = MIXED_PATTERN) -> ml_collections.ConfigDict:
+  """The mechanism suite's tiny model (D_MODEL, NUM_HEADS, attention only) as a hybrid stack:
+  one layer per entry of `pattern`, each entry with its mechanism's TINY options."""
+  config = base_config() if config is None else config
+  m = config.model
+  m.d_model, m.num_heads, m.mlp = D_MODEL, NUM_HEADS, "none"
+  m.pattern = pattern
+  entries = model_pattern.parse(pattern)  # one period, counts expanded: a layer each
+  m.num_layers = len(entries)
+  for name in {entry.name for entry in entries}:
+    m.attention[name].update(registry.get(name).TINY)
+  return config
+
+
+class Stack(nnx.Module):
+  """The blocks of a model (norms, attention, residual; no embedding or head) as one module
+  with the attention interface: x [B, T, d_model] -> (y, aux), init_cache / decode, so the
+  common oracles (effattn/testing/oracles.py) check a hybrid stack as they check a mechanism.
+  aux holds each term's mean over the layers that report it, as the Transformer's does."""
+
+  def __init__(self, model):
+    self.blocks = model.blocks  # the blocks alone: parameters outside them do not reach y
+
+  def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
+    terms: dict[str, list] = {}
+    for block in self.blocks:
+      x, aux = block(x, positions=positions, segment_ids=segment_ids, causal=causal,
+                     train=train)
+      for key, value in aux.items():
+        terms.setdefault(key, []).append(value)
+    return x, {key: jnp.mean(jnp.stack(values)) for key, values in terms.items()}
+
+  def init_cache(self, batch, max_len, dtype=None):
+    return [block.attn.init_cache(batch, max_len, dtype) for block in self.blocks]
+
+  def decode(self, x, *, positions, cache):
+    new_cache = []
+    for block, layer_cache in zip(self.blocks, cache):
+      x, layer_cache = block.decode(x, positions=positions, cache=layer_cache)
+      new_cache.append(layer_cache)
+    return x, new_cache
 
 
 def _with(attn: ml_collections.ConfigDict, **fields) -> dict:

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 
 from effattn import data as data_lib
+from effattn import logical_axes
 from effattn.train.sharding import put_batch
 from effattn.train.step import make_eval_step
 
@@ -19,9 +20,12 @@ def evaluate_split(graphdef, params, rest, data_cfg, split: str, *, batch_size: 
   batch_sharding: each process reads only its rows of every batch and they form one global
   array (multi-host); None: the whole batch, on the default device.
   """
-  if graphdef not in _EVAL_STEPS:  # one compiled step per model structure
-    _EVAL_STEPS[graphdef] = jax.jit(make_eval_step(graphdef))
-  eval_step = _EVAL_STEPS[graphdef]
+  # One compiled step per model structure and activation rules (jit's cache knows the ambient
+  # mesh, not the rules the step was traced with).
+  key = (graphdef, logical_axes.current_rules())
+  if key not in _EVAL_STEPS:
+    _EVAL_STEPS[key] = jax.jit(make_eval_step(graphdef))
+  eval_step = _EVAL_STEPS[key]
   totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
   examples = 0
   i, n = (jax.process_index(), jax.process_count()) if batch_sharding is not None else (0, 1)

@@ -192,13 +192,16 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
   workdir = workdir_lib.prepare(workdir)
   with workdir_lib.WorkdirLock(workdir), StopSignals() as stop:
     mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_rules(config.mesh)
     sharding.check_batch_divides(config.train.batch_size, mesh)
     checkpointer = ckpt_lib.Checkpointer(workdir, every=config.checkpoint.every,
                                          keep=config.checkpoint.keep,
                                          async_save=config.checkpoint.async_save)
     try:
-      with sharding.ambient(mesh):  # the step's kernels run per shard of it (kernels/mesh.py)
-        result = _train(config, workdir, mesh, checkpointer, stop, allow_config_change)
+      # The step's kernels run per shard of the mesh (kernels/mesh.py), its activations are
+      # constrained by the rules (logical_axes).
+      with sharding.ambient(mesh, rules):
+        result = _train(config, workdir, mesh, rules, checkpointer, stop, allow_config_change)
     except BaseException as e:
       save_error = checkpointer.abandon()
       checkpointer.close(quiet=True)
@@ -211,7 +214,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     return result
 
 
-def _train(config, workdir, mesh, checkpointer, stop, allow_config_change) -> dict:
+def _train(config, workdir, mesh, rules, checkpointer, stop, allow_config_change) -> dict:
   tc = config.train
   model = build_model(config)
   tx, schedule = make_optimizer(config.optimizer, tc.steps)
@@ -219,7 +222,7 @@ def _train(config, workdir, mesh, checkpointer, stop, allow_config_change) -> di
   num_params = count_params(state.params)
   logging.info("model: %s attention, %.3fM params, backend %s", pattern.describe(config.model),
                num_params / 1e6, jax.default_backend())
-  state_sharding = sharding.param_shardings(state, mesh)
+  state_sharding = sharding.param_shardings(state, mesh, rules)
   state = jax.device_put(state, state_sharding)
   state, start = resume(config, workdir, checkpointer, state,
                         allow_config_change=allow_config_change)

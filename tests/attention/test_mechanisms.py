@@ -8,6 +8,9 @@ gradients for every parameter, its xla path equal to its reference path, and, wh
 it has a Pallas kernel, that kernel (interpreted on CPU as on a GPU or TPU) equal to the
 reference path, forward and gradients, with the kernel found in the lowered program. Each
 mechanism's own oracles (its paper's formulas) live in tests/attention/test_<name>.py.
+
+A mixed stack (effattn.testing.mechanisms.MIXED_PATTERN) gets the oracles that apply to a
+model: causality, decode equal to the forward pass, packed segments, and the trainer's step.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -25,6 +29,9 @@ from effattn.kernels import dispatch
 from effattn.model import Transformer
 from effattn.testing import assert_close, assert_trees_close, inputs, kernels, oracles
 from effattn.testing import mechanisms as mech
+from effattn.train.optimizer import make_optimizer
+from effattn.train.state import create
+from effattn.train.step import make_train_step
 
 NAMES = attention.names()
 KERNEL_CASES = [(name, p) for name in NAMES for p in mech.kernel_platforms(name)]
@@ -165,3 +172,61 @@ def test_pallas_kernels_equal_the_reference_path(name, platform, monkeypatch):
   names = kernels.lowered_pallas_names(lowered)
   assert names, "no pallas_call in the lowered program"
   _assert_equals_reference(name, got)
+
+
+# ------------------------------------------------------------------ a mixed stack (issue 20)
+# mech.MIXED_PATTERN (lightning, sliding-window MQA softmax, Gated DeltaNet) at the suite's tiny
+# size, its blocks checked through mech.Stack by the same oracles as one mechanism.
+
+
+@functools.cache
+def mixed_model():
+  """The mixed stack on the reference path (the plainest program, the fastest to compile) and
+  its config, built once per worker (no layer of it has state a call changes)."""
+  config = mech.tiny_mixed_model()
+  config.model.attention.impl = "reference"
+  config.model.vocab_size = 32
+  validate(config)
+  return Transformer(config.model, rngs=nnx.Rngs(0)), config
+
+
+def test_mixed_stack_is_causal_bit_exact_on_the_reference_path():
+  model, _ = mixed_model()
+  assert [type(b.attn).registered_name for b in model.blocks] == [
+      "lightning", "softmax", "gated_deltanet"]
+  x, pos = tiny_inputs()
+  oracles.check_causality(mech.Jitted(mech.Stack(model)), x, pos, t=T // 2 - 3)
+
+
+def test_mixed_stack_decodes_like_its_forward_pass():
+  stack = mech.Jitted(mech.Stack(mixed_model()[0]))
+  x, pos = tiny_inputs()
+  oracles.check_decode_matches_forward(stack, x, pos)  # every layer with its own cache
+  oracles.check_decode_matches_forward(stack, x, pos, prompt_len=11)
+
+
+def test_mixed_stack_packed_segments_isolated_and_padding_inert():
+  x, _ = tiny_inputs()
+  oracles.check_segments_isolated(mech.Jitted(mech.Stack(mixed_model()[0])), x, cut=CUT,
+                                  pad=PAD)
+
+
+def test_mixed_stack_train_step_updates_every_parameter():
+  """The trainer's jitted step on a packed, padded batch: a finite loss, every parameter of
+  every layer updated, every mechanism's aux terms logged."""
+  model, config = mixed_model()
+  tx, schedule = make_optimizer(config.optimizer, total_steps=10)
+  graphdef, state = create(model, tx)
+  seg, pos = oracles.packed_layout(B, T, CUT, PAD)
+  tokens = jax.random.randint(jax.random.key(3), (B, T), 1, 32)
+  batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "segment_ids": seg,
+           "positions": pos, "weights": (seg > 0).astype(jnp.float32)}
+  step = jax.jit(make_train_step(graphdef, tx, schedule))
+  new_state, metrics = step(*step(state, batch)[:1], batch)  # step 0 warms up at rate 0
+  assert np.isfinite(float(metrics["loss"]))
+  before = jax.tree_util.tree_leaves_with_path(state.params)
+  after = jax.tree.leaves(new_state.params)
+  unchanged = [jax.tree_util.keystr(p) for (p, x), y in zip(before, after)
+               if jnp.array_equal(x, y)]
+  assert not unchanged, f"parameters without an update: {unchanged}"
+  assert {"aux/delta_write", "aux/delta_log_decay"} <= set(metrics), sorted(metrics)

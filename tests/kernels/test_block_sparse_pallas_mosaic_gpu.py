@@ -79,17 +79,17 @@ def test_forward_and_backward_lower_for_cuda(config, bwd):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"dtype": jnp.float32}, "dtype float32"),
-    ({"d": 96}, "head_dim 96"),
-    ({"block_q": 32}, "block_q=32"),
-    ({"interpret": True}, "interpret"),
+    ({"dtype": jnp.float32}, r"q.dtype=float32 is not bfloat16 or float16 .*impl='pallas_gpu'"),
+    ({"d": 96}, r"head_dim=96 is not one of \(64, 128\); use impl='xla'"),
+    ({"block_q": 32}, r"block_q=32 is not one of \(64, 128\); set block_q .*impl='pallas_gpu'"),
+    ({"interpret": True}, "interpret=True cannot run .*impl='pallas_gpu' with interpret=True"),
 ])
-def test_refuses_with_not_implemented(kwargs, match):
+def test_refuses_with_a_value_error_naming_the_fix(kwargs, match):
   d, dtype = kwargs.pop("d", 64), kwargs.pop("dtype", jnp.bfloat16)
   block_q = kwargs.pop("block_q", 64)
   q = jnp.zeros((1, 128, 1, d), dtype)
   idx, cnt = lists_from_block_mask(jnp.ones((1, 1, 128 // block_q, 2), bool))
-  with pytest.raises(NotImplementedError, match=match):
+  with pytest.raises(ValueError, match=match):
     pallas_mosaic_gpu.forward(q, q, q, idx, cnt, Aux(), causal=True, scale=0.1,
                               block_q=block_q, block_k=64, **kwargs)
 

@@ -107,6 +107,44 @@ def test_kernel_matches_dense(impl, name):
     assert_close(gname, want, got, dtype=dtype, reduction=t)
 
 
+@pytest.mark.parametrize("q_groups", [2, 3])
+def test_query_tiles_of_several_groups(q_groups):
+  """The Triton kernels with query tiles of several groups (rows of mixed roles: landmark path,
+  own group, neither; segments starting inside a tile) match the dense oracle."""
+  name = "packed-f32"
+  (_, t, _, _), block_len, tile, _, dtype, _ = CASES[name]
+  (q, k, v, k_land, do), gid, seg = _case(name)
+
+  def kernel(q, k, v, k_land):
+    return grouped.grouped_softmax(q, k, v, k_land, gid, seg, block_len=block_len,
+                                   impl="pallas_gpu", tile=tile, q_groups=q_groups,
+                                   interpret=True)
+
+  o_want, grads_want = _dense(name)
+  o_got, grads_got = jax.jit(_value_and_grads, static_argnums=0)(kernel, (q, k, v, k_land), do)
+  assert_close("o", o_want, o_got, dtype=dtype, reduction=t)
+  for gname, want, got in zip(("dq", "dk", "dv", "dk_land"), grads_want, grads_got):
+    assert_close(gname, want, got, dtype=dtype, reduction=t)
+
+
+def test_a_tile_holds_its_block_and_landmark():
+  """block_len = tile - 1 fills the tile (the landmark takes the last slot); block_len = tile
+  cannot run the kernel: a forced path names why, the layout's exactness flag refuses it."""
+  t = 40
+  x = jax.random.normal(jax.random.key(0), (1, t, 1, 16))
+  seg = jnp.ones((1, t), jnp.int32)
+  gid = block_groups(jnp.arange(t)[None], None, 15)
+  want = grouped_softmax_attention(x, x, x, x, gid, seg, scale=0.25)[0]
+  got = grouped.grouped_softmax(x, x, x, x, gid, seg, block_len=15, tile=16, impl="pallas_gpu",
+                                interpret=True)
+  assert_close("o", want, got, dtype=jnp.float32, reduction=t)
+  with pytest.raises(ValueError, match="block_len=16 >= tile=16"):
+    grouped.grouped_softmax(x, x, x, x, block_groups(jnp.arange(t)[None], None, 16), seg,
+                            block_len=16, tile=16, impl="pallas_gpu", interpret=True)
+  gid16 = block_groups(jnp.arange(t)[None], None, 16)
+  assert not bool(grouped.relayout(gid16, seg, max_groups=8, tile=16)["ok"])
+
+
 def test_kernel_is_what_runs():
   b, t, h, d = 1, 20, 1, 16
   x = jnp.zeros((b, t, h, d))

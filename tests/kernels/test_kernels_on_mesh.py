@@ -20,14 +20,12 @@ from effattn.kernels.grouped_softmax.api import grouped_softmax
 from effattn.kernels.head_routing.api import head_routed_attention
 from effattn.kernels.linear_scan.api import linear_scan
 from effattn.kernels.memory_chunk.api import memory_update
+from effattn.testing import assert_close
+from effattn.testing.meshes import FAST_COMPILE, value_and_grads
 
 B, T, H, H_KV = 2, 32, 8, 4  # GQA: two query heads per kv head; four heads per tensor shard
 # Row 0 packs two sequences; row 1 is one.
 SEGMENTS = jnp.asarray([[1] * 20 + [2] * 12, [1] * 32], jnp.int32)
-
-
-# Interpreted kernels make large CPU programs: compile them without XLA's costly passes.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _mesh():
@@ -95,26 +93,18 @@ FAMILIES = ("block_sparse", "head_routing", "grouped_softmax", "linear_scan", "m
             "delta_rule")
 
 
-def _value_and_grads(op, inputs, weights):
-  def loss(*xs):
-    out = op(*xs)
-    return sum(jnp.vdot(o, w) for o, w in zip(jax.tree.leaves(out), jax.tree.leaves(weights))), out
-
-  return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(inputs))), has_aux=True))
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sharded_kernel_equals_one_device(family):
   op, inputs = _case(family, np.random.default_rng(0))
   weights = jax.tree.map(lambda s: _normal(np.random.default_rng(1), *s.shape),
                          jax.eval_shape(op, *inputs))
   with jax.set_mesh(_mesh()):
-    lowered = _value_and_grads(op, inputs, weights).lower(*inputs)
+    lowered = value_and_grads(op, inputs, weights).lower(*inputs)
     assert "manual_computation" in lowered.as_text(), "no kernel call under shard_map"
     (_, got), got_grads = lowered.compile(FAST_COMPILE)(*inputs)
   # The one-device oracle: the family's reference path (plain jnp, cheap to compile).
   oracle, _ = _case(family, np.random.default_rng(0), impl="reference")
-  (_, want), want_grads = _value_and_grads(oracle, inputs, weights).lower(*inputs).compile(
+  (_, want), want_grads = value_and_grads(oracle, inputs, weights).lower(*inputs).compile(
       FAST_COMPILE)(*inputs)
   for name, w, g in (("outputs", want, got), ("gradients", want_grads, got_grads)):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4,
@@ -136,3 +126,21 @@ def test_shapes_that_do_not_split_name_the_fix(heads, match):
   x = jnp.zeros(heads)
   with jax.set_mesh(_mesh()), pytest.raises(ValueError, match=match):
     jax.jit(lambda x: linear_scan(x, x, x, impl="pallas", interpret=True)).lower(x)
+
+
+def test_sharded_linear_scan_learns_its_decay():
+  """d log_decay (replicated over data, split over tensor) sums over the batch shards."""
+  op, inputs = _case("linear_scan", np.random.default_rng(0))
+  rng = np.random.default_rng(2)
+  log_decay = -jnp.asarray(rng.uniform(0.01, 0.5, size=(H,)), jnp.float32)
+  weights = jax.tree.map(lambda s: _normal(rng, *s.shape), jax.eval_shape(op, *inputs))
+
+  def grad(impl):
+    def loss(g):
+      out = linear_scan(*inputs[:3], g, initial_state=inputs[3], segment_ids=SEGMENTS,
+                        scale=0.25, impl=impl, interpret=True)
+      return sum(jnp.vdot(o, w) for o, w in zip(out, weights))
+    return jax.jit(jax.grad(loss)).lower(log_decay).compile(FAST_COMPILE)(log_decay)
+  with jax.set_mesh(_mesh()):
+    got = grad("pallas")
+  assert_close("d log_decay", grad("reference"), got, reduction=B * T)

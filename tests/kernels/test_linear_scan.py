@@ -7,6 +7,8 @@ Gradients go through jax.vjp with random cotangents on o AND the final state (ne
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -240,3 +242,86 @@ def test_rejects_head_dims_the_tiles_cannot_hold():
   x = jnp.ones((1, 8, 1, 12))
   with pytest.raises(ValueError, match="Dk=12.*impl='xla'"):
     linear_scan(x, x, jnp.ones((1, 8, 1, 16)), impl="pallas_gpu", interpret=True)
+
+
+DECAY_CASES = [
+    # name, (B, T, H, Dk, Dv), log-decay per head, causal, features, dtype
+    ("decay-grad-state-segments", (2, 21, 2, 16, 16), (-0.1, -0.6), True, ("state", "segments"),
+     jnp.float32),
+    ("decay-grad-strong-state", (1, 13, 2, 16, 16), (0.0, -8.0), True, ("state",), jnp.float32),
+    ("decay-grad-bidirectional", (2, 19, 2, 16, 16), (-0.05, -0.5), False, ("segments",),
+     jnp.float32),
+    ("decay-grad-bf16", (1, 18, 2, 16, 16), (-0.2, -1.0), True, ("state",), jnp.bfloat16),
+]
+DECAY_MATCH = [(path, case) for path in PATHS for case in DECAY_CASES
+               if path != "pallas_gpu-parts-interpret" or "segments" in case[4]]
+
+
+@pytest.mark.parametrize("path,case", DECAY_MATCH, ids=[f"{p}-{c[0]}" for p, c in DECAY_MATCH])
+def test_log_decay_gradient_matches_reference(path, case):
+  """d log_decay (random cotangents on o and the final state) equals jax.grad of reference.py."""
+  name, (b, t, h, dk, dv), decay, causal, features, dtype = case
+  impl, interpret, chunk, block_sizes = PATHS[path]
+  keys = jax.random.split(case_key(name), 6)
+  q, k = (jax.random.normal(kk, (b, t, h, dk)).astype(dtype) for kk in keys[:2])
+  v = jax.random.normal(keys[2], (b, t, h, dv)).astype(dtype)
+  s0 = jax.random.normal(keys[3], (b, h, dk, dv)) if "state" in features else None
+  seg = two_segments(b, t, 8) if "segments" in features else None
+  do = jax.random.normal(keys[4], (b, t, h, dv))
+  ds = jax.random.normal(keys[5], (b, h, dk, dv))
+
+  @jax.jit
+  def grads(g):
+    out = []
+    for impl_, interpret_ in (("reference", False), (impl, interpret)):
+      def loss(g, impl_=impl_, interpret_=interpret_):
+        o, s = linear_scan(q, k, v, g, causal=causal, initial_state=s0, segment_ids=seg,
+                           scale=dk ** -0.5, impl=impl_, chunk_size=chunk,
+                           interpret=interpret_, block_sizes=block_sizes)
+        return jnp.vdot(o.astype(jnp.float32), do) + jnp.vdot(s, ds)
+      out.append(jax.grad(loss)(g))
+    return out
+  want, got = grads(jnp.asarray(decay, jnp.float32))
+  assert_close("d log_decay", want, got, dtype=dtype, reduction=b * t)
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "pallas_gpu-parts-interpret"])
+def test_normalizer_log_decay_gradient_matches_reference(path):
+  impl, interpret, chunk, _ = PATHS[path]
+  b, t, h, d = 2, 17, 2, 16
+  keys = jax.random.split(jax.random.key(11), 5)
+  q, k = (jax.nn.elu(jax.random.normal(kk, (b, t, h, d))) + 1 for kk in keys[:2])
+  z0 = jax.random.uniform(keys[2], (b, h, d))
+  seg = two_segments(b, t, 6)
+  dn, dz = jax.random.normal(keys[3], (b, t, h)), jax.random.normal(keys[4], (b, h, d))
+
+  @jax.jit
+  def grads(g):
+    out = []
+    for impl_, interpret_ in (("reference", False), (impl, interpret)):
+      def loss(g, impl_=impl_, interpret_=interpret_):
+        n, z = linear_scan_normalizer(q, k, g, initial_state=z0, segment_ids=seg, impl=impl_,
+                                      chunk_size=chunk, interpret=interpret_)
+        return jnp.vdot(n, dn) + jnp.vdot(z, dz)
+      out.append(jax.grad(loss)(g))
+    return out
+  want, got = grads(jnp.array([-0.1, -0.7]))
+  assert_close("d log_decay", want, got, reduction=b * t)
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_only_a_learned_decay_makes_the_backward_write_f32(learned):
+  """A learned decay's backward writes dq, dk in f32 (bf16 rounding of them spoils d log_decay,
+  which cancels across tokens); a fixed decay's backward stays as it was: bf16 dq, dk."""
+  x = jax.ShapeDtypeStruct((1, 64, 1, 16), jnp.bfloat16)
+
+  def loss(q, k, v, g):
+    o, _ = linear_scan(q, k, v, g if learned else jax.lax.stop_gradient(g), impl="pallas_gpu")
+    return jnp.vdot(o.astype(jnp.float32), o.astype(jnp.float32))
+  with dispatch.lower_for("gpu"):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(
+        x, x, x, jnp.array([-0.3])).lower(lowering_platforms=("cuda",)).as_text()
+  results = [re.search(r"-> \(([^()]*)\)\s*$", line).group(1) for line in text.splitlines()
+             if "__gpu$xla.gpu.triton" in line]
+  assert len(results) == 4  # the forward scan and the three of the backward
+  assert sum(r.count("tensor<1x64x1x16xf32>") for r in results) == (2 if learned else 0)

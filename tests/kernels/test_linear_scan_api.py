@@ -42,10 +42,16 @@ def test_bad_arguments_name_the_field(kwargs, match):
     linear_scan(q, k, v, impl="xla", **args)
 
 
-def test_log_decay_gets_no_gradient():
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+def test_log_decay_is_differentiable_and_stop_gradient_fixes_it(impl):
+  """A learned decay trains (tests/kernels/test_linear_scan.py compares the values with the
+  reference); a mechanism that fixes its decays stops the gradient itself."""
   x = jax.random.normal(jax.random.key(0), (1, 6, 1, 4))
-  grad = jax.grad(lambda g: linear_scan(x, x, x, g, impl="xla")[0].sum())(jnp.array([-0.5]))
-  np.testing.assert_array_equal(np.asarray(grad), [0.0])
+  loss = lambda g: linear_scan(x, x, x, g, impl=impl)[0].sum()  # noqa: E731
+  g = jnp.array([-0.5])
+  assert np.all(np.asarray(jax.grad(loss)(g)) != 0.0)
+  fixed = jax.grad(lambda g: loss(jax.lax.stop_gradient(g)))(g)
+  np.testing.assert_array_equal(np.asarray(fixed), [0.0])
 
 
 def test_out_dtype_and_state_dtype():

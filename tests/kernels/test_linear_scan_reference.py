@@ -95,3 +95,38 @@ def test_segments_do_not_interact_and_state_is_the_last_runs():
 def test_segment_runs_split_reused_ids():
   runs = segment_runs(jnp.array([[1, 1, 2, 2, 1, 0, 0]]))
   np.testing.assert_array_equal(np.asarray(runs), [[0, 0, 1, 1, 2, 3, 3]])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_log_decay_gradient_equals_finite_differences_of_the_numpy_loop(causal):
+  """The oracle differentiates g: jax.grad of scan_quadratic equals central differences of the
+  float64 loop (initial state included where causal)."""
+  q, k, v, s0 = inputs(b=1, t=7, h=2)
+  w = np.asarray(jax.random.normal(jax.random.key(4), v.shape), np.float64)
+  g = np.array([-0.2, -0.9])
+  grad = jax.jit(jax.grad(lambda g: jnp.vdot(reference.scan_quadratic(
+      q, k, v, g, causal=causal, initial_state=s0 if causal else None)[0], w)))(jnp.asarray(g))
+  eps = 1e-6
+  numeric = [(np.vdot(numpy_loop(q, k, v, g + eps * e, s0, causal), w)
+              - np.vdot(numpy_loop(q, k, v, g - eps * e, s0, causal), w)) / (2 * eps)
+             for e in np.eye(2)]
+  assert_close("d log_decay", np.array(numeric), grad, reduction=7 * 7)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_log_decay_gradient_of_quadratic_equals_recurrent(reverse):
+  """Both forms give the same g gradient with segments, an initial state and cotangents on the
+  output and the final state."""
+  q, k, v, s0 = inputs()
+  g = jnp.array([0.0, -0.3, -4.0])
+  seg = two_segments(2, 13, 5)
+  w = jax.random.normal(jax.random.key(5), v.shape)
+  ws = jax.random.normal(jax.random.key(6), s0.shape)
+
+  def grad(scan):
+    def loss(g):
+      o, s = scan(q, k, v, g, reverse=reverse, initial_state=s0, segment_ids=seg, scale=0.7)
+      return jnp.vdot(o, w) + jnp.vdot(s, ws)
+    return jax.jit(jax.grad(loss))(g)
+  assert_close("d log_decay", grad(reference.scan_recurrent), grad(reference.scan_quadratic),
+               reduction=2 * 13)

@@ -11,13 +11,10 @@ from configs import base
 from effattn.config import ConfigError, validate
 from effattn.evaluate.runner import restore_model
 from effattn.model import Transformer, pattern
+from effattn.testing.mechanisms import MIXED_PATTERN as MIXED  # the mechanism suite's stack
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train.optimizer import make_optimizer
 from effattn.train.state import create
-
-# Lightning, sliding-window GQA softmax and Gated DeltaNet in one stack, each with its own cache
-# (Gated DeltaNet on its reference path, an entry's own impl: it compiles fastest).
-MIXED = "lightning,softmax:window=4:num_kv_heads=1,gated_deltanet:impl=reference"
 
 
 def tiny_config(pattern_text: str = "", num_layers: int = 3):

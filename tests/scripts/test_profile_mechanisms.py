@@ -16,7 +16,7 @@ def test_every_group_plans_its_entries():
   assert labels[-1] == "neural_memory mac"  # the slowest to compile last (--max_seconds)
   assert {"neural_memory mag old", "neural_memory mag new", "neural_memory mal old",
           "neural_memory lmm", "neural_memory mac", "moh 75%", "moh 50%", "landmark",
-          "landmark block 64"} <= set(labels)
+          "landmark block 63"} <= set(labels)
   specs = dict((label, spec) for _, label, spec in plan)
   assert specs["moh 50%"] == "moh:num_shared_heads=2:top_k=2"
   assert specs["dynamic_mask old"] == "dynamic_mask:select_impl=dense"

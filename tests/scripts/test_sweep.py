@@ -71,6 +71,25 @@ def test_command_line_axes_and_sets(tmp_path):
     sweep_lib.load_sweep(str(bad), [], [])
 
 
+def test_axis_values_holding_commas_are_separated_by_semicolons(tmp_path):
+  mqar = os.path.join(ROOT, "configs", "mqar.py")
+  s = sweep_lib.load_sweep(mqar, ["model.pattern=3*lightning,softmax:window=512;softmax",
+                                  "data.seq_len=64,128"], ["model.num_layers=4"])
+  assert s.axes == {"model.pattern": ["3*lightning,softmax:window=512", "softmax"],
+                    "data.seq_len": [64, 128]}
+  variant = sweep_lib.expand(s)[0]
+  assert variant.overrides["model.pattern"] == "3*lightning,softmax:window=512"
+  train = sweep_lib.commands(s, variant, str(tmp_path))[0]
+  assert "--config.model.pattern=3*lightning,softmax:window=512" in train
+  one = sweep_lib.load_sweep(mqar, ["model.pattern=3*lightning,softmax;"], [])
+  assert one.axes == {"model.pattern": ["3*lightning,softmax"]}  # a trailing ';': one value
+  with pytest.raises(ValueError, match="separate the axis' values with ';'"):
+    sweep_lib.load_sweep(mqar, ["model.pattern=3*lightning,softmax"], [])
+  for bad in ("data.seq_len=64,,128", "model.pattern=a;;b", "data.seq_len=", "data.seq_len=;"):
+    with pytest.raises(ValueError, match="an empty value"):
+      sweep_lib.load_sweep(mqar, [bad], [])
+
+
 def test_default_sweep_has_the_baselines_and_every_registered_mechanism():
   from effattn import attention
 

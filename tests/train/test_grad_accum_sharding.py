@@ -20,7 +20,8 @@ def compiled_step(accum: int):
   mesh = sharding.make_mesh(config.mesh)  # data over the 8 host devices
   tx, schedule = optimizer.make_optimizer(config.optimizer, 10)
   graphdef, train_state = state.create(Transformer(config.model, rngs=nnx.Rngs(0)), tx)
-  train_state = jax.device_put(train_state, sharding.param_shardings(train_state, mesh))
+  rules = sharding.logical_rules(config.mesh)
+  train_state = jax.device_put(train_state, sharding.param_shardings(train_state, mesh, rules))
   rows = sharding.batch_sharding(mesh)
   batch = {k: jax.device_put(np.zeros((32, 16), np.int32), rows)
            for k in ("inputs", "targets", "segment_ids", "positions")}

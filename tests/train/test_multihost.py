@@ -39,7 +39,7 @@ def test_the_step_is_traced_with_the_mesh_ambient(data_dir, tmp_path, monkeypatc
   config.mesh.data, config.mesh.tensor = 4, 2  # 2 heads of 16: one per tensor shard
   with dispatch.interpret_kernels("gpu"), pytest.raises(_Traced):
     loop.train_and_evaluate(config, str(tmp_path))
-  assert dict(seen[0].shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+  assert dict(seen[0].shape) == {"data": 4, "fsdp": 1, "sequence": 1, "tensor": 2}
 
 
 def test_one_device_mesh_is_not_made_ambient():

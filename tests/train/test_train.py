@@ -81,14 +81,14 @@ def test_mesh_step_on_8_devices_matches_data_parallel(data_dir, tmp_path):
   assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
 
 
-def test_params_are_sharded_over_fsdp():
+def test_unnamed_params_are_sharded_over_fsdp():
   from effattn.train import sharding
   config = base.get_config()
   config.mesh.data, config.mesh.fsdp = 2, 4
   mesh = sharding.make_mesh(config.mesh)
-  spec = sharding.param_spec((64, 128), mesh)
+  spec = sharding.fallback_spec((64, 128), mesh)
   assert tuple(spec) == (None, "fsdp")
-  assert tuple(sharding.param_spec((3,), mesh)) == (None,)
+  assert tuple(sharding.fallback_spec((3,), mesh)) == (None,)
 
 
 @pytest.mark.parametrize("field,value,match", [

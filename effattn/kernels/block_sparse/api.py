@@ -27,7 +27,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from effattn.kernels import dispatch, mesh
+from effattn.kernels import context_parallel, dispatch, mesh, paths
+from effattn.kernels.block_sparse import context_parallel as ring
 from effattn.kernels.block_sparse import pallas_gpu, pallas_tpu, reference, xla
 from effattn.kernels.block_sparse.common import Aux, BlockSizes, transpose_lists
 
@@ -212,6 +213,14 @@ def block_sparse_attention(
     raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
   scale = d ** -0.5 if scale is None else float(scale)
   kv_indices, kv_counts = kv_indices.astype(jnp.int32), kv_counts.astype(jnp.int32)
+  n = context_parallel.sequence_size()
+  if n > 1:  # T split over mesh.sequence: ring attention, this op per device and ring step
+    paths.log_path_once("block_sparse", "ring", f"mesh.sequence={n}, {impl} per ring step")
+    attend = functools.partial(block_sparse_attention, num_warps=num_warps,
+                               num_stages=num_stages)
+    return ring.ring_attention(attend, q, k, v, aux, (kv_indices, kv_counts), causal=causal,
+                               scale=scale, block_q=block_q, block_k=block_k, impl=impl,
+                               interpret=interpret)
   path, interpret = FAMILY.choose(impl, interpret=interpret, head_dim=d, dtype=q.dtype.name,
                                   block_q=block_q, block_k=block_k)
   if path == "reference":

@@ -25,7 +25,8 @@ masks the tiles that are not in its own row (the pair's union is streamed, so a 
 paired rows differ costs up to twice its visited tiles: prefer block 128 here). Element masks
 (causality by positions, segments, the top-w threshold) and the key bias are the ones of
 common.py. Inputs must be bfloat16 or float16 (wgmma), head dim 64 or 128, tiles 64 or 128;
-anything else raises NotImplementedError naming it, for a dispatcher to fall back on.
+anything else raises a ValueError naming the argument and the path to use instead (the
+dispatcher's limits in api.py keep `auto` from choosing these kernels for such inputs).
 """
 
 from __future__ import annotations
@@ -101,21 +102,25 @@ def _launch(kernel, name: str, args: dict, *, out_type, scratch, grid, grid_name
 
 
 def _check(q, k, v, block_q: int, block_k: int, interpret: bool):
+  """ValueError, one line naming the argument and the fix, for what these kernels cannot run
+  (api.py's dispatcher checks the same limits first, so `auto` never gets here with them)."""
   if interpret:
-    raise NotImplementedError("pallas_mosaic_gpu: interpret mode (Mosaic GPU has no CPU "
-                              "interpreter for wgmma); use impl='pallas_gpu' with interpret")
+    raise ValueError("pallas_mosaic_gpu: interpret=True cannot run (Mosaic GPU has no CPU "
+                     "interpreter for wgmma); use impl='pallas_gpu' with interpret=True")
   for name, x in (("q", q), ("k", k), ("v", v)):
     if x.dtype not in DTYPES:
-      raise NotImplementedError(f"pallas_mosaic_gpu: {name} dtype {x.dtype} (wgmma takes "
-                                "bfloat16 or float16)")
+      raise ValueError(f"pallas_mosaic_gpu: {name}.dtype={x.dtype} is not bfloat16 or float16 "
+                       "(wgmma); cast the inputs to bfloat16 or use impl='pallas_gpu'")
   if not q.dtype == k.dtype == v.dtype:
-    raise NotImplementedError(f"pallas_mosaic_gpu: mixed dtypes q {q.dtype}, k {k.dtype}, "
-                              f"v {v.dtype}")
+    raise ValueError(f"pallas_mosaic_gpu: q, k, v dtypes differ ({q.dtype}, {k.dtype}, "
+                     f"{v.dtype}); cast them to one of bfloat16, float16")
   if q.shape[-1] not in HEAD_DIMS:
-    raise NotImplementedError(f"pallas_mosaic_gpu: head_dim {q.shape[-1]} not in {HEAD_DIMS}")
+    raise ValueError(f"pallas_mosaic_gpu: head_dim={q.shape[-1]} is not one of {HEAD_DIMS}; "
+                     "use impl='xla' (the Pallas kernels all take these head dims only)")
   for name, x in (("block_q", block_q), ("block_k", block_k)):
     if x not in TILES:
-      raise NotImplementedError(f"pallas_mosaic_gpu: {name}={x} not in {TILES}")
+      raise ValueError(f"pallas_mosaic_gpu: {name}={x} is not one of {TILES}; set {name} to "
+                       "one of them or use impl='pallas_gpu'")
 
 
 def _pad_to(x, axis: int, size: int, value=0):
@@ -226,6 +231,42 @@ def _stream_kv(r, n, row, bi, hk, smems, loaded, free, *, block_k: int, num_stag
 # Forward
 
 
+def _products_t(tile, *pairs):
+  """[a b^T for (a, b) in pairs] (smem refs), issued on wgmma one after the other into float32
+  accumulators of shape `tile` and read back: S and dP of the backward kernels together."""
+  def products(*accs):
+    for acc, (a, b) in zip(accs, pairs):
+      plgpu.wgmma(acc, a, plgpu.transpose_ref(b, (1, 0)))
+    return tuple(acc[...] for acc in accs)
+
+  acc = plgpu.ACC(tile, jnp.float32)
+  return pl.run_scoped(products, *[acc] * len(pairs))
+
+
+def _own_query_vectors(r, q_names, rows, *, bi, hi, num_heads: int, group: int) -> dict:
+  """Consumer prologue of the forward and dQ kernels: the per-query vectors of this
+  warpgroup's 64 query rows of head hi (row layout)."""
+  qv_rows = {}
+  for name in q_names:
+    x = r[name]
+    qv_rows[name] = _load(x.at[(*_q_row(x, bi, hi, num_heads, group), rows)], _ROW)
+  return qv_rows
+
+
+def _biased_and_masked(s, r, kv_names, qv_rows, tile, *, bi, hk, q0, k0, causal: bool):
+  """Scores s [64 queries, tile[1] keys from k0] of the forward and dQ kernels, already scaled
+  to log2 units: plus the key bias, then the element mask, with the keys' vectors loaded here
+  (column layout) and the queries' given (qv_rows, row layout)."""
+  kv = {}
+  for name in kv_names:
+    x = r[name]
+    kv[name] = _bcast(_load(x.at[(*_kv_row(x, bi, hk), pl.ds(k0, tile[1]))], _COL), tile, 1)
+  if "kv_bias" in kv:
+    s = s + kv["kv_bias"] * LOG2E
+  qv = {n_: _bcast(x, tile, 0) for n_, x in qv_rows.items()}
+  return _masked(s, causal=causal, qv=qv, kv=kv, q_dim=0, q0=q0, k0=k0)
+
+
 def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, scale, block_k, num_heads, group,
                 num_stages, lists_b, lists_h, has_member):
   r = dict(zip(names, refs))
@@ -247,11 +288,8 @@ def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, scale, block_k, 
     q0 = ci * CTA_ROWS + wg * WG_ROWS
     qs = q_smem.at[wg]
     plgpu.copy_gmem_to_smem(r["q"].at[bi, pl.ds(q0, WG_ROWS), hi], qs, q_bar.at[wg])
-    qv_rows = {}
-    for name in q_names:
-      x = r[name]
-      qv_rows[name] = _load(x.at[(*_q_row(x, bi, hi, num_heads, group),
-                                  pl.ds(q0, WG_ROWS))], _ROW)
+    qv_rows = _own_query_vectors(r, q_names, pl.ds(q0, WG_ROWS), bi=bi, hi=hi,
+                                 num_heads=num_heads, group=group)
     plgpu.barrier_wait(q_bar.at[wg])
     acc = plgpu.layout_cast(jnp.zeros((WG_ROWS, q_smem.shape[-1]), jnp.float32), _WGMMA)
     m = plgpu.layout_cast(jnp.full((WG_ROWS,), M_INIT, jnp.float32), _ROW)
@@ -272,15 +310,8 @@ def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, scale, block_k, 
       plgpu.barrier_arrive(k_free.at[slot])
       s = s * (scale * LOG2E)
       k0 = r["idx"][lb, lh, ci, j] * block_k if need_k0 else None
-      kv_cols = {}
-      for name in kv_names:
-        x = r[name]
-        kv_cols[name] = _bcast(_load(x.at[(*_kv_row(x, bi, hk), pl.ds(k0, block_k))], _COL),
-                               tile, 1)
-      if "kv_bias" in kv_cols:
-        s = s + kv_cols["kv_bias"] * LOG2E
-      qv = {n_: _bcast(x, tile, 0) for n_, x in qv_rows.items()}
-      s = _masked(s, causal=causal, qv=qv, kv=kv_cols, q_dim=0, q0=q0, k0=k0)
+      s = _biased_and_masked(s, r, kv_names, qv_rows, tile, bi=bi, hk=hk, q0=q0, k0=k0,
+                             causal=causal)
       if has_member:
         s = s + jnp.where(r["member"][lb, lh, ci, wg, j] != 0, 0.0, -jnp.inf)
       m_new = jnp.maximum(m, s.max(axis=1))
@@ -394,10 +425,8 @@ def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_k, num_head
     # Per-row vectors stay [64] and are broadcast where used (no [64, 64] copies kept live).
     lse2 = _load(r["lse2"].at[bi, hi, rows], _ROW)
     delta = _load(r["delta"].at[bi, hi, rows], _ROW)
-    qv_rows = {}
-    for name in q_names:
-      x = r[name]
-      qv_rows[name] = _load(x.at[(*_q_row(x, bi, hi, num_heads, group), rows)], _ROW)
+    qv_rows = _own_query_vectors(r, q_names, rows, bi=bi, hi=hi, num_heads=num_heads,
+                                 group=group)
     plgpu.barrier_wait(q_bar.at[wg])
     dq = plgpu.layout_cast(jnp.zeros((WG_ROWS, q_smem.shape[-1]), jnp.float32), _WGMMA)
 
@@ -411,25 +440,11 @@ def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_k, num_head
       for piece in range(block_k // WG_ROWS):
         keys = pl.ds(piece * WG_ROWS, WG_ROWS)
         kp, vp = k_smem.at[slot, keys], v_smem.at[slot, keys]
-
-        def s_dp(s_ref, dp_ref, kp=kp, vp=vp):
-          plgpu.wgmma(s_ref, qs, plgpu.transpose_ref(kp, (1, 0)))
-          plgpu.wgmma(dp_ref, dos, plgpu.transpose_ref(vp, (1, 0)))
-          return s_ref[...], dp_ref[...]
-
-        acc = plgpu.ACC(tile, jnp.float32)
-        s, dp = pl.run_scoped(s_dp, acc, acc)
+        s, dp = _products_t(tile, (qs, kp), (dos, vp))  # S = Q K^T, dP = dO V^T
         k0 = None if kb0 is None else kb0 + piece * WG_ROWS
         s = s * (scale * LOG2E)
-        kv = {}
-        for name in kv_names:
-          x = r[name]
-          kv[name] = _bcast(_load(x.at[(*_kv_row(x, bi, hk), pl.ds(k0, WG_ROWS))], _COL),
-                            tile, 1)
-        if "kv_bias" in kv:
-          s = s + kv["kv_bias"] * LOG2E
-        qv = {n_: _bcast(x, tile, 0) for n_, x in qv_rows.items()}
-        s = _masked(s, causal=causal, qv=qv, kv=kv, q_dim=0, q0=q0, k0=k0)
+        s = _biased_and_masked(s, r, kv_names, qv_rows, tile, bi=bi, hk=hk, q0=q0, k0=k0,
+                               causal=causal)
         if penalty is not None:
           s = s + penalty
         p = jnp.exp2(s - _bcast(lse2, tile, 0))
@@ -532,13 +547,7 @@ def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_hea
           q0 = qb0 + piece * WG_ROWS
           q_cols = pl.ds(q0, WG_ROWS)
 
-          def st_dpt(st_ref, dpt_ref, qp=qp, dop=dop):
-            plgpu.wgmma(st_ref, ks, plgpu.transpose_ref(qp, (1, 0)))
-            plgpu.wgmma(dpt_ref, vs, plgpu.transpose_ref(dop, (1, 0)))
-            return st_ref[...], dpt_ref[...]
-
-          acc = plgpu.ACC(tile, jnp.float32)
-          st, dpt = pl.run_scoped(st_dpt, acc, acc)
+          st, dpt = _products_t(tile, (ks, qp), (vs, dop))  # S^T = K Q^T, dP^T = V dO^T
           st = st * (scale * LOG2E)
           kv = {n_: _bcast(x, tile, 0) for n_, x in kv_rows.items()}
           if "kv_bias" in kv:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effattn.kernels import dispatch, mesh
+from effattn.kernels import checks, dispatch, mesh
 from effattn.kernels.delta_rule import common, pallas_gpu, pallas_tpu, reference, xla
 
 DEFAULT_CHUNK = 64
@@ -115,25 +115,12 @@ _LAYOUTS = (("BTHD", "BTHD", "BTHD", "BTH", "BTH", "BT", "BT", "BT", "BHKV"), ("
 
 
 def _check(q, k, v, log_gate, beta, initial_state, segment_ids, chunk_size):
-  if q.ndim != 4 or k.shape != q.shape:
-    raise ValueError(f"q and k must both be [B, T, H, Dk]; got {q.shape=} {k.shape=}")
-  if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-    raise ValueError(f"v must be [B, T, H, Dv] matching q's [B, T, H]; got {v.shape=} {q.shape=}")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-  if q.shape[1] == 0:
-    raise ValueError("the sequence is empty (T=0)")
-  for name, x in (("log_gate", log_gate), ("beta", beta)):
-    if x.shape != q.shape[:3]:
-      raise ValueError(f"{name} must be [B, T, H]={q.shape[:3]}; got {x.shape}")
-  b, _, h, dk = q.shape
-  want = (b, h, dk, v.shape[-1])
-  if initial_state is not None and initial_state.shape != want:
-    raise ValueError(f"initial_state must be [B, H, Dk, Dv]={want}; got {initial_state.shape}")
-  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
-    raise ValueError(f"segment_ids must be [B, T]={q.shape[:2]}; got {segment_ids.shape}")
-  if chunk_size < 1:
-    raise ValueError(f"{chunk_size=} must be >= 1")
+  checks.qkv(q, k, v)
+  checks.per_token("log_gate", log_gate, q)
+  checks.per_token("beta", beta, q)
+  checks.state("initial_state", initial_state, q, v)
+  checks.segments(segment_ids, q)
+  checks.chunk_size(chunk_size)
 
 
 def delta_rule(q, k, v, log_gate, beta, *, initial_state=None, segment_ids=None,

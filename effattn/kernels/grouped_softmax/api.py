@@ -7,7 +7,7 @@ softmax: own-group tokens j <= i and the landmarks of earlier groups of the segm
 softmax; an earlier group's tokens get their within-group softmax times their landmark's
 weight). Paths (FAMILY, in the order "auto" tries them; the rules are kernels/dispatch.py's):
   "pallas_gpu"  the Triton kernels of pallas_gpu.py (GPU; head_dim in KERNEL_HEAD_DIMS and
-                block_len <= tile; interpret=True off-device);
+                block_len < tile; interpret=True off-device);
   "pallas_tpu"  the Mosaic kernels of pallas_tpu.py (TPU; same contract and limits);
   "xla"         xla.chunked_grouped_softmax_attention: dense [B, H, chunk, T] scores,
                 `chunk` queries at a time (the oracle's arithmetic, O(T^2) FLOPs);
@@ -15,8 +15,9 @@ weight). Paths (FAMILY, in the order "auto" tries them; the rules are kernels/di
 "pallas" is the Pallas kernel of the current backend (the Triton one off-device, interpreted).
 
 The kernel path re-lays tokens out so each group fills one tile of `tile` slots (slot (g, r)
-holds token start[g] + r for r < len[g]), which makes every earlier group a single key tile:
-work is O(T^2 / block_len * tile) and nothing [T, T] is built. The number of groups is data
+holds token start[g] + r for r < len[g] <= tile - 1; the last slot of the key tile holds the
+group's landmark key), which makes every earlier group a single key tile: work is
+O(T^2 / block_len * tile) and nothing [T, T] is built. The number of groups is data
 dependent (each packed segment adds a partial group), so the layout has a static `max_groups`
 tiles and `lax.cond` takes the xla path whenever a row has more groups, a group is longer than
 a tile, or a segment id recurs after another one: the result is always exact.
@@ -37,7 +38,9 @@ from effattn.kernels.grouped_softmax import pallas_gpu, pallas_tpu, reference, x
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 _LIMITS = (dispatch.one_of("head_dim", KERNEL_HEAD_DIMS),
            dispatch.Limit(("block_len", "tile"), lambda block_len, tile: "" if (
-               block_len is None or block_len <= tile) else f"block_len={block_len} > tile={tile}"))
+               block_len is None or block_len < tile) else (
+                   f"block_len={block_len} >= tile={tile} (a tile holds its block and the "
+                   "block's landmark key)")))
 FAMILY = dispatch.Family("grouped_softmax", (
     dispatch.Path("pallas_gpu", platform="gpu", limits=_LIMITS),
     dispatch.Path("pallas_tpu", platform="tpu", limits=_LIMITS),
@@ -70,7 +73,8 @@ def relayout(gid, seg, *, max_groups: int, tile: int):
     slot_tok [B, G * tile] token of each slot (0 on invalid slots), valid [B, G * tile] bool,
     tok_slot [B, T] slot of each token, glen / gfirst / glast [B, Gp] int32 (tokens, first and
     last group of the segment; Gp = G rounded up to a power of two; absent groups have len 0
-    and first = last = own index), ok [] bool: the layout holds every row exactly.
+    and first = last = own index), ok [] bool: the layout holds every row exactly (at most
+    max_groups groups, each of at most tile - 1 tokens: the last slot is the landmark's).
   """
   b, t = gid.shape
   gp = 1 << max(0, (max_groups - 1).bit_length())
@@ -103,7 +107,7 @@ def relayout(gid, seg, *, max_groups: int, tile: int):
   distinct = jnp.sum(sorted_seg[:, 1:] != sorted_seg[:, :-1], axis=1)
   gid_change = gid[:, 1:] != gid[:, :-1]
   ok = (jnp.all(n_groups <= max_groups) & jnp.all(gid[:, 0] == 0)
-        & jnp.all(jnp.diff(gid, axis=1) >= 0) & jnp.all(glen <= tile)
+        & jnp.all(jnp.diff(gid, axis=1) >= 0) & jnp.all(glen < tile)
         & jnp.all(runs == distinct) & jnp.all(gid_change | ~change))
   return dict(slot_tok=slot_tok, valid=valid, tok_slot=tok_slot, glen=glen, gfirst=gfirst,
               glast=glast, ok=ok)
@@ -114,27 +118,27 @@ def _take_rows(x, idx):
   return jax.vmap(lambda xb, ib: xb[ib])(x, idx)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _kernel(qg, kg, vg, klg, glen, gfirst, glast, st: _Static):
-  o, _ = st.kernels.forward(qg, kg, vg, klg, glen, gfirst, lt=st.tile, scale=st.scale,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _kernel(qg, kg, vg, glen, gfirst, glast, st: _Static):
+  o, _ = st.kernels.forward(qg, kg, vg, glen, gfirst, lt=st.tile, scale=st.scale,
                             interpret=st.interpret, **dict(st.tuning))
   return o
 
 
-def _kernel_fwd(qg, kg, vg, klg, glen, gfirst, glast, st):
-  o, lse = st.kernels.forward(qg, kg, vg, klg, glen, gfirst, lt=st.tile, scale=st.scale,
+def _kernel_fwd(qg, kg, vg, glen, gfirst, glast, st):
+  o, lse = st.kernels.forward(qg, kg, vg, glen, gfirst, lt=st.tile, scale=st.scale,
                               interpret=st.interpret, **dict(st.tuning))
-  return o, (qg, kg, vg, klg, glen, gfirst, glast, o, lse)
+  return o, (qg, kg, vg, glen, gfirst, glast, o, lse)
 
 
 def _kernel_bwd(st, res, do):
-  qg, kg, vg, klg, glen, gfirst, glast, o, lse = res
+  qg, kg, vg, glen, gfirst, glast, o, lse = res
   # An elementwise product and sum, not an einsum: a dot may run in TF32 on GPU.
   delta = jnp.moveaxis(jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
-  dq, dk, dv, dkl = st.kernels.backward(
-      qg, kg, vg, klg, lse, do.astype(qg.dtype), delta, glen, gfirst, glast, lt=st.tile,
+  dq, dk, dv = st.kernels.backward(
+      qg, kg, vg, lse, do.astype(qg.dtype), delta, glen, gfirst, glast, lt=st.tile,
       scale=st.scale, interpret=st.interpret, **dict(st.tuning))
-  return dq, dk, dv, dkl.astype(klg.dtype), None, None, None
+  return dq, dk, dv, None, None, None
 
 
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)
@@ -142,17 +146,23 @@ _kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 def kernel_attention(q, k, v, k_land, lay: Layout, st: _Static):
   """The kernel path on a layout whose `ok` holds: o [B, T, H, D]."""
-  n_groups = lay["valid"].shape[1] // st.tile
+  b, slots = lay["valid"].shape
+  n_groups = slots // st.tile
   mask = lay["valid"][:, :, None, None]
   qg, kg, vg = (jnp.where(mask, _take_rows(x, lay["slot_tok"]), 0) for x in (q, k, v))
   if k_land.shape[1] >= n_groups:
     klg = k_land[:, :n_groups]
   else:
     klg = jnp.pad(k_land, ((0, 0), (0, n_groups - k_land.shape[1]), (0, 0), (0, 0)))
-  # qg, kg, vg [B, slots, H, D], klg [B, G, H, D], glen, gfirst, glast [B, Gp] -> og.
+  # Each group's landmark key goes into the last slot of its key tile (common.py): its score
+  # and gradient come out of the tile's own dots. Its gradient flows back through this set.
+  h, d = k.shape[2:]
+  kg = kg.reshape(b, n_groups, st.tile, h, d).at[:, :, -1].set(klg.astype(kg.dtype))
+  kg = kg.reshape(b, slots, h, d)
+  # qg, kg, vg [B, slots, H, D], glen, gfirst, glast [B, Gp] -> og.
   kernel = mesh.on_mesh("grouped_softmax", f"pallas_{st.platform}", lambda *a: _kernel(*a, st),
-                        ("BTHD", "BTHD", "BTHD", "BGHD", "BG", "BG", "BG"), "BTHD")
-  og = kernel(qg, kg, vg, klg, lay["glen"], lay["gfirst"], lay["glast"])
+                        ("BTHD", "BTHD", "BTHD", "BG", "BG", "BG"), "BTHD")
+  og = kernel(qg, kg, vg, lay["glen"], lay["gfirst"], lay["glast"])
 
   return _take_rows(og, lay["tok_slot"])
 
@@ -167,7 +177,7 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
                     block_len: int | None = None, impl: str = "auto", chunk: int = 256,
                     tile: int = 64, max_groups: int | None = None, interpret: bool = False,
                     num_warps: int | None = None, num_stages: int | None = None,
-                    return_fallback_frac: bool = False):
+                    q_groups: int | None = None, return_fallback_frac: bool = False):
   """The landmark grouped softmax.
 
   Args:
@@ -179,11 +189,14 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
       hold a group, and sizes the default max_groups).
     impl: "auto" | "pallas" | a path of FAMILY (kernels/dispatch.py has the rules).
     chunk: queries per step of the xla path (0: all at once); also the kernel's fallback.
-    tile: slots per group tile of the kernel (a power of two >= 16, >= block_len).
+    tile: slots per group tile of the kernel (a power of two >= 16, > block_len: a tile holds
+      a block's tokens and its landmark key).
     max_groups: group tiles of the kernel layout (default default_max_groups(T, block_len or
       tile)); rows with more groups run the xla path instead (lax.cond).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
     num_warps, num_stages: Triton tuning overrides (the GPU kernel only).
+    q_groups: groups per query tile of the GPU kernel (default 1; max_groups is rounded up to a
+      multiple of it).
     return_fallback_frac: also return the fraction of batch rows that took the kernel path's
       runtime fallback (1.0 or 0.0: the lax.cond sends the whole batch), or None on a path that
       has none.
@@ -208,6 +221,8 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
     raise ValueError(f"block_len={block_len} must be >= 1")
   if max_groups is not None and max_groups < 1:
     raise ValueError(f"max_groups={max_groups} must be >= 1")
+  if q_groups is not None and q_groups < 1:
+    raise ValueError(f"q_groups={q_groups} must be >= 1 (groups per query tile; try 1 or 2)")
   scale = d ** -0.5 if scale is None else float(scale)
   gid, seg = gid.astype(jnp.int32), seg.astype(jnp.int32)
 
@@ -225,10 +240,11 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
   if path in static:
     o = static[path](q, k, v, k_land)
     return (o, None) if return_fallback_frac else o
-  max_groups = max_groups or default_max_groups(t, block_len or tile)
+  max_groups = max_groups or default_max_groups(t, block_len or tile - 1)
+  max_groups = -(-max_groups // (q_groups or 1)) * (q_groups or 1)
   lay = relayout(gid, seg, max_groups=max_groups, tile=tile)
-  tuning = tuple((n, x) for n, x in (("num_warps", num_warps), ("num_stages", num_stages))
-                 if x is not None)
+  tuning = tuple((n, x) for n, x in (("num_warps", num_warps), ("num_stages", num_stages),
+                                     ("q_groups", q_groups)) if x is not None)
   st = _Static(tile=tile, scale=scale, interpret=interpret, tuning=tuning,
                platform=path.removeprefix("pallas_"))
   o = lax.cond(lay["ok"], lambda *a: kernel_attention(*a, lay, st).astype(q.dtype),

@@ -19,8 +19,15 @@ kernel in the other direction (derivation in docs/mechanisms_linear.md):
   dk          = scan_flip(q=v,  k=do, v=q,  S0=dS_T^T)
   dv, dS0     = scan_flip(q=k,  k=q,  v=do, S0=dS_T)
 
-The bidirectional form is causal + reverse - diagonal (two scans). log_decay gets no gradient
-(fixed decays, as in lightning attention); it is wrapped in stop_gradient to make that explicit.
+log_decay gets its gradient from the ones above (as fla's simple_gla does): with G_t the
+cumulative log gate of token t (q_t enters as q_t e^{G_t}, k_s as k_s e^{-G_s}) and G_F the one
+of the final state,
+
+  dg = sum_t (dG_t/dg) (q_t . dq_t - k_t . dk_t) + (dG_F/dg) <dS_T, S_T>
+
+(`_decay_grad`; derivation and the counts dG/dg per direction and segment in
+docs/mechanisms_linear.md). A mechanism with fixed decays stops the gradient itself (lightning).
+The bidirectional form is causal + reverse - diagonal (two scans).
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_derivatives
 
-from effattn.kernels import dispatch, mesh
+from effattn.kernels import checks, dispatch, mesh
 from effattn.kernels.linear_scan import pallas_gpu, pallas_tpu, reference, xla
 
 _GPU_DTYPES = tuple(np.dtype(t) for t in (jnp.bfloat16, jnp.float16, jnp.float32))
@@ -91,23 +99,72 @@ def _scan(plan: _Plan, reverse: bool, q, k, v, g, s0, runs):
 
 
 def _scan_fwd(plan, reverse, q, k, v, g, s0, runs):
-  return _run(plan, reverse, q, k, v, g, s0, runs), (q, k, v, g, s0, runs)
+  # symbolic_zeros: the arguments come as CustomVJPPrimal (value, perturbed). The backward
+  # takes the decay's gradient only where g is differentiated (a learned decay): the final
+  # state is kept for it, and dq, dk are produced in f32 (bf16 rounding of them spoils dg,
+  # which cancels across tokens).
+  learned = g.perturbed
+  q, k, v, g, s0, runs = custom_derivatives.custom_vjp_primal_tree_values((q, k, v, g, s0, runs))
+  o, final = _run(plan, reverse, q, k, v, g, s0, runs)
+  return (o, final), (q, k, v, g, s0, runs, final if learned else None)
+
+
+def _gate_steps(runs, length: int, reverse: bool):
+  """How many decay steps each cumulative log gate holds: (dG_t/dg [B or 1, T], dG_F/dg
+  [B or 1]) float32, for the tokens and the final state of one scan direction.
+
+  causal: G_t = g (t - start of t's run + 1) and G_F = G_{T-1}; reverse: G_t = g (end of t's
+  run - t) and G_F = g (end of the first run + 1). runs: [B, T] run ids or None (one run).
+  """
+  idx = jnp.arange(length, dtype=jnp.int32)[None]
+  if runs is None:
+    steps = length - 1 - idx if reverse else idx + 1
+  elif reverse:
+    last = jnp.concatenate([runs[:, 1:] != runs[:, :-1], jnp.ones_like(runs[:, :1], bool)], 1)
+    steps = jax.lax.cummin(jnp.where(last, idx, length - 1), axis=1, reverse=True) - idx
+  else:
+    first = jnp.concatenate([jnp.ones_like(runs[:, :1], bool), runs[:, 1:] != runs[:, :-1]], 1)
+    steps = idx - jax.lax.cummax(jnp.where(first, idx, 0), axis=1) + 1
+  final_steps = steps[:, 0] + 1 if reverse else steps[:, -1]
+  return steps.astype(jnp.float32), final_steps.astype(jnp.float32)
+
+
+def _decay_grad(reverse, q, k, dq, dk, final, d_final, runs):
+  """dL/dg [H] from dq, dk and the final state (module docstring): q_t enters every term as
+  q_t e^{G_t} and k_s as k_s e^{-G_s}, the final state as e^{G_F} times a sum of those."""
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  per_token = jnp.sum(f32(q) * f32(dq), -1) - jnp.sum(f32(k) * f32(dk), -1)  # [B, T, H]
+  steps, final_steps = _gate_steps(runs, q.shape[1], reverse)
+  per_final = jnp.sum(f32(d_final) * final, (-2, -1))                        # [B, H]
+  return (jnp.sum(steps[..., None] * per_token, (0, 1))
+          + jnp.sum(final_steps[:, None] * per_final, 0))
+
+
+def _dense(cotangent):
+  """A cotangent as an array (symbolic_zeros passes an unused output's as a SymbolicZero)."""
+  if isinstance(cotangent, custom_derivatives.SymbolicZero):
+    return jnp.zeros(cotangent.shape, cotangent.dtype)
+  return cotangent
 
 
 def _scan_bwd(plan, reverse, residuals, cotangents):
-  q, k, v, g, s0, runs = residuals
-  do, d_final = cotangents
+  q, k, v, g, s0, runs, final = residuals
+  do, d_final = map(_dense, cotangents)
+  learned = final is not None
   # The output scale moves onto do; the final state never saw it.
   do = (do.astype(jnp.float32) * plan.scale).astype(q.dtype)
   plan = dataclasses.replace(plan, scale=1.0, out_dtype=None)
+  qk_plan = dataclasses.replace(plan, out_dtype=np.dtype(np.float32)) if learned else plan
   swap = lambda s: jnp.swapaxes(s, -1, -2)
-  dq, _ = _run(plan, reverse, do, v, k, g, swap(s0), runs)
-  dk, _ = _run(plan, not reverse, v, do, q, g, swap(d_final), runs)
+  dq, _ = _run(qk_plan, reverse, do, v, k, g, swap(s0), runs)
+  dk, _ = _run(qk_plan, not reverse, v, do, q, g, swap(d_final), runs)
   dv, ds0 = _run(plan, not reverse, k, q, do, g, d_final, runs)
-  return dq, dk.astype(k.dtype), dv.astype(v.dtype), jnp.zeros_like(g), ds0, None
+  dg = (_decay_grad(reverse, q, k, dq, dk, final, d_final, runs) if learned
+        else jnp.zeros_like(g))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0, None
 
 
-_scan.defvjp(_scan_fwd, _scan_bwd)
+_scan.defvjp(_scan_fwd, _scan_bwd, symbolic_zeros=True)
 # q, k, v, g, s0, runs -> o, final state.
 _LAYOUTS = (("BTHD", "BTHD", "BTHD", "H", "BHKV", "BT"), ("BTHD", "BHKV"))
 
@@ -119,25 +176,14 @@ def _scan_on_mesh(plan: _Plan, reverse: bool, *args):
 
 
 def _check(q, k, v, log_decay, initial_state, segment_ids, causal):
-  if q.ndim != 4 or k.shape != q.shape:
-    raise ValueError(f"q and k must both be [B, T, H, Dk]; got {q.shape=} {k.shape=}")
-  if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-    raise ValueError(f"v must be [B, T, H, Dv] matching q's [B, T, H]; got {v.shape=} {q.shape=}")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-  if q.shape[1] == 0:
-    raise ValueError("the sequence is empty (T=0)")
-  b, _, h, dk = q.shape
+  checks.qkv(q, k, v)
+  h = q.shape[2]
   if log_decay is not None and log_decay.shape != (h,):
     raise ValueError(f"log_decay must be [H]={h,}; got {log_decay.shape}")
-  if initial_state is not None:
-    if not causal:
-      raise ValueError("initial_state needs causal=True (the bidirectional form carries no state)")
-    if initial_state.shape != (b, h, dk, v.shape[-1]):
-      raise ValueError(f"initial_state must be [B, H, Dk, Dv]={(b, h, dk, v.shape[-1])}; "
-                       f"got {initial_state.shape}")
-  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
-    raise ValueError(f"segment_ids must be [B, T]={q.shape[:2]}; got {segment_ids.shape}")
+  if initial_state is not None and not causal:
+    raise ValueError("initial_state needs causal=True (the bidirectional form carries no state)")
+  checks.state("initial_state", initial_state, q, v)
+  checks.segments(segment_ids, q)
 
 
 def linear_scan(q, k, v, log_decay=None, *, causal: bool = True, initial_state=None,
@@ -148,7 +194,8 @@ def linear_scan(q, k, v, log_decay=None, *, causal: bool = True, initial_state=N
 
   Args:
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; one dtype (bf16/f16/f32). Accumulation is f32.
-    log_decay: [H] per-head log-decay g_h <= 0 (None: no decay). Receives no gradient.
+    log_decay: [H] per-head log-decay g_h <= 0 (None: no decay). Differentiable (a learned
+      decay trains); pass it through jax.lax.stop_gradient to keep it fixed.
     causal: True for o_t over s <= t; False for all s with exp(g |t - s|).
     initial_state: [B, H, Dk, Dv] state S0 carried in (causal only), e.g. from a prompt.
     segment_ids: [B, T] packed sequences: tokens see only their own run of equal ids; the state
@@ -176,8 +223,7 @@ def _linear_scan(choice: dispatch.Choice, q, k, v, log_decay, *, causal, initial
   dv = v.shape[-1]
   path = choice.path
   out_dtype = np.dtype(out_dtype or q.dtype)
-  g = (jnp.zeros((h,), jnp.float32) if log_decay is None
-       else jax.lax.stop_gradient(log_decay.astype(jnp.float32)))
+  g = jnp.zeros((h,), jnp.float32) if log_decay is None else log_decay.astype(jnp.float32)
   if path == "reference":
     f32 = lambda x: x.astype(jnp.float32)  # so out_dtype=f32 keeps full precision
     o, final = reference.scan_quadratic(f32(q), f32(k), f32(v), g, causal=causal,

@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effattn.kernels import dispatch, mesh
+from effattn.kernels import checks, context_parallel, dispatch, mesh, paths
 from effattn.kernels.memory_chunk import common, deep, pallas_gpu, pallas_tpu, reference, xla
+from effattn.kernels.memory_chunk import context_parallel as chunk_maps
 
 _LINEAR = dispatch.Limit(("depth",), lambda depth: "" if depth == 1 else
                          f"depth={depth}: the kernels hold the linear (depth-1) memory only")
@@ -103,24 +104,13 @@ _LAYOUTS = (("BTHD", "BTHD", "BTHD", "BTH", "BTH", "BTH", "BT", "BT", "BT", "BHK
 
 
 def _check(q, k, v, theta, alpha, eta, w0, s0, segment_ids, chunk_size):
-  if q.ndim != 4 or k.shape != q.shape:
-    raise ValueError(f"q and k must both be [B, T, H, Dk]; got {q.shape=} {k.shape=}")
-  if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-    raise ValueError(f"v must be [B, T, H, Dv] matching q's [B, T, H]; got {v.shape=} {q.shape=}")
-  if q.shape[1] == 0:
-    raise ValueError("the sequence is empty (T=0)")
+  checks.qkv(q, k, v, one_dtype=False)
   for name, gate in (("theta", theta), ("alpha", alpha), ("eta", eta)):
-    if gate.shape != q.shape[:3]:
-      raise ValueError(f"{name} must be [B, T, H]={q.shape[:3]}; got {gate.shape}")
-  b, _, h, dk = q.shape
-  want = (b, h, dk, v.shape[-1])
-  for name, state in (("initial_memory", w0), ("initial_momentum", s0)):
-    if state is not None and state.shape != want:
-      raise ValueError(f"{name} must be [B, H, Dk, Dv]={want}; got {state.shape}")
-  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
-    raise ValueError(f"segment_ids must be [B, T]={q.shape[:2]}; got {segment_ids.shape}")
-  if chunk_size < 1:
-    raise ValueError(f"{chunk_size=} must be >= 1")
+    checks.per_token(name, gate, q)
+  checks.state("initial_memory", w0, q, v)
+  checks.state("initial_momentum", s0, q, v)
+  checks.segments(segment_ids, q)
+  checks.chunk_size(chunk_size)
 
 
 def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_momentum=None,
@@ -146,6 +136,19 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   out_dtype = np.dtype(out_dtype or q.dtype)
+  n = context_parallel.sequence_size()
+  if n > 1:  # T split over mesh.sequence: a cross-device scan of the chunks' affine maps
+    paths.log_path_once("memory_chunk", "chunk maps", f"mesh.sequence={n}, {impl} per device")
+
+    def update(q, k, v, theta, alpha, eta, w0, s0, seg):
+      return memory_update(q, k, v, theta, alpha, eta, initial_memory=w0, initial_momentum=s0,
+                           segment_ids=seg, chunk_size=chunk_size, impl=impl,
+                           block_sizes=block_sizes, compute_dtype=compute_dtype,
+                           out_dtype=out_dtype, interpret=interpret)
+    return chunk_maps.memory_update(update, q, k, v, theta, alpha, eta,
+                                    initial_memory=initial_memory,
+                                    initial_momentum=initial_momentum, segment_ids=segment_ids,
+                                    chunk_size=chunk_size, out_dtype=out_dtype)
   path, interpret = FAMILY.choose(impl, interpret=interpret, Dk=dk, Dv=dv,
                                   chunk_size=chunk_size, depth=1)
   if path == "reference":
@@ -187,8 +190,11 @@ def deep_memory_update(params0, mom0, q, k, v, theta, alpha, eta, segment_ids=No
   Returns:
     (y [B, T, H, Dv] float32, (weights, momentum) after the last token).
   """
-  if chunk_size < 1:
-    raise ValueError(f"{chunk_size=} must be >= 1")
+  checks.chunk_size(chunk_size)
+  if context_parallel.sequence_size() > 1:
+    raise ValueError(f"deep_memory_update context-parallel (mesh.sequence="
+                     f"{context_parallel.sequence_size()}): the deep memory is not affine in its "
+                     "weights, so its state cannot be passed across devices; set mesh.sequence=1")
   FAMILY.choose(impl, Dk=q.shape[-1], Dv=v.shape[-1], chunk_size=chunk_size, depth=len(params0))
   return _deep_chunked(params0, mom0, q, k, v, theta, alpha, eta, segment_ids, reset_to,
                        chunk_size=chunk_size)

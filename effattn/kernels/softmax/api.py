@@ -19,7 +19,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from effattn.kernels import dispatch
+from effattn.kernels import context_parallel, dispatch, paths
+from effattn.kernels.block_sparse import api as block_sparse
+from effattn.kernels.block_sparse import context_parallel as ring
 from effattn.kernels.softmax import cudnn, reference, xla
 
 FAMILY = dispatch.Family("softmax", (
@@ -71,6 +73,18 @@ def softmax_attention(
                        f"self-attention (keys {k.shape[:2]})")
     if max_segments < 2:
       raise ValueError(f"{max_segments=} must be >= 2")
+  n = context_parallel.sequence_size()
+  if n > 1:  # T split over mesh.sequence: ring attention over block-sparse steps
+    if mask is not None or window is not None:
+      what = "a dense mask" if mask is not None else f"{window=}"
+      raise ValueError(f"softmax_attention context-parallel (mesh.sequence={n}): {what} has no "
+                       "ring path; set mesh.sequence=1")
+    step_impl = dispatch.op_impl(impl, "block_sparse")
+    paths.log_path_once("softmax", "ring", f"mesh.sequence={n}, block_sparse {step_impl} per "
+                        "ring step")
+    o = ring.softmax_ring(block_sparse.block_sparse_attention, q, k, v, segment_ids,
+                          causal=causal, scale=scale, impl=step_impl)
+    return (o, None) if return_fallback_frac else o
   path, _ = FAMILY.choose(impl, dtype=np.dtype(q.dtype), head_dim=q.shape[-1],
                           dense_mask=mask is not None, segments=segment_ids is not None,
                           causal=causal, window=window)

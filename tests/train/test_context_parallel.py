@@ -1,0 +1,96 @@
+"""The trainer with mesh.sequence > 1: batches in the zig-zag layout, one step equal to the
+one-device step, and configs that cannot run context-parallel refused in one line."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from effattn import config as config_lib
+from effattn.kernels import context_parallel as cp
+from effattn.model import Transformer
+from effattn.ranges import ConfigError
+from effattn.testing import assert_trees_close
+from effattn.testing.configs import base_config
+from effattn.testing.meshes import FAST_COMPILE, host_mesh
+from effattn.train import optimizer, sharding, state, step
+
+
+def _config(**mesh):
+  config = base_config()
+  m = config.model
+  m.vocab_size, m.d_model, m.num_heads, m.mlp = 64, 32, 2, "none"
+  m.num_layers, m.pattern = 2, "linear,softmax"  # both families of context-parallel ops
+  m.attention.impl = "xla"
+  config.data.seq_len = 16
+  config.optimizer.warmup_steps = 0  # the first step moves the parameters
+  config.mesh.update(mesh)
+  config_lib.validate(config)
+  return config
+
+
+def _batch(b: int = 4, t: int = 16) -> dict:
+  """Two packed sequences and padding per row (segment 0)."""
+  rng = np.random.default_rng(0)
+  seg = np.repeat(np.asarray([[1] * 5 + [2] * 9 + [0] * 2], np.int32), b, 0)
+  pos = np.repeat(np.concatenate([np.arange(5), np.arange(9), [0, 0]])[None], b, 0)
+  return {"inputs": rng.integers(0, 64, (b, t)).astype(np.int32),
+          "targets": rng.integers(0, 64, (b, t)).astype(np.int32),
+          "weights": (seg > 0).astype(np.float32), "segment_ids": seg,
+          "positions": pos.astype(np.int32)}
+
+
+def _step(config, mesh=None):
+  tx, schedule = optimizer.make_optimizer(config.optimizer, 10)
+  graphdef, train_state = state.create(Transformer(config.model, rngs=nnx.Rngs(0)), tx)
+  train_step = jax.jit(step.make_train_step(graphdef, tx, schedule))
+  if mesh is None:
+    return train_step.lower(train_state, _batch()).compile(FAST_COMPILE)(train_state, _batch())
+  train_state = jax.device_put(train_state, sharding.param_shardings(train_state, mesh))
+  with sharding.ambient(mesh):
+    batch = sharding.put_batch(_batch(), sharding.batch_sharding(mesh))
+    lowered = train_step.lower(train_state, batch)
+    for collective in ("collective_permute", "all_gather"):  # the ring, the scan of states
+      assert collective in lowered.as_text(), f"no {collective}: the ops did not split T"
+    return lowered.compile(FAST_COMPILE)(train_state, batch), batch
+
+
+def test_one_step_on_a_sequence_axis_equals_one_device():
+  want_state, want = _step(_config())
+  config = _config(data=2, sequence=4)
+  (got_state, got), batch = _step(config, sharding.make_mesh(config.mesh))
+  for key, value in _batch().items():  # every [B, T] field in the zig-zag layout
+    assert isinstance(batch[key].sharding, NamedSharding)
+    np.testing.assert_array_equal(np.asarray(batch[key]), cp.to_zigzag(value, 4), err_msg=key)
+    assert "sequence" in str(batch[key].sharding.spec), key
+  for key in ("loss", "grad_norm"):
+    assert_trees_close(key, want[key], got[key], reduction=16)
+  # Adam's first step is sign-like, so compare the parameters the step moved to.
+  assert_trees_close("params", want_state.params, got_state.params, reduction=64)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(seq_len=20), "data.seq_len=20 must be a multiple of 2 x mesh.sequence=4"),
+    (dict(pattern="mala"), "mesh.sequence=4: mala cannot run context-parallel"),
+    (dict(pattern="softmax:window=4"), "a sliding window has no ring path"),
+    (dict(causal=False), "linear cannot run context-parallel .*bidirectional"),
+])
+def test_what_cannot_run_context_parallel_names_the_fix(overrides, match):
+  config = base_config()
+  config.mesh.sequence = 4
+  config.data.seq_len = overrides.get("seq_len", 16)
+  config.model.causal = overrides.get("causal", True)
+  config.model.pattern = overrides.get("pattern", "linear,softmax")
+  with pytest.raises(ConfigError, match=match):
+    config_lib.validate(config)
+
+
+def test_a_model_run_on_a_sequence_axis_refuses_what_cannot_split():
+  config = base_config()
+  config.model.vocab_size, config.model.d_model, config.model.num_heads = 64, 32, 2
+  config.model.attention.name = "mala"
+  model = Transformer(config.model, rngs=nnx.Rngs(0))
+  with jax.set_mesh(host_mesh(sequence=4)), pytest.raises(
+      ConfigError, match="mesh.sequence=4: mala cannot run context-parallel"):
+    model(np.zeros((1, 16), np.int32))
