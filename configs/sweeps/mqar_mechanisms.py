@@ -11,7 +11,7 @@ try to avoid.
 A GPU sweep: 600 steps of batch 64 (softmax leaves MQAR's plateau near step 500); the 24
 variants it had on 2026-11-30 ran in 3 minutes with 12 processes sharing one H200
 (--per_device 12, docs/quality.md). On a 2-core CPU each variant takes 2-12 minutes, too long
-for the whole grid: the README's CPU sweep is configs/sweeps/mqar_recall.py (five of these
+for the whole grid: the README's CPU sweep is configs/sweeps/mqar_recall.py (four of these
 mechanisms at T = 64). 4 heads of 16 dimensions, so every registered mechanism builds with its
 default options (SQA halves and quarters the heads). Run a subset with
 --filter 'attention=(mha|linear),'; widen it from the command line, e.g.
