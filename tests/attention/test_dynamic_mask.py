@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from effattn.attention import base
 from effattn.attention.dynamic_mask import select_top_w
@@ -22,6 +23,11 @@ def _build(impl="xla", keep_window=5, **opts):
                dynamic_mask={"keep_window": keep_window, "block": 8, **opts})
   attn.A[...] = jnp.array([1.5, -2.0])  # a non-trivial bias (A starts at 0 as in the code)
   return attn
+
+
+@nnx.jit
+def _project(attn, x, pos):
+  return attn.project(x, pos)
 
 
 def naive_dma(q, k, v, bias, w):
@@ -45,8 +51,8 @@ def naive_dma(q, k, v, bias, w):
 def test_matches_naive_top_w(impl):
   attn = _build(impl, keep_window=4)
   x, pos = random_inputs(length=14)
-  q, k, v, bias = attn.project(x, pos)
-  y, _ = attn(x, positions=pos)
+  q, k, v, bias = _project(attn, x, pos)
+  y, _ = Jitted(attn)(x, positions=pos)
   want = attn.o_proj(base.merge_heads(jnp.asarray(naive_dma(q, k, v, bias, 4), jnp.float32)))
   assert_close("y", want, y, reduction=14)
 
@@ -54,11 +60,11 @@ def test_matches_naive_top_w(impl):
 def test_window_covering_everything_is_causal_softmax_plus_bias():
   attn = _build("xla", keep_window=64)
   x, pos = random_inputs(length=20)
-  q, k, v, bias = attn.project(x, pos)
+  q, k, v, bias = _project(attn, x, pos)
   idx = base.sequence_index(2, 20)
   o = reference_attention(q, k, v, base.attention_mask(idx, idx, causal=True),
                           bias=jnp.repeat(bias, 2, axis=1)[:, :, None, :])
-  y, _ = attn(x, positions=pos)
+  y, _ = Jitted(attn)(x, positions=pos)
   assert_close("y", attn.o_proj(base.merge_heads(o)), y, reduction=20)
 
 
@@ -85,8 +91,8 @@ def test_global_selection_ranks_once():
 
 def test_tiles_are_skipped_and_kernel_path_agrees():
   x, pos = random_inputs(length=64)
-  got, aux = _build("xla", keep_window=8)(x, positions=pos)
-  want, _ = _build("reference", keep_window=8)(x, positions=pos)
+  got, aux = Jitted(_build("xla", keep_window=8))(x, positions=pos)
+  want, _ = Jitted(_build("reference", keep_window=8))(x, positions=pos)
   assert float(aux["dma_kept_tile_frac"]) < 0.75
   assert_close("y", want, got, reduction=64)
 

@@ -1,10 +1,13 @@
 """block_sparse: every path (the blocked jnp path, the Triton and Mosaic TPU kernels in interpret
 mode) equals reference.py, forward and gradients.
 
-Gradients go through jax.vjp with random cotangents for o AND lse (never `.sum()`).
+Gradients go through jax.vjp with random cotangents for o AND lse (never `.sum()`), jitted with
+the forward pass (one compile per path and case).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +48,16 @@ CASES = [
 ]
 
 
-def _run(impl, interpret, q, k, v, bias, idx, cnt, extra, bq, bk, causal):
+@functools.partial(jax.jit, static_argnames=("impl", "interpret", "bq", "bk", "causal"))
+def _outputs_and_grads(q, k, v, bias, idx, cnt, extra, do, dlse, *, impl, interpret, bq, bk,
+                       causal):
+  """(o, lse) and the vjp of (do, dlse) for q, k, v, bias, in one compiled program. dlse is
+  zeroed where lse is -inf (a query that sees nothing: lse is compared first)."""
   def f(q, k, v, bias):
     return block_sparse_attention(q, k, v, idx, cnt, block_q=bq, block_k=bk, causal=causal,
                                   kv_bias=bias, impl=impl, interpret=interpret, **extra)
-  return jax.vjp(f, q, k, v, bias)
+  (o, lse), vjp = jax.vjp(f, q, k, v, bias)
+  return o, lse, vjp((do, jnp.where(jnp.isfinite(lse), dlse, 0.0)))
 
 
 @pytest.mark.parametrize("impl,interpret", PATHS, ids=PATH_IDS)
@@ -80,14 +88,15 @@ def test_matches_reference(impl, interpret, name, dims, pattern, causal, feature
     thr = jnp.take_along_axis(bias, order[..., None], -1)
     extra["q_threshold"] = jnp.broadcast_to(thr, (b, h_kv, t))
     extra["q_threshold_pos"] = jnp.broadcast_to(order[..., None], (b, h_kv, t))
-  args = (q, k, v, bias, idx, cnt, extra, bq, bk, causal)
-  (o_r, lse_r), vjp_r = _run("reference", False, *args)
-  (o, lse), vjp = _run(impl, interpret, *args)
+  do = jax.random.normal(keys[6], (b, t, h, d), jnp.float32).astype(dtype)
+  dlse = jax.random.normal(keys[7], (b, h, t))
+  args = (q, k, v, bias, idx, cnt, extra, do, dlse)
+  static = dict(bq=bq, bk=bk, causal=causal)
+  o_r, lse_r, grads_r = _outputs_and_grads(*args, impl="reference", interpret=False, **static)
+  o, lse, grads = _outputs_and_grads(*args, impl=impl, interpret=interpret, **static)
   assert_close("o", o_r, o, dtype=dtype, reduction=s)
   assert_close("lse", lse_r, lse, dtype=jnp.float32, reduction=s)  # f32 softmax statistics
-  do = jax.random.normal(keys[6], o.shape, jnp.float32).astype(dtype)
-  dlse = jnp.where(jnp.isfinite(lse_r), jax.random.normal(keys[7], lse.shape), 0.0)
-  for gname, g_r, g in zip(("dq", "dk", "dv", "dbias"), vjp_r((do, dlse)), vjp((do, dlse))):
+  for gname, g_r, g in zip(("dq", "dk", "dv", "dbias"), grads_r, grads):
     if g_r is None:
       assert g is None, gname
       continue
@@ -99,6 +108,6 @@ def test_empty_rows_are_zero(impl, interpret):
   b, t, h, d, bq = 1, 32, 2, 64, 16
   q = jnp.ones((b, t, h, d))
   idx, cnt = lists_from_block_mask(jnp.zeros((b, h, 2, 2), bool))
-  o, lse = block_sparse_attention(q, q, q, idx, cnt, block_q=bq, block_k=bq, impl=impl,
-                                  interpret=interpret)
+  o, lse = jax.jit(functools.partial(block_sparse_attention, block_q=bq, block_k=bq, impl=impl,
+                                     interpret=interpret))(q, q, q, idx, cnt)
   assert np.all(np.asarray(o) == 0) and np.all(np.isneginf(np.asarray(lse)))
