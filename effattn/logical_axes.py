@@ -41,7 +41,8 @@ The names (configs/base.py's table maps them):
                width), norm (norm scales)
   activations  act_batch, act_length, act_embed ([B, T, d_model] at block boundaries),
                act_heads ([B, T, H, D] inside attention, as kernels/mesh.py splits heads),
-               act_mlp ([B, T, F] between the MLP's up and down projections)
+               act_mlp ([B, T, F] between the MLP's up and down projections), act_vocab
+               (logits [B, T, V], and the rows of the embedding table where it is looked up)
 """
 
 from __future__ import annotations
@@ -178,5 +179,4 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 RESIDUAL = ("act_batch", "act_length", "act_embed")  # [B, T, d_model]
 HEADS = ("act_batch", "act_length", "act_heads", None)  # [B, T, H, D]
 MLP_HIDDEN = ("act_batch", "act_length", "act_mlp")  # [B, T, F]
-TABLE = ("act_vocab", None)  # an embedding table [V, d] where it is looked up
 LOGITS = ("act_batch", "act_length", "act_vocab")  # [B, T, V]

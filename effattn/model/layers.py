@@ -54,6 +54,9 @@ class Embed(nnx.Module):
   def __init__(self, vocab_size: int, d_model: int, *, dtype: Any, rngs: nnx.Rngs,
                rows: str | None = "vocab"):
     self.dtype = dtype
+    # Where it is looked up the table keeps its rows' split (a vocab-parallel lookup) and is
+    # whole over d_model.
+    self.lookup_axes = ("act_vocab" if rows == "vocab" else None, None)
     self.embedding = logical_axes.param(
         jax.random.normal(rngs.params(), (vocab_size, d_model), jnp.float32) * d_model ** -0.5,
         (rows, "embed"))
@@ -63,7 +66,7 @@ class Embed(nnx.Module):
     # rows of the table, gathered whole over d_model (FSDP), and the results are summed. Left
     # to itself XLA kept d_model split over fsdp, then rematerialized the whole lookup output
     # to split its batch over fsdp.
-    table = logical_axes.constrain(self.embedding[...], logical_axes.TABLE)
+    table = logical_axes.constrain(self.embedding[...], self.lookup_axes)
     return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:

@@ -7,6 +7,8 @@
 - mechanisms.py: building mechanisms by hand or at the tiny size of the mechanism suite.
 - oracles.py: the common oracles of every mechanism (causality, decode, segments, gradients).
 - configs.py: the configs/base.py tree, tiny trainer and evaluation configs, a fresh model.
+- mesh.py: a model's loss and gradients, or its compiled train step, on a mesh of host devices
+  as the trainer places them, beside the one-device run.
 - data.py: tiny `config.data` trees for the data tests.
 - scripts.py: importing a script of scripts/ by path.
 
