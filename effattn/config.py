@@ -87,6 +87,8 @@ RANGES: dict[str, Range] = {
     "eval.passkey.examples": POSITIVE_INT,
     "eval.passkey.seed": NON_NEGATIVE_INT,
     "eval.passkey.tokens_per_batch": NON_NEGATIVE_INT,  # 0: eval.batch_size * data.seq_len
+    "eval.entropy.examples": NON_NEGATIVE_INT,  # 0: the whole split
+    "eval.entropy.batch_size": POSITIVE_INT,
     "eval.positions.num_buckets": POSITIVE_INT,
     "eval.positions.max_examples": NON_NEGATIVE_INT,
     "eval.positions.tokens_per_batch": NON_NEGATIVE_INT,
