@@ -34,30 +34,8 @@ from effattn import logical_axes
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.delta_rule import delta_rule, delta_rule_step
+from effattn.kernels.short_conv import short_conv
 from effattn.ranges import POSITIVE, POSITIVE_INT, ConfigError
-
-
-@jax.jit  # eager calls (tests, decoding) compile once per shape, not once per op
-def short_conv(x, taps, tail=None, segment_ids=None):
-  """Causal depthwise convolution y_t = sum_j taps[K-1-j] * x_{t-j}, j < K.
-
-  x [B, T, C]; taps [K, C]; tail [B, K-1, C]: the inputs before x (decoding), else zeros;
-  segment_ids [B, T]: x_{t-j} counts only inside t's segment. Returns (y, the new tail).
-  """
-  b, t, c = x.shape
-  width = taps.shape[0]
-  past = jnp.zeros((b, width - 1, c), x.dtype) if tail is None else tail.astype(x.dtype)
-  full = jnp.concatenate([past, x], axis=1)                               # [B, K-1+T, C]
-  if segment_ids is not None:  # tokens of the previous segments fall out of reach
-    seg = jnp.concatenate([jnp.broadcast_to(segment_ids[:, :1], (b, width - 1)), segment_ids], 1)
-  y = jnp.zeros_like(x)
-  for lag in range(width):
-    start = width - 1 - lag
-    shifted = full[:, start:start + t]
-    if segment_ids is not None:
-      shifted = jnp.where((seg[:, start:start + t] == segment_ids)[..., None], shifted, 0)
-    y = y + shifted * taps[width - 1 - lag].astype(x.dtype)
-  return y, full[:, t:]
 
 
 def l2_normalize(x, eps: float = 1e-6):

@@ -45,6 +45,7 @@ from effattn import logical_axes
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.memory_chunk import common, deep, deep_memory_update, memory_update, xla
+from effattn.kernels.short_conv import short_conv
 from effattn.kernels.softmax import softmax_attention
 from effattn.kernels.softmax.persistent import persistent_attention
 from effattn.ranges import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigError
@@ -97,18 +98,13 @@ class _Memory(nnx.Module):
     seg: [B, T] segment ids (the conv never reaches into another segment) or None.
     """
     b, t, _ = x.shape
-    h, d, kk = self.num_heads, self.head_dim, self.conv_size
-    proj = self.qkv_proj(x).reshape(b, t, 3, h * d)
-    if conv_tail is None:
-      conv_tail = jnp.zeros((b, kk - 1, 3, h * d), proj.dtype)
-    full = jnp.concatenate([conv_tail.astype(proj.dtype), proj], axis=1)
-    seg = jnp.ones((b, t), jnp.int32) if seg is None else seg
-    seg_full = jnp.concatenate([jnp.broadcast_to(seg[:, :1], (b, kk - 1)), seg], axis=1)
-    taps = self.conv.value.astype(proj.dtype)
-    out = jnp.zeros_like(proj)
-    for j in range(kk):  # tap j reaches j tokens back
-      same = (seg_full[:, kk - 1 - j:kk - 1 - j + t] == seg)[..., None, None]
-      out = out + jnp.where(same, full[:, kk - 1 - j:kk - 1 - j + t], 0) * taps[kk - 1 - j]
+    h, d = self.num_heads, self.head_dim
+    proj = self.qkv_proj(x)  # [B, T, 3 H D]: q | k | v, each conv channel on its own
+    taps = self.conv.value.reshape(self.conv_size, 3 * h * d)
+    if conv_tail is not None:
+      conv_tail = conv_tail.reshape(b, self.conv_size - 1, 3 * h * d)
+    out, tail = short_conv(proj, taps, conv_tail, seg)
+    out, tail = out.reshape(b, t, 3, h * d), tail.reshape(b, self.conv_size - 1, 3, h * d)
     q, k, v = (base.split_heads(out[:, :, i], h) for i in range(3))
     q, k, v = _l2(jax.nn.silu(q)), _l2(jax.nn.silu(k)), jax.nn.silu(v)
     g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32).reshape(b, t, 3, h)
@@ -116,7 +112,7 @@ class _Memory(nnx.Module):
     # The ablations: alpha = 0 (no forgetting), eta = 0 (no momentum).
     alpha = g[:, :, 1] if self.weight_decay else jnp.zeros_like(g[:, :, 1])
     eta = g[:, :, 2] if self.momentum else jnp.zeros_like(g[:, :, 2])
-    return q, k, v, (self.max_lr * g[:, :, 0], alpha, eta), full[:, t:]
+    return q, k, v, (self.max_lr * g[:, :, 0], alpha, eta), tail
 
   # -- memory ----------------------------------------------------------------------------------
 
@@ -229,6 +225,9 @@ class NeuralMemory(base.Attention):
   }
   OPS = ("softmax", "memory_chunk")  # attention branch, memory
   CAUSAL_ONLY = True
+  # MAG, MAL and LMM with the linear memory: the convs take a halo (kernels/short_conv.py), the
+  # memory a cross-device scan of chunk maps, the attention the softmax ring.
+  CONTEXT_PARALLEL = True
   CHOICES = {"variant": VARIANTS, "swa_impl": ("fused", "dense")}
   RANGES = {"depth": POSITIVE_INT, "expansion": POSITIVE_INT, "chunk_size": POSITIVE_INT,
             "segment_len": POSITIVE_INT, "num_persistent": NON_NEGATIVE_INT,
@@ -248,6 +247,29 @@ class NeuralMemory(base.Attention):
     if opts.variant == "mac" and opts.segment_len % opts.chunk_size:
       raise ConfigError(f"model.attention.neural_memory.segment_len={opts.segment_len} must be "
                         f"a multiple of chunk_size={opts.chunk_size} (MAC updates whole chunks)")
+
+  @classmethod
+  def context_parallel(cls, opts, sizes, causal):
+    if opts.variant == "mac":
+      return ("MAC runs its attention and its memory in turn, one segment after another "
+              "(each segment attends to what the memory retrieves after the last)")
+    if opts.depth > 1:
+      return f"depth={opts.depth}: a deep memory is not affine in its weights (depth 1 is)"
+    if opts.variant != "lmm" and opts.swa_impl == "dense":
+      return "swa_impl='dense' builds the [T, N_p + T] mask; swa_impl='fused' runs the ring"
+    if opts.variant != "lmm" and sizes.window is not None:
+      return "a sliding window has no ring path"
+    return ""
+
+  @classmethod
+  def check_context_parallel(cls, opts, sizes, causal, sequence):
+    super().check_context_parallel(opts, sizes, causal, sequence)
+    chunk = None if sizes.seq_len is None or sequence < 2 else sizes.seq_len // (2 * sequence)
+    if chunk is not None and chunk % opts.chunk_size:
+      raise ConfigError(f"mesh.sequence={sequence}: the {chunk} tokens of a context-parallel "
+                        f"chunk (data.seq_len / 2 x mesh.sequence) must be a multiple of "
+                        f"model.attention.neural_memory.chunk_size={opts.chunk_size}, whose "
+                        "mini-batches may not straddle devices")
 
   @classmethod
   def op_shapes(cls, opts, sizes):

@@ -59,21 +59,6 @@ def test_layer_is_the_papers_block(attn):
   assert 0 < float(aux["delta_write"]) < 1 and float(aux["delta_log_decay"]) < 0
 
 
-def test_short_conv_stops_at_segment_starts_and_continues_from_its_tail():
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((1, 10, 3)), jnp.float32)
-  taps = jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)
-  seg = jnp.asarray([[1] * 6 + [2] * 4])
-  y, _ = gated_deltanet.short_conv(x, taps, segment_ids=seg)
-  alone = [gated_deltanet.short_conv(x[:, s], taps)[0] for s in (slice(0, 6), slice(6, 10))]
-  assert_close("segments", jnp.concatenate(alone, 1), y, reduction=4)
-  # Decoding: the conv over a prompt's tail and the next tokens equals the conv over both.
-  full, _ = gated_deltanet.short_conv(x, taps)
-  _, tail = gated_deltanet.short_conv(x[:, :7], taps)
-  rest, _ = gated_deltanet.short_conv(x[:, 7:], taps, tail)
-  assert_close("decoded tail", full[:, 7:], rest, reduction=4)
-
-
 def test_cache_is_constant_in_the_length(attn):
   small, large = attn.init_cache(2, 16), attn.init_cache(2, 4096)
   assert jax.tree.map(jnp.shape, small) == jax.tree.map(jnp.shape, large)

@@ -3,7 +3,8 @@
 Inputs go in the zig-zag layout (kernels/context_parallel.py) onto a mesh of the 8 host devices
 with a sequence axis, outputs and gradients come back to natural order and are compared with the
 op's reference path on one device: ring attention (softmax, causal and not, and block-sparse
-lists), the cross-device linear scan and normalizer, and the Titans memory. Chunks of T / 2n
+lists, and with persistent keys), the cross-device linear scan and normalizer, the Titans
+memory, and the short conv's halo. Chunks of T / 2n
 tokens that are not a multiple of the per-device tiles or scan chunks are part of the cases.
 """
 
@@ -18,7 +19,9 @@ from effattn.kernels.block_sparse import block_sparse_attention, causal_block_ma
 from effattn.kernels.block_sparse.common import lists_from_block_mask
 from effattn.kernels.linear_scan import linear_scan, linear_scan_normalizer
 from effattn.kernels.memory_chunk import memory_update
+from effattn.kernels.short_conv import short_conv
 from effattn.kernels.softmax import softmax_attention
+from effattn.kernels.softmax.persistent import persistent_attention
 from effattn.testing import assert_trees_close
 from effattn.testing.kernels import assert_kernels_ran
 from effattn.testing.meshes import FAST_COMPILE, host_mesh, value_and_grads
@@ -143,6 +146,33 @@ def test_titans_memory_across_devices():
          mesh=host_mesh(sequence=N, tensor=2), reduction=t, collective="all_gather")
 
 
+def test_ring_with_persistent_keys():
+  """Titans' attention branch: every query also sees N_p persistent pairs (GQA)."""
+  rng = np.random.default_rng(0)
+  b, t, h, h_kv, d, n_p = 2, 24, 4, 2, 8, 3
+
+  def op(q, k, v, pk, pv, impl):
+    return persistent_attention(q, k, v, pk, pv, segment_ids=_ids(SEGMENTS, impl), impl=impl)
+
+  inputs = (_normal(rng, b, t, h, d), _normal(rng, b, t, h_kv, d), _normal(rng, b, t, h_kv, d),
+            _normal(rng, n_p, h_kv, d), _normal(rng, n_p, h_kv, d))
+  _check("persistent_attention", op, inputs, (1, 1, 1, None, None), (1,),
+         mesh=host_mesh(sequence=N, tensor=2), reduction=t, collective="collective_permute")
+
+
+@pytest.mark.parametrize("width", [4, 9])  # a halo within the chunk before, and across two
+def test_short_conv_halo(width):
+  rng = np.random.default_rng(0)
+  b, t, c = 2, 40, 6  # chunks of 5 tokens
+  seg = jnp.asarray([[1] * 10 + [2] * 13 + [3] * 17, [1] * 40], jnp.int32)
+
+  def op(x, taps, impl):
+    return short_conv(x, taps, segment_ids=_ids(seg, impl))
+
+  _check("short_conv", op, (_normal(rng, b, t, c), _normal(rng, width, c)), (1, None), (1, None),
+         mesh=host_mesh(data=2, sequence=N), reduction=width, collective="all_gather")
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda x: softmax_attention(x, x, x, causal=True), "T=20 tokens do not split"),
     (lambda x: softmax_attention(x[:, :16], x[:, :16], x[:, :16], causal=True, window=4),
@@ -151,6 +181,8 @@ def test_titans_memory_across_devices():
      "causal=False has no cross-device path"),
     (lambda x: memory_update(*(x[:, :16],) * 3, *(x[:, :16, :, 0],) * 3, chunk_size=4),
      "the 2 tokens of a chunk .* multiple of chunk_size=4"),
+    (lambda x: persistent_attention(x[:, :16], x[:, :16], x[:, :16], x[0, :2], x[0, :2],
+                                    window=4), "window=4 has no ring path"),
 ])
 def test_what_cannot_split_names_the_fix(call, match):
   x = jnp.ones((1, 20, 2, 8), jnp.float32)

@@ -17,11 +17,17 @@ from effattn.testing.meshes import FAST_COMPILE, host_mesh
 from effattn.train import optimizer, sharding, state, step
 
 
-def _config(**mesh):
+# Titans with the linear memory: MAG (conv halo, memory scan, ring with persistent keys) and
+# MAL (the attention over the memory's output); chunks of T / 2n = 2 tokens, conv width 4.
+TITANS = ("neural_memory:variant=mag:chunk_size=2:num_persistent=2,"
+          "neural_memory:variant=mal:chunk_size=2:num_persistent=2")
+
+
+def _config(pattern="linear,softmax", **mesh):  # default: both families of ring and scan ops
   config = base_config()
   m = config.model
   m.vocab_size, m.d_model, m.num_heads, m.mlp = 64, 32, 2, "none"
-  m.num_layers, m.pattern = 2, "linear,softmax"  # both families of context-parallel ops
+  m.num_layers, m.pattern = 2, pattern
   m.attention.impl = "xla"
   config.data.seq_len = 16
   config.optimizer.warmup_steps = 0  # the first step moves the parameters
@@ -57,9 +63,10 @@ def _step(config, mesh=None):
     return lowered.compile(FAST_COMPILE)(train_state, batch), batch
 
 
-def test_one_step_on_a_sequence_axis_equals_one_device():
-  want_state, want = _step(_config())
-  config = _config(data=2, sequence=4)
+@pytest.mark.parametrize("pattern", ["linear,softmax", TITANS])
+def test_one_step_on_a_sequence_axis_equals_one_device(pattern):
+  want_state, want = _step(_config(pattern))
+  config = _config(pattern, data=2, sequence=4)
   (got_state, got), batch = _step(config, sharding.make_mesh(config.mesh))
   for key, value in _batch().items():  # every [B, T] field in the zig-zag layout
     assert isinstance(batch[key].sharding, NamedSharding)
@@ -76,6 +83,11 @@ def test_one_step_on_a_sequence_axis_equals_one_device():
     (dict(pattern="mala"), "mesh.sequence=4: mala cannot run context-parallel"),
     (dict(pattern="softmax:window=4"), "a sliding window has no ring path"),
     (dict(causal=False), "linear cannot run context-parallel .*bidirectional"),
+    (dict(pattern="neural_memory:variant=mac:chunk_size=2"), "MAC runs its attention and its "
+     "memory in turn"),
+    (dict(pattern="neural_memory:depth=2:chunk_size=2"), "a deep memory is not affine"),
+    (dict(pattern="neural_memory"), "the 2 tokens of a context-parallel chunk .* multiple of "
+     "model.attention.neural_memory.chunk_size=16"),
 ])
 def test_what_cannot_run_context_parallel_names_the_fix(overrides, match):
   config = base_config()

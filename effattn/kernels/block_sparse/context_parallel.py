@@ -111,7 +111,7 @@ def _step(ring: _Ring, q, q_aux: Aux, lists, source, k, v, kv_aux: Aux):
 # -- the ring ---------------------------------------------------------------------------------
 
 
-def _merge(o, lse, o_s, lse_s):
+def merge(o, lse, o_s, lse_s):
   """Two partial attentions over disjoint keys -> their union (f32 o, lse; -inf: no key)."""
   top = jnp.maximum(lse, lse_s)
   top = jnp.where(jnp.isfinite(top), top, 0.0)
@@ -136,7 +136,7 @@ def _forward(ring: _Ring, q, k, v, q_aux, kv_aux, lists):
 
   def one(step, kv, o, lse):
     o_s, lse_s = _step(ring, q, q_aux, lists, _source(ring, step), *kv)
-    return _merge(o, lse, o_s, lse_s)
+    return merge(o, lse, o_s, lse_s)
 
   def body(carry, step):
     kv, o, lse = carry
@@ -250,11 +250,12 @@ def ring_attention(attend: Callable, q, k, v, aux: Aux, lists=None, *, causal: b
 
 
 def softmax_ring(attend: Callable, q, k, v, segment_ids=None, *, causal: bool,
-                 scale: float | None, impl: str):
-  """softmax_attention's context-parallel path (segments by id, causal by true index): o."""
+                 scale: float | None, impl: str, return_lse: bool = False):
+  """softmax_attention's context-parallel path (segments by id, causal by true index): o, or
+  (o, lse [B, H, T]) with return_lse (to merge with attention over other keys by `merge`)."""
   ids = None if segment_ids is None else segment_ids.astype(jnp.int32)[:, None]
   aux = Aux(q_seg=ids, kv_seg=ids)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  o, _ = ring_attention(attend, q, k, v, aux, causal=causal, scale=scale, block_q=64,
-                        block_k=64, impl=impl, op="softmax")
-  return o
+  o, lse = ring_attention(attend, q, k, v, aux, causal=causal, scale=scale, block_q=64,
+                          block_k=64, impl=impl, op="softmax")
+  return (o, lse) if return_lse else o

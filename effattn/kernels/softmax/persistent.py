@@ -17,6 +17,11 @@ softmax family's rule (api.FAMILY) on the shapes of the call:
                of window + chunk keys with a window), scores recomputed in the backward pass:
                O(chunk * T) memory, O(T * (chunk + window)) work with a window;
   "reference"  the dense mask, then the reference attention.
+
+With T split over mesh.sequence (kernels/context_parallel.py) the sequence keys go through the
+softmax ring (block_sparse/context_parallel.py), which returns its log-sum-exp; the persistent
+pairs, the same for every query, are attended to on each device's own queries, and the two
+partial softmaxes are merged exactly by log-sum-exp. A window has no ring path.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effattn.kernels import dispatch
+from effattn.kernels import context_parallel, dispatch
+from effattn.kernels.block_sparse import block_sparse_attention
+from effattn.kernels.block_sparse import context_parallel as ring
 from effattn.kernels.paths import log_path_once
 from effattn.kernels.softmax import api
 from effattn.kernels.softmax.common import attention_mask, sequence_index
@@ -97,6 +104,34 @@ def chunked(q, k, v, persistent_k, persistent_v, *, segment_ids=None, window=Non
 
   o = jax.lax.map(one_chunk, jnp.arange(n))  # [n, B, c, H, D]
   return jnp.moveaxis(o, 0, 1).reshape(b, n * c, h, d)[:, :t]
+
+
+def _over_persistent(q, persistent_k, persistent_v, scale):
+  """Each query over the N_p persistent pairs alone: (o [B, T, H, D], lse [B, H, T]) float32."""
+  group = q.shape[2] // persistent_k.shape[1]
+  pk, pv = (jnp.repeat(p.astype(jnp.float32), group, axis=1) for p in (persistent_k,
+                                                                      persistent_v))
+  s = jnp.einsum("bthd,nhd->bhtn", q.astype(jnp.float32), pk) * scale
+  lse = jax.nn.logsumexp(s, axis=-1)
+  return jnp.einsum("bhtn,nhd->bthd", jnp.exp(s - lse[..., None]), pv), lse
+
+
+def _context_parallel(q, k, v, persistent_k, persistent_v, *, segment_ids, window, scale,
+                      impl, n: int):
+  """persistent_attention with T split over mesh.sequence = n (module docstring)."""
+  if window is not None:
+    raise ValueError(f"{OP} context-parallel (mesh.sequence={n}): {window=} has no ring path; "
+                     "set mesh.sequence=1 or window=None")
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  step_impl = dispatch.op_impl(impl, "block_sparse")
+  log_path_once(OP, "ring", f"mesh.sequence={n}, block_sparse {step_impl} per ring step")
+  o, lse = ring.softmax_ring(block_sparse_attention, q, k, v, segment_ids, causal=True,
+                             scale=scale, impl=step_impl, return_lse=True)
+  if persistent_k.shape[0] == 0:
+    return o
+  o_p, lse_p = _over_persistent(q, persistent_k, persistent_v, scale)
+  o, _ = ring.merge(o_p, lse_p, o, lse)
+  return o.astype(q.dtype)
 
 
 def layout(segment_ids, t: int, n_p: int, max_runs: int):
@@ -186,6 +221,10 @@ def persistent_attention(q, k, v, persistent_k, persistent_v, *, segment_ids=Non
   if q.shape[1] != k.shape[1] or (segment_ids is not None and segment_ids.shape != q.shape[:2]):
     raise ValueError(f"a self-attention: q {q.shape}, k {k.shape} and segment_ids [B, T] must "
                      "share T")
+  n = context_parallel.sequence_size()
+  if n > 1:
+    return _context_parallel(q, k, v, persistent_k, persistent_v, segment_ids=segment_ids,
+                             window=window, scale=scale, impl=impl, n=n)
   path, _ = api.FAMILY.choose(impl, dtype=np.dtype(q.dtype), head_dim=q.shape[-1],
                               dense_mask=False, segments=segment_ids is not None, causal=True,
                               window=window)
