@@ -49,9 +49,24 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   # (jax.make_mesh's default would be Explicit sharding types).
   mesh = jax.make_mesh((data, fsdp, sequence, tensor), AXES,
                        axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+  check_process_groups(mesh.devices)
   logging.info("mesh %s on %d %s device(s)", dict(mesh.shape), len(devices),
                jax.default_backend())
   return mesh
+
+
+def check_process_groups(devices: np.ndarray) -> None:
+  """Each process feeds its own rows of the batch (put_batch), so the devices that share a row,
+  those along sequence x tensor of one (data, fsdp) index, must all be one process's. devices:
+  the mesh's [data, fsdp, sequence, tensor] array (anything with a `process_index`)."""
+  groups = np.vectorize(lambda d: d.process_index)(devices).reshape(
+      devices.shape[0] * devices.shape[1], -1)
+  for row, group in enumerate(groups):
+    if len(set(group.tolist())) > 1:
+      raise ValueError(f"mesh sequence={devices.shape[2]} x tensor={devices.shape[3]}: the "
+                       f"devices of batch shard {row} span processes {sorted(set(group.tolist()))}"
+                       ", but each process reads its own rows; make mesh.sequence x mesh.tensor "
+                       "fit in one host's devices (jax.local_device_count())")
 
 
 def logical_rules(mesh_cfg) -> logical_axes.Rules:

@@ -79,3 +79,15 @@ def test_profile_steps_trace_their_window(data_dir, tmp_path):
   config.model.num_layers = 1
   loop.train_and_evaluate(config, str(tmp_path))
   assert glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+
+
+def test_a_row_shared_by_two_processes_is_refused():
+  """Devices along sequence x tensor of one batch shard must be one process's: each process
+  feeds only its own rows."""
+  host = lambda p: type("Device", (), {"process_index": p})()  # noqa: E731
+  within = np.asarray([host(p) for p in (0, 0, 1, 1)]).reshape(2, 1, 2, 1)
+  sharding.check_process_groups(within)  # data=2 over hosts, sequence=2 on each: fine
+  across = np.asarray([host(p) for p in (0, 1, 0, 1)]).reshape(1, 2, 1, 2)
+  with pytest.raises(ValueError, match="batch shard 0 span processes \\[0, 1\\].*mesh.sequence x "
+                     "mesh.tensor fit in one host"):
+    sharding.check_process_groups(across)
