@@ -12,7 +12,10 @@ Parts (JSON under --out, a markdown table printed last; docs/benchmarks.md has r
    a lax.scan over tokens), T = 2k .. 32k; a num_warps sweep and chunk 16 at T = 8k.
    forward+backward = the outputs (y, W_T, S_T) with the gradients of every input for random
    cotangents (timing.forward_and_grads); each row gives the custom kernels compiled.
-3. layer: the whole neural_memory module (variant lmm, d_model 1024, 16 heads) forward+backward
+3. blocks: the value columns split over programs (BlockSizes.block_v) at the shape of
+   bench_train's 16k step (B=2, H=8, D=128, bf16, chunk 16, T = 16k: 16 programs of one
+   block on 132 SMs), block_v None / 64 / 32 / 16; part 1 checks block_v 16 first.
+4. layer: the whole neural_memory module (variant lmm, d_model 1024, 16 heads) forward+backward
    (output, gradients of the parameters and the input) tokens/s with the memory on Pallas vs
    xla.
 fla 0.6.0's titans op is not timed: it is a TTT-style update of a layer-normed residual MLP
@@ -33,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from effattn.evaluate.timing import cotangent_like, forward_and_grads, measure  # noqa: E402
-from effattn.kernels.memory_chunk import memory_update, reference  # noqa: E402
+from effattn.kernels.memory_chunk import memory_update, pallas_gpu, reference  # noqa: E402
 
 B, H, D = 4, 16, 64
 SMOKE = {"on": False}  # --smoke: the Pallas kernels in interpret mode (CPU)
@@ -66,9 +69,11 @@ def check(results):
   for dtype, chunk, t in ((jnp.float32, 16, 300), (jnp.bfloat16, 64, 517)):
     args, seg = inputs(jax.random.key(0), 2, t, 4, 64, dtype, segments=True)
 
-    def run(impl):
+    def run(impl, block_v=None):
+      sizes = pallas_gpu.BlockSizes(block_v=block_v) if block_v else None
       f = lambda *a: memory_update(*a[:6], initial_memory=a[6], segment_ids=seg,  # noqa: E731
-                                   chunk_size=chunk, impl=impl, **kernel_kwargs(impl))
+                                   chunk_size=chunk, impl=impl, block_sizes=sizes,
+                                   **kernel_kwargs(impl))
       out, vjp = jax.vjp(f, *args)
       return out, vjp
 
@@ -79,8 +84,8 @@ def check(results):
            jax.random.normal(keys[2], out_r[1][1].shape)))
     g_r = vjp_r(ct)
     names = ["y", "W_T", "S_T", "dq", "dk", "dv", "dtheta", "dalpha", "deta", "dW0"]
-    for impl in ("pallas_gpu", "xla"):
-      out, vjp = run(impl)
+    for impl, block_v in (("pallas_gpu", None), ("pallas_gpu", 16), ("xla", None)):
+      out, vjp = run(impl, block_v)
       g = vjp(ct)
       want = jax.tree.leaves(out_r) + list(g_r)
       got = jax.tree.leaves(out) + list(g)
@@ -89,16 +94,17 @@ def check(results):
               for n, a, b in zip(names, want, got)}
       worst = max(errs.values())
       limit = 1e-4 if dtype == jnp.float32 else 5e-2
-      rows.append(dict(impl=impl, dtype=jnp.dtype(dtype).name, chunk=chunk, t=t, worst=worst,
-                       ok=worst < limit, errors=errs))
-      print(f"check {impl:10s} {jnp.dtype(dtype).name:8s} C={chunk} T={t}: worst rel err "
+      rows.append(dict(impl=impl, block_v=block_v, dtype=jnp.dtype(dtype).name, chunk=chunk,
+                       t=t, worst=worst, ok=worst < limit, errors=errs))
+      print(f"check {impl:10s} block_v={block_v} {jnp.dtype(dtype).name:8s} C={chunk} T={t}: "
+            f"worst rel err "
             f"{worst:.2e} ({'ok' if worst < limit else 'FAIL'})", flush=True)
   results["check"] = rows
 
 
-def op_fns(impl, chunk, warps=4):
-  from effattn.kernels.memory_chunk import pallas_gpu
-  sizes = pallas_gpu.BlockSizes(num_warps=warps) if impl == "pallas_gpu" else None
+def op_fns(impl, chunk, warps=None, block_v=None):
+  sizes = (pallas_gpu.BlockSizes(num_warps=warps, block_v=block_v) if impl == "pallas_gpu"
+           else None)
 
   def fwd(*a):
     if impl == "recurrent":
@@ -109,9 +115,9 @@ def op_fns(impl, chunk, warps=4):
   return fwd, forward_and_grads(fwd, argnums=tuple(range(7)))
 
 
-def timed(impl, chunk, warps, args, reps):
+def timed(impl, chunk, warps, args, reps, block_v=None):
   """(fwd, fwd+bwd) measurements of the memory update on args (q, k, v, gates, w0)."""
-  fwd, fb = op_fns(impl, chunk, warps)
+  fwd, fb = op_fns(impl, chunk, warps, block_v)
   return (measure(fwd, *args, reps=reps),
           measure(fb, *args, cotangent_like(fwd, *args), reps=max(2, reps // 2)))
 
@@ -161,6 +167,26 @@ def sweep(results, t, b, h, d):
   results["sweep"] = rows
 
 
+def blocks(results, t, b, h, d, chunk):
+  rows = []
+  args, _ = inputs(jax.random.key(5), b, t, h, d, jnp.bfloat16)
+  for block_v in (None, 64, 32, 16):
+    if block_v and (block_v > d or d % block_v):
+      continue
+    row = dict(t=t, b=b, h=h, d=d, chunk=chunk, block_v=block_v, programs=b * h * (
+        d // block_v if block_v else 1))
+    try:
+      f, fb = timed("pallas_gpu", chunk, None, args, 10, block_v)
+      row.update(fwd_ms=f["ms"], fwdbwd_ms=fb["ms"], kernels=(f["kernels"], fb["kernels"]))
+      print(f"blocks block_v={block_v} ({row['programs']} programs): fwd {row['fwd_ms']:.2f} "
+            f"ms fwd+bwd {row['fwdbwd_ms']:.2f} ms kernels {row['kernels']}", flush=True)
+    except Exception as e:
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      print(f"blocks block_v={block_v} failed: {row['error']}", flush=True)
+    rows.append(row)
+  results["blocks"] = rows
+
+
 def layer(results, t, b, d_model, heads):
   from flax import nnx
 
@@ -204,6 +230,11 @@ def table(results):
     lines.append(f"| {r['t']} | {r['impl']} (C={r['chunk']}) | {r['fwd_ms']:.2f} | "
                  f"{r['fwd_tok_s']:,.0f} | {r['fwdbwd_ms']:.2f} | {r['fwdbwd_tok_s']:,.0f} | "
                  f"{r['kernels'][0]} / {r['kernels'][1]} |")
+  for r in results.get("blocks", []):
+    if "error" not in r:
+      lines.append(f"| {r['t']} | pallas_gpu block_v={r['block_v']} ({r['programs']} programs, "
+                   f"B={r['b']} H={r['h']} D={r['d']} C={r['chunk']}) | {r['fwd_ms']:.2f} | | "
+                   f"{r['fwdbwd_ms']:.2f} | | {r['kernels'][0]} / {r['kernels'][1]} |")
   return "\n".join(lines)
 
 
@@ -211,7 +242,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", default="/tmp/bench_memory")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU sanity run)")
-  parser.add_argument("--parts", default="check,op,sweep,layer")
+  parser.add_argument("--parts", default="check,op,sweep,blocks,layer")
   parser.add_argument("--sizes", default="2048,4096,8192,16384,32768", help="T values of 'op'")
   flags = parser.parse_args()
   SMOKE["on"] = flags.smoke
@@ -223,6 +254,9 @@ def main():
   for name, fn in (("check", lambda: check(results)),
                    ("op", lambda: op(results, sizes, b, h, d)),
                    ("sweep", lambda: sweep(results, sizes[-1] if flags.smoke else 8192, b, h, d)),
+                   ("blocks", lambda: blocks(results, 256 if flags.smoke else 16384,
+                                             1 if flags.smoke else 2, 2 if flags.smoke else 8,
+                                             32 if flags.smoke else 128, 16)),
                    ("layer", lambda: layer(results, 512 if flags.smoke else 8192,
                                            1 if flags.smoke else 4, 64 if flags.smoke else 1024,
                                            4 if flags.smoke else 16))):

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effattn.kernels.memory_chunk import deep, memory_update, reference
+from effattn.kernels import dispatch
+from effattn.kernels.memory_chunk import deep, memory_update, pallas_gpu, reference
 from effattn.testing import assert_close, assert_trees_close, kernels
 from effattn.testing.inputs import case_key
 
@@ -110,7 +111,46 @@ def _reference_case(name, dims, chunk, dtype, segments, states):
   return out, lambda _: grads, cts
 
 
-def _vjp(path, interpret, name, dims, chunk, dtype, segments, states):
+def test_value_blocks_split_the_columns_exactly():
+  """BlockSizes.block_v: the Triton kernel over Dv / block_v programs per (row, head), its
+  forward and every gradient (the column sums of dq, dk and the gates) against the reference."""
+  case = ("ragged-segments-states", (2, 37, 2, 16, 64), 8, jnp.float32, True, True)
+  (y_r, (w_r, s_r)), vjp_r, cts = _reference_case(*case)
+  (y, (w, s)), vjp = _vjp("pallas_gpu", True, *case,
+                          block_sizes=pallas_gpu.BlockSizes(block_v=16))
+  for label, want, got in (("y", y_r, y), ("W_T", w_r, w), ("S_T", s_r, s)):
+    assert_close(label, want, got, reduction=37)
+  names = ["dq", "dk", "dv", "dtheta", "dalpha", "deta", "dW0", "dS0"]
+  for name_, g_r, g in zip(names, vjp_r(cts), vjp(cts)):
+    assert_close(name_, g_r, g, reduction=37)
+  with pytest.raises(ValueError, match="block_v=24 must be a power of two >= 16"):
+    pallas_gpu.BlockSizes(block_v=24)
+  with pytest.raises(ValueError, match="block_v=128 must divide Dv=64"):
+    pallas_gpu.BlockSizes(block_v=128).value_blocks(64)
+  chosen = pallas_gpu.BlockSizes(block_v=0).value_blocks  # halved until 128 programs
+  assert (chosen(128, 16), chosen(128, 64), chosen(128, 256), chosen(64, 2)) == (8, 2, 1, 4)
+
+
+def test_value_blocks_lower_for_cuda():
+  """The split kernels lower to Triton at the bench shape (D 128, block_v 32: 4 programs per
+  row and head), the backward with one share of dq per value block."""
+  x = jax.ShapeDtypeStruct((1, 64, 2, 128), jnp.bfloat16)
+  gate = jax.ShapeDtypeStruct((1, 64, 2), jnp.float32)
+
+  def loss(q, k, v, theta):
+    y, (w, _) = memory_update(q, k, v, theta, theta, theta, chunk_size=16, impl="pallas_gpu",
+                              block_sizes=pallas_gpu.BlockSizes(block_v=32))
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(w)
+
+  with dispatch.lower_for("gpu"):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(x, x, x, gate).lower(
+        lowering_platforms=("cuda",)).as_text()
+  calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
+  assert len(calls) == 2  # forward and backward
+  assert "tensor<4x1x64x2x128xf32>" in calls[1]  # dq's four shares
+
+
+def _vjp(path, interpret, name, dims, chunk, dtype, segments, states, block_sizes=None):
   """jax.vjp of memory_update on `path` with respect to every given input (None: no grad)."""
   args, seg = make_inputs(name, *dims, dtype=dtype, segments=segments, states=states)
   diff = [i for i, a in enumerate(args) if a is not None]
@@ -121,7 +161,8 @@ def _vjp(path, interpret, name, dims, chunk, dtype, segments, states):
       full[i] = x
     q, k, v, theta, alpha, eta, w0, s0 = full
     return memory_update(q, k, v, theta, alpha, eta, initial_memory=w0, initial_momentum=s0,
-                         segment_ids=seg, chunk_size=chunk, impl=path, interpret=interpret)
+                         segment_ids=seg, chunk_size=chunk, impl=path, interpret=interpret,
+                         block_sizes=block_sizes)
 
   return jax.vjp(f, *(args[i] for i in diff))
 

@@ -8,6 +8,14 @@ chunks in reverse carrying (dW, dS) and calls xla.chunk_backward.
 
 Layout [B, T, H, D] as given (no transposes); gates [B, T, H] and token masks [B, T] are read
 with strides. The caller pads T to a multiple of the chunk (api.memory_update).
+
+`BlockSizes.block_v` splits the value columns over programs, grid (B, H, Dv / block_v): the
+memory is separable in them (column j of W and S sees only column j of v and of the
+gradient), so each program runs the same chunk math on its columns and the forward is exact.
+The backward's dq, dk and gate gradients are sums over the columns: each program writes its
+block's share, [Dv / block_v, ...], and they are summed after the call. At small B x H (16
+programs at B 2, H 8 on 132 SMs) this multiplies the programs at no extra state work (q, k and
+the chunk's [C, C] products are recomputed per block).
 """
 
 from __future__ import annotations
@@ -23,23 +31,46 @@ from jax.experimental.pallas import triton as plgpu
 from effattn.kernels.memory_chunk import xla
 
 
+TARGET_PROGRAMS = 128  # about the SMs of an H100 / H200 (132)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Triton launch parameters (the chunk is part of the math, not a tile: api's chunk_size).
 
   num_warps: None picks 8 for chunks >= 64 and 4 below (H100, D=64: C=64 runs 1.6x faster
   forward and 1.3x faster backward with 8 warps than with 4; docs/benchmarks.md).
+  block_v: value columns per program (a power of two >= 16 dividing Dv); 0: halved from Dv
+  while the grid has fewer than TARGET_PROGRAMS programs; None: all of Dv, one program per
+  (row, head).
   """
 
   num_warps: int | None = None
   num_stages: int = 1
+  block_v: int | None = None
 
   def warps(self, chunk: int) -> int:
     return self.num_warps or (8 if chunk >= 64 else 4)
 
+  def value_blocks(self, dv: int, programs: int = 1) -> int:
+    """Programs per (row, head), Dv / block_v, for a grid of `programs` (row, head) pairs."""
+    if self.block_v is None:
+      return 1
+    block = self.block_v
+    if block == 0:
+      block = dv
+      while block > 16 and block % 2 == 0 and programs * dv // block < TARGET_PROGRAMS:
+        block //= 2
+    if dv % block:
+      raise ValueError(f"BlockSizes.block_v={self.block_v} must divide Dv={dv}")
+    return dv // block
+
   def __post_init__(self):
     if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"BlockSizes.num_warps={self.num_warps} must be a power of two <= 16")
+    if self.block_v and (self.block_v < 16 or self.block_v & (self.block_v - 1)):
+      raise ValueError(f"BlockSizes.block_v={self.block_v} must be a power of two >= 16 "
+                       "(Triton's dots), 0 (chosen from the grid) or None (all of Dv)")
 
 
 def _load_chunk(refs, start, chunk):
@@ -101,14 +132,40 @@ def _backward_kernel(*refs, chunk: int, dtype):
   ds0_ref[...] = ds
 
 
-def _specs(b, padded, h, dk, dv):
-  """BlockSpecs over grid (B, H): per-token tensors, gates, token masks, states."""
-  sq = pl.squeezed
-  tok = lambda d: pl.BlockSpec((sq, padded, sq, d), lambda bi, hi: (bi, 0, hi, 0))
-  gate = pl.BlockSpec((sq, padded, sq), lambda bi, hi: (bi, 0, hi))
-  mask = pl.BlockSpec((sq, padded), lambda bi, hi: (bi, 0))
-  state = lambda rows: pl.BlockSpec((sq, sq, rows, dv), lambda bi, hi: (bi, hi, 0, 0))
-  return tok, gate, mask, state
+class _Specs:
+  """BlockSpecs over grid (B, H) or, with nv = Dv / block_v > 1 value blocks, (B, H, nv)."""
+
+  def __init__(self, padded: int, dv: int, nv: int):
+    self.padded, self.bv, self.split = padded, dv // nv, nv > 1
+    self.grid_tail = (nv,) if self.split else ()
+
+  def _spec(self, shape, index):
+    # index(bi, hi, vi) -> block indices; vi is 0 on the (B, H) grid.
+    if self.split:
+      return pl.BlockSpec(shape, lambda bi, hi, vi: index(bi, hi, vi))
+    return pl.BlockSpec(shape, lambda bi, hi: index(bi, hi, 0))
+
+  def tok(self, d):  # q, k [B, Tp, H, Dk], whole in every value block
+    return self._spec((pl.squeezed, self.padded, pl.squeezed, d), lambda b, h, v: (b, 0, h, 0))
+
+  def col(self):  # v, y, dy, dv [B, Tp, H, Dv]: the block's columns
+    return self._spec((pl.squeezed, self.padded, pl.squeezed, self.bv),
+                      lambda b, h, v: (b, 0, h, v))
+
+  def gate(self):  # [B, Tp, H]
+    return self._spec((pl.squeezed, self.padded, pl.squeezed), lambda b, h, v: (b, 0, h))
+
+  def mask(self):  # [B, Tp]
+    return self._spec((pl.squeezed, self.padded), lambda b, h, v: (b, 0))
+
+  def state(self, rows):  # [B, H, rows, Dv]: the block's columns
+    return self._spec((pl.squeezed, pl.squeezed, rows, self.bv), lambda b, h, v: (b, h, 0, v))
+
+  def share(self, spec):  # a sum over the columns: one [nv, ...] slot per value block
+    if not self.split:
+      return spec
+    shape = (pl.squeezed,) + tuple(spec.block_shape)
+    return pl.BlockSpec(shape, lambda bi, hi, vi: (vi,) + spec.index_map(bi, hi, vi))
 
 
 def forward(q, k, v, theta, lb, le, seg, carry, end, w0, s0, *, chunk: int, dtype,
@@ -118,19 +175,20 @@ def forward(q, k, v, theta, lb, le, seg, carry, end, w0, s0, *, chunk: int, dtyp
   b, padded, h, dk = q.shape
   dv = v.shape[-1]
   n = padded // chunk
-  tok, gate, mask, state = _specs(b, padded, h, dk, dv)
+  sp = _Specs(padded, dv, block_sizes.value_blocks(dv, b * h))
   f32 = jnp.float32
-  out_specs = [tok(dv), state(dk), state(dk)]
+  out_specs = [sp.col(), sp.state(dk), sp.state(dk)]
   out_shape = [jax.ShapeDtypeStruct((b, padded, h, dv), f32),
                jax.ShapeDtypeStruct((b, h, dk, dv), f32), jax.ShapeDtypeStruct((b, h, dk, dv), f32)]
   if save_states:
-    out_specs += [state(n * dk)] * 2
+    out_specs += [sp.state(n * dk)] * 2
     out_shape += [jax.ShapeDtypeStruct((b, h, n * dk, dv), f32)] * 2
+  gate, mask = sp.gate(), sp.mask()
   outs = pl.pallas_call(
       functools.partial(_forward_kernel, chunk=chunk, dtype=dtype, save_states=save_states),
-      grid=(b, h),
-      in_specs=[tok(dk), tok(dk), tok(dv), gate, gate, gate, mask, mask, mask, state(dk),
-                state(dk)],
+      grid=(b, h) + sp.grid_tail,
+      in_specs=[sp.tok(dk), sp.tok(dk), sp.col(), gate, gate, gate, mask, mask, mask,
+                sp.state(dk), sp.state(dk)],
       out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=block_sizes.warps(chunk),
@@ -148,21 +206,29 @@ def backward(q, k, v, theta, lb, le, seg, carry, end, states, dy, dw_t, ds_t, *,
   b, padded, h, dk = q.shape
   dv = v.shape[-1]
   n = padded // chunk
-  tok, gate, mask, state = _specs(b, padded, h, dk, dv)
+  nv = block_sizes.value_blocks(dv, b * h)
+  sp = _Specs(padded, dv, nv)
   f32 = jnp.float32
-  shape = lambda *s: jax.ShapeDtypeStruct(s, f32)
-  return pl.pallas_call(
+  share = lambda *s: jax.ShapeDtypeStruct(((nv,) if nv > 1 else ()) + s, f32)  # noqa: E731
+  gate, mask = sp.gate(), sp.mask()
+  dq, dk_, dv_, dth, dlb, dle, dw0, ds0 = pl.pallas_call(
       functools.partial(_backward_kernel, chunk=chunk, dtype=dtype),
-      grid=(b, h),
-      in_specs=[tok(dk), tok(dk), tok(dv), gate, gate, gate, mask, mask, mask,
-                state(n * dk), state(n * dk), tok(dv), state(dk), state(dk)],
-      out_specs=[tok(dk), tok(dk), tok(dv), gate, gate, gate, state(dk), state(dk)],
-      out_shape=[shape(b, padded, h, dk), shape(b, padded, h, dk), shape(b, padded, h, dv),
-                 shape(b, padded, h), shape(b, padded, h), shape(b, padded, h),
-                 shape(b, h, dk, dv), shape(b, h, dk, dv)],
+      grid=(b, h) + sp.grid_tail,
+      in_specs=[sp.tok(dk), sp.tok(dk), sp.col(), gate, gate, gate, mask, mask, mask,
+                sp.state(n * dk), sp.state(n * dk), sp.col(), sp.state(dk), sp.state(dk)],
+      out_specs=[sp.share(sp.tok(dk)), sp.share(sp.tok(dk)), sp.col(), sp.share(gate),
+                 sp.share(gate), sp.share(gate), sp.state(dk), sp.state(dk)],
+      out_shape=[share(b, padded, h, dk), share(b, padded, h, dk),
+                 jax.ShapeDtypeStruct((b, padded, h, dv), f32), share(b, padded, h),
+                 share(b, padded, h), share(b, padded, h),
+                 jax.ShapeDtypeStruct((b, h, dk, dv), f32),
+                 jax.ShapeDtypeStruct((b, h, dk, dv), f32)],
       compiler_params=plgpu.CompilerParams(num_warps=block_sizes.warps(chunk),
                                            num_stages=block_sizes.num_stages),
       interpret=interpret,
       name="memory_chunk_bwd",
   )(q, k, v, theta, lb, le, seg.astype(jnp.int32), carry, end, *states, dy.astype(f32),
     dw_t.astype(f32), ds_t.astype(f32))
+  if nv > 1:  # each value block's share of the sums over the columns
+    dq, dk_, dth, dlb, dle = (jnp.sum(x, axis=0) for x in (dq, dk_, dth, dlb, dle))
+  return dq, dk_, dv_, dth, dlb, dle, dw0, ds0
