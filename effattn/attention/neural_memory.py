@@ -48,7 +48,7 @@ from effattn.kernels.memory_chunk import common, deep, deep_memory_update, memor
 from effattn.kernels.short_conv import short_conv
 from effattn.kernels.softmax import softmax_attention
 from effattn.kernels.softmax.persistent import persistent_attention
-from effattn.ranges import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigError
+from effattn.ranges import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigError, Range
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
 
@@ -67,12 +67,12 @@ class _Memory(nnx.Module):
   """The long-term memory layer: q/k/v streams, gates, the memory MLP and its updates."""
 
   def __init__(self, d_model, num_heads, head_dim, *, depth, expansion, conv_size, max_lr,
-               chunk_size, impl, dtype, rngs, momentum=True, weight_decay=True):
+               chunk_size, impl, dtype, rngs, momentum=True, weight_decay=True, block_v=None):
     h, d = num_heads, head_dim
     self.num_heads, self.head_dim, self.depth = h, d, depth
     self.chunk_size, self.conv_size, self.max_lr = chunk_size, conv_size, max_lr
     self.momentum, self.weight_decay = momentum, weight_decay
-    self.impl, self.dtype = impl, dtype
+    self.impl, self.dtype, self.block_v = impl, dtype, block_v
     self.qkv_proj = base.dense(d_model, 3 * h * d, rngs=rngs, dtype=dtype, axes=base.FUSED)
     # Depthwise causal conv taps [K, 3, H*D]; starts as the identity (last tap = current token).
     self.conv = nnx.Param(jnp.zeros((conv_size, 3, h * d), jnp.float32).at[-1].set(1.0))
@@ -132,7 +132,8 @@ class _Memory(nnx.Module):
     if self.depth == 1:
       r, (w1, s1) = memory_update(q, k, v, theta, alpha, eta, initial_memory=w[0],
                                   initial_momentum=s[0], segment_ids=seg,
-                                  chunk_size=self.chunk_size, impl=self.impl)
+                                  chunk_size=self.chunk_size, impl=self.impl,
+                                  block_v=self.block_v)
       return r, ((w1,), (s1,))
     reset_to, _ = self.initial_state(q.shape[0])
     return deep_memory_update(w, s, q, k, v, theta, alpha, eta, seg, reset_to,
@@ -222,6 +223,10 @@ class NeuralMemory(base.Attention):
       # flat in T at equal tokens: kernels/softmax/persistent.py); "dense" builds the
       # [T, N_p + T] mask (the oracle; O(T^2) memory on the XLA path it forces).
       "swa_impl": "fused",
+      # The memory's Triton kernel: value columns per program (None: all of them, one program
+      # per row and head; 0: halved while the grid is short of the GPU's SMs). A launch
+      # setting (kernels/memory_chunk/pallas_gpu.py); other paths ignore it.
+      "memory_block_v": None,
   }
   OPS = ("softmax", "memory_chunk")  # attention branch, memory
   CAUSAL_ONLY = True
@@ -230,6 +235,7 @@ class NeuralMemory(base.Attention):
   CONTEXT_PARALLEL = True
   CHOICES = {"variant": VARIANTS, "swa_impl": ("fused", "dense")}
   RANGES = {"depth": POSITIVE_INT, "expansion": POSITIVE_INT, "chunk_size": POSITIVE_INT,
+            "memory_block_v": Range(0, integer=True, none_ok=True),
             "segment_len": POSITIVE_INT, "num_persistent": NON_NEGATIVE_INT,
             "conv_size": POSITIVE_INT, "max_lr": POSITIVE}
 
@@ -244,6 +250,11 @@ class NeuralMemory(base.Attention):
 
   @classmethod
   def check(cls, opts, sizes):
+    bv = opts.memory_block_v
+    if bv and (bv < 16 or bv & (bv - 1) or sizes.head_dim % bv):
+      raise ConfigError(f"model.attention.neural_memory.memory_block_v={bv} must be a power of "
+                        f"two >= 16 dividing head_dim={sizes.head_dim}, 0 (chosen from the grid) "
+                        "or None")
     if opts.variant == "mac" and opts.segment_len % opts.chunk_size:
       raise ConfigError(f"model.attention.neural_memory.segment_len={opts.segment_len} must be "
                         f"a multiple of chunk_size={opts.chunk_size} (MAC updates whole chunks)")
@@ -283,7 +294,8 @@ class NeuralMemory(base.Attention):
     self.memory = _Memory(d_model, h, d, depth=o.depth, expansion=o.expansion,
                           conv_size=o.conv_size, max_lr=o.max_lr, chunk_size=o.chunk_size,
                           impl=self.op_impl("memory_chunk"), dtype=dt, rngs=rngs,
-                          momentum=o.momentum, weight_decay=o.weight_decay)
+                          momentum=o.momentum, weight_decay=o.weight_decay,
+                          block_v=o.memory_block_v)
     width = h * d
     cols = dict(rngs=rngs, dtype=dt, head_dim=d)
     self.out_proj = base.dense(width, d_model, axes=base.ROWS, **cols)

@@ -12,9 +12,11 @@ import pytest
 from flax import nnx
 
 from effattn.attention import registry
+from effattn.kernels import dispatch
 from effattn.kernels.memory_chunk import reference
 from effattn.testing import assert_close, assert_trees_close, oracles
 from effattn.testing.inputs import random_inputs
+from effattn.testing.kernels import assert_kernels_ran
 from effattn.testing.mechanisms import Jitted, params_and_rest
 from effattn.testing.mechanisms import build as build_mechanism
 
@@ -122,6 +124,39 @@ def test_registered_and_checked():
     build("mac", segment_len=6)
   with pytest.raises(ValueError, match="depth"):
     build("mag", depth=0)
+  with pytest.raises(ValueError, match="memory_block_v=24 must be a power of two >= 16"):
+    build("lmm", memory_block_v=24)
+
+
+def test_memory_block_v_splits_the_kernel_and_changes_nothing():
+  """The layer on the memory's Triton kernel (interpreted) with its value columns in two
+  programs per row and head gives the one-program layer's output and gradients."""
+  x, pos = random_inputs(2, 40, d_model=64, seed=5)
+  results = []
+  for block_v in (None, 16):
+    module = build_mechanism("neural_memory", d_model=64, num_heads=2, impl="auto",
+                             neural_memory=dict(variant="lmm", chunk_size=16,
+                                                memory_block_v=block_v))
+    graphdef, params, rest = params_and_rest(module)
+
+    def loss(p, x):
+      y, _ = nnx.merge(graphdef, p, rest)(x, positions=pos)
+      return jnp.sum(jnp.sin(y)), y
+
+    grads_of = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    # Each context gets its own function: jit caches a trace by function, paths included.
+    with dispatch.lower_for("gpu"):  # the option reaches the kernel: dq in 2 shares, or whole
+      text = jax.jit(lambda *a: grads_of(*a)).trace(params, x).lower(
+          lowering_platforms=("cuda",)).as_text()
+    assert ("tensor<2x2x48x2x32xf32>" in text) == (block_v == 16)
+    step = jax.jit(grads_of)
+    with dispatch.interpret_kernels("gpu"):
+      assert_kernels_ran({"memory_chunk_fwd", "memory_chunk_bwd"}, step, params, x)
+      (_, y), grads = step(params, x)
+    results.append((y, grads))
+  (y, g), (y_split, g_split) = results
+  assert_close("y", y, y_split, reduction=40)
+  assert_trees_close("grads", g, g_split, reduction=40)
 
 
 @pytest.mark.parametrize("variant,window", [("mag", 5), ("mal", None)])

@@ -115,7 +115,8 @@ def _check(q, k, v, theta, alpha, eta, w0, s0, segment_ids, chunk_size):
 
 def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_momentum=None,
                   segment_ids=None, chunk_size: int = 64, impl: str = "auto", block_sizes=None,
-                  compute_dtype=None, out_dtype=None, interpret: bool = False):
+                  block_v: int | None = None, compute_dtype=None, out_dtype=None,
+                  interpret: bool = False):
   """Chunk-parallel test-time training of a linear memory, with retrieval at every token.
 
   Args:
@@ -126,6 +127,9 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
     chunk_size: tokens per mini-batch C (the GPU kernel needs a power of two >= 16).
     impl: "auto" | "pallas" | a path of FAMILY (kernels/dispatch.py has the rules).
     block_sizes: pallas_gpu.BlockSizes / pallas_tpu.BlockSizes for the kernel paths.
+    block_v: the Triton kernel's value columns per program (pallas_gpu.BlockSizes.block_v;
+      0: chosen from the grid) when block_sizes is None. A launch setting, not math: the
+      other paths have no such split and run as they are.
     compute_dtype: matmul operand dtype (default q.dtype; float32 runs at full precision).
     out_dtype: dtype of y (default q.dtype). interpret: Pallas interpreter (CPU tests).
 
@@ -143,7 +147,7 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
     def update(q, k, v, theta, alpha, eta, w0, s0, seg):
       return memory_update(q, k, v, theta, alpha, eta, initial_memory=w0, initial_momentum=s0,
                            segment_ids=seg, chunk_size=chunk_size, impl=impl,
-                           block_sizes=block_sizes, compute_dtype=compute_dtype,
+                           block_sizes=block_sizes, block_v=block_v, compute_dtype=compute_dtype,
                            out_dtype=out_dtype, interpret=interpret)
     return chunk_maps.memory_update(update, q, k, v, theta, alpha, eta,
                                     initial_memory=initial_memory,
@@ -167,7 +171,11 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
   w0 = zeros if initial_memory is None else initial_memory.astype(jnp.float32)
   s0 = zeros if initial_momentum is None else initial_momentum.astype(jnp.float32)
   q, k, v = (common.pad_time(x, c) for x in (q, k, v))
-  if block_sizes is None and path != "xla":
+  if block_sizes is not None and block_v is not None:
+    raise ValueError(f"memory_update: give block_sizes or {block_v=}, not both")
+  if block_sizes is None and path == "pallas_gpu":
+    block_sizes = pallas_gpu.BlockSizes(block_v=block_v)
+  elif block_sizes is None and path != "xla":
     block_sizes = _module(_Plan(path, c, None, None, False)).BlockSizes()
   plan = _Plan(path, c, np.dtype(compute_dtype or q.dtype), block_sizes, interpret)
   kernel = mesh.on_mesh("memory_chunk", path, functools.partial(_update_jit, plan), *_LAYOUTS)
