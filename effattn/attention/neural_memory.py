@@ -67,12 +67,13 @@ class _Memory(nnx.Module):
   """The long-term memory layer: q/k/v streams, gates, the memory MLP and its updates."""
 
   def __init__(self, d_model, num_heads, head_dim, *, depth, expansion, conv_size, max_lr,
-               chunk_size, impl, dtype, rngs, momentum=True, weight_decay=True, block_v=None):
+               chunk_size, impl, dtype, rngs, momentum=True, weight_decay=True, block_v=None,
+               remat_chunks=None):
     h, d = num_heads, head_dim
     self.num_heads, self.head_dim, self.depth = h, d, depth
     self.chunk_size, self.conv_size, self.max_lr = chunk_size, conv_size, max_lr
     self.momentum, self.weight_decay = momentum, weight_decay
-    self.impl, self.dtype, self.block_v = impl, dtype, block_v
+    self.impl, self.dtype, self.block_v, self.remat_chunks = impl, dtype, block_v, remat_chunks
     self.qkv_proj = base.dense(d_model, 3 * h * d, rngs=rngs, dtype=dtype, axes=base.FUSED)
     # Depthwise causal conv taps [K, 3, H*D]; starts as the identity (last tap = current token).
     self.conv = nnx.Param(jnp.zeros((conv_size, 3, h * d), jnp.float32).at[-1].set(1.0))
@@ -133,7 +134,7 @@ class _Memory(nnx.Module):
       r, (w1, s1) = memory_update(q, k, v, theta, alpha, eta, initial_memory=w[0],
                                   initial_momentum=s[0], segment_ids=seg,
                                   chunk_size=self.chunk_size, impl=self.impl,
-                                  block_v=self.block_v)
+                                  block_v=self.block_v, remat_chunks=self.remat_chunks)
       return r, ((w1,), (s1,))
     reset_to, _ = self.initial_state(q.shape[0])
     return deep_memory_update(w, s, q, k, v, theta, alpha, eta, seg, reset_to,
@@ -227,6 +228,10 @@ class NeuralMemory(base.Attention):
       # per row and head; 0: halved while the grid is short of the GPU's SMs). A launch
       # setting (kernels/memory_chunk/pallas_gpu.py); other paths ignore it.
       "memory_block_v": None,
+      # The memory's backward keeps its state at every chunk start (2 D^2 f32 per chunk, row and
+      # head); a count keeps them for that many chunks at a time and recomputes the rest (one
+      # more forward of the memory; kernels/memory_chunk/api.py). None: all of them.
+      "memory_remat_chunks": None,
   }
   OPS = ("softmax", "memory_chunk")  # attention branch, memory
   CAUSAL_ONLY = True
@@ -236,6 +241,7 @@ class NeuralMemory(base.Attention):
   CHOICES = {"variant": VARIANTS, "swa_impl": ("fused", "dense")}
   RANGES = {"depth": POSITIVE_INT, "expansion": POSITIVE_INT, "chunk_size": POSITIVE_INT,
             "memory_block_v": Range(0, integer=True, none_ok=True),
+            "memory_remat_chunks": Range(1, integer=True, none_ok=True),
             "segment_len": POSITIVE_INT, "num_persistent": NON_NEGATIVE_INT,
             "conv_size": POSITIVE_INT, "max_lr": POSITIVE}
 
@@ -250,6 +256,10 @@ class NeuralMemory(base.Attention):
 
   @classmethod
   def check(cls, opts, sizes):
+    for field in ("memory_block_v", "memory_remat_chunks"):
+      if opts.depth > 1 and getattr(opts, field) is not None:
+        raise ConfigError(f"model.attention.neural_memory.{field} applies to the linear memory's "
+                          f"op (depth 1), not depth={opts.depth}; leave it None")
     bv = opts.memory_block_v
     if bv and (bv < 16 or bv & (bv - 1) or sizes.head_dim % bv):
       raise ConfigError(f"model.attention.neural_memory.memory_block_v={bv} must be a power of "
@@ -295,7 +305,7 @@ class NeuralMemory(base.Attention):
                           conv_size=o.conv_size, max_lr=o.max_lr, chunk_size=o.chunk_size,
                           impl=self.op_impl("memory_chunk"), dtype=dt, rngs=rngs,
                           momentum=o.momentum, weight_decay=o.weight_decay,
-                          block_v=o.memory_block_v)
+                          block_v=o.memory_block_v, remat_chunks=o.memory_remat_chunks)
     width = h * d
     cols = dict(rngs=rngs, dtype=dt, head_dim=d)
     self.out_proj = base.dense(width, d_model, axes=base.ROWS, **cols)

@@ -126,6 +126,29 @@ def test_registered_and_checked():
     build("mag", depth=0)
   with pytest.raises(ValueError, match="memory_block_v=24 must be a power of two >= 16"):
     build("lmm", memory_block_v=24)
+  with pytest.raises(ValueError, match="memory_remat_chunks applies to the linear memory"):
+    build("mag", depth=2, memory_remat_chunks=4)
+
+
+def test_memory_remat_chunks_changes_nothing():
+  """MAG with its memory in rematerialized pieces of 2 chunks (of 4 tokens, T = 21): the same
+  output and parameter gradients, with packed segments."""
+  x, pos = random_inputs(2, 21, d_model=16, seed=6)
+  seg = jnp.asarray(np.repeat([[1, 2, 2], [3, 3, 3]], 7, axis=1), jnp.int32)
+  results = []
+  for remat_chunks in (None, 2):
+    module = build("mag", memory_remat_chunks=remat_chunks)
+    graphdef, params, rest = params_and_rest(module)
+
+    def loss(p):
+      y, _ = nnx.merge(graphdef, p, rest)(x, positions=pos, segment_ids=seg)
+      return jnp.sum(jnp.sin(y)), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    results.append((y, grads))
+  (y, g), (y_r, g_r) = results
+  assert_close("y", y, y_r, reduction=21)
+  assert_trees_close("grads", g, g_r, reduction=21)
 
 
 def test_memory_block_v_splits_the_kernel_and_changes_nothing():

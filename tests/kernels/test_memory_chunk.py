@@ -150,7 +150,43 @@ def test_value_blocks_lower_for_cuda():
   assert "tensor<4x1x64x2x128xf32>" in calls[1]  # dq's four shares
 
 
-def _vjp(path, interpret, name, dims, chunk, dtype, segments, states, block_sizes=None):
+@pytest.mark.parametrize("impl,interpret", [("xla", False), ("pallas_gpu", True)])
+def test_rematerialized_pieces_equal_one_call(impl, interpret):
+  """remat_chunks=2 over 5 chunks (pieces of 2, 2 and 1): outputs, final states and every
+  gradient as one call, with segments, initial states and a ragged T."""
+  case = ("ragged-segments-states", (2, 37, 2, 16, 16), 8, jnp.float32, True, True)
+  (y_r, (w_r, s_r)), vjp_r, cts = _reference_case(*case)
+  (y, (w, s)), vjp = _vjp(impl, interpret, *case, remat_chunks=2)
+  for label, want, got in (("y", y_r, y), ("W_T", w_r, w), ("S_T", s_r, s)):
+    assert_close(label, want, got, reduction=37)
+  names = ["dq", "dk", "dv", "dtheta", "dalpha", "deta", "dW0", "dS0"]
+  for name_, g_r, g in zip(names, vjp_r(cts), vjp(cts)):
+    assert_close(name_, g_r, g, reduction=37)
+  with pytest.raises(ValueError, match="remat_chunks=0 must be a whole number >= 1"):
+    _vjp(impl, interpret, *case, remat_chunks=0)
+
+
+def test_rematerialized_pieces_keep_fewer_states():
+  """The compiled backward of 64 chunks holds far less with the chunk states kept for 8 chunks
+  at a time than for all 64 (the residual the option exists to cut)."""
+  x = jax.ShapeDtypeStruct((1, 1024, 2, 32), jnp.float32)
+  gate = jax.ShapeDtypeStruct((1, 1024, 2), jnp.float32)
+
+  def temp_bytes(remat_chunks):
+    def loss(q, k, v, theta):
+      y, _ = memory_update(q, k, v, theta, theta, theta, chunk_size=16, impl="xla",
+                           remat_chunks=remat_chunks)
+      return jnp.sum(y)
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(x, x, x, gate).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  states = 64 * 2 * 2 * 32 * 32 * 4  # 64 chunk starts of (W, S), 2 heads, f32: 1 MiB
+  plain, pieces = temp_bytes(None), temp_bytes(8)
+  assert plain - pieces > states / 2, (plain, pieces)
+
+
+def _vjp(path, interpret, name, dims, chunk, dtype, segments, states, block_sizes=None,
+         remat_chunks=None):
   """jax.vjp of memory_update on `path` with respect to every given input (None: no grad)."""
   args, seg = make_inputs(name, *dims, dtype=dtype, segments=segments, states=states)
   diff = [i for i, a in enumerate(args) if a is not None]
@@ -162,7 +198,7 @@ def _vjp(path, interpret, name, dims, chunk, dtype, segments, states, block_size
     q, k, v, theta, alpha, eta, w0, s0 = full
     return memory_update(q, k, v, theta, alpha, eta, initial_memory=w0, initial_momentum=s0,
                          segment_ids=seg, chunk_size=chunk, impl=path, interpret=interpret,
-                         block_sizes=block_sizes)
+                         block_sizes=block_sizes, remat_chunks=remat_chunks)
 
   return jax.vjp(f, *(args[i] for i in diff))
 

@@ -115,8 +115,8 @@ def _check(q, k, v, theta, alpha, eta, w0, s0, segment_ids, chunk_size):
 
 def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_momentum=None,
                   segment_ids=None, chunk_size: int = 64, impl: str = "auto", block_sizes=None,
-                  block_v: int | None = None, compute_dtype=None, out_dtype=None,
-                  interpret: bool = False):
+                  block_v: int | None = None, remat_chunks: int | None = None,
+                  compute_dtype=None, out_dtype=None, interpret: bool = False):
   """Chunk-parallel test-time training of a linear memory, with retrieval at every token.
 
   Args:
@@ -130,6 +130,13 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
     block_v: the Triton kernel's value columns per program (pallas_gpu.BlockSizes.block_v;
       0: chosen from the grid) when block_sizes is None. A launch setting, not math: the
       other paths have no such split and run as they are.
+    remat_chunks: chunks per rematerialized piece (None: one piece). The backward of the xla
+      and Pallas paths keeps the memory at the start of every chunk, 2 Dk Dv f32 per chunk,
+      row and head (8.6 GB for 4 layers at B 2, T 16k, H 8, D 128, chunk 16). With
+      remat_chunks the op runs as consecutive calls of that many chunks, each under
+      jax.checkpoint: the backward keeps the states at the pieces' starts and recomputes one
+      piece's chunk states at a time (one more forward pass). Exact: pieces cut at chunk
+      boundaries chain through (W, S) as one call does.
     compute_dtype: matmul operand dtype (default q.dtype; float32 runs at full precision).
     out_dtype: dtype of y (default q.dtype). interpret: Pallas interpreter (CPU tests).
 
@@ -137,6 +144,8 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
     (y [B, T, H, Dv], (W_T, S_T) [B, H, Dk, Dv] float32).
   """
   _check(q, k, v, theta, alpha, eta, initial_memory, initial_momentum, segment_ids, chunk_size)
+  if remat_chunks is not None and (not isinstance(remat_chunks, int) or remat_chunks < 1):
+    raise ValueError(f"memory_update: {remat_chunks=} must be a whole number >= 1, or None")
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   out_dtype = np.dtype(out_dtype or q.dtype)
@@ -147,8 +156,9 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
     def update(q, k, v, theta, alpha, eta, w0, s0, seg):
       return memory_update(q, k, v, theta, alpha, eta, initial_memory=w0, initial_momentum=s0,
                            segment_ids=seg, chunk_size=chunk_size, impl=impl,
-                           block_sizes=block_sizes, block_v=block_v, compute_dtype=compute_dtype,
-                           out_dtype=out_dtype, interpret=interpret)
+                           block_sizes=block_sizes, block_v=block_v, remat_chunks=remat_chunks,
+                           compute_dtype=compute_dtype, out_dtype=out_dtype,
+                           interpret=interpret)
     return chunk_maps.memory_update(update, q, k, v, theta, alpha, eta,
                                     initial_memory=initial_memory,
                                     initial_momentum=initial_momentum, segment_ids=segment_ids,
@@ -179,8 +189,39 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
     block_sizes = _module(_Plan(path, c, None, None, False)).BlockSizes()
   plan = _Plan(path, c, np.dtype(compute_dtype or q.dtype), block_sizes, interpret)
   kernel = mesh.on_mesh("memory_chunk", path, functools.partial(_update_jit, plan), *_LAYOUTS)
-  y, w, s = kernel(q, k, v, theta, lb, le, seg, carry, end, w0, s0)
+  tokens = (q, k, v, theta, lb, le, seg, carry, end)
+  if remat_chunks is None or remat_chunks >= n:
+    y, w, s = kernel(*tokens, w0, s0)
+  else:
+    y, w, s = _in_pieces(kernel, tokens, w0, s0, remat_chunks * c)
   return y[:, :t].astype(out_dtype), (w, s)
+
+
+def _in_pieces(kernel, tokens, w, s, length: int):
+  """kernel over consecutive pieces of `length` tokens (whole chunks), each rematerialized,
+  chained through (W, S): a lax.scan over the whole pieces, whose backward loop recomputes one
+  piece's chunk states at a time (a Python loop would let XLA schedule every recomputation
+  first), then the shorter rest. The per-token masks were made for the whole sequence and a
+  piece starts on a chunk boundary, so each chunk sees what it would in one call."""
+  piece = jax.checkpoint(kernel)
+  total = tokens[0].shape[1]
+  whole = total // length
+  ys = []
+  if whole:
+    def stack(x):  # [B, whole * length, ...] -> [whole, B, length, ...]
+      x = x[:, :whole * length]
+      return jnp.moveaxis(x.reshape(x.shape[0], whole, length, *x.shape[2:]), 1, 0)
+
+    def body(state, xs):
+      y, w_, s_ = piece(*xs, *state)
+      return (w_, s_), y
+
+    (w, s), y = jax.lax.scan(body, (w, s), tuple(stack(x) for x in tokens))
+    ys.append(jnp.moveaxis(y, 0, 1).reshape(y.shape[1], whole * length, *y.shape[3:]))
+  if total > whole * length:
+    y, w, s = piece(*(x[:, whole * length:] for x in tokens), w, s)
+    ys.append(y)
+  return (ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=1)), w, s
 
 
 # Jitted so eager calls compile the chunk loop once per shape (inlined under an outer jit).
