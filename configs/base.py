@@ -26,7 +26,8 @@ def attention_config() -> ml_collections.ConfigDict:
   cfg.head_dim = ml_collections.FieldReference(None, field_type=int)  # None: d_model / num_heads
   cfg.window = ml_collections.FieldReference(None, field_type=int)  # sliding window, None: full
   # A shared field set for a mechanism that does not honor it (base.Attention.SUPPORTS) fails.
-  # auto | pallas | pallas_gpu | pallas_tpu | cudnn | xla | reference: effattn/kernels/dispatch.py
+  # auto | pallas | a path of one of its ops (pallas_gpu, pallas_mosaic_gpu, pallas_tpu,
+  # block_sparse, cudnn, xla, reference): effattn/kernels/dispatch.py
   # maps it to each op of the mechanism; one no op of the mechanism has fails at config time.
   cfg.impl = "auto"
   for name in attention.names():

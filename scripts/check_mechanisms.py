@@ -61,18 +61,24 @@ def mechanism_specs(arg: str) -> list[str]:
 
 
 def layer_config(spec: str, impl: str):
-  """model.attention of configs/base.py with `spec`'s options and `impl`."""
+  """model.attention of configs/base.py with `spec`'s options (`name:option=value:...`, as
+  bench_train takes them) and `impl`. A spec's own impl replaces "auto" (the path under test);
+  the xla rows stay xla."""
   from configs import base
 
-  name, _, rest = spec.partition(":")
+  name, *items = spec.split(":")
   attn = base.get_config().model.attention
-  attn.name, attn.impl = name, impl
-  for item in filter(None, rest.split(",")):
+  attn.name = name
+  for item in items:
     key, value = item.split("=")
+    if key == "impl":
+      impl = value if impl == "auto" else impl
+      continue
     section = attn[name]
     target = section if key in section else attn
     current = target[key]
     target[key] = type(current)(value) if current is not None else int(value)
+  attn.impl = impl
   return attn
 
 

@@ -27,7 +27,7 @@ FAMILIES = ("softmax", "block_sparse", "grouped_softmax", "head_routing", "linea
 
 def test_one_vocabulary_with_xla_and_reference_everywhere():
   assert dispatch.impls() == ("auto", "pallas", "pallas_gpu", "pallas_mosaic_gpu", "pallas_tpu",
-                              "cudnn", "xla", "reference")
+                              "block_sparse", "cudnn", "xla", "reference")
   for op in FAMILIES:
     assert {"xla", "reference"} <= set(dispatch.family(op).names), op
 

@@ -6,11 +6,14 @@ the Pallas kernels run in interpret mode on CPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from effattn.kernels import dispatch
 from effattn.kernels.head_routing import compact, head_routed_attention
 from effattn.kernels.head_routing.common import key_block_bounds
 from effattn.testing import assert_close, kernels
@@ -38,14 +41,16 @@ CASES = [
 # (impl, interpret, cases): the xla path's dense mask is one case; the Mosaic TPU kernel shares
 # the Triton one's tiling (common.py) and takes three (bidirectional with segments, causal GQA
 # with bq > bk, one segment per row).
+# block_sparse: the compacted queries through the block-sparse op (its xla path on CPU; its
+# kernels in test_block_sparse_path_runs_the_block_sparse_kernels).
 PATHS = [("xla", False, CASES[1:2]), ("pallas_gpu", True, CASES),
-         ("pallas_tpu", True, [CASES[1], CASES[2], CASES[4]])]
+         ("pallas_tpu", True, [CASES[1], CASES[2], CASES[4]]), ("block_sparse", False, CASES[:4])]
 PATH_CASES = [(impl, interpret, case) for impl, interpret, cases in PATHS for case in cases]
 
 
 @pytest.mark.parametrize("impl,interpret,case", PATH_CASES,
                          ids=[f"{i}{'-interpret' if it else ''}-{c[0]}" for i, it, c in PATH_CASES])
-def test_matches_reference(impl, interpret, case):
+def test_matches_reference(impl, interpret, case, stand_in=None):
   name, (b, t, h, h_kv, d, bq, bk), causal, segments, density, dtype = case
   keys = jax.random.split(case_key(name), 6)
   q = jax.random.normal(keys[0], (b, t, h, d), jnp.float32).astype(dtype)
@@ -66,12 +71,32 @@ def test_matches_reference(impl, interpret, case):
     return jax.vjp(f, q, k, v, gates)
 
   o_r, vjp_r = run("reference", False)
-  o, vjp = run(impl, interpret)
+  with stand_in or contextlib.nullcontext():
+    o, vjp = run(impl, interpret)
   assert o.dtype == dtype
   assert_close("o", o_r, o, dtype=dtype, reduction=t)
   do = jax.random.normal(keys[4], o.shape, jnp.float32).astype(dtype)
   for gname, g_r, g in zip(("dq", "dk", "dv", "dgates"), vjp_r(do), vjp(do)):
     assert_close(gname, g_r, g, dtype=dtype, reduction=t)
+
+
+def test_block_sparse_path_runs_the_block_sparse_kernels():
+  """The block_sparse path on the GPU's kernels (Triton, interpreted; Mosaic GPU has no
+  interpreter; both take head dims 64 and 128): the block-sparse op's three pallas_calls run,
+  and forward and every gradient match the reference with GQA, packed segments and bq > bk."""
+  b, t, h, d = 1, 32, 2, 64
+  q = jnp.ones((b, t, h, d))
+  gates = jnp.ones((b, t, h)).at[:, ::2, 0].set(0.0)
+
+  def loss(q, gates):
+    o = head_routed_attention(q, q, q, gates, block_q=16, block_k=16, impl="block_sparse")
+    return jnp.vdot(o, jnp.arange(o.size, dtype=o.dtype).reshape(o.shape))
+
+  with dispatch.interpret_kernels("gpu"):
+    kernels.assert_kernels_ran(("block_sparse_fwd", "block_sparse_dq", "block_sparse_dkv"),
+                               jax.grad(loss, argnums=(0, 1)), q, gates)
+  case = ("gqa-causal-segments-d64", (1, 48, 4, 2, 64, 32, 16), True, True, 0.4, jnp.float32)
+  test_matches_reference("block_sparse", False, case, dispatch.interpret_kernels("gpu"))
 
 
 def test_compaction_is_a_stable_permutation():

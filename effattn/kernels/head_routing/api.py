@@ -9,7 +9,10 @@ heads). Paths (FAMILY, in the order "auto" tries them; the rules are kernels/dis
   "pallas_tpu"  Mosaic kernels (TPU; same limits);
   "xla"         every head densely through effattn.kernels.softmax (cuDNN on GPU), then gated:
                 no FLOPs saved, what the official MoH code does;
-  "reference"   dense plain jnp, the oracle.
+  "reference"   dense plain jnp, the oracle;
+  "block_sparse" the compacted queries through effattn.kernels.block_sparse (block_sparse.py),
+                whose own "auto" runs its Mosaic GPU kernels on Hopper. Forced only, until a GPU
+                run times it against "pallas_gpu".
 "pallas" is the Pallas kernel of the current backend (the Triton one off-device, interpreted).
 The Pallas paths compact each head's routed tokens (common.py) so the kernels compute
 ceil(count / block_q) query tiles per head, and differentiate with their own backward kernels
@@ -28,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from effattn.kernels import dispatch, mesh
-from effattn.kernels.head_routing import pallas_gpu, pallas_tpu, reference, xla
+from effattn.kernels.head_routing import block_sparse, pallas_gpu, pallas_tpu, reference, xla
 from effattn.kernels.head_routing.common import (BlockSizes, compact, gather_tokens,
                                                  key_block_bounds)
 
@@ -39,6 +42,7 @@ FAMILY = dispatch.Family("head_routing", (
     dispatch.Path("pallas_tpu", platform="tpu", limits=(_HEAD_DIM,)),
     dispatch.Path("xla"),
     dispatch.Path("reference"),
+    dispatch.Path("block_sparse"),  # last: "auto" keeps the paths above until it is timed
 ))
 
 
@@ -177,6 +181,11 @@ def head_routed_attention(
   elif path == "xla":
     o, frac = xla.head_routed_attention(q, k, v, gates, causal=causal, segment_ids=segment_ids,
                                         scale=scale)
+  elif path == "block_sparse":
+    o = block_sparse.head_routed_attention(q, k, v, gates, causal=causal,
+                                           segment_ids=segment_ids, scale=scale,
+                                           block_q=block_q, block_k=block_k,
+                                           interpret=interpret)
   else:
     o = _pallas_path(q, k, v, gates, segment_ids, causal=causal, scale=scale, sizes=sizes,
                      interpret=interpret, platform=path.removeprefix("pallas_"))
