@@ -143,20 +143,26 @@ def op(results, sizes, b, h, d):
   results["op"] = rows
 
 
+def kernel_row(label, row, args, chunk, warps=None, block_v=None):
+  """row with the Pallas kernel's fwd and fwd+bwd medians (or its error), printed."""
+  try:
+    f, fb = timed("pallas_gpu", chunk, warps, args, 10, block_v)
+    row.update(fwd_ms=f["ms"], fwdbwd_ms=fb["ms"], kernels=(f["kernels"], fb["kernels"]))
+    print(f"{label}: fwd {row['fwd_ms']:.2f} ms fwd+bwd {row['fwdbwd_ms']:.2f} ms kernels "
+          f"{row['kernels']}", flush=True)
+  except Exception as e:
+    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(f"{label} failed: {row['error']}", flush=True)
+  return row
+
+
 def sweep(results, t, b, h, d):
   rows = []
   args, _ = inputs(jax.random.key(3), b, t, h, d, jnp.bfloat16)
   for chunk, warps in ((64, 8), (64, 2), (16, 4), (32, 4)):
-    row = dict(t=t, impl="pallas_gpu", chunk=chunk, warps=warps)
-    try:
-      f, fb = timed("pallas_gpu", chunk, warps, args, 10)
-      row.update(fwd_ms=f["ms"], fwdbwd_ms=fb["ms"], kernels=(f["kernels"], fb["kernels"]))
-      print(f"sweep C={chunk} warps={warps}: fwd {row['fwd_ms']:.2f} ms fwd+bwd "
-            f"{row['fwdbwd_ms']:.2f} ms", flush=True)
-    except Exception as e:
-      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-      print(f"sweep C={chunk} warps={warps} failed: {row['error']}", flush=True)
-    rows.append(row)
+    rows.append(kernel_row(f"sweep C={chunk} warps={warps}",
+                           dict(t=t, impl="pallas_gpu", chunk=chunk, warps=warps), args, chunk,
+                           warps))
   for chunk in (16, 32):
     f, fb = timed("xla", chunk, 4, args, 10)
     row = dict(t=t, impl="xla", chunk=chunk, fwd_ms=f["ms"], fwdbwd_ms=fb["ms"],
@@ -173,17 +179,10 @@ def blocks(results, t, b, h, d, chunk):
   for block_v in (None, 64, 32, 16):
     if block_v and (block_v > d or d % block_v):
       continue
-    row = dict(t=t, b=b, h=h, d=d, chunk=chunk, block_v=block_v, programs=b * h * (
-        d // block_v if block_v else 1))
-    try:
-      f, fb = timed("pallas_gpu", chunk, None, args, 10, block_v)
-      row.update(fwd_ms=f["ms"], fwdbwd_ms=fb["ms"], kernels=(f["kernels"], fb["kernels"]))
-      print(f"blocks block_v={block_v} ({row['programs']} programs): fwd {row['fwd_ms']:.2f} "
-            f"ms fwd+bwd {row['fwdbwd_ms']:.2f} ms kernels {row['kernels']}", flush=True)
-    except Exception as e:
-      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-      print(f"blocks block_v={block_v} failed: {row['error']}", flush=True)
-    rows.append(row)
+    programs = b * h * (d // block_v if block_v else 1)
+    rows.append(kernel_row(f"blocks block_v={block_v} ({programs} programs)",
+                           dict(t=t, b=b, h=h, d=d, chunk=chunk, block_v=block_v,
+                                programs=programs), args, chunk, block_v=block_v))
   results["blocks"] = rows
 
 

@@ -130,23 +130,25 @@ def test_registered_and_checked():
     build("mag", depth=2, memory_remat_chunks=4)
 
 
+def _output_and_grads(module, x, pos, seg):
+  """The layer's output and the gradients of sum(sin(output)) by its parameters (jitted)."""
+  graphdef, params, rest = params_and_rest(module)
+
+  def loss(p):
+    y, _ = nnx.merge(graphdef, p, rest)(x, positions=pos, segment_ids=seg)
+    return jnp.sum(jnp.sin(y)), y
+
+  (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return y, grads
+
+
 def test_memory_remat_chunks_changes_nothing():
   """MAG with its memory in rematerialized pieces of 2 chunks (of 4 tokens, T = 21): the same
   output and parameter gradients, with packed segments."""
   x, pos = random_inputs(2, 21, d_model=16, seed=6)
   seg = jnp.asarray(np.repeat([[1, 2, 2], [3, 3, 3]], 7, axis=1), jnp.int32)
-  results = []
-  for remat_chunks in (None, 2):
-    module = build("mag", memory_remat_chunks=remat_chunks)
-    graphdef, params, rest = params_and_rest(module)
-
-    def loss(p):
-      y, _ = nnx.merge(graphdef, p, rest)(x, positions=pos, segment_ids=seg)
-      return jnp.sum(jnp.sin(y)), y
-
-    (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    results.append((y, grads))
-  (y, g), (y_r, g_r) = results
+  (y, g), (y_r, g_r) = (_output_and_grads(build("mag", memory_remat_chunks=r), x, pos, seg)
+                        for r in (None, 2))
   assert_close("y", y, y_r, reduction=21)
   assert_trees_close("grads", g, g_r, reduction=21)
 
@@ -188,20 +190,10 @@ def test_fused_attention_branch_equals_the_dense_mask(variant, window):
   with packed segments and padding."""
   x, pos = random_inputs(2, 14, d_model=16, seed=4)
   seg = jnp.asarray(np.repeat([[1, 2], [3, 0]], 7, axis=1), jnp.int32)
-  results = []
-  for swa_impl in ("fused", "dense"):
-    module = build_mechanism("neural_memory", d_model=16, num_heads=2, window=window,
-                             impl="xla", neural_memory=dict(SMALL, variant=variant,
-                                                            swa_impl=swa_impl))
-    graphdef, params, rest = params_and_rest(module)
-
-    def loss(p):
-      y, _ = nnx.merge(graphdef, p, rest)(x, positions=pos, segment_ids=seg)
-      return jnp.sum(jnp.sin(y)), y
-
-    (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    results.append((y, grads))
-  (y, g), (y_d, g_d) = results
+  (y, g), (y_d, g_d) = (_output_and_grads(build_mechanism(
+      "neural_memory", d_model=16, num_heads=2, window=window, impl="xla",
+      neural_memory=dict(SMALL, variant=variant, swa_impl=swa_impl)), x, pos, seg)
+      for swa_impl in ("fused", "dense"))
   assert_close("y", y_d, y, reduction=14)
   assert_trees_close("grads", g_d, g, reduction=14)
 

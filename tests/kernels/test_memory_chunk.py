@@ -89,8 +89,15 @@ CASES = [
                                             ("pallas_tpu", True)])
 @pytest.mark.parametrize("name,dims,chunk,dtype,segments,states", CASES, ids=[c[0] for c in CASES])
 def test_path_matches_reference(impl, interpret, name, dims, chunk, dtype, segments, states):
-  (y_r, (w_r, s_r)), vjp_r, cts = _reference_case(name, dims, chunk, dtype, segments, states)
-  (y, (w, s)), vjp = _vjp(impl, interpret, name, dims, chunk, dtype, segments, states)
+  _check_against_reference((name, dims, chunk, dtype, segments, states), impl, interpret)
+
+
+def _check_against_reference(case, impl, interpret, **options):
+  """memory_update on `impl` (with `options`) against the reference: y, the final states and
+  every gradient for one random cotangent, in the case's dtype."""
+  name, dims, chunk, dtype, segments, states = case
+  (y_r, (w_r, s_r)), vjp_r, cts = _reference_case(*case)
+  (y, (w, s)), vjp = _vjp(impl, interpret, *case, **options)
   assert y.dtype == dtype and w.dtype == s.dtype == jnp.float32
   for label, want, got in (("y", y_r, y), ("W_T", w_r, w), ("S_T", s_r, s)):
     assert_close(label, want, got, dtype=dtype, reduction=dims[1])
@@ -114,15 +121,9 @@ def _reference_case(name, dims, chunk, dtype, segments, states):
 def test_value_blocks_split_the_columns_exactly():
   """BlockSizes.block_v: the Triton kernel over Dv / block_v programs per (row, head), its
   forward and every gradient (the column sums of dq, dk and the gates) against the reference."""
-  case = ("ragged-segments-states", (2, 37, 2, 16, 64), 8, jnp.float32, True, True)
-  (y_r, (w_r, s_r)), vjp_r, cts = _reference_case(*case)
-  (y, (w, s)), vjp = _vjp("pallas_gpu", True, *case,
-                          block_sizes=pallas_gpu.BlockSizes(block_v=16))
-  for label, want, got in (("y", y_r, y), ("W_T", w_r, w), ("S_T", s_r, s)):
-    assert_close(label, want, got, reduction=37)
-  names = ["dq", "dk", "dv", "dtheta", "dalpha", "deta", "dW0", "dS0"]
-  for name_, g_r, g in zip(names, vjp_r(cts), vjp(cts)):
-    assert_close(name_, g_r, g, reduction=37)
+  _check_against_reference(("ragged-segments-states", (2, 37, 2, 16, 64), 8, jnp.float32, True,
+                            True), "pallas_gpu", True,
+                           block_sizes=pallas_gpu.BlockSizes(block_v=16))
   with pytest.raises(ValueError, match="block_v=24 must be a power of two >= 16"):
     pallas_gpu.BlockSizes(block_v=24)
   with pytest.raises(ValueError, match="block_v=128 must divide Dv=64"):
@@ -155,13 +156,7 @@ def test_rematerialized_pieces_equal_one_call(impl, interpret):
   """remat_chunks=2 over 5 chunks (pieces of 2, 2 and 1): outputs, final states and every
   gradient as one call, with segments, initial states and a ragged T."""
   case = ("ragged-segments-states", (2, 37, 2, 16, 16), 8, jnp.float32, True, True)
-  (y_r, (w_r, s_r)), vjp_r, cts = _reference_case(*case)
-  (y, (w, s)), vjp = _vjp(impl, interpret, *case, remat_chunks=2)
-  for label, want, got in (("y", y_r, y), ("W_T", w_r, w), ("S_T", s_r, s)):
-    assert_close(label, want, got, reduction=37)
-  names = ["dq", "dk", "dv", "dtheta", "dalpha", "deta", "dW0", "dS0"]
-  for name_, g_r, g in zip(names, vjp_r(cts), vjp(cts)):
-    assert_close(name_, g_r, g, reduction=37)
+  _check_against_reference(case, impl, interpret, remat_chunks=2)
   with pytest.raises(ValueError, match="remat_chunks=0 must be a whole number >= 1"):
     _vjp(impl, interpret, *case, remat_chunks=0)
 
