@@ -203,18 +203,6 @@ class Attention(nnx.Module):
       return "its bidirectional form has no cross-device path"
     return ""
 
-  def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> Any:
-    """The decode state for `batch` rows of up to `max_len` tokens (every mechanism decodes)."""
-    raise NotImplementedError(self._no_decode())
-
-  def decode(self, x: jax.Array, *, positions: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
-    """x [B, T', d_model] after the tokens in `cache` -> (y, the new cache)."""
-    raise NotImplementedError(self._no_decode())
-
-  def _no_decode(self) -> str:
-    return (f"{self.registered_name} has no decoding path: define init_cache(batch, max_len, "
-            "dtype) and decode(x, *, positions, cache) (docs/adding_a_mechanism.md)")
-
   @classmethod
   def check_context_parallel(cls, opts, sizes: Sizes, causal: bool, sequence: int) -> None:
     """ConfigError naming the mechanism and mesh.sequence when it cannot run with T split over

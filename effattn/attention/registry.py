@@ -17,6 +17,11 @@ def register(name: str) -> Callable[[type], type]:
   def wrap(cls: type) -> type:
     if name in _REGISTRY and _REGISTRY[name] is not cls:
       raise ValueError(f"attention mechanism {name!r} is already registered by {_REGISTRY[name]!r}")
+    missing = [m for m in ("init_cache", "decode") if not callable(getattr(cls, m, None))]
+    if missing:  # every mechanism decodes: fail where it is defined, not in a test's decode
+      raise TypeError(f"attention mechanism {name!r} has no {' or '.join(missing)}: define "
+                      "init_cache(batch, max_len, dtype) and decode(x, *, positions, cache) "
+                      "(docs/adding_a_mechanism.md)")
     _REGISTRY[name] = cls
     cls.registered_name = name
     return cls

@@ -30,3 +30,12 @@ def test_duplicate_registration_rejected():
 
   with pytest.raises(ValueError, match="already registered"):
     attention.register("softmax")(Other)
+
+
+def test_a_mechanism_without_decode_is_refused_where_it_registers():
+  from effattn.attention import base, registry
+  with pytest.raises(TypeError, match="'no_decode' has no init_cache or decode: define"):
+    @registry.register("no_decode")
+    class NoDecode(base.Attention):  # noqa: F841
+      pass
+  assert "no_decode" not in registry.names()
