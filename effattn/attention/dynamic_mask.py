@@ -35,7 +35,7 @@ from effattn import logical_axes
 from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention,
-                                          lists_from_block_mask, top_w)
+                                          lists_from_block_mask, sorted_chunks, top_w)
 from effattn.kernels.block_sparse.common import element_mask
 from effattn.kernels.softmax import reference_attention
 from effattn.ranges import POSITIVE_INT, Range
@@ -141,11 +141,18 @@ class DynamicMaskAttention(base.Attention):
       # (kernels/block_sparse/top_w.py); dense: a top-k over every visible key of every query,
       # O(T^2) (select_top_w, the oracle). Equal results.
       "select_impl": "ranked",
+      # token: keys in token order (the kept keys spread over almost every tile of the prefix);
+      # sorted: each chunk of sort_chunk keys before a query tile sorted by score, so its kept
+      # keys are a prefix of the chunk (kernels/block_sparse/sorted_chunks.py). Same attention.
+      "key_layout": "token",
+      "sort_chunk": 1024,
   }
   OPS = ("block_sparse",)
   SUPPORTS = ("num_kv_heads", "head_dim")  # keep_window, not a sliding window, bounds the keys
-  CHOICES = {"selection": ("per_query", "global"), "select_impl": ("ranked", "dense")}
-  RANGES = {"keep_window": POSITIVE_INT, "block": Range(8, integer=True)}  # block: power of 2
+  CHOICES = {"selection": ("per_query", "global"), "select_impl": ("ranked", "dense"),
+             "key_layout": ("token", "sorted")}
+  RANGES = {"keep_window": POSITIVE_INT, "block": Range(8, integer=True),  # block: power of 2
+            "sort_chunk": Range(8, integer=True)}
   TINY = {"keep_window": 8, "block": 16}  # fewer keys kept than T = 32, two tiles
 
   @classmethod
@@ -207,14 +214,26 @@ class DynamicMaskAttention(base.Attention):
     q, k, v, bias = self.project(x, positions)
     bs = block_size_for(t, self.opts.block)
     thr, thr_pos, tiles, fallback = self.select(bias, segment_ids, causal, bs)
-    group = self.num_heads // self.num_kv_heads
-    kv_idx, kv_cnt = lists_from_block_mask(jnp.repeat(tiles, group, axis=1))
-    o, _ = block_sparse_attention(
-        q, k, v, kv_idx, kv_cnt, block_q=bs, block_k=bs, causal=causal, q_segment_ids=segment_ids,
-        kv_segment_ids=segment_ids, kv_bias=bias, q_threshold=thr, q_threshold_pos=thr_pos,
-        impl=self.op_impl("block_sparse"))
-    kept = jnp.mean(tiles.astype(jnp.float32))
-    return self.o_proj(base.merge_heads(o)), {"dma_kept_tile_frac": kept,
+    if causal and self.opts.key_layout == "sorted":
+      lay = sorted_chunks.sorted_chunk_layout(
+          k, v, bias, thr, thr_pos, tiles, num_heads=self.num_heads, block=bs,
+          sort_chunk=self.opts.sort_chunk, segment_ids=segment_ids, ranges_exact=fallback == 0)
+      o, _ = block_sparse_attention(
+          q, lay.k, lay.v, lay.kv_indices, lay.kv_counts, block_q=bs, block_k=bs, causal=True,
+          kv_positions=lay.kv_positions, q_segment_ids=segment_ids,
+          kv_segment_ids=lay.kv_segment_ids, kv_bias=lay.kv_bias, q_threshold=thr,
+          q_threshold_pos=thr_pos, impl=self.op_impl("block_sparse"))
+      visited = lay.visited
+    else:
+      group = self.num_heads // self.num_kv_heads
+      kv_idx, kv_cnt = lists_from_block_mask(jnp.repeat(tiles, group, axis=1))
+      o, _ = block_sparse_attention(
+          q, k, v, kv_idx, kv_cnt, block_q=bs, block_k=bs, causal=causal,
+          q_segment_ids=segment_ids, kv_segment_ids=segment_ids, kv_bias=bias, q_threshold=thr,
+          q_threshold_pos=thr_pos, impl=self.op_impl("block_sparse"))
+      visited = jnp.mean(tiles.astype(jnp.float32))
+    # dma_kept_tile_frac: tiles the kernel visits over all (query, key) tile pairs.
+    return self.o_proj(base.merge_heads(o)), {"dma_kept_tile_frac": visited,
                                               "dma_select_fallback": fallback}
 
   def init_cache(self, batch, max_len, dtype=None):

@@ -28,8 +28,10 @@ def _inputs(b, t, h, h_kv, d, bq, bk, features):
   if "bias" in features:
     aux = aux._replace(kv_bias=jnp.zeros((b, h_kv, t)))
   if "segments" in features:
+    # per key head on the keys, as dynamic_mask's chunk-sorted layout gives them
+    kv_heads = h_kv if "threshold" in features else 1
     aux = aux._replace(q_seg=jnp.zeros((b, 1, t), jnp.int32),
-                       kv_seg=jnp.zeros((b, 1, t), jnp.int32))
+                       kv_seg=jnp.zeros((b, kv_heads, t), jnp.int32))
   if "threshold" in features:
     aux = aux._replace(q_thr=jnp.zeros((b, h_kv, t)), q_thr_pos=jnp.zeros((b, h_kv, t), jnp.int32),
                        q_pos=jnp.zeros((b, h, t), jnp.int32),
@@ -39,7 +41,7 @@ def _inputs(b, t, h, h_kv, d, bq, bk, features):
 
 CONFIGS = {
     "causal-gqa-d128": ((1, 256, 4, 2, 128, 128, 128), (), True),  # consumers share one list
-    "b64-features": ((1, 192, 2, 1, 64, 64, 64), ("bias", "segments", "threshold"), True),
+    "b64-features": ((1, 192, 4, 2, 64, 64, 64), ("bias", "segments", "threshold"), True),
     "b64x128-segments": ((2, 256, 2, 2, 64, 64, 128), ("segments",), False),
 }
 # The default backward on every config; the others (slower on the H200 so far, see
