@@ -69,7 +69,6 @@ def _check_same(impl, t, seg_kind, keep_window=6, d_model=32, num_heads=4, **opt
     (61, "packed", {}),  # ragged: the last tile and chunk are partial
     (48, "recurring", {}),  # a segment id recurs: the dense selection, every past chunk a candidate
     (56, "packed", {"selection": "global"}),
-    (64, None, {"keep_window": 40}),  # most queries keep everything before them
 ])
 def test_sorted_layout_is_the_same_attention(t, seg_kind, opts):
   _check_same("xla", t, seg_kind, **opts)
