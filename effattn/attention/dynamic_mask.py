@@ -41,6 +41,9 @@ from effattn.kernels.softmax import reference_attention
 from effattn.ranges import POSITIVE_INT, Range
 
 _NEG_INF = -jnp.inf
+# key_layout "auto" sorts the keys from T = SORTED_FROM x keep_window on: the kept keys are then
+# at most a quarter of a prefix, and the layout's sort and second key copy pay for themselves.
+SORTED_FROM = 4
 
 
 def select_top_w(bias, *, keep_window: int, selection: str, q_index, kv_index, q_seg=None,
@@ -144,13 +147,15 @@ class DynamicMaskAttention(base.Attention):
       # token: keys in token order (the kept keys spread over almost every tile of the prefix);
       # sorted: each chunk of sort_chunk keys before a query tile sorted by score, so its kept
       # keys are a prefix of the chunk (kernels/block_sparse/sorted_chunks.py). Same attention.
-      "key_layout": "token",
+      # auto: sorted where T >= 4 keep_window (H200: 1.25x the token layout's step at T = 8 w,
+      # 1.5x at 16 w, 0.94x at 2 w; docs/benchmarks.md).
+      "key_layout": "auto",
       "sort_chunk": 1024,
   }
   OPS = ("block_sparse",)
   SUPPORTS = ("num_kv_heads", "head_dim")  # keep_window, not a sliding window, bounds the keys
   CHOICES = {"selection": ("per_query", "global"), "select_impl": ("ranked", "dense"),
-             "key_layout": ("token", "sorted")}
+             "key_layout": ("auto", "token", "sorted")}
   RANGES = {"keep_window": POSITIVE_INT, "block": Range(8, integer=True),  # block: power of 2
             "sort_chunk": Range(8, integer=True)}
   TINY = {"keep_window": 8, "block": 16}  # fewer keys kept than T = 32, two tiles
@@ -209,15 +214,23 @@ class DynamicMaskAttention(base.Attention):
     ok = top_w.contiguous_runs(segment_ids)
     return (*jax.lax.cond(ok, ranked, dense, bias), 1.0 - ok.astype(jnp.float32))
 
+  def key_layout(self, t: int) -> str:
+    """The key layout of a T-token call ("auto" resolved; the sorted one is causal only)."""
+    layout = self.opts.key_layout
+    if layout == "auto":
+      layout = "sorted" if t >= SORTED_FROM * self.opts.keep_window else "token"
+    return layout
+
   def __call__(self, x, *, positions, segment_ids=None, causal=True, train=False):
     b, t, _ = x.shape
     q, k, v, bias = self.project(x, positions)
     bs = block_size_for(t, self.opts.block)
     thr, thr_pos, tiles, fallback = self.select(bias, segment_ids, causal, bs)
-    if causal and self.opts.key_layout == "sorted":
+    if causal and self.key_layout(t) == "sorted":
       lay = sorted_chunks.sorted_chunk_layout(
           k, v, bias, thr, thr_pos, tiles, num_heads=self.num_heads, block=bs,
-          sort_chunk=self.opts.sort_chunk, segment_ids=segment_ids, ranges_exact=fallback == 0)
+          sort_chunk=self.opts.sort_chunk, segment_ids=segment_ids,
+          ranges_exact=True if segment_ids is None else top_w.contiguous_runs(segment_ids))
       o, _ = block_sparse_attention(
           q, lay.k, lay.v, lay.kv_indices, lay.kv_counts, block_q=bs, block_k=bs, causal=True,
           kv_positions=lay.kv_positions, q_segment_ids=segment_ids,

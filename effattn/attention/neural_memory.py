@@ -51,6 +51,9 @@ from effattn.kernels.softmax.persistent import persistent_attention
 from effattn.ranges import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigError, Range
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
+# memory_remat_chunks' default: chunks per rematerialized piece of the linear memory (1,024
+# tokens at chunk 16).
+REMAT_CHUNKS = 64
 
 
 def _rms(x, scale, eps=1e-6):
@@ -224,13 +227,16 @@ class NeuralMemory(base.Attention):
       # flat in T at equal tokens: kernels/softmax/persistent.py); "dense" builds the
       # [T, N_p + T] mask (the oracle; O(T^2) memory on the XLA path it forces).
       "swa_impl": "fused",
-      # The memory's Triton kernel: value columns per program (None: all of them, one program
-      # per row and head; 0: halved while the grid is short of the GPU's SMs). A launch
-      # setting (kernels/memory_chunk/pallas_gpu.py); other paths ignore it.
+      # The memory's Triton kernel: value columns per program. None: halved from head_dim
+      # while the grid is short of the GPU's SMs (kernels/memory_chunk/pallas_gpu.py); a power
+      # of two >= 16 dividing head_dim fixes it (head_dim: one program per row and head). A
+      # launch setting; other paths ignore it.
       "memory_block_v": None,
       # The memory's backward keeps its state at every chunk start (2 D^2 f32 per chunk, row and
-      # head); a count keeps them for that many chunks at a time and recomputes the rest (one
-      # more forward of the memory; kernels/memory_chunk/api.py). None: all of them.
+      # head); n keeps them for n chunks at a time and recomputes the rest (one more forward of
+      # the memory; kernels/memory_chunk/api.py); 0 keeps all of them. None: 64. With the
+      # value split, H200 at T = 16k: step 396 -> 242 ms, memory 25.9 -> 17.8 GiB
+      # (docs/benchmarks.md).
       "memory_remat_chunks": None,
   }
   OPS = ("softmax", "memory_chunk")  # attention branch, memory
@@ -241,7 +247,7 @@ class NeuralMemory(base.Attention):
   CHOICES = {"variant": VARIANTS, "swa_impl": ("fused", "dense")}
   RANGES = {"depth": POSITIVE_INT, "expansion": POSITIVE_INT, "chunk_size": POSITIVE_INT,
             "memory_block_v": Range(0, integer=True, none_ok=True),
-            "memory_remat_chunks": Range(1, integer=True, none_ok=True),
+            "memory_remat_chunks": Range(0, integer=True, none_ok=True),
             "segment_len": POSITIVE_INT, "num_persistent": NON_NEGATIVE_INT,
             "conv_size": POSITIVE_INT, "max_lr": POSITIVE}
 
@@ -261,13 +267,23 @@ class NeuralMemory(base.Attention):
         raise ConfigError(f"model.attention.neural_memory.{field} applies to the linear memory's "
                           f"op (depth 1), not depth={opts.depth}; leave it None")
     bv = opts.memory_block_v
-    if bv and (bv < 16 or bv & (bv - 1) or sizes.head_dim % bv):
+    if bv is not None and (bv < 16 or bv & (bv - 1) or sizes.head_dim % bv):
       raise ConfigError(f"model.attention.neural_memory.memory_block_v={bv} must be a power of "
-                        f"two >= 16 dividing head_dim={sizes.head_dim}, 0 (chosen from the grid) "
-                        "or None")
+                        f"two >= 16 dividing head_dim={sizes.head_dim}, or None (chosen from "
+                        "the grid)")
     if opts.variant == "mac" and opts.segment_len % opts.chunk_size:
       raise ConfigError(f"model.attention.neural_memory.segment_len={opts.segment_len} must be "
                         f"a multiple of chunk_size={opts.chunk_size} (MAC updates whole chunks)")
+
+  @staticmethod
+  def memory_launch(opts) -> dict:
+    """memory_update's block_v and remat_chunks from the options (None: the measured defaults;
+    the deep memory's op has neither)."""
+    if opts.depth > 1:
+      return {"block_v": None, "remat_chunks": None}
+    remat = REMAT_CHUNKS if opts.memory_remat_chunks is None else opts.memory_remat_chunks
+    return {"block_v": 0 if opts.memory_block_v is None else opts.memory_block_v,
+            "remat_chunks": remat or None}
 
   @classmethod
   def context_parallel(cls, opts, sizes, causal):
@@ -305,7 +321,7 @@ class NeuralMemory(base.Attention):
                           conv_size=o.conv_size, max_lr=o.max_lr, chunk_size=o.chunk_size,
                           impl=self.op_impl("memory_chunk"), dtype=dt, rngs=rngs,
                           momentum=o.momentum, weight_decay=o.weight_decay,
-                          block_v=o.memory_block_v, remat_chunks=o.memory_remat_chunks)
+                          **self.memory_launch(o))
     width = h * d
     cols = dict(rngs=rngs, dtype=dt, head_dim=d)
     self.out_proj = base.dense(width, d_model, axes=base.ROWS, **cols)

@@ -69,6 +69,7 @@ def _check_same(impl, t, seg_kind, keep_window=6, d_model=32, num_heads=4, **opt
     (61, "packed", {}),  # ragged: the last tile and chunk are partial
     (48, "recurring", {}),  # a segment id recurs: the dense selection, every past chunk a candidate
     (56, "packed", {"selection": "global"}),
+    (24, "recurring", {"select_impl": "dense"}),  # the dense oracle selection, no fallback flag
 ])
 def test_sorted_layout_is_the_same_attention(t, seg_kind, opts):
   _check_same("xla", t, seg_kind, **opts)
@@ -104,3 +105,8 @@ def test_chunk_tiles(n_k, sort_chunk, block, want):
 def test_bad_key_layout_named():
   with pytest.raises(ValueError, match="key_layout"):
     build("dynamic_mask", dynamic_mask={"key_layout": "shuffled"})
+
+
+def test_auto_layout_sorts_from_four_windows():
+  attn = build("dynamic_mask", dynamic_mask={"keep_window": 8})
+  assert [attn.key_layout(t) for t in (16, 31, 32, 64)] == ["token", "token", "sorted", "sorted"]

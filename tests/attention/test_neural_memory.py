@@ -130,6 +130,16 @@ def test_registered_and_checked():
     build("mag", depth=2, memory_remat_chunks=4)
 
 
+def test_memory_launch_defaults():
+  """None: the value split chosen from the grid and pieces of 64 chunks (measured faster and
+  smaller, docs/benchmarks.md); 0 keeps every chunk state; the deep memory gets neither."""
+  launch = registry.get("neural_memory").memory_launch
+  assert launch(build("mag").opts) == {"block_v": 0, "remat_chunks": 64}
+  assert launch(build("mag", memory_remat_chunks=0).opts)["remat_chunks"] is None
+  assert launch(build("mag", memory_remat_chunks=3).opts)["remat_chunks"] == 3
+  assert launch(build("mag", depth=2).opts) == {"block_v": None, "remat_chunks": None}
+
+
 def _output_and_grads(module, x, pos, seg):
   """The layer's output and the gradients of sum(sin(output)) by its parameters (jitted)."""
   graphdef, params, rest = params_and_rest(module)
@@ -148,7 +158,7 @@ def test_memory_remat_chunks_changes_nothing():
   x, pos = random_inputs(2, 21, d_model=16, seed=6)
   seg = jnp.asarray(np.repeat([[1, 2, 2], [3, 3, 3]], 7, axis=1), jnp.int32)
   (y, g), (y_r, g_r) = (_output_and_grads(build("mag", memory_remat_chunks=r), x, pos, seg)
-                        for r in (None, 2))
+                        for r in (0, 2))  # 0: every chunk state kept
   assert_close("y", y, y_r, reduction=21)
   assert_trees_close("grads", g, g_r, reduction=21)
 
@@ -158,7 +168,7 @@ def test_memory_block_v_splits_the_kernel_and_changes_nothing():
   programs per row and head gives the one-program layer's output and gradients."""
   x, pos = random_inputs(2, 40, d_model=64, seed=5)
   results = []
-  for block_v in (None, 16):
+  for block_v in (32, 16):  # head_dim 32: one program per row and head
     module = build_mechanism("neural_memory", d_model=64, num_heads=2, impl="auto",
                              neural_memory=dict(variant="lmm", chunk_size=16,
                                                 memory_block_v=block_v))
