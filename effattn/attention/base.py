@@ -173,11 +173,13 @@ class Attention(nnx.Module):
     at small T (O(T^2) memory; evaluate/entropy.py). x: [B, T, d_model] (the layer's input).
 
     Mechanisms that define one: softmax (and GQA / a window), linear (phi(q_i) . phi(k_j) over
-    its normalizer), mala (its magnitude-aware scores, which may be negative)."""
+    its normalizer), mala (its magnitude-aware scores, which may be negative). The others do
+    not form them (a recurrent state, a memory, routed or landmark-gated groups): a request for
+    theirs is refused in one line."""
     del x, positions, segment_ids, causal
-    raise NotImplementedError(
+    raise ValueError(
         f"{self.registered_name} does not expose its attention weights; the mechanisms that do: "
-        "softmax, linear, mala")
+        "softmax, linear, mala (the entropy eval leaves the others' layers out)")
 
   # -- what the mechanism supports -----------------------------------------------------------
 

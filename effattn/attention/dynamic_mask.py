@@ -34,8 +34,8 @@ from flax import nnx
 from effattn import logical_axes
 from effattn.attention import base
 from effattn.attention.registry import register
-from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention,
-                                          lists_from_block_mask, sorted_chunks, top_w)
+from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention, sorted_chunks,
+                                          top_w)
 from effattn.kernels.block_sparse.common import element_mask
 from effattn.kernels.softmax import reference_attention
 from effattn.ranges import POSITIVE_INT, Range
@@ -194,10 +194,11 @@ class DynamicMaskAttention(base.Attention):
     bias = (self.A[...] * delta).transpose(0, 2, 1)
     return q, k, v, bias
 
-  def select(self, bias, segment_ids, causal: bool, block: int):
+  def select(self, bias, segment_ids, causal: bool, block: int, ranks=None):
     """Thresholds, threshold positions and kept tiles of the top-w selection (select_top_w's
     outputs), and 1.0 where the ranked form fell back to the dense one (a segment id that
-    recurs after another id; packing never makes one) else 0.0."""
+    recurs after another id; packing never makes one) else 0.0. ranks: top_w.key_ranks(bias)
+    where the caller has them."""
     o = self.opts
     b, _, t = bias.shape
     idx = base.sequence_index(b, t)
@@ -208,7 +209,7 @@ class DynamicMaskAttention(base.Attention):
       return (*dense(bias), jnp.zeros((), jnp.float32))
     ranked = lambda bias: top_w.select_top_w_ranked(  # noqa: E731
         bias, keep_window=o.keep_window, selection=o.selection, segment_ids=segment_ids,
-        causal=causal, block_q=block, block_k=block)
+        causal=causal, block_q=block, block_k=block, ranks=ranks)
     if segment_ids is None:
       return (*ranked(bias), jnp.zeros((), jnp.float32))
     ok = top_w.contiguous_runs(segment_ids)
@@ -225,28 +226,25 @@ class DynamicMaskAttention(base.Attention):
     b, t, _ = x.shape
     q, k, v, bias = self.project(x, positions)
     bs = block_size_for(t, self.opts.block)
-    thr, thr_pos, tiles, fallback = self.select(bias, segment_ids, causal, bs)
-    if causal and self.key_layout(t) == "sorted":
+    sort = causal and self.key_layout(t) == "sorted"
+    # One ranking of the keys serves the ranked selection and the sorted layout.
+    ranks = top_w.key_ranks(bias) if sort or self.opts.select_impl == "ranked" else None
+    thr, thr_pos, tiles, fallback = self.select(bias, segment_ids, causal, bs, ranks)
+    if sort:
       lay = sorted_chunks.sorted_chunk_layout(
-          k, v, bias, thr, thr_pos, tiles, num_heads=self.num_heads, block=bs,
+          k, v, bias, ranks[0], thr, thr_pos, tiles, num_heads=self.num_heads, block=bs,
           sort_chunk=self.opts.sort_chunk, segment_ids=segment_ids,
           ranges_exact=True if segment_ids is None else top_w.contiguous_runs(segment_ids))
-      o, _ = block_sparse_attention(
-          q, lay.k, lay.v, lay.kv_indices, lay.kv_counts, block_q=bs, block_k=bs, causal=True,
-          kv_positions=lay.kv_positions, q_segment_ids=segment_ids,
-          kv_segment_ids=lay.kv_segment_ids, kv_bias=lay.kv_bias, q_threshold=thr,
-          q_threshold_pos=thr_pos, impl=self.op_impl("block_sparse"))
-      visited = lay.visited
     else:
-      group = self.num_heads // self.num_kv_heads
-      kv_idx, kv_cnt = lists_from_block_mask(jnp.repeat(tiles, group, axis=1))
-      o, _ = block_sparse_attention(
-          q, k, v, kv_idx, kv_cnt, block_q=bs, block_k=bs, causal=causal,
-          q_segment_ids=segment_ids, kv_segment_ids=segment_ids, kv_bias=bias, q_threshold=thr,
-          q_threshold_pos=thr_pos, impl=self.op_impl("block_sparse"))
-      visited = jnp.mean(tiles.astype(jnp.float32))
+      lay = sorted_chunks.token_layout(k, v, bias, tiles, num_heads=self.num_heads,
+                                       segment_ids=segment_ids)
+    o, _ = block_sparse_attention(
+        q, lay.k, lay.v, lay.kv_indices, lay.kv_counts, block_q=bs, block_k=bs, causal=causal,
+        kv_positions=lay.kv_positions, q_segment_ids=segment_ids,
+        kv_segment_ids=lay.kv_segment_ids, kv_bias=lay.kv_bias, q_threshold=thr,
+        q_threshold_pos=thr_pos, impl=self.op_impl("block_sparse"))
     # dma_kept_tile_frac: tiles the kernel visits over all (query, key) tile pairs.
-    return self.o_proj(base.merge_heads(o)), {"dma_kept_tile_frac": visited,
+    return self.o_proj(base.merge_heads(o)), {"dma_kept_tile_frac": lay.visited,
                                               "dma_select_fallback": fallback}
 
   def init_cache(self, batch, max_len, dtype=None):

@@ -94,7 +94,7 @@ def test_weights_equal_the_formula(name):
 def test_mechanisms_without_weights_say_so():
   module = build("lightning")
   x, positions, _ = _inputs()
-  with pytest.raises(NotImplementedError, match="lightning does not expose"):
+  with pytest.raises(ValueError, match="lightning does not expose"):
     module.attention_weights(x, positions=positions)
 
 

@@ -42,12 +42,13 @@ _FAR = 1 << 30  # the position of a padding key: after every query, so causality
 
 
 class Layout(NamedTuple):
-  """Arguments of block_sparse_attention for the chunk-sorted key layout."""
+  """Keys and lists for block_sparse_attention: the chunk-sorted layout (shapes below) or the
+  token-order one (k, v, bias and segments as they are)."""
   k: jax.Array  # [B, 2 S, H_kv, D]
   v: jax.Array  # [B, 2 S, H_kv, D]
-  kv_positions: jax.Array  # [B, H_kv, 2 S] true token positions
+  kv_positions: jax.Array | None  # [B, H_kv, 2 S] true token positions (None: token order)
   kv_bias: jax.Array  # [B, H_kv, 2 S] float32
-  kv_segment_ids: jax.Array | None  # [B, H_kv, 2 S] or None
+  kv_segment_ids: jax.Array | None  # [B, H_kv, 2 S], [B, T] in token order, or None
   kv_indices: jax.Array  # [B, H, nQ, K]
   kv_counts: jax.Array  # [B, H, nQ]
   visited: jax.Array  # scalar: visited tiles / (nQ * nK), as the token-order mask reports
@@ -69,16 +70,25 @@ def _take_keys(x, order):
   return jnp.take_along_axis(x, idx, axis=1)
 
 
-def sorted_chunk_layout(k, v, bias, thr, thr_pos, tiles, *, num_heads: int, block: int,
+def token_layout(k, v, bias, tiles, *, num_heads: int, segment_ids=None) -> Layout:
+  """The keys in token order: the selection's kept tiles are the lists."""
+  group = num_heads // k.shape[2]
+  kv_indices, kv_counts = lists_from_block_mask(jnp.repeat(tiles, group, axis=1))
+  return Layout(k, v, None, bias, segment_ids, kv_indices, kv_counts,
+                jnp.mean(tiles.astype(jnp.float32)))
+
+
+def sorted_chunk_layout(k, v, bias, rank, thr, thr_pos, tiles, *, num_heads: int, block: int,
                         sort_chunk: int, segment_ids=None, ranges_exact: bool | jax.Array = True
                         ) -> Layout:
   """The chunk-sorted layout for a causal top-w selection.
 
-  k, v: [B, T, H_kv, D]; bias: [B, H_kv, T] float32 (gets gradients); thr / thr_pos
-  [B, H_kv, T] and tiles [B, H_kv, nQ, nK] bool: a selection's outputs (top_w.py, or the dense
-  oracle) with block_q = block_k = block; segment_ids: [B, T] or None; ranges_exact: whether
-  each segment id is one contiguous run (then a chunk before the segments of a whole query tile
-  is skipped; otherwise every past chunk is a candidate, which is still exact).
+  k, v: [B, T, H_kv, D]; bias: [B, H_kv, T] float32 (gets gradients); rank: [B, H_kv, T] of
+  top_w.key_ranks(bias); thr / thr_pos [B, H_kv, T] and tiles [B, H_kv, nQ, nK] bool: a
+  selection's outputs (top_w.py, or the dense oracle) with block_q = block_k = block;
+  segment_ids: [B, T] or None; ranges_exact: whether each segment id is one contiguous run
+  (then a chunk before the segments of a whole query tile is skipped; otherwise every past
+  chunk is a candidate, which is still exact).
   """
   b, t, h_kv, _ = k.shape
   n_k = tiles.shape[-1]
@@ -88,10 +98,6 @@ def sorted_chunk_layout(k, v, bias, thr, thr_pos, tiles, *, num_heads: int, bloc
   chunk = m * block
   n_c = n_k // m
 
-  sel_bias = jax.lax.stop_gradient(bias.astype(jnp.float32))
-  sel_bias = jnp.where(sel_bias == 0, 0.0, sel_bias)
-  rank, _ = top_w.rank_keys(sel_bias.reshape(b * h_kv, t))
-  rank = rank.reshape(b, h_kv, t)
   # A query's loosest kept rank: the rank of its threshold key, or t where it keeps everything.
   thr_rank = jnp.where(thr == -jnp.inf, t, jnp.take_along_axis(rank, thr_pos, axis=-1))
 

@@ -57,6 +57,16 @@ def rank_keys(bias: jax.Array) -> tuple[jax.Array, jax.Array]:
   return rank, order
 
 
+def key_ranks(bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """bias [B, H_kv, T] -> rank_keys' (rank, order), [B, H_kv, T] each, of the selection's
+  scores (no gradient; -0.0 ties with 0.0)."""
+  b, h_kv, t = bias.shape
+  bias = jax.lax.stop_gradient(bias.astype(jnp.float32))
+  bias = jnp.where(bias == 0, 0.0, bias)
+  rank, order = rank_keys(bias.reshape(b * h_kv, t))
+  return rank.reshape(b, h_kv, t), order.reshape(b, h_kv, t)
+
+
 def _rank_bits(n: int) -> int:
   return max(1, (n - 1).bit_length())
 
@@ -170,7 +180,7 @@ def kept_tiles(rank, thr_rank, lo, hi, *, block_q: int, block_k: int) -> jax.Arr
 
 def select_top_w_ranked(bias, *, keep_window: int, selection: str, segment_ids=None,
                         causal: bool = True, block_q: int | None = None,
-                        block_k: int | None = None):
+                        block_k: int | None = None, ranks=None):
   """The thresholds and kept tiles of attention/dynamic_mask.select_top_w for a self-attention
   whose queries and keys are tokens 0..T-1 of contiguous segment runs.
 
@@ -179,13 +189,16 @@ def select_top_w_ranked(bias, *, keep_window: int, selection: str, segment_ids=N
   all keys of the row, causality and segments applied afterwards).
   Returns thr [B, H_kv, T] (-inf where a query sees fewer than w keys and keeps them all),
   thr_pos [B, H_kv, T] int32 (the threshold key's index; unspecified where thr is -inf) and,
-  with block sizes, tiles [B, H_kv, nQ, nK] bool.
+  with block sizes, tiles [B, H_kv, nQ, nK] bool. ranks: key_ranks(bias) where the caller has
+  them already (None: ranked here).
   """
   b, h_kv, t = bias.shape
   bias = jax.lax.stop_gradient(bias.astype(jnp.float32))
   bias = jnp.where(bias == 0, 0.0, bias).reshape(b * h_kv, t)  # -0.0 ties with 0.0
   w = min(keep_window, t)
-  rank, order = rank_keys(bias)
+  if ranks is None:
+    ranks = key_ranks(bias.reshape(b, h_kv, t))
+  rank, order = (x.reshape(b * h_kv, t) for x in ranks)
   lo, hi = visible_ranges(segment_ids, b, t, causal)
   lo, hi = (jnp.repeat(x, h_kv, axis=0) for x in (lo, hi))  # rows are (b, h_kv)
   if selection == "global":
