@@ -70,11 +70,14 @@ def _take_keys(x, order):
   return jnp.take_along_axis(x, idx, axis=1)
 
 
+def _query_head_lists(mask, num_heads: int):
+  """Per key head tile mask [B, H_kv, nQ, N] -> the op's lists per query head."""
+  return lists_from_block_mask(jnp.repeat(mask, num_heads // mask.shape[1], axis=1))
+
+
 def token_layout(k, v, bias, tiles, *, num_heads: int, segment_ids=None) -> Layout:
   """The keys in token order: the selection's kept tiles are the lists."""
-  group = num_heads // k.shape[2]
-  kv_indices, kv_counts = lists_from_block_mask(jnp.repeat(tiles, group, axis=1))
-  return Layout(k, v, None, bias, segment_ids, kv_indices, kv_counts,
+  return Layout(k, v, None, bias, segment_ids, *_query_head_lists(tiles, num_heads),
                 jnp.mean(tiles.astype(jnp.float32)))
 
 
@@ -134,8 +137,7 @@ def sorted_chunk_layout(k, v, bias, rank, thr, thr_pos, tiles, *, num_heads: int
   own_start = (q_start // chunk) * chunk // block  # first key tile of the tile's own chunk
   token_mask = tiles & (jnp.arange(n_k)[None, :] >= own_start[:, None])[None, None]
   mask = jnp.concatenate([sorted_mask, token_mask], axis=-1)  # [B, H_kv, nQ, 2 nK]
-  group = num_heads // h_kv
-  kv_indices, kv_counts = lists_from_block_mask(jnp.repeat(mask, group, axis=1))
+  kv_indices, kv_counts = _query_head_lists(mask, num_heads)
 
   def both(x, pad_value):
     """[B, T, H_kv, ...] -> [B, 2 S, H_kv, ...]: sorted chunks, then token order."""
