@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effattn.kernels.delta_rule import delta_rule, delta_rule_step, reference
+from effattn.kernels.delta_rule import delta_rule, delta_rule_step, pallas_gpu, reference
 from effattn.testing import assert_close
 
 GRADS = ("o", "final_state", "dq", "dk", "dv", "dlog_gate", "dbeta", "ds0")
@@ -54,14 +54,14 @@ def make_inputs(name, b, t, h, dk, dv, *, dtype, gate, segments, state):
   return (q, k, v, log_gate, beta, s0), seg, (do, ds)
 
 
-def run_path(impl, interpret, chunk, args, seg, cotangents):
+def run_path(impl, interpret, chunk, args, seg, cotangents, block_sizes=None):
   """(o, final_state) and the gradients of every input, in one jit."""
   has_state = args[-1] is not None
 
   def f(*xs):
     s0 = xs[5] if has_state else None
     return delta_rule(*xs[:5], initial_state=s0, segment_ids=seg, impl=impl, chunk_size=chunk,
-                      interpret=interpret)
+                      interpret=interpret, block_sizes=block_sizes)
 
   @jax.jit
   def run(xs, cts):
@@ -106,6 +106,25 @@ def test_matches_reference(impl, case_name):
   want, (args, seg, cts) = _reference(case)
   dtype, t = case[3], case[1][1]
   got = run_path(impl, impl != "xla", case[2], args, seg, cts)
+  assert got[0].dtype == dtype and got[1].dtype == jnp.float32
+  for label, w, g in zip(GRADS, want, got):
+    assert_close(label, w, g, dtype=dtype, reduction=t)
+
+
+# pallas_gpu's backward="split" (the forward keeps Delta; the per-chunk gradients in a scores
+# half over blocks of key columns and a WY half): 16-wide key and value blocks, so the cases
+# split Dk (bf16: Dk=32) and Dv (ragged: Dv=32) into blocks whose partial sums add up.
+SPLIT_CASES = ("f32-ragged-segments-state", "bf16-weak-gates-chunk32")
+
+
+@pytest.mark.parametrize("case_name", [
+    pytest.param(name, marks=() if name in SPLIT_CASES else pytest.mark.slow) for name in CASES])
+def test_split_backward_matches_reference(case_name):
+  case = CASES[case_name]
+  want, (args, seg, cts) = _reference(case)
+  dtype, t = case[3], case[1][1]
+  split = pallas_gpu.BlockSizes(backward="split", block_k=16, block_v=16)
+  got = run_path("pallas_gpu", True, case[2], args, seg, cts, block_sizes=split)
   assert got[0].dtype == dtype and got[1].dtype == jnp.float32
   for label, w, g in zip(GRADS, want, got):
     assert_close(label, w, g, dtype=dtype, reduction=t)

@@ -64,7 +64,8 @@ def test_bad_decode_step_arguments_name_the_field():
     delta_rule_step(x, x, x, ones(2, 3), ones(2), ones(2, 3, 8, 8))
 
 
-@pytest.mark.parametrize("field,value", [("block_v", 48), ("num_warps_bwd", 3)])
+@pytest.mark.parametrize("field,value", [("block_v", 48), ("num_warps_bwd", 3), ("block_k", 8),
+                                         ("backward", "tiled")])
 def test_block_sizes_are_checked(field, value):
   with pytest.raises(ValueError, match=f"BlockSizes.{field}"):
     pallas_gpu.BlockSizes(**{field: value})
@@ -81,10 +82,11 @@ def test_out_dtype_and_state_dtype(impl):
   assert run()[0].dtype == jnp.bfloat16
 
 
-def loss_grads(impl, interpret, segments):
+def loss_grads(impl, interpret, segments, block_sizes=None):
   def f(q, k, v, g, b):
     seg = jnp.ones(q.shape[:2], jnp.int32) if segments else None
-    o, s = delta_rule(q, k, v, g, b, segment_ids=seg, impl=impl, interpret=interpret)
+    o, s = delta_rule(q, k, v, g, b, segment_ids=seg, impl=impl, interpret=interpret,
+                      block_sizes=block_sizes)
     return jnp.vdot(o, jnp.cos(o)).real + jnp.vdot(s, s)
   return jax.grad(f, argnums=(0, 1, 2, 3, 4))
 
@@ -98,6 +100,10 @@ def _shapes(b, t, h, d, dtype):
 STAGES = ["bwd", "bwd_prep", "dstate", "fwd", "out", "wy"]
 KERNELS = {"pallas_gpu": [f"delta_rule_{s}" for s in STAGES],
            "pallas_tpu": [f"delta_rule_tpu_{s}" for s in STAGES]}
+# backward="split": the per-chunk gradient kernel becomes its scores half and its WY half.
+SPLIT_KERNELS = sorted(["delta_rule_bwd_dqk", "delta_rule_bwd_wy"]
+                       + [f"delta_rule_{s}" for s in STAGES if s != "bwd"])
+SPLIT = pallas_gpu.BlockSizes(backward="split")
 
 
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
@@ -108,16 +114,26 @@ def test_kernels_run_forward_and_backward(impl):
   assert sorted(pallas_call_names(loss_grads(impl, True, False), *args)) == KERNELS[impl]
 
 
+def test_split_backward_runs_its_kernels():
+  args = [jnp.zeros(s.shape, s.dtype) for s in _shapes(1, 40, 1, 16, jnp.float32)]
+  names = pallas_call_names(loss_grads("pallas_gpu", True, False, SPLIT), *args)
+  assert sorted(names) == SPLIT_KERNELS
+
+
+@pytest.mark.parametrize("backward", ["fused", "split"])
 @pytest.mark.parametrize("segments", [False, True], ids=["one-sequence", "packed"])
-def test_lowers_to_triton_with_its_names(segments):
-  """Lowering for CUDA (no GPU needed) emits the six Triton custom calls by name."""
+def test_lowers_to_triton_with_its_names(segments, backward):
+  """Lowering for CUDA (no GPU needed) emits the Triton custom calls by name (six fused, seven
+  split)."""
+  block_sizes = pallas_gpu.BlockSizes(backward=backward)
   with dispatch.lower_for("gpu"):
     exported = export.export(
-        jax.jit(loss_grads("pallas_gpu", False, segments)), platforms=["cuda"],
+        jax.jit(loss_grads("pallas_gpu", False, segments, block_sizes)), platforms=["cuda"],
         disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
             *_shapes(2, 200, 2, 128, jnp.bfloat16))
   text = exported.mlir_module()
-  assert [text.count(f'name = "{n}"') for n in KERNELS["pallas_gpu"]] == [1] * 6
+  names = KERNELS["pallas_gpu"] if backward == "fused" else SPLIT_KERNELS
+  assert [text.count(f'name = "{n}"') for n in names] == [1] * len(names)
 
 
 def test_lowers_to_mosaic():

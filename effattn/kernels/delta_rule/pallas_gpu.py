@@ -13,6 +13,14 @@ sequential (xla.py's three passes):
                                             chunk's final state
   delta_rule_bwd       grid (N, B, H)       every chunk's input gradients
 
+BlockSizes(backward="split") replaces the last by two kernels with smaller live sets (the fused
+one holds the partial sums of dq, dk, dO Delta^T and X Delta^T across its loop over Dv, besides
+the chunk's q, k, W, T and decays); the forward then also keeps Delta, so it is not recomputed:
+
+  delta_rule_bwd_dqk   grid (Dk/bk, N, B, H) dq, and dk's and dgcum's shares from O and the
+                                            leaving state, per block of bk key columns
+  delta_rule_bwd_wy    grid (N, B, H)       dv, dbeta, the rest of dk (through T) and of dgcum
+
 The parallel kernels walk Dv in blocks of bv columns. The per-chunk math is xla.py's, called
 verbatim. The triangular inverse is blocked (fla's
 solve_tril layout): A's 16 x 16 diagonal blocks are inverted by forward substitution, the
@@ -41,6 +49,7 @@ from effattn.kernels.delta_rule.common import Chunked
 from effattn.kernels.memory_chunk.xla import dot
 
 SUB = 16  # rows of the inverse's diagonal blocks (Triton's smallest dot)
+BACKWARDS = ("fused", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +59,13 @@ class BlockSizes:
   block_v: Dv columns per program of the two walks, and per step of the parallel kernels'
     loops over Dv (Dv itself where it does not divide Dv).
   num_warps: Triton warps of the walks and of the output / backward-prep kernels.
-  num_warps_wy / num_warps_bwd: of the inverse and of the backward's per-chunk kernel.
+  num_warps_wy / num_warps_bwd: of the inverse and of the backward's per-chunk kernel(s).
   num_stages: pipelining of the walks' chunk loads.
+  backward: "fused" (one per-chunk gradient kernel, delta_rule_bwd) or "split" (the forward
+    also keeps Delta; the per-chunk gradients in two kernels with smaller live sets:
+    delta_rule_bwd_dqk over (Dk/block_k, N, B, H) and delta_rule_bwd_wy over (N, B, H)).
+  block_k: Dk columns per program of delta_rule_bwd_dqk (Dk itself where it does not divide
+    Dk); only the split backward uses it.
   """
 
   block_v: int = 64
@@ -59,10 +73,16 @@ class BlockSizes:
   num_warps_wy: int = 2
   num_warps_bwd: int = 8
   num_stages: int = 2
+  backward: str = "fused"
+  block_k: int = 64
 
   def __post_init__(self):
-    if self.block_v < 16 or self.block_v & (self.block_v - 1):
-      raise ValueError(f"BlockSizes.block_v={self.block_v} must be a power of two >= 16")
+    for field in ("block_v", "block_k"):
+      size = getattr(self, field)
+      if size < 16 or size & (size - 1):
+        raise ValueError(f"BlockSizes.{field}={size} must be a power of two >= 16")
+    if self.backward not in BACKWARDS:
+      raise ValueError(f"BlockSizes.backward={self.backward!r} must be one of {BACKWARDS}")
     for field in ("num_warps", "num_warps_wy", "num_warps_bwd"):
       if getattr(self, field) not in (1, 2, 4, 8, 16):
         raise ValueError(f"BlockSizes.{field}={getattr(self, field)} must be a power of two "
@@ -70,6 +90,9 @@ class BlockSizes:
 
   def value_block(self, dv: int) -> int:
     return self.block_v if dv % self.block_v == 0 else dv
+
+  def key_block(self, dk: int) -> int:
+    return self.block_k if dk % self.block_k == 0 else dk
 
 
 def block_inverse(a: dict, nb: int) -> dict:
@@ -233,6 +256,54 @@ def _bwd_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, tinv_ref, w_ref, do_ref, s
   dbeta_ref[...], dg_ref[...] = dbeta, dg
 
 
+def _bwd_dqk_kernel(q_ref, k_ref, g_ref, delta_ref, do_ref, s_ref, ds_ref, *refs, scale: float,
+                    block_v: int, dtype, has_runs: bool):
+  """Split backward, scores half, one chunk and one block of bk key columns: q_ref, k_ref
+  [C, bk]; g_ref [C]; delta_ref, do_ref [C, Dv]; s_ref, ds_ref [bk, Dv] (entering state, the
+  leaving state's cotangent); masks [C]; outputs dq_ref [C, bk] (final), dka_ref [C, bk] and
+  dga_ref [C] (this block's shares of dk and dgcum)."""
+  masks, (dq_ref, dka_ref, dga_ref) = _masks(refs, 3, has_runs)
+  runs, carry, tail = (None if m is None else m[...] for m in masks)
+  g = g_ref[...]
+  gq, omega, keep = xla.state_gates(g, carry, tail)
+  decay = xla.block_decay(g, g, runs, runs, diagonal=True)
+  acc = None
+  for j in range(do_ref.shape[1] // block_v):
+    cols = pl.ds(j * block_v, block_v)
+    partial = xla.scores_backward_block(
+        scale * do_ref[:, cols].astype(jnp.float32), delta_ref[:, cols].astype(jnp.float32),
+        s_ref[:, cols].astype(jnp.float32), ds_ref[:, cols].astype(jnp.float32), dtype=dtype)
+    acc = xla.accumulate(acc, partial)
+  dq, dka, dga = xla.scores_backward_finish(q_ref[...], k_ref[...], gq, omega, keep, decay, acc,
+                                            dtype=dtype)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  dka_ref[...], dga_ref[...] = dka, dga
+
+
+def _bwd_wy_kernel(k_ref, v_ref, beta_ref, g_ref, tinv_ref, delta_ref, ddelta_ref, s_ref, dka_ref,
+                   *refs, block_v: int, dtype, has_runs: bool):
+  """Split backward, WY half, one chunk: k_ref, dka_ref [C, Dk]; v_ref, delta_ref, ddelta_ref
+  [C, Dv]; beta_ref, g_ref [C]; tinv_ref [C, C]; s_ref [Dk, Dv]; masks [C]; outputs dk_ref
+  [C, Dk] (dk_a + dk_b), dv_ref [C, Dv], dbeta_ref, dgb_ref [C]."""
+  masks, (dk_ref, dv_ref, dbeta_ref, dgb_ref) = _masks(refs, 3, has_runs)
+  runs, carry, tail = (None if m is None else m[...] for m in masks)
+  g, beta, tinv = g_ref[...], beta_ref[...], tinv_ref[...]
+  gq, _, _ = xla.state_gates(g, carry, tail)
+  decay = xla.block_decay(g, g, runs, runs, diagonal=True)
+  acc = None
+  for j in range(v_ref.shape[1] // block_v):
+    cols = pl.ds(j * block_v, block_v)
+    dv, partial = xla.wy_backward_block(
+        tinv, v_ref[:, cols], beta, delta_ref[:, cols].astype(jnp.float32),
+        ddelta_ref[:, cols].astype(jnp.float32), s_ref[:, cols].astype(jnp.float32),
+        dtype=dtype)
+    dv_ref[:, cols] = dv.astype(dv_ref.dtype)
+    acc = xla.accumulate(acc, partial)
+  dkb, dbeta, dgb = xla.wy_backward_finish(k_ref[...], beta, gq, decay, runs, acc, dtype=dtype)
+  dk_ref[...] = (dka_ref[...] + dkb).astype(dk_ref.dtype)
+  dbeta_ref[...], dgb_ref[...] = dbeta, dgb
+
+
 # -- wrappers -------------------------------------------------------------------------------------
 
 
@@ -338,13 +409,15 @@ def forward(x: Chunked, s0, *, chunk: int, scale: float, dtype, out_dtype,
       interpret=interpret,
       name="delta_rule_out",
   )(x.q, x.k, x.gcum, delta, states, *_mask_args(x))
+  if block_sizes.backward == "split":
+    return o, final, (tinv, states, delta)
   return o, final, (tinv, states)
 
 
 def backward(x: Chunked, residuals, do, dfinal, *, chunk: int, scale: float, dtype,
              block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
   """Same contract as xla.backward, except dq, dk, dv in the dtype of q, k, v."""
-  tinv, states = residuals
+  tinv, states = residuals[:2]
   d = _Dims.of(x, chunk, block_sizes)
   b, padded, h, dk, dv, n, bv, has_runs = dataclasses.astuple(d)
   tok, gate, state, masks = _chunk_specs(chunk, d.masks)
@@ -376,6 +449,10 @@ def backward(x: Chunked, residuals, do, dfinal, *, chunk: int, scale: float, dty
     *_mask_args(x, ("carry", "tail")))
 
   f32 = lambda a: _like(a, jnp.float32)
+  if block_sizes.backward == "split":
+    return _split_gradients(x, d, tinv, states, residuals[2], do, dstates, ddelta, ds0,
+                            chunk=chunk, scale=scale, dtype=dtype, block_sizes=block_sizes,
+                            interpret=interpret)
   # dq, dk, dv in the inputs' dtype (written once, no extra cast pass); gate grads float32.
   dq, dk_, dv_, dbeta, dg = pl.pallas_call(
       functools.partial(_bwd_kernel, scale=float(scale), block_v=bv, dtype=dtype,
@@ -390,3 +467,45 @@ def backward(x: Chunked, residuals, do, dfinal, *, chunk: int, scale: float, dty
       name="delta_rule_bwd",
   )(x.q, x.k, x.v, x.beta, x.gcum, tinv, w, do, states, dstates, ddelta, *_mask_args(x))
   return dq, dk_, dv_, dbeta, dg, ds0
+
+
+def _split_gradients(x: Chunked, d: _Dims, tinv, states, delta, do, dstates, ddelta, ds0, *,
+                     chunk: int, scale: float, dtype, block_sizes: BlockSizes, interpret: bool):
+  """backward="split": every chunk's input gradients in two kernels (the scores half per block
+  of key columns, then the WY half, which adds the two halves of dk)."""
+  bk = block_sizes.key_block(d.dk)
+  nk = d.dk // bk
+  sq = pl.squeezed
+  tok_k = pl.BlockSpec((sq, chunk, sq, bk), lambda ki, n, b, h: (b, n, h, ki))
+  tok_v = pl.BlockSpec((sq, chunk, sq, d.dv), lambda ki, n, b, h: (b, n, h, 0))
+  gate = pl.BlockSpec((sq, chunk, sq), lambda ki, n, b, h: (b, n, h))
+  rows = pl.BlockSpec((sq, sq, bk, d.dv), lambda ki, n, b, h: (b, h, n * nk + ki, 0))
+  share = pl.BlockSpec((sq, sq, chunk, sq), lambda ki, n, b, h: (ki, b, n, h))
+  masks = [pl.BlockSpec((sq, chunk), lambda ki, n, b, h: (b, n))] * d.masks
+  dq, dka, dga = pl.pallas_call(
+      functools.partial(_bwd_dqk_kernel, scale=float(scale), block_v=d.bv, dtype=dtype,
+                        has_runs=d.has_runs),
+      grid=(nk, d.n, d.b, d.h),
+      in_specs=[tok_k, tok_k, gate, tok_v, tok_v, rows, rows] + masks,
+      out_specs=[tok_k, tok_k, share],
+      out_shape=[_like(x.q, x.q.dtype), _like(x.k, jnp.float32),
+                 jax.ShapeDtypeStruct((nk, d.b, d.padded, d.h), jnp.float32)],
+      compiler_params=_params(block_sizes.num_warps),
+      interpret=interpret,
+      name="delta_rule_bwd_dqk",
+  )(x.q, x.k, x.gcum, delta, do, states, dstates, *_mask_args(x))
+
+  tok, gate, state, masks = _chunk_specs(chunk, d.masks)
+  f32 = lambda a: _like(a, jnp.float32)
+  dk, dv, dbeta, dgb = pl.pallas_call(
+      functools.partial(_bwd_wy_kernel, block_v=d.bv, dtype=dtype, has_runs=d.has_runs),
+      grid=(d.n, d.b, d.h),
+      in_specs=[tok(d.dk), tok(d.dv), gate, gate, tok(chunk), tok(d.dv), tok(d.dv),
+                state(d.dk, d.dv), tok(d.dk)] + masks,
+      out_specs=[tok(d.dk), tok(d.dv), gate, gate],
+      out_shape=[x.k, x.v, f32(x.beta), f32(x.gcum)],
+      compiler_params=_params(block_sizes.num_warps_bwd),
+      interpret=interpret,
+      name="delta_rule_bwd_wy",
+  )(x.k, x.v, x.beta, x.gcum, tinv, delta, ddelta, states, dka, *_mask_args(x))
+  return dq, dk, dv, dbeta, jnp.sum(dga, axis=0) + dgb, ds0

@@ -228,6 +228,71 @@ def chunk_backward_finish(ctx, acc, *, dtype):
   return dq, dk, dbeta, dg
 
 
+# The same per-chunk gradients split in two halves with smaller live sets (pallas_gpu's
+# backward="split"): the "scores" half (dq and the parts of dk, dg from O and the leaving state,
+# computable per block of key columns) and the "WY" half (dv, dbeta and the parts of dk, dg from
+# the inverse). Both are linear in their partial sums, so dk = dk_a + dk_b, dg = dg_a + dg_b
+# (and dg_a, computed per block of key columns, adds over the blocks). delta is the chunk's
+# Delta (the forward's, saved).
+
+
+def scores_backward_block(do, delta, state, dstate, *, dtype):
+  """One block of value columns of the scores half: do, delta [C, bv]; state, dstate: rows of
+  one block of key columns [bk, bv]. Returns partial sums to add over value blocks."""
+  return dict(m1=dot(do, state, trans_b=True, dtype=dtype),                # dO S^T
+              m3=dot(delta, dstate, trans_b=True, dtype=dtype),            # Delta dS'^T
+              dp=dot(do, delta, trans_b=True, dtype=dtype),                # dO Delta^T
+              dkeep=jnp.sum(state * dstate))
+
+
+def scores_backward_finish(q, k, gq, omega, keep, decay, acc, *, dtype):
+  """The scores half from its summed partials, for one block of key columns q, k [C, bk]:
+  (dq, dk_a [C, bk], dg_a [C]) float32 (dg_a: this block's share of the gate gradient)."""
+  c = q.shape[0]
+  i = jnp.arange(c)
+  m1, m3 = acc["m1"], acc["m3"]
+  dqk = acc["dp"] * decay
+  dq = gq[:, None] * m1 + dot(dqk, k, dtype=dtype)
+  dk = omega[:, None] * m3 + dot(dqk, q, trans_a=True, dtype=dtype)
+  qm1 = jnp.sum(q.astype(jnp.float32) * m1, axis=1)
+  km3 = jnp.sum(k.astype(jnp.float32) * m3, axis=1)
+  z = dqk * dot(q, k, trans_b=True, dtype=dtype)
+  dg_last = jnp.sum(km3 * omega) + acc["dkeep"] * keep
+  dg = (jnp.sum(z, axis=1) - jnp.sum(z, axis=0) + qm1 * gq - km3 * omega
+        + jnp.where(i == c - 1, dg_last, 0.0))
+  return dq, dk, dg
+
+
+def wy_backward_block(tinv, v, beta, delta, ddelta, state, *, dtype):
+  """One block of value columns of the WY half: v, delta, ddelta [C, bv], state [Dk, bv].
+  Returns (dv [C, bv], partial sums): X = T^T dDelta, dV = diag(b) X, T^T dW = -X S^T and
+  dA = -X Delta^T on A's support."""
+  x = dot(tinv, ddelta, trans_a=True, dtype=dtype)
+  return beta[:, None] * x, dict(y=-dot(x, state, trans_b=True, dtype=dtype),
+                                 xd=dot(x, delta, trans_b=True, dtype=dtype),
+                                 vx=jnp.sum(v.astype(jnp.float32) * x, axis=1))
+
+
+def wy_backward_finish(k, beta, gq, decay, runs, acc, *, dtype):
+  """The WY half from its summed partials: (dk_b [C, Dk], dbeta [C], dg_b [C]) float32."""
+  c = k.shape[0]
+  i = jnp.arange(c)
+  strict = i[:, None] > i[None, :]
+  if runs is not None:
+    strict = strict & (runs[:, None] == runs[None, :])
+  da = jnp.where(strict, -acc["xd"], 0.0)
+  kk = dot(k, k, trans_b=True, dtype=dtype)
+  dkk = beta[:, None] * da * decay
+  y = acc["y"]
+  dk = ((beta * gq)[:, None] * y + dot(dkk, k, dtype=dtype)
+        + dot(dkk, k, trans_a=True, dtype=dtype))
+  ky = jnp.sum(k.astype(jnp.float32) * y, axis=1)
+  z = dkk * kk
+  dbeta = acc["vx"] + gq * ky + jnp.sum(da * kk * decay, axis=1)
+  dg = jnp.sum(z, axis=1) - jnp.sum(z, axis=0) + beta * ky * gq
+  return dk, dbeta, dg
+
+
 # -- all chunks -----------------------------------------------------------------------------
 
 
