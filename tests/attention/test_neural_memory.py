@@ -128,16 +128,20 @@ def test_registered_and_checked():
     build("lmm", memory_block_v=24)
   with pytest.raises(ValueError, match="memory_remat_chunks applies to the linear memory"):
     build("mag", depth=2, memory_remat_chunks=4)
+  with pytest.raises(ValueError, match="memory_backward='loop' must be one of"):
+    build("mag", memory_backward="loop")
 
 
 def test_memory_launch_defaults():
   """None: the value split chosen from the grid and pieces of 64 chunks (measured faster and
   smaller, docs/benchmarks.md); 0 keeps every chunk state; the deep memory gets neither."""
   launch = registry.get("neural_memory").memory_launch
-  assert launch(build("mag").opts) == {"block_v": 0, "remat_chunks": 64}
+  assert launch(build("mag").opts) == {"block_v": 0, "backward": "fused", "remat_chunks": 64}
+  assert launch(build("mag", memory_backward="split").opts)["backward"] == "split"
   assert launch(build("mag", memory_remat_chunks=0).opts)["remat_chunks"] is None
   assert launch(build("mag", memory_remat_chunks=3).opts)["remat_chunks"] == 3
-  assert launch(build("mag", depth=2).opts) == {"block_v": None, "remat_chunks": None}
+  assert launch(build("mag", depth=2).opts) == {"block_v": None, "backward": None,
+                                                "remat_chunks": None}
 
 
 def _output_and_grads(module, x, pos, seg):
@@ -163,15 +167,18 @@ def test_memory_remat_chunks_changes_nothing():
   assert_trees_close("grads", g, g_r, reduction=21)
 
 
-def test_memory_block_v_splits_the_kernel_and_changes_nothing():
+def test_memory_launch_options_reach_the_kernel_and_change_nothing():
   """The layer on the memory's Triton kernel (interpreted) with its value columns in two
-  programs per row and head gives the one-program layer's output and gradients."""
+  programs per row and head, and with the split backward, gives the one-program fused
+  layer's output and gradients."""
   x, pos = random_inputs(2, 40, d_model=64, seed=5)
   results = []
-  for block_v in (32, 16):  # head_dim 32: one program per row and head
+  # head_dim 32: block_v 32 is one program per row and head.
+  for block_v, backward in ((32, "fused"), (16, "fused"), (16, "split")):
     module = build_mechanism("neural_memory", d_model=64, num_heads=2, impl="auto",
                              neural_memory=dict(variant="lmm", chunk_size=16,
-                                                memory_block_v=block_v))
+                                                memory_block_v=block_v,
+                                                memory_backward=backward))
     graphdef, params, rest = params_and_rest(module)
 
     def loss(p, x):
@@ -183,15 +190,17 @@ def test_memory_block_v_splits_the_kernel_and_changes_nothing():
     with dispatch.lower_for("gpu"):  # the option reaches the kernel: dq in 2 shares, or whole
       text = jax.jit(lambda *a: grads_of(*a)).trace(params, x).lower(
           lowering_platforms=("cuda",)).as_text()
-    assert ("tensor<2x2x48x2x32xf32>" in text) == (block_v == 16)
+    assert ("tensor<2x2x48x2x32xf32>" in text) == (block_v == 16 and backward == "fused")
     step = jax.jit(grads_of)
     with dispatch.interpret_kernels("gpu"):
-      assert_kernels_ran({"memory_chunk_fwd", "memory_chunk_bwd"}, step, params, x)
+      loop = {"fused": "memory_chunk_bwd", "split": "memory_chunk_dstate"}[backward]
+      assert_kernels_ran({"memory_chunk_fwd", loop}, step, params, x)
       (_, y), grads = step(params, x)
     results.append((y, grads))
-  (y, g), (y_split, g_split) = results
-  assert_close("y", y, y_split, reduction=40)
-  assert_trees_close("grads", g, g_split, reduction=40)
+  (y, g), *others = results
+  for y_other, g_other in others:
+    assert_close("y", y, y_other, reduction=40)
+    assert_trees_close("grads", g, g_other, reduction=40)
 
 
 @pytest.mark.parametrize("variant,window", [("mag", 5), ("mal", None)])

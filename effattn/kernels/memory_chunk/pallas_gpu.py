@@ -32,6 +32,7 @@ from effattn.kernels.memory_chunk import xla
 
 
 TARGET_PROGRAMS = 128  # about the SMs of an H100 / H200 (132)
+BACKWARDS = ("fused", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +44,16 @@ class BlockSizes:
   block_v: value columns per program (a power of two >= 16 dividing Dv); 0: halved from Dv
   while the grid has fewer than TARGET_PROGRAMS programs; None: all of Dv, one program per
   (row, head).
+  backward: "fused" walks the chunks in reverse computing every gradient in the loop;
+  "split" walks them carrying only the state cotangents (saving the pair each chunk sees,
+  like the forward's states), then computes the per-token gradients of all chunks at once
+  (xla.backward_given_cotangents): the loop keeps 8 of the backward's 20 matmuls a chunk.
   """
 
   num_warps: int | None = None
   num_stages: int = 1
   block_v: int | None = None
+  backward: str = "fused"
 
   def warps(self, chunk: int) -> int:
     return self.num_warps or (8 if chunk >= 64 else 4)
@@ -68,6 +74,8 @@ class BlockSizes:
   def __post_init__(self):
     if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"BlockSizes.num_warps={self.num_warps} must be a power of two <= 16")
+    if self.backward not in BACKWARDS:
+      raise ValueError(f"BlockSizes.backward={self.backward!r} must be one of {BACKWARDS}")
     if self.block_v and (self.block_v < 16 or self.block_v & (self.block_v - 1)):
       raise ValueError(f"BlockSizes.block_v={self.block_v} must be a power of two >= 16 "
                        "(Triton's dots), 0 (chosen from the grid) or None (all of Dv)")
@@ -125,6 +133,33 @@ def _backward_kernel(*refs, chunk: int, dtype):
     for ref, val in ((dth_ref, dth), (dlb_ref, dlb), (dle_ref, dle)):
       ref[pl.ds(start, chunk)] = val
     return dw, ds
+
+  dw, ds = jax.lax.fori_loop(0, num_chunks, body,
+                             (dwT_ref[...].astype(jnp.float32), dsT_ref[...].astype(jnp.float32)))
+  dw0_ref[...] = dw
+  ds0_ref[...] = ds
+
+
+def _dstate_kernel(*refs, chunk: int, dtype):
+  """The split backward's chunk loop: 9 token refs; saved states w, s [N*Dk, Dv]; dy [Tp, Dv];
+  dw_T, ds_T [Dk, Dv]; outputs the cotangents (dw', ds') entering each chunk [N*Dk, Dv] and
+  dw0, ds0 [Dk, Dv]."""
+  tokens = refs[:9]
+  w_states, s_states, dy_ref, dwT_ref, dsT_ref = refs[9:14]
+  dw_out, ds_out, dw0_ref, ds0_ref = refs[14:]
+  dk_dim = dwT_ref.shape[0]
+  num_chunks = tokens[0].shape[0] // chunk
+
+  def body(step, cts):
+    dw, ds = cts
+    c = num_chunks - 1 - step
+    start = pl.multiple_of(c * chunk, chunk)
+    rows = pl.ds(c * dk_dim, dk_dim)
+    dw_out[rows, :] = dw
+    ds_out[rows, :] = ds
+    return xla.chunk_state_backward(*_load_chunk(tokens, start, chunk), w_states[rows, :],
+                                    s_states[rows, :], dy_ref[pl.ds(start, chunk), :], dw, ds,
+                                    dtype=dtype)
 
   dw, ds = jax.lax.fori_loop(0, num_chunks, body,
                              (dwT_ref[...].astype(jnp.float32), dsT_ref[...].astype(jnp.float32)))
@@ -203,6 +238,10 @@ def forward(q, k, v, theta, lb, le, seg, carry, end, w0, s0, *, chunk: int, dtyp
 def backward(q, k, v, theta, lb, le, seg, carry, end, states, dy, dw_t, ds_t, *, chunk: int,
              dtype, block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
   """Same contract as xla.backward."""
+  if block_sizes.backward == "split":
+    return _split_backward(q, k, v, theta, lb, le, seg, carry, end, states, dy, dw_t, ds_t,
+                           chunk=chunk, dtype=dtype, block_sizes=block_sizes,
+                           interpret=interpret)
   b, padded, h, dk = q.shape
   dv = v.shape[-1]
   n = padded // chunk
@@ -210,12 +249,11 @@ def backward(q, k, v, theta, lb, le, seg, carry, end, states, dy, dw_t, ds_t, *,
   sp = _Specs(padded, dv, nv)
   f32 = jnp.float32
   share = lambda *s: jax.ShapeDtypeStruct(((nv,) if nv > 1 else ()) + s, f32)  # noqa: E731
-  gate, mask = sp.gate(), sp.mask()
+  gate = sp.gate()
   dq, dk_, dv_, dth, dlb, dle, dw0, ds0 = pl.pallas_call(
       functools.partial(_backward_kernel, chunk=chunk, dtype=dtype),
       grid=(b, h) + sp.grid_tail,
-      in_specs=[sp.tok(dk), sp.tok(dk), sp.col(), gate, gate, gate, mask, mask, mask,
-                sp.state(n * dk), sp.state(n * dk), sp.col(), sp.state(dk), sp.state(dk)],
+      in_specs=_backward_in_specs(sp, n, dk),
       out_specs=[sp.share(sp.tok(dk)), sp.share(sp.tok(dk)), sp.col(), sp.share(gate),
                  sp.share(gate), sp.share(gate), sp.state(dk), sp.state(dk)],
       out_shape=[share(b, padded, h, dk), share(b, padded, h, dk),
@@ -232,3 +270,41 @@ def backward(q, k, v, theta, lb, le, seg, carry, end, states, dy, dw_t, ds_t, *,
   if nv > 1:  # each value block's share of the sums over the columns
     dq, dk_, dth, dlb, dle = (jnp.sum(x, axis=0) for x in (dq, dk_, dth, dlb, dle))
   return dq, dk_, dv_, dth, dlb, dle, dw0, ds0
+
+
+def _backward_in_specs(sp, n, dk):
+  """9 token refs, the saved states, dy and the final states' cotangents."""
+  gate, mask = sp.gate(), sp.mask()
+  return [sp.tok(dk), sp.tok(dk), sp.col(), gate, gate, gate, mask, mask, mask,
+          sp.state(n * dk), sp.state(n * dk), sp.col(), sp.state(dk), sp.state(dk)]
+
+
+def _split_backward(q, k, v, theta, lb, le, seg, carry, end, states, dy, dw_t, ds_t, *,
+                    chunk: int, dtype, block_sizes: BlockSizes, interpret: bool):
+  """The state cotangents in a chunk loop (kernel), then every chunk's per-token gradients at
+  once (xla). The loop is separable in the value columns like the forward, so it takes the
+  same value blocks, and needs no shares (it writes only states)."""
+  b, padded, h, dk = q.shape
+  dv = v.shape[-1]
+  n = padded // chunk
+  sp = _Specs(padded, dv, block_sizes.value_blocks(dv, b * h))
+  f32 = jnp.float32
+  state = lambda rows: jax.ShapeDtypeStruct((b, h, rows, dv), f32)  # noqa: E731
+  tokens = (q, k, v, theta, lb, le, seg.astype(jnp.int32), carry, end)
+  dy = dy.astype(f32)
+  dw_seen, ds_seen, dw0, ds0 = pl.pallas_call(
+      functools.partial(_dstate_kernel, chunk=chunk, dtype=dtype),
+      grid=(b, h) + sp.grid_tail,
+      in_specs=_backward_in_specs(sp, n, dk),
+      out_specs=[sp.state(n * dk), sp.state(n * dk), sp.state(dk), sp.state(dk)],
+      out_shape=[state(n * dk), state(n * dk), state(dk), state(dk)],
+      compiler_params=plgpu.CompilerParams(num_warps=block_sizes.warps(chunk),
+                                           num_stages=block_sizes.num_stages),
+      interpret=interpret,
+      name="memory_chunk_dstate",
+  )(*tokens, *states, dy, dw_t.astype(f32), ds_t.astype(f32))
+  per_chunk = lambda x: x.reshape(b, h, n, dk, dv)  # noqa: E731  [B, H, N*Dk, Dv] -> chunks
+  grads = xla.backward_given_cotangents(
+      *tokens, tuple(per_chunk(x) for x in states), (per_chunk(dw_seen), per_chunk(ds_seen)),
+      dy, chunk=chunk, dtype=dtype)
+  return (*grads, dw0, ds0)

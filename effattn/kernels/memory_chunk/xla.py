@@ -71,12 +71,9 @@ def chunk_forward(q, k, v, theta, lb, le, seg, carry, end, w, s, *, dtype=jnp.fl
   return y, w_new, s_new
 
 
-def chunk_backward(q, k, v, theta, lb, le, seg, carry, end, w, s, dy, dw_new, ds_new, *,
-                   dtype=jnp.float32):
-  """Transpose of chunk_forward given the chunk's starting (w, s) and the cotangents of
-  (y, w', s'). Returns (dq, dk, dv, dtheta, dlb, dle, dw, ds), all float32."""
-  co = chunk_coefficients(theta, lb, le, seg, carry, end)
-  dy = dy.astype(jnp.float32)
+def _state_cotangents(q, k, v, co, carry, w, s, dy, dw_new, ds_new, dtype):
+  """The part of chunk_backward the chunk loop needs: the cotangents of the chunk's starting
+  (w, s) from those of (w', s'), and the terms of it the per-token gradients reuse."""
   kw = dot(k, w, dtype=dtype)
   e = 2.0 * (carry[:, None] * kw - v.astype(jnp.float32))
   qk = dot(q, k, trans_b=True, dtype=dtype)
@@ -90,6 +87,29 @@ def chunk_backward(q, k, v, theta, lb, le, seg, carry, end, w, s, dy, dw_new, ds
         + dot(k, dkw, trans_a=True, dtype=dtype))
   ds = (dot(q, co["a"][:, None] * dy, trans_a=True, dtype=dtype) + co["a_end"] * dw_new
         + co["ec_end"] * ds_new)
+  return dict(e=e, qk=qk, k_dw=k_dw, k_ds=k_ds, de=de, dkw=dkw, dw=dw, ds=ds)
+
+
+def chunk_state_backward(q, k, v, theta, lb, le, seg, carry, end, w, s, dy, dw_new, ds_new, *,
+                         dtype=jnp.float32):
+  """(dw, ds) of chunk_backward alone: the sequential part of the backward (the split
+  backward's chunk loop; the per-token gradients then come from chunk_backward over all
+  chunks at once, given the (dw', ds') this loop saw at each chunk)."""
+  co = chunk_coefficients(theta, lb, le, seg, carry, end)
+  t = _state_cotangents(q, k, v, co, carry, w, s, dy.astype(jnp.float32), dw_new, ds_new,
+                        dtype)
+  return t["dw"], t["ds"]
+
+
+def chunk_backward(q, k, v, theta, lb, le, seg, carry, end, w, s, dy, dw_new, ds_new, *,
+                   dtype=jnp.float32):
+  """Transpose of chunk_forward given the chunk's starting (w, s) and the cotangents of
+  (y, w', s'). Returns (dq, dk, dv, dtheta, dlb, dle, dw, ds), all float32."""
+  co = chunk_coefficients(theta, lb, le, seg, carry, end)
+  dy = dy.astype(jnp.float32)
+  t = _state_cotangents(q, k, v, co, carry, w, s, dy, dw_new, ds_new, dtype)
+  e, qk, k_dw, k_ds, de, dkw, dw, ds = (t[n] for n in ("e", "qk", "k_dw", "k_ds", "de", "dkw",
+                                                       "dw", "ds"))
   dy_e = dot(dy, e, trans_b=True, dtype=dtype)           # [C, C]
   dqk = -dy_e * co["A"]
   dq = (co["wq"][:, None] * dot(dy, w, trans_b=True, dtype=dtype)
@@ -174,3 +194,26 @@ def backward(q, k, v, theta, lb, le, seg, carry, end, states, dy, dw_t, ds_t, *,
   dq, dk, dv = (_from_chunks(g) for g in grads[:3])
   dth, dlb, dle = (_from_chunks(g[..., None])[..., 0] for g in grads[3:])
   return dq, dk, dv, dth, dlb, dle, dw0, ds0
+
+
+def backward_given_cotangents(q, k, v, theta, lb, le, seg, carry, end, states, cotangents, dy,
+                              *, chunk: int, dtype=jnp.float32):
+  """The per-token gradients of every chunk at once (no chunk loop), given the chunk-start
+  states and the state cotangents (dw', ds') entering each chunk from its right, both
+  [B, H, N, Dk, Dv] pairs: chunk_backward vmapped over (B, N, H). Returns f32 (dq, dk, dv,
+  dtheta, dlb, dle), the layouts of backward's."""
+  b, tp, h, _ = q.shape
+  n = tp // chunk
+  split = lambda x: x.reshape(b, n, chunk, *x.shape[2:])  # noqa: E731  [B, N, C, ...]
+  tok = [split(x) for x in (q, k, v, theta, lb, le)] + [split(x) for x in (seg, carry, end)]
+  per_chunk = lambda *a: chunk_backward(*a, dtype=dtype)[:6]  # noqa: E731
+  # Arguments: 9 token slices, then w, s, dy, dw', ds'. Heads: axis 1 of the [C, H, ...]
+  # token slices and dy, axis 0 of the [H, Dk, Dv] states; the masks [C] are the row's.
+  heads = jax.vmap(per_chunk, in_axes=(1,) * 6 + (None,) * 3 + (0, 0, 1, 0, 0),
+                   out_axes=(1,) * 6)
+  chunks = jax.vmap(heads, in_axes=(0,) * 9 + (1, 1, 0, 1, 1))  # N: states are [H, N, ...]
+  rows = jax.vmap(chunks)
+  w, s = states
+  dw, ds = cotangents
+  grads = rows(*tok, w, s, split(dy), dw, ds)
+  return tuple(g.reshape(b, tp, *g.shape[3:]) for g in grads)
