@@ -19,7 +19,9 @@ the gradients, so no forward kernel is dropped):
 
 Groups and their stages:
   mha            attention op (cuDNN on GPU; with the batch's segment ids, and without)
-  dynamic_mask   projections; top-w selection; tile lists; block-sparse kernel
+  dynamic_mask   projections; key ranking; top-w selection; key layout (token order, or the
+                 chunk-sorted one the layer picks at this T) with its gathers; block-sparse
+                 kernel on that layout
   landmark       landmark keys; grouped softmax
   neural_memory  per variant (mag, mal, lmm, mac): memory streams; memory update; attention
                  branch (mag, mal)
@@ -199,24 +201,43 @@ def stages(group: str, label: str, layer: Layer) -> list[dict]:
             _stage("attention op (no segment ids)", attend(None), (q, k, v), (1, 2, 3))]
   if group == "dynamic_mask":
     from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention,
-                                              lists_from_block_mask)
-    bs = block_size_for(x.shape[1], m.opts.block)
-    group_size = m.num_heads // m.num_kv_heads
+                                              sorted_chunks, top_w)
+    t = x.shape[1]
+    bs = block_size_for(t, m.opts.block)
+    sort = m.key_layout(t) == "sorted"
     project = layer.bind(lambda mod, x: mod.project(x, pos))
     q, k, v, bias = layer.run(project, x)
-    select = layer.bind(lambda mod, bias: mod.select(bias, seg, True, bs))
+    rank = lambda p, bias: top_w.key_ranks(bias)  # noqa: E731
+    ranks = layer.run(rank, bias)
+    select = layer.bind(lambda mod, bias: mod.select(bias, seg, True, bs, ranks))
     thr, thr_pos, tiles, _ = layer.run(select, bias)
-    lists = lambda p, tiles: lists_from_block_mask(  # noqa: E731
-        jnp.repeat(tiles, group_size, axis=1))
-    idx, cnt = layer.run(lists, tiles)
+
+    def arrange(p, k, v, bias):  # the layer's key layout (sorted_chunks), as the layer calls it
+      if sort:
+        return sorted_chunks.sorted_chunk_layout(
+            k, v, bias, ranks[0], thr, thr_pos, tiles, num_heads=m.num_heads, block=bs,
+            sort_chunk=m.opts.sort_chunk, segment_ids=seg,
+            ranges_exact=top_w.contiguous_runs(seg))
+      return sorted_chunks.token_layout(k, v, bias, tiles, num_heads=m.num_heads,
+                                        segment_ids=seg)
+    lay = layer.run(arrange, k, v, bias)
     kernel = lambda p, q, k, v, bias: block_sparse_attention(  # noqa: E731
-        q, k, v, idx, cnt, block_q=bs, block_k=bs, causal=True, q_segment_ids=seg,
-        kv_segment_ids=seg, kv_bias=bias, q_threshold=thr, q_threshold_pos=thr_pos,
+        q, k, v, lay.kv_indices, lay.kv_counts, block_q=bs, block_k=bs, causal=True,
+        kv_positions=lay.kv_positions, q_segment_ids=seg, kv_segment_ids=lay.kv_segment_ids,
+        kv_bias=bias, q_threshold=thr, q_threshold_pos=thr_pos,
         impl=m.op_impl("block_sparse"))[0]
-    return [_stage("projections", project, (x,), (0, 1)),
-            _stage(f"top-w selection ({m.opts.select_impl})", select, (bias,), changed=True),
-            _stage("tile lists", lists, (tiles,)),
-            _stage("block-sparse kernel", kernel, (q, k, v, bias), (1, 2, 3, 4))]
+
+    def gathers(p, k, v, bias):  # the layout's differentiated outputs
+      out = arrange(p, k, v, bias)
+      return out.k, out.v, out.kv_bias
+    rows = [_stage("projections", project, (x,), (0, 1)),
+            _stage("key ranking", rank, (bias,))]
+    rows.append(_stage(f"top-w selection ({m.opts.select_impl})", select, (bias,),
+                       changed=True))
+    rows += [_stage(f"key layout ({'sorted' if sort else 'token'}), fwd+bwd of its gathers",
+                    gathers, (k, v, bias), (1, 2, 3)),
+             _stage("block-sparse kernel", kernel, (q, lay.k, lay.v, lay.kv_bias), (1, 2, 3, 4))]
+    return rows
   if group == "landmark":
     from effattn.attention.landmark import block_groups, kernel_tile
     from effattn.kernels import grouped_softmax
