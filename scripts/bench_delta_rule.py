@@ -5,19 +5,25 @@
     python scripts/bench_delta_rule.py --out DIR --fla-results OLD  # reuse fla's part
     python scripts/bench_delta_rule.py --out DIR --no-fla --skip-check  # our timings only
     python scripts/bench_delta_rule.py --out DIR --smoke            # CPU self-test (interpret)
+    python scripts/bench_delta_rule.py --out DIR --backward split   # one backward only
 
 Parts, in order (results.json and table.md under --out, written after every row):
 1. fla (flash-linear-attention 0.6.0, carried as wheels) in a subprocess, before JAX takes the
    GPU: chunk_gated_delta_rule on the check inputs (bf16 q, k, v and b, float32 log gates and
    initial state, T = 1000: not a multiple of the chunk; random cotangents on o AND the final
    state), outputs and gradients saved in fla_check.npz; then fwd and fwd+bwd medians
-   (triton.testing.do_bench) at --sizes. fla autotunes on first use.
-2. JAX: (a) our Pallas path against our reference (the token recurrence, float32) on the GPU,
-   forward, final state and all six gradients, f32 and bf16, with segments and initial state;
-   (b) on the check inputs, per tensor, ours vs the reference, fla vs the reference and ours vs
-   fla (relative Frobenius errors); (c) a block-size sweep of fwd+bwd at --tune-sizes; (d) fwd
-   and fwd+bwd of ours beside fla at --sizes, each row with the custom kernels of its compiled
-   program (6 on the Pallas path: 3 forward, 3 backward).
+   (triton.testing.do_bench) at --sizes. fla autotunes on first use. Where fla's backward
+   refuses (fla 0.6.0 with Triton 3.4-3.7.0 on Hopper: chunk_bwd_dqkwg, fla issue #640), the
+   forward's outputs and times are kept and the backward's reason recorded (fla_check.npz
+   "bwd_error", a row's "fwd_bwd_error": "refused: ..."); the gradient comparisons stay empty.
+2. JAX, for each of --backward (pallas_gpu.BlockSizes.backward: "fused", the default path,
+   and "split"): (a) our Pallas path against our reference (the token recurrence, float32) on
+   the GPU, forward, final state and all six gradients, f32 and bf16, with segments and initial
+   state; (b) on the check inputs, per tensor, ours vs the reference, fla vs the reference and
+   ours vs fla (relative Frobenius errors); (c) a block-size sweep of fwd+bwd at --tune-sizes;
+   (d) fwd and fwd+bwd of ours beside fla at --sizes, each row with the custom kernels of its
+   compiled program (6 on the fused path: 3 forward, 3 backward; 7 split). A backward whose
+   check (a) fails is not timed.
 Shapes: B=8, H=16, Dk=Dv=128, bf16; unit-norm q and k, log gates logsigmoid(N(0, 1)) (a mean
 decay of about 0.5 per token), b = sigmoid(N(0, 1)). fwd+bwd returns the forward output with
 the gradients of q, k, v, the gates and b (timing.forward_and_grads), as fla's backward timing
@@ -36,10 +42,13 @@ SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(SCRIPTS))
 sys.path.insert(0, SCRIPTS)
 
-from bench_vs_fla import checked, fla_results, fla_row, ours_row, rel_err, tune  # noqa: E402
+from bench_vs_fla import (checked, fla_results, fla_row, ours_row, refusal, rel_err,  # noqa: E402
+                          tune)
+
+BACKWARDS = ("fused", "split")  # pallas_gpu.BlockSizes.backward
 
 B, H, D = 8, 16, 128
-CHECK = dict(b=2, t=1000, h=4, d=128)  # fla-vs-ours numeric check
+CHECK = dict(b=2, t=1000, h=4, d=128)  # fla-vs-ours numeric check (--smoke: tiny)
 CHECK_NAMES = ("o", "ht", "dq", "dk", "dv", "dg", "dbeta", "dh0")
 # --smoke (CPU): tiny shapes, the Pallas kernels in interpret mode, no fla.
 SMOKE = {"on": False}
@@ -82,14 +91,24 @@ def fla_part(out: str, sizes: list[int]) -> None:
           cuda(h0, f32)]
   for x in args:
     x.requires_grad_()
-  o, ht = chunk_gated_delta_rule(*args[:5], scale=CHECK["d"] ** -0.5, initial_state=args[5],
-                                 output_final_state=True)
-  torch.autograd.backward([o, ht], [cuda(do, bf16), cuda(dht, f32)])
+  run = lambda: chunk_gated_delta_rule(  # noqa: E731
+      *args[:5], scale=CHECK["d"] ** -0.5, initial_state=args[5], output_final_state=True)
+  saved = {}
+  try:
+    o, ht = run()
+    torch.autograd.backward([o, ht], [cuda(do, bf16), cuda(dht, f32)])
+    tensors = [o, ht] + [a.grad for a in args]
+  except Exception as e:  # noqa: BLE001 - keep the forward where the backward refuses
+    saved["bwd_error"] = np.array(refusal(e))
+    print("fla backward", saved["bwd_error"], flush=True)
+    with torch.no_grad():
+      tensors = list(run())
+  saved.update({name: x.detach().float().cpu().numpy()
+                for name, x in zip(CHECK_NAMES, tensors)})
+  results["check_bwd_error"] = str(saved.get("bwd_error", ""))
   # One file (the device returns at most 8 files from $OUT).
-  np.savez(os.path.join(out, "fla_check.npz"), **{
-      name: x.detach().float().cpu().numpy()
-      for name, x in zip(CHECK_NAMES, [o, ht] + [a.grad for a in args])})
-  print("fla check saved", flush=True)
+  np.savez(os.path.join(out, "fla_check.npz"), **saved)
+  print("fla check saved", sorted(saved), flush=True)
 
   for t in sizes:
     q, k, v, g, beta, _, do, _ = make_inputs(1, B, t, H, D)
@@ -128,8 +147,15 @@ def fwd_and_grads(impl, q, k, v, g, beta, h0, do, dht, *, segment_ids=None, bloc
     return run((q, k, v, g, beta, h0), (do, dht))
 
 
-def correctness() -> list[dict]:
-  """Our Pallas path against the reference (float32 recurrence) on this device."""
+def block_sizes_for(backward: str, base=None):
+  import dataclasses
+  from effattn.kernels.delta_rule import pallas_gpu
+  return dataclasses.replace(base or pallas_gpu.BlockSizes(), backward=backward)
+
+
+def correctness(backward: str = "fused") -> list[dict]:
+  """Our Pallas path (with this backward) against the reference (float32 recurrence) on this
+  device."""
   import jax.numpy as jnp
   import numpy as np
   rows = []
@@ -149,40 +175,48 @@ def correctness() -> list[dict]:
     q, k, v, do = (low(x) for x in (q, k, v, do))
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     ours = fwd_and_grads("pallas_gpu", q, k, v, f32(g), f32(beta), f32(h0), do, f32(dht),
-                         segment_ids=seg)
+                         segment_ids=seg, block_sizes=block_sizes_for(backward))
     ref = fwd_and_grads("reference", f32(q), f32(k), f32(v), f32(g), f32(beta), f32(h0),
                         f32(do), f32(dht), segment_ids=seg)
     return {n: rel_err(a, r) for n, a, r in zip(CHECK_NAMES, ours, ref)}
 
   for dtype, segments in cases[:1] if SMOKE["on"] else cases:
-    name = f"{dtype} B={b} T={t} H={h} D={d} segments={segments} state=True"
+    name = f"backward={backward} {dtype} B={b} T={t} H={h} D={d} segments={segments} state=True"
     rows.append(checked(name, lambda: errors(dtype, segments), tol[dtype]))
   return rows
 
 
-def compare_with_fla(out: str) -> dict:
-  """Ours (Pallas, bf16) and fla against the float32 reference on the same check inputs."""
+def compare_with_fla(out: str, backward: str = "fused") -> dict:
+  """Ours (Pallas, bf16, this backward) and fla against the float32 reference on the same check
+  inputs. Tensors fla did not produce (its backward refused) compare ours with the reference
+  only, with fla's reason ("fla": "refused: ...")."""
   import jax.numpy as jnp
   import numpy as np
   path = os.path.join(out, "fla_check.npz")
   if not os.path.exists(path):
     return {"error": "fla outputs missing (fla part failed or --no-fla)"}
-  fla = np.load(path)
+  fla = dict(np.load(path))
+  missing = str(fla.pop("bwd_error", "")) or "fla did not save it"
   q, k, v, g, beta, h0, do, dht = check_inputs()
   bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
   f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
   q, k, v, do, beta = (bf(x) for x in (q, k, v, do, beta))   # the values fla saw
-  ours = fwd_and_grads("pallas_gpu", q, k, v, f32(g), f32(beta), f32(h0), do, f32(dht))
+  ours = fwd_and_grads("pallas_gpu", q, k, v, f32(g), f32(beta), f32(h0), do, f32(dht),
+                       block_sizes=block_sizes_for(backward))
   ref = fwd_and_grads("reference", f32(q), f32(k), f32(v), f32(g), f32(beta), f32(h0), f32(do),
                       f32(dht))
   res = {}
   for name, a, r in zip(CHECK_NAMES, ours, ref):
+    if name not in fla:
+      res[name] = {"ours_vs_ref": rel_err(a, r), "fla_vs_ref": None, "ours_vs_fla": None,
+                   "fla": missing}
+      continue
     theirs = fla[name]
     res[name] = {"ours_vs_ref": rel_err(a, r), "fla_vs_ref": rel_err(theirs, r),
                  "ours_vs_fla": rel_err(a, theirs)}
   # Ours is as exact as fla when no tensor sits further from the float32 reference than twice
-  # fla's distance (or 1e-2, bf16's scale).
-  res["ok"] = all(e["ours_vs_ref"] <= max(2 * e["fla_vs_ref"], 1e-2)
+  # fla's distance (or 1e-2, bf16's scale); tensors fla lacks are held to 1e-2 alone.
+  res["ok"] = all(e["ours_vs_ref"] <= max(2 * (e["fla_vs_ref"] or 0.0), 1e-2)
                   for e in res.values() if isinstance(e, dict))
   return res
 
@@ -206,28 +240,34 @@ def ours(block_sizes=None):
   return f, forward_and_grads(f, argnums=(0, 1, 2, 3, 4))
 
 
-def candidates():
+def candidates(backward: str = "fused"):
   from effattn.kernels.delta_rule import pallas_gpu
   default = pallas_gpu.BlockSizes()
   if SMOKE["on"]:
-    return [default]
-  return [default, pallas_gpu.BlockSizes(block_v=64, num_warps=8),
-          pallas_gpu.BlockSizes(block_v=128, num_warps=8, num_warps_wy=4)]
+    cands = [default]
+  else:
+    cands = [default, pallas_gpu.BlockSizes(block_v=64, num_warps=8),
+             pallas_gpu.BlockSizes(block_v=128, num_warps=8, num_warps_wy=4)]
+    if backward == "split":
+      cands += [pallas_gpu.BlockSizes(num_warps_bwd=4), pallas_gpu.BlockSizes(block_k=128)]
+  return [block_sizes_for(backward, c) for c in cands]
 
 
-def tune_block_sizes(sizes: list[int]) -> tuple[object, dict]:
-  """The fastest BlockSizes for fwd+bwd over `sizes` (each candidate timed)."""
+def tune_block_sizes(sizes: list[int], backward: str = "fused") -> tuple[object, dict]:
+  """The fastest BlockSizes (with this backward) for fwd+bwd over `sizes` (each candidate
+  timed)."""
   def fwd_bwd_args(t):
     args, do = bench_inputs(t)
     return (*args, do)
-  return tune(candidates(), sizes, fwd_bwd_args, lambda cfg: ours(cfg)[1])
+  return tune(candidates(backward), sizes, fwd_bwd_args, lambda cfg: ours(cfg)[1])
 
 
-def bench_ours(sizes, block_sizes, on_row=lambda rows: None) -> list[dict]:
-  rows = []
+def bench_ours(sizes, block_sizes, on_row=lambda rows: None, name="ours pallas_gpu",
+               rows=None) -> list[dict]:
+  rows = [] if rows is None else rows
   for t in sizes:
     args, do = bench_inputs(t)
-    rows.append(ours_row("ours pallas_gpu", t, *ours(block_sizes), args, do))
+    rows.append(ours_row(name, t, *ours(block_sizes), args, do))
     print(rows[-1], flush=True)
     on_row(rows)
     del args, do
@@ -250,14 +290,17 @@ def markdown(rows, fla_rows, info) -> str:
       if "error" in r:
         lines.append(f"| {t} | {r['impl']} | error | {r['error'][:80]} | | | |")
         continue
+      ms = lambda key: (f"{r[key]:.3f}" if key in r  # noqa: E731
+                        else r.get(key.replace("_ms", "_error"), "-")[:80])
+      ratio = lambda key: (f"{peer[key] / r[key]:.2f}x" if key in peer and key in r  # noqa: E731
+                           else "-")
       speed = ""
       if r["impl"].startswith("ours") and peer:
-        speed = (f"{peer['fwd_ms'] / r['fwd_ms']:.2f}x / "
-                 f"{peer['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x")
+        speed = f"{ratio('fwd_ms')} / {ratio('fwd_bwd_ms')}"
       kernels = f"{r['fwd_kernels']} / {r['fwd_bwd_kernels']}" if "fwd_kernels" in r else "-"
-      mtok = B * t / r["fwd_bwd_ms"] / 1e3
-      lines.append(f"| {t} | {r['impl']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | "
-                   f"{mtok:.1f} | {speed} | {kernels} |")
+      mtok = f"{B * t / r['fwd_bwd_ms'] / 1e3:.1f}" if "fwd_bwd_ms" in r else "-"
+      lines.append(f"| {t} | {r['impl']} | {ms('fwd_ms')} | {ms('fwd_bwd_ms')} | "
+                   f"{mtok} | {speed} | {kernels} |")
   return "\n".join(lines)
 
 
@@ -271,14 +314,22 @@ def parse_args(argv=None):
   parser.add_argument("--fla-results", default="",
                       help="reuse fla.json and fla_check.npz from this folder (no fla run)")
   parser.add_argument("--no-fla", action="store_true")
+  parser.add_argument("--backward", default=",".join(BACKWARDS),
+                      help="comma-separated pallas_gpu backwards to check and time "
+                           f"(of {BACKWARDS}; fused is what impl='auto' runs)")
   parser.add_argument("--smoke", action="store_true",
                       help="CPU self-test: tiny shapes, Pallas interpret mode, no fla")
   args = parser.parse_args(argv)
+  args.backward = [b for b in args.backward.split(",") if b]
+  bad = [b for b in args.backward if b not in BACKWARDS]
+  if bad or not args.backward:
+    parser.error(f"--backward {bad or args.backward} must name some of {BACKWARDS}")
   if args.smoke:
     global B, H, D
     B, H, D = 1, 2, 16
     SMOKE["on"] = True
-    args.no_fla = True
+    CHECK.update(b=1, t=40, h=2, d=16)
+    args.no_fla = not args.fla_results  # fla is not importable here; its files may be reused
     if args.sizes == parser.get_default("sizes"):
       args.sizes = "64"
     if args.tune_sizes == parser.get_default("tune_sizes"):
@@ -309,15 +360,29 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.out, "results.json"), "w") as f:
       json.dump(results, f, indent=1, default=str)
 
-  info["correctness"] = [] if args.skip_check else correctness()
-  info["vs_fla"] = {} if args.no_fla else compare_with_fla(args.out)
-  print("vs fla", info["vs_fla"], flush=True)
+  info["correctness"], info["vs_fla"], passed = [], {}, []
+  for backward in args.backward:
+    rows = [] if args.skip_check else correctness(backward)
+    info["correctness"] += rows
+    if all(r["ok"] for r in rows):
+      passed.append(backward)
+    else:
+      print(f"backward={backward} failed its check: not timed", flush=True)
+    if not args.no_fla:
+      try:
+        info["vs_fla"][backward] = compare_with_fla(args.out, backward)
+      except Exception as e:  # noqa: BLE001 - one failing comparison must not stop the run
+        info["vs_fla"][backward] = {"error": refusal(e)}
+      print(f"vs fla backward={backward}", info["vs_fla"][backward], flush=True)
+  info["timed_backwards"] = passed
   print(f"checks done at {time.time() - t0:.0f}s", flush=True)
   save([])
-  block_sizes, info["tuning"] = (tune_block_sizes(tune_sizes) if tune_sizes
-                                 else (candidates()[0], {}))
-  info["block_sizes"] = str(block_sizes)
-  rows = bench_ours(sizes, block_sizes, on_row=save)
+  rows, info["tuning"], info["block_sizes"] = [], {}, {}
+  for backward in passed:
+    block_sizes, info["tuning"][backward] = (tune_block_sizes(tune_sizes, backward)
+                                             if tune_sizes else (candidates(backward)[0], {}))
+    info["block_sizes"][backward] = str(block_sizes)
+    bench_ours(sizes, block_sizes, on_row=save, name=f"ours pallas_gpu {backward}", rows=rows)
   save(rows)
   table = markdown(rows, fla["rows"], info)
   with open(os.path.join(args.out, "table.md"), "w") as f:
