@@ -128,8 +128,8 @@ def test_value_blocks_split_the_columns_exactly():
     pallas_gpu.BlockSizes(block_v=24)
   with pytest.raises(ValueError, match="block_v=128 must divide Dv=64"):
     pallas_gpu.BlockSizes(block_v=128).value_blocks(64)
-  chosen = pallas_gpu.BlockSizes(block_v=0).value_blocks  # halved until 128 programs
-  assert (chosen(128, 16), chosen(128, 64), chosen(128, 256), chosen(64, 2)) == (8, 2, 1, 4)
+  chosen = pallas_gpu.BlockSizes(block_v=0).value_blocks  # halved until 64 programs
+  assert (chosen(128, 16), chosen(128, 64), chosen(128, 256), chosen(64, 2)) == (4, 1, 1, 4)
 
 
 def test_value_blocks_lower_for_cuda():

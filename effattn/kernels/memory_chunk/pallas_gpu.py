@@ -16,6 +16,11 @@ The backward's dq, dk and gate gradients are sums over the columns: each program
 block's share, [Dv / block_v, ...], and they are summed after the call. At small B x H (16
 programs at B 2, H 8 on 132 SMs) this multiplies the programs at no extra state work (q, k and
 the chunk's [C, C] products are recomputed per block).
+
+`BlockSizes.backward="split"` runs a lighter chunk loop (`_dstate_kernel`: only the state
+cotangents, 8 of the backward's 20 matmuls a chunk, saving the pair each chunk sees) and then
+the per-token gradients of every chunk at once in xla (xla.backward_given_cotangents), which
+has no sequential dependency left.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ from jax.experimental.pallas import triton as plgpu
 from effattn.kernels.memory_chunk import xla
 
 
-TARGET_PROGRAMS = 128  # about the SMs of an H100 / H200 (132)
+# block_v=0 halves the value block until the grid has this many programs. H200, B 2, H 8,
+# D 128, chunk 16, T 16k, fwd+bwd: 16 programs 76.8 ms, 32: 43.2, 64: 24.9, 128: 32.5
+# (docs/benchmarks.md): half the 132 SMs beats all of them, whose blocks of 16 columns make
+# the matmuls too thin.
+TARGET_PROGRAMS = 64
 BACKWARDS = ("fused", "split")
 
 
