@@ -104,19 +104,22 @@ KERNELS = {"pallas_gpu": [f"delta_rule_{s}" for s in STAGES],
 SPLIT_KERNELS = sorted(["delta_rule_bwd_dqk", "delta_rule_bwd_wy"]
                        + [f"delta_rule_{s}" for s in STAGES if s != "bwd"])
 SPLIT = pallas_gpu.BlockSizes(backward="split")
+FUSED = pallas_gpu.BlockSizes(backward="fused")
 
 
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
 def test_kernels_run_forward_and_backward(impl):
   args = [jnp.zeros(s.shape, s.dtype) for s in _shapes(1, 40, 1, 16, jnp.float32)]
   # Forward: inverse + W, U; the state walk; the outputs. Backward: W + within-chunk cotangents;
-  # the reverse walk; the per-chunk gradients.
-  assert sorted(pallas_call_names(loss_grads(impl, True, False), *args)) == KERNELS[impl]
+  # the reverse walk; the per-chunk gradients (one kernel fused, two split).
+  sizes = FUSED if impl == "pallas_gpu" else None
+  assert sorted(pallas_call_names(loss_grads(impl, True, False, sizes), *args)) == KERNELS[impl]
 
 
-def test_split_backward_runs_its_kernels():
+def test_split_backward_is_the_default_and_runs_its_kernels():
   args = [jnp.zeros(s.shape, s.dtype) for s in _shapes(1, 40, 1, 16, jnp.float32)]
-  names = pallas_call_names(loss_grads("pallas_gpu", True, False, SPLIT), *args)
+  assert pallas_gpu.BlockSizes() == SPLIT
+  names = pallas_call_names(loss_grads("pallas_gpu", True, False), *args)
   assert sorted(names) == SPLIT_KERNELS
 
 

@@ -14,15 +14,19 @@ def bench():
 
 def test_smoke_run_checks_and_times_the_kernels(bench, tmp_path):
   results = bench.main(["--smoke", f"--out={tmp_path}"])
-  [check] = results["info"]["correctness"]
-  assert check["ok"], check
-  assert set(check["errs"]) == set(bench.CHECK_NAMES)
-  [row] = results["rows"]
-  assert row["T"] == 64 and row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
-  assert row["fwd_bwd_kernels"] == 0  # interpret mode: no custom calls on CPU
+  checks = results["info"]["correctness"]  # one per backward, each before its timing
+  assert [c["case"].split()[0] for c in checks] == ["backward=fused", "backward=split"]
+  for check in checks:
+    assert check["ok"], check
+    assert set(check["errs"]) == set(bench.CHECK_NAMES)
+  rows = results["rows"]
+  assert [r["impl"] for r in rows] == ["ours pallas_gpu fused", "ours pallas_gpu split"]
+  for row in rows:
+    assert row["T"] == 64 and row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+    assert row["fwd_bwd_kernels"] == 0  # interpret mode: no custom calls on CPU
   saved = json.loads((tmp_path / "results.json").read_text())
-  assert saved["rows"] == json.loads(json.dumps(results["rows"], default=str))
-  assert "| 64 | ours pallas_gpu |" in (tmp_path / "table.md").read_text()
+  assert saved["rows"] == json.loads(json.dumps(rows, default=str))
+  assert "| 64 | ours pallas_gpu split |" in (tmp_path / "table.md").read_text()
 
 
 def test_table_sets_ours_beside_fla(bench):
