@@ -14,9 +14,9 @@ Parts (JSON under --out, a markdown table printed last; docs/benchmarks.md has r
    cotangents (timing.forward_and_grads); each row gives the custom kernels compiled.
 3. blocks: the value columns split over programs (BlockSizes.block_v) at the shape of
    bench_train's 16k step (B=2, H=8, D=128, bf16, chunk 16, T = 16k: 16 programs of one
-   block on 132 SMs), block_v None / 64 / 32 / 16, for each backward (BlockSizes.backward
-   "fused" and "split"); part 1 checks block_v 16 / 32 and both backwards first, and a
-   backward that fails there is not timed.
+   block on 132 SMs), block_v None / 64 / 32 / 16, for each form of the chunk loops (LOOPS:
+   BlockSizes.forward / .backward "fused" or "split"); part 1 checks block_v 16 / 32 and
+   every form first, and a form that fails there is not timed.
 4. layer: the whole neural_memory module (variant lmm, d_model 1024, 16 heads) forward+backward
    (output, gradients of the parameters and the input) tokens/s with the memory on Pallas vs
    xla.
@@ -41,6 +41,10 @@ from effattn.evaluate.timing import cotangent_like, forward_and_grads, measure  
 from effattn.kernels.memory_chunk import memory_update, pallas_gpu, reference  # noqa: E402
 
 B, H, D = 4, 16, 64
+# BlockSizes.forward / .backward of each form of the kernel's chunk loops that is timed.
+LOOPS = {"fused": dict(forward="fused", backward="fused"),
+         "split bwd": dict(forward="fused", backward="split"),
+         "split": dict(forward="split", backward="split")}
 SMOKE = {"on": False}  # --smoke: the Pallas kernels in interpret mode (CPU)
 
 
@@ -71,8 +75,8 @@ def check(results):
   for dtype, chunk, t in ((jnp.float32, 16, 300), (jnp.bfloat16, 64, 517)):
     args, seg = inputs(jax.random.key(0), 2, t, 4, 64, dtype, segments=True)
 
-    def run(impl, block_v=None, backward=None):
-      sizes = (pallas_gpu.BlockSizes(block_v=block_v, backward=backward)
+    def run(impl, block_v=None, loops=None):
+      sizes = (pallas_gpu.BlockSizes(block_v=block_v, **LOOPS[loops])
                if impl == "pallas_gpu" else None)
       f = lambda *a: memory_update(*a[:6], initial_memory=a[6], segment_ids=seg,  # noqa: E731
                                    chunk_size=chunk, impl=impl, block_sizes=sizes,
@@ -87,10 +91,10 @@ def check(results):
            jax.random.normal(keys[2], out_r[1][1].shape)))
     g_r = vjp_r(ct)
     names = ["y", "W_T", "S_T", "dq", "dk", "dv", "dtheta", "dalpha", "deta", "dW0"]
-    for impl, block_v, backward in (("pallas_gpu", None, "fused"), ("pallas_gpu", 16, "fused"),
-                                    ("pallas_gpu", None, "split"), ("pallas_gpu", 32, "split"),
-                                    ("xla", None, None)):
-      out, vjp = run(impl, block_v, backward)
+    for impl, block_v, loops in (("pallas_gpu", None, "fused"), ("pallas_gpu", 16, "fused"),
+                                 ("pallas_gpu", None, "split bwd"), ("pallas_gpu", 32, "split"),
+                                 ("pallas_gpu", None, "split"), ("xla", None, None)):
+      out, vjp = run(impl, block_v, loops)
       g = vjp(ct)
       want = jax.tree.leaves(out_r) + list(g_r)
       got = jax.tree.leaves(out) + list(g)
@@ -99,18 +103,18 @@ def check(results):
               for n, a, b in zip(names, want, got)}
       worst = max(errs.values())
       limit = 1e-4 if dtype == jnp.float32 else 5e-2
-      rows.append(dict(impl=impl, block_v=block_v, backward=backward,
+      rows.append(dict(impl=impl, block_v=block_v, loops=loops,
                        dtype=jnp.dtype(dtype).name, chunk=chunk, t=t, worst=worst,
                        ok=worst < limit, errors=errs))
-      print(f"check {impl:10s} block_v={block_v} backward={backward} "
+      print(f"check {impl:10s} block_v={block_v} loops={loops} "
             f"{jnp.dtype(dtype).name:8s} C={chunk} T={t}: "
             f"worst rel err "
             f"{worst:.2e} ({'ok' if worst < limit else 'FAIL'})", flush=True)
   results["check"] = rows
 
 
-def op_fns(impl, chunk, warps=None, block_v=None, backward="fused"):
-  sizes = (pallas_gpu.BlockSizes(num_warps=warps, block_v=block_v, backward=backward)
+def op_fns(impl, chunk, warps=None, block_v=None, loops="fused"):
+  sizes = (pallas_gpu.BlockSizes(num_warps=warps, block_v=block_v, **LOOPS[loops])
            if impl == "pallas_gpu" else None)
 
   def fwd(*a):
@@ -122,9 +126,9 @@ def op_fns(impl, chunk, warps=None, block_v=None, backward="fused"):
   return fwd, forward_and_grads(fwd, argnums=tuple(range(7)))
 
 
-def timed(impl, chunk, warps, args, reps, block_v=None, backward="fused"):
+def timed(impl, chunk, warps, args, reps, block_v=None, loops="fused"):
   """(fwd, fwd+bwd) measurements of the memory update on args (q, k, v, gates, w0)."""
-  fwd, fb = op_fns(impl, chunk, warps, block_v, backward)
+  fwd, fb = op_fns(impl, chunk, warps, block_v, loops)
   return (measure(fwd, *args, reps=reps),
           measure(fb, *args, cotangent_like(fwd, *args), reps=max(2, reps // 2)))
 
@@ -150,10 +154,10 @@ def op(results, sizes, b, h, d):
   results["op"] = rows
 
 
-def kernel_row(label, row, args, chunk, warps=None, block_v=None, backward="fused"):
+def kernel_row(label, row, args, chunk, warps=None, block_v=None, loops="fused"):
   """row with the Pallas kernel's fwd and fwd+bwd medians (or its error), printed."""
   try:
-    f, fb = timed("pallas_gpu", chunk, warps, args, 10, block_v, backward)
+    f, fb = timed("pallas_gpu", chunk, warps, args, 10, block_v, loops)
     row.update(fwd_ms=f["ms"], fwdbwd_ms=fb["ms"], kernels=(f["kernels"], fb["kernels"]))
     print(f"{label}: fwd {row['fwd_ms']:.2f} ms fwd+bwd {row['fwdbwd_ms']:.2f} ms kernels "
           f"{row['kernels']}", flush=True)
@@ -183,21 +187,20 @@ def sweep(results, t, b, h, d):
 def blocks(results, t, b, h, d, chunk):
   rows = []
   args, _ = inputs(jax.random.key(5), b, t, h, d, jnp.bfloat16)
-  # A backward that failed part 1 on this device is not timed.
-  failed = {r["backward"] for r in results.get("check", []) if not r["ok"]}
-  for backward in ("fused", "split"):
-    if backward in failed:
-      print(f"blocks backward={backward}: not timed, it failed its check", flush=True)
+  # Loops that failed part 1 on this device are not timed.
+  failed = {r["loops"] for r in results.get("check", []) if not r["ok"]}
+  for loops in LOOPS:
+    if loops in failed:
+      print(f"blocks loops={loops}: not timed, it failed its check", flush=True)
       continue
-    for block_v in (None, 64, 32, 16):
+    for block_v in (None, 64, 32, 16) if loops == "fused" else (64, 32, 16):
       if block_v and (block_v > d or d % block_v):
         continue
       programs = b * h * (d // block_v if block_v else 1)
-      rows.append(kernel_row(f"blocks backward={backward} block_v={block_v} ({programs} "
-                             "programs)",
+      rows.append(kernel_row(f"blocks loops={loops} block_v={block_v} ({programs} programs)",
                              dict(t=t, b=b, h=h, d=d, chunk=chunk, block_v=block_v,
-                                  backward=backward, programs=programs), args, chunk,
-                             block_v=block_v, backward=backward))
+                                  loops=loops, programs=programs), args, chunk,
+                             block_v=block_v, loops=loops))
   results["blocks"] = rows
 
 
@@ -246,7 +249,7 @@ def table(results):
                  f"{r['kernels'][0]} / {r['kernels'][1]} |")
   for r in results.get("blocks", []):
     if "error" not in r:
-      lines.append(f"| {r['t']} | pallas_gpu {r['backward']} backward, block_v={r['block_v']} "
+      lines.append(f"| {r['t']} | pallas_gpu loops {r['loops']}, block_v={r['block_v']} "
                    f"({r['programs']} programs, "
                    f"B={r['b']} H={r['h']} D={r['d']} C={r['chunk']}) | {r['fwd_ms']:.2f} | | "
                    f"{r['fwdbwd_ms']:.2f} | | {r['kernels'][0]} / {r['kernels'][1]} |")

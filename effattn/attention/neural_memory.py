@@ -54,8 +54,9 @@ VARIANTS = ("mac", "mag", "mal", "lmm")
 # memory_remat_chunks' default: chunks per rematerialized piece of the linear memory (1,024
 # tokens at chunk 16).
 REMAT_CHUNKS = 64
-# memory_backward's default: the Triton kernel's backward (kernels/memory_chunk/pallas_gpu.py).
-MEMORY_BACKWARD = "fused"
+# memory_forward's and memory_backward's defaults: the Triton kernel's chunk loops
+# (kernels/memory_chunk/pallas_gpu.py).
+MEMORY_LOOPS = {"forward": "fused", "backward": "fused"}
 
 
 def _rms(x, scale, eps=1e-6):
@@ -73,13 +74,13 @@ class _Memory(nnx.Module):
 
   def __init__(self, d_model, num_heads, head_dim, *, depth, expansion, conv_size, max_lr,
                chunk_size, impl, dtype, rngs, momentum=True, weight_decay=True, block_v=None,
-               backward=None, remat_chunks=None):
+               forward=None, backward=None, remat_chunks=None):
     h, d = num_heads, head_dim
     self.num_heads, self.head_dim, self.depth = h, d, depth
     self.chunk_size, self.conv_size, self.max_lr = chunk_size, conv_size, max_lr
     self.momentum, self.weight_decay = momentum, weight_decay
     self.impl, self.dtype, self.block_v, self.remat_chunks = impl, dtype, block_v, remat_chunks
-    self.backward = backward
+    self.forward, self.backward = forward, backward
     self.qkv_proj = base.dense(d_model, 3 * h * d, rngs=rngs, dtype=dtype, axes=base.FUSED)
     # Depthwise causal conv taps [K, 3, H*D]; starts as the identity (last tap = current token).
     self.conv = nnx.Param(jnp.zeros((conv_size, 3, h * d), jnp.float32).at[-1].set(1.0))
@@ -140,7 +141,8 @@ class _Memory(nnx.Module):
       r, (w1, s1) = memory_update(q, k, v, theta, alpha, eta, initial_memory=w[0],
                                   initial_momentum=s[0], segment_ids=seg,
                                   chunk_size=self.chunk_size, impl=self.impl,
-                                  block_v=self.block_v, backward=self.backward,
+                                  block_v=self.block_v, forward=self.forward,
+                                  backward=self.backward,
                                   remat_chunks=self.remat_chunks)
       return r, ((w1,), (s1,))
     reset_to, _ = self.initial_state(q.shape[0])
@@ -236,10 +238,12 @@ class NeuralMemory(base.Attention):
       # of two >= 16 dividing head_dim fixes it (head_dim: one program per row and head). A
       # launch setting; other paths ignore it.
       "memory_block_v": None,
-      # The memory's Triton backward: "fused" computes every gradient inside its reverse chunk
-      # loop; "split" carries only the state cotangents in the loop, then computes every
-      # chunk's per-token gradients at once (kernels/memory_chunk/pallas_gpu.py). Same math.
-      # None: MEMORY_BACKWARD. A launch setting; other paths ignore it.
+      # The memory's Triton chunk loops: "fused" computes y (forward) or every gradient
+      # (backward) inside the loop; "split" keeps only the states (forward) or the state
+      # cotangents (backward) in the loop and computes the per-token rest of every chunk at
+      # once (kernels/memory_chunk/pallas_gpu.py). Same math. None: MEMORY_LOOPS. Launch
+      # settings; other paths ignore them.
+      "memory_forward": None,
       "memory_backward": None,
       # The memory's backward keeps its state at every chunk start (2 D^2 f32 per chunk, row and
       # head); n keeps them for n chunks at a time and recomputes the rest (one more forward of
@@ -254,6 +258,7 @@ class NeuralMemory(base.Attention):
   # memory a cross-device scan of chunk maps, the attention the softmax ring.
   CONTEXT_PARALLEL = True
   CHOICES = {"variant": VARIANTS, "swa_impl": ("fused", "dense"),
+             "memory_forward": (None, "fused", "split"),
              "memory_backward": (None, "fused", "split")}
   RANGES = {"depth": POSITIVE_INT, "expansion": POSITIVE_INT, "chunk_size": POSITIVE_INT,
             "memory_block_v": Range(0, integer=True, none_ok=True),
@@ -272,7 +277,7 @@ class NeuralMemory(base.Attention):
 
   @classmethod
   def check(cls, opts, sizes):
-    for field in ("memory_block_v", "memory_backward", "memory_remat_chunks"):
+    for field in ("memory_block_v", "memory_forward", "memory_backward", "memory_remat_chunks"):
       if opts.depth > 1 and getattr(opts, field) is not None:
         raise ConfigError(f"model.attention.neural_memory.{field} applies to the linear memory's "
                           f"op (depth 1), not depth={opts.depth}; leave it None")
@@ -287,13 +292,15 @@ class NeuralMemory(base.Attention):
 
   @staticmethod
   def memory_launch(opts) -> dict:
-    """memory_update's block_v, backward and remat_chunks from the options (None: the measured
-    defaults; the deep memory's op has none of them)."""
+    """memory_update's block_v, forward, backward and remat_chunks from the options (None: the
+    measured defaults; the deep memory's op has none of them)."""
     if opts.depth > 1:
-      return {"block_v": None, "backward": None, "remat_chunks": None}
+      return {"block_v": None, "forward": None, "backward": None, "remat_chunks": None}
     remat = REMAT_CHUNKS if opts.memory_remat_chunks is None else opts.memory_remat_chunks
     return {"block_v": 0 if opts.memory_block_v is None else opts.memory_block_v,
-            "backward": opts.memory_backward or MEMORY_BACKWARD, "remat_chunks": remat or None}
+            "forward": opts.memory_forward or MEMORY_LOOPS["forward"],
+            "backward": opts.memory_backward or MEMORY_LOOPS["backward"],
+            "remat_chunks": remat or None}
 
   @classmethod
   def context_parallel(cls, opts, sizes, causal):

@@ -136,12 +136,14 @@ def test_memory_launch_defaults():
   """None: the value split chosen from the grid and pieces of 64 chunks (measured faster and
   smaller, docs/benchmarks.md); 0 keeps every chunk state; the deep memory gets neither."""
   launch = registry.get("neural_memory").memory_launch
-  assert launch(build("mag").opts) == {"block_v": 0, "backward": "fused", "remat_chunks": 64}
+  assert launch(build("mag").opts) == {"block_v": 0, "forward": "fused", "backward": "fused",
+                                       "remat_chunks": 64}
   assert launch(build("mag", memory_backward="split").opts)["backward"] == "split"
+  assert launch(build("mag", memory_forward="split").opts)["forward"] == "split"
   assert launch(build("mag", memory_remat_chunks=0).opts)["remat_chunks"] is None
   assert launch(build("mag", memory_remat_chunks=3).opts)["remat_chunks"] == 3
-  assert launch(build("mag", depth=2).opts) == {"block_v": None, "backward": None,
-                                                "remat_chunks": None}
+  assert launch(build("mag", depth=2).opts) == {"block_v": None, "forward": None,
+                                                "backward": None, "remat_chunks": None}
 
 
 def _output_and_grads(module, x, pos, seg):
@@ -169,16 +171,16 @@ def test_memory_remat_chunks_changes_nothing():
 
 def test_memory_launch_options_reach_the_kernel_and_change_nothing():
   """The layer on the memory's Triton kernel (interpreted) with its value columns in two
-  programs per row and head, and with the split backward, gives the one-program fused
-  layer's output and gradients."""
+  programs per row and head, and with both loops split, gives the one-program fused layer's
+  output and gradients."""
   x, pos = random_inputs(2, 40, d_model=64, seed=5)
   results = []
   # head_dim 32: block_v 32 is one program per row and head.
-  for block_v, backward in ((32, "fused"), (16, "fused"), (16, "split")):
+  for block_v, loops in ((32, "fused"), (16, "fused"), (16, "split")):
     module = build_mechanism("neural_memory", d_model=64, num_heads=2, impl="auto",
                              neural_memory=dict(variant="lmm", chunk_size=16,
-                                                memory_block_v=block_v,
-                                                memory_backward=backward))
+                                                memory_block_v=block_v, memory_forward=loops,
+                                                memory_backward=loops))
     graphdef, params, rest = params_and_rest(module)
 
     def loss(p, x):
@@ -190,11 +192,12 @@ def test_memory_launch_options_reach_the_kernel_and_change_nothing():
     with dispatch.lower_for("gpu"):  # the option reaches the kernel: dq in 2 shares, or whole
       text = jax.jit(lambda *a: grads_of(*a)).trace(params, x).lower(
           lowering_platforms=("cuda",)).as_text()
-    assert ("tensor<2x2x48x2x32xf32>" in text) == (block_v == 16 and backward == "fused")
+    assert ("tensor<2x2x48x2x32xf32>" in text) == (block_v == 16 and loops == "fused")
     step = jax.jit(grads_of)
     with dispatch.interpret_kernels("gpu"):
-      loop = {"fused": "memory_chunk_bwd", "split": "memory_chunk_dstate"}[backward]
-      assert_kernels_ran({"memory_chunk_fwd", loop}, step, params, x)
+      names = {"fused": {"memory_chunk_fwd", "memory_chunk_bwd"},
+               "split": {"memory_chunk_states", "memory_chunk_dstate"}}[loops]
+      assert_kernels_ran(names, step, params, x)
       (_, y), grads = step(params, x)
     results.append((y, grads))
   (y, g), *others = results

@@ -152,35 +152,36 @@ def test_value_blocks_lower_for_cuda():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("block_v", [None, 16])
-def test_split_backward_matches_reference(case, block_v):
-  """BlockSizes.backward="split": the chunk loop carries only the state cotangents, then every
-  chunk's gradients come at once; forward, final states and every gradient against the
+@pytest.mark.parametrize("block_v,forward", [(None, "split"), (16, "fused"), (16, "split")])
+def test_split_loops_match_reference(case, block_v, forward):
+  """BlockSizes.backward="split" (the chunk loop carries only the state cotangents, then
+  every chunk's gradients come at once) and forward="split" (the loop makes only the states,
+  then y of every chunk at once): forward, final states and every gradient against the
   reference (segments, ragged T, initial states, value blocks)."""
-  if block_v and case[1][4] % block_v:
-    pytest.skip("block_v must divide Dv")
-  _check_against_reference(case, "pallas_gpu", True,
-                           block_sizes=pallas_gpu.BlockSizes(block_v=block_v, backward="split"))
+  _check_against_reference(case, "pallas_gpu", True, block_sizes=pallas_gpu.BlockSizes(
+      block_v=block_v, forward=forward, backward="split"))
 
 
 def test_split_backward_lowers_for_cuda():
-  """The split backward lowers at the bench shape: the forward and the cotangent loop are
-  Triton kernels (the per-token gradients are XLA), value blocks of 32."""
+  """The split loops lower at the bench shape: the state loop and the cotangent loop are
+  Triton kernels (y and the per-token gradients are XLA), value blocks of 32."""
   x = jax.ShapeDtypeStruct((1, 64, 2, 128), jnp.bfloat16)
   gate = jax.ShapeDtypeStruct((1, 64, 2), jnp.float32)
 
   def loss(q, k, v, theta):
     y, (w, _) = memory_update(q, k, v, theta, theta, theta, chunk_size=16, impl="pallas_gpu",
-                              block_sizes=pallas_gpu.BlockSizes(block_v=32, backward="split"))
+                              block_sizes=pallas_gpu.BlockSizes(block_v=32, forward="split",
+                                                                backward="split"))
     return jnp.sum(y.astype(jnp.float32)) + jnp.sum(w)
 
   with dispatch.lower_for("gpu"):
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(x, x, x, gate).lower(
         lowering_platforms=("cuda",)).as_text()
   calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
-  assert len(calls) == 2 and "memory_chunk_dstate" in text
-  with pytest.raises(ValueError, match="backward='loop' must be one of"):
-    pallas_gpu.BlockSizes(backward="loop")
+  assert len(calls) == 2 and "memory_chunk_dstate" in text and "memory_chunk_states" in text
+  for field in ("forward", "backward"):
+    with pytest.raises(ValueError, match=f"{field}='loop' must be one of"):
+      pallas_gpu.BlockSizes(**{field: "loop"})
 
 
 @pytest.mark.parametrize("impl,interpret", [("xla", False), ("pallas_gpu", True)])

@@ -115,7 +115,8 @@ def _check(q, k, v, theta, alpha, eta, w0, s0, segment_ids, chunk_size):
 
 def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_momentum=None,
                   segment_ids=None, chunk_size: int = 64, impl: str = "auto", block_sizes=None,
-                  block_v: int | None = None, backward: str | None = None,
+                  block_v: int | None = None, forward: str | None = None,
+                  backward: str | None = None,
                   remat_chunks: int | None = None, compute_dtype=None, out_dtype=None,
                   interpret: bool = False):
   """Chunk-parallel test-time training of a linear memory, with retrieval at every token.
@@ -131,8 +132,9 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
     block_v: the Triton kernel's value columns per program (pallas_gpu.BlockSizes.block_v;
       0: chosen from the grid) when block_sizes is None. A launch setting, not math: the
       other paths have no such split and run as they are.
-    backward: the Triton kernel's backward (pallas_gpu.BlockSizes.backward: "fused", the
-      default, or "split") when block_sizes is None; a launch setting like block_v.
+    forward, backward: the Triton kernel's chunk loops (pallas_gpu.BlockSizes.forward and
+      .backward: "fused", the default, or "split") when block_sizes is None; launch settings
+      like block_v.
     remat_chunks: chunks per rematerialized piece (None: one piece). The backward of the xla
       and Pallas paths keeps the memory at the start of every chunk, 2 Dk Dv f32 per chunk,
       row and head (8.6 GB for 4 layers at B 2, T 16k, H 8, D 128, chunk 16). With
@@ -159,7 +161,8 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
     def update(q, k, v, theta, alpha, eta, w0, s0, seg):
       return memory_update(q, k, v, theta, alpha, eta, initial_memory=w0, initial_momentum=s0,
                            segment_ids=seg, chunk_size=chunk_size, impl=impl,
-                           block_sizes=block_sizes, block_v=block_v, backward=backward,
+                           block_sizes=block_sizes, block_v=block_v, forward=forward,
+                           backward=backward,
                            remat_chunks=remat_chunks,
                            compute_dtype=compute_dtype, out_dtype=out_dtype,
                            interpret=interpret)
@@ -185,10 +188,12 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
   w0 = zeros if initial_memory is None else initial_memory.astype(jnp.float32)
   s0 = zeros if initial_momentum is None else initial_momentum.astype(jnp.float32)
   q, k, v = (common.pad_time(x, c) for x in (q, k, v))
-  if block_sizes is not None and (block_v is not None or backward is not None):
-    raise ValueError(f"memory_update: give block_sizes or ({block_v=}, {backward=}), not both")
+  launch = dict(block_v=block_v, forward=forward, backward=backward)
+  if block_sizes is not None and any(x is not None for x in launch.values()):
+    raise ValueError(f"memory_update: give block_sizes or {launch}, not both")
   if block_sizes is None and path == "pallas_gpu":
-    block_sizes = pallas_gpu.BlockSizes(block_v=block_v, backward=backward or "fused")
+    block_sizes = pallas_gpu.BlockSizes(block_v=block_v, forward=forward or "fused",
+                                        backward=backward or "fused")
   elif block_sizes is None and path != "xla":
     block_sizes = _module(_Plan(path, c, None, None, False)).BlockSizes()
   plan = _Plan(path, c, np.dtype(compute_dtype or q.dtype), block_sizes, interpret)

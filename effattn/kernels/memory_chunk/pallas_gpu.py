@@ -17,6 +17,8 @@ block's share, [Dv / block_v, ...], and they are summed after the call. At small
 programs at B 2, H 8 on 132 SMs) this multiplies the programs at no extra state work (q, k and
 the chunk's [C, C] products are recomputed per block).
 
+`BlockSizes.forward="split"` likewise runs the loop for the states alone (`_states_kernel`, 3
+of the forward's 7 matmuls a chunk) and then y of every chunk at once (xla.forward_given_states).
 `BlockSizes.backward="split"` runs a lighter chunk loop (`_dstate_kernel`: only the state
 cotangents, 8 of the backward's 20 matmuls a chunk, saving the pair each chunk sees) and then
 the per-token gradients of every chunk at once in xla (xla.backward_given_cotangents), which
@@ -41,7 +43,7 @@ from effattn.kernels.memory_chunk import xla
 # (docs/benchmarks.md): half the 132 SMs beats all of them, whose blocks of 16 columns make
 # the matmuls too thin.
 TARGET_PROGRAMS = 64
-BACKWARDS = ("fused", "split")
+LOOPS = ("fused", "split")  # BlockSizes.forward / .backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,9 @@ class BlockSizes:
   block_v: value columns per program (a power of two >= 16 dividing Dv); 0: halved from Dv
   while the grid has fewer than TARGET_PROGRAMS programs; None: all of Dv, one program per
   (row, head).
+  forward: "fused" computes y inside the chunk loop; "split" runs the loop for the states
+  alone (3 of the forward's 7 matmuls a chunk), then y of all chunks at once
+  (xla.forward_given_states).
   backward: "fused" walks the chunks in reverse computing every gradient in the loop;
   "split" walks them carrying only the state cotangents (saving the pair each chunk sees,
   like the forward's states), then computes the per-token gradients of all chunks at once
@@ -62,6 +67,7 @@ class BlockSizes:
   num_warps: int | None = None
   num_stages: int = 1
   block_v: int | None = None
+  forward: str = "fused"
   backward: str = "fused"
 
   def warps(self, chunk: int) -> int:
@@ -83,8 +89,9 @@ class BlockSizes:
   def __post_init__(self):
     if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"BlockSizes.num_warps={self.num_warps} must be a power of two <= 16")
-    if self.backward not in BACKWARDS:
-      raise ValueError(f"BlockSizes.backward={self.backward!r} must be one of {BACKWARDS}")
+    for field in ("forward", "backward"):
+      if getattr(self, field) not in LOOPS:
+        raise ValueError(f"BlockSizes.{field}={getattr(self, field)!r} must be one of {LOOPS}")
     if self.block_v and (self.block_v < 16 or self.block_v & (self.block_v - 1)):
       raise ValueError(f"BlockSizes.block_v={self.block_v} must be a power of two >= 16 "
                        "(Triton's dots), 0 (chosen from the grid) or None (all of Dv)")
@@ -112,6 +119,27 @@ def _forward_kernel(*refs, chunk: int, dtype, save_states: bool):
     y, w, s = xla.chunk_forward(*_load_chunk(tokens, start, chunk), w, s, dtype=dtype)
     y_ref[pl.ds(start, chunk), :] = y.astype(y_ref.dtype)
     return w, s
+
+  w, s = jax.lax.fori_loop(0, num_chunks, body,
+                           (w0_ref[...].astype(jnp.float32), s0_ref[...].astype(jnp.float32)))
+  w_out[...] = w
+  s_out[...] = s
+
+
+def _states_kernel(*refs, chunk: int, dtype):
+  """The split forward's chunk loop: 9 token refs; w0, s0 [Dk, Dv]; outputs w_T, s_T [Dk, Dv]
+  and the states at every chunk start [N*Dk, Dv] each (no y)."""
+  tokens, (w0_ref, s0_ref), (w_out, s_out, w_states, s_states) = refs[:9], refs[9:11], refs[11:]
+  dk = w0_ref.shape[0]
+  num_chunks = tokens[0].shape[0] // chunk
+
+  def body(c, state):
+    w, s = state
+    rows = pl.ds(c * dk, dk)
+    w_states[rows, :] = w
+    s_states[rows, :] = s
+    return xla.chunk_state_forward(*_load_chunk(tokens, pl.multiple_of(c * chunk, chunk), chunk),
+                                   w, s, dtype=dtype)
 
   w, s = jax.lax.fori_loop(0, num_chunks, body,
                            (w0_ref[...].astype(jnp.float32), s0_ref[...].astype(jnp.float32)))
@@ -221,6 +249,25 @@ def forward(q, k, v, theta, lb, le, seg, carry, end, w0, s0, *, chunk: int, dtyp
   n = padded // chunk
   sp = _Specs(padded, dv, block_sizes.value_blocks(dv, b * h))
   f32 = jnp.float32
+  if block_sizes.forward == "split":  # the states in the loop (kept even when not saved), then y
+    tokens = (q, k, v, theta, lb, le, seg.astype(jnp.int32), carry, end)
+    state = lambda rows: jax.ShapeDtypeStruct((b, h, rows, dv), f32)  # noqa: E731
+    w, s, w_states, s_states = pl.pallas_call(
+        functools.partial(_states_kernel, chunk=chunk, dtype=dtype),
+        grid=(b, h) + sp.grid_tail,
+        in_specs=[sp.tok(dk), sp.tok(dk), sp.col(), sp.gate(), sp.gate(), sp.gate(), sp.mask(),
+                  sp.mask(), sp.mask(), sp.state(dk), sp.state(dk)],
+        out_specs=[sp.state(dk), sp.state(dk), sp.state(n * dk), sp.state(n * dk)],
+        out_shape=[state(dk), state(dk), state(n * dk), state(n * dk)],
+        compiler_params=plgpu.CompilerParams(num_warps=block_sizes.warps(chunk),
+                                             num_stages=block_sizes.num_stages),
+        interpret=interpret,
+        name="memory_chunk_states",
+    )(*tokens, w0, s0)
+    per_chunk = lambda x: x.reshape(b, h, n, dk, dv)  # noqa: E731
+    y = xla.forward_given_states(*tokens, (per_chunk(w_states), per_chunk(s_states)),
+                                 chunk=chunk, dtype=dtype)
+    return y, w, s, ((w_states, s_states) if save_states else None)
   out_specs = [sp.col(), sp.state(dk), sp.state(dk)]
   out_shape = [jax.ShapeDtypeStruct((b, padded, h, dv), f32),
                jax.ShapeDtypeStruct((b, h, dk, dv), f32), jax.ShapeDtypeStruct((b, h, dk, dv), f32)]

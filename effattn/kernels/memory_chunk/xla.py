@@ -57,17 +57,30 @@ def chunk_coefficients(theta, lb, le, seg, carry, end):
               wq_end=jnp.sum(end * wq), a_end=jnp.sum(end * a), ec_end=jnp.sum(end * ec))
 
 
+def _chunk_states(k, v, co, carry, w, s, dtype):
+  """The chunk's prediction errors e [C, Dv] and its end states (w', s')."""
+  e = 2.0 * (carry[:, None] * dot(k, w, dtype=dtype) - v.astype(jnp.float32))
+  w_new = (co["wq_end"] * w + co["a_end"] * s
+           - dot(k, co["A_end"][:, None] * e, trans_a=True, dtype=dtype))
+  s_new = co["ec_end"] * s - dot(k, co["m"][:, None] * e, trans_a=True, dtype=dtype)
+  return e, w_new, s_new
+
+
+def chunk_state_forward(q, k, v, theta, lb, le, seg, carry, end, w, s, *, dtype=jnp.float32):
+  """(w', s') of chunk_forward alone: the sequential part of the forward (the split forward's
+  chunk loop; y then comes from chunk_forward over all chunks at once, given the states)."""
+  co = chunk_coefficients(theta, lb, le, seg, carry, end)
+  return _chunk_states(k, v, co, carry, w, s, dtype)[1:]
+
+
 def chunk_forward(q, k, v, theta, lb, le, seg, carry, end, w, s, *, dtype=jnp.float32):
   """One chunk: q, k [C, Dk], v [C, Dv], gates/masks [C], w, s [Dk, Dv] f32 ->
   (y [C, Dv] f32, w', s')."""
   co = chunk_coefficients(theta, lb, le, seg, carry, end)
-  e = 2.0 * (carry[:, None] * dot(k, w, dtype=dtype) - v.astype(jnp.float32))
+  e, w_new, s_new = _chunk_states(k, v, co, carry, w, s, dtype)
   p = dot(q, k, trans_b=True, dtype=dtype) * co["A"]
   y = (co["wq"][:, None] * dot(q, w, dtype=dtype) + co["a"][:, None] * dot(q, s, dtype=dtype)
        - dot(p, e, dtype=dtype))
-  w_new = (co["wq_end"] * w + co["a_end"] * s
-           - dot(k, co["A_end"][:, None] * e, trans_a=True, dtype=dtype))
-  s_new = co["ec_end"] * s - dot(k, co["m"][:, None] * e, trans_a=True, dtype=dtype)
   return y, w_new, s_new
 
 
@@ -196,24 +209,51 @@ def backward(q, k, v, theta, lb, le, seg, carry, end, states, dy, dw_t, ds_t, *,
   return dq, dk, dv, dth, dlb, dle, dw0, ds0
 
 
+def _all_chunks(fn, tokens, per_chunk, chunk: int, num_outputs: int):
+  """fn(9 token slices [C, ...], *per-chunk args) of every (row, head, chunk) at once (no
+  chunk loop); per_chunk: (array, layout) pairs, "tokens" [B, Tp, H, ...] or "states"
+  [B, H, N, Dk, Dv]. Returns fn's first num_outputs outputs in the token layout."""
+  b, tp = tokens[0].shape[:2]
+  n = tp // chunk
+
+  def chunks(x):  # [B, Tp, H, ...] -> [B, H, N, C, ...]; masks [B, Tp] -> [B, N, C]
+    x = x.reshape(b, n, chunk, *x.shape[2:])
+    return jnp.moveaxis(x, 3, 1) if x.ndim > 3 else x
+
+  tok = [chunks(x) for x in tokens]
+  extra = [chunks(x) if kind == "tokens" else x for x, kind in per_chunk]
+  out = lambda *a: fn(*a)[:num_outputs]  # noqa: E731
+  # Every argument is mapped over its leading (B, H, N) axes but the masks, which are the
+  # row's: mapped over (B, N), shared by its heads.
+  per_head = (0,) * 6 + (None,) * 3 + (0,) * len(per_chunk)
+  over_n = jax.vmap(out)
+  over_h = jax.vmap(over_n, in_axes=per_head)
+  outs = jax.vmap(over_h)(*tok, *extra)
+
+  def tokens_back(x):  # [B, H, N, C, ...] -> [B, Tp, H, ...]
+    x = jnp.moveaxis(x, 1, 3)
+    return x.reshape(b, tp, *x.shape[3:])
+  return tuple(tokens_back(o) for o in outs)
+
+
+def forward_given_states(q, k, v, theta, lb, le, seg, carry, end, states, *, chunk: int,
+                         dtype=jnp.float32):
+  """y [B, Tp, H, Dv] f32 of every chunk at once, given the chunk-start states (w, s), each
+  [B, H, N, Dk, Dv]: chunk_forward vmapped over (B, N, H)."""
+  fn = lambda *a: chunk_forward(*a, dtype=dtype)  # noqa: E731
+  w, s = states
+  return _all_chunks(fn, (q, k, v, theta, lb, le, seg, carry, end),
+                     ((w, "states"), (s, "states")), chunk, 1)[0]
+
+
 def backward_given_cotangents(q, k, v, theta, lb, le, seg, carry, end, states, cotangents, dy,
                               *, chunk: int, dtype=jnp.float32):
   """The per-token gradients of every chunk at once (no chunk loop), given the chunk-start
   states and the state cotangents (dw', ds') entering each chunk from its right, both
   [B, H, N, Dk, Dv] pairs: chunk_backward vmapped over (B, N, H). Returns f32 (dq, dk, dv,
   dtheta, dlb, dle), the layouts of backward's."""
-  b, tp, h, _ = q.shape
-  n = tp // chunk
-  split = lambda x: x.reshape(b, n, chunk, *x.shape[2:])  # noqa: E731  [B, N, C, ...]
-  tok = [split(x) for x in (q, k, v, theta, lb, le)] + [split(x) for x in (seg, carry, end)]
-  per_chunk = lambda *a: chunk_backward(*a, dtype=dtype)[:6]  # noqa: E731
-  # Arguments: 9 token slices, then w, s, dy, dw', ds'. Heads: axis 1 of the [C, H, ...]
-  # token slices and dy, axis 0 of the [H, Dk, Dv] states; the masks [C] are the row's.
-  heads = jax.vmap(per_chunk, in_axes=(1,) * 6 + (None,) * 3 + (0, 0, 1, 0, 0),
-                   out_axes=(1,) * 6)
-  chunks = jax.vmap(heads, in_axes=(0,) * 9 + (1, 1, 0, 1, 1))  # N: states are [H, N, ...]
-  rows = jax.vmap(chunks)
-  w, s = states
-  dw, ds = cotangents
-  grads = rows(*tok, w, s, split(dy), dw, ds)
-  return tuple(g.reshape(b, tp, *g.shape[3:]) for g in grads)
+  fn = lambda *a: chunk_backward(*a, dtype=dtype)  # noqa: E731
+  (w, s), (dw, ds) = states, cotangents
+  return _all_chunks(fn, (q, k, v, theta, lb, le, seg, carry, end),
+                     ((w, "states"), (s, "states"), (dy, "tokens"), (dw, "states"),
+                      (ds, "states")), chunk, 6)

@@ -1,0 +1,22 @@
+"""scripts/bench_memory.py on CPU: every form of the chunk loops passes its check at tiny
+shapes, and a form that failed its check is not timed."""
+
+import pytest
+
+from effattn.testing.scripts import load_script
+
+
+@pytest.fixture(scope="module")
+def bench():
+  module = load_script("bench_memory")
+  module.SMOKE["on"] = True  # the Pallas kernels interpreted
+  return module
+
+
+def test_blocks_skip_a_form_that_failed_its_check(bench):
+  results = {"check": [{"loops": "fused", "ok": True}, {"loops": "split", "ok": False}]}
+  bench.blocks(results, 32, 1, 1, 16, 16)
+  timed = [(r["loops"], r["block_v"]) for r in results["blocks"]]
+  assert timed == [("fused", None), ("fused", 16), ("split bwd", 16)]
+  assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in results["blocks"])
+  assert "| pallas_gpu loops split bwd, block_v=16 (1 programs" in bench.table(results)
