@@ -102,79 +102,72 @@ def _load_chunk(refs, start, chunk):
   return [r[pl.ds(start, chunk)] if r.ndim == 1 else r[pl.ds(start, chunk), :] for r in refs]
 
 
+def _walk(tokens, init_refs, final_refs, chunk: int, step, reverse: bool = False):
+  """The chunk loop every kernel runs: carries a pair of [Dk, Dv] f32 matrices from
+  init_refs over the chunks (in reverse for the backward) and writes the last pair to
+  final_refs. step(start, rows, a, b) -> (a, b) gets the chunk's first token and its rows
+  of the [N*Dk, Dv] per-chunk outputs."""
+  dk = init_refs[0].shape[0]
+  num_chunks = tokens[0].shape[0] // chunk
+
+  def body(i, pair):
+    c = num_chunks - 1 - i if reverse else i
+    return step(pl.multiple_of(c * chunk, chunk), pl.ds(c * dk, dk), *pair)
+
+  pair = jax.lax.fori_loop(0, num_chunks, body,
+                           tuple(r[...].astype(jnp.float32) for r in init_refs))
+  for ref, x in zip(final_refs, pair):
+    ref[...] = x
+
+
 def _forward_kernel(*refs, chunk: int, dtype, save_states: bool):
   """9 token refs (q, k [Tp, Dk]; v [Tp, Dv]; theta, lb, le, seg, carry, end [Tp]); w0, s0
   [Dk, Dv]; outputs y [Tp, Dv], w_T, s_T [Dk, Dv] and, with save_states, [N*Dk, Dv] each."""
-  tokens, (w0_ref, s0_ref), outs = refs[:9], refs[9:11], refs[11:]
-  y_ref, w_out, s_out = outs[:3]
-  dk = w0_ref.shape[0]
-  num_chunks = tokens[0].shape[0] // chunk
+  tokens, init, outs = refs[:9], refs[9:11], refs[11:]
+  y_ref = outs[0]
 
-  def body(c, state):
-    w, s = state
-    start = pl.multiple_of(c * chunk, chunk)
+  def step(start, rows, w, s):
     if save_states:
-      outs[3][pl.ds(c * dk, dk), :] = w
-      outs[4][pl.ds(c * dk, dk), :] = s
+      outs[3][rows, :] = w
+      outs[4][rows, :] = s
     y, w, s = xla.chunk_forward(*_load_chunk(tokens, start, chunk), w, s, dtype=dtype)
     y_ref[pl.ds(start, chunk), :] = y.astype(y_ref.dtype)
     return w, s
 
-  w, s = jax.lax.fori_loop(0, num_chunks, body,
-                           (w0_ref[...].astype(jnp.float32), s0_ref[...].astype(jnp.float32)))
-  w_out[...] = w
-  s_out[...] = s
+  _walk(tokens, init, outs[1:3], chunk, step)
 
 
 def _states_kernel(*refs, chunk: int, dtype):
   """The split forward's chunk loop: 9 token refs; w0, s0 [Dk, Dv]; outputs w_T, s_T [Dk, Dv]
   and the states at every chunk start [N*Dk, Dv] each (no y)."""
-  tokens, (w0_ref, s0_ref), (w_out, s_out, w_states, s_states) = refs[:9], refs[9:11], refs[11:]
-  dk = w0_ref.shape[0]
-  num_chunks = tokens[0].shape[0] // chunk
+  tokens, init, (w_out, s_out, w_states, s_states) = refs[:9], refs[9:11], refs[11:]
 
-  def body(c, state):
-    w, s = state
-    rows = pl.ds(c * dk, dk)
+  def step(start, rows, w, s):
     w_states[rows, :] = w
     s_states[rows, :] = s
-    return xla.chunk_state_forward(*_load_chunk(tokens, pl.multiple_of(c * chunk, chunk), chunk),
-                                   w, s, dtype=dtype)
+    return xla.chunk_state_forward(*_load_chunk(tokens, start, chunk), w, s, dtype=dtype)
 
-  w, s = jax.lax.fori_loop(0, num_chunks, body,
-                           (w0_ref[...].astype(jnp.float32), s0_ref[...].astype(jnp.float32)))
-  w_out[...] = w
-  s_out[...] = s
+  _walk(tokens, init, (w_out, s_out), chunk, step)
 
 
 def _backward_kernel(*refs, chunk: int, dtype):
   """9 token refs; saved states w, s [N*Dk, Dv]; dy [Tp, Dv]; dw_T, ds_T [Dk, Dv]; outputs dq,
   dk [Tp, Dk], dv [Tp, Dv], dtheta, dlb, dle [Tp], dw0, ds0 [Dk, Dv]."""
   tokens = refs[:9]
-  w_states, s_states, dy_ref, dwT_ref, dsT_ref = refs[9:14]
-  dq_ref, dk_ref, dv_ref, dth_ref, dlb_ref, dle_ref, dw0_ref, ds0_ref = refs[14:]
-  dk_dim = dwT_ref.shape[0]
-  num_chunks = tokens[0].shape[0] // chunk
+  w_states, s_states, dy_ref = refs[9:12]
+  dq_ref, dk_ref, dv_ref, dth_ref, dlb_ref, dle_ref = refs[14:20]
 
-  def body(step, cts):
-    dw, ds = cts
-    c = num_chunks - 1 - step
-    start = pl.multiple_of(c * chunk, chunk)
-    w = w_states[pl.ds(c * dk_dim, dk_dim), :]
-    s = s_states[pl.ds(c * dk_dim, dk_dim), :]
-    dy = dy_ref[pl.ds(start, chunk), :]
+  def step(start, rows, dw, ds):
     dq, dk, dv, dth, dlb, dle, dw, ds = xla.chunk_backward(
-        *_load_chunk(tokens, start, chunk), w, s, dy, dw, ds, dtype=dtype)
+        *_load_chunk(tokens, start, chunk), w_states[rows, :], s_states[rows, :],
+        dy_ref[pl.ds(start, chunk), :], dw, ds, dtype=dtype)
     for ref, val in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv)):
       ref[pl.ds(start, chunk), :] = val.astype(ref.dtype)
     for ref, val in ((dth_ref, dth), (dlb_ref, dlb), (dle_ref, dle)):
       ref[pl.ds(start, chunk)] = val
     return dw, ds
 
-  dw, ds = jax.lax.fori_loop(0, num_chunks, body,
-                             (dwT_ref[...].astype(jnp.float32), dsT_ref[...].astype(jnp.float32)))
-  dw0_ref[...] = dw
-  ds0_ref[...] = ds
+  _walk(tokens, refs[12:14], refs[20:22], chunk, step, reverse=True)
 
 
 def _dstate_kernel(*refs, chunk: int, dtype):
@@ -182,26 +175,17 @@ def _dstate_kernel(*refs, chunk: int, dtype):
   dw_T, ds_T [Dk, Dv]; outputs the cotangents (dw', ds') entering each chunk [N*Dk, Dv] and
   dw0, ds0 [Dk, Dv]."""
   tokens = refs[:9]
-  w_states, s_states, dy_ref, dwT_ref, dsT_ref = refs[9:14]
-  dw_out, ds_out, dw0_ref, ds0_ref = refs[14:]
-  dk_dim = dwT_ref.shape[0]
-  num_chunks = tokens[0].shape[0] // chunk
+  w_states, s_states, dy_ref = refs[9:12]
+  dw_seen, ds_seen = refs[14:16]
 
-  def body(step, cts):
-    dw, ds = cts
-    c = num_chunks - 1 - step
-    start = pl.multiple_of(c * chunk, chunk)
-    rows = pl.ds(c * dk_dim, dk_dim)
-    dw_out[rows, :] = dw
-    ds_out[rows, :] = ds
+  def step(start, rows, dw, ds):
+    dw_seen[rows, :] = dw
+    ds_seen[rows, :] = ds
     return xla.chunk_state_backward(*_load_chunk(tokens, start, chunk), w_states[rows, :],
                                     s_states[rows, :], dy_ref[pl.ds(start, chunk), :], dw, ds,
                                     dtype=dtype)
 
-  dw, ds = jax.lax.fori_loop(0, num_chunks, body,
-                             (dwT_ref[...].astype(jnp.float32), dsT_ref[...].astype(jnp.float32)))
-  dw0_ref[...] = dw
-  ds0_ref[...] = ds
+  _walk(tokens, refs[12:14], refs[16:18], chunk, step, reverse=True)
 
 
 class _Specs:
