@@ -239,7 +239,7 @@ def _all_chunks(fn, tokens, per_chunk, chunk: int, num_outputs: int):
 def forward_given_states(q, k, v, theta, lb, le, seg, carry, end, states, *, chunk: int,
                          dtype=jnp.float32):
   """y [B, Tp, H, Dv] f32 of every chunk at once, given the chunk-start states (w, s), each
-  [B, H, N, Dk, Dv]: chunk_forward vmapped over (B, N, H)."""
+  [B, H, N, Dk, Dv]: chunk_forward vmapped over (B, H, N)."""
   fn = lambda *a: chunk_forward(*a, dtype=dtype)  # noqa: E731
   w, s = states
   return _all_chunks(fn, (q, k, v, theta, lb, le, seg, carry, end),
@@ -250,7 +250,7 @@ def backward_given_cotangents(q, k, v, theta, lb, le, seg, carry, end, states, c
                               *, chunk: int, dtype=jnp.float32):
   """The per-token gradients of every chunk at once (no chunk loop), given the chunk-start
   states and the state cotangents (dw', ds') entering each chunk from its right, both
-  [B, H, N, Dk, Dv] pairs: chunk_backward vmapped over (B, N, H). Returns f32 (dq, dk, dv,
+  [B, H, N, Dk, Dv] pairs: chunk_backward vmapped over (B, H, N). Returns f32 (dq, dk, dv,
   dtheta, dlb, dle), the layouts of backward's."""
   fn = lambda *a: chunk_backward(*a, dtype=dtype)  # noqa: E731
   (w, s), (dw, ds) = states, cotangents
