@@ -16,6 +16,7 @@ import pytest
 from effattn.attention.landmark import block_groups
 from effattn.kernels import dispatch, hlo
 from effattn.kernels.grouped_softmax import api as grouped
+from effattn.kernels.grouped_softmax import pallas_gpu
 from effattn.kernels.grouped_softmax import grouped_softmax_attention
 from effattn.testing import assert_close
 from effattn.testing.inputs import case_key
@@ -196,3 +197,79 @@ def test_bad_arguments_named():
     grouped.grouped_softmax(x, x.astype(jnp.bfloat16), x, x, gid, seg)
   with pytest.raises(ValueError, match="tile"):
     build("landmark", landmark={"tile": 12})
+
+
+@pytest.mark.parametrize("name,q_groups,kv_splits", [
+    ("packed-f32", 1, 1), ("packed-f32", 1, 2), ("packed-f32", 1, 3),
+    ("short-blocks-ragged-f32", 1, 2), ("short-blocks-ragged-f32", 1, 3),
+    ("packed-bf16", 1, 3), ("packed-f32", 2, 3), ("short-blocks-ragged-f32", 2, 2)])
+def test_split_dkv_backward(name, q_groups, kv_splits):
+  """kv_splits = S: S dK/dV programs per key tile, each a share of its query tiles (3 gives
+  uneven shares and, for short ranges, empty ones), float32 partials summed after: output and
+  every gradient (q, k, v, landmark keys) against the dense oracle, with packed segments +
+  padding, a ragged T and query tiles of two groups."""
+  (_, t, _, _), block_len, tile, _, dtype, _ = CASES[name]
+  (q, k, v, k_land, do), gid, seg = _case(name)
+
+  def kernel(q, k, v, k_land):
+    return grouped.grouped_softmax(q, k, v, k_land, gid, seg, block_len=block_len,
+                                   impl="pallas_gpu", tile=tile, q_groups=q_groups,
+                                   kv_splits=kv_splits, interpret=True)
+
+  if kv_splits > 1:
+    names = hlo.pallas_call_names(jax.grad(lambda *a: jnp.sum(kernel(*a).astype(jnp.float32)),
+                                           argnums=(0, 1, 2, 3)), q, k, v, k_land)
+    assert "landmark_grouped_dkv_split" in names and "landmark_grouped_dkv" not in names, names
+  o_want, grads_want = _dense(name)
+  o_got, grads_got = jax.jit(_value_and_grads, static_argnums=0)(kernel, (q, k, v, k_land), do)
+  assert_close("o", o_want, o_got, dtype=dtype, reduction=t)
+  for gname, want, got in zip(("dq", "dk", "dv", "dk_land"), grads_want, grads_got):
+    assert got.dtype == dtype, gname
+    assert_close(gname, want, got, dtype=dtype, reduction=t)
+
+
+def test_split_shares_are_balanced():
+  """_split_range partitions [lo, hi) into S shares of n // S or n // S + 1 tiles, in order;
+  auto_kv_splits (kv_splits=0) gives 1 at the bench's B 2, H 8, T 4,096 grid and more for few
+  heads of a short row."""
+  for lo, hi, splits in ((0, 10, 3), (5, 6, 3), (7, 7, 2), (3, 20, 8), (0, 2, 4)):
+    shares = [tuple(int(x) for x in pallas_gpu._split_range(lo, hi, s, splits))  # noqa: SLF001
+              for s in range(splits)]
+    assert shares[0][0] == lo and shares[-1][1] == hi
+    assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+    sizes = [b - a for a, b in shares]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == hi - lo
+  n_groups = grouped.default_max_groups(4096, 50)
+  assert pallas_gpu.auto_kv_splits(n_groups, 2, 8) == 1
+  assert pallas_gpu.auto_kv_splits(32, 1, 2) == 8
+  assert pallas_gpu.auto_kv_splits(n_groups, 2, 4) == 2
+  with pytest.raises(ValueError, match="kv_splits=-1 must be a whole number >= 0"):
+    x = jnp.zeros((1, 8, 1, 16))
+    grouped.grouped_softmax(x, x, x, x, jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32),
+                            kv_splits=-1)
+
+
+@pytest.mark.parametrize("kv_splits", [1, 2])
+def test_split_dkv_lowers_for_cuda(kv_splits):
+  """The backward lowers to Triton at the bench's tile (D 128, block_len 50, tile 64, bf16):
+  forward, dQ and dK/dV are Triton custom calls; with kv_splits 2 the dK/dV call writes two
+  float32 partials of dK and of dV."""
+  b, t, h, d = 1, 200, 2, 128
+  x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+  def loss(q, k, v, k_land, gid, seg):
+    o = grouped.grouped_softmax(q, k, v, k_land, gid, seg, block_len=50, tile=64,
+                                impl="pallas_gpu", kv_splits=kv_splits)
+    return jnp.sum(o.astype(jnp.float32))
+
+  with dispatch.lower_for("gpu"):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(x, x, x, x, ids, ids).lower(
+        lowering_platforms=("cuda",)).as_text()
+  calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
+  assert len(calls) == 3, len(calls)  # forward, dQ, dK/dV (the kernel branch of the lax.cond)
+  names = hlo.kernel_names(text)
+  dkv = "landmark_grouped_dkv_split" if kv_splits > 1 else "landmark_grouped_dkv"
+  assert dkv in names and "landmark_grouped_dq" in names, names
+  split_calls = [c for c in calls if "f32>" in c and "tensor<2x1x" in c]
+  assert bool(split_calls) == (kv_splits > 1), split_calls

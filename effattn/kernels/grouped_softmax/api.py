@@ -177,7 +177,8 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
                     block_len: int | None = None, impl: str = "auto", chunk: int = 256,
                     tile: int = 64, max_groups: int | None = None, interpret: bool = False,
                     num_warps: int | None = None, num_stages: int | None = None,
-                    q_groups: int | None = None, return_fallback_frac: bool = False):
+                    q_groups: int | None = None, kv_splits: int | None = None,
+                    return_fallback_frac: bool = False):
   """The landmark grouped softmax.
 
   Args:
@@ -197,6 +198,10 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
     num_warps, num_stages: Triton tuning overrides (the GPU kernel only).
     q_groups: groups per query tile of the GPU kernel (default 1; max_groups is rounded up to a
       multiple of it).
+    kv_splits: programs per key tile in the GPU kernel's dK/dV backward (default 1: one
+      program walks the key group's whole query range; S > 1: S programs take equal shares of
+      it and write float32 partials that an XLA sum adds, the same sums regrouped; 0: chosen
+      from the grid, pallas_gpu.auto_kv_splits). The TPU kernels ignore it.
     return_fallback_frac: also return the fraction of batch rows that took the kernel path's
       runtime fallback (1.0 or 0.0: the lax.cond sends the whole batch), or None on a path that
       has none.
@@ -223,6 +228,8 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
     raise ValueError(f"max_groups={max_groups} must be >= 1")
   if q_groups is not None and q_groups < 1:
     raise ValueError(f"q_groups={q_groups} must be >= 1 (groups per query tile; try 1 or 2)")
+  if kv_splits is not None:
+    pallas_gpu.check_kv_splits(kv_splits)
   scale = d ** -0.5 if scale is None else float(scale)
   gid, seg = gid.astype(jnp.int32), seg.astype(jnp.int32)
 
@@ -244,7 +251,8 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
   max_groups = -(-max_groups // (q_groups or 1)) * (q_groups or 1)
   lay = relayout(gid, seg, max_groups=max_groups, tile=tile)
   tuning = tuple((n, x) for n, x in (("num_warps", num_warps), ("num_stages", num_stages),
-                                     ("q_groups", q_groups)) if x is not None)
+                                     ("q_groups", q_groups), ("kv_splits", kv_splits))
+                 if x is not None)
   st = _Static(tile=tile, scale=scale, interpret=interpret, tuning=tuning,
                platform=path.removeprefix("pallas_"))
   o = lax.cond(lay["ok"], lambda *a: kernel_attention(*a, lay, st).astype(q.dtype),

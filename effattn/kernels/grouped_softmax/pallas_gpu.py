@@ -20,7 +20,10 @@ meeting a key group as an earlier group of its segment, its own group, or neithe
            as rowsum(w * (do v^T)) (no o_bar product);
   dK/dV    grid (G, B, H): key group gk loops the query tiles of R groups that hold its own
            group and the later groups of its segment, (gk, last[gk]]; the landmark key's
-           gradient is dK's last row of the tile.
+           gradient is dK's last row of the tile. kv_splits = S > 1: grid (G * S, B, H), S
+           programs per key group, each an equal share (to one tile) of those query tiles,
+           writing float32 partials that an XLA sum adds (the same sums regrouped: a key group
+           early in a long segment is otherwise one program T / block_len tiles long).
 Scores are kept in base 2 (exp2 is the native instruction), like pallas_gpu.py. The tile
 math is common.py's, shared with the Mosaic kernels of pallas_tpu.py.
 """
@@ -110,9 +113,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, len_ref, first_r
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
+def _split_range(lo, hi, s, splits: int):
+  """Share s of `splits` of the tiles [lo, hi): [lo + s n // S, lo + (s + 1) n // S), n = hi - lo
+  (shares differ by at most one tile; a share is empty when n < S)."""
+  n = hi - lo
+  return lo + (s * n) // splits, lo + ((s + 1) * n) // splits
+
+
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, len_ref, last_ref, dk_ref,
-                dv_ref, *, lt, r, scale):
-  g = pl.program_id(0)
+                dv_ref, *, lt, r, scale, splits):
+  i = pl.program_id(0)
+  # kv_splits > 1: program i = g * S + s takes share s of key group g's query tiles and writes
+  # a float32 partial dK / dV (backward sums the S partials).
+  g, s = (i, 0) if splits == 1 else (i // splits, i % splits)
   c2 = scale * LOG2E
   k, v = k_ref[...], v_ref[...]
   n_k, last = len_ref[g], last_ref[g]
@@ -125,16 +138,25 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, len_ref, last_r
     return (dk + dot(ds.astype(q.dtype), q, trans_a=True),
             dv + dot(p.astype(do.dtype), do, trans_a=True))
 
+  def land_step(gq, c):
+    return step(gq, True, False, c)
+
   carry = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
-  if r == 1:  # static roles: the own group, then the later groups of the segment
+  if r == 1 and splits == 1:  # static roles: the own group, then the later groups of the segment
     carry = step(g, False, True, carry)
-    dk, dv = lax.fori_loop(g + 1, last + 1, lambda gq, c: step(gq, True, False, c), carry)
+    dk, dv = lax.fori_loop(g + 1, last + 1, land_step, carry)
+  elif r == 1:  # the share [lo, hi) of [g, last + 1); the own group g is in exactly one share
+    lo, hi = _split_range(g, last + 1, s, splits)
+    has_own = ((lo == g) & (hi > g)).astype(jnp.int32)
+    carry = lax.fori_loop(0, has_own, lambda _, c: step(g, False, True, c), carry)
+    dk, dv = lax.fori_loop(jnp.maximum(lo, g + 1), hi, land_step, carry)
   else:
     def block(qb, c):
       row_g = qb * r + jnp.arange(r * lt, dtype=jnp.int32) // lt
       return step(qb, (row_g > g) & (row_g <= last), row_g == g, c)
 
-    dk, dv = lax.fori_loop(g // r, last // r + 1, block, carry)
+    lo, hi = _split_range(g // r, last // r + 1, s, splits)
+    dk, dv = lax.fori_loop(lo, hi, block, carry)
   dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -156,13 +178,37 @@ def _check_groups(n: int, lt: int, q_groups: int):
                      "group tiles (api.py rounds max_groups up to a multiple of it)")
 
 
+# kv_splits=0 aims at this many resident dK/dV programs: an H200's 132 SMs, two of these
+# programs each (their float32 dK and dV accumulators take about half the registers).
+_SM_SLOTS = 2 * 132
+
+
+def auto_kv_splits(n_groups: int, b: int, h: int) -> int:
+  """kv_splits for kv_splits=0: the fewest of 1, 2, 4, 8 that keep the longest dK/dV program
+  (key group 0 of a one-segment row: n_groups query tiles, / S) within a quarter of the work each
+  of the _SM_SLOTS program slots gets (b * h * n_groups^2 / 2 visits in all). A model, not yet
+  timed: large B x H x G gives 1 (today's kernel), a few heads of a short row more.
+  (The longest program <= work / slots / 4  <=>  S >= 8 * slots / (b * h * n_groups).)"""
+  need = 8 * _SM_SLOTS / max(1, b * h * n_groups)
+  return next((c for c in (1, 2, 4) if c >= need), 8)
+
+
+def check_kv_splits(kv_splits: int):
+  if not isinstance(kv_splits, int) or kv_splits < 0:
+    raise ValueError(f"kv_splits={kv_splits!r} must be a whole number >= 0 (programs per key "
+                     "tile in the dK/dV kernel; 1: one program, 0: chosen from the grid)")
+
+
 def forward(q, k, v, glen, gfirst, *, lt: int, scale: float, interpret: bool = False,
-            num_warps: int | None = None, num_stages: int | None = None, q_groups: int = 1):
+            num_warps: int | None = None, num_stages: int | None = None, q_groups: int = 1,
+            kv_splits: int = 1):
   """q, k, v [B, N = G * Lt, H, D] (group-tiled, k with each group's landmark key in its last
-  slot), glen / gfirst [B, Gp] int32; q_groups: groups per query tile (divides G).
+  slot), glen / gfirst [B, Gp] int32; q_groups: groups per query tile (divides G); kv_splits:
+  the backward's (accepted here so both take the same settings).
 
   Returns o [B, N, H, D] in q's dtype and lse [B, H, N] float32 in log2 units.
   """
+  del kv_splits
   b, n, h, d = q.shape
   _check_groups(n, lt, q_groups)
   rows = q_groups * lt
@@ -182,14 +228,19 @@ def forward(q, k, v, glen, gfirst, *, lt: int, scale: float, interpret: bool = F
 
 def backward(q, k, v, lse, do, delta, glen, gfirst, glast, *, lt: int, scale: float,
              interpret: bool = False, num_warps: int | None = None, num_stages: int | None = None,
-             q_groups: int = 1):
+             q_groups: int = 1, kv_splits: int = 1):
   """dq, dk, dv [B, N, H, D] (input dtypes; dk's last slot of each group: the landmark key's).
 
   lse [B, H, N] from forward (log2 units); delta [B, H, N] = rowsum(o * do) in float32; do is
-  zero on invalid slots.
+  zero on invalid slots. kv_splits = S: programs per key group in the dK/dV kernel, each taking
+  an equal share (to one tile) of the group's query tiles (its own and the later groups of its
+  segment) and writing a float32 partial dK / dV, which one XLA sum adds (S copies of dK and dV
+  in float32); 1: one program per key group writing dK / dV directly; 0: auto_kv_splits.
   """
   b, n, h, d = q.shape
   _check_groups(n, lt, q_groups)
+  check_kv_splits(kv_splits)
+  splits = kv_splits or auto_kv_splits(n // lt, b, h)
   rows = q_groups * lt
   full, tile, meta, vec_tile, vec_full = _specs(n, d, rows, glen.shape[1])
   params = _params(num_warps, num_stages, rows, d, q.dtype)
@@ -203,15 +254,25 @@ def backward(q, k, v, lse, do, delta, glen, gfirst, glast, *, lt: int, scale: fl
       interpret=interpret,
       name="landmark_grouped_dq",
   )(q, k, v, do, lse, delta, glen, gfirst)
-  _, key_tile, _, _, _ = _specs(n, d, lt, glen.shape[1])
+  if splits == 1:
+    _, key_tile, _, _, _ = _specs(n, d, lt, glen.shape[1])
+    out_specs = [key_tile, key_tile]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  else:  # grid axis 0 is g * S + s; partials [S, B, N, H, D] float32
+    key_tile = pl.BlockSpec((None, lt, None, d), lambda i, bi, hi: (bi, i // splits, hi, 0))
+    out_specs = [pl.BlockSpec((None, None, lt, None, d),
+                              lambda i, bi, hi: (i % splits, bi, i // splits, hi, 0))] * 2
+    out_shape = [jax.ShapeDtypeStruct((splits,) + k.shape, _F32)] * 2
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, lt=lt, r=q_groups, scale=scale),
-      grid=(n // lt, b, h),
+      functools.partial(_dkv_kernel, lt=lt, r=q_groups, scale=scale, splits=splits),
+      grid=(n // lt * splits, b, h),
       in_specs=[full, key_tile, key_tile, full, vec_full, vec_full, meta, meta],
-      out_specs=[key_tile, key_tile],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=params,
       interpret=interpret,
-      name="landmark_grouped_dkv",
+      name="landmark_grouped_dkv" if splits == 1 else "landmark_grouped_dkv_split",
   )(q, k, v, do, lse, delta, glen, glast)
+  if splits > 1:
+    dk, dv = jnp.sum(dk, axis=0).astype(k.dtype), jnp.sum(dv, axis=0).astype(v.dtype)
   return dq, dk, dv

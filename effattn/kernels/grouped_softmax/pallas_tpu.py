@@ -86,15 +86,16 @@ def _query_group(ng: int):
 
 
 def forward(q, k, v, glen, gfirst, *, lt: int, scale: float, interpret: bool = False,
-            num_warps: int | None = None, num_stages: int | None = None, q_groups: int = 1):
+            num_warps: int | None = None, num_stages: int | None = None, q_groups: int = 1,
+            kv_splits: int = 1):
   """q, k, v [B, N = G * Lt, H, D] (group-tiled, k with each group's landmark key in its last
   slot), glen / gfirst [B, Gp] int32.
 
   Returns o [B, N, H, D] in q's dtype and lse [B, H, N] float32 in log2 units.
-  num_warps / num_stages / q_groups: Triton settings, accepted for pallas_gpu.py's signature
-  and unused here (the grid visits one group pair per step).
+  num_warps / num_stages / q_groups / kv_splits: Triton settings, accepted for pallas_gpu.py's
+  signature and unused here (the grid visits one group pair per step).
   """
-  del num_warps, num_stages, q_groups
+  del num_warps, num_stages, q_groups, kv_splits
   b, n, h, d = q.shape
   ng = n // lt
   c2 = scale * LOG2E
@@ -206,13 +207,13 @@ def _dkv(args, *, b, h, ng, lt, d, c2, scale, dtypes, interpret):
 
 def backward(q, k, v, lse, do, delta, glen, gfirst, glast, *, lt: int, scale: float,
              interpret: bool = False, num_warps: int | None = None, num_stages: int | None = None,
-             q_groups: int = 1):
+             q_groups: int = 1, kv_splits: int = 1):
   """dq, dk, dv [B, N, H, D] (input dtypes; dk's last slot of each group: the landmark key's).
 
   lse [B, H, N] from forward (log2 units); delta [B, H, N] = rowsum(o * do) in float32; do is
-  zero on invalid slots. num_warps / num_stages / q_groups: unused (see forward).
+  zero on invalid slots. num_warps / num_stages / q_groups / kv_splits: unused (see forward).
   """
-  del num_warps, num_stages, q_groups
+  del num_warps, num_stages, q_groups, kv_splits
   b, n, h, d = q.shape
   ng = n // lt
   kw = dict(b=b, h=h, ng=ng, lt=lt, d=d, c2=scale * LOG2E, scale=scale, interpret=interpret)
