@@ -14,6 +14,11 @@
     kernels alone (layout precomputed), the chunked XLA path (query_chunk 256, the module's
     fallback) and cuDNN causal softmax attention (jax.nn.dot_product_attention) as the peer.
 (c) --tune: a small Triton (num_warps x num_stages) sweep of the kernel at the largest shape.
+(d) --kv_splits 1,2,4,8: the dK/dV backward split over S programs per key tile (pallas_gpu.py's
+    kv_splits; 0 = its auto_kv_splits). Each S > 1 is checked first like (a) (bf16 and f32, the
+    largest D, one segment, packed segments + padding, q_groups 1 and 2); an S whose check
+    fails is not timed. Then at every --shapes entry the kernels alone and the kernel path,
+    forward and forward+backward, per S, with the custom kernels of each compiled program.
 Writes DIR/bench_landmark.json and prints a table last. --smoke runs everything on CPU at tiny
 shapes (Pallas interpret mode, XLA instead of cuDNN) to test this script itself.
 """
@@ -32,6 +37,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from effattn.attention.landmark import block_groups  # noqa: E402
 from effattn.kernels.grouped_softmax import api as grouped  # noqa: E402
+from effattn.kernels.grouped_softmax import pallas_gpu  # noqa: E402
 from effattn.kernels.grouped_softmax import grouped_softmax_attention  # noqa: E402
 from effattn.evaluate.timing import forward_and_grads, measure  # noqa: E402
 
@@ -60,16 +66,23 @@ def kernel_kwargs(block_len: int, tile: int, **tuning):
   return kw
 
 
-def check(shape, block_len, tile, reps_unused=None) -> list[dict]:
-  """Kernel vs the dense reference, forward and gradients."""
-  del reps_unused
+CHECK_CASES = (("one", None, 1), ("packed", None, 1), ("packed", 2, 1), ("one", None, 2),
+               ("packed", None, 2))  # layout, max_groups (2: the fallback), q_groups
+SPLIT_CHECK_CASES = (("one", None, 1), ("packed", None, 1), ("packed", None, 2))
+
+
+def check(shape, block_len, tile, kv_splits: int | None = None) -> list[dict]:
+  """Kernel vs the dense reference, forward and gradients. kv_splits: the dK/dV split to check
+  (None: the default kernel, every case and D; else the largest D and SPLIT_CHECK_CASES)."""
   b, t, h = shape
   rows = []
   dims = (16,) if SMOKE["on"] else (64, 128)
+  cases = CHECK_CASES
+  if kv_splits is not None:
+    dims, cases = dims[-1:], SPLIT_CHECK_CASES
   for dtype in (jnp.bfloat16, jnp.float32):
     for d in dims:
-      for kind, max_groups, q_groups in (("one", None, 1), ("packed", None, 1), ("packed", 2, 1),
-                                         ("one", None, 2), ("packed", None, 2)):
+      for kind, max_groups, q_groups in cases:
         ks = jax.random.split(jax.random.key(d + t), 5)
         q, k, v, kl, do = (jax.random.normal(kk, (b, t, h, d)).astype(dtype) for kk in ks)
         gid, seg = layout(kind, b, t, block_len)
@@ -79,7 +92,8 @@ def check(shape, block_len, tile, reps_unused=None) -> list[dict]:
 
         def ker(q, k, v, kl, gid, seg, max_groups=max_groups, q_groups=q_groups):
           return grouped.grouped_softmax(q, k, v, kl, gid, seg, max_groups=max_groups,
-                                         **kernel_kwargs(block_len, tile, q_groups=q_groups))
+                                         **kernel_kwargs(block_len, tile, q_groups=q_groups,
+                                                         kv_splits=kv_splits))
 
         def vg(f, args, do, *layout_args):
           # gid and seg are arguments, not constants: XLA would constant-fold the relayout.
@@ -91,6 +105,8 @@ def check(shape, block_len, tile, reps_unused=None) -> list[dict]:
               ref, [x.astype(jnp.float32) for x in (q, k, v, kl)], do.astype(jnp.float32))
         row = {"dtype": jnp.dtype(dtype).name, "D": d, "layout": kind,
                "fallback": max_groups is not None, "q_groups": q_groups}
+        if kv_splits is not None:
+          row["kv_splits"] = kv_splits
         # f32: the fallback's XLA einsums would otherwise run in TF32 on the GPU.
         precision = "highest" if dtype == jnp.float32 else "default"
         try:
@@ -112,7 +128,10 @@ def check(shape, block_len, tile, reps_unused=None) -> list[dict]:
   return rows
 
 
-def bench_one(b, t, h, d, block_len, tile, reps, tuning=()) -> dict:
+PATHS = ("kernel", "kernel_core", "chunked_xla", "cudnn_causal")
+
+
+def bench_one(b, t, h, d, block_len, tile, reps, tuning=(), paths=PATHS) -> dict:
   ks = jax.random.split(jax.random.key(t), 5)
   q, k, v, kl, do = (jax.random.normal(kk, (b, t, h, d), jnp.bfloat16) for kk in ks)
   gid, seg = layout("one", b, t, block_len)
@@ -137,6 +156,8 @@ def bench_one(b, t, h, d, block_len, tile, reps, tuning=()) -> dict:
          "tuning": dict(tuning)}
   for name, f in (("kernel", kernel), ("kernel_core", core), ("chunked_xla", chunked),
                   ("cudnn_causal", cudnn)):
+    if name not in paths:
+      continue
     # The layout is an argument, not a constant: XLA would constant-fold the relayout.
     fb = forward_and_grads(f, argnums=(0, 1, 2, 3))
     try:
@@ -149,6 +170,62 @@ def bench_one(b, t, h, d, block_len, tile, reps, tuning=()) -> dict:
       print(f"{name} failed: {row[f'{name}_error']}", flush=True)
   print("bench", row, flush=True)
   return row
+
+
+def bench_splits(spec: str, shapes, h, d, block_len, tile, reps, check_shape, result,
+                 check_first: bool = True) -> list[dict]:
+  """--kv_splits: each S > 1 (and 0) checked at check_shape (into result["check_kv_splits"]),
+  then the kernels alone and the kernel path timed per shape and S; an S that failed its check
+  gets a row naming it, no times (1 is the default kernel, which (a) checks)."""
+  splits = [int(x) for x in spec.split(",") if x.strip()]
+  if not splits:
+    return []
+  ok = {}
+  if check_first:
+    result["check_kv_splits"] = []
+    for s in splits:
+      if s == 1:
+        ok[s] = all(c["ok"] for c in result.get("check", [])) if "check" in result else True
+        continue
+      rows = check(check_shape, block_len, tile, kv_splits=s)
+      result["check_kv_splits"] += rows
+      ok[s] = all(c["ok"] for c in rows)
+  rows = []
+  for b, t in shapes:
+    n_groups = grouped.default_max_groups(t, block_len)
+    for s in splits:
+      head = {"B": b, "T": t, "kv_splits": s,
+              "programs_per_key_tile": s or pallas_gpu.auto_kv_splits(n_groups, b, h)}
+      if not ok.get(s, True):
+        rows.append({**head, "skipped": "its check failed (check_kv_splits)"})
+        print("kv_splits", rows[-1], flush=True)
+        continue
+      row = bench_one(b, t, h, d, block_len, tile, reps, tuning=(("kv_splits", s),),
+                      paths=("kernel", "kernel_core"))
+      rows.append({**head, **{k: v for k, v in row.items() if k.startswith("kernel")}})
+      print("kv_splits", rows[-1], flush=True)
+  return rows
+
+
+def print_splits(rows, h, d, block_len):
+  """The --kv_splits table: ms fwd / fwd+bwd [custom kernels compiled fwd / fwd+bwd]."""
+  print(f"\nkv_splits (H={h} D={d} bf16 block_len={block_len}): median ms fwd / fwd+bwd "
+        "[kernels compiled fwd/fwd+bwd]; fwd+bwd of the kernels alone vs kv_splits 1")
+  print(f"{'B':>3} {'T':>6} {'S':>3} {'(S run)':>7} {'kernel_core':>28} {'kernel':>28} "
+        f"{'vs S=1':>7}")
+  base = {(r["B"], r["T"]): r.get("kernel_core_fwdbwd_ms") for r in rows if r["kv_splits"] == 1}
+  for r in rows:
+    cells = []
+    for n in ("kernel_core", "kernel"):
+      if f"{n}_fwd_ms" in r:
+        cells.append(f"{r[f'{n}_fwd_ms']:>8.2f} / {r[f'{n}_fwdbwd_ms']:>8.2f}"
+                     f" [{r[f'{n}_kernels'][0]}/{r[f'{n}_kernels'][1]}]")
+      else:
+        cells.append("skipped: check failed" if "skipped" in r else "error")
+    b1, mine = base.get((r["B"], r["T"])), r.get("kernel_core_fwdbwd_ms")
+    vs = f"{b1 / mine:.2f}x" if b1 and mine else "-"
+    print(f"{r['B']:>3} {r['T']:>6} {r['kv_splits']:>3} {r['programs_per_key_tile']:>7} "
+          f"{cells[0]:>28} {cells[1]:>28} {vs:>7}")
 
 
 def main(argv=None):
@@ -164,21 +241,27 @@ def main(argv=None):
   ap.add_argument("--tune", default="4x2x1,8x2x1,4x3x1,8x2x2,8x3x2,4x2x2",
                   help="num_warps x num_stages x q_groups candidates at the largest shape ('' "
                        "to skip)")
+  ap.add_argument("--kv_splits", default="1,2,4,8",
+                  help="dK/dV programs per key tile to check and time at every shape (0: "
+                       "pallas_gpu.auto_kv_splits; '' to skip)")
   ap.add_argument("--smoke", action="store_true", help="CPU self-test: tiny shapes, interpret")
   args = ap.parse_args(argv)
   SMOKE["on"] = args.smoke
   shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   h, d, block_len, tile, reps = args.heads, args.dim, args.block_len, args.tile, args.reps
-  check_shape, tune = (2, 300, 2), args.tune
+  check_shape, tune, kv_splits = (2, 300, 2), args.tune, args.kv_splits
   if args.smoke:
     shapes, h, d, block_len, tile, reps = [(1, 40)], 2, 16, 8, 16, 1
     check_shape, tune = (2, 40, 2), "4x2x2" if args.tune else ""
+    kv_splits = "1,3" if kv_splits else ""  # 3: uneven (and empty) shares
   device = jax.devices()[0].device_kind
   print("device:", device, "jax", jax.__version__, flush=True)
   result = {"device": device, "jax": jax.__version__, "smoke": args.smoke}
   if not args.no_check:
     result["check"] = check(check_shape, block_len, tile)
   result["rows"] = [bench_one(b, t, h, d, block_len, tile, reps) for b, t in shapes]
+  result["kv_splits"] = bench_splits(kv_splits, shapes, h, d, block_len, tile, reps,
+                                     check_shape, result, check_first=not args.no_check)
   result["tune"] = []
   if tune:
     b, t = max(shapes, key=lambda s: s[1])
@@ -200,6 +283,14 @@ def main(argv=None):
       worst[key] = max(worst.get(key, 0.0), max(c["max_rel_err"].values()))
     ok = all(c["ok"] for c in result["check"])
     print(f"check: {'PASS' if ok else 'FAIL'}; max relative error per dtype {worst}")
+  if result.get("check_kv_splits"):
+    worst = {}
+    for c in result["check_kv_splits"]:
+      key = (c["kv_splits"], c["dtype"])
+      worst[key] = max(worst.get(key, 0.0), max(c["max_rel_err"].values()))
+    ok = all(c["ok"] for c in result["check_kv_splits"])
+    print(f"check kv_splits: {'PASS' if ok else 'FAIL'}; max relative error per (S, dtype) "
+          f"{worst}")
   if result["tune"]:
     print("tune (kernels alone, ms fwd / fwd+bwd):")
     for r in result["tune"]:
@@ -224,7 +315,10 @@ def main(argv=None):
       return f"{r[ka] / r[kb]:.2f}" if ka in r and kb in r else "-"
     print(f"{r['B']:>3} {r['T']:>6} " + " ".join(f"{c:>25}" for c in cells)
           + f" {ratio('chunked_xla', 'kernel'):>15} {ratio('kernel', 'cudnn_causal'):>13}")
-  if "check" in result and not all(c["ok"] for c in result["check"]):
+  if result["kv_splits"]:
+    print_splits(result["kv_splits"], h, d, block_len)
+  failed = [c for c in result.get("check", []) + result.get("check_kv_splits", []) if not c["ok"]]
+  if failed:
     print("CHECK FAILED")
     sys.exit(1)
   return result
