@@ -241,10 +241,10 @@ class NeuralMemory(base.Attention):
       # The memory's Triton chunk loops: "fused" computes y (forward) or every gradient
       # (backward) inside the loop; "split" keeps only the states (forward) or the state
       # cotangents (backward) in the loop and computes the per-token rest of every chunk at
-      # once (kernels/memory_chunk/pallas_gpu.py). Same math. None: MEMORY_LOOPS. Launch
-      # settings; other paths ignore them.
-      "memory_forward": None,
-      "memory_backward": None,
+      # once (kernels/memory_chunk/pallas_gpu.py). Same math. "auto": MEMORY_LOOPS, the
+      # measured choice. Launch settings; other paths ignore them.
+      "memory_forward": "auto",
+      "memory_backward": "auto",
       # The memory's backward keeps its state at every chunk start (2 D^2 f32 per chunk, row and
       # head); n keeps them for n chunks at a time and recomputes the rest (one more forward of
       # the memory; kernels/memory_chunk/api.py); 0 keeps all of them. None: 64. With the
@@ -258,8 +258,8 @@ class NeuralMemory(base.Attention):
   # memory a cross-device scan of chunk maps, the attention the softmax ring.
   CONTEXT_PARALLEL = True
   CHOICES = {"variant": VARIANTS, "swa_impl": ("fused", "dense"),
-             "memory_forward": (None, "fused", "split"),
-             "memory_backward": (None, "fused", "split")}
+             "memory_forward": ("auto", "fused", "split"),
+             "memory_backward": ("auto", "fused", "split")}
   RANGES = {"depth": POSITIVE_INT, "expansion": POSITIVE_INT, "chunk_size": POSITIVE_INT,
             "memory_block_v": Range(0, integer=True, none_ok=True),
             "memory_remat_chunks": Range(0, integer=True, none_ok=True),
@@ -278,9 +278,10 @@ class NeuralMemory(base.Attention):
   @classmethod
   def check(cls, opts, sizes):
     for field in ("memory_block_v", "memory_forward", "memory_backward", "memory_remat_chunks"):
-      if opts.depth > 1 and getattr(opts, field) is not None:
+      default = cls.DEFAULTS[field]
+      if opts.depth > 1 and getattr(opts, field) != default:
         raise ConfigError(f"model.attention.neural_memory.{field} applies to the linear memory's "
-                          f"op (depth 1), not depth={opts.depth}; leave it None")
+                          f"op (depth 1), not depth={opts.depth}; leave it {default!r}")
     bv = opts.memory_block_v
     if bv is not None and (bv < 16 or bv & (bv - 1) or sizes.head_dim % bv):
       raise ConfigError(f"model.attention.neural_memory.memory_block_v={bv} must be a power of "
@@ -298,8 +299,10 @@ class NeuralMemory(base.Attention):
       return {"block_v": None, "forward": None, "backward": None, "remat_chunks": None}
     remat = REMAT_CHUNKS if opts.memory_remat_chunks is None else opts.memory_remat_chunks
     return {"block_v": 0 if opts.memory_block_v is None else opts.memory_block_v,
-            "forward": opts.memory_forward or MEMORY_LOOPS["forward"],
-            "backward": opts.memory_backward or MEMORY_LOOPS["backward"],
+            "forward": MEMORY_LOOPS["forward"] if opts.memory_forward == "auto"
+            else opts.memory_forward,
+            "backward": MEMORY_LOOPS["backward"] if opts.memory_backward == "auto"
+            else opts.memory_backward,
             "remat_chunks": remat or None}
 
   @classmethod

@@ -130,6 +130,8 @@ def test_registered_and_checked():
     build("mag", depth=2, memory_remat_chunks=4)
   with pytest.raises(ValueError, match="memory_backward='loop' must be one of"):
     build("mag", memory_backward="loop")
+  with pytest.raises(ValueError, match="memory_forward applies to the linear memory.*'auto'"):
+    build("mag", depth=2, memory_forward="split")
 
 
 def test_memory_launch_defaults():
