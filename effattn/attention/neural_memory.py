@@ -142,8 +142,7 @@ class _Memory(nnx.Module):
                                   initial_momentum=s[0], segment_ids=seg,
                                   chunk_size=self.chunk_size, impl=self.impl,
                                   block_v=self.block_v, forward=self.forward,
-                                  backward=self.backward,
-                                  remat_chunks=self.remat_chunks)
+                                  backward=self.backward, remat_chunks=self.remat_chunks)
       return r, ((w1,), (s1,))
     reset_to, _ = self.initial_state(q.shape[0])
     return deep_memory_update(w, s, q, k, v, theta, alpha, eta, seg, reset_to,
@@ -293,8 +292,8 @@ class NeuralMemory(base.Attention):
 
   @staticmethod
   def memory_launch(opts) -> dict:
-    """memory_update's block_v, forward, backward and remat_chunks from the options (None: the
-    measured defaults; the deep memory's op has none of them)."""
+    """memory_update's block_v, forward, backward and remat_chunks from the options (None or
+    "auto": the measured defaults; the deep memory's op has none of them)."""
     if opts.depth > 1:
       return {"block_v": None, "forward": None, "backward": None, "remat_chunks": None}
     remat = REMAT_CHUNKS if opts.memory_remat_chunks is None else opts.memory_remat_chunks

@@ -116,9 +116,8 @@ def _check(q, k, v, theta, alpha, eta, w0, s0, segment_ids, chunk_size):
 def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_momentum=None,
                   segment_ids=None, chunk_size: int = 64, impl: str = "auto", block_sizes=None,
                   block_v: int | None = None, forward: str | None = None,
-                  backward: str | None = None,
-                  remat_chunks: int | None = None, compute_dtype=None, out_dtype=None,
-                  interpret: bool = False):
+                  backward: str | None = None, remat_chunks: int | None = None,
+                  compute_dtype=None, out_dtype=None, interpret: bool = False):
   """Chunk-parallel test-time training of a linear memory, with retrieval at every token.
 
   Args:
@@ -162,8 +161,7 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
       return memory_update(q, k, v, theta, alpha, eta, initial_memory=w0, initial_momentum=s0,
                            segment_ids=seg, chunk_size=chunk_size, impl=impl,
                            block_sizes=block_sizes, block_v=block_v, forward=forward,
-                           backward=backward,
-                           remat_chunks=remat_chunks,
+                           backward=backward, remat_chunks=remat_chunks,
                            compute_dtype=compute_dtype, out_dtype=out_dtype,
                            interpret=interpret)
     return chunk_maps.memory_update(update, q, k, v, theta, alpha, eta,
