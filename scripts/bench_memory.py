@@ -3,7 +3,8 @@
     python scripts/bench_memory.py --out /tmp/bench_memory            # everything (~3 min H100)
     python scripts/bench_memory.py --out /tmp/x --smoke                # tiny shapes, any backend
 
-Parts (JSON under --out, a markdown table printed last; docs/benchmarks.md has results):
+Parts (JSON under --out, a markdown table printed last; docs/benchmarks.md has results). Part 1
+runs before any timing part whatever --parts says, and nothing it failed is timed:
 1. check: memory_update on the Pallas (Triton) path and the chunked xla path against
    reference.py on the device, forward, final states and every gradient (random cotangents),
    f32 and bf16, with packed segments and a ragged T.
@@ -256,6 +257,16 @@ def table(results):
   return "\n".join(lines)
 
 
+def checked(results, part: str) -> bool:
+  """Whether `part` may be timed: part 1 ran on this device and passed the fused kernel and
+  the xla path (blocks also skips each other form that failed; printed when not)."""
+  rows = results.get("check", [])
+  ok = bool(rows) and all(r["ok"] for r in rows if r["loops"] in ("fused", None))
+  if not ok:
+    print(f"{part}: not timed, the check did not pass on this device", flush=True)
+  return ok
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", default="/tmp/bench_memory")
@@ -267,6 +278,8 @@ def main():
   os.makedirs(flags.out, exist_ok=True)
   results = {"device": str(jax.devices()[0]), "jax": jax.__version__, "shape": dict(B=B, H=H, D=D)}
   parts = flags.parts.split(",")
+  if set(parts) - {"check"} and "check" not in parts:  # nothing is timed unchecked
+    parts.insert(0, "check")
   sizes = [256, 512] if flags.smoke else [int(x) for x in flags.sizes.split(",")]
   b, h, d = (1, 2, 16) if flags.smoke else (B, H, D)
   for name, fn in (("check", lambda: check(results)),
@@ -279,6 +292,8 @@ def main():
                                            1 if flags.smoke else 4, 64 if flags.smoke else 1024,
                                            4 if flags.smoke else 16))):
     if name in parts:
+      if name != "check" and not checked(results, name):
+        continue
       try:
         fn()
       except Exception:

@@ -20,3 +20,13 @@ def test_blocks_skip_a_form_that_failed_its_check(bench):
   assert timed == [("fused", None), ("fused", 16), ("split bwd", 16)]
   assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in results["blocks"])
   assert "| pallas_gpu loops split bwd, block_v=16 (1 programs" in bench.table(results)
+
+
+def test_nothing_is_timed_without_a_passed_check(bench, capsys):
+  assert not bench.checked({}, "op")  # part 1 did not run
+  failed = {"check": [{"loops": "fused", "ok": False}, {"loops": None, "ok": True}]}
+  assert not bench.checked(failed, "layer")
+  assert "layer: not timed" in capsys.readouterr().out
+  # Another form's failure leaves the fused kernel and xla timeable (blocks skips that form).
+  assert bench.checked({"check": [{"loops": "fused", "ok": True}, {"loops": None, "ok": True},
+                                  {"loops": "split", "ok": False}]}, "op")
