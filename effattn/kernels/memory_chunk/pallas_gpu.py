@@ -228,49 +228,22 @@ def forward(q, k, v, theta, lb, le, seg, carry, end, w0, s0, *, chunk: int, dtyp
             block_sizes: BlockSizes = BlockSizes(), interpret: bool = False,
             save_states: bool = True):
   """Same contract as xla.forward (states come back as [B, H, N*Dk, Dv] pairs)."""
-  b, padded, h, dk = q.shape
-  dv = v.shape[-1]
-  n = padded // chunk
-  sp = _Specs(padded, dv, block_sizes.value_blocks(dv, b * h))
-  f32 = jnp.float32
+  run = _Launch(q, v, chunk, dtype, block_sizes, interpret)
+  sp, dk, n = run.sp, run.dk, run.n
+  tokens = (q, k, v, theta, lb, le, seg.astype(jnp.int32), carry, end)
   if block_sizes.forward == "split":  # the states in the loop (kept even when not saved), then y
-    tokens = (q, k, v, theta, lb, le, seg.astype(jnp.int32), carry, end)
-    state = lambda rows: jax.ShapeDtypeStruct((b, h, rows, dv), f32)  # noqa: E731
-    w, s, w_states, s_states = pl.pallas_call(
-        functools.partial(_states_kernel, chunk=chunk, dtype=dtype),
-        grid=(b, h) + sp.grid_tail,
-        in_specs=[sp.tok(dk), sp.tok(dk), sp.col(), sp.gate(), sp.gate(), sp.gate(), sp.mask(),
-                  sp.mask(), sp.mask(), sp.state(dk), sp.state(dk)],
-        out_specs=[sp.state(dk), sp.state(dk), sp.state(n * dk), sp.state(n * dk)],
-        out_shape=[state(dk), state(dk), state(n * dk), state(n * dk)],
-        compiler_params=plgpu.CompilerParams(num_warps=block_sizes.warps(chunk),
-                                             num_stages=block_sizes.num_stages),
-        interpret=interpret,
-        name="memory_chunk_states",
-    )(*tokens, w0, s0)
-    per_chunk = lambda x: x.reshape(b, h, n, dk, dv)  # noqa: E731
-    y = xla.forward_given_states(*tokens, (per_chunk(w_states), per_chunk(s_states)),
+    w, s, w_states, s_states = run(
+        _states_kernel, "memory_chunk_states", run.forward_inputs(),
+        [(dk, "state"), (dk, "state"), (n * dk, "state"), (n * dk, "state")],
+        *tokens, w0, s0)
+    y = xla.forward_given_states(*tokens, (run.per_chunk(w_states), run.per_chunk(s_states)),
                                  chunk=chunk, dtype=dtype)
     return y, w, s, ((w_states, s_states) if save_states else None)
-  out_specs = [sp.col(), sp.state(dk), sp.state(dk)]
-  out_shape = [jax.ShapeDtypeStruct((b, padded, h, dv), f32),
-               jax.ShapeDtypeStruct((b, h, dk, dv), f32), jax.ShapeDtypeStruct((b, h, dk, dv), f32)]
+  outs = [(None, "col"), (dk, "state"), (dk, "state")]
   if save_states:
-    out_specs += [sp.state(n * dk)] * 2
-    out_shape += [jax.ShapeDtypeStruct((b, h, n * dk, dv), f32)] * 2
-  gate, mask = sp.gate(), sp.mask()
-  outs = pl.pallas_call(
-      functools.partial(_forward_kernel, chunk=chunk, dtype=dtype, save_states=save_states),
-      grid=(b, h) + sp.grid_tail,
-      in_specs=[sp.tok(dk), sp.tok(dk), sp.col(), gate, gate, gate, mask, mask, mask,
-                sp.state(dk), sp.state(dk)],
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=block_sizes.warps(chunk),
-                                           num_stages=block_sizes.num_stages),
-      interpret=interpret,
-      name="memory_chunk_fwd",
-  )(q, k, v, theta, lb, le, seg.astype(jnp.int32), carry, end, w0, s0)
+    outs += [(n * dk, "state")] * 2
+  outs = run(functools.partial(_forward_kernel, save_states=save_states), "memory_chunk_fwd",
+             run.forward_inputs(), outs, *tokens, w0, s0)
   y, w, s = outs[:3]
   return y, w, s, (tuple(outs[3:]) if save_states else None)
 
@@ -278,73 +251,82 @@ def forward(q, k, v, theta, lb, le, seg, carry, end, w0, s0, *, chunk: int, dtyp
 def backward(q, k, v, theta, lb, le, seg, carry, end, states, dy, dw_t, ds_t, *, chunk: int,
              dtype, block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
   """Same contract as xla.backward."""
+  run = _Launch(q, v, chunk, dtype, block_sizes, interpret)
+  dk, n, f32 = run.dk, run.n, jnp.float32
+  tokens = (q, k, v, theta, lb, le, seg.astype(jnp.int32), carry, end)
+  dy = dy.astype(f32)
+  inputs = (*tokens, *states, dy, dw_t.astype(f32), ds_t.astype(f32))
   if block_sizes.backward == "split":
-    return _split_backward(q, k, v, theta, lb, le, seg, carry, end, states, dy, dw_t, ds_t,
-                           chunk=chunk, dtype=dtype, block_sizes=block_sizes,
-                           interpret=interpret)
-  b, padded, h, dk = q.shape
-  dv = v.shape[-1]
-  n = padded // chunk
-  nv = block_sizes.value_blocks(dv, b * h)
-  sp = _Specs(padded, dv, nv)
-  f32 = jnp.float32
-  share = lambda *s: jax.ShapeDtypeStruct(((nv,) if nv > 1 else ()) + s, f32)  # noqa: E731
-  gate = sp.gate()
-  dq, dk_, dv_, dth, dlb, dle, dw0, ds0 = pl.pallas_call(
-      functools.partial(_backward_kernel, chunk=chunk, dtype=dtype),
-      grid=(b, h) + sp.grid_tail,
-      in_specs=_backward_in_specs(sp, n, dk),
-      out_specs=[sp.share(sp.tok(dk)), sp.share(sp.tok(dk)), sp.col(), sp.share(gate),
-                 sp.share(gate), sp.share(gate), sp.state(dk), sp.state(dk)],
-      out_shape=[share(b, padded, h, dk), share(b, padded, h, dk),
-                 jax.ShapeDtypeStruct((b, padded, h, dv), f32), share(b, padded, h),
-                 share(b, padded, h), share(b, padded, h),
-                 jax.ShapeDtypeStruct((b, h, dk, dv), f32),
-                 jax.ShapeDtypeStruct((b, h, dk, dv), f32)],
-      compiler_params=plgpu.CompilerParams(num_warps=block_sizes.warps(chunk),
-                                           num_stages=block_sizes.num_stages),
-      interpret=interpret,
-      name="memory_chunk_bwd",
-  )(q, k, v, theta, lb, le, seg.astype(jnp.int32), carry, end, *states, dy.astype(f32),
-    dw_t.astype(f32), ds_t.astype(f32))
-  if nv > 1:  # each value block's share of the sums over the columns
+    # The state cotangents in a chunk loop (separable in the value columns like the forward,
+    # so the same value blocks, and no shares: it writes only states), then every chunk's
+    # per-token gradients at once (xla).
+    dw_seen, ds_seen, dw0, ds0 = run(
+        _dstate_kernel, "memory_chunk_dstate", run.backward_inputs(),
+        [(n * dk, "state"), (n * dk, "state"), (dk, "state"), (dk, "state")], *inputs)
+    grads = xla.backward_given_cotangents(
+        *tokens, tuple(run.per_chunk(x) for x in states),
+        (run.per_chunk(dw_seen), run.per_chunk(ds_seen)), dy, chunk=chunk, dtype=dtype)
+    return (*grads, dw0, ds0)
+  dq, dk_, dv_, dth, dlb, dle, dw0, ds0 = run(
+      _backward_kernel, "memory_chunk_bwd", run.backward_inputs(),
+      [(dk, "share tok"), (dk, "share tok"), (None, "col"), (None, "share gate"),
+       (None, "share gate"), (None, "share gate"), (dk, "state"), (dk, "state")], *inputs)
+  if run.nv > 1:  # each value block's share of the sums over the columns
     dq, dk_, dth, dlb, dle = (jnp.sum(x, axis=0) for x in (dq, dk_, dth, dlb, dle))
   return dq, dk_, dv_, dth, dlb, dle, dw0, ds0
 
 
-def _backward_in_specs(sp, n, dk):
-  """9 token refs, the saved states, dy and the final states' cotangents."""
-  gate, mask = sp.gate(), sp.mask()
-  return [sp.tok(dk), sp.tok(dk), sp.col(), gate, gate, gate, mask, mask, mask,
-          sp.state(n * dk), sp.state(n * dk), sp.col(), sp.state(dk), sp.state(dk)]
+class _Launch:
+  """One call's grid (B, H[, Dv / block_v]), its BlockSpecs and the pallas_call of a kernel."""
 
+  def __init__(self, q, v, chunk, dtype, block_sizes, interpret):
+    self.b, self.padded, self.h, self.dk = q.shape
+    self.dv = v.shape[-1]
+    self.n = self.padded // chunk
+    self.nv = block_sizes.value_blocks(self.dv, self.b * self.h)
+    self.sp = _Specs(self.padded, self.dv, self.nv)
+    self.chunk, self.dtype, self.block_sizes, self.interpret = chunk, dtype, block_sizes, interpret
 
-def _split_backward(q, k, v, theta, lb, le, seg, carry, end, states, dy, dw_t, ds_t, *,
-                    chunk: int, dtype, block_sizes: BlockSizes, interpret: bool):
-  """The state cotangents in a chunk loop (kernel), then every chunk's per-token gradients at
-  once (xla). The loop is separable in the value columns like the forward, so it takes the
-  same value blocks, and needs no shares (it writes only states)."""
-  b, padded, h, dk = q.shape
-  dv = v.shape[-1]
-  n = padded // chunk
-  sp = _Specs(padded, dv, block_sizes.value_blocks(dv, b * h))
-  f32 = jnp.float32
-  state = lambda rows: jax.ShapeDtypeStruct((b, h, rows, dv), f32)  # noqa: E731
-  tokens = (q, k, v, theta, lb, le, seg.astype(jnp.int32), carry, end)
-  dy = dy.astype(f32)
-  dw_seen, ds_seen, dw0, ds0 = pl.pallas_call(
-      functools.partial(_dstate_kernel, chunk=chunk, dtype=dtype),
-      grid=(b, h) + sp.grid_tail,
-      in_specs=_backward_in_specs(sp, n, dk),
-      out_specs=[sp.state(n * dk), sp.state(n * dk), sp.state(dk), sp.state(dk)],
-      out_shape=[state(n * dk), state(n * dk), state(dk), state(dk)],
-      compiler_params=plgpu.CompilerParams(num_warps=block_sizes.warps(chunk),
-                                           num_stages=block_sizes.num_stages),
-      interpret=interpret,
-      name="memory_chunk_dstate",
-  )(*tokens, *states, dy, dw_t.astype(f32), ds_t.astype(f32))
-  per_chunk = lambda x: x.reshape(b, h, n, dk, dv)  # noqa: E731  [B, H, N*Dk, Dv] -> chunks
-  grads = xla.backward_given_cotangents(
-      *tokens, tuple(per_chunk(x) for x in states), (per_chunk(dw_seen), per_chunk(ds_seen)),
-      dy, chunk=chunk, dtype=dtype)
-  return (*grads, dw0, ds0)
+  def per_chunk(self, x):  # [B, H, N*Dk, Dv] -> [B, H, N, Dk, Dv]
+    return x.reshape(self.b, self.h, self.n, self.dk, self.dv)
+
+  def forward_inputs(self):
+    """9 token refs and the initial states."""
+    sp = self.sp
+    gate, mask = sp.gate(), sp.mask()
+    return [sp.tok(self.dk), sp.tok(self.dk), sp.col(), gate, gate, gate, mask, mask, mask,
+            sp.state(self.dk), sp.state(self.dk)]
+
+  def backward_inputs(self):
+    """9 token refs, the saved states, dy and the final states' cotangents."""
+    sp, dk, n = self.sp, self.dk, self.n
+    return self.forward_inputs()[:9] + [sp.state(n * dk), sp.state(n * dk), sp.col(),
+                                        sp.state(dk), sp.state(dk)]
+
+  def _out(self, rows, kind):
+    """(spec, f32 shape) of an output: "col" [B, Tp, H, Dv], "state" [B, H, rows, Dv],
+    "share tok" [nv?, B, Tp, H, Dk] and "share gate" [nv?, B, Tp, H] (one slot per value
+    block of a sum over the columns)."""
+    sp, b, h, tp = self.sp, self.b, self.h, self.padded
+    lead = (self.nv,) if self.nv > 1 else ()
+    spec, shape = {
+        "col": (sp.col(), (b, tp, h, self.dv)),
+        "state": (sp.state(rows), (b, h, rows, self.dv)),
+        "share tok": (sp.share(sp.tok(rows)), lead + (b, tp, h, rows)),
+        "share gate": (sp.share(sp.gate()), lead + (b, tp, h)),
+    }[kind]
+    return spec, jax.ShapeDtypeStruct(shape, jnp.float32)
+
+  def __call__(self, kernel, name, in_specs, outs, *args):
+    specs, shapes = zip(*(self._out(rows, kind) for rows, kind in outs))
+    return pl.pallas_call(
+        functools.partial(kernel, chunk=self.chunk, dtype=self.dtype),
+        grid=(self.b, self.h) + self.sp.grid_tail,
+        in_specs=in_specs,
+        out_specs=list(specs),
+        out_shape=list(shapes),
+        compiler_params=plgpu.CompilerParams(num_warps=self.block_sizes.warps(self.chunk),
+                                             num_stages=self.block_sizes.num_stages),
+        interpret=self.interpret,
+        name=name,
+    )(*args)
