@@ -107,6 +107,9 @@ class LandmarkAttention(base.Attention):
       # tests).
       "tile": 0,
       "max_groups": 0,
+      # GPU kernel's dK/dV backward: programs per key tile (1: one walks the tile's whole query
+      # range; S > 1: S equal shares, f32 partials summed; 0: pallas_gpu.auto_kv_splits).
+      "kv_splits": 1,
       "interpret": False,
   }
   OPS = ("grouped_softmax",)
@@ -114,7 +117,8 @@ class LandmarkAttention(base.Attention):
   CAUSAL_ONLY = True
   RANGES = {"block_len": POSITIVE_INT, "top_k": POSITIVE_INT, "forward_top_k": NON_NEGATIVE_INT,
             "query_chunk": NON_NEGATIVE_INT,
-            "max_groups": NON_NEGATIVE_INT, "tile": NON_NEGATIVE_INT}  # tile: power of 2
+            "max_groups": NON_NEGATIVE_INT, "tile": NON_NEGATIVE_INT,
+            "kv_splits": NON_NEGATIVE_INT}  # tile: power of 2
   # Several blocks in T = 32, every block retrieved (decode equals the forward pass).
   TINY = {"block_len": 4, "top_k": 8, "query_chunk": 8, "tile": 16}
 
@@ -186,8 +190,8 @@ class LandmarkAttention(base.Attention):
         q, k, v, k_land, gid, seg, scale=scale, block_len=self.opts.block_len,
         impl=self.op_impl("grouped_softmax"), chunk=self.opts.query_chunk,
         tile=kernel_tile(self.opts),
-        max_groups=self.opts.max_groups or None, interpret=self.opts.interpret,
-        return_fallback_frac=True)
+        max_groups=self.opts.max_groups or None, kv_splits=self.opts.kv_splits,
+        interpret=self.opts.interpret, return_fallback_frac=True)
     return self.o_proj(base.merge_heads(o)), base.fallback_aux("grouped_softmax", frac)
 
   # -- decoding with retrieval ---------------------------------------------------------------

@@ -138,10 +138,10 @@ def test_memory_launch_defaults():
   """None: the value split chosen from the grid and pieces of 64 chunks (measured faster and
   smaller, docs/benchmarks.md); 0 keeps every chunk state; the deep memory gets neither."""
   launch = registry.get("neural_memory").memory_launch
-  assert launch(build("mag").opts) == {"block_v": 0, "forward": "fused", "backward": "fused",
+  assert launch(build("mag").opts) == {"block_v": 0, "forward": "split", "backward": "split",
                                        "remat_chunks": 64}
-  assert launch(build("mag", memory_backward="split").opts)["backward"] == "split"
-  assert launch(build("mag", memory_forward="split").opts)["forward"] == "split"
+  assert launch(build("mag", memory_backward="fused").opts)["backward"] == "fused"
+  assert launch(build("mag", memory_forward="fused").opts)["forward"] == "fused"
   assert launch(build("mag", memory_remat_chunks=0).opts)["remat_chunks"] is None
   assert launch(build("mag", memory_remat_chunks=3).opts)["remat_chunks"] == 3
   assert launch(build("mag", depth=2).opts) == {"block_v": None, "forward": None,

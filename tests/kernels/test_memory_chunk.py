@@ -184,6 +184,22 @@ def test_split_backward_lowers_for_cuda():
       pallas_gpu.BlockSizes(**{field: "loop"})
 
 
+def test_split_forward_applies_under_differentiation_only():
+  """forward="split" is the training forward's form (it saves the states a backward reads); a
+  forward alone runs the fused loop, the faster one without a backward."""
+  x = jax.ShapeDtypeStruct((1, 64, 2, 128), jnp.bfloat16)
+  gate = jax.ShapeDtypeStruct((1, 64, 2), jnp.float32)
+  sizes = pallas_gpu.BlockSizes(block_v=32, forward="split", backward="split")
+
+  def outputs(q, k, v, theta):
+    return memory_update(q, k, v, theta, theta, theta, chunk_size=16, impl="pallas_gpu",
+                         block_sizes=sizes)[0]
+
+  with dispatch.lower_for("gpu"):
+    text = jax.jit(outputs).trace(x, x, x, gate).lower(lowering_platforms=("cuda",)).as_text()
+  assert "memory_chunk_fwd" in text and "memory_chunk_states" not in text
+
+
 @pytest.mark.parametrize("impl,interpret", [("xla", False), ("pallas_gpu", True)])
 def test_rematerialized_pieces_equal_one_call(impl, interpret):
   """remat_chunks=2 over 5 chunks (pieces of 2, 2 and 1): outputs, final states and every

@@ -57,7 +57,10 @@ class BlockSizes:
   (row, head).
   forward: "fused" computes y inside the chunk loop; "split" runs the loop for the states
   alone (3 of the forward's 7 matmuls a chunk), then y of all chunks at once
-  (xla.forward_given_states).
+  (xla.forward_given_states). "split" applies to the forward that saves the states for a
+  backward; a forward without a backward (inference, decoding's prefill) runs fused, its
+  faster form alone (H200, B 2, H 8, D 128, chunk 16, T 16k, block_v 32: 3.26 ms against
+  4.90; docs/benchmarks.md).
   backward: "fused" walks the chunks in reverse computing every gradient in the loop;
   "split" walks them carrying only the state cotangents (saving the pair each chunk sees,
   like the forward's states), then computes the per-token gradients of all chunks at once
@@ -231,14 +234,14 @@ def forward(q, k, v, theta, lb, le, seg, carry, end, w0, s0, *, chunk: int, dtyp
   run = _Launch(q, v, chunk, dtype, block_sizes, interpret)
   sp, dk, n = run.sp, run.dk, run.n
   tokens = (q, k, v, theta, lb, le, seg.astype(jnp.int32), carry, end)
-  if block_sizes.forward == "split":  # the states in the loop (kept even when not saved), then y
+  if block_sizes.forward == "split" and save_states:  # the states in the loop, then y
     w, s, w_states, s_states = run(
         _states_kernel, "memory_chunk_states", run.forward_inputs(),
         [(dk, "state"), (dk, "state"), (n * dk, "state"), (n * dk, "state")],
         *tokens, w0, s0)
     y = xla.forward_given_states(*tokens, (run.per_chunk(w_states), run.per_chunk(s_states)),
                                  chunk=chunk, dtype=dtype)
-    return y, w, s, ((w_states, s_states) if save_states else None)
+    return y, w, s, (w_states, s_states)
   outs = [(None, "col"), (dk, "state"), (dk, "state")]
   if save_states:
     outs += [(n * dk, "state")] * 2
