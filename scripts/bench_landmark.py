@@ -19,6 +19,7 @@
     largest D, one segment, packed segments + padding, q_groups 1 and 2); an S whose check
     fails is not timed. Then at every --shapes entry the kernels alone and the kernel path,
     forward and forward+backward, per S, with the custom kernels of each compiled program.
+--check_scope splits skips (a) and keeps (d)'s checks; --paths picks (b)'s paths.
 Writes DIR/bench_landmark.json and prints a table last. --smoke runs everything on CPU at tiny
 shapes (Pallas interpret mode, XLA instead of cuDNN) to test this script itself.
 """
@@ -244,8 +245,16 @@ def main(argv=None):
   ap.add_argument("--kv_splits", default="1,2,4,8",
                   help="dK/dV programs per key tile to check and time at every shape (0: "
                        "pallas_gpu.auto_kv_splits; '' to skip)")
+  ap.add_argument("--check_scope", default="all", choices=("all", "splits"),
+                  help="all: (a) and each --kv_splits S > 1; splits: only the S > 1 checks (the "
+                       "default kernel, S = 1, checked by an earlier run)")
+  ap.add_argument("--paths", default=",".join(PATHS),
+                  help="paths timed in (b), comma list of " + ", ".join(PATHS))
   ap.add_argument("--smoke", action="store_true", help="CPU self-test: tiny shapes, interpret")
   args = ap.parse_args(argv)
+  paths = tuple(p for p in args.paths.split(",") if p)
+  if not paths or set(paths) - set(PATHS):
+    ap.error(f"--paths={args.paths!r}: give a comma list of {', '.join(PATHS)}")
   SMOKE["on"] = args.smoke
   shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   h, d, block_len, tile, reps = args.heads, args.dim, args.block_len, args.tile, args.reps
@@ -257,9 +266,10 @@ def main(argv=None):
   device = jax.devices()[0].device_kind
   print("device:", device, "jax", jax.__version__, flush=True)
   result = {"device": device, "jax": jax.__version__, "smoke": args.smoke}
-  if not args.no_check:
+  if not args.no_check and args.check_scope == "all":
     result["check"] = check(check_shape, block_len, tile)
-  result["rows"] = [bench_one(b, t, h, d, block_len, tile, reps) for b, t in shapes]
+  result["rows"] = [bench_one(b, t, h, d, block_len, tile, reps, paths=paths)
+                    for b, t in shapes]
   result["kv_splits"] = bench_splits(kv_splits, shapes, h, d, block_len, tile, reps,
                                      check_shape, result, check_first=not args.no_check)
   result["tune"] = []
@@ -308,7 +318,7 @@ def main(argv=None):
         cells.append(f"{r[f'{n}_fwd_ms']:>8.2f} / {r[f'{n}_fwdbwd_ms']:>8.2f}"
                      f" [{r[f'{n}_kernels'][0]}/{r[f'{n}_kernels'][1]}]")
       else:
-        cells.append(f"{'error':>25}")
+        cells.append(f"{'error' if f'{n}_error' in r else 'not timed':>25}")
 
     def ratio(a, b, r=r):
       ka, kb = f"{a}_fwdbwd_ms", f"{b}_fwdbwd_ms"
