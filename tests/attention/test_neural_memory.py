@@ -34,7 +34,7 @@ def build(variant, depth=1, impl="xla", **opts):
 def test_decode_matches_forward_and_is_causal(variant, depth, opts):
   module = build(variant, depth, **opts)
   x, pos = random_inputs(2, 13, d_model=16)
-  y, aux = module(x, positions=pos)
+  y, aux = Jitted(module)(x, positions=pos)  # the compiled forward the oracles below reuse
   assert y.shape == x.shape and np.all(np.isfinite(np.asarray(y)))
   assert 0.0 < float(aux["memory_lr"]) < module.opts.max_lr
   oracles.check_decode_matches_forward(Jitted(module), x, pos, prompt_len=6)
@@ -43,7 +43,7 @@ def test_decode_matches_forward_and_is_causal(variant, depth, opts):
 
 def test_memory_carries_across_calls():
   """Two decode calls (cut inside a chunk) equal one forward pass on the concatenation."""
-  module = build("mag")
+  module = Jitted(build("mag"))
   x, pos = random_inputs(1, 14, d_model=16, seed=3)
   y, _ = module(x, positions=pos)
   cache = module.init_cache(1, 14)
@@ -90,7 +90,7 @@ def test_mac_gradients_do_not_grow_with_the_number_of_segments():
     def last_token_energy(p):
       return jnp.sum(nnx.merge(graphdef, p, rest)(x, positions=pos)[0][:, -1] ** 2)
 
-    grads = jax.grad(last_token_energy)(params)
+    grads = jax.jit(jax.grad(last_token_energy))(params)
     return float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))))
 
   one, four = grad_norm(1), grad_norm(4)
@@ -107,7 +107,7 @@ def test_mac_store_norm_cuts_the_segment_loop():
     for proj in (module.v_proj, module.o_proj):
       proj.kernel.value = proj.kernel.value * gain
     x, pos = random_inputs(2, SMALL["segment_len"] * 10, d_model=16, seed=1)
-    _, cache = module.decode(x, positions=pos, cache=module.init_cache(2, x.shape[1]))
+    _, cache = Jitted(module).decode(x, positions=pos, cache=module.init_cache(2, x.shape[1]))
     return float(jnp.sqrt(jnp.mean(cache["memory"]["weights"][0] ** 2)))
 
   base_scale, amplified = memory_scale(1.0, True), memory_scale(12.0, True)
