@@ -1,12 +1,14 @@
 """head_routing: every path equals reference.py, forward and gradients; the kernels really run.
 
-Gradients go through jax.vjp with a random cotangent (never `.sum()`), for q, k, v AND gates;
+Gradients go through jax.vjp with a random cotangent (never `.sum()`), for q, k, v AND gates,
+jitted with the forward pass (one compile per path and case, the reference once per case);
 the Pallas kernels run in interpret mode on CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +50,8 @@ PATHS = [("xla", False, CASES[1:2]), ("pallas_gpu", True, CASES),
 PATH_CASES = [(impl, interpret, case) for impl, interpret, cases in PATHS for case in cases]
 
 
-@pytest.mark.parametrize("impl,interpret,case", PATH_CASES,
-                         ids=[f"{i}{'-interpret' if it else ''}-{c[0]}" for i, it, c in PATH_CASES])
-def test_matches_reference(impl, interpret, case, stand_in=None):
+def _inputs(case):
+  """q, k, v, gates, segment ids and the output's random cotangent of a case."""
   name, (b, t, h, h_kv, d, bq, bk), causal, segments, density, dtype = case
   keys = jax.random.split(case_key(name), 6)
   q = jax.random.normal(keys[0], (b, t, h, d), jnp.float32).astype(dtype)
@@ -63,20 +64,43 @@ def test_matches_reference(impl, interpret, case, stand_in=None):
   elif segments:  # two segments and a padded tail (segment 0)
     seg = jnp.where(jnp.arange(t) < t // 3, 1, 2).at[t - 5:].set(0)
     seg = jnp.broadcast_to(seg.astype(jnp.int32), (b, t))
+  do = jax.random.normal(keys[4], (b, t, h, d), jnp.float32).astype(dtype)  # o's shape
+  return (q, k, v, gates), seg, do
 
-  def run(impl, interpret):
-    def f(q, k, v, gates):
-      return head_routed_attention(q, k, v, gates, causal=causal, segment_ids=seg, block_q=bq,
-                                   block_k=bk, impl=impl, interpret=interpret)
-    return jax.vjp(f, q, k, v, gates)
 
-  o_r, vjp_r = run("reference", False)
+def _output_and_grads(case, impl, interpret):
+  """o and the vjp of the random cotangent for q, k, v and gates, in one compiled program (a
+  fresh jit per call: the path is chosen where it is traced, inside any stand-in context)."""
+  _, (_, _, _, _, _, bq, bk), causal, _, _, _ = case
+  args, seg, do = _inputs(case)
+
+  def f(q, k, v, gates):
+    return head_routed_attention(q, k, v, gates, causal=causal, segment_ids=seg, block_q=bq,
+                                 block_k=bk, impl=impl, interpret=interpret)
+
+  @jax.jit
+  def run(args, do):
+    o, vjp = jax.vjp(f, *args)
+    return o, vjp(do)
+  return run(args, do)
+
+
+@functools.cache
+def _reference(case):
+  """The reference's output and gradients, computed once per case."""
+  return _output_and_grads(case, "reference", False)
+
+
+@pytest.mark.parametrize("impl,interpret,case", PATH_CASES,
+                         ids=[f"{i}{'-interpret' if it else ''}-{c[0]}" for i, it, c in PATH_CASES])
+def test_matches_reference(impl, interpret, case, stand_in=None):
+  t, dtype = case[1][1], case[-1]
+  o_r, grads_r = _reference(case)
   with stand_in or contextlib.nullcontext():
-    o, vjp = run(impl, interpret)
+    o, grads = _output_and_grads(case, impl, interpret)
   assert o.dtype == dtype
   assert_close("o", o_r, o, dtype=dtype, reduction=t)
-  do = jax.random.normal(keys[4], o.shape, jnp.float32).astype(dtype)
-  for gname, g_r, g in zip(("dq", "dk", "dv", "dgates"), vjp_r(do), vjp(do)):
+  for gname, g_r, g in zip(("dq", "dk", "dv", "dgates"), grads_r, grads):
     assert_close(gname, g_r, g, dtype=dtype, reduction=t)
 
 
@@ -142,9 +166,14 @@ def test_inactive_pairs_output_zero_and_get_no_gate_gradient():
   gates = jnp.zeros((b, t, h)).at[:, ::3, 1].set(1.0)
   f = lambda g: head_routed_attention(q, q, q, g, block_q=16, block_k=16, impl="pallas_gpu",  # noqa: E731
                                       interpret=True)
-  o, vjp = jax.vjp(f, gates)
+
+  @jax.jit  # forward and backward in one compiled program
+  def run(gates):
+    o, vjp = jax.vjp(f, gates)
+    return o, vjp(jnp.ones_like(o))
+
+  o, (dg,) = run(gates)
   assert np.all(np.asarray(o)[:, :, 0] == 0) and np.all(np.asarray(o)[:, 1::3, 1] == 0)
-  (dg,) = vjp(jnp.ones_like(o))
   assert np.all(np.asarray(dg)[np.asarray(gates) == 0] == 0)
 
 
