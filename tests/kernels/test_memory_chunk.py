@@ -43,13 +43,14 @@ def test_recurrence_is_the_papers():
   (q, k, v, theta, alpha, eta, w0, s0), _ = make_inputs("literal", 1, 6, 1, 4, 3)
   w, s = np.asarray(w0[0, 0]), np.asarray(s0[0, 0])
   want = []
+  token_grad = jax.jit(jax.grad(lambda m, kt, vt: jnp.sum((kt @ m - vt) ** 2)))
   for t in range(6):
     kt, vt = k[0, t, 0], v[0, t, 0]
-    grad = np.asarray(jax.grad(lambda m: jnp.sum((kt @ m - vt) ** 2))(jnp.asarray(w)))
+    grad = np.asarray(token_grad(jnp.asarray(w), kt, vt))
     s = float(eta[0, t, 0]) * s - float(theta[0, t, 0]) * grad
     w = (1 - float(alpha[0, t, 0])) * w + s
     want.append(np.asarray(q[0, t, 0]) @ w)
-  y, (w_t, s_t) = reference.recurrent(q, k, v, theta, alpha, eta, w0, s0)
+  y, (w_t, s_t) = jax.jit(reference.recurrent)(q, k, v, theta, alpha, eta, w0, s0)
   assert_close("y", np.stack(want), y[0, :, 0], reduction=6)
   assert_close("W_T", w, w_t[0, 0], reduction=6)
   assert_close("S_T", s, s_t[0, 0], reduction=6)
@@ -57,12 +58,13 @@ def test_recurrence_is_the_papers():
 
 def test_chunk_of_one_is_the_recurrence_and_larger_chunks_are_minibatches():
   args, seg = make_inputs("b1", 2, 19, 2, 8, 8, segments=True)
-  y_rec, state_rec = reference.recurrent(*args, seg)
-  y_one, state_one = reference.chunk_loop(*args, seg, chunk_size=1)
+  chunk_loop = jax.jit(reference.chunk_loop, static_argnames="chunk_size")
+  y_rec, state_rec = jax.jit(reference.recurrent)(*args, seg)
+  y_one, state_one = chunk_loop(*args, seg, chunk_size=1)
   assert_close("y", y_rec, y_one, reduction=19)
   assert_close("W_T", state_rec[0], state_one[0], reduction=19)
   assert_close("S_T", state_rec[1], state_one[1], reduction=19)
-  y_four, _ = reference.chunk_loop(*args, seg, chunk_size=4)
+  y_four, _ = chunk_loop(*args, seg, chunk_size=4)
   # Tokens after the first of each chunk see gradients at stale weights: different numbers.
   assert float(jnp.abs(y_four[:, 1:4] - y_rec[:, 1:4]).max()) > 1e-3
   assert_close("first token", y_rec[:, :1], y_four[:, :1], reduction=19)
@@ -72,8 +74,9 @@ def test_segments_restart_the_memory():
   """A packed second segment equals the same tokens run alone from zero state."""
   args, _ = make_inputs("seg", 1, 24, 2, 8, 8, states=False)
   seg = jnp.asarray(np.repeat([[1, 2]], 12, axis=1))
-  y, _ = memory_update(*args[:6], segment_ids=seg, chunk_size=4, impl="xla")
-  y2, _ = memory_update(*(x[:, 12:] for x in args[:6]), chunk_size=4, impl="xla")
+  update = jax.jit(functools.partial(memory_update, chunk_size=4, impl="xla"))
+  y, _ = update(*args[:6], segment_ids=seg)
+  y2, _ = update(*(x[:, 12:] for x in args[:6]))
   assert_close("segment 2", y2, y[:, 12:], reduction=24)
 
 
@@ -96,26 +99,30 @@ def _check_against_reference(case, impl, interpret, **options):
   """memory_update on `impl` (with `options`) against the reference: y, the final states and
   every gradient for one random cotangent, in the case's dtype."""
   name, dims, chunk, dtype, segments, states = case
-  (y_r, (w_r, s_r)), vjp_r, cts = _reference_case(*case)
-  (y, (w, s)), vjp = _vjp(impl, interpret, *case, **options)
+  (y_r, (w_r, s_r)), grads_r = _reference_case(*case)
+  (y, (w, s)), grads = _outputs_and_grads(impl, interpret, *case, **options)
   assert y.dtype == dtype and w.dtype == s.dtype == jnp.float32
   for label, want, got in (("y", y_r, y), ("W_T", w_r, w), ("S_T", s_r, s)):
     assert_close(label, want, got, dtype=dtype, reduction=dims[1])
   names = ["dq", "dk", "dv", "dtheta", "dalpha", "deta", "dW0", "dS0"][:6 + 2 * states]
-  for name_, g_r, g in zip(names, vjp_r(cts), vjp(cts)):
+  assert len(grads) == len(grads_r) == len(names)
+  for name_, g_r, g in zip(names, grads_r, grads):
     assert g.dtype == g_r.dtype, name_
     assert_close(name_, g_r, g, dtype=dtype, reduction=dims[1])
 
 
 @functools.lru_cache(maxsize=None)
 def _reference_case(name, dims, chunk, dtype, segments, states):
-  """The reference's outputs, VJP and random cotangents, computed once per case."""
-  out, vjp = _vjp("reference", False, name, dims, chunk, dtype, segments, states)
+  """The reference's outputs and gradients, computed once per case."""
+  return _outputs_and_grads("reference", False, name, dims, chunk, dtype, segments, states)
+
+
+def _cotangents(dims, dtype):
+  """Random cotangents of (y, (W_T, S_T)) for a case's dims."""
+  b, t, h, dk, dv = dims
   keys = jax.random.split(jax.random.key(11), 3)
-  cts = (jax.random.normal(keys[0], out[0].shape).astype(dtype),
-         (jax.random.normal(keys[1], out[1][0].shape), jax.random.normal(keys[2], out[1][1].shape)))
-  grads = vjp(cts)
-  return out, lambda _: grads, cts
+  return (jax.random.normal(keys[0], (b, t, h, dv)).astype(dtype),
+          (jax.random.normal(keys[1], (b, h, dk, dv)), jax.random.normal(keys[2], (b, h, dk, dv))))
 
 
 def test_value_blocks_split_the_columns_exactly():
@@ -207,7 +214,7 @@ def test_rematerialized_pieces_equal_one_call(impl, interpret):
   case = ("ragged-segments-states", (2, 37, 2, 16, 16), 8, jnp.float32, True, True)
   _check_against_reference(case, impl, interpret, remat_chunks=2)
   with pytest.raises(ValueError, match="remat_chunks=0 must be a whole number >= 1"):
-    _vjp(impl, interpret, *case, remat_chunks=0)
+    _outputs_and_grads(impl, interpret, *case, remat_chunks=0)
 
 
 def test_rematerialized_pieces_keep_fewer_states():
@@ -229,9 +236,10 @@ def test_rematerialized_pieces_keep_fewer_states():
   assert plain - pieces > states / 2, (plain, pieces)
 
 
-def _vjp(path, interpret, name, dims, chunk, dtype, segments, states, block_sizes=None,
-         remat_chunks=None):
-  """jax.vjp of memory_update on `path` with respect to every given input (None: no grad)."""
+def _outputs_and_grads(path, interpret, name, dims, chunk, dtype, segments, states,
+                       block_sizes=None, remat_chunks=None):
+  """memory_update on `path`: its outputs and the vjp of the case's random cotangents with
+  respect to every given input (None: no grad), in one compiled program."""
   args, seg = make_inputs(name, *dims, dtype=dtype, segments=segments, states=states)
   diff = [i for i, a in enumerate(args) if a is not None]
 
@@ -244,16 +252,20 @@ def _vjp(path, interpret, name, dims, chunk, dtype, segments, states, block_size
                          segment_ids=seg, chunk_size=chunk, impl=path, interpret=interpret,
                          block_sizes=block_sizes, remat_chunks=remat_chunks)
 
-  return jax.vjp(f, *(args[i] for i in diff))
+  @jax.jit
+  def run(xs, cts):
+    out, vjp = jax.vjp(f, *xs)
+    return out, vjp(cts)
+  return run(tuple(args[i] for i in diff), _cotangents(dims, dtype))
 
 
 def test_state_carries_across_calls():
   """Two calls chained through (W, S) equal one call, when cut at a chunk boundary."""
   args, _ = make_inputs("carry", 1, 30, 2, 16, 16)
   q, k, v, theta, alpha, eta, w0, s0 = args
-  run = lambda sl, w, s: memory_update(*(x[:, sl] for x in (q, k, v, theta, alpha, eta)),
-                                       initial_memory=w, initial_momentum=s, chunk_size=8,
-                                       impl="xla")
+  update = jax.jit(functools.partial(memory_update, chunk_size=8, impl="xla"))
+  run = lambda sl, w, s: update(*(x[:, sl] for x in (q, k, v, theta, alpha, eta)),  # noqa: E731
+                                initial_memory=w, initial_momentum=s)
   y, (w_t, s_t) = run(slice(None), w0, s0)
   y1, (w1, s1) = run(slice(0, 16), w0, s0)
   y2, (w2, s2) = run(slice(16, None), w1, s1)
@@ -294,11 +306,11 @@ def test_arguments_are_checked():
 def test_one_layer_is_the_linear_memory():
   args, seg = make_inputs("deep1", 2, 21, 2, 8, 8, segments=True)
   q, k, v, theta, alpha, eta, w0, s0 = args
-  y, (w, s) = memory_update(q, k, v, theta, alpha, eta, initial_memory=w0, initial_momentum=s0,
-                            segment_ids=seg, chunk_size=4, impl="xla")
+  y, (w, s) = jax.jit(functools.partial(memory_update, chunk_size=4, impl="xla"))(
+      q, k, v, theta, alpha, eta, initial_memory=w0, initial_momentum=s0, segment_ids=seg)
   # The linear kernel restarts new segments (here inside chunks) at zero.
-  y_d, ((w_d,), (s_d,)) = deep.chunked((w0,), (s0,), q, k, v, theta, alpha, eta, seg,
-                                       reset_to=(jnp.zeros_like(w0),), chunk_size=4)
+  y_d, ((w_d,), (s_d,)) = jax.jit(functools.partial(deep.chunked, chunk_size=4))(
+      (w0,), (s0,), q, k, v, theta, alpha, eta, seg, reset_to=(jnp.zeros_like(w0),))
   assert_close("y", y, y_d, reduction=21)
   assert_close("W_T", w, w_d, reduction=21)
   assert_close("S_T", s, s_d, reduction=21)
@@ -314,6 +326,7 @@ def test_two_layers_chunk_of_one_is_the_recurrence():
   m0 = jax.tree.map(lambda x: 0.1 * x, p0)
 
   def run(fn):
+    @jax.jit  # a compiled forward and a compiled backward
     def f(p0, k, theta):
       y, state = fn(p0, m0, q, k, v, theta, alpha, eta, seg)
       return y, state
@@ -325,7 +338,8 @@ def test_two_layers_chunk_of_one_is_the_recurrence():
   assert_trees_close("state", st_r, st_c, reduction=13)
   ct = jax.tree.map(lambda x: jax.random.normal(jax.random.key(9), x.shape), (y_r, st_r))
   assert_trees_close("grad", vjp_r(ct), vjp_c(ct), reduction=13)
-  y4, _ = deep.chunked(p0, m0, q, k, v, theta, alpha, eta, seg, chunk_size=4)
+  y4, _ = jax.jit(functools.partial(deep.chunked, chunk_size=4))(p0, m0, q, k, v, theta, alpha,
+                                                                  eta, seg)
   assert not np.allclose(np.asarray(y4), np.asarray(y_r), atol=1e-4)
 
 
@@ -340,15 +354,15 @@ def test_new_segments_restart_from_the_initial_weights():
   p0 = jax.tree.map(lambda x, kk: x + 0.2 * jax.random.normal(kk, x.shape), p_init,
                     (keys[2], keys[3]))  # a carried state that differs from the initial one
   m0 = jax.tree.map(jnp.zeros_like, p0)
-  y_r, st_r = deep.recurrent(p0, m0, q, k, v, theta, alpha, eta, seg, reset_to=p_init)
-  y_c, st_c = deep.chunked(p0, m0, q, k, v, theta, alpha, eta, seg, reset_to=p_init,
-                           chunk_size=1)
+  chunked = jax.jit(deep.chunked, static_argnames="chunk_size")
+  y_r, st_r = jax.jit(deep.recurrent)(p0, m0, q, k, v, theta, alpha, eta, seg, reset_to=p_init)
+  y_c, st_c = chunked(p0, m0, q, k, v, theta, alpha, eta, seg, reset_to=p_init, chunk_size=1)
   assert_close("y chunk 1", y_r, y_c, reduction=14)
   # Chunk 3: segments start at 4 (inside a chunk) and 9 (a chunk start); the last segment
   # equals itself run alone from p_init.
-  y3, _ = deep.chunked(p0, m0, q, k, v, theta, alpha, eta, seg, reset_to=p_init, chunk_size=3)
+  y3, _ = chunked(p0, m0, q, k, v, theta, alpha, eta, seg, reset_to=p_init, chunk_size=3)
   cut = int(np.argmax(np.asarray(seg[0]) == 5))
   assert cut % 3 == 0
-  y_alone, _ = deep.chunked(p_init, m0, *(x[:, cut:] for x in (q, k, v, theta, alpha, eta)),
-                            chunk_size=3)
+  y_alone, _ = chunked(p_init, m0, *(x[:, cut:] for x in (q, k, v, theta, alpha, eta)),
+                       chunk_size=3)
   assert_close("last segment alone", y_alone, y3[:, cut:], reduction=14)
