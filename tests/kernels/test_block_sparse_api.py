@@ -5,11 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effattn.kernels.block_sparse import (BlockSizes, block_mask_from_lists,
+from effattn.kernels import dispatch
+from effattn.kernels.block_sparse import (FAMILY, BlockSizes, block_mask_from_lists,
                                           block_sparse_attention, causal_block_mask,
                                           lists_from_block_mask)
 from effattn.kernels.block_sparse.common import transpose_lists
 from effattn.testing import kernels
+from effattn.testing.meshes import host_mesh
 
 
 def test_lists_round_trip_and_padding():
@@ -57,6 +59,7 @@ def _args(t=32, h=2, d=64):
     ({"q_segment_ids": jnp.zeros((1, 32), jnp.int32)}, "segment_ids"),
     ({"q_threshold": jnp.zeros((1, 32))}, "q_threshold"),
     ({"kv_bias": jnp.zeros((1, 3, 32))}, "kv_bias"),
+    ({"window": 0}, "window=0 must be a positive int"),
 ])
 def test_validation_names_the_argument(kwargs, match):
   q, idx, cnt = _args()
@@ -81,3 +84,19 @@ def test_wrong_list_shape():
 def test_block_sizes_power_of_two():
   with pytest.raises(ValueError, match="block_k"):
     BlockSizes(64, 48)
+
+
+def test_a_window_is_refused_where_it_has_no_path():
+  """The Mosaic GPU kernels have no window: "auto" skips them (Triton next), a forced call
+  names why; the ring (T split over mesh.sequence) refuses one."""
+  shapes = dict(head_dim=64, dtype="bfloat16", block_q=64, block_k=64)
+  mosaic = FAMILY.path("pallas_mosaic_gpu")
+  assert "no sliding window" in FAMILY.why_not(mosaic, dict(shapes, window=8))
+  assert "window" not in FAMILY.why_not(mosaic, dict(shapes, window=None))
+  q, idx, cnt = _args()
+  with pytest.raises(dispatch.PathError, match="pallas_mosaic_gpu.*window=8: this kernel"):
+    block_sparse_attention(q, q, q, idx, cnt, block_q=16, block_k=16, window=8,
+                           impl="pallas_mosaic_gpu")
+  with jax.set_mesh(host_mesh(sequence=2)):
+    with pytest.raises(ValueError, match="window=8 has no ring path"):
+      block_sparse_attention(q, q, q, idx, cnt, block_q=16, block_k=16, window=8)

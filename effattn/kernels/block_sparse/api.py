@@ -5,18 +5,21 @@
 
 Each (batch, head, query block i) visits the key blocks kv_indices[b, h, i, :kv_counts[b, h, i]]
 (build them from a dense block mask with `lists_from_block_mask`); inside visited tiles the
-element conditions of common.py apply. Paths (FAMILY, in the order "auto" tries them; the rules
-are kernels/dispatch.py's):
+element conditions of common.py apply (a sliding `window` among them). Paths (FAMILY, in the
+order "auto" tries them; the rules are kernels/dispatch.py's):
   "pallas_mosaic_gpu"  warp-specialized Mosaic GPU kernels (Hopper, compute capability 9.x;
-                bfloat16, head_dim 64 or 128, tiles 64 or 128; no interpreter): checked on an
-                H200 against reference.py and 2.3x the Triton kernels' fwd+bwd speed
-                (docs/mosaic_gpu.md); float16 stays on Triton until it is checked there;
+                bfloat16, head_dim 64 or 128, tiles 64 or 128; no window; no interpreter):
+                checked on an H200 against reference.py and 2.3x the Triton kernels' fwd+bwd
+                speed (docs/mosaic_gpu.md); float16 stays on Triton until it is checked there;
+                it has no window (with no CPU interpreter for its matmuls one could not be
+                tested here), so "auto" gives a windowed call to Triton;
   "pallas_gpu"  Triton kernels (GPU; head_dim 64 or 128; interpret=True off-device);
   "pallas_tpu"  Mosaic kernels (TPU; same limits);
   "xla"         blocked jnp, work proportional to the lists;
   "reference"   dense masked attention, the oracle.
 "pallas" is the Pallas kernel of the current backend (the Triton one off-device, interpreted).
-Pallas paths differentiate with their own backward kernels (custom_vjp).
+Pallas paths differentiate with their own backward kernels (custom_vjp). With T split over
+mesh.sequence the op runs as ring attention (context_parallel.py), which takes no window.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from effattn.kernels import context_parallel, dispatch, mesh, paths
 from effattn.kernels.block_sparse import context_parallel as ring
@@ -35,6 +39,8 @@ from effattn.kernels.block_sparse.common import Aux, BlockSizes, transpose_lists
 PALLAS_HEAD_DIMS = (64, 128)
 _HEAD_DIM = dispatch.one_of("head_dim", PALLAS_HEAD_DIMS)
 MOSAIC_TILES = (64, 128)
+_NO_WINDOW = dispatch.Limit(("window",), lambda window: "" if window is None else (
+    f"window={window}: this kernel has no sliding window (pallas_gpu and pallas_tpu have)"))
 
 
 def _hopper() -> str:
@@ -48,7 +54,7 @@ FAMILY = dispatch.Family("block_sparse", (
                   device=lambda: _hopper(),  # looked up on use (tests stand in a device)
                   limits=(_HEAD_DIM, dispatch.one_of("dtype", ("bfloat16",)),
                           dispatch.one_of("block_q", MOSAIC_TILES),
-                          dispatch.one_of("block_k", MOSAIC_TILES))),
+                          dispatch.one_of("block_k", MOSAIC_TILES), _NO_WINDOW)),
     dispatch.Path("pallas_gpu", platform="gpu", limits=(_HEAD_DIM,)),
     dispatch.Path("pallas_tpu", platform="tpu", limits=(_HEAD_DIM,)),
     dispatch.Path("xla"),
@@ -68,6 +74,15 @@ class _Static:
   interpret: bool
   platform: str  # "gpu" (Triton) | "mosaic_gpu" | "tpu"
   tuning: tuple = ()  # Triton (num_warps, num_stages) overrides as key-value pairs
+  window: int | None = None  # common.element_mask's sliding window
+
+
+def _options(st: _Static) -> dict:
+  """Keyword arguments of the backend's forward / backward besides the shared ones."""
+  kw = dict(st.tuning)
+  if st.window is not None:  # only then: the Mosaic GPU kernels take none (FAMILY refuses it)
+    kw["window"] = st.window
+  return kw
 
 
 def _vec(x, name: str, b: int, n: int, heads: tuple[int, ...], dtype):
@@ -102,7 +117,7 @@ def _kernel_module(platform: str):
 def _pallas(q, k, v, kv_indices, kv_counts, aux, st: _Static):
   return _kernel_module(st.platform).forward(
       q, k, v, kv_indices, kv_counts, aux, causal=st.causal, scale=st.scale,
-      block_q=st.block_q, block_k=st.block_k, interpret=st.interpret, **dict(st.tuning))
+      block_q=st.block_q, block_k=st.block_k, interpret=st.interpret, **_options(st))
 
 
 def _pallas_fwd(q, k, v, kv_indices, kv_counts, aux, st):
@@ -120,7 +135,7 @@ def _pallas_bwd(st, res, cotangents):
   dq, dk, dv, dbias = _kernel_module(st.platform).backward(
       q, k, v, lse, do.astype(q.dtype), delta, kv_indices, kv_counts, q_indices, q_counts, aux,
       causal=st.causal, scale=st.scale, block_q=st.block_q, block_k=st.block_k,
-      interpret=st.interpret, **dict(st.tuning))
+      interpret=st.interpret, **_options(st))
   d_aux = Aux(*(None for _ in Aux._fields))
   if aux.kv_bias is not None:
     want = aux.kv_bias.shape
@@ -152,6 +167,7 @@ def block_sparse_attention(
     kv_bias: jax.Array | None = None,
     q_threshold: jax.Array | None = None,
     q_threshold_pos: jax.Array | None = None,
+    window: int | None = None,
     scale: float | None = None,
     impl: str = "auto",
     interpret: bool = False,
@@ -171,6 +187,10 @@ def block_sparse_attention(
     kv_bias: additive score bias per key [B, S] or [B', 1 or H_kv, S]; gets a gradient.
     q_threshold / q_threshold_pos: per query [B', 1 | H_kv | H, T]; keep key j only when
       (kv_bias[j], -kv_pos[j]) >= (q_threshold[i], -q_threshold_pos[i]) (top-w by bias).
+    window: static sliding window: keep key j only when q_pos[i] - kv_pos[j] < window (by
+      positions; one-sided, so with causal=False later keys stay). The lists should hold the
+      band (common.causal_block_mask(..., window=)): the window masks elements, it does not
+      skip tiles. None: no condition and no extra work.
     scale: score scale, default D ** -0.5.
     impl: "auto" | "pallas" | a path of FAMILY (kernels/dispatch.py has the rules).
     interpret: run Pallas kernels in interpret mode (CPU tests).
@@ -199,6 +219,11 @@ def block_sparse_attention(
   if (q_threshold is None) != (q_threshold_pos is None) or (
       q_threshold is not None and kv_bias is None):
     raise ValueError("q_threshold and q_threshold_pos go together and need kv_bias")
+  if window is not None:
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+      raise ValueError(f"window={window!r} must be a positive int (keys with q_pos - kv_pos < "
+                       "window) or None")
+    window = int(window)
   q_heads, kv_heads = (1, h_kv, h), (1, h_kv)
   aux = Aux(
       q_pos=_vec(q_positions, "q_positions", b, t, q_heads, jnp.int32),
@@ -215,6 +240,9 @@ def block_sparse_attention(
   kv_indices, kv_counts = kv_indices.astype(jnp.int32), kv_counts.astype(jnp.int32)
   n = context_parallel.sequence_size()
   if n > 1:  # T split over mesh.sequence: ring attention, this op per device and ring step
+    if window is not None:
+      raise ValueError(f"block_sparse context-parallel (mesh.sequence={n}): window={window} has "
+                       "no ring path; set mesh.sequence=1 or window=None")
     paths.log_path_once("block_sparse", "ring", f"mesh.sequence={n}, {impl} per ring step")
     attend = functools.partial(block_sparse_attention, num_warps=num_warps,
                                num_stages=num_stages)
@@ -222,10 +250,11 @@ def block_sparse_attention(
                                scale=scale, block_q=block_q, block_k=block_k, impl=impl,
                                interpret=interpret)
   path, interpret = FAMILY.choose(impl, interpret=interpret, head_dim=d, dtype=q.dtype.name,
-                                  block_q=block_q, block_k=block_k)
+                                  block_q=block_q, block_k=block_k, window=window)
   if path == "reference":
     return reference.block_sparse_attention(q, k, v, kv_indices, kv_counts, aux, causal=causal,
-                                            scale=scale, block_q=block_q, block_k=block_k)
+                                            scale=scale, block_q=block_q, block_k=block_k,
+                                            window=window)
 
   # Pad ragged lengths to whole tiles; padded rows get segment ids that match nothing.
   t_pad, s_pad = n_q * block_q, n_k * block_k
@@ -247,13 +276,14 @@ def block_sparse_attention(
     v = _pad_axis(v, 1, s_pad, 0)
   if path == "xla":
     o, lse = xla.block_sparse_attention(q, k, v, kv_indices, kv_counts, aux, causal=causal,
-                                        scale=scale, block_q=block_q, block_k=block_k)
+                                        scale=scale, block_q=block_q, block_k=block_k,
+                                        window=window)
   else:
     platform = path.removeprefix("pallas_")
     tuning = tuple((n, x) for n, x in (("num_warps", num_warps), ("num_stages", num_stages))
                    if x is not None and platform in ("gpu", "mosaic_gpu"))
     st = _Static(causal=causal, scale=scale, block_q=sizes.block_q, block_k=sizes.block_k,
-                 interpret=interpret, platform=platform, tuning=tuning)
+                 interpret=interpret, platform=platform, tuning=tuning, window=window)
     kernel = mesh.on_mesh("block_sparse", path, lambda *a: _pallas(*a, st), *_LAYOUTS)
     o, lse = kernel(q, k, v, kv_indices, kv_counts, aux)
 

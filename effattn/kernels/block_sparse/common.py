@@ -5,6 +5,8 @@ The op (see api.py) visits, for each (batch, head, query block), only the key bl
 kept when every given condition holds:
 
   causal:    kv_pos[j] <= q_pos[i]
+  window:    q_pos[i] - kv_pos[j] < window (a static int; a sliding window over positions, so
+             it composes with given positions; one-sided: with causal=False later keys stay)
   segments:  q_seg[i] == kv_seg[j]
   threshold: (kv_bias[j], -kv_pos[j]) >= (q_thr[i], -q_thr_pos[i]) lexicographically, i.e. key j
              ranks at or above the query's threshold key in a top-w by bias with ties broken
@@ -82,10 +84,12 @@ def _as_cols(x):
 
 
 def element_mask(*, causal: bool, q_pos, kv_pos, q_seg=None, kv_seg=None, kv_bias=None,
-                 q_thr=None, q_thr_pos=None, rows=_as_rows, cols=_as_cols):
+                 q_thr=None, q_thr_pos=None, window: int | None = None, rows=_as_rows,
+                 cols=_as_cols):
   """Boolean [..., Tq, Tk] keep-mask from per-query [..., Tq] and per-key [..., Tk] vectors.
 
-  Returns None when nothing is masked. Arguments left None impose no condition. `rows` /
+  Returns None when nothing is masked. Arguments left None impose no condition (window is
+  static: None adds no operation). `rows` /
   `cols` place a per-query / per-key vector on the tile (a kernel whose registers cannot be
   indexed with None passes vectors already broadcast to the tile and identity functions).
   """
@@ -96,6 +100,8 @@ def element_mask(*, causal: bool, q_pos, kv_pos, q_seg=None, kv_seg=None, kv_bia
 
   if causal:
     mask = both(mask, cols(kv_pos) <= rows(q_pos))
+  if window is not None:
+    mask = both(mask, rows(q_pos) - cols(kv_pos) < window)
   if q_seg is not None:
     mask = both(mask, rows(q_seg) == cols(kv_seg))
   if q_thr is not None:
@@ -160,7 +166,7 @@ def causal_block_mask(num_q_blocks: int, num_k_blocks: int, block_q: int, block_
 
 
 def tile_scores(q, k, *, scale: float, causal: bool, q_pos, kv_pos, q_seg=None, kv_seg=None,
-                kv_bias=None, q_thr=None, q_thr_pos=None):
+                kv_bias=None, q_thr=None, q_thr_pos=None, window: int | None = None):
   """Masked scores of one tile in log2 units: q [bq, D], k [bk, D] -> ([bq, bk], mask or None).
 
   Kernels work in base 2 (exp2 is the native instruction); lse is converted back at the edges.
@@ -169,7 +175,7 @@ def tile_scores(q, k, *, scale: float, causal: bool, q_pos, kv_pos, q_seg=None, 
   if kv_bias is not None:
     s = s + kv_bias[None, :] * LOG2E
   mask = element_mask(causal=causal, q_pos=q_pos, kv_pos=kv_pos, q_seg=q_seg, kv_seg=kv_seg,
-                      kv_bias=kv_bias, q_thr=q_thr, q_thr_pos=q_thr_pos)
+                      kv_bias=kv_bias, q_thr=q_thr, q_thr_pos=q_thr_pos, window=window)
   if mask is not None:
     s = jnp.where(mask, s, MASK_VALUE)
   return s, mask

@@ -58,7 +58,7 @@ def _present(aux: Aux, names) -> tuple[str, ...]:
 
 
 def _scores_in_kernel(q, k, refs, q_sl, kv_sl, q_start, kv_start, *, block_q, block_k, scale,
-                      causal, q_names, kv_names):
+                      causal, q_names, kv_names, window=None):
   """Scores of the tile (q rows q_sl, k rows kv_sl) with every present mask vector."""
   qv = {n: refs[n][q_sl] for n in q_names}
   kv = {n: refs[n][kv_sl] for n in kv_names}
@@ -68,10 +68,11 @@ def _scores_in_kernel(q, k, refs, q_sl, kv_sl, q_start, kv_start, *, block_q, bl
     q_pos = q_start + jnp.arange(block_q, dtype=jnp.int32)
   if kv_pos is None:
     kv_pos = kv_start + jnp.arange(block_k, dtype=jnp.int32)
-  return tile_scores(q, k, scale=scale, causal=causal, q_pos=q_pos, kv_pos=kv_pos, **qv, **kv)
+  return tile_scores(q, k, scale=scale, causal=causal, q_pos=q_pos, kv_pos=kv_pos, window=window,
+                     **qv, **kv)
 
 
-def _fwd_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, block_k):
+def _fwd_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, block_k, window):
   r = dict(zip(names, refs))
   o_ref, lse_ref = refs[len(names):]
   i = pl.program_id(0)
@@ -85,7 +86,7 @@ def _fwd_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, block_k
     k, v = r["k"][kv_sl, :], r["v"][kv_sl, :]
     s, mask = _scores_in_kernel(q, k, r, q_sl, kv_sl, i * block_q, kv_start, block_q=block_q,
                                 block_k=block_k, scale=scale, causal=causal, q_names=q_names,
-                                kv_names=kv_names)
+                                kv_names=kv_names, window=window)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
@@ -104,7 +105,7 @@ def _fwd_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, block_k
   lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
 
 
-def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, block_k):
+def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, block_k, window):
   r = dict(zip(names, refs))
   (dq_ref,) = refs[len(names):]
   i = pl.program_id(0)
@@ -119,7 +120,7 @@ def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, block_k)
     k, v = r["k"][kv_sl, :], r["v"][kv_sl, :]
     s, mask = _scores_in_kernel(q, k, r, q_sl, kv_sl, i * block_q, kv_start, block_q=block_q,
                                 block_k=block_k, scale=scale, causal=causal, q_names=q_names,
-                                kv_names=kv_names)
+                                kv_names=kv_names, window=window)
     p = jnp.exp2(s - lse2[:, None])
     if mask is not None:
       p = jnp.where(mask, p, 0.0)
@@ -131,7 +132,7 @@ def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, block_k)
 
 
 def _dkv_kernel(*refs, names, q_names, kv_names, group, causal, scale, block_q, block_k,
-                has_bias):
+                has_bias, window):
   r = dict(zip(names, refs))
   outs = refs[len(names):]
   dk_ref, dv_ref = outs[0], outs[1]
@@ -153,7 +154,7 @@ def _dkv_kernel(*refs, names, q_names, kv_names, group, causal, scale, block_q, 
       q, do = rg["q"][q_sl, :], rg["do"][q_sl, :]
       s, mask = _scores_in_kernel(q, k, rg, q_sl, kv_sl, q_start, kv_start, block_q=block_q,
                                   block_k=block_k, scale=scale, causal=causal,
-                                  q_names=q_names, kv_names=kv_names)
+                                  q_names=q_names, kv_names=kv_names, window=window)
       p = jnp.exp2(s - (rg["lse"][q_sl] / LN2)[:, None])
       if mask is not None:
         p = jnp.where(mask, p, 0.0)
@@ -173,8 +174,8 @@ def _dkv_kernel(*refs, names, q_names, kv_names, group, causal, scale, block_q, 
 
 def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: float,
             block_q: int, block_k: int, interpret: bool = False, num_warps: int | None = None,
-            num_stages: int = 2):
-  """o [B, T, H, D], lse [B, H, T] float32 (natural log)."""
+            num_stages: int = 2, window: int | None = None):
+  """o [B, T, H, D], lse [B, H, T] float32 (natural log). window: common.element_mask's."""
   b, t, h, d = q.shape
   s_len, h_kv = k.shape[1], k.shape[2]
   group = h // h_kv
@@ -205,7 +206,8 @@ def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: fl
     args[n] = x
   names = tuple(args)
   kernel = functools.partial(_fwd_kernel, names=names, q_names=q_names, kv_names=kv_names,
-                             causal=causal, scale=scale, block_q=block_q, block_k=block_k)
+                             causal=causal, scale=scale, block_q=block_q, block_k=block_k,
+                             window=window)
   return pl.pallas_call(
       kernel,
       grid=(t // block_q, b, h),
@@ -222,7 +224,7 @@ def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: fl
 
 def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts, aux: Aux, *,
              causal: bool, scale: float, block_q: int, block_k: int, interpret: bool = False,
-             num_warps: int | None = None, num_stages: int = 2):
+             num_warps: int | None = None, num_stages: int = 2, window: int | None = None):
   """dq [B, T, H, D], dk / dv [B, S, H_kv, D], dbias [B, H_kv, S] float32 or None.
 
   delta [B, H, T] = rowsum(o * do) - dlse; q_indices / q_counts are the transposed lists
@@ -265,7 +267,8 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
   names = tuple(args)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, names=names, q_names=q_names, kv_names=kv_names,
-                        causal=causal, scale=scale, block_q=block_q, block_k=block_k),
+                        causal=causal, scale=scale, block_q=block_q, block_k=block_k,
+                        window=window),
       grid=(t // block_q, b, h),
       in_specs=[specs[n] for n in names],
       out_specs=pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
@@ -320,7 +323,7 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
   outs = pl.pallas_call(
       functools.partial(_dkv_kernel, names=names, q_names=q_names, kv_names=kv_names,
                         group=group, causal=causal, scale=scale, block_q=block_q,
-                        block_k=block_k, has_bias=has_bias),
+                        block_k=block_k, has_bias=has_bias, window=window),
       grid=(s_len // block_k, b, h_kv),
       in_specs=[specs[n] for n in names],
       out_specs=out_specs,

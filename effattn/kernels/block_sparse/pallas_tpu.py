@@ -44,11 +44,13 @@ def _present(aux: Aux, names):
   return tuple(n for n in names if getattr(aux, n) is not None)
 
 
-def _tile(r, q, k, q_start, kv_start, *, block_q, block_k, scale, causal, q_names, kv_names):
+def _tile(r, q, k, q_start, kv_start, *, block_q, block_k, scale, causal, q_names, kv_names,
+          window=None):
   vecs = {n: r[n][0] for n in q_names + kv_names}  # [1, N] blocks -> [N]
   q_pos = vecs.pop("q_pos", q_start + jnp.arange(block_q, dtype=jnp.int32))
   kv_pos = vecs.pop("kv_pos", kv_start + jnp.arange(block_k, dtype=jnp.int32))
-  return tile_scores(q, k, scale=scale, causal=causal, q_pos=q_pos, kv_pos=kv_pos, **vecs)
+  return tile_scores(q, k, scale=scale, causal=causal, q_pos=q_pos, kv_pos=kv_pos, window=window,
+                     **vecs)
 
 
 def _list_indexer(indices):
@@ -62,8 +64,8 @@ def _list_indexer(indices):
 
 
 def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: float,
-            block_q: int, block_k: int, interpret: bool = False):
-  """o [B, T, H, D], lse [B, H, T] float32 (natural log)."""
+            block_q: int, block_k: int, interpret: bool = False, window: int | None = None):
+  """o [B, T, H, D], lse [B, H, T] float32 (natural log). window: common.element_mask's."""
   b, t, h, d = q.shape
   s_len, h_kv = k.shape[1], k.shape[2]
   group = h // h_kv
@@ -110,7 +112,7 @@ def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: fl
       kv_start = at(idx_ref, bi, hi, i, j) * block_k
       s, mask = _tile(r, r["q"][...], r["k"][...], i * block_q, kv_start, block_q=block_q,
                       block_k=block_k, scale=scale, causal=causal, q_names=q_names,
-                      kv_names=kv_names)
+                      kv_names=kv_names, window=window)
       m_prev = m_sc[...][:, 0]
       m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
       alpha = jnp.exp2(m_prev - m_new)
@@ -156,7 +158,7 @@ def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: fl
 
 
 def _dq(q, k, v, lse, do, delta, kv_indices, kv_counts, aux, *, causal, scale, block_q, block_k,
-        interpret):
+        interpret, window):
   b, h, t, d = q.shape
   h_kv = k.shape[1]
   group = h // h_kv
@@ -204,7 +206,7 @@ def _dq(q, k, v, lse, do, delta, kv_indices, kv_counts, aux, *, causal, scale, b
       k_tile = r["k"][...]
       s, mask = _tile(r, r["q"][...], k_tile, i * block_q, kv_start, block_q=block_q,
                       block_k=block_k, scale=scale, causal=causal, q_names=q_names,
-                      kv_names=kv_names)
+                      kv_names=kv_names, window=window)
       p = jnp.exp2(s - (r["lse"][0] / LN2)[:, None])
       if mask is not None:
         p = jnp.where(mask, p, 0.0)
@@ -231,7 +233,7 @@ def _dq(q, k, v, lse, do, delta, kv_indices, kv_counts, aux, *, causal, scale, b
 
 
 def _dkv(q, k, v, lse, do, delta, q_indices, q_counts, aux, *, causal, scale, block_q, block_k,
-         interpret):
+         interpret, window):
   """Per query head: dk, dv [B, H, S, D] float32 and dbias [B, H, 1, S] float32 (or None)."""
   b, h, t, d = q.shape
   s_len, h_kv = k.shape[2], k.shape[1]
@@ -288,7 +290,7 @@ def _dkv(q, k, v, lse, do, delta, q_indices, q_counts, aux, *, causal, scale, bl
       q_tile, do = r["q"][...], r["do"][...]
       s, mask = _tile(r, q_tile, r["k"][...], q_start, j * block_k, block_q=block_q,
                       block_k=block_k, scale=scale, causal=causal, q_names=q_names,
-                      kv_names=kv_names)
+                      kv_names=kv_names, window=window)
       p = jnp.exp2(s - (r["lse"][0] / LN2)[:, None])
       if mask is not None:
         p = jnp.where(mask, p, 0.0)
@@ -329,13 +331,15 @@ def _dkv(q, k, v, lse, do, delta, q_indices, q_counts, aux, *, causal, scale, bl
 
 
 def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts, aux: Aux, *,
-             causal: bool, scale: float, block_q: int, block_k: int, interpret: bool = False):
+             causal: bool, scale: float, block_q: int, block_k: int, interpret: bool = False,
+             window: int | None = None):
   """Same contract as pallas_gpu.backward."""
   b, t, h, d = q.shape
   s_len, h_kv = k.shape[1], k.shape[2]
   group = h // h_kv
   qt, kt, vt, dot_ = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))
-  kw = dict(causal=causal, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret)
+  kw = dict(causal=causal, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret,
+            window=window)
   dq = _dq(qt, kt, vt, lse, dot_, delta, kv_indices, kv_counts, aux, **kw)
   dk, dv, dbias = _dkv(qt, kt, vt, lse, dot_, delta, q_indices, q_counts, aux, **kw)
   # Sum the per-query-head key gradients over each GQA group.

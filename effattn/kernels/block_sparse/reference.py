@@ -24,7 +24,7 @@ def per_query_head(x, num_heads: int):
 
 
 def dense_mask(kv_indices, kv_counts, aux, *, causal: bool, num_heads: int, q_len: int,
-               kv_len: int, block_q: int, block_k: int):
+               kv_len: int, block_q: int, block_k: int, window: int | None = None):
   """Bool [B', H', T, S] keep-mask: visited blocks AND the element conditions."""
   n_k = -(-kv_len // block_k)
   blocks = block_mask_from_lists(kv_indices, kv_counts, n_k)
@@ -37,17 +37,17 @@ def dense_mask(kv_indices, kv_counts, aux, *, causal: bool, num_heads: int, q_le
   kv_pos = kv["kv_pos"] if kv["kv_pos"] is not None else jnp.arange(kv_len)[None, None]
   elem = element_mask(causal=causal, q_pos=q_pos, kv_pos=kv_pos, q_seg=q["q_seg"],
                       kv_seg=kv["kv_seg"], kv_bias=kv["kv_bias"], q_thr=q["q_thr"],
-                      q_thr_pos=q["q_thr_pos"])
+                      q_thr_pos=q["q_thr_pos"], window=window)
   return mask if elem is None else mask & elem
 
 
 def block_sparse_attention(q, k, v, kv_indices, kv_counts, aux, *, causal: bool, scale: float,
-                           block_q: int, block_k: int):
+                           block_q: int, block_k: int, window: int | None = None):
   """Dense masked softmax attention; see the module docstring for shapes."""
   b, t, h, d = q.shape
   s_len, h_kv = k.shape[1], k.shape[2]
   mask = dense_mask(kv_indices, kv_counts, aux, causal=causal, num_heads=h, q_len=t,
-                    kv_len=s_len, block_q=block_q, block_k=block_k)
+                    kv_len=s_len, block_q=block_q, block_k=block_k, window=window)
   qg = q.reshape(b, t, h_kv, h // h_kv, d).astype(jnp.float32)
   s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32),
                  precision=jax.lax.Precision.HIGHEST).reshape(b, h, t, s_len) * scale

@@ -22,7 +22,7 @@ def _per_head(x, b: int, h: int):
 
 
 def block_sparse_attention(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool,
-                           scale: float, block_q: int, block_k: int):
+                           scale: float, block_q: int, block_k: int, window: int | None = None):
   """Same contract as reference.block_sparse_attention, lengths padded to the block sizes."""
   b, t, h, d = q.shape
   s_len, h_kv = k.shape[1], k.shape[2]
@@ -59,7 +59,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: 
       s = s + kv["kv_bias"][:, :, None, :].astype(jnp.float32)
     slot_ok = (jnp.arange(n_slots) < cnt[:, :, i, None])  # [B, H, K]
     mask = jnp.repeat(slot_ok, block_k, axis=-1)[:, :, None, :]
-    elem = element_mask(causal=causal, **qv, **kv)
+    elem = element_mask(causal=causal, window=window, **qv, **kv)
     mask = mask if elem is None else mask & elem
     mask = jnp.broadcast_to(mask, s.shape)
     s = jnp.where(mask, s, MASK_VALUE)
