@@ -1,13 +1,18 @@
-"""Attention with persistent keys (kernels/softmax/persistent.py): the query-chunked path and
-the cuDNN layout (checked through XLA, which computes the same masked softmax) equal the dense
-oracle, forward and every gradient; the layout flags rows it cannot hold; memory is flat in T."""
+"""Attention with persistent keys (kernels/softmax/persistent.py): the query-chunked path, the
+cuDNN layout (checked through XLA, which computes the same masked softmax) and the windowed
+block_sparse path (its Triton kernels interpreted) equal the dense oracle, forward and every
+gradient; the layout flags rows it cannot hold; memory is flat in T; "auto" gives a window to
+the block-sparse kernels where one runs."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from effattn.kernels import dispatch
 from effattn.kernels.softmax import persistent
+from effattn.testing import assert_close
+from effattn.testing.kernels import assert_kernels_ran
 
 
 def _inputs(t=37, b=2, h=4, h_kv=2, d=16, n_p=3, seed=0):
@@ -64,6 +69,65 @@ def test_layout_puts_each_segment_behind_its_copy():
   np.testing.assert_array_equal(np.asarray(tok_slot[0]), [2, 3, 4, 7, 8])
   np.testing.assert_array_equal(np.asarray(src[0, :9]), [5, 6, 0, 1, 2, 5, 6, 3, 4])
   np.testing.assert_array_equal(np.asarray(seg[0]), [7, 7, 7, 7, 7, 9, 9, 9, 9, 10, 10])
+
+
+BAND_CASES = [
+    # name, T, dtype, segments, window, N_p. T = 150: three 64-token tiles, the last ragged.
+    ("f32-segments-w5-np4", 150, jnp.float32, True, 5, 4),  # a window under a tile
+    ("f32-w70-np0", 150, jnp.float32, False, 70, 0),  # across tiles, not a multiple of one
+    ("bf16-segments-w200-np4", 150, jnp.bfloat16, True, 200, 4),  # longer than T
+    ("bf16-w1-np4", 40, jnp.bfloat16, False, 1, 4),  # only itself and the persistent keys
+]
+
+
+@pytest.mark.parametrize("name,t,dtype,segments,window,n_p", BAND_CASES,
+                         ids=[c[0] for c in BAND_CASES])
+def test_block_sparse_path_matches_dense_oracle(name, t, dtype, segments, window, n_p):
+  """persistent_attention's block_sparse path (the Triton kernels in the interpreter, GQA,
+  head_dim 64) against the dense oracle: o and the gradients of q, k, v and both persistent
+  tensors, with packed segments and padding or none."""
+  q, k, v, pk, pv, do = (x.astype(dtype) for x in _inputs(t=t, d=64, n_p=n_p, seed=len(name)))
+  seg = None
+  if segments:
+    seg = np.ones((2, t), np.int32)
+    seg[0, 50:] = 2
+    seg[0, 120:] = 0  # padding at the end of row 0
+    seg[1, 70:] = 5  # a segment starting inside a tile
+    seg = jnp.asarray(seg)
+
+  def pair(q, k, v, pk, pv, do):
+    ref = lambda *a: persistent.reference(*a, segment_ids=seg, window=window)  # noqa: E731
+    path = lambda *a: persistent.persistent_attention(  # noqa: E731
+        *a, segment_ids=seg, window=window, impl="pallas_gpu", interpret=True)
+    return (_fwd_and_grads(ref, q, k, v, pk, pv, do),
+            _fwd_and_grads(path, q, k, v, pk, pv, do))
+
+  want, got = jax.jit(pair)(q, k, v, pk, pv, do)
+  reduction = n_p + min(window, t)
+  for gname, w, g in zip(("o", "dq", "dk", "dv", "dpk", "dpv"), want, got):
+    assert_close(gname, w, g, dtype=dtype, reduction=t if gname[1:] in ("k", "v", "pk", "pv")
+                 else reduction)
+
+
+def test_auto_gives_a_window_to_the_block_sparse_kernels():
+  """Where the Triton kernels run (standing in for a GPU here) "auto" takes the block_sparse
+  path for a windowed call; at a head_dim they do not take, or on the CPU, the chunked one."""
+  q, k, v, pk, pv, _ = _inputs(t=32, d=64, n_p=2)
+  attend = lambda q, k, v, window: persistent.persistent_attention(  # noqa: E731
+      q, k, v, pk, pv, window=window)
+  with dispatch.interpret_kernels("gpu"):
+    assert_kernels_ran({"block_sparse_fwd"}, lambda q: attend(q, k, v, 8), q)
+    assert not persistent._band_kernel(q, 8)
+    assert "head_dim=16" in persistent._band_kernel(q[..., :16], 8)
+  assert "backend is cpu" in persistent._band_kernel(q, 8)
+
+
+def test_band_lists_hold_the_band_only():
+  idx, cnt = persistent.band_lists(256, 64, 70)  # query block 3 (192..255) needs keys >= 123
+  assert idx.shape == (1, 1, 4, 4)
+  np.testing.assert_array_equal(np.asarray(cnt[0, 0]), [1, 2, 3, 3])
+  np.testing.assert_array_equal(np.asarray(idx[0, 0, 3, :3]), [1, 2, 3])
+  assert persistent.band_lists(256, 64, 1)[0].shape[-1] == 1  # the diagonal block alone
 
 
 def test_forced_cudnn_with_a_window_is_refused():

@@ -5,14 +5,25 @@
 Query i attends to the N_p persistent key/value pairs (Titans' persistent memory) and to the
 keys j <= i of its own segment (within the sliding window when one is given), one softmax over
 both. The dense form (a [T, N_p + T] mask, `reference`) is the oracle. Paths, chosen by the
-softmax family's rule (api.FAMILY) on the shapes of the call:
+softmax family's rule (api.FAMILY) on the shapes of the call, except for windowed calls:
 
   "cudnn"      the persistent pairs laid in front of each segment as N_p extra tokens (zero
                queries whose outputs are dropped), so a plain causal cuDNN call over
                T + N_p * M tokens (packed layout, M = max_segments - 1 segments) computes
                exactly the persistent + causal softmax. Rows with more segments, or a segment
                id recurring after another, take "xla" through lax.cond. A window would cut the
-               persistent tokens off, so windowed calls take "xla" (logged);
+               persistent tokens off, so a windowed call takes "block_sparse" (logged);
+  "block_sparse"  (`banded`) the sequence keys through the block-sparse op (block_sparse/
+               api.py) over the band's key-block lists (tiles of 64 tokens, fewer for a short
+               T): causal, segments by id and the window are its element conditions, and it
+               returns its log-sum-exp; the persistent pairs in XLA (each query over N_p keys);
+               the two partial softmaxes merged exactly by log-sum-exp (block_sparse/
+               context_parallel.merge). Work O(T * (window + tile)), no [T, T] array, the
+               op's own backward kernels. "auto" takes it for a windowed call where a GPU
+               kernel of the op takes the shapes (the Triton one: head_dim 64 or 128; on a
+               GPU, or under dispatch.interpret_kernels("gpu")), else "xla" (logged, with
+               why); impl "pallas" or a block-sparse Pallas path (e.g. "pallas_gpu", with
+               interpret=True off the GPU) forces it, with or without a window;
   "xla"        `chunk` queries at a time over [persistent || the keys they can see] (the band
                of window + chunk keys with a window), scores recomputed in the backward pass:
                O(chunk * T) memory, O(T * (chunk + window)) work with a window;
@@ -31,14 +42,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from effattn.kernels import context_parallel, dispatch
-from effattn.kernels.block_sparse import block_sparse_attention
+from effattn.kernels.block_sparse import FAMILY as BLOCK_SPARSE
+from effattn.kernels.block_sparse import block_sparse_attention, block_size_for, causal_block_mask
 from effattn.kernels.block_sparse import context_parallel as ring
+from effattn.kernels.block_sparse.common import lists_from_block_mask, pad_lists
 from effattn.kernels.paths import log_path_once
 from effattn.kernels.softmax import api
 from effattn.kernels.softmax.common import attention_mask, sequence_index
 from effattn.kernels.softmax.reference import reference_attention
 
 OP = "softmax_persistent"
+BAND_TILE = 64  # the block_sparse path's tile (the Triton kernels' default)
+# impl words that force the block_sparse path: the block-sparse op's Pallas kernels.
+BLOCK_SPARSE_IMPLS = (dispatch.PALLAS,) + tuple(p.name for p in BLOCK_SPARSE.paths
+                                                if p.is_pallas)
 
 
 def _with_persistent(q, k, v, persistent_k, persistent_v):
@@ -114,6 +131,57 @@ def _over_persistent(q, persistent_k, persistent_v, scale):
   s = jnp.einsum("bthd,nhd->bhtn", q.astype(jnp.float32), pk) * scale
   lse = jax.nn.logsumexp(s, axis=-1)
   return jnp.einsum("bhtn,nhd->bthd", jnp.exp(s - lse[..., None]), pv), lse
+
+
+def band_lists(t: int, tile: int, window: int | None):
+  """The key-block lists [1, 1, nQ, K] / [1, 1, nQ] of causal attention within `window`.
+
+  A band row holds at most ceil((window + tile - 1) / tile) blocks, so K is trimmed to that
+  (rounded up to a power of two): each kernel program loads its row's K slots.
+  """
+  n = -(-t // tile)
+  idx, cnt = lists_from_block_mask(causal_block_mask(n, n, tile, tile, window=window)[None, None])
+  if window is None:
+    return idx, cnt
+  return pad_lists(idx[..., :min(n, -(-(window + tile - 1) // tile))], cnt)
+
+
+def banded(q, k, v, persistent_k, persistent_v, *, segment_ids=None, window=None, scale=None,
+           impl: str = "auto", interpret: bool = False, tile: int = BAND_TILE):
+  """The block_sparse path (module docstring): the sequence keys through the block-sparse op
+  over the band's lists, the persistent pairs in XLA, merged by log-sum-exp.
+
+  impl / interpret: the block-sparse op's. Returns o [B, T, H, D] in q's dtype.
+  """
+  t, d = q.shape[1], q.shape[3]
+  scale = d ** -0.5 if scale is None else scale
+  tile = block_size_for(t, tile)
+  idx, cnt = band_lists(t, tile, window)
+  o, lse = block_sparse_attention(q, k.astype(q.dtype), v.astype(q.dtype), idx, cnt,
+                                  block_q=tile, block_k=tile, causal=True,
+                                  q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                  window=window, scale=scale, impl=impl, interpret=interpret)
+  if persistent_k.shape[0] == 0:
+    return o
+  o_p, lse_p = _over_persistent(q, persistent_k, persistent_v, scale)
+  o, _ = ring.merge(o_p, lse_p, o, lse)  # every query sees itself: lse is finite
+  return o.astype(q.dtype)
+
+
+def _band_kernel(q, window) -> str:
+  """"" when a GPU Pallas kernel of the block-sparse op takes a windowed call of q's shapes
+  here (a GPU, or dispatch.interpret_kernels("gpu")), else why not."""
+  tile = block_size_for(q.shape[1], BAND_TILE)
+  shapes = dict(head_dim=q.shape[-1], dtype=np.dtype(q.dtype).name, block_q=tile, block_k=tile,
+                window=window)
+  reasons = []
+  for path in BLOCK_SPARSE.paths:
+    if path.is_pallas and path.platform == "gpu":
+      why = BLOCK_SPARSE.why_not(path, shapes)
+      if not why:
+        return ""
+      reasons.append(f"{path.name}: {why}")
+  return "; ".join(reasons)
 
 
 def _context_parallel(q, k, v, persistent_k, persistent_v, *, segment_ids, window, scale,
@@ -199,7 +267,7 @@ def laid_out(q, k, v, persistent_k, persistent_v, *, segment_ids=None, scale=Non
 
 def persistent_attention(q, k, v, persistent_k, persistent_v, *, segment_ids=None, window=None,
                          scale=None, impl: str = "auto", chunk: int = 512,
-                         max_segments: int = 16):
+                         max_segments: int = 16, interpret: bool = False):
   """Causal softmax attention of q over [persistent || k] (module docstring).
 
   Args:
@@ -207,8 +275,10 @@ def persistent_attention(q, k, v, persistent_k, persistent_v, *, segment_ids=Non
     persistent_k, persistent_v: [N_p, H_kv, D], seen by every query.
     segment_ids: [B, T] packed sequences (keys of the query's segment only), or None.
     window: sliding window over the sequence keys (q - k < window); None: all earlier keys.
-    impl: "auto" | "cudnn" | "xla" | "reference" (the softmax family's words).
+    impl: "auto" | "cudnn" | "xla" | "reference" (the softmax family's words), or "pallas" |
+      a block-sparse Pallas path ("pallas_gpu", ...) for the block_sparse path.
     chunk: queries per step of the xla path. max_segments: runs per row of the cuDNN layout.
+    interpret: run the block_sparse path's Pallas kernels in interpret mode (CPU tests).
 
   Returns:
     o [B, T, H, D] in q's dtype.
@@ -225,19 +295,29 @@ def persistent_attention(q, k, v, persistent_k, persistent_v, *, segment_ids=Non
   if n > 1:
     return _context_parallel(q, k, v, persistent_k, persistent_v, segment_ids=segment_ids,
                              window=window, scale=scale, impl=impl, n=n)
+  kw = dict(segment_ids=segment_ids, window=window, scale=scale)
+  if impl in BLOCK_SPARSE_IMPLS:
+    log_path_once(OP, "block_sparse", f"forced: block_sparse impl={impl}")
+    return banded(q, k, v, persistent_k, persistent_v, impl=impl, interpret=interpret, **kw)
   path, _ = api.FAMILY.choose(impl, dtype=np.dtype(q.dtype), head_dim=q.shape[-1],
                               dense_mask=False, segments=segment_ids is not None, causal=True,
                               window=window)
-  kw = dict(segment_ids=segment_ids, window=window, scale=scale)
   if path == "reference":
     return reference(q, k, v, persistent_k, persistent_v, **kw)
-  if path == "cudnn" and window is not None:
+  if window is not None and impl in ("auto", "cudnn"):
+    # cuDNN's layout cannot take a window (it would hide the persistent tokens); the band
+    # through the block-sparse kernels can, where one runs here.
+    why = _band_kernel(q, window)
     if impl == "cudnn":
       raise dispatch.PathError(
           f"{OP} impl='cudnn' cannot run: a sliding window would hide the persistent keys from "
-          "cuDNN's layout; impl='auto' would run xla")
+          f"cuDNN's layout; impl='auto' would run {'xla' if why else 'block_sparse'}")
+    if not why:
+      log_path_once(OP, "block_sparse", "a window: the band through the block-sparse kernels, "
+                    "the persistent pairs merged by log-sum-exp")
+      return banded(q, k, v, persistent_k, persistent_v, interpret=interpret, **kw)
     path = "xla"
-    log_path_once(OP, path, "cudnn: a window hides the persistent keys from its layout")
+    log_path_once(OP, path, f"a window, and no block-sparse GPU kernel takes it here ({why})")
   else:
     log_path_once(OP, path)
   xla_path = lambda q, k, v: chunked(  # noqa: E731
