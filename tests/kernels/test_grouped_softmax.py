@@ -128,6 +128,22 @@ def test_query_tiles_of_several_groups(q_groups):
     assert_close(gname, want, got, dtype=dtype, reduction=t)
 
 
+def test_float32_query_tiles_past_shared_memory_are_refused():
+  """float32 q_groups 2 x tile 64 x head_dim 128 asked 256 KiB of shared memory on an H200 (227
+  KiB there) and failed at launch: the op refuses it in one line, before tracing a kernel."""
+  t = 128
+  gid, seg = block_groups(jnp.arange(t)[None], None, 63), jnp.ones((1, t), jnp.int32)
+  for d, q_groups in ((128, 2), (64, 4)):
+    x = jnp.zeros((1, t, 1, d), jnp.float32)
+    with pytest.raises(ValueError, match=rf"q_groups={q_groups} .*shared memory.*q_groups=1"):
+      grouped.grouped_softmax(x, x, x, x, gid, seg, block_len=63, tile=64, q_groups=q_groups,
+                              impl="pallas_gpu", interpret=True)
+  # bfloat16 tiles are half the bytes: the same launch is not refused.
+  x = jnp.zeros((1, t, 1, 128), jnp.bfloat16)
+  jax.eval_shape(functools.partial(grouped.grouped_softmax, block_len=63, tile=64, q_groups=2,
+                                   impl="pallas_gpu", interpret=True), x, x, x, x, gid, seg)
+
+
 def test_a_tile_holds_its_block_and_landmark():
   """block_len = tile - 1 fills the tile (the landmark takes the last slot); block_len = tile
   cannot run the kernel: a forced path names why, the layout's exactness flag refuses it."""

@@ -36,6 +36,9 @@ from effattn.kernels import dispatch, mesh
 from effattn.kernels.grouped_softmax import pallas_gpu, pallas_tpu, reference, xla
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+# Largest query rows (q_groups * tile) x head_dim of a float32 GPU kernel that fits in shared
+# memory (64 x 128 ran on an H200, 128 x 128 did not).
+_F32_ROWS_X_D = 64 * 128
 _LIMITS = (dispatch.one_of("head_dim", KERNEL_HEAD_DIMS),
            dispatch.Limit(("block_len", "tile"), lambda block_len, tile: "" if (
                block_len is None or block_len < tile) else (
@@ -247,6 +250,12 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
   if path in static:
     o = static[path](q, k, v, k_land)
     return (o, None) if return_fallback_frac else o
+  if path == "pallas_gpu" and q.dtype.itemsize > 2 and (q_groups or 1) * tile * d > _F32_ROWS_X_D:
+    # H200, float32, tile 64, D 128, q_groups 2: Triton asked 256 KiB of shared memory (227 KiB
+    # there) and the launch failed at run time; refuse it here in one line instead.
+    raise ValueError(f"q_groups={q_groups} with float32 at tile={tile}, head_dim={d} needs more "
+                     "shared memory than a GPU has (q_groups * tile * head_dim must be <= "
+                     f"{_F32_ROWS_X_D} in float32); use q_groups=1 or bfloat16")
   max_groups = max_groups or default_max_groups(t, block_len or tile - 1)
   max_groups = -(-max_groups // (q_groups or 1)) * (q_groups or 1)
   lay = relayout(gid, seg, max_groups=max_groups, tile=tile)
