@@ -65,10 +65,11 @@ def test_layout_flags_what_it_cannot_hold():
 
 
 def test_layout_puts_each_segment_behind_its_copy():
-  tok_slot, src, seg, _ = persistent.layout(jnp.asarray([[7, 7, 7, 9, 9]]), 5, 2, 3)
+  tok_slot, src, seg, _, copy_slot = persistent.layout(jnp.asarray([[7, 7, 7, 9, 9]]), 5, 2, 3)
   np.testing.assert_array_equal(np.asarray(tok_slot[0]), [2, 3, 4, 7, 8])
   np.testing.assert_array_equal(np.asarray(src[0, :9]), [5, 6, 0, 1, 2, 5, 6, 3, 4])
   np.testing.assert_array_equal(np.asarray(seg[0]), [7, 7, 7, 7, 7, 9, 9, 9, 9, 10, 10])
+  np.testing.assert_array_equal(np.asarray(copy_slot[0]), [0, 1, 5, 6, 9, 10])
 
 
 BAND_CASES = [

@@ -207,9 +207,10 @@ def layout(segment_ids, t: int, n_p: int, max_runs: int):
 
   Returns (tok_slot [B, T] slot of each token, src [B, T'] what each slot holds: token index,
   or T + r for copy r of the persistent pairs, seg [B, T'] segment id of each slot, ok [] bool:
-  at most max_runs runs per row and no id recurring after another), T' = T + N_p * max_runs.
-  Unused copies sit at the end as one run of their own, so a row has at most max_runs + 1
-  runs.
+  at most max_runs runs per row and no id recurring after another, copy_slot [B, max_runs *
+  N_p] the slot of copy r of run m at m * N_p + r), T' = T + N_p * max_runs. Every slot is
+  one token's or one copy's. Unused copies sit at the end as one run of their own, so a row
+  has at most max_runs + 1 runs.
   """
   b = segment_ids.shape[0]
   seg = segment_ids.astype(jnp.int32)
@@ -237,7 +238,7 @@ def layout(segment_ids, t: int, n_p: int, max_runs: int):
   ordered = jnp.sort(seg, axis=1)
   distinct = jnp.sum(ordered[:, 1:] != ordered[:, :-1], axis=1) + 1
   ok = jnp.all(count <= max_runs) & jnp.all(count == distinct)
-  return tok_slot, src, seg_out, ok
+  return tok_slot, src, seg_out, ok, copy_slot
 
 
 def laid_out(q, k, v, persistent_k, persistent_v, *, segment_ids=None, scale=None,
@@ -254,15 +255,29 @@ def laid_out(q, k, v, persistent_k, persistent_v, *, segment_ids=None, scale=Non
     o = api.softmax_attention(jnp.concatenate([zeros, q], axis=1), k2, v2, causal=True,
                               scale=scale, impl=attention_impl)
     return o[:, n_p:], jnp.ones((), bool)
-  tok_slot, src, seg, ok = lay or layout(segment_ids, t, n_p, max_segments - 1)
-  take = lambda x: jnp.take_along_axis(x, src[:, :, None, None], axis=1)  # noqa: E731
-  k2, v2 = (jnp.concatenate([x.astype(q.dtype), jnp.broadcast_to(p.astype(q.dtype),
-                                                                   (b,) + p.shape)], axis=1)
-            for x, p in ((k, persistent_k), (v, persistent_v)))
-  o = api.softmax_attention(take(jnp.concatenate([q, zeros], axis=1)), take(k2), take(v2),
+  tok_slot, _, seg, ok, copy_slot = lay or layout(segment_ids, t, n_p, max_segments - 1)
+  rows = jnp.arange(b)[:, None]
+  width = seg.shape[1]
+  runs = copy_slot.shape[1] // max(n_p, 1)
+
+  # Scatters into distinct slots, not gathers from [x || pairs]: their transposes are gathers,
+  # where a gather's would be a scatter-add over the T' slots (atomics on the GPU) and the
+  # persistent copies' gradient a scatter-add into N_p rows.
+  def place(x, pairs):
+    """x [B, T, Hx, D] into the token slots; pairs [N_p, Hx, D] into each run's copy slots
+    (None: zeros, the copies' dropped queries)."""
+    out = jnp.zeros((b, width) + x.shape[2:], q.dtype).at[rows, tok_slot].set(
+        x.astype(q.dtype), unique_indices=True, indices_are_sorted=True)
+    if pairs is None or n_p == 0:
+      return out
+    copies = jnp.broadcast_to(jnp.tile(pairs.astype(q.dtype), (runs, 1, 1)),
+                              (b, runs * n_p) + pairs.shape[1:])
+    return out.at[rows, copy_slot].set(copies, unique_indices=True)
+
+  o = api.softmax_attention(place(q, None), place(k, persistent_k), place(v, persistent_v),
                             causal=True, segment_ids=seg, scale=scale, impl=attention_impl,
                             max_segments=max_segments)
-  return jnp.take_along_axis(o, tok_slot[:, :, None, None], axis=1), ok
+  return o.at[rows, tok_slot].get(unique_indices=True, indices_are_sorted=True), ok
 
 
 def persistent_attention(q, k, v, persistent_k, persistent_v, *, segment_ids=None, window=None,
