@@ -18,7 +18,11 @@ runs before any timing part whatever --parts says, and nothing it failed is time
    block on 132 SMs), block_v None / 64 / 32 / 16, for each form of the chunk loops (LOOPS:
    BlockSizes.forward / .backward "fused" or "split"); part 1 checks block_v 16 / 32 and
    every form first, and a form that fails there is not timed.
-4. layer: the whole neural_memory module (variant lmm, d_model 1024, 16 heads) forward+backward
+4. launch: Triton's num_warps x num_stages (software pipelining of the chunk loop's loads;
+   the default is 4 warps at chunk 16, 1 stage) for the default loops (split / split) at
+   block_v 32, at blocks' 16k shape; part 1 checks each pair first when this part runs, and a
+   pair that fails there is not timed.
+5. layer: the whole neural_memory module (variant lmm, d_model 1024, 16 heads) forward+backward
    (output, gradients of the parameters and the input) tokens/s with the memory on Pallas vs
    xla.
 fla 0.6.0's titans op is not timed: it is a TTT-style update of a layer-normed residual MLP
@@ -47,6 +51,9 @@ LOOPS = {"fused": dict(forward="fused", backward="fused"),
          "split bwd": dict(forward="fused", backward="split"),
          "split": dict(forward="split", backward="split")}
 SMOKE = {"on": False}  # --smoke: the Pallas kernels in interpret mode (CPU)
+# (num_warps, num_stages) pairs of the launch part; (4, 1) is BlockSizes' default at chunk 16.
+LAUNCHES = tuple((w, s) for w in (2, 4, 8) for s in (1, 2, 3))
+LAUNCH_BLOCK_V = 32
 
 
 def kernel_kwargs(impl: str) -> dict:
@@ -70,14 +77,15 @@ def inputs(key, b, t, h, d, dtype, segments=False):
   return (q, k, v) + gates + (w0,), seg
 
 
-def check(results):
-  """Pallas and xla vs the reference on the device: max error / reference max, per tensor."""
+def check(results, launches=()):
+  """Pallas and xla vs the reference on the device: max error / reference max, per tensor;
+  launches: (num_warps, num_stages) pairs also checked (split loops, block_v LAUNCH_BLOCK_V)."""
   rows = []
   for dtype, chunk, t in ((jnp.float32, 16, 300), (jnp.bfloat16, 64, 517)):
     args, seg = inputs(jax.random.key(0), 2, t, 4, 64, dtype, segments=True)
 
-    def run(impl, block_v=None, loops=None):
-      sizes = (pallas_gpu.BlockSizes(block_v=block_v, **LOOPS[loops])
+    def run(impl, block_v=None, loops=None, launch=None):
+      sizes = (pallas_gpu.BlockSizes(block_v=block_v, **launch_kwargs(launch), **LOOPS[loops])
                if impl == "pallas_gpu" else None)
       f = lambda *a: memory_update(*a[:6], initial_memory=a[6], segment_ids=seg,  # noqa: E731
                                    chunk_size=chunk, impl=impl, block_sizes=sizes,
@@ -92,10 +100,12 @@ def check(results):
            jax.random.normal(keys[2], out_r[1][1].shape)))
     g_r = vjp_r(ct)
     names = ["y", "W_T", "S_T", "dq", "dk", "dv", "dtheta", "dalpha", "deta", "dW0"]
-    for impl, block_v, loops in (("pallas_gpu", None, "fused"), ("pallas_gpu", 16, "fused"),
-                                 ("pallas_gpu", None, "split bwd"), ("pallas_gpu", 32, "split"),
-                                 ("pallas_gpu", None, "split"), ("xla", None, None)):
-      out, vjp = run(impl, block_v, loops)
+    forms = [("pallas_gpu", None, "fused", None), ("pallas_gpu", 16, "fused", None),
+             ("pallas_gpu", None, "split bwd", None), ("pallas_gpu", 32, "split", None),
+             ("pallas_gpu", None, "split", None), ("xla", None, None, None)]
+    forms += [("pallas_gpu", LAUNCH_BLOCK_V, "split", tuple(pair)) for pair in launches]
+    for impl, block_v, loops, launch in forms:
+      out, vjp = run(impl, block_v, loops, launch)
       g = vjp(ct)
       want = jax.tree.leaves(out_r) + list(g_r)
       got = jax.tree.leaves(out) + list(g)
@@ -106,16 +116,23 @@ def check(results):
       limit = 1e-4 if dtype == jnp.float32 else 5e-2
       rows.append(dict(impl=impl, block_v=block_v, loops=loops,
                        dtype=jnp.dtype(dtype).name, chunk=chunk, t=t, worst=worst,
-                       ok=worst < limit, errors=errs))
+                       ok=worst < limit, errors=errs, **({"launch": launch} if launch else {})))
       print(f"check {impl:10s} block_v={block_v} loops={loops} "
+            f"{'' if launch is None else f'warps, stages={launch} '}"
             f"{jnp.dtype(dtype).name:8s} C={chunk} T={t}: "
             f"worst rel err "
             f"{worst:.2e} ({'ok' if worst < limit else 'FAIL'})", flush=True)
   results["check"] = rows
 
 
-def op_fns(impl, chunk, warps=None, block_v=None, loops="fused"):
-  sizes = (pallas_gpu.BlockSizes(num_warps=warps, block_v=block_v, **LOOPS[loops])
+def launch_kwargs(launch) -> dict:
+  """BlockSizes' num_warps / num_stages for a (warps, stages) pair (None: the defaults)."""
+  return {} if launch is None else dict(num_warps=launch[0], num_stages=launch[1])
+
+
+def op_fns(impl, chunk, warps=None, block_v=None, loops="fused", stages=None):
+  sizes = (pallas_gpu.BlockSizes(num_warps=warps, block_v=block_v, **LOOPS[loops],
+                                 **({} if stages is None else {"num_stages": stages}))
            if impl == "pallas_gpu" else None)
 
   def fwd(*a):
@@ -127,9 +144,9 @@ def op_fns(impl, chunk, warps=None, block_v=None, loops="fused"):
   return fwd, forward_and_grads(fwd, argnums=tuple(range(7)))
 
 
-def timed(impl, chunk, warps, args, reps, block_v=None, loops="fused"):
+def timed(impl, chunk, warps, args, reps, block_v=None, loops="fused", stages=None):
   """(fwd, fwd+bwd) measurements of the memory update on args (q, k, v, gates, w0)."""
-  fwd, fb = op_fns(impl, chunk, warps, block_v, loops)
+  fwd, fb = op_fns(impl, chunk, warps, block_v, loops, stages)
   return (measure(fwd, *args, reps=reps),
           measure(fb, *args, cotangent_like(fwd, *args), reps=max(2, reps // 2)))
 
@@ -155,10 +172,10 @@ def op(results, sizes, b, h, d):
   results["op"] = rows
 
 
-def kernel_row(label, row, args, chunk, warps=None, block_v=None, loops="fused"):
+def kernel_row(label, row, args, chunk, warps=None, block_v=None, loops="fused", stages=None):
   """row with the Pallas kernel's fwd and fwd+bwd medians (or its error), printed."""
   try:
-    f, fb = timed("pallas_gpu", chunk, warps, args, 10, block_v, loops)
+    f, fb = timed("pallas_gpu", chunk, warps, args, 10, block_v, loops, stages)
     row.update(fwd_ms=f["ms"], fwdbwd_ms=fb["ms"], kernels=(f["kernels"], fb["kernels"]))
     print(f"{label}: fwd {row['fwd_ms']:.2f} ms fwd+bwd {row['fwdbwd_ms']:.2f} ms kernels "
           f"{row['kernels']}", flush=True)
@@ -189,7 +206,7 @@ def blocks(results, t, b, h, d, chunk):
   rows = []
   args, _ = inputs(jax.random.key(5), b, t, h, d, jnp.bfloat16)
   # Loops that failed part 1 on this device are not timed.
-  failed = {r["loops"] for r in results.get("check", []) if not r["ok"]}
+  failed = {r["loops"] for r in results.get("check", []) if not r["ok"] and "launch" not in r}
   for loops in LOOPS:
     if loops in failed:
       print(f"blocks loops={loops}: not timed, it failed its check", flush=True)
@@ -203,6 +220,25 @@ def blocks(results, t, b, h, d, chunk):
                                   loops=loops, programs=programs), args, chunk,
                              block_v=block_v, loops=loops))
   results["blocks"] = rows
+
+
+def launch(results, t, b, h, d, chunk, pairs=LAUNCHES):
+  """Part 4: (num_warps, num_stages) of the default loops at block_v LAUNCH_BLOCK_V; a pair
+  that failed its check in part 1 (or was not checked there) is not timed."""
+  passed = {tuple(r["launch"]) for r in results.get("check", []) if "launch" in r and r["ok"]}
+  failed = {tuple(r["launch"]) for r in results.get("check", []) if "launch" in r and not r["ok"]}
+  args, _ = inputs(jax.random.key(5), b, t, h, d, jnp.bfloat16)
+  rows = []
+  for warps, stages in pairs:
+    if (warps, stages) in failed or (warps, stages) not in passed:
+      print(f"launch warps={warps} stages={stages}: not timed, it "
+            f"{'failed' if (warps, stages) in failed else 'was not in'} its check", flush=True)
+      continue
+    rows.append(kernel_row(f"launch warps={warps} stages={stages}",
+                           dict(t=t, b=b, h=h, d=d, chunk=chunk, block_v=LAUNCH_BLOCK_V,
+                                loops="split", warps=warps, stages=stages), args, chunk,
+                           warps=warps, block_v=LAUNCH_BLOCK_V, loops="split", stages=stages))
+  results["launch"] = rows
 
 
 def layer(results, t, b, d_model, heads):
@@ -254,6 +290,12 @@ def table(results):
                    f"({r['programs']} programs, "
                    f"B={r['b']} H={r['h']} D={r['d']} C={r['chunk']}) | {r['fwd_ms']:.2f} | | "
                    f"{r['fwdbwd_ms']:.2f} | | {r['kernels'][0]} / {r['kernels'][1]} |")
+  for r in results.get("launch", []):
+    if "error" not in r:
+      lines.append(f"| {r['t']} | pallas_gpu loops split, block_v={r['block_v']}, "
+                   f"warps {r['warps']}, stages {r['stages']} (B={r['b']} H={r['h']} "
+                   f"D={r['d']} C={r['chunk']}) | {r['fwd_ms']:.2f} | | {r['fwdbwd_ms']:.2f} | "
+                   f"| {r['kernels'][0]} / {r['kernels'][1]} |")
   return "\n".join(lines)
 
 
@@ -271,7 +313,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", default="/tmp/bench_memory")
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU sanity run)")
-  parser.add_argument("--parts", default="check,op,sweep,blocks,layer")
+  parser.add_argument("--parts", default="check,op,sweep,blocks,launch,layer")
   parser.add_argument("--sizes", default="2048,4096,8192,16384,32768", help="T values of 'op'")
   flags = parser.parse_args()
   SMOKE["on"] = flags.smoke
@@ -282,12 +324,13 @@ def main():
     parts.insert(0, "check")
   sizes = [256, 512] if flags.smoke else [int(x) for x in flags.sizes.split(",")]
   b, h, d = (1, 2, 16) if flags.smoke else (B, H, D)
-  for name, fn in (("check", lambda: check(results)),
+  pairs = LAUNCHES[:2] if flags.smoke else LAUNCHES
+  blocks_shape = (256, 1, 2, 32) if flags.smoke else (16384, 2, 8, 128)  # T, B, H, D
+  for name, fn in (("check", lambda: check(results, pairs if "launch" in parts else ())),
                    ("op", lambda: op(results, sizes, b, h, d)),
                    ("sweep", lambda: sweep(results, sizes[-1] if flags.smoke else 8192, b, h, d)),
-                   ("blocks", lambda: blocks(results, 256 if flags.smoke else 16384,
-                                             1 if flags.smoke else 2, 2 if flags.smoke else 8,
-                                             32 if flags.smoke else 128, 16)),
+                   ("blocks", lambda: blocks(results, *blocks_shape, 16)),
+                   ("launch", lambda: launch(results, *blocks_shape, 16, pairs)),
                    ("layer", lambda: layer(results, 512 if flags.smoke else 8192,
                                            1 if flags.smoke else 4, 64 if flags.smoke else 1024,
                                            4 if flags.smoke else 16))):

@@ -30,3 +30,15 @@ def test_nothing_is_timed_without_a_passed_check(bench, capsys):
   # Another form's failure leaves the fused kernel and xla timeable (blocks skips that form).
   assert bench.checked({"check": [{"loops": "fused", "ok": True}, {"loops": None, "ok": True},
                                   {"loops": "split", "ok": False}]}, "op")
+
+
+def test_launch_times_only_the_pairs_that_passed_their_check(bench):
+  results = {"check": [{"loops": "split", "launch": (4, 2), "ok": True},
+                       {"loops": "split", "launch": (2, 1), "ok": False}]}
+  bench.launch(results, 32, 1, 1, 32, 16, pairs=((2, 1), (4, 2), (8, 3)))
+  assert [(r["warps"], r["stages"]) for r in results["launch"]] == [(4, 2)]
+  assert results["launch"][0]["fwd_ms"] > 0 and results["launch"][0]["fwdbwd_ms"] > 0
+  assert "warps 4, stages 2" in bench.table(results)
+  # A launch pair's failure does not keep blocks from timing the split loops.
+  assert bench.checked({"check": [{"loops": "fused", "ok": True}, {"loops": None, "ok": True}]
+                        + results["check"]}, "launch")
