@@ -8,7 +8,7 @@ Each (batch, head, query block i) visits the key blocks kv_indices[b, h, i, :kv_
 element conditions of common.py apply (a sliding `window` among them). Paths (FAMILY, in the
 order "auto" tries them; the rules are kernels/dispatch.py's):
   "pallas_mosaic_gpu"  warp-specialized Mosaic GPU kernels (Hopper, compute capability 9.x;
-                bfloat16, head_dim 64 or 128, tiles 64 or 128; no window; no interpreter):
+                bfloat16, head_dim 64 or 128, tiles 64 or 128; no interpreter):
                 checked on an H200 against reference.py and 2.3x the Triton kernels' fwd+bwd
                 speed (docs/mosaic_gpu.md); float16 stays on Triton until it is checked there;
                 it has no window (with no CPU interpreter for its matmuls one could not be
