@@ -41,6 +41,7 @@ from effattn.attention.landmark import block_groups  # noqa: E402
 from effattn.kernels.grouped_softmax import api as grouped  # noqa: E402
 from effattn.kernels.grouped_softmax import pallas_gpu  # noqa: E402
 from effattn.kernels.grouped_softmax import grouped_softmax_attention  # noqa: E402
+from effattn.evaluate import bench_args  # noqa: E402
 from effattn.evaluate.timing import forward_and_grads, measure  # noqa: E402
 
 SMOKE = {"on": False}
@@ -257,11 +258,9 @@ def main(argv=None):
                   help="paths timed in (b), comma list of " + ", ".join(PATHS))
   ap.add_argument("--smoke", action="store_true", help="CPU self-test: tiny shapes, interpret")
   args = ap.parse_args(argv)
-  paths = tuple(p for p in args.paths.split(",") if p)
-  if not paths or set(paths) - set(PATHS):
-    ap.error(f"--paths={args.paths!r}: give a comma list of {', '.join(PATHS)}")
+  paths = bench_args.choices(ap, "--paths", args.paths, PATHS)
   SMOKE["on"] = args.smoke
-  shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+  shapes = bench_args.shapes(args.shapes)
   h, d, block_len, tile, reps = args.heads, args.dim, args.block_len, args.tile, args.reps
   check_shape, tune, kv_splits = (2, 300, 2), args.tune, args.kv_splits
   if args.smoke:

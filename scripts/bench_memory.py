@@ -284,18 +284,14 @@ def table(results):
     lines.append(f"| {r['t']} | {r['impl']} (C={r['chunk']}) | {r['fwd_ms']:.2f} | "
                  f"{r['fwd_tok_s']:,.0f} | {r['fwdbwd_ms']:.2f} | {r['fwdbwd_tok_s']:,.0f} | "
                  f"{r['kernels'][0]} / {r['kernels'][1]} |")
-  for r in results.get("blocks", []):
+  for r in results.get("blocks", []) + results.get("launch", []):
     if "error" not in r:
-      lines.append(f"| {r['t']} | pallas_gpu loops {r['loops']}, block_v={r['block_v']} "
-                   f"({r['programs']} programs, "
-                   f"B={r['b']} H={r['h']} D={r['d']} C={r['chunk']}) | {r['fwd_ms']:.2f} | | "
-                   f"{r['fwdbwd_ms']:.2f} | | {r['kernels'][0]} / {r['kernels'][1]} |")
-  for r in results.get("launch", []):
-    if "error" not in r:
-      lines.append(f"| {r['t']} | pallas_gpu loops split, block_v={r['block_v']}, "
-                   f"warps {r['warps']}, stages {r['stages']} (B={r['b']} H={r['h']} "
-                   f"D={r['d']} C={r['chunk']}) | {r['fwd_ms']:.2f} | | {r['fwdbwd_ms']:.2f} | "
-                   f"| {r['kernels'][0]} / {r['kernels'][1]} |")
+      launch = f", warps {r['warps']}, stages {r['stages']}" if "stages" in r else ""
+      programs = f"{r['programs']} programs, " if "programs" in r else ""
+      lines.append(f"| {r['t']} | pallas_gpu loops {r['loops']}, block_v={r['block_v']}{launch} "
+                   f"({programs}B={r['b']} H={r['h']} D={r['d']} C={r['chunk']}) | "
+                   f"{r['fwd_ms']:.2f} | | {r['fwdbwd_ms']:.2f} | | "
+                   f"{r['kernels'][0]} / {r['kernels'][1]} |")
   return "\n".join(lines)
 
 

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from effattn.evaluate import bench_args  # noqa: E402
 from effattn.evaluate.timing import forward_and_grads, measure  # noqa: E402
 from effattn.kernels import dispatch  # noqa: E402
 from effattn.kernels.softmax import persistent  # noqa: E402
@@ -202,11 +203,9 @@ def main(argv=None):
                   help="paths timed, comma list of " + ", ".join(PATHS))
   ap.add_argument("--smoke", action="store_true", help="CPU self-test: tiny shapes, interpret")
   args = ap.parse_args(argv)
-  paths = tuple(p for p in args.paths.split(",") if p)
-  if not paths or set(paths) - set(PATHS):
-    ap.error(f"--paths={args.paths!r}: give a comma list of {', '.join(PATHS)}")
+  paths = bench_args.choices(ap, "--paths", args.paths, PATHS)
   SMOKE["on"] = args.smoke
-  shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+  shapes = bench_args.shapes(args.shapes)
   h, d, n_p, reps = args.heads, args.dim, args.num_persistent, args.reps
   window = args.window or None
   if args.smoke:
