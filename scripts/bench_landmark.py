@@ -41,7 +41,7 @@ from effattn.attention.landmark import block_groups  # noqa: E402
 from effattn.kernels.grouped_softmax import api as grouped  # noqa: E402
 from effattn.kernels.grouped_softmax import pallas_gpu  # noqa: E402
 from effattn.kernels.grouped_softmax import grouped_softmax_attention  # noqa: E402
-from effattn.evaluate import bench_args  # noqa: E402
+from effattn.evaluate import bench_args, device_check  # noqa: E402
 from effattn.evaluate.timing import forward_and_grads, measure  # noqa: E402
 
 SMOKE = {"on": False}
@@ -124,13 +124,8 @@ def check(shape, block_len, tile, kv_splits: int | None = None) -> list[dict]:
                        "max_rel_err": {"all": float("inf")}, "ok": False})
           print("check", rows[-1], flush=True)
           continue
-        errs = {}
-        for name, w, g in zip(("o", "dq", "dk", "dv", "dk_land"), want, got):
-          w, g = np.asarray(w, np.float32), np.asarray(g, np.float32)
-          errs[name] = (float(np.abs(w - g).max() / max(1.0, np.abs(w).max()))
-                        if np.all(np.isfinite(g)) else float("inf"))
-        tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
-        rows.append({**row, "max_rel_err": errs, "ok": max(errs.values()) < tol})
+        errs = device_check.relative_errors(("o", "dq", "dk", "dv", "dk_land"), want, got)
+        rows.append({**row, "max_rel_err": errs, "ok": device_check.passes(errs, dtype)})
         print("check", rows[-1], flush=True)
   return rows
 

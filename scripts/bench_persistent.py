@@ -44,10 +44,9 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from effattn.evaluate import bench_args  # noqa: E402
+from effattn.evaluate import bench_args, device_check  # noqa: E402
 from effattn.evaluate.timing import forward_and_grads, measure  # noqa: E402
 from effattn.kernels import dispatch  # noqa: E402
 from effattn.kernels.softmax import persistent  # noqa: E402
@@ -121,13 +120,8 @@ def check(impls, n_p: int) -> list[dict]:
                        "max_rel_err": {"all": float("inf")}, "ok": False})
           print("check", rows[-1], flush=True)
           continue
-        errs = {}
-        for name, a, g in zip(GRADS, want, got):
-          a, g = np.asarray(a, np.float32), np.asarray(g, np.float32)
-          errs[name] = (float(np.abs(a - g).max() / max(1.0, np.abs(a).max()))
-                        if np.all(np.isfinite(g)) else float("inf"))
-        tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
-        rows.append({**row, "max_rel_err": errs, "ok": max(errs.values()) < tol})
+        errs = device_check.relative_errors(GRADS, want, got)
+        rows.append({**row, "max_rel_err": errs, "ok": device_check.passes(errs, dtype)})
         print("check", rows[-1], flush=True)
   return rows
 
