@@ -27,7 +27,7 @@ def get_sweep():
       "axes": {"attention": [{"label": "mha", "model.attention.name": "softmax"},
                              {"label": "swa4", "model.attention.name": "softmax",
                               "model.attention.window": 4}],
-               "data.seq_len": [16, 32]},
+               "data.seq_len": [16]},  # one length: one dataset to build (CI time)
   }
 '''
 
@@ -167,7 +167,8 @@ def test_resume_rules_and_launch_script(tmp_path, monkeypatch):
 
 
 def test_tiny_sweep_end_to_end(tmp_path):
-  """A 2 x 2 grid on CPU through the command line: trains, evaluates, tables and plots."""
+  """A 2 x 1 grid on CPU through the command line: trains, evaluates, tables and plots (grid
+  expansion over several axes: test_grid_names_and_overrides)."""
   spec = tmp_path / "tiny.py"
   spec.write_text(f"DATA_DIR = {str(tmp_path / 'data')!r}\n" + TINY)
   out = tmp_path / "sweep"
@@ -177,8 +178,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   with open(out / "results.csv") as f:
     rows = list(csv.DictReader(f))
-  assert [(r["attention"], r["data.seq_len"]) for r in rows] == [
-      ("mha", "16"), ("mha", "32"), ("swa4", "16"), ("swa4", "32")]
+  assert [(r["attention"], r["data.seq_len"]) for r in rows] == [("mha", "16"), ("swa4", "16")]
   assert all(r["status"] == "done" and r["step"] == "2" for r in rows)
   assert all(0.0 <= float(r["eval_accuracy"]) <= 1.0 and float(r["tokens_per_sec"]) > 0
              for r in rows)
@@ -187,4 +187,4 @@ def test_tiny_sweep_end_to_end(tmp_path):
   assert "| mha |" in (out / "results.md").read_text()
   # Run again: every variant is finished, so nothing trains.
   again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
-  assert again.returncode == 0 and again.stdout.count(": skipped") == 4, again.stdout[-2000:]
+  assert again.returncode == 0 and again.stdout.count(": skipped") == 2, again.stdout[-2000:]
