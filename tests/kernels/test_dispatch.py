@@ -202,7 +202,7 @@ def test_mechanism_impl_errors_are_one_line():
   x, pos = random_inputs(batch=1, length=8)
   with pytest.raises(dispatch.PathError, match=r"^block_sparse impl='pallas_gpu' cannot run: "
                      "backend is cpu"):
-    attn(x, positions=pos)
+    jax.eval_shape(lambda x: attn(x, positions=pos), x)  # the error comes at trace time
   with pytest.raises(ConfigError, match=r"^model.attention.impl='cudnn': no op of linear has "
                      "that path"):
     build("linear", impl="cudnn")

@@ -66,13 +66,15 @@ def test_decode_matches_forward(position):
   model = Transformer(model_config(position=position, attention=dict(
       base.get_config().model.attention, num_kv_heads=2, impl="xla")), rngs=nnx.Rngs(1))
   toks = tokens(t=9)
-  full, _ = model(toks)
+  full, _ = jax.jit(lambda t: model(t))(toks)
   cache = model.init_cache(2, 12)
   pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
-  out, cache = model.decode(toks[:, :4], positions=pos[:, :4], cache=cache)
+  # Jitted (the prompt and the one-token step are two programs), not op-by-op dispatch.
+  decode = jax.jit(lambda t, p, c: model.decode(t, positions=p, cache=c))
+  out, cache = decode(toks[:, :4], pos[:, :4], cache)
   outs = [out]
   for t in range(4, 9):
-    out, cache = model.decode(toks[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache)
+    out, cache = decode(toks[:, t:t + 1], pos[:, t:t + 1], cache)
     outs.append(out)
   np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=1e-4)
 
@@ -82,7 +84,9 @@ def test_remat_gives_same_gradients():
 
   def grads(remat):
     model = Transformer(model_config(remat=remat), rngs=nnx.Rngs(0))
-    return nnx.grad(lambda m: jnp.mean(m(toks)[0] ** 2))(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(toks)[0] ** 2)  # noqa: E731
+    return jax.jit(jax.grad(loss))(params)  # one program, not op-by-op dispatch
 
   g0, g1 = grads(False), grads(True)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
