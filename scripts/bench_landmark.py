@@ -42,7 +42,7 @@ from effattn.kernels.grouped_softmax import api as grouped  # noqa: E402
 from effattn.kernels.grouped_softmax import pallas_gpu  # noqa: E402
 from effattn.kernels.grouped_softmax import grouped_softmax_attention  # noqa: E402
 from effattn.evaluate import bench_args, device_check  # noqa: E402
-from effattn.evaluate.timing import forward_and_grads, measure  # noqa: E402
+from effattn.evaluate.timing import forward_and_grads, measure, table_cell  # noqa: E402
 
 SMOKE = {"on": False}
 
@@ -219,11 +219,7 @@ def print_splits(rows, h, d, block_len):
   for r in rows:
     cells = []
     for n in ("kernel_core", "kernel"):
-      if f"{n}_fwd_ms" in r:
-        cells.append(f"{r[f'{n}_fwd_ms']:>8.2f} / {r[f'{n}_fwdbwd_ms']:>8.2f}"
-                     f" [{r[f'{n}_kernels'][0]}/{r[f'{n}_kernels'][1]}]")
-      else:
-        cells.append("skipped: check failed" if "skipped" in r else "error")
+      cells.append(table_cell(r, n) or ("skipped: check failed" if "skipped" in r else "error"))
     b1, mine = base.get((r["B"], r["T"])), r.get("kernel_core_fwdbwd_ms")
     vs = f"{b1 / mine:.2f}x" if b1 and mine else "-"
     print(f"{r['B']:>3} {r['T']:>6} {r['kv_splits']:>3} {r['programs_per_key_tile']:>7} "
@@ -314,11 +310,7 @@ def main(argv=None):
   for r in result["rows"]:
     cells = []
     for n in names:
-      if f"{n}_fwd_ms" in r:
-        cells.append(f"{r[f'{n}_fwd_ms']:>8.2f} / {r[f'{n}_fwdbwd_ms']:>8.2f}"
-                     f" [{r[f'{n}_kernels'][0]}/{r[f'{n}_kernels'][1]}]")
-      else:
-        cells.append(f"{'error' if f'{n}_error' in r else 'not timed':>25}")
+      cells.append(table_cell(r, n) or f"{'error' if f'{n}_error' in r else 'not timed':>25}")
 
     def ratio(a, b, r=r):
       ka, kb = f"{a}_fwdbwd_ms", f"{b}_fwdbwd_ms"

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from effattn.evaluate import bench_args, device_check  # noqa: E402
-from effattn.evaluate.timing import forward_and_grads, measure  # noqa: E402
+from effattn.evaluate.timing import forward_and_grads, measure, table_cell  # noqa: E402
 from effattn.kernels import dispatch  # noqa: E402
 from effattn.kernels.softmax import persistent  # noqa: E402
 from effattn.kernels.softmax import softmax_attention  # noqa: E402
@@ -168,11 +168,8 @@ def print_table(rows, paths, h, d, n_p):
   for r in rows:
     cells = []
     for n in paths:
-      if f"{n}_fwd_ms" in r:
-        cells.append(f"{r[f'{n}_fwd_ms']:>8.2f} / {r[f'{n}_fwdbwd_ms']:>8.2f}"
-                     f" [{r[f'{n}_kernels'][0]}/{r[f'{n}_kernels'][1]}]")
-      else:
-        cells.append("check failed: not timed" if f"{n}_skipped" in r else "error")
+      cells.append(table_cell(r, n)
+                   or ("check failed: not timed" if f"{n}_skipped" in r else "error"))
     ratio = "-"
     if "auto_fwd_ms" in r and "cudnn_window_fwd_ms" in r:
       ratio = (f"{r['auto_fwd_ms'] / r['cudnn_window_fwd_ms']:.2f} / "

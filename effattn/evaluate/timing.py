@@ -127,3 +127,13 @@ def device_peak_bytes() -> int | None:
   None where the backend keeps no allocator statistics (CPU)."""
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use")
+
+
+def table_cell(row: dict, name: str) -> str | None:
+  """'fwd / fwd+bwd [kernels fwd/fwd+bwd]' of path `name` in a bench row holding
+  `{name}_fwd_ms`, `{name}_fwdbwd_ms` and `{name}_kernels`; None when it was not timed."""
+  if f"{name}_fwd_ms" not in row:
+    return None
+  kernels = row[f"{name}_kernels"]
+  return (f"{row[f'{name}_fwd_ms']:>8.2f} / {row[f'{name}_fwdbwd_ms']:>8.2f}"
+          f" [{kernels[0]}/{kernels[1]}]")
