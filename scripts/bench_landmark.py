@@ -120,8 +120,7 @@ def check(shape, block_len, tile, kv_splits: int | None = None) -> list[dict]:
             rows.append({**row, "refused": str(e), "max_rel_err": {}, "ok": True})
             print("check", rows[-1], flush=True)
             continue
-          rows.append({**row, "error": f"{type(e).__name__}: {str(e)[:500]}",
-                       "max_rel_err": {"all": float("inf")}, "ok": False})
+          rows.append(device_check.failed(row, e))
           print("check", rows[-1], flush=True)
           continue
         errs = device_check.relative_errors(("o", "dq", "dk", "dv", "dk_land"), want, got)

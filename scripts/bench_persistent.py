@@ -116,8 +116,7 @@ def check(impls, n_p: int) -> list[dict]:
           with jax.default_matmul_precision(precision), stand_in():
             got = vg(attend(impl, seg, w), q, k, v, pk, pv, do)
         except Exception as e:  # noqa: BLE001  (report it, keep checking)
-          rows.append({**row, "error": f"{type(e).__name__}: {str(e)[:500]}",
-                       "max_rel_err": {"all": float("inf")}, "ok": False})
+          rows.append(device_check.failed(row, e))
           print("check", rows[-1], flush=True)
           continue
         errs = device_check.relative_errors(GRADS, want, got)

@@ -23,3 +23,9 @@ def relative_errors(names, want, got) -> dict[str, float]:
 
 def passes(errs: dict[str, float], dtype) -> bool:
   return max(errs.values()) < TOLERANCE[jnp.dtype(dtype).name]
+
+
+def failed(row: dict, error: Exception) -> dict:
+  """A check row for a path that raised instead of returning: its error, no pass."""
+  return {**row, "error": f"{type(error).__name__}: {str(error)[:500]}",
+          "max_rel_err": {"all": float("inf")}, "ok": False}
