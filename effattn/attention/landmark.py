@@ -35,7 +35,10 @@ backward pass, so memory is O(query_chunk * T) per layer (docs/mechanisms_sparse
 Decoding scores the landmarks of completed blocks, keeps the top_k blocks per query and head
 plus the current block, and attends to them with the same grouped formula at a cost of
 (top_k + 1) * block_len keys per token, so context can grow far past the training length; with
-top_k >= the number of blocks it equals the full forward pass.
+top_k >= the number of blocks it equals the full forward pass. The cache is laid out for that:
+keys and values head-major ([B, H, N * block_len, D]: a block is one contiguous slice per head)
+and the landmark keys in their own [B, H, N, D] array, so a step reads the N landmark keys and
+k + 1 blocks, never a copy of the whole cache (see init_cache).
 
 The paper's inference retrieves in the forward pass over a prompt too: with `forward_top_k` = k
 > 0, a call with train=False (evaluation) runs the prompt through that retrieval, `query_chunk`
@@ -226,77 +229,92 @@ class LandmarkAttention(base.Attention):
     return jnp.where(packed[:, None, None], jnp.nan, y)
 
   def init_cache(self, batch, max_len, dtype=None):
+    """k, v: [B, H, N * l, D], N = ceil(max_len / l) blocks of l = block_len tokens (keys
+    rotated), head-major so a block is one contiguous [l, D] slice per head (read through the
+    free view [B, H, N, l, D]); k_land: [B, H, N, D], the landmark key of each completed block
+    (written when its last token arrives); k_sum: [B, H, D] f32, the raw keys of the current
+    block summed so far."""
     dtype = dtype or self.dtype
-    n_blocks = -(-max_len // self.opts.block_len)
-    shape = (batch, n_blocks, self.opts.block_len, self.num_heads, self.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "k_sum": jnp.zeros((batch, n_blocks, self.num_heads, self.head_dim), jnp.float32),
+    h, d, blen = self.num_heads, self.head_dim, self.opts.block_len
+    n_blocks = -(-max_len // blen)
+    return {"k": jnp.zeros((batch, h, n_blocks * blen, d), dtype),
+            "v": jnp.zeros((batch, h, n_blocks * blen, d), dtype),
+            "k_land": jnp.zeros((batch, h, n_blocks, d), dtype),
+            "k_sum": jnp.zeros((batch, h, d), jnp.float32),
             "index": jnp.zeros((), jnp.int32)}
 
   def decode(self, x, *, positions, cache, top_k: int | None = None):
     """New tokens x [B, T, d_model] after the cached ones (positions = cache index + offset);
-    top_k: blocks retrieved per query (default: the top_k option)."""
+    top_k: blocks retrieved per query (default: the top_k option). Reads the N landmark keys
+    and (top_k + 1) blocks per query and head, never the whole cache."""
     b, t, _ = x.shape
     h, d, blen = self.num_heads, self.head_dim, self.opts.block_len
     q = self._rope(base.split_heads(self.q_proj(x), h), positions)
     k_raw = base.split_heads(self.k_proj(x), h)
     v = base.split_heads(self.v_proj(x), h)
     start = cache["index"]
-    n_blocks = cache["k"].shape[1]
-    flat = lambda a: a.reshape(b, n_blocks * blen, h, d)  # noqa: E731
-    unflat = lambda a: a.reshape(b, n_blocks, blen, h, d)  # noqa: E731
-    new = {
-        "k": unflat(jax.lax.dynamic_update_slice(
-            flat(cache["k"]), self._rope(k_raw, positions).astype(cache["k"].dtype),
-            (0, start, 0, 0))),
-        "v": unflat(jax.lax.dynamic_update_slice(flat(cache["v"]), v.astype(cache["v"].dtype),
-                                                 (0, start, 0, 0))),
-        "index": start + t,
-    }
-    block_of_new = (start + jnp.arange(t)) // blen
-    new["k_sum"] = cache["k_sum"] + jnp.einsum(
-        "tg,bthd->bghd", jax.nn.one_hot(block_of_new, n_blocks, dtype=jnp.float32),
+
+    def write(c, new):  # [B, T, H, D] into the tokens [start, start + T) of c [B, H, N * l, D]
+      # (on c itself, not a [B, H, N, l, D] view: XLA copies a reshaped buffer it updates)
+      return jax.lax.dynamic_update_slice(c, jnp.swapaxes(new, 1, 2).astype(c.dtype),
+                                          (0, 0, start, 0))
+
+    # Raw key sums of the blocks this call touches (first = the current block: the carried sum
+    # plus its new tokens), then their landmark keys: final for each block completed here; a
+    # block still open is rewritten by the call that completes it and is never read before.
+    first = start // blen
+    n_touched = (t + blen - 2) // blen + 1  # static: most blocks T tokens can touch
+    rel = (start % blen + jnp.arange(t)) // blen  # [T] touched block of each new token
+    sums = jnp.zeros((b, n_touched, h, d), jnp.float32).at[:, rel].add(
         k_raw.astype(jnp.float32))
-    # Landmark keys of all blocks (only completed ones are ever visible).
-    g = jnp.arange(n_blocks)
-    last_pos = (g + 1) * blen - 1
-    k_land = self._rope(
-        (new["k_sum"] / blen + self._landmark_key_base()).astype(q.dtype),
-        jnp.broadcast_to(last_pos, (b, n_blocks)))  # [B, G, H, D]
+    sums = sums.at[:, 0].add(cache["k_sum"])
+    touched = first + jnp.arange(n_touched)
+    k_land = self._rope((sums / blen + self._landmark_key_base()).astype(q.dtype),
+                        jnp.broadcast_to((touched + 1) * blen - 1, (b, n_touched)))
+    end = start + t
+    new = {
+        "k": write(cache["k"], self._rope(k_raw, positions)),
+        "v": write(cache["v"], v),
+        "k_land": cache["k_land"].at[:, :, touched].set(
+            jnp.swapaxes(k_land, 1, 2).astype(cache["k_land"].dtype), mode="drop"),
+        # The block of token `end`: empty when `end` starts a block.
+        "k_sum": jnp.where(end % blen == 0, 0.0, sums[:, (end - 1) // blen - first]),
+        "index": end,
+    }
     top_k = self.opts.top_k if top_k is None else top_k
-    o = jax.vmap(lambda qi, i: self._decode_one(qi, i, new, k_land, top_k), in_axes=(1, 0),
+    o = jax.vmap(lambda qi, i: self._decode_one(qi, i, new, top_k), in_axes=(1, 0),
                  out_axes=1)(q, start + jnp.arange(t))
     return self.o_proj(base.merge_heads(o.astype(q.dtype))), new
 
-  def _decode_one(self, q, i, cache, k_land, top_k):
-    """One query q [B, H, D] at token index i: top-k blocks by landmark score + own block."""
+  def _decode_one(self, q, i, cache, top_k):
+    """One query q [B, H, D] at token index i: top-k blocks by landmark score + own block.
+    Sums in f32, no f32 copy of the cache; one gather of [B, H, k + 1, l, D]."""
     blen, scale = self.opts.block_len, self.head_dim ** -0.5
-    b, n_blocks = k_land.shape[0], k_land.shape[1]
+    n_blocks = cache["k_land"].shape[2]
     own = i // blen
     f32 = jnp.float32
-    s_land = jnp.einsum("bhd,bghd->bhg", q.astype(f32), k_land.astype(f32)) * scale
+    dot = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=f32)  # noqa: E731
+    s_land = dot("bhd,bhgd->bhg", q, cache["k_land"]) * scale
     visible = jnp.arange(n_blocks) < own  # completed earlier blocks
     k_top = min(top_k, n_blocks)
     ranked = jnp.where(visible[None, None], s_land, _NEG)
     _, chosen = jax.lax.top_k(ranked, k_top)  # [B, H, k]
-    chosen_ok = jnp.take_along_axis(jnp.broadcast_to(visible, ranked.shape), chosen, -1)
-    gather = lambda c: jnp.take_along_axis(  # noqa: E731
-        jnp.moveaxis(c, 3, 1), chosen[..., None, None], axis=2)  # [B, H, k, l, D]
-    kb, vb = gather(cache["k"]), gather(cache["v"])
-    s_blk = jnp.einsum("bhd,bhkld->bhkl", q.astype(f32), kb.astype(f32)) * scale
-    lse_blk = jax.nn.logsumexp(s_blk, axis=-1)  # within-block normalizers
-    o_blk = jnp.einsum("bhkl,bhkld->bhkd", jnp.exp(s_blk - lse_blk[..., None]), vb.astype(f32))
+    chosen_ok = visible[chosen]
     s_l = jnp.where(chosen_ok, jnp.take_along_axis(s_land, chosen, -1), _NEG)  # [B, H, k]
-    # Own block: tokens up to i.
-    k_own = jnp.moveaxis(cache["k"][:, own], 2, 1)  # [B, H, l, D]
-    v_own = jnp.moveaxis(cache["v"][:, own], 2, 1)
-    s_own = jnp.einsum("bhd,bhld->bhl", q.astype(f32), k_own.astype(f32)) * scale
-    s_own = jnp.where(own * blen + jnp.arange(blen) <= i, s_own, _NEG)
+    # The chosen blocks and the own block (last), each one [l, D] slice per head.
+    blocks = jnp.concatenate([chosen, jnp.broadcast_to(own, chosen.shape[:2] + (1,))], -1)
+    gather = lambda c: jnp.take_along_axis(  # noqa: E731
+        c.reshape(*c.shape[:2], n_blocks, blen, -1), blocks[..., None, None], axis=2)
+    kb, vb = gather(cache["k"]), gather(cache["v"])  # [B, H, k + 1, l, D]
+    s_blk = dot("bhd,bhkld->bhkl", q, kb) * scale
+    s_own = jnp.where(own * blen + jnp.arange(blen) <= i, s_blk[:, :, -1], _NEG)  # tokens <= i
+    s_blk = s_blk[:, :, :-1]
+    lse_blk = jax.nn.logsumexp(s_blk, axis=-1)  # within-block normalizers
+    p_blk = jnp.exp(s_blk - lse_blk[..., None])
     m = jnp.maximum(s_own.max(-1), s_l.max(-1))[..., None]
     p_own = jnp.where(s_own > _NEG / 2, jnp.exp(s_own - m), 0.0)
     p_l = jnp.where(s_l > _NEG / 2, jnp.exp(s_l - m), 0.0)
     denom = p_own.sum(-1, keepdims=True) + p_l.sum(-1, keepdims=True)
-    o = (jnp.einsum("bhl,bhld->bhd", p_own, v_own.astype(f32))
-         + jnp.einsum("bhk,bhkd->bhd", p_l, o_blk)) / denom
-    del b
-    return o
+    # Each retrieved token's weight: within-block softmax x its landmark's outer weight.
+    p = jnp.concatenate([p_blk * p_l[..., None], p_own[:, :, None]], axis=2)  # [B, H, k + 1, l]
+    return dot("bhkl,bhkld->bhd", p, vb) / denom

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from effattn.attention import base
 from effattn.attention.landmark import block_groups
@@ -126,6 +127,77 @@ def test_decoding_past_the_training_length():
   for i in range(12, 40):
     y, cache = attn.decode(x[:, i:i + 1], positions=pos[:, i:i + 1], cache=cache)
   assert np.all(np.isfinite(np.asarray(y))) and int(cache["index"]) == 40
+
+
+def naive_top_k_decode(q, k, v, k_land, block_len, top_k):
+  """Retrieval at decode by the spec, one query at a time: the own block's tokens <= i and the
+  top_k earlier blocks by landmark score q . k_land (q, k, v, k_land [T, H, D]; k_land per
+  block), grouped softmax over them. Returns o [T, H, D]."""
+  q, k, v, k_land = (np.asarray(a, np.float64) for a in (q, k, v, k_land))
+  t, h, d = q.shape
+  out = np.zeros_like(q)
+  for hi in range(h):
+    for i in range(t):
+      b = i // block_len
+      s_land = k_land[:b, hi] @ q[i, hi] / np.sqrt(d)
+      chosen = np.argsort(-s_land)[:top_k]
+      own = np.arange(b * block_len, i + 1)
+      logits = np.concatenate([k[own, hi] @ q[i, hi] / np.sqrt(d), s_land[chosen]])
+      p = np.exp(logits - logits.max())
+      p /= p.sum()
+      out[i, hi] = p[:len(own)] @ v[own, hi]
+      for n, c in enumerate(chosen):
+        members = np.arange(c * block_len, (c + 1) * block_len)
+        e = np.exp(k[members, hi] @ q[i, hi] / np.sqrt(d))
+        out[i, hi] += p[len(own) + n] * (e / e.sum()) @ v[members, hi]
+  return out
+
+
+def test_decode_retrieves_the_top_k_blocks_of_the_spec():
+  """Token-by-token decode with top_k = 2 of up to 7 earlier blocks equals the spec's retrieval
+  with the forward pass's landmark keys (a wrongly picked block would change the output)."""
+  t, blen = 32, 4
+  attn = Jitted(build("landmark", landmark={"block_len": blen, "top_k": 2}))
+  module = attn.module
+  x, pos = random_inputs(length=t)
+  cache = attn.init_cache(2, t, x.dtype)
+  ys = []
+  for i in range(t):
+    y, cache = attn.decode(x[:, i:i + 1], positions=pos[:, i:i + 1], cache=cache)
+    ys.append(y)
+  h = module.num_heads
+  q = base.apply_rope(base.split_heads(module.q_proj(x), h), pos, module.rope_theta)
+  k_raw = base.split_heads(module.k_proj(x), h)
+  k = base.apply_rope(k_raw, pos, module.rope_theta)
+  v = base.split_heads(module.v_proj(x), h)
+  k_land = module.landmark_keys(k_raw, pos, block_groups(pos, None, blen))  # [B, G, H, D]
+  o = np.stack([naive_top_k_decode(q[r], k[r], v[r], k_land[r], blen, 2) for r in range(2)])
+  want = module.o_proj(base.merge_heads(jnp.asarray(o, jnp.float32)))
+  assert_close("y", want, jnp.concatenate(ys, 1), reduction=t)
+
+
+def _decode_step_temp_bytes(module, capacity):
+  """Compiled temporaries of one jitted one-token decode step (cache donated) at `capacity`."""
+  graphdef, state = nnx.split(module)
+  cache = jax.eval_shape(lambda: module.init_cache(2, capacity, jnp.float32))
+  x = jax.ShapeDtypeStruct((2, 1, 32), jnp.float32)
+  pos = jax.ShapeDtypeStruct((2, 1), jnp.int32)
+  step = jax.jit(lambda s, c, x, p: nnx.merge(graphdef, s).decode(x, positions=p, cache=c),
+                 donate_argnums=(1,))
+  compiled = step.lower(state, cache, x, pos).compile()
+  cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
+  return compiled.memory_analysis().temp_size_in_bytes, cache_bytes
+
+
+def test_decode_step_temporaries_do_not_grow_like_the_cache():
+  """One decode step reads the landmarks and top_k + 1 blocks: going from 2k to 32k tokens of
+  cache, its temporaries grow by far less than the cache (a transposed, gathered-from or f32
+  copy of the cache would grow by at least as much)."""
+  module = build("landmark", landmark={"block_len": 8, "top_k": 2})
+  temp_small, cache_small = _decode_step_temp_bytes(module, 2048)
+  temp_large, cache_large = _decode_step_temp_bytes(module, 32768)
+  assert temp_large - temp_small < 0.05 * (cache_large - cache_small), (
+      temp_small, temp_large, cache_small, cache_large)
 
 
 def test_bad_options_named():
