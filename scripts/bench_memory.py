@@ -5,9 +5,9 @@
 
 Parts (JSON under --out, a markdown table printed last; docs/benchmarks.md has results). Part 1
 runs before any timing part whatever --parts says, and nothing it failed is timed:
-1. check: memory_update on the Pallas (Triton) path and the chunked xla path against
-   reference.py on the device, forward, final states and every gradient (random cotangents),
-   f32 and bf16, with packed segments and a ragged T.
+1. check: memory_update on the Pallas (Triton) path (each form of the chunk loops) and the
+   chunked xla path against reference.py on the device, forward, final states and every
+   gradient (random cotangents), f32 and bf16, with packed segments and a ragged T.
 2. op: forward and forward+backward medians of the linear-memory update (B=4, H=16, D=64,
    bf16, chunk 64) for Pallas, chunked xla and the sequential token recurrence (reference.py,
    a lax.scan over tokens), T = 2k .. 32k; a num_warps sweep and chunk 16 at T = 8k.
@@ -16,12 +16,12 @@ runs before any timing part whatever --parts says, and nothing it failed is time
 3. blocks: the value columns split over programs (BlockSizes.block_v) at the shape of
    bench_train's 16k step (B=2, H=8, D=128, bf16, chunk 16, T = 16k: 16 programs of one
    block on 132 SMs), block_v None / 64 / 32 / 16, for each form of the chunk loops (LOOPS:
-   BlockSizes.forward / .backward "fused" or "split"); part 1 checks block_v 16 / 32 and
-   every form first, and a form that fails there is not timed.
+   BlockSizes.forward / .backward "fused", "split" or "hoisted"); part 1 checks block_v
+   16 / 32 and every form first, and a form that fails there is not timed.
 4. launch: Triton's num_warps x num_stages (software pipelining of the chunk loop's loads;
-   the default is 4 warps at chunk 16, 1 stage) for the default loops (split / split) at
-   block_v 32, at blocks' 16k shape; part 1 checks each pair first when this part runs, and a
-   pair that fails there is not timed.
+   the default is 4 warps at chunk 16, 2 stages) for LAUNCH_LOOPS at block_v 32, at blocks'
+   16k shape; part 1 checks each pair first (in bf16, the timed dtype) when this part runs,
+   and a pair that fails there is not timed.
 5. layer: the whole neural_memory module (variant lmm, d_model 1024, 16 heads) forward+backward
    (output, gradients of the parameters and the input) tokens/s with the memory on Pallas vs
    xla.
@@ -49,11 +49,15 @@ B, H, D = 4, 16, 64
 # BlockSizes.forward / .backward of each form of the kernel's chunk loops that is timed.
 LOOPS = {"fused": dict(forward="fused", backward="fused"),
          "split bwd": dict(forward="fused", backward="split"),
-         "split": dict(forward="split", backward="split")}
+         "split": dict(forward="split", backward="split"),
+         "hoisted": dict(forward="hoisted", backward="hoisted")}
 SMOKE = {"on": False}  # --smoke: the Pallas kernels in interpret mode (CPU)
-# (num_warps, num_stages) pairs of the launch part; (4, 1) is BlockSizes' default at chunk 16.
+# (num_warps, num_stages) pairs of the launch part; (4, 2) is BlockSizes' default at chunk 16.
 LAUNCHES = tuple((w, s) for w in (2, 4, 8) for s in (1, 2, 3))
 LAUNCH_BLOCK_V = 32
+# The loops the launch part sweeps: the hoisted ones, unmeasured (the split loops' sweep chose
+# BlockSizes' 2 stages; docs/benchmarks.md).
+LAUNCH_LOOPS = "hoisted"
 
 
 def kernel_kwargs(impl: str) -> dict:
@@ -79,7 +83,8 @@ def inputs(key, b, t, h, d, dtype, segments=False):
 
 def check(results, launches=()):
   """Pallas and xla vs the reference on the device: max error / reference max, per tensor;
-  launches: (num_warps, num_stages) pairs also checked (split loops, block_v LAUNCH_BLOCK_V)."""
+  launches: (num_warps, num_stages) pairs also checked (LAUNCH_LOOPS, block_v LAUNCH_BLOCK_V),
+  in bf16 alone: the dtype they are timed in."""
   rows = []
   for dtype, chunk, t in ((jnp.float32, 16, 300), (jnp.bfloat16, 64, 517)):
     args, seg = inputs(jax.random.key(0), 2, t, 4, 64, dtype, segments=True)
@@ -102,8 +107,10 @@ def check(results, launches=()):
     names = ["y", "W_T", "S_T", "dq", "dk", "dv", "dtheta", "dalpha", "deta", "dW0"]
     forms = [("pallas_gpu", None, "fused", None), ("pallas_gpu", 16, "fused", None),
              ("pallas_gpu", None, "split bwd", None), ("pallas_gpu", 32, "split", None),
-             ("pallas_gpu", None, "split", None), ("xla", None, None, None)]
-    forms += [("pallas_gpu", LAUNCH_BLOCK_V, "split", tuple(pair)) for pair in launches]
+             ("pallas_gpu", None, "split", None), ("pallas_gpu", 32, "hoisted", None),
+             ("xla", None, None, None)]
+    if dtype == jnp.bfloat16:
+      forms += [("pallas_gpu", LAUNCH_BLOCK_V, LAUNCH_LOOPS, tuple(pair)) for pair in launches]
     for impl, block_v, loops, launch in forms:
       out, vjp = run(impl, block_v, loops, launch)
       g = vjp(ct)
@@ -223,7 +230,7 @@ def blocks(results, t, b, h, d, chunk):
 
 
 def launch(results, t, b, h, d, chunk, pairs=LAUNCHES):
-  """Part 4: (num_warps, num_stages) of the default loops at block_v LAUNCH_BLOCK_V; a pair
+  """Part 4: (num_warps, num_stages) of LAUNCH_LOOPS at block_v LAUNCH_BLOCK_V; a pair
   that failed its check in part 1 (or was not checked there) is not timed."""
   passed = {tuple(r["launch"]) for r in results.get("check", []) if "launch" in r and r["ok"]}
   failed = {tuple(r["launch"]) for r in results.get("check", []) if "launch" in r and not r["ok"]}
@@ -236,8 +243,9 @@ def launch(results, t, b, h, d, chunk, pairs=LAUNCHES):
       continue
     rows.append(kernel_row(f"launch warps={warps} stages={stages}",
                            dict(t=t, b=b, h=h, d=d, chunk=chunk, block_v=LAUNCH_BLOCK_V,
-                                loops="split", warps=warps, stages=stages), args, chunk,
-                           warps=warps, block_v=LAUNCH_BLOCK_V, loops="split", stages=stages))
+                                loops=LAUNCH_LOOPS, warps=warps, stages=stages), args, chunk,
+                           warps=warps, block_v=LAUNCH_BLOCK_V, loops=LAUNCH_LOOPS,
+                           stages=stages))
   results["launch"] = rows
 
 

@@ -158,45 +158,60 @@ def test_value_blocks_lower_for_cuda():
   assert "tensor<4x1x64x2x128xf32>" in calls[1]  # dq's four shares
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("block_v,forward", [(None, "split"), (16, "fused"), (16, "split")])
-def test_split_loops_match_reference(case, block_v, forward):
+# (case, block_v, forward, backward): the split backward with each forward over every case;
+# the hoisted loops together (block_v None: f32, segments, ragged T, initial states; 16: bf16,
+# two value blocks of D 32) and each alone beside the fused other.
+LOOP_FORMS = ([(case, block_v, forward, "split") for case in CASES
+               for block_v, forward in ((None, "split"), (16, "fused"), (16, "split"))]
+              + [(CASES[0], None, "hoisted", "hoisted"), (CASES[1], 16, "hoisted", "hoisted"),
+                 (CASES[1], 16, "hoisted", "fused"), (CASES[1], 16, "fused", "hoisted")])
+
+
+@pytest.mark.parametrize("case,block_v,forward,backward", LOOP_FORMS,
+                         ids=[f"{c[0]}-{bv}-{f}-{b}" for c, bv, f, b in LOOP_FORMS])
+def test_split_loops_match_reference(case, block_v, forward, backward):
   """BlockSizes.backward="split" (the chunk loop carries only the state cotangents, then
-  every chunk's gradients come at once) and forward="split" (the loop makes only the states,
-  then y of every chunk at once): forward, final states and every gradient against the
+  every chunk's gradients come at once), forward="split" (the loop makes only the states,
+  then y of every chunk at once) and "hoisted" ("split" with the loops' state-independent
+  terms computed for all chunks first): forward, final states and every gradient against the
   reference (segments, ragged T, initial states, value blocks)."""
   _check_against_reference(case, "pallas_gpu", True, block_sizes=pallas_gpu.BlockSizes(
-      block_v=block_v, forward=forward, backward="split"))
+      block_v=block_v, forward=forward, backward=backward))
 
 
-def test_split_backward_lowers_for_cuda():
-  """The split loops lower at the bench shape: the state loop and the cotangent loop are
-  Triton kernels (y and the per-token gradients are XLA), value blocks of 32."""
+@pytest.mark.parametrize("loops", ["split", "hoisted"])
+def test_split_loops_lower_for_cuda(loops):
+  """The split and hoisted loops lower at the bench shape: the state loop and the cotangent
+  loop are Triton kernels (y and the per-token gradients are XLA), value blocks of 32."""
   x = jax.ShapeDtypeStruct((1, 64, 2, 128), jnp.bfloat16)
   gate = jax.ShapeDtypeStruct((1, 64, 2), jnp.float32)
 
   def loss(q, k, v, theta):
     y, (w, _) = memory_update(q, k, v, theta, theta, theta, chunk_size=16, impl="pallas_gpu",
-                              block_sizes=pallas_gpu.BlockSizes(block_v=32, forward="split",
-                                                                backward="split"))
+                              block_sizes=pallas_gpu.BlockSizes(block_v=32, forward=loops,
+                                                                backward=loops))
     return jnp.sum(y.astype(jnp.float32)) + jnp.sum(w)
 
   with dispatch.lower_for("gpu"):
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(x, x, x, gate).lower(
         lowering_platforms=("cuda",)).as_text()
   calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
-  assert len(calls) == 2 and "memory_chunk_dstate" in text and "memory_chunk_states" in text
+  suffix = "_hoisted" if loops == "hoisted" else ""
+  assert len(calls) == 2
+  assert f"memory_chunk_dstate{suffix}" in text and f"memory_chunk_states{suffix}" in text
+  assert ("_hoisted" in text) == (loops == "hoisted")
   for field in ("forward", "backward"):
     with pytest.raises(ValueError, match=f"{field}='loop' must be one of"):
       pallas_gpu.BlockSizes(**{field: "loop"})
 
 
-def test_split_forward_applies_under_differentiation_only():
-  """forward="split" is the training forward's form (it saves the states a backward reads); a
-  forward alone runs the fused loop, the faster one without a backward."""
+@pytest.mark.parametrize("loops", ["split", "hoisted"])
+def test_split_forward_applies_under_differentiation_only(loops):
+  """forward="split" (and "hoisted") is the training forward's form (it saves the states a
+  backward reads); a forward alone runs the fused loop, the faster one without a backward."""
   x = jax.ShapeDtypeStruct((1, 64, 2, 128), jnp.bfloat16)
   gate = jax.ShapeDtypeStruct((1, 64, 2), jnp.float32)
-  sizes = pallas_gpu.BlockSizes(block_v=32, forward="split", backward="split")
+  sizes = pallas_gpu.BlockSizes(block_v=32, forward=loops, backward=loops)
 
   def outputs(q, k, v, theta):
     return memory_update(q, k, v, theta, theta, theta, chunk_size=16, impl="pallas_gpu",

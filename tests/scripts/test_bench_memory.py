@@ -17,7 +17,7 @@ def test_blocks_skip_a_form_that_failed_its_check(bench):
   results = {"check": [{"loops": "fused", "ok": True}, {"loops": "split", "ok": False}]}
   bench.blocks(results, 32, 1, 1, 16, 16)
   timed = [(r["loops"], r["block_v"]) for r in results["blocks"]]
-  assert timed == [("fused", None), ("fused", 16), ("split bwd", 16)]
+  assert timed == [("fused", None), ("fused", 16), ("split bwd", 16), ("hoisted", 16)]
   assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 for r in results["blocks"])
   assert "| pallas_gpu loops split bwd, block_v=16 (1 programs" in bench.table(results)
 
@@ -33,10 +33,11 @@ def test_nothing_is_timed_without_a_passed_check(bench, capsys):
 
 
 def test_launch_times_only_the_pairs_that_passed_their_check(bench):
-  results = {"check": [{"loops": "split", "launch": (4, 2), "ok": True},
-                       {"loops": "split", "launch": (2, 1), "ok": False}]}
+  results = {"check": [{"loops": "hoisted", "launch": (4, 2), "ok": True},
+                       {"loops": "hoisted", "launch": (2, 1), "ok": False}]}
   bench.launch(results, 32, 1, 1, 32, 16, pairs=((2, 1), (4, 2), (8, 3)))
-  assert [(r["warps"], r["stages"]) for r in results["launch"]] == [(4, 2)]
+  timed = [(r["warps"], r["stages"], r["loops"]) for r in results["launch"]]
+  assert timed == [(4, 2, "hoisted")]
   assert results["launch"][0]["fwd_ms"] > 0 and results["launch"][0]["fwdbwd_ms"] > 0
   assert "warps 4, stages 2" in bench.table(results)
   # A launch pair's failure does not keep blocks from timing the split loops.

@@ -132,8 +132,8 @@ def memory_update(q, k, v, theta, alpha, eta, *, initial_memory=None, initial_mo
       0: chosen from the grid) when block_sizes is None. A launch setting, not math: the
       other paths have no such split and run as they are.
     forward, backward: the Triton kernel's chunk loops (pallas_gpu.BlockSizes.forward and
-      .backward: "fused", the default, or "split") when block_sizes is None; launch settings
-      like block_v.
+      .backward: "fused", the default, "split" or "hoisted") when block_sizes is None; launch
+      settings like block_v.
     remat_chunks: chunks per rematerialized piece (None: one piece). The backward of the xla
       and Pallas paths keeps the memory at the start of every chunk, 2 Dk Dv f32 per chunk,
       row and head (8.6 GB for 4 layers at B 2, T 16k, H 8, D 128, chunk 16). With

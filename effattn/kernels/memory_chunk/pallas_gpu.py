@@ -17,12 +17,19 @@ block's share, [Dv / block_v, ...], and they are summed after the call. At small
 programs at B 2, H 8 on 132 SMs) this multiplies the programs at no extra state work (q, k and
 the chunk's [C, C] products are recomputed per block).
 
-`BlockSizes.forward="split"` likewise runs the loop for the states alone (`_states_kernel`, 3
-of the forward's 7 matmuls a chunk) and then y of every chunk at once (xla.forward_given_states).
-`BlockSizes.backward="split"` runs a lighter chunk loop (`_dstate_kernel`: only the state
-cotangents, 8 of the backward's 20 matmuls a chunk, saving the pair each chunk sees) and then
-the per-token gradients of every chunk at once in xla (xla.backward_given_cotangents), which
-has no sequential dependency left.
+The chunk loops come in three forms, `BlockSizes.forward` / `.backward` (LOOPS), same math:
+- "fused": one loop computes everything, y (forward) or every gradient (backward), per chunk.
+- "split": the forward's loop makes the states alone (`_states_kernel`, 3 of the forward's 7
+  matmuls a chunk), then y of every chunk comes at once (xla.forward_given_states); the
+  backward's loop carries only the state cotangents (`_dstate_kernel`, 8 of its 20 matmuls a
+  chunk, saving the pair each chunk sees), then the per-token gradients of every chunk come at
+  once (xla.backward_given_cotangents), which has no sequential dependency left.
+- "hoisted": "split" with what its loop steps compute without the carry moved before the loop,
+  vectorized over all chunks in XLA (xla.hoisted_inputs): the gate algebra (two C x C exps and
+  the C x C x C product Db @ De a chunk) as per-token coefficients, and for the backward
+  P = -((q k^T) * A)^T dy [B, Tp, H, Dv] f32, sliced by value block like dy. The loops then
+  read those instead of the raw gates, and skip what the carry does not need (forward: q and
+  the gates; backward: v and the saved states), which shortens each of the N sequential steps.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from effattn.kernels.memory_chunk import xla
 # (docs/benchmarks.md): half the 132 SMs beats all of them, whose blocks of 16 columns make
 # the matmuls too thin.
 TARGET_PROGRAMS = 64
-LOOPS = ("fused", "split")  # BlockSizes.forward / .backward
+LOOPS = ("fused", "split", "hoisted")  # BlockSizes.forward / .backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +72,11 @@ class BlockSizes:
   "split" walks them carrying only the state cotangents (saving the pair each chunk sees,
   like the forward's states), then computes the per-token gradients of all chunks at once
   (xla.backward_given_cotangents): the loop keeps 8 of the backward's 20 matmuls a chunk.
+  "hoisted" (forward and backward; like "split", for the training forward only) is "split"
+  whose loop reads the state-independent terms precomputed for all chunks (xla.hoisted_inputs)
+  instead of recomputing them at every step: the forward's loop keeps its 3 matmuls a chunk
+  but none of the gate algebra (two C x C exps and the C x C x C Db @ De), the backward's 5 of
+  "split"'s 8 (not yet measured on a GPU).
   """
 
   num_warps: int | None = None
@@ -143,15 +155,20 @@ def _forward_kernel(*refs, chunk: int, dtype, save_states: bool):
   _walk(tokens, init, outs[1:3], chunk, step)
 
 
-def _states_kernel(*refs, chunk: int, dtype):
-  """The split forward's chunk loop: 9 token refs; w0, s0 [Dk, Dv]; outputs w_T, s_T [Dk, Dv]
-  and the states at every chunk start [N*Dk, Dv] each (no y)."""
-  tokens, init, (w_out, s_out, w_states, s_states) = refs[:9], refs[9:11], refs[11:]
+def _states_kernel(*refs, chunk: int, dtype, hoisted: bool):
+  """The split forward's chunk loop: 9 token refs or, hoisted, 8 (k [Tp, Dk], v [Tp, Dv], carry
+  and xla.FORWARD_COEFFICIENTS [Tp]); w0, s0 [Dk, Dv]; outputs w_T, s_T [Dk, Dv] and the states
+  at every chunk start [N*Dk, Dv] each (no y)."""
+  n = 8 if hoisted else 9
+  tokens, init, (w_out, s_out, w_states, s_states) = refs[:n], refs[n:n + 2], refs[n + 2:]
 
   def step(start, rows, w, s):
     w_states[rows, :] = w
     s_states[rows, :] = s
-    return xla.chunk_state_forward(*_load_chunk(tokens, start, chunk), w, s, dtype=dtype)
+    x = _load_chunk(tokens, start, chunk)
+    if hoisted:
+      return xla.chunk_state_forward_hoisted(*x[:3], x[3:], w, s, dtype=dtype)
+    return xla.chunk_state_forward(*x, w, s, dtype=dtype)
 
   _walk(tokens, init, (w_out, s_out), chunk, step)
 
@@ -176,22 +193,25 @@ def _backward_kernel(*refs, chunk: int, dtype):
   _walk(tokens, refs[12:14], refs[20:22], chunk, step, reverse=True)
 
 
-def _dstate_kernel(*refs, chunk: int, dtype):
-  """The split backward's chunk loop: 9 token refs; saved states w, s [N*Dk, Dv]; dy [Tp, Dv];
-  dw_T, ds_T [Dk, Dv]; outputs the cotangents (dw', ds') entering each chunk [N*Dk, Dv] and
-  dw0, ds0 [Dk, Dv]."""
-  tokens = refs[:9]
-  w_states, s_states, dy_ref = refs[9:12]
-  dw_seen, ds_seen = refs[14:16]
+def _dstate_kernel(*refs, chunk: int, dtype, hoisted: bool):
+  """The split backward's chunk loop: 9 token refs, the saved states w, s [N*Dk, Dv] and dy
+  [Tp, Dv] or, hoisted, q, k [Tp, Dk], carry [Tp], dy, P [Tp, Dv] and xla.STATE_COEFFICIENTS
+  [Tp] (12 refs either way); dw_T, ds_T [Dk, Dv]; outputs the cotangents (dw', ds') entering
+  each chunk [N*Dk, Dv] and dw0, ds0 [Dk, Dv]."""
+  ins, init, (dw_seen, ds_seen), final = refs[:12], refs[12:14], refs[14:16], refs[16:18]
 
   def step(start, rows, dw, ds):
     dw_seen[rows, :] = dw
     ds_seen[rows, :] = ds
-    return xla.chunk_state_backward(*_load_chunk(tokens, start, chunk), w_states[rows, :],
+    if hoisted:
+      q, k, carry, dy, p, *co = _load_chunk(ins, start, chunk)
+      return xla.chunk_state_backward_hoisted(q, k, carry, p, co, dy, dw, ds, dtype=dtype)
+    w_states, s_states, dy_ref = ins[9:]
+    return xla.chunk_state_backward(*_load_chunk(ins[:9], start, chunk), w_states[rows, :],
                                     s_states[rows, :], dy_ref[pl.ds(start, chunk), :], dw, ds,
                                     dtype=dtype)
 
-  _walk(tokens, refs[12:14], refs[16:18], chunk, step, reverse=True)
+  _walk(ins, init, final, chunk, step, reverse=True)
 
 
 class _Specs:
@@ -237,11 +257,17 @@ def forward(q, k, v, theta, lb, le, seg, carry, end, w0, s0, *, chunk: int, dtyp
   run = _Launch(q, v, chunk, dtype, block_sizes, interpret)
   sp, dk, n = run.sp, run.dk, run.n
   tokens = (q, k, v, theta, lb, le, seg.astype(jnp.int32), carry, end)
-  if block_sizes.forward == "split" and save_states:  # the states in the loop, then y
+  loops = block_sizes.forward
+  if loops in ("split", "hoisted") and save_states:  # the states in the loop, then y
+    if loops == "hoisted":  # the gate algebra of every chunk first (XLA), then a lighter loop
+      co = xla.hoisted_inputs(*tokens, chunk=chunk)[:len(xla.FORWARD_COEFFICIENTS)]
+      in_specs, args = run.hoisted_forward_inputs(), (k, v, carry, *co, w0, s0)
+    else:
+      in_specs, args = run.forward_inputs(), (*tokens, w0, s0)
     w, s, w_states, s_states = run(
-        _states_kernel, "memory_chunk_states", run.forward_inputs(),
-        [(dk, "state"), (dk, "state"), (n * dk, "state"), (n * dk, "state")],
-        *tokens, w0, s0)
+        functools.partial(_states_kernel, hoisted=loops == "hoisted"),
+        "memory_chunk_states" + ("_hoisted" if loops == "hoisted" else ""), in_specs,
+        [(dk, "state"), (dk, "state"), (n * dk, "state"), (n * dk, "state")], *args)
     y = xla.forward_given_states(*tokens, (run.per_chunk(w_states), run.per_chunk(s_states)),
                                  chunk=chunk, dtype=dtype)
     return y, w, s, (w_states, s_states)
@@ -262,13 +288,20 @@ def backward(q, k, v, theta, lb, le, seg, carry, end, states, dy, dw_t, ds_t, *,
   tokens = (q, k, v, theta, lb, le, seg.astype(jnp.int32), carry, end)
   dy = dy.astype(f32)
   inputs = (*tokens, *states, dy, dw_t.astype(f32), ds_t.astype(f32))
-  if block_sizes.backward == "split":
+  loops = block_sizes.backward
+  if loops in ("split", "hoisted"):
     # The state cotangents in a chunk loop (separable in the value columns like the forward,
     # so the same value blocks, and no shares: it writes only states), then every chunk's
     # per-token gradients at once (xla).
+    if loops == "hoisted":  # the loop's state-independent terms of every chunk first (XLA)
+      *co, p = xla.hoisted_inputs(*tokens, dy, chunk=chunk, dtype=dtype)
+      in_specs, args = run.hoisted_backward_inputs(), (q, k, carry, dy, p, *co, *inputs[-2:])
+    else:
+      in_specs, args = run.backward_inputs(), inputs
     dw_seen, ds_seen, dw0, ds0 = run(
-        _dstate_kernel, "memory_chunk_dstate", run.backward_inputs(),
-        [(n * dk, "state"), (n * dk, "state"), (dk, "state"), (dk, "state")], *inputs)
+        functools.partial(_dstate_kernel, hoisted=loops == "hoisted"),
+        "memory_chunk_dstate" + ("_hoisted" if loops == "hoisted" else ""), in_specs,
+        [(n * dk, "state"), (n * dk, "state"), (dk, "state"), (dk, "state")], *args)
     grads = xla.backward_given_cotangents(
         *tokens, tuple(run.per_chunk(x) for x in states),
         (run.per_chunk(dw_seen), run.per_chunk(ds_seen)), dy, chunk=chunk, dtype=dtype)
@@ -302,6 +335,19 @@ class _Launch:
     gate, mask = sp.gate(), sp.mask()
     return [sp.tok(self.dk), sp.tok(self.dk), sp.col(), gate, gate, gate, mask, mask, mask,
             sp.state(self.dk), sp.state(self.dk)]
+
+  def hoisted_forward_inputs(self):
+    """k, v, carry, the xla.FORWARD_COEFFICIENTS and the initial states."""
+    sp = self.sp
+    return ([sp.tok(self.dk), sp.col(), sp.mask()] + [sp.gate()] * len(xla.FORWARD_COEFFICIENTS)
+            + [sp.state(self.dk)] * 2)
+
+  def hoisted_backward_inputs(self):
+    """q, k, carry, dy, P (the block's columns of both), the xla.STATE_COEFFICIENTS and the
+    final states' cotangents."""
+    sp = self.sp
+    return ([sp.tok(self.dk)] * 2 + [sp.mask(), sp.col(), sp.col()]
+            + [sp.gate()] * len(xla.STATE_COEFFICIENTS) + [sp.state(self.dk)] * 2)
 
   def backward_inputs(self):
     """9 token refs, the saved states, dy and the final states' cotangents."""

@@ -19,6 +19,19 @@ carries (W, S) and is the only sequential part. `chunk_forward` / `chunk_backwar
 (batch row, head, chunk) and are called verbatim by the Pallas kernels; the backward is the
 hand-derived transpose (docs/mechanisms_memory.md), checked against autodiff of reference.py.
 
+The Triton kernel's three loop forms (pallas_gpu.BlockSizes) take their per-chunk math from here:
+"fused" runs chunk_forward / chunk_backward in the loop; "split" runs only what the carry needs,
+chunk_state_forward (W', S') / chunk_state_backward (the state cotangents), then the rest of
+every chunk at once, forward_given_states / backward_given_cotangents; "hoisted" is "split"
+whose loop steps (chunk_state_forward_hoisted / chunk_state_backward_hoisted) read the
+state-independent terms precomputed for all chunks by hoisted_inputs: the gate algebra
+(chunk_state_coefficients) and, backward, e's cotangent through y, P = -((q k^T) * A)^T dy.
+Given those, the backward's state cotangents are, with (dW', dS') those of (W', S'):
+
+  de = P - A[end, :] * (k dW') - theta * De[end, :] * (k dS')          [C, Dv]
+  dW = q^T (wq * dy) + wq_end dW' + k^T (2 carry * de)
+  dS = q^T (a * dy) + a_end dW' + ec_end dS'
+
 Array contract of forward/backward (the api pads and prepares them): q, k [B, Tp, H, Dk];
 v [B, Tp, H, Dv]; theta, lb, le [B, Tp, H] float32 (lb, le chunk-local cumulative logs);
 seg [B, Tp] int32; carry, end [B, Tp] float32; w0, s0 [B, H, Dk, Dv] float32.
@@ -57,6 +70,31 @@ def chunk_coefficients(theta, lb, le, seg, carry, end):
               wq_end=jnp.sum(end * wq), a_end=jnp.sum(end * a), ec_end=jnp.sum(end * ec))
 
 
+# The gate algebra the hoisted loops read, per token [C] (chunk_state_coefficients): A[end, :]
+# and m = theta * De[end, :]; the chunk scalars wq_end, a_end, ec_end as their value at the
+# chunk's end token and 0 elsewhere (the loop sums them back over the chunk, as chunk_coefficients
+# does with `end`); wq and a. The forward reads FORWARD_COEFFICIENTS, the first 5.
+STATE_COEFFICIENTS = ("A_end", "m", "wq_end", "a_end", "ec_end", "wq", "a")
+FORWARD_COEFFICIENTS = STATE_COEFFICIENTS[:5]
+_SCALARS = {"wq_end": "wq", "a_end": "a", "ec_end": "ec"}  # scalar -> its per-token term
+
+
+def _per_token(co, end):
+  return tuple(end * co[_SCALARS[n]] if n in _SCALARS else co[n] for n in STATE_COEFFICIENTS)
+
+
+def chunk_state_coefficients(theta, lb, le, seg, carry, end):
+  """The terms of chunk_coefficients the hoisted loops read: [C] f32 each, in
+  STATE_COEFFICIENTS order. They depend on the gates and masks alone."""
+  return _per_token(chunk_coefficients(theta, lb, le, seg, carry, end), end)
+
+
+def _summed(coefficients):
+  """chunk_state_coefficients (or its first few) back as chunk_coefficients' entries."""
+  co = dict(zip(STATE_COEFFICIENTS, coefficients))
+  return {n: jnp.sum(x) if n in _SCALARS else x for n, x in co.items()}
+
+
 def _chunk_states(k, v, co, carry, w, s, dtype):
   """The chunk's prediction errors e [C, Dv] and its end states (w', s')."""
   e = 2.0 * (carry[:, None] * dot(k, w, dtype=dtype) - v.astype(jnp.float32))
@@ -73,6 +111,12 @@ def chunk_state_forward(q, k, v, theta, lb, le, seg, carry, end, w, s, *, dtype=
   return _chunk_states(k, v, co, carry, w, s, dtype)[1:]
 
 
+def chunk_state_forward_hoisted(k, v, carry, coefficients, w, s, *, dtype=jnp.float32):
+  """chunk_state_forward given the chunk's FORWARD_COEFFICIENTS (hoisted_inputs): the hoisted
+  forward's loop step, which reads neither q nor the raw gates."""
+  return _chunk_states(k, v, _summed(coefficients), carry, w, s, dtype)[1:]
+
+
 def chunk_forward(q, k, v, theta, lb, le, seg, carry, end, w, s, *, dtype=jnp.float32):
   """One chunk: q, k [C, Dk], v [C, Dv], gates/masks [C], w, s [Dk, Dv] f32 ->
   (y [C, Dv] f32, w', s')."""
@@ -84,23 +128,35 @@ def chunk_forward(q, k, v, theta, lb, le, seg, carry, end, w, s, *, dtype=jnp.fl
   return y, w_new, s_new
 
 
-def _state_cotangents(q, k, v, co, carry, w, s, dy, dw_new, ds_new, dtype):
-  """The part of chunk_backward the chunk loop needs: the cotangents of the chunk's starting
-  (w, s) from those of (w', s'), and the terms of it the per-token gradients reuse."""
-  kw = dot(k, w, dtype=dtype)
-  e = 2.0 * (carry[:, None] * kw - v.astype(jnp.float32))
-  qk = dot(q, k, trans_b=True, dtype=dtype)
+def _de_from_y(qk, co, dy, dtype):
+  """P = -((q k^T) * A)^T dy [C, Dv]: e's cotangent through y = ... - ((q k^T) * A) e, which
+  does not depend on the carried state cotangents."""
+  return -dot(qk * co["A"], dy, trans_a=True, dtype=dtype)
+
+
+def _cotangent_chain(q, k, co, carry, dy, p, dw_new, ds_new, dtype):
+  """The cotangents (dw, ds) of the chunk's starting (w, s) from those of (w', s'), given P
+  (_de_from_y): the only part of the backward that needs the carry; with the terms of it the
+  per-token gradients reuse."""
   k_dw = dot(k, dw_new, dtype=dtype)
   k_ds = dot(k, ds_new, dtype=dtype)
-  # e feeds y through -(qk * A) e and the new states through -k^T (coef * e).
-  de = (-dot(qk * co["A"], dy, trans_a=True, dtype=dtype) - co["A_end"][:, None] * k_dw
-        - co["m"][:, None] * k_ds)
+  # e feeds y (through P) and the new states through -k^T (coef * e).
+  de = p - co["A_end"][:, None] * k_dw - co["m"][:, None] * k_ds
   dkw = 2.0 * carry[:, None] * de
   dw = (dot(q, co["wq"][:, None] * dy, trans_a=True, dtype=dtype) + co["wq_end"] * dw_new
         + dot(k, dkw, trans_a=True, dtype=dtype))
   ds = (dot(q, co["a"][:, None] * dy, trans_a=True, dtype=dtype) + co["a_end"] * dw_new
         + co["ec_end"] * ds_new)
-  return dict(e=e, qk=qk, k_dw=k_dw, k_ds=k_ds, de=de, dkw=dkw, dw=dw, ds=ds)
+  return dict(k_dw=k_dw, k_ds=k_ds, de=de, dkw=dkw, dw=dw, ds=ds)
+
+
+def _state_cotangents(q, k, v, co, carry, w, dy, dw_new, ds_new, dtype):
+  """_cotangent_chain with the terms chunk_backward adds: e and q k^T."""
+  e = 2.0 * (carry[:, None] * dot(k, w, dtype=dtype) - v.astype(jnp.float32))
+  qk = dot(q, k, trans_b=True, dtype=dtype)
+  chain = _cotangent_chain(q, k, co, carry, dy, _de_from_y(qk, co, dy, dtype), dw_new, ds_new,
+                           dtype)
+  return dict(e=e, qk=qk, **chain)
 
 
 def chunk_state_backward(q, k, v, theta, lb, le, seg, carry, end, w, s, dy, dw_new, ds_new, *,
@@ -109,8 +165,16 @@ def chunk_state_backward(q, k, v, theta, lb, le, seg, carry, end, w, s, dy, dw_n
   backward's chunk loop; the per-token gradients then come from chunk_backward over all
   chunks at once, given the (dw', ds') this loop saw at each chunk)."""
   co = chunk_coefficients(theta, lb, le, seg, carry, end)
-  t = _state_cotangents(q, k, v, co, carry, w, s, dy.astype(jnp.float32), dw_new, ds_new,
-                        dtype)
+  t = _state_cotangents(q, k, v, co, carry, w, dy.astype(jnp.float32), dw_new, ds_new, dtype)
+  return t["dw"], t["ds"]
+
+
+def chunk_state_backward_hoisted(q, k, carry, p, coefficients, dy, dw_new, ds_new, *,
+                                 dtype=jnp.float32):
+  """chunk_state_backward given the chunk's P and STATE_COEFFICIENTS (hoisted_inputs): the
+  hoisted backward's loop step, which reads neither v, the raw gates nor the chunk's states."""
+  t = _cotangent_chain(q, k, _summed(coefficients), carry, dy.astype(jnp.float32), p, dw_new,
+                       ds_new, dtype)
   return t["dw"], t["ds"]
 
 
@@ -120,7 +184,7 @@ def chunk_backward(q, k, v, theta, lb, le, seg, carry, end, w, s, dy, dw_new, ds
   (y, w', s'). Returns (dq, dk, dv, dtheta, dlb, dle, dw, ds), all float32."""
   co = chunk_coefficients(theta, lb, le, seg, carry, end)
   dy = dy.astype(jnp.float32)
-  t = _state_cotangents(q, k, v, co, carry, w, s, dy, dw_new, ds_new, dtype)
+  t = _state_cotangents(q, k, v, co, carry, w, dy, dw_new, ds_new, dtype)
   e, qk, k_dw, k_ds, de, dkw, dw, ds = (t[n] for n in ("e", "qk", "k_dw", "k_ds", "de", "dkw",
                                                        "dw", "ds"))
   dy_e = dot(dy, e, trans_b=True, dtype=dtype)           # [C, C]
@@ -257,3 +321,20 @@ def backward_given_cotangents(q, k, v, theta, lb, le, seg, carry, end, states, c
   return _all_chunks(fn, (q, k, v, theta, lb, le, seg, carry, end),
                      ((w, "states"), (s, "states"), (dy, "tokens"), (dw, "states"),
                       (ds, "states")), chunk, 6)
+
+
+def hoisted_inputs(q, k, v, theta, lb, le, seg, carry, end, dy=None, *, chunk: int,
+                   dtype=jnp.float32):
+  """What the hoisted loops read, for every chunk at once (no loop): the 7
+  chunk_state_coefficients [B, Tp, H] f32 (STATE_COEFFICIENTS order) and, given dy
+  [B, Tp, H, Dv] (the backward), P = -((q k^T) * A)^T dy [B, Tp, H, Dv] f32 last."""
+  def fn(q, k, v, theta, lb, le, seg, carry, end, *dy_chunk):
+    co = chunk_coefficients(theta, lb, le, seg, carry, end)
+    out = _per_token(co, end)
+    if dy_chunk:
+      qk = dot(q, k, trans_b=True, dtype=dtype)
+      out += (_de_from_y(qk, co, dy_chunk[0].astype(jnp.float32), dtype),)
+    return out
+  extra = () if dy is None else ((dy, "tokens"),)
+  return _all_chunks(fn, (q, k, v, theta, lb, le, seg, carry, end), extra, chunk,
+                     len(STATE_COEFFICIENTS) + len(extra))
