@@ -20,9 +20,12 @@ mask, neural_memory's decodes token by token), and no decode step's cost depends
 values: every cache-based decode (softmax, sqa, moh, dynamic_mask, routing, neural_memory
 mag / mal, landmark's block scores) computes over the whole cache capacity under a mask built
 from `index`, the linear family and the memory carry fixed-size states, and no step branches on
-a cached value (neural_memory commits its chunk with jnp.where). So the time is that of a decode
-after P tokens; the tokens it emits mean nothing. The capacity is P plus the slots the timed
-steps fill, since a cache-based decode pays for its whole capacity from the first token.
+a cached value (neural_memory commits its chunk with jnp.where). A sliding window's cache
+(softmax / sqa / neural_memory mag / mal with `window`) is a ring of its W slots whose slot
+positions follow from `index` alone (effattn/attention/kv_cache.py), so it too is a valid cache
+after P tokens, of W slots whatever P. So the time is that of a decode after P tokens; the tokens
+it emits mean nothing. The capacity is P plus the slots the timed steps fill, since a full
+cache-based decode pays for its whole capacity from the first token.
 
 Columns: tokens/s and its ratio to mha (softmax, H KV heads) at the same P; cache MiB per
 sequence (leaves of init_cache(B, P) with a batch axis, / B); kernels = custom kernels in the

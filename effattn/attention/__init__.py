@@ -9,7 +9,7 @@ import pkgutil
 
 from effattn.attention.registry import build, get, names, register
 
-_SUPPORT = {"base", "registry"}
+_SUPPORT = {"base", "kv_cache", "registry"}
 # Discovered rather than listed so that adding a mechanism is adding one file.
 for _module in pkgutil.iter_modules(__path__):
   if _module.name not in _SUPPORT and not _module.name.startswith("_"):

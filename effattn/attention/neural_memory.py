@@ -26,11 +26,13 @@ learnable persistent key/value pairs that every query sees:
 
 SWA is sliding-window softmax attention with the common `window` (None: full causal), over the
 persistent pairs and the sequence without a [T, T] mask (kernels/softmax/persistent.py).
-Memory carries across calls through the decode cache: it holds the memory at the last chunk
-boundary plus the tokens of the unfinished chunk, so decoding in any split equals the forward
-pass exactly. Packed segments restart the memory (depth 1: at zero; deeper: at the learned
-initial weights) and attention stays inside each segment. docs/mechanisms_memory.md has the
-choices the paper leaves open.
+Memory carries across calls through the decode cache: it holds the memory at the last chunk boundary
+plus the tokens of the unfinished chunk, so decoding in any split equals the forward pass exactly.
+Its attention KV cache is every token so far (MAG / MAL without a window), a ring of `window`
+slots (with one: kv_cache.py), or MAC's current segment; decode steps attend to the persistent pairs
+and the cache separately, merged by log-sum-exp (no copy of the cache). Packed segments restart the
+memory (depth 1: at zero; deeper: at the learned initial weights) and attention stays inside each
+segment. docs/mechanisms_memory.md has the choices the paper leaves open.
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effattn import logical_axes
-from effattn.attention import base
+from effattn.attention import base, kv_cache
 from effattn.attention.registry import register
 from effattn.kernels.memory_chunk import common, deep, deep_memory_update, memory_update, xla
 from effattn.kernels.short_conv import short_conv
 from effattn.kernels.softmax import softmax_attention
-from effattn.kernels.softmax.persistent import persistent_attention
+from effattn.kernels.softmax.persistent import over_cache, persistent_attention
 from effattn.ranges import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, ConfigError, Range
 
 VARIANTS = ("mac", "mag", "mal", "lmm")
@@ -241,8 +243,9 @@ class NeuralMemory(base.Attention):
       # The memory's Triton chunk loops: "fused" computes y (forward) or every gradient
       # (backward) inside the loop; "split" keeps only the states (forward) or the state
       # cotangents (backward) in the loop and computes the per-token rest of every chunk at
-      # once (kernels/memory_chunk/pallas_gpu.py). Same math. "auto": MEMORY_LOOPS, the
-      # measured choice. Launch settings; other paths ignore them.
+      # once (kernels/memory_chunk/pallas_gpu.py); "hoisted" is "split" with the loops'
+      # state-independent terms computed for all chunks first. Same math. "auto":
+      # MEMORY_LOOPS, the measured choice. Launch settings; other paths ignore them.
       "memory_forward": "auto",
       "memory_backward": "auto",
       # The memory's backward keeps its state at every chunk start (2 D^2 f32 per chunk, row and
@@ -258,8 +261,8 @@ class NeuralMemory(base.Attention):
   # memory a cross-device scan of chunk maps, the attention the softmax ring.
   CONTEXT_PARALLEL = True
   CHOICES = {"variant": VARIANTS, "swa_impl": ("fused", "dense"),
-             "memory_forward": ("auto", "fused", "split"),
-             "memory_backward": ("auto", "fused", "split")}
+             "memory_forward": ("auto", "fused", "split", "hoisted"),
+             "memory_backward": ("auto", "fused", "split", "hoisted")}
   RANGES = {"depth": POSITIVE_INT, "expansion": POSITIVE_INT, "chunk_size": POSITIVE_INT,
             "memory_block_v": Range(0, integer=True, none_ok=True),
             "memory_remat_chunks": Range(0, integer=True, none_ok=True),
@@ -502,7 +505,10 @@ class NeuralMemory(base.Attention):
     cache = {"memory": self.memory.init_cache(batch), "index": jnp.zeros((), jnp.int32)}
     if self.variant == "lmm":
       return cache
-    length = self.opts.segment_len if self.variant == "mac" else max_len
+    # MAC: the current segment. MAG / MAL: every token, or with a window a ring of `window`
+    # slots (kv_cache.py), whatever max_len.
+    length = (self.opts.segment_len if self.variant == "mac" else
+              max_len if self.window is None else self.window)
     kv = jnp.zeros((batch, length, self.num_kv_heads, self.head_dim), dtype)
     cache.update(k=kv, v=kv)
     if self.variant == "mal":
@@ -513,6 +519,9 @@ class NeuralMemory(base.Attention):
     return cache
 
   def decode(self, x, *, positions, cache):
+    if self.variant in ("mag", "mal"):  # the tokens fit the cache (one error line, not a clamp)
+      kv_cache.check(cache, (*x.shape[:2], self.num_kv_heads, self.head_dim),
+                     what="neural_memory", window=self.window)
     if x.shape[1] == 1:
       cache, o = self._decode_token(cache, x, positions)
       return o, cache
@@ -531,16 +540,24 @@ class NeuralMemory(base.Attention):
     mem["conv"] = tail
     return r[:, None], mem
 
-  def _cached_attention(self, cache, z, pos_t, slot):
-    """z's query, and the cache with z's k, v written at `slot`."""
+  def _qkv(self, z, pos_t):
+    """The attention's q [B, 1, H, D] and k, v [B, 1, H_kv, D] of z [B, 1, d_model]."""
     q = self._rope(base.split_heads(self.q_proj(z), self.num_heads), pos_t)
-    k, v = self._kv(z, pos_t)
-    cache = dict(cache)
-    cache["k"] = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
-                                              (0, slot, 0, 0))
-    cache["v"] = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
-                                              (0, slot, 0, 0))
-    return q, cache
+    return (q, *self._kv(z, pos_t))
+
+  @staticmethod
+  def _put(cache, slot, **new):
+    """Writes each new [B, 1, H_kv, D] at `slot` of its buffer in `cache` (a dict of this step)."""
+    for name, x in new.items():
+      cache[name] = jax.lax.dynamic_update_slice_in_dim(cache[name], x.astype(cache[name].dtype),
+                                                        slot, axis=1)
+
+  def _attend_cache(self, q, k, v, mask):
+    """_attend's math over a cache: q [B, Tq, H, D] over the persistent pairs and k, v
+    [B, S, H_kv, D] under mask [B, 1, Tq, S], merged by log-sum-exp rather than concatenated,
+    so no decode step copies the cache."""
+    o = over_cache(q, k, v, self.persistent_k.value, self.persistent_v.value, mask)
+    return self.o_proj(base.merge_heads(o))
 
   def _decode_token(self, cache, x, pos_t):
     b = x.shape[0]
@@ -551,13 +568,17 @@ class NeuralMemory(base.Attention):
       if self.variant == "lmm":
         return cache, self._lmm(x, r)
       z = self._lmm(x, r) if self.variant == "mal" else x
-      slots = jnp.arange(cache["k"].shape[1])
-      visible = slots <= i
-      if self.window is not None:
-        visible &= i - slots < self.window
-      q, cache = self._cached_attention(cache, z, pos_t, i)
-      mask = jnp.broadcast_to(visible, (b, 1, 1, slots.shape[0]))
-      y = self._attend(q, cache["k"], cache["v"], mask)
+      q, k, v = self._qkv(z, pos_t)
+      if self.window is None:  # every token so far, in slots 0 .. i
+        self._put(cache, i, k=k, v=v)
+        visible = jnp.arange(cache["k"].shape[1]) <= i
+        y = self._attend_cache(q, cache["k"], cache["v"],
+                               jnp.broadcast_to(visible, (b, 1, 1, visible.shape[0])))
+      else:  # the ring of the last W tokens
+        ring = {"k": cache["k"], "v": cache["v"], "index": i}
+        y, ring = kv_cache.window_attend(q, k, v, ring, window=self.window,
+                                         attend=self._attend_cache, what="neural_memory")
+        cache.update(k=ring["k"], v=ring["v"])
       return cache, (self._gate(y, r) if self.variant == "mag" else y)
     # MAC: slot j of the current segment; at j = 0 the memory (chunk-aligned) starts a segment.
     j = i % self.opts.segment_len
@@ -567,14 +588,12 @@ class NeuralMemory(base.Attention):
     q_m, _, _, _, cache["x_conv"] = self.memory.streams(x, None, cache["x_conv"])
     h = self.memory.retrieve(cache["segment_start"], q_m)
     k_h, v_h = self._kv(base.merge_heads(h).astype(self.dtype), pos_t)
-    for name, val in (("k_h", k_h), ("v_h", v_h)):
-      cache[name] = jax.lax.dynamic_update_slice(cache[name], val.astype(cache[name].dtype),
-                                                 (0, j, 0, 0))
+    q, k, v = self._qkv(x, pos_t)
+    self._put(cache, j, k_h=k_h, v_h=v_h, k=k, v=v)
     slots = jnp.arange(self.opts.segment_len)
-    q, cache = self._cached_attention(cache, x, pos_t, j)
     visible = jnp.tile(slots <= j, 2)
     mask = jnp.broadcast_to(visible, (b, 1, 1, visible.shape[0]))
-    y = self._attend(q, jnp.concatenate([cache["k_h"], cache["k"]], 1),
-                     jnp.concatenate([cache["v_h"], cache["v"]], 1), mask)
+    y = self._attend_cache(q, jnp.concatenate([cache["k_h"], cache["k"]], 1),
+                           jnp.concatenate([cache["v_h"], cache["v"]], 1), mask)
     r, cache["memory"] = self._memory_token(mem, self._mac_memory_input(y))
     return cache, self._gate(y, r)

@@ -1,8 +1,9 @@
 """Softmax attention baseline: MHA, GQA (num_kv_heads < H) and MQA (num_kv_heads = 1).
 
 Optional sliding window (`window`), RoPE applied by the module when the model uses rotary
-positions, segment ids for packed sequences, and a KV cache for decoding. aux holds
-`softmax_fallback_frac` where the path taken (cuDNN's packed layout) has a runtime fallback.
+positions, segment ids for packed sequences, and a KV cache for decoding (with a window, a ring
+of its W slots: kv_cache.py). aux holds `softmax_fallback_frac` where the path taken (cuDNN's
+packed layout) has a runtime fallback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from effattn.attention import base
+from effattn.attention import base, kv_cache
 from effattn.attention.registry import register
 from effattn.kernels.softmax import attention_probs, softmax_attention
 
@@ -67,21 +68,28 @@ class SoftmaxAttention(base.Attention):
     return jnp.where(mask, attention_probs(q, k, mask), 0.0)
 
   def init_cache(self, batch, max_len, dtype=None):
-    dtype = dtype or self.dtype
-    shape = (batch, max_len, self.num_kv_heads, self.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "index": jnp.zeros((), jnp.int32)}
+    # A window keeps only its last W keys: a ring of W slots, whatever max_len (kv_cache.py).
+    slots = max_len if self.window is None else self.window
+    return kv_cache.init(batch, slots, self.num_kv_heads, self.head_dim, dtype or self.dtype)
+
+  def _attend_cached(self, q, k, v, mask):
+    return softmax_attention(q, k.astype(q.dtype), v.astype(q.dtype), causal=True, mask=mask,
+                             impl="reference" if self.impl == "reference" else "xla")
 
   def decode(self, x, *, positions, cache):
     b, t, _ = x.shape
     q, k, v = self.project(x, positions)
+    if self.window is not None:
+      o, cache = kv_cache.window_attend(q, k, v, cache, window=self.window,
+                                        attend=self._attend_cached, what=self.registered_name)
+      return self.o_proj(base.merge_heads(o)), cache
+    kv_cache.check(cache, k.shape, what=self.registered_name, window=None)
     start = cache["index"]
     k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
     v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
     max_len = k_all.shape[1]
     k_idx = base.sequence_index(b, max_len)
     mask = base.attention_mask(base.sequence_index(b, t, start), k_idx, causal=True,
-                               window=self.window, k_valid=k_idx < start + t)
-    o = softmax_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), causal=True, mask=mask,
-                          impl="reference" if self.impl == "reference" else "xla")
+                               k_valid=k_idx < start + t)
+    o = self._attend_cached(q, k_all, v_all, mask)
     return self.o_proj(base.merge_heads(o)), {"k": k_all, "v": v_all, "index": start + t}

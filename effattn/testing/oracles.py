@@ -55,6 +55,24 @@ def check_decode_matches_forward(module, x, positions, *, prompt_len: int = 0):
                reduction=t)
 
 
+def check_decode_in_chunks(module, x, positions, chunks, *, max_len: int | None = None):
+  """Decode x in consecutive calls of `chunks` tokens each (prefill chunks of any size), then
+  the rest one token at a time, into a cache of `max_len` slots (None: T): the outputs equal
+  the causal forward pass."""
+  y_full, _ = module(x, positions=positions, causal=True)
+  b, t, _ = x.shape
+  cache = module.init_cache(b, t if max_len is None else max_len, x.dtype)
+  cuts = np.cumsum([0, *chunks])
+  cuts = [*cuts, *range(int(cuts[-1]) + 1, t + 1)]
+  outs = []
+  for lo, hi in zip(cuts[:-1], cuts[1:]):
+    y, cache = module.decode(x[:, lo:hi], positions=positions[:, lo:hi], cache=cache)
+    outs.append(y)
+  assert_close(f"decode in chunks {tuple(chunks)}", y_full, jnp.concatenate(outs, axis=1),
+               reduction=t)
+  return cache
+
+
 def packed_layout(b: int, t: int, cut: int, pad: int):
   """Every row: segment 1 at [0, cut), segment 2 at [cut, t - pad), then padding (segment 0);
   positions restart at each segment. Returns (segment_ids, positions) [B, T] int32."""

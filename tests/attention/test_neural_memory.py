@@ -1,6 +1,6 @@
 """neural_memory (Titans): the common oracles for the variants besides the default MAG (MAC, MAL,
-the memory alone, a deep memory), memory carried across calls, chunk 1 is the paper's
-recurrence, MAC's segment loop, and config checks. The default's common oracles are in
+the memory alone, a deep memory), memory carried across calls, the window's ring cache, chunk 1 is
+the paper's recurrence, MAC's segment loop, and config checks. The default's common oracles are in
 test_mechanisms.py."""
 
 from __future__ import annotations
@@ -51,6 +51,23 @@ def test_memory_carries_across_calls():
   y2, cache = module.decode(x[:, 6:], positions=pos[:, 6:], cache=cache)
   assert_close("y", y, jnp.concatenate([y1, y2], 1), reduction=14)
   assert int(cache["memory"]["fill"]) == 14 % SMALL["chunk_size"]
+
+
+@pytest.mark.parametrize("variant", ["mag", "mal"])
+def test_windowed_decode_keeps_a_ring_of_window_slots(variant):
+  """MAG's and MAL's window (5): the attention cache is a ring of 5 slots whatever max_len,
+  and decoding a prompt longer than the window (not a multiple of it), then token by token
+  around the ring, equals the forward pass. (Decode scans a prompt token by token: the ring's
+  chunk path is softmax's, test_softmax.py.)"""
+  module = build(variant)
+  x, pos = random_inputs(2, 13, d_model=16, seed=4)
+  cache = oracles.check_decode_in_chunks(Jitted(module), x, pos, (7,), max_len=500)
+  assert cache["k"].shape[1] == 5 and int(cache["index"]) == 13
+  shapes = lambda n: jax.tree.map(jnp.shape, module.init_cache(2, n))  # noqa: E731
+  assert shapes(3) == shapes(4096)
+  with pytest.raises(ValueError, match="window=5 keeps a ring of 5 cache slots, this cache has 9"):
+    module.decode(x[:, :2], positions=pos[:, :2],
+                  cache=dict(cache, k=jnp.zeros((2, 9, 2, 8)), v=jnp.zeros((2, 9, 2, 8))))
 
 
 def test_chunk_of_one_is_the_papers_recurrence():
@@ -173,12 +190,12 @@ def test_memory_remat_chunks_changes_nothing():
 
 def test_memory_launch_options_reach_the_kernel_and_change_nothing():
   """The layer on the memory's Triton kernel (interpreted) with its value columns in two
-  programs per row and head, and with both loops split, gives the one-program fused layer's
+  programs per row and head, and with both loops split or hoisted, gives the one-program fused layer's
   output and gradients."""
   x, pos = random_inputs(2, 40, d_model=64, seed=5)
   results = []
   # head_dim 32: block_v 32 is one program per row and head.
-  for block_v, loops in ((32, "fused"), (16, "fused"), (16, "split")):
+  for block_v, loops in ((32, "fused"), (16, "fused"), (16, "split"), (16, "hoisted")):
     module = build_mechanism("neural_memory", d_model=64, num_heads=2, impl="auto",
                              neural_memory=dict(variant="lmm", chunk_size=16,
                                                 memory_block_v=block_v, memory_forward=loops,
@@ -198,7 +215,8 @@ def test_memory_launch_options_reach_the_kernel_and_change_nothing():
     step = jax.jit(grads_of)
     with dispatch.interpret_kernels("gpu"):
       names = {"fused": {"memory_chunk_fwd", "memory_chunk_bwd"},
-               "split": {"memory_chunk_states", "memory_chunk_dstate"}}[loops]
+               "split": {"memory_chunk_states", "memory_chunk_dstate"},
+               "hoisted": {"memory_chunk_states_hoisted", "memory_chunk_dstate_hoisted"}}[loops]
       assert_kernels_ran(names, step, params, x)
       (_, y), grads = step(params, x)
     results.append((y, grads))

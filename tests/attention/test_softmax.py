@@ -1,5 +1,6 @@
 """softmax (MHA/GQA/MQA) against a naive per-head loop, the cuDNN packed path (emulated) and its
-fallback, the sliding window's decode. The common oracles are in test_mechanisms.py."""
+fallback, the sliding window's decode (a ring cache of W slots). The common oracles are in
+test_mechanisms.py."""
 
 import jax
 import jax.numpy as jnp
@@ -122,11 +123,27 @@ def test_segment_ids_with_a_mask_is_refused():
     ops.softmax_attention(q, q, q, causal=True, segment_ids=seg[:, :3])
 
 
-def test_softmax_module_window_decode():
-  attn = Jitted(build("softmax", window=4, num_kv_heads=2))
-  x, pos = random_inputs(length=10)
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_softmax_module_window_decode(num_kv_heads):
+  """The ring cache of W slots: token by token, after a prompt, and in prefill chunks (one
+  longer than W, prompt lengths not multiples of W) equals the forward pass."""
+  attn = Jitted(build("softmax", window=4, num_kv_heads=num_kv_heads))
+  x, pos = random_inputs(length=13)
   oracles.check_causality(attn, x, pos)
+  oracles.check_decode_matches_forward(attn, x, pos)
   oracles.check_decode_matches_forward(attn, x, pos, prompt_len=3)
+  cache = oracles.check_decode_in_chunks(attn, x, pos, (6, 1, 3), max_len=1000)
+  assert cache["k"].shape[1] == 4 and int(cache["index"]) == 13
+
+
+def test_window_cache_has_window_slots_whatever_max_len():
+  attn = build("softmax", window=4, num_kv_heads=2)
+  small, large = attn.init_cache(2, 3), attn.init_cache(2, 4096)
+  assert jax.tree.map(jnp.shape, small) == jax.tree.map(jnp.shape, large)
+  assert small["k"].shape == (2, 4, 2, 8)
+  x, pos = random_inputs(length=2)
+  with pytest.raises(ValueError, match="window=4 keeps a ring of 4 cache slots, this cache has 9"):
+    attn.decode(x, positions=pos, cache=build("softmax", num_kv_heads=2).init_cache(2, 9))
 
 
 def test_bidirectional_sees_future():

@@ -2,7 +2,7 @@
 cuDNN layout (checked through XLA, which computes the same masked softmax) and the windowed
 block_sparse path (its Triton kernels interpreted) equal the dense oracle, forward and every
 gradient; the layout flags rows it cannot hold; memory is flat in T; "auto" gives a window to
-the block-sparse kernels where one runs."""
+the block-sparse kernels where one runs; the decode form (over_cache) equals the dense oracle."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from effattn.kernels import dispatch
-from effattn.kernels.softmax import persistent
+from effattn.kernels.softmax import attention_mask, persistent, reference_attention, sequence_index
 from effattn.testing import assert_close
 from effattn.testing.kernels import assert_kernels_ran
 
@@ -148,3 +148,21 @@ def test_chunked_memory_is_flat_in_t_at_equal_tokens():
   dense = lambda q, k, v, pk, pv: persistent.reference(q, k, v, pk, pv)  # noqa: E731
   assert _temp_bytes(chunk, 512) <= 1.25 * _temp_bytes(chunk, 128)
   assert _temp_bytes(dense, 512) >= 2.5 * _temp_bytes(dense, 128)  # the [T, T] scores
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_over_cache_equals_one_softmax_over_the_concatenation(dtype):
+  """The decode form: the persistent pairs and a cache under a dense mask (causal, and in row 0
+  slots cut off by a window), two softmaxes merged by log-sum-exp, equal the dense oracle's one
+  softmax over [persistent || cache]."""
+  q, k, v, pk, pv, _ = _inputs(t=11)
+  q = q[:, -3:]  # the new tokens at positions 8 .. 10
+  mask = attention_mask(sequence_index(2, 3, 8), sequence_index(2, 11), causal=True)
+  mask = mask.at[0, :, :, :4].set(False)
+  k_all, v_all = persistent._with_persistent(q, k, v, pk, pv)
+  want = reference_attention(q, k_all, v_all, jnp.concatenate(
+      [jnp.ones((2, 1, 3, pk.shape[0]), bool), mask], -1))
+  cast = lambda x: x.astype(dtype)  # noqa: E731
+  got = persistent.over_cache(cast(q), cast(k), cast(v), pk, pv, mask)
+  assert got.dtype == jnp.dtype(dtype)
+  assert_close("over_cache", want, got, reduction=14)

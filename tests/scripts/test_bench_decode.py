@@ -14,9 +14,10 @@ def bench():
   return load_script("bench_decode")
 
 
-@pytest.mark.parametrize("mechanism", ["mha", *(n for n in attention.names() if n != "softmax")])
+@pytest.mark.parametrize("mechanism", ["mha", "swa", "neural_memory:window=8",
+                                       *(n for n in attention.names() if n != "softmax")])
 def test_filled_cache_has_the_structure_of_a_real_prefill(bench, mechanism):
-  args = bench.parse_args(["--smoke", "--num_layers=1"])
+  args = bench.parse_args(["--smoke", "--num_layers=1", "--window=8"])
   graphdef, state = bench.build_model(args, mechanism)
   b, p, capacity = 2, 16, 24
   shapes = bench.cache_shapes(graphdef, state, b, capacity)
@@ -40,6 +41,17 @@ def test_filled_cache_has_the_structure_of_a_real_prefill(bench, mechanism):
   for path, leaf in jax.tree_util.tree_flatten_with_path(init)[0]:
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
       assert int(jnp.abs(leaf).max()) == 0, path
+
+
+@pytest.mark.parametrize("mechanism", ["swa", "neural_memory:window=8"])
+def test_a_window_caches_its_window_whatever_the_prompt(bench, mechanism):
+  """A sliding window's cache is a ring of W slots: the reported bytes do not grow with P."""
+  args = bench.parse_args(["--smoke", "--num_layers=1", "--window=8"])
+  graphdef, state = bench.build_model(args, mechanism)
+  sizes = [bench.cache_bytes_per_sequence(graphdef, state, 2, p) for p in (16, 4096)]
+  assert sizes[0] == sizes[1]
+  if mechanism == "swa":  # k and v: 8 slots, 4 heads of 16, float32
+    assert sizes[0] == 2 * 8 * 4 * 16 * 4
 
 
 def test_smoke_run_reports_every_row(bench, tmp_path):

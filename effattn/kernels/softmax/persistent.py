@@ -29,6 +29,9 @@ softmax family's rule (api.FAMILY) on the shapes of the call, except for windowe
                O(chunk * T) memory, O(T * (chunk + window)) work with a window;
   "reference"  the dense mask, then the reference attention.
 
+`over_cache` is the decode form: queries over the persistent pairs and a KV cache under a dense
+mask, the two softmaxes merged by log-sum-exp so a step never copies the cache.
+
 With T split over mesh.sequence (kernels/context_parallel.py) the sequence keys go through the
 softmax ring (block_sparse/context_parallel.py), which returns its log-sum-exp; the persistent
 pairs, the same for every query, are attended to on each device's own queries, and the two
@@ -131,6 +134,33 @@ def _over_persistent(q, persistent_k, persistent_v, scale):
   s = jnp.einsum("bthd,nhd->bhtn", q.astype(jnp.float32), pk) * scale
   lse = jax.nn.logsumexp(s, axis=-1)
   return jnp.einsum("bhtn,nhd->bthd", jnp.exp(s - lse[..., None]), pv), lse
+
+
+def _masked_with_lse(q, k, v, mask, scale):
+  """q [B, Tq, H, D] over k, v [B, S, H_kv, D] under mask [B, 1, Tq, S]: (o [B, Tq, H, D],
+  lse [B, H, Tq]) float32. Scores accumulate in f32 from the inputs' dtype (a bf16 cache is
+  read as it is, not converted); a fully masked row weighs nothing in a merge (lse ~ f32 min)."""
+  b, tq, h, d = q.shape
+  h_kv = k.shape[2]
+  qg = q.reshape(b, tq, h_kv, h // h_kv, d)
+  s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(q.dtype),
+                 preferred_element_type=jnp.float32) * scale
+  s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)  # [B, 1, 1, Tq, S]
+  lse = jax.nn.logsumexp(s, axis=-1)
+  p = jnp.exp(s - lse[..., None]).astype(v.dtype)
+  o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v, preferred_element_type=jnp.float32)
+  return o.reshape(b, tq, h, v.shape[-1]), lse.reshape(b, h, tq)
+
+
+def over_cache(q, k, v, persistent_k, persistent_v, mask, *, scale=None):
+  """The decode form: q [B, Tq, H, D] over the persistent pairs [N_p, H_kv, D] and a cache k, v
+  [B, S, H_kv, D] under a dense mask [B, 1, Tq, S] (the persistent pairs always seen). `reference`
+  with that mask, as two softmaxes merged by log-sum-exp, so a decode step never copies the
+  cache into [persistent || k]. Returns o [B, Tq, H, D] in q's dtype."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  o, lse = _masked_with_lse(q, k, v, mask, scale)
+  o_p, lse_p = _over_persistent(q, persistent_k, persistent_v, scale)
+  return ring.merge(o_p, lse_p, o, lse)[0].astype(q.dtype)
 
 
 def band_lists(t: int, tile: int, window: int | None):
