@@ -190,8 +190,8 @@ def test_memory_remat_chunks_changes_nothing():
 
 def test_memory_launch_options_reach_the_kernel_and_change_nothing():
   """The layer on the memory's Triton kernel (interpreted) with its value columns in two
-  programs per row and head, and with both loops split or hoisted, gives the one-program fused layer's
-  output and gradients."""
+  programs per row and head, and with both loops split or hoisted, gives the one-program fused
+  layer's output and gradients."""
   x, pos = random_inputs(2, 40, d_model=64, seed=5)
   results = []
   # head_dim 32: block_v 32 is one program per row and head.
