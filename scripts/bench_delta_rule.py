@@ -6,6 +6,8 @@
     python scripts/bench_delta_rule.py --out DIR --no-fla --skip-check  # our timings only
     python scripts/bench_delta_rule.py --out DIR --smoke            # CPU self-test (interpret)
     python scripts/bench_delta_rule.py --out DIR --backward split   # one backward only
+    python scripts/bench_delta_rule.py --out DIR --form ungated     # log gates 0, fla's
+                                                                    # chunk_delta_rule as peer
 
 Parts, in order (results.json and table.md under --out, written after every row):
 1. fla (flash-linear-attention 0.6.0, carried as wheels) in a subprocess, before JAX takes the
@@ -25,9 +27,13 @@ Parts, in order (results.json and table.md under --out, written after every row)
    compiled program (6 on the fused path: 3 forward, 3 backward; 7 split). A backward whose
    check (a) fails is not timed.
 Shapes: B=8, H=16, Dk=Dv=128, bf16; unit-norm q and k, log gates logsigmoid(N(0, 1)) (a mean
-decay of about 0.5 per token), b = sigmoid(N(0, 1)). fwd+bwd returns the forward output with
-the gradients of q, k, v, the gates and b (timing.forward_and_grads), as fla's backward timing
-includes its forward.
+decay of about 0.5 per token), b = sigmoid(N(0, 1)). `--form ungated` sets every log gate to 0
+(a = 1: the plain delta rule, the same recurrence without decay) and takes fla's
+chunk_delta_rule as the peer, whose backward runs where the gated one refuses (its
+chunk_bwd_dqkwg gets no gate): our kernels are the same code either way, so this is their
+like-for-like fwd+bwd ratio on this image; dg has no fla counterpart there. fwd+bwd returns
+the forward output with the gradients of q, k, v, the gates and b (timing.forward_and_grads),
+as fla's backward timing includes its forward.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ CHECK = dict(b=2, t=1000, h=4, d=128)  # fla-vs-ours numeric check (--smoke: tin
 CHECK_NAMES = ("o", "ht", "dq", "dk", "dv", "dg", "dbeta", "dh0")
 # --smoke (CPU): tiny shapes, the Pallas kernels in interpret mode, no fla.
 SMOKE = {"on": False}
+FORMS = ("gated", "ungated")  # --form: log gates as below, or all 0 (fla's chunk_delta_rule)
+FORM = {"gated": True}
 
 
 def interpret() -> dict:
@@ -66,6 +74,8 @@ def make_inputs(seed: int, b: int, t: int, h: int, d: int):
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
   q, k, v = unit(normal(b, t, h, d)), unit(normal(b, t, h, d)), normal(b, t, h, d)
   g = -np.log1p(np.exp(-normal(b, t, h)))                    # logsigmoid
+  if not FORM["gated"]:
+    g = np.zeros_like(g)                                      # a = 1: no decay
   beta = 1 / (1 + np.exp(-normal(b, t, h)))
   return q, k, v, g, beta, 0.1 * normal(b, h, d, d), normal(b, t, h, d), normal(b, h, d, d)
 
@@ -80,31 +90,42 @@ def fla_part(out: str, sizes: list[int]) -> None:
   import numpy as np
   import torch
   import triton
-  from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
+  gated = FORM["gated"]
+  if gated:
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_op
+  else:  # the same chunked kernels with no gate (their backward has no Triton-version guard)
+    from fla.ops.delta_rule import chunk_delta_rule as fla_op
+  fla_name = "fla " + fla_op.__name__
   results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-             "triton": triton.__version__, "rows": []}
+             "triton": triton.__version__, "form": "gated" if gated else "ungated", "rows": []}
   cuda = lambda x, dt: torch.from_numpy(x).cuda().to(dt)  # noqa: E731
   bf16, f32 = torch.bfloat16, torch.float32
+
+  def tensors_in(q, k, v, g, beta):  # fla's arguments: (q, k, v, [g,] b), each requiring grad
+    args = [cuda(q, bf16), cuda(k, bf16), cuda(v, bf16)] + ([cuda(g, f32)] if gated else [])
+    args.append(cuda(beta, bf16))
+    for x in args:
+      x.requires_grad_()
+    return args
+
   q, k, v, g, beta, h0, do, dht = check_inputs()
-  args = [cuda(q, bf16), cuda(k, bf16), cuda(v, bf16), cuda(g, f32), cuda(beta, bf16),
-          cuda(h0, f32)]
-  for x in args:
-    x.requires_grad_()
-  run = lambda: chunk_gated_delta_rule(  # noqa: E731
-      *args[:5], scale=CHECK["d"] ** -0.5, initial_state=args[5], output_final_state=True)
+  args = tensors_in(q, k, v, g, beta)
+  h0 = cuda(h0, f32).requires_grad_()
+  run = lambda: fla_op(  # noqa: E731
+      *args, scale=CHECK["d"] ** -0.5, initial_state=h0, output_final_state=True)
+  names = [n for n in CHECK_NAMES if gated or n != "dg"]
   saved = {}
   try:
     o, ht = run()
     torch.autograd.backward([o, ht], [cuda(do, bf16), cuda(dht, f32)])
-    tensors = [o, ht] + [a.grad for a in args]
+    tensors = [o, ht] + [a.grad for a in args + [h0]]
   except Exception as e:  # noqa: BLE001 - keep the forward where the backward refuses
     saved["bwd_error"] = np.array(refusal(e))
     print("fla backward", saved["bwd_error"], flush=True)
     with torch.no_grad():
       tensors = list(run())
-  saved.update({name: x.detach().float().cpu().numpy()
-                for name, x in zip(CHECK_NAMES, tensors)})
+  saved.update({name: x.detach().float().cpu().numpy() for name, x in zip(names, tensors)})
   results["check_bwd_error"] = str(saved.get("bwd_error", ""))
   # One file (the device returns at most 8 files from $OUT).
   np.savez(os.path.join(out, "fla_check.npz"), **saved)
@@ -112,13 +133,10 @@ def fla_part(out: str, sizes: list[int]) -> None:
 
   for t in sizes:
     q, k, v, g, beta, _, do, _ = make_inputs(1, B, t, H, D)
-    args = [cuda(q, bf16), cuda(k, bf16), cuda(v, bf16), cuda(g, f32), cuda(beta, bf16)]
-    for x in args:
-      x.requires_grad_()
+    args = tensors_in(q, k, v, g, beta)
     do = cuda(do, bf16)
-    op = lambda: chunk_gated_delta_rule(*args, scale=D ** -0.5)[0]  # noqa: E731
-    results["rows"].append(fla_row("fla chunk_gated_delta_rule", t, op, do, args, warmup=10,
-                                   rep=100))
+    op = lambda: fla_op(*args, scale=D ** -0.5)[0]  # noqa: E731
+    results["rows"].append(fla_row(fla_name, t, op, do, args, warmup=10, rep=100))
     print(results["rows"][-1], flush=True)
     del args, do
     torch.cuda.empty_cache()
@@ -278,8 +296,9 @@ def markdown(rows, fla_rows, info) -> str:
   by = {}
   for r in rows + fla_rows:
     by.setdefault(r["T"], []).append(r)
-  lines = [f"Device: {info.get('device', '?')}; B={B}, H={H}, Dk=Dv={D}, bf16; block sizes "
-           f"{info.get('block_sizes', '?')}. Medians in ms; fwd+bwd includes the forward output "
+  lines = [f"Device: {info.get('device', '?')}; B={B}, H={H}, Dk=Dv={D}, bf16, "
+           f"{info.get('form', 'gated')} form; block sizes {info.get('block_sizes', '?')}. "
+           "Medians in ms; fwd+bwd includes the forward output "
            "and the gradients of q, k, v, gates and b; kernels = custom kernels compiled "
            "(fwd / fwd+bwd; fla: not counted).", "",
            "| T | impl | fwd ms | fwd+bwd ms | fwd+bwd Mtok/s | vs fla (fwd / fwd+bwd) | kernels |",
@@ -317,9 +336,12 @@ def parse_args(argv=None):
   parser.add_argument("--backward", default=",".join(BACKWARDS),
                       help="comma-separated pallas_gpu backwards to check and time "
                            f"(of {BACKWARDS}; fused is what impl='auto' runs)")
+  parser.add_argument("--form", default="gated", choices=FORMS,
+                      help="ungated: every log gate 0, against fla's chunk_delta_rule")
   parser.add_argument("--smoke", action="store_true",
                       help="CPU self-test: tiny shapes, Pallas interpret mode, no fla")
   args = parser.parse_args(argv)
+  FORM["gated"] = args.form == "gated"
   args.backward = [b for b in args.backward.split(",") if b]
   bad = [b for b in args.backward if b not in BACKWARDS]
   if bad or not args.backward:
@@ -346,11 +368,12 @@ def main(argv=None) -> dict:
     fla_part(args.out, sizes)
     return {}
   t0 = time.time()
-  fla = fla_results(__file__, args.out, args.sizes, reuse=args.fla_results, skip=args.no_fla)
+  fla = fla_results(__file__, args.out, args.sizes, reuse=args.fla_results, skip=args.no_fla,
+                    extra_args=("--form", args.form))
   print(f"fla part done at {time.time() - t0:.0f}s", flush=True)
   import jax
   from effattn.kernels.delta_rule import FAMILY
-  info = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+  info = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "form": args.form,
           "auto_path_on_this_device": FAMILY.choose(
               "auto", Dk=D, Dv=D, chunk_size=64, dtype=jax.numpy.dtype("bfloat16")).path}
   results = {"info": info, "rows": [], "fla": fla}

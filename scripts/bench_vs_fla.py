@@ -111,17 +111,18 @@ def fla_row(name: str, t: int, op: Callable, do, leaves: list, *, warmup: int, r
   return row
 
 
-def fla_results(script: str, out: str, sizes: str, *, reuse: str = "", skip: bool = False) -> dict:
+def fla_results(script: str, out: str, sizes: str, *, reuse: str = "", skip: bool = False,
+                extra_args: tuple[str, ...] = ()) -> dict:
   """fla's part (fla.json under `out`, {"rows": []} without one): the fla* files of an earlier
-  run copied from `reuse`, else `script --part fla` run in a subprocess (call this before JAX
-  starts: it would take the GPU), unless `skip`."""
+  run copied from `reuse`, else `script --part fla *extra_args` run in a subprocess (call this
+  before JAX starts: it would take the GPU), unless `skip`."""
   if reuse:
     for name in os.listdir(reuse):
       if name.startswith("fla"):
         shutil.copy(os.path.join(reuse, name), out)
   elif not skip:
-    subprocess.run([sys.executable, script, "--part", "fla", "--out", out, "--sizes", sizes],
-                   check=False)
+    subprocess.run([sys.executable, script, "--part", "fla", "--out", out, "--sizes", sizes,
+                    *extra_args], check=False)
   path = os.path.join(out, "fla.json")
   if not os.path.exists(path):
     return {"rows": []}

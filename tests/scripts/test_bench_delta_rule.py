@@ -37,3 +37,20 @@ def test_table_sets_ours_beside_fla(bench):
   table = bench.markdown([ours], [fla, failed], {"device": "H200"})
   assert "| 8192 | ours pallas_gpu | 2.000 | 5.000 |" in table and "1.50x / 1.20x" in table
   assert "| 3 / 6 |" in table and "| 32768 | fla chunk_gated_delta_rule | error |" in table
+
+
+def test_ungated_form_zeroes_the_gates_and_names_fla_s_ungated_op(bench, monkeypatch):
+  # parse_args sets module state: each piece is restored after the test.
+  for name in ("B", "H", "D"):
+    monkeypatch.setattr(bench, name, getattr(bench, name))
+  monkeypatch.setattr(bench, "CHECK", dict(bench.CHECK))
+  monkeypatch.setitem(bench.SMOKE, "on", bench.SMOKE["on"])
+  monkeypatch.setitem(bench.FORM, "gated", True)
+  args = bench.parse_args(["--form", "ungated", "--smoke"])
+  assert args.form == "ungated" and not bench.FORM["gated"]
+  q, k, v, g, beta, *_ = bench.make_inputs(0, 1, 8, 2, 16)
+  assert (g == 0).all() and (beta > 0).all() and (beta < 1).all()
+  table = bench.markdown([], [], {"device": "H200", "form": args.form})
+  assert "ungated form" in table
+  monkeypatch.setitem(bench.FORM, "gated", True)
+  assert (bench.make_inputs(0, 1, 8, 2, 16)[3] < 0).all()  # logsigmoid: a decay every token
