@@ -91,8 +91,10 @@ def attend(impl, segment_ids=None, window=None):
       q, k, v, pk, pv, segment_ids=segment_ids, window=window, impl=impl, interpret=interpret)
 
 
-def check(impls, n_p: int) -> list[dict]:
-  """Each impl vs persistent.reference on the device: o and the five gradients."""
+def check(impls, n_p: int, windowed: bool = True) -> list[dict]:
+  """Each impl vs persistent.reference on the device: o and the five gradients, on the check
+  cases of the form that is timed (with a window or without: the two take different kernels,
+  and each case costs its compiles)."""
   rows = []
 
   @functools.partial(jax.jit, static_argnums=0)
@@ -101,7 +103,8 @@ def check(impls, n_p: int) -> list[dict]:
     return (o,) + vjp(do.astype(o.dtype))
 
   for dtype in (jnp.bfloat16, jnp.float32):
-    for b, t, h, d, w, packed in SMOKE_CHECK_CASES if SMOKE["on"] else CHECK_CASES:
+    cases = SMOKE_CHECK_CASES if SMOKE["on"] else CHECK_CASES
+    for b, t, h, d, w, packed in [c for c in cases if (c[4] is not None) == windowed]:
       q, k, v, pk, pv, do = inputs(jax.random.key(t + (w or 0)), b, t, h, d, n_p, dtype)
       seg = segments(b, t) if packed else None
       ref = lambda *a, seg=seg, w=w: persistent.reference(*a, segment_ids=seg, window=w)  # noqa
@@ -209,7 +212,7 @@ def main(argv=None):
   device = jax.devices()[0].device_kind
   print("device:", device, "jax", jax.__version__, flush=True)
   result = {"device": device, "jax": jax.__version__, "smoke": args.smoke, "impls": impls}
-  result["check"] = check(impls, n_p)
+  result["check"] = check(impls, n_p, windowed=window is not None)
   failed = {p for p, impl in PERSISTENT_PATHS.items()
             if any(not c["ok"] for c in result["check"] if c["impl"] == impl)}
   result["rows"] = [bench_one(b, t, h, d, window, n_p, reps, paths, failed) for b, t in shapes]

@@ -33,7 +33,7 @@ def test_smoke_run_checks_then_times_every_path(bench, monkeypatch, tmp_path, ca
 
 
 def test_a_path_that_failed_its_check_is_not_timed(bench, monkeypatch, tmp_path, capsys):
-  def check(impls, n_p):
+  def check(impls, n_p, windowed=True):
     return [{"impl": i, "dtype": "float32", "max_rel_err": {"o": 1.0 if i == "auto" else 0.0},
              "ok": i != "auto"} for i in impls]
 
