@@ -3,6 +3,8 @@
     python scripts/check_block_sparse_mosaic.py --out $OUT            # on an H100/H200
     python scripts/check_block_sparse_mosaic.py --smoke               # CPU: lower for cuda only
     python scripts/check_block_sparse_mosaic.py --bwd split,fused --check 'split:core;fused:all'
+    python scripts/check_block_sparse_mosaic.py --part check --bwd split,staged,fused,fused_keys \
+      --cases window                                                  # the sliding window
 
 `--bwd` names backward variants (pallas_mosaic_gpu.BACKWARDS) to check and time side by side
 in one run, the first being the baseline; `--check` gives each its own cases.
@@ -10,7 +12,10 @@ in one run, the first being the baseline; `--check` gives each its own cases.
 1. Check (before any timing): forward (o, lse) and every gradient (dq, dk, dv, d kv_bias) of
    the Mosaic GPU path against reference.py in float32 on the same bf16 / f16 inputs, through
    the op's public entry (padding, custom_vjp): head dims 64 and 128, ragged T, empty and full
-   rows, causal edges, GQA, segments, the top-w threshold, per-head positions, tiles 64 and 128.
+   rows, causal edges, GQA, segments, the top-w threshold, per-head positions, tiles 64 and 128,
+   the sliding window (`--cases window`: under a tile and over several, causal over the band's
+   lists and non-causal over random ones; "auto" keeps windowed calls off these kernels until
+   they pass, and the run records that impl="pallas_mosaic_gpu" takes one on this device).
    Float32 inputs must be refused with a one-line ValueError naming q.dtype and the fix.
 2. Time (median ms) at B=4, H=16, D=128, bf16: cuDNN dense / causal
    (jax.nn.dot_product_attention(implementation="cudnn")), the Triton backend (pallas_gpu) and
@@ -109,21 +114,36 @@ CASES = [
      "bfloat16", False),
     ("threshold-b128", (1, 512, 4, 2, 128, 128, 128), "causal", True, ("bias", "threshold"),
      "bfloat16", False),
+    # A sliding window ("window=N", `--cases window`): over the band's causal lists, or inside
+    # random non-causal lists (positions by token index without causality; empty rows).
+    ("window200-gqa-ragged-d64", (2, 1000, 8, 2, 64, 128, 128), "causal", True, ("window=200",),
+     "bfloat16", False),
+    ("window40-mqa-b64-bias", (1, 512, 4, 1, 128, 64, 64), "causal", True,
+     ("bias", "window=40"), "bfloat16", False),
+    ("window300-random-segments-b128x64", (1, 768, 4, 2, 128, 128, 64), "random", False,
+     ("segments", "window=300"), "bfloat16", False),
 ]
 SMOKE_CASES = [
     ("smoke-causal-gqa", (1, 256, 4, 2, 128, 128, 128), "causal", True, (), "bfloat16", True),
     ("smoke-b64-bias-thr", (1, 200, 2, 1, 64, 64, 64), "random", True,
      ("bias", "threshold", "segments"), "bfloat16", False),
+    ("smoke-window-segments", (1, 256, 4, 2, 64, 64, 128), "random", False,
+     ("segments", "window=100"), "bfloat16", False),
 ]
 REL_TOL = 1e-2  # ||got - ref|| / ||ref|| for bf16 / f16 operands (METHOD: 1e-3 .. 1e-2)
 
 
-def _pattern(kind, key, b, h, n_q, n_k, bq, bk):
+def _window(features) -> int | None:
+  """The sliding window of a case's features ("window=N"), or None."""
+  return next((int(f.split("=")[1]) for f in features if f.startswith("window=")), None)
+
+
+def _pattern(kind, key, b, h, n_q, n_k, bq, bk, window=None):
   if kind == "random":  # per-head lists with an empty first row and a full last row
     m = jax.random.bernoulli(key, 0.35, (b, h, n_q, n_k))
     return m.at[:, :, 0].set(False).at[:, :, -1].set(True)
-  if kind == "causal":  # one list shared by every batch and head
-    return causal_block_mask(n_q, n_k, bq, bk)[None, None]
+  if kind == "causal":  # one list shared by every batch and head (the band, with a window)
+    return causal_block_mask(n_q, n_k, bq, bk, window=window)[None, None]
   if kind == "full":
     return jnp.ones((1, 1, n_q, n_k), bool)
   raise ValueError(kind)
@@ -136,8 +156,9 @@ def _case_inputs(name, dims, pattern, causal, features, dtype):
   q = jax.random.normal(keys[0], (b, t, h, d)).astype(dtype)
   k = jax.random.normal(keys[1], (b, t, h_kv, d)).astype(dtype)
   v = jax.random.normal(keys[2], (b, t, h_kv, d)).astype(dtype)
+  window = _window(features)
   idx, cnt = lists_from_block_mask(_pattern(pattern, keys[3], b, h, -(-t // bq), -(-t // bk),
-                                            bq, bk))
+                                            bq, bk, window))
   bias = jax.random.normal(keys[4], (b, h_kv, t)) if "bias" in features else None
   extra = {}
   if "segments" in features:
@@ -154,7 +175,7 @@ def _case_inputs(name, dims, pattern, causal, features, dtype):
     extra["q_threshold"] = jnp.broadcast_to(jnp.take_along_axis(bias, order[..., None], -1),
                                             (b, h_kv, t))
     extra["q_threshold_pos"] = jnp.broadcast_to(order[..., None], (b, h_kv, t))
-  kw = dict(block_q=bq, block_k=bk, causal=causal, **extra)
+  kw = dict(block_q=bq, block_k=bk, causal=causal, window=window, **extra)
   do = jax.random.normal(keys[6], q.shape).astype(dtype)
   dlse = jax.random.normal(keys[7], (b, h, t))
   return (q, k, v, bias), idx, cnt, kw, (do, dlse)
@@ -268,6 +289,18 @@ def check_f32_refused() -> dict:
     return {"ok": "q.dtype=float32" in str(e), "message": str(e)}
 
 
+def check_window_forced() -> dict:
+  """On this GPU a windowed call forced to impl="pallas_mosaic_gpu" takes it (the window
+  cases above reach the same kernels through the module swap); "auto" is recorded, which
+  api.py's _WINDOW_UNCHECKED keeps on Triton until those cases pass."""
+  shapes = dict(head_dim=128, dtype="bfloat16", block_q=128, block_k=128, window=200)
+  try:
+    forced = api.FAMILY.choose("pallas_mosaic_gpu", **shapes).path
+  except dispatch.PathError as e:
+    return {"ok": False, "error": str(e)}
+  return {"ok": forced == "pallas_mosaic_gpu", "auto": api.FAMILY.choose("auto", **shapes).path}
+
+
 def check(plan, lower_only: bool, path: str) -> dict:
   """Runs plan [(case, bwds)] in order, rewriting `path` after each case (a hang leaves the
   earlier ones). Results are keyed "<case>:<bwd>"."""
@@ -287,6 +320,9 @@ def check(plan, lower_only: bool, path: str) -> dict:
       json.dump({"jax": jax.__version__, "checks": results}, f, indent=1, default=str)
   results["f32-refused"] = check_f32_refused()
   print(f"check f32-refused {results['f32-refused']}", flush=True)
+  if not lower_only and any(_window(case[4]) for case, _ in plan):
+    results["window-forced"] = check_window_forced()
+    print(f"check window-forced {results['window-forced']}", flush=True)
   with open(path, "w") as f:
     json.dump({"jax": jax.__version__, "checks": results}, f, indent=1, default=str)
   return results
@@ -443,14 +479,17 @@ def _table(rows):
 
 
 def _select(cases, spec: str):
-  """Cases by a spec: 'all', 'core' (those gating the timing), 'features' (the rest), or
-  names joined by ',' or '+' (each may be 'core' / 'features' too)."""
+  """Cases by a spec: 'all', 'core' (those gating the timing), 'features' (the rest),
+  'window' (those with a sliding window), or names joined by ',' or '+' (each may be one of
+  those groups too)."""
   picked = []
   for part in spec.replace("+", ",").split(","):
     if part == "all":
       chosen = cases
     elif part in ("core", "features"):
       chosen = [c for c in cases if c[-1] == (part == "core")]
+    elif part == "window":
+      chosen = [c for c in cases if _window(c[4])]
     else:
       chosen = [c for c in cases if c[0] == part]
       if not chosen:
@@ -494,7 +533,8 @@ def main():
                       "part); bench reads the check's JSON to decide what it may time")
   parser.add_argument("--cases", default="all",
                       help="comma-separated check case names, or 'core' (those gating the "
-                      "timing), 'features' (the rest) or 'all'")
+                      "timing), 'features' (the rest), 'window' (sliding-window cases) or "
+                      "'all'")
   parser.add_argument("--bwd", default="split",
                       help="comma-separated backward variants to check and time "
                       f"({', '.join(pallas_mosaic_gpu.BACKWARDS)}); the first is the baseline "

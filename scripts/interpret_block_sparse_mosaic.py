@@ -2,6 +2,7 @@
 
     python scripts/interpret_block_sparse_mosaic.py --check 'fused:causal-d128-b128'
     python scripts/interpret_block_sparse_mosaic.py --check 'fused_keys:core;fused:features'
+    python scripts/interpret_block_sparse_mosaic.py --check 'fused:window40-mqa-b64-bias'
 
 A development check, not a test: minutes per case, and it leans on private modules of jax
 0.10.2's interpreter (jax._src.pallas.mosaic_gpu.interpret), which `_patched_interpreter` extends
@@ -32,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import check_block_sparse_mosaic as chk  # noqa: E402
+from effattn.kernels import dispatch  # noqa: E402
 from effattn.kernels.block_sparse import api, pallas_mosaic_gpu, reference  # noqa: E402
 
 INTERPRETABLE = ("fused", "fused_keys")
@@ -142,15 +144,17 @@ def _patched_interpreter():
 
 
 def _reference_forward(q, k, v, kv_indices, kv_counts, aux, *, causal, scale, block_q, block_k,
-                       **_):
+                       window=None, **_):
   o, lse = reference.block_sparse_attention(q, k, v, kv_indices, kv_counts, aux, causal=causal,
-                                            scale=scale, block_q=block_q, block_k=block_k)
+                                            scale=scale, block_q=block_q, block_k=block_k,
+                                            window=window)
   return o.astype(q.dtype), lse
 
 
 @contextlib.contextmanager
 def interpreted_backward(bwd: str):
-  """impl='pallas_gpu' with reference.py's forward and the Mosaic backward `bwd` interpreted."""
+  """impl='pallas_gpu' with reference.py's forward and the Mosaic backward `bwd` interpreted
+  (chosen as on a GPU, lower_for: the dispatcher refuses a GPU path on CPU otherwise)."""
   params = _patched_interpreter()
   saved = api._kernel_module
   module = types.SimpleNamespace(
@@ -158,7 +162,7 @@ def interpreted_backward(bwd: str):
       backward=functools.partial(pallas_mosaic_gpu.backward, bwd=bwd))
   api._kernel_module = lambda platform: module
   try:
-    with params.force_gpu_interpret_mode(params.InterpretGPUParams()):
+    with params.force_gpu_interpret_mode(params.InterpretGPUParams()), dispatch.lower_for("gpu"):
       yield
   finally:
     api._kernel_module = saved

@@ -25,6 +25,9 @@ Rules, the same for every family:
   `device_limits` are the hardware lowering's (Triton's 16-wide dots, Mosaic's 8-row tiles):
   checked on the device and under `interpret_kernels`, which stands in for the device, but not
   by a bare interpret=True call, since the interpreter has no such limit.
+- `auto_limits` hold only where the dispatcher chooses ("auto", and "pallas" among its
+  kernels): a path built but not yet checked on its device for some inputs (Mosaic GPU's
+  window) stays out of "auto" while a call that names it runs it (so its device check can).
 
 A mechanism that calls several ops has one impl (`model.attention.impl`); `op_impl` maps it to
 each op: "auto", "xla" and "reference" reach every op as they are; a path an op has reaches it
@@ -114,7 +117,9 @@ class Path:
   name: its `impl` word. platform: the backend it lowers for ("gpu" | "tpu"; None: any).
   interpretable: a Pallas kernel the Pallas interpreter can run off its device.
   limits / device_limits: see the module docstring. device: () -> "" or why this device cannot
-  run it (e.g. a compute capability), checked on the device only.
+  run it (e.g. a compute capability), checked on the device only. auto_limits: what "auto" and
+  "pallas" apply on top of those, and naming the path does not: inputs it takes, built, but not
+  yet checked on its device.
   """
 
   name: str
@@ -123,6 +128,7 @@ class Path:
   device_limits: tuple[Limit, ...] = ()
   device: Callable[[], str] | None = None
   interpretable: bool | None = None  # default: Pallas paths are
+  auto_limits: tuple[Limit, ...] = ()
 
   def __post_init__(self):
     if self.name in (AUTO, PALLAS):
@@ -175,7 +181,7 @@ class Family:
     candidates = self._forced_candidates(impl, interpret)
     reasons = []
     for path, bare_interpreter in candidates:
-      why = self.why_not(path, shapes, bare_interpreter=bare_interpreter)
+      why = self.why_not(path, shapes, bare_interpreter=bare_interpreter, chosen=impl == PALLAS)
       if not why:
         choice = Choice(path.name, self._interpreted(path, interpret))
         log_path_once(self.op, path.name, "forced, interpreted" if choice.interpret else "forced")
@@ -187,10 +193,12 @@ class Family:
     raise PathError(f"{self.op} impl={impl!r} cannot run: {'; '.join(reasons)}; "
                     f"impl='auto' would run {fallback}")
 
-  def why_not(self, path: Path, shapes: dict, *, bare_interpreter: bool = False) -> str:
+  def why_not(self, path: Path, shapes: dict, *, bare_interpreter: bool = False,
+              chosen: bool = False) -> str:
     """"" when `path` runs these shapes here, else every reason it does not ("; "-joined).
 
     bare_interpreter: run a Pallas kernel in the interpreter off its device (interpret=True).
+    chosen: the dispatcher picks the path ("auto", "pallas"), so its auto_limits hold too.
     """
     backend = jax.default_backend()
     native = path.platform in (None, backend)
@@ -201,6 +209,7 @@ class Family:
               f"({path.platform!r}) lowers it for that platform)" if path.interpretable else "")
       reasons.append(f"backend is {backend}{hint}")
     limits = path.limits if bare_interpreter and not native else path.limits + path.device_limits
+    limits += path.auto_limits if chosen else ()
     reasons += [r for r in (lim.check(shapes) for lim in limits) if r]
     if path.device is not None and not reasons:
       # A device check (a compute capability) needs the device: a stand-in cannot pass it.
@@ -211,7 +220,7 @@ class Family:
   def _auto(self, shapes: dict, interpret: bool) -> tuple[Choice, str]:
     skipped = []
     for path in self.paths:
-      why = self.why_not(path, shapes)
+      why = self.why_not(path, shapes, chosen=True)
       if not why:
         return Choice(path.name, self._interpreted(path, interpret)), "; ".join(skipped)
       skipped.append(f"{path.name}: {why}")

@@ -86,17 +86,24 @@ def test_block_sizes_power_of_two():
     BlockSizes(64, 48)
 
 
-def test_a_window_is_refused_where_it_has_no_path():
-  """The Mosaic GPU kernels have no window: "auto" skips them (Triton next), a forced call
-  names why; the ring (T split over mesh.sequence) refuses one."""
-  shapes = dict(head_dim=64, dtype="bfloat16", block_q=64, block_k=64)
-  mosaic = FAMILY.path("pallas_mosaic_gpu")
-  assert "no sliding window" in FAMILY.why_not(mosaic, dict(shapes, window=8))
-  assert "window" not in FAMILY.why_not(mosaic, dict(shapes, window=None))
+def test_a_window_reaches_mosaic_gpu_only_when_forced(monkeypatch):
+  """The Mosaic GPU kernels' window awaits its GPU check: on Hopper "auto" and "pallas" give a
+  windowed call to Triton, saying why, and impl="pallas_mosaic_gpu" takes it; the ring (T split
+  over mesh.sequence) refuses one."""
+  from effattn.kernels import paths
+  from effattn.kernels.block_sparse import api
   q, idx, cnt = _args()
-  with pytest.raises(dispatch.PathError, match="pallas_mosaic_gpu.*window=8: this kernel"):
-    block_sparse_attention(q, q, q, idx, cnt, block_q=16, block_k=16, window=8,
-                           impl="pallas_mosaic_gpu")
   with jax.set_mesh(host_mesh(sequence=2)):
     with pytest.raises(ValueError, match="window=8 has no ring path"):
       block_sparse_attention(q, q, q, idx, cnt, block_q=16, block_k=16, window=8)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(api, "_hopper", lambda: "")
+  shapes = dict(head_dim=64, dtype="bfloat16", block_q=64, block_k=64)
+  assert FAMILY.choose("auto", **shapes, window=None).path == "pallas_mosaic_gpu"
+  assert FAMILY.choose("auto", **shapes, window=8).path == "pallas_gpu"
+  assert FAMILY.choose("pallas", **shapes, window=8).path == "pallas_gpu"
+  assert FAMILY.choose("pallas_mosaic_gpu", **shapes, window=8).path == "pallas_mosaic_gpu"
+  why = ("pallas_mosaic_gpu: window=8: the Mosaic GPU kernels' window awaits its GPU check "
+         "(scripts/check_block_sparse_mosaic.py --cases window); impl='pallas_mosaic_gpu' "
+         "forces it")
+  assert ("block_sparse", "pallas_gpu", why) in paths._LOGGED  # pylint: disable=protected-access

@@ -2,6 +2,8 @@
 cannot run, and their row-pair lists are right. Numbers need the GPU (no wgmma interpreter):
 scripts/check_block_sparse_mosaic.py compares them with reference.py there."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,13 +45,22 @@ CONFIGS = {
     "causal-gqa-d128": ((1, 256, 4, 2, 128, 128, 128), (), True),  # consumers share one list
     "b64-features": ((1, 192, 4, 2, 64, 64, 64), ("bias", "segments", "threshold"), True),
     "b64x128-segments": ((2, 256, 2, 2, 64, 64, 128), ("segments",), False),
+    # window=40 (under a tile); without causality it still needs the default positions
+    "causal-window-d128": ((1, 256, 4, 2, 128, 128, 128), ("window",), True),
+    "window-b64-segments": ((1, 192, 4, 2, 64, 64, 64), ("segments", "window"), False),
 }
 # The default backward on every config; the others (slower on the H200 so far, see
 # docs/mosaic_gpu.md) once or twice: "fused" splits dQ columns between the consumers at head
 # dim 128 and adds per consumer ("keys") at 64.
 LOWERINGS = ([(c, "split") for c in CONFIGS]
              + [("causal-gqa-d128", "fused"), ("b64-features", "fused"),
-                ("causal-gqa-d128", "fused_keys"), ("b64x128-segments", "staged")])
+                ("causal-gqa-d128", "fused_keys"), ("b64x128-segments", "staged"),
+                ("causal-window-d128", "fused"), ("window-b64-segments", "staged"),
+                ("window-b64-segments", "fused_keys")])
+
+
+def _kernel_hashes(text: str) -> list[str]:
+  return re.findall(r'kernel_hash = "((?:[^"\\]|\\.)*)"', text)
 
 
 @pytest.mark.parametrize("config,bwd", LOWERINGS)
@@ -58,18 +69,25 @@ def test_forward_and_backward_lower_for_cuda(config, bwd):
   b, t, h, h_kv, d, bq, bk = dims
   q, kv, idx, cnt, aux = _inputs(*dims, features)
   q_idx, q_cnt = transpose_lists(idx, cnt, t // bk)
-  static = dict(causal=causal, scale=d ** -0.5, block_q=bq, block_k=bk)
+  window = 40 if "window" in features else None
 
-  def fwd_bwd(q, k, v):
-    o, lse = pallas_mosaic_gpu.forward(q, k, v, idx, cnt, aux, **static)
-    delta = jnp.zeros(lse.shape, jnp.float32)
-    return o, lse, pallas_mosaic_gpu.backward(q, k, v, lse, o, delta, idx, cnt, q_idx, q_cnt,
-                                              aux, **static, bwd=bwd)
+  def lowered_text(window):
+    static = dict(causal=causal, scale=d ** -0.5, block_q=bq, block_k=bk, window=window)
 
-  lowered = jax.jit(fwd_bwd).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
-  text = lowered.as_text()
+    def fwd_bwd(q, k, v):
+      o, lse = pallas_mosaic_gpu.forward(q, k, v, idx, cnt, aux, **static)
+      delta = jnp.zeros(lse.shape, jnp.float32)
+      return o, lse, pallas_mosaic_gpu.backward(q, k, v, lse, o, delta, idx, cnt, q_idx, q_cnt,
+                                                aux, **static, bwd=bwd)
+
+    return fwd_bwd, jax.jit(fwd_bwd).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+
+  fwd_bwd, text = lowered_text(window)
   kernels = 2 if bwd.startswith("fused") else 3
   assert text.count("custom_call @mosaic_gpu") == kernels, text[:2000]
+  if window is not None:  # the window reaches every kernel: none is the windowless one
+    hashes, plain = _kernel_hashes(text), _kernel_hashes(lowered_text(None)[1])
+    assert len(hashes) == len(plain) == kernels and not set(hashes) & set(plain)
   if bwd.startswith("fused"):  # dQ is added into a zeroed float32 buffer the kernel aliases
     assert "output_operand_aliases" in text
   out = jax.eval_shape(fwd_bwd, q, kv, kv)

@@ -185,6 +185,38 @@ def test_a_new_backend_is_one_entry():
     del dispatch._FAMILIES["toy_block_sparse"]  # pylint: disable=protected-access
 
 
+def test_auto_limits_hold_where_the_dispatcher_chooses_not_for_a_named_path(monkeypatch):
+  """auto_limits (built, not yet checked on its device): "auto" and "pallas" skip the path for
+  such inputs and say why, as for any limit; naming the path runs it."""
+  from effattn.kernels import paths  # noqa: E402
+  unchecked = dispatch.Limit(("window",), lambda window: "" if window is None else
+                             f"window={window}: not yet checked")
+  fam = dispatch.Family("toy_unchecked", (
+      dispatch.Path("pallas_mosaic_gpu", platform="gpu", interpretable=False,
+                    auto_limits=(unchecked,)),
+      dispatch.Path("pallas_gpu", platform="gpu", limits=(dispatch.one_of("head_dim", (64,)),)),
+      dispatch.Path("xla"),
+      dispatch.Path("reference"),
+  ))
+  try:
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert fam.choose("auto", head_dim=64, window=None).path == "pallas_mosaic_gpu"
+    assert fam.choose("auto", head_dim=64, window=8).path == "pallas_gpu"
+    logged = paths._LOGGED  # pylint: disable=protected-access
+    assert ("toy_unchecked", "pallas_gpu", "pallas_mosaic_gpu: window=8: not yet checked") in logged
+    assert fam.choose("pallas", head_dim=64, window=8).path == "pallas_gpu"
+    assert fam.choose("pallas_mosaic_gpu", head_dim=32, window=8).path == "pallas_mosaic_gpu"
+    mosaic = fam.path("pallas_mosaic_gpu")
+    assert fam.why_not(mosaic, dict(window=8)) == ""
+    assert fam.why_not(mosaic, dict(window=8), chosen=True) == "window=8: not yet checked"
+    with pytest.raises(dispatch.PathError, match=r"^toy_unchecked impl='pallas' cannot run: "
+                       r"pallas_mosaic_gpu: window=8: not yet checked; pallas_gpu: head_dim=32 "
+                       r"is not one of \(64,\); impl='auto' would run xla$"):
+      fam.choose("pallas", head_dim=32, window=8)
+  finally:
+    del dispatch._FAMILIES["toy_unchecked"]  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize("impl,op,want", [
     ("auto", "block_sparse", "auto"), ("xla", "softmax", "xla"),
     ("reference", "head_routing", "reference"), ("cudnn", "softmax", "cudnn"),

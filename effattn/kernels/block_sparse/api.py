@@ -11,8 +11,9 @@ order "auto" tries them; the rules are kernels/dispatch.py's):
                 bfloat16, head_dim 64 or 128, tiles 64 or 128; no interpreter):
                 checked on an H200 against reference.py and 2.3x the Triton kernels' fwd+bwd
                 speed (docs/mosaic_gpu.md); float16 stays on Triton until it is checked there;
-                it has no window (with no CPU interpreter for its matmuls one could not be
-                tested here), so "auto" gives a windowed call to Triton;
+                it has the window too, but until its GPU check passes (scripts/
+                check_block_sparse_mosaic.py --cases window) only impl="pallas_mosaic_gpu"
+                runs it there and "auto" gives a windowed call to Triton;
   "pallas_gpu"  Triton kernels (GPU; head_dim 64 or 128; interpret=True off-device);
   "pallas_tpu"  Mosaic kernels (TPU; same limits);
   "xla"         blocked jnp, work proportional to the lists;
@@ -39,8 +40,10 @@ from effattn.kernels.block_sparse.common import Aux, BlockSizes, transpose_lists
 PALLAS_HEAD_DIMS = (64, 128)
 _HEAD_DIM = dispatch.one_of("head_dim", PALLAS_HEAD_DIMS)
 MOSAIC_TILES = (64, 128)
-_NO_WINDOW = dispatch.Limit(("window",), lambda window: "" if window is None else (
-    f"window={window}: this kernel has no sliding window (pallas_gpu and pallas_tpu have)"))
+# In the kernels, not yet checked on the GPU: "auto" skips them for it, a forced call runs it.
+_WINDOW_UNCHECKED = dispatch.Limit(("window",), lambda window: "" if window is None else (
+    f"window={window}: the Mosaic GPU kernels' window awaits its GPU check (scripts/"
+    "check_block_sparse_mosaic.py --cases window); impl='pallas_mosaic_gpu' forces it"))
 
 
 def _hopper() -> str:
@@ -54,7 +57,8 @@ FAMILY = dispatch.Family("block_sparse", (
                   device=lambda: _hopper(),  # looked up on use (tests stand in a device)
                   limits=(_HEAD_DIM, dispatch.one_of("dtype", ("bfloat16",)),
                           dispatch.one_of("block_q", MOSAIC_TILES),
-                          dispatch.one_of("block_k", MOSAIC_TILES), _NO_WINDOW)),
+                          dispatch.one_of("block_k", MOSAIC_TILES)),
+                  auto_limits=(_WINDOW_UNCHECKED,)),
     dispatch.Path("pallas_gpu", platform="gpu", limits=(_HEAD_DIM,)),
     dispatch.Path("pallas_tpu", platform="tpu", limits=(_HEAD_DIM,)),
     dispatch.Path("xla"),
@@ -79,10 +83,7 @@ class _Static:
 
 def _options(st: _Static) -> dict:
   """Keyword arguments of the backend's forward / backward besides the shared ones."""
-  kw = dict(st.tuning)
-  if st.window is not None:  # only then: the Mosaic GPU kernels take none (FAMILY refuses it)
-    kw["window"] = st.window
-  return kw
+  return dict(st.tuning, window=st.window)
 
 
 def _vec(x, name: str, b: int, n: int, heads: tuple[int, ...], dtype):

@@ -23,9 +23,9 @@ A CTA covers 128 query rows (or keys), and both consumers walk one list. Lists m
 are used as they are; lists made at 64 are merged in pairs of rows (2c, 2c+1) and each consumer
 masks the tiles that are not in its own row (the pair's union is streamed, so a pattern whose
 paired rows differ costs up to twice its visited tiles: prefer block 128 here). Element masks
-(causality by positions, segments, the top-w threshold) and the key bias are the ones of
-common.py. Inputs must be bfloat16 or float16 (wgmma), head dim 64 or 128, tiles 64 or 128;
-anything else raises a ValueError naming the argument and the path to use instead (the
+(causality by positions, the sliding window, segments, the top-w threshold) and the key bias are
+the ones of common.py. Inputs must be bfloat16 or float16 (wgmma), head dim 64 or 128, tiles 64
+or 128; anything else raises a ValueError naming the argument and the path to use instead (the
 dispatcher's limits in api.py keep `auto` from choosing these kernels for such inputs).
 """
 
@@ -168,26 +168,30 @@ def _same(x):
   return x
 
 
-def _masked(s, *, causal: bool, qv: dict, kv: dict, q_dim: int, q0, k0, skip_below=True):
+def _masked(s, *, causal: bool, window: int | None, qv: dict, kv: dict, q_dim: int, q0, k0,
+            skip_below=True):
   """Scores of one register tile with masked elements at -inf: common.element_mask with the
   per-query vectors (already broadcast) along axis `q_dim` and the per-key ones along the
   other; default positions are the token indices q0 + i and k0 + j. When causality by token
   index is the only condition, tiles wholly below the diagonal skip the mask (a lax.cond;
-  skip_below=False where a wgmma is in flight, so no branch sits inside its pipeline)."""
+  skip_below=False where a wgmma is in flight, so no branch sits inside its pipeline); with a
+  window they do not, since a tile below the diagonal can reach past the window."""
   shape = s.shape
 
   def iota(dim):
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=_WGMMA)
 
   qv, kv = dict(qv), dict(kv)
-  only_causal = causal and not ({"q_pos", "q_seg", "q_thr"} & qv.keys()) and "kv_pos" not in kv
-  if causal and "q_pos" not in qv:
+  by_pos = causal or window is not None  # the conditions on positions
+  only_causal = (causal and window is None and not ({"q_pos", "q_seg", "q_thr"} & qv.keys())
+                 and "kv_pos" not in kv)
+  if by_pos and "q_pos" not in qv:
     qv["q_pos"] = q0 + iota(q_dim)
-  if (causal or "q_thr" in qv) and "kv_pos" not in kv:
+  if (by_pos or "q_thr" in qv) and "kv_pos" not in kv:
     kv["kv_pos"] = k0 + iota(1 - q_dim)
   qv.setdefault("q_pos", None)
   kv.setdefault("kv_pos", None)
-  mask = element_mask(causal=causal, **qv, **kv, rows=_same, cols=_same)
+  mask = element_mask(causal=causal, window=window, **qv, **kv, rows=_same, cols=_same)
   if mask is None:
     return s
   if only_causal and skip_below:  # some key of the tile is after some query
@@ -196,13 +200,13 @@ def _masked(s, *, causal: bool, qv: dict, kv: dict, q_dim: int, q0, k0, skip_bel
   return jnp.where(mask, s, -jnp.inf)
 
 
-def _used(aux: Aux, causal: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  """The per-query and per-key vectors the mask reads (positions only for causality and the
-  threshold's tie-break)."""
-  thr = aux.q_thr is not None
-  q_names = tuple(n for n in Q_VECS if getattr(aux, n) is not None and (n != "q_pos" or causal))
+def _used(aux: Aux, causal: bool, window: int | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """The per-query and per-key vectors the mask reads (positions only for causality, the
+  window and the threshold's tie-break)."""
+  by_pos, thr = causal or window is not None, aux.q_thr is not None
+  q_names = tuple(n for n in Q_VECS if getattr(aux, n) is not None and (n != "q_pos" or by_pos))
   kv_names = tuple(n for n in KV_VECS if getattr(aux, n) is not None
-                   and (n != "kv_pos" or causal or thr))
+                   and (n != "kv_pos" or by_pos or thr))
   return q_names, kv_names
 
 
@@ -253,7 +257,8 @@ def _own_query_vectors(r, q_names, rows, *, bi, hi, num_heads: int, group: int) 
   return qv_rows
 
 
-def _biased_and_masked(s, r, kv_names, qv_rows, tile, *, bi, hk, q0, k0, causal: bool):
+def _biased_and_masked(s, r, kv_names, qv_rows, tile, *, bi, hk, q0, k0, causal: bool,
+                       window: int | None):
   """Scores s [64 queries, tile[1] keys from k0] of the forward and dQ kernels, already scaled
   to log2 units: plus the key bias, then the element mask, with the keys' vectors loaded here
   (column layout) and the queries' given (qv_rows, row layout)."""
@@ -264,11 +269,11 @@ def _biased_and_masked(s, r, kv_names, qv_rows, tile, *, bi, hk, q0, k0, causal:
   if "kv_bias" in kv:
     s = s + kv["kv_bias"] * LOG2E
   qv = {n_: _bcast(x, tile, 0) for n_, x in qv_rows.items()}
-  return _masked(s, causal=causal, qv=qv, kv=kv, q_dim=0, q0=q0, k0=k0)
+  return _masked(s, causal=causal, window=window, qv=qv, kv=kv, q_dim=0, q0=q0, k0=k0)
 
 
-def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, scale, block_k, num_heads, group,
-                num_stages, lists_b, lists_h, has_member):
+def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, window, scale, block_k,
+                num_heads, group, num_stages, lists_b, lists_h, has_member):
   r = dict(zip(names, refs))
   o_ref, lse_ref = refs[len(names):len(names) + n_out]
   (q_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free,
@@ -280,7 +285,7 @@ def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, scale, block_k, 
   n = r["cnt"][lb, lh, ci]
   dtype = q_smem.dtype
   tile = (WG_ROWS, block_k)
-  need_k0 = causal or bool(kv_names) or "q_thr" in q_names
+  need_k0 = causal or window is not None or bool(kv_names) or "q_thr" in q_names
 
   @pl.when(wg < 2)
   def _consumer():
@@ -311,7 +316,7 @@ def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, scale, block_k, 
       s = s * (scale * LOG2E)
       k0 = r["idx"][lb, lh, ci, j] * block_k if need_k0 else None
       s = _biased_and_masked(s, r, kv_names, qv_rows, tile, bi=bi, hk=hk, q0=q0, k0=k0,
-                             causal=causal)
+                             causal=causal, window=window)
       if has_member:
         s = s + jnp.where(r["member"][lb, lh, ci, wg, j] != 0, 0.0, -jnp.inf)
       m_new = jnp.maximum(m, s.max(axis=1))
@@ -351,9 +356,10 @@ def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, scale, block_k, 
 
 def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: float,
             block_q: int, block_k: int, interpret: bool = False, num_warps: int | None = None,
-            num_stages: int = 2):
+            num_stages: int = 2, window: int | None = None):
   """o [B, T, H, D], lse [B, H, T] float32 (natural log). num_warps is unused (the CTA is
-  always three warpgroups); num_stages is the depth of the K/V pipeline."""
+  always three warpgroups); num_stages is the depth of the K/V pipeline; window:
+  common.element_mask's (the lists should hold the band; the window masks elements)."""
   del num_warps
   _check(q, k, v, block_q, block_k, interpret)
   b, t, h, d = q.shape
@@ -361,7 +367,7 @@ def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: fl
   group = h // h_kv
   t_cta = CTA_ROWS * -(-t // CTA_ROWS)
   idx, cnt, member = _cta_lists(kv_indices, kv_counts, k.shape[1] // block_k, block_q)
-  q_names, kv_names = _used(aux, causal)
+  q_names, kv_names = _used(aux, causal, window)
   args = {"q": _pad_to(q, 1, t_cta), "k": k, "v": v, "idx": idx, "cnt": cnt}
   if member is not None:
     args["member"] = member
@@ -372,7 +378,7 @@ def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: fl
   names = tuple(args)
   kernel = functools.partial(
       _fwd_kernel, names=names, q_names=q_names, kv_names=kv_names, n_out=2, causal=causal,
-      scale=scale, block_k=block_k, num_heads=h, group=group, num_stages=num_stages,
+      window=window, scale=scale, block_k=block_k, num_heads=h, group=group, num_stages=num_stages,
       lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None)
   o, lse = _launch(
       kernel, "block_sparse_mgpu_fwd", args,
@@ -400,8 +406,8 @@ def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: fl
 # Backward
 
 
-def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_k, num_heads, group,
-               num_stages, lists_b, lists_h, has_member):
+def _dq_kernel(*refs, names, q_names, kv_names, causal, window, scale, block_k, num_heads,
+               group, num_stages, lists_b, lists_h, has_member):
   r = dict(zip(names, refs))
   (dq_ref,) = refs[len(names):len(names) + 1]
   q_smem, do_smem, k_smem, v_smem, q_bar, kv_bar, kv_free = refs[len(names) + 1:]
@@ -412,7 +418,7 @@ def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_k, num_head
   n = r["cnt"][lb, lh, ci]
   dtype = q_smem.dtype
   tile = (WG_ROWS, WG_ROWS)  # a K/V tile is taken in 64-key pieces (fewer live registers)
-  need_k0 = causal or bool(kv_names) or "q_thr" in q_names
+  need_k0 = causal or window is not None or bool(kv_names) or "q_thr" in q_names
 
   @pl.when(wg < 2)
   def _consumer():
@@ -444,7 +450,7 @@ def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_k, num_head
         k0 = None if kb0 is None else kb0 + piece * WG_ROWS
         s = s * (scale * LOG2E)
         s = _biased_and_masked(s, r, kv_names, qv_rows, tile, bi=bi, hk=hk, q0=q0, k0=k0,
-                               causal=causal)
+                               causal=causal, window=window)
         if penalty is not None:
           s = s + penalty
         p = jnp.exp2(s - _bcast(lse2, tile, 0))
@@ -501,8 +507,8 @@ def _store_dkv(dk, dv, db, ks, vs, db_smem, out_refs, *, bi, hk, keys):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_heads, group,
-                num_stages, lists_b, lists_h, has_member, has_bias):
+def _dkv_kernel(*refs, names, q_names, kv_names, causal, window, scale, block_q, num_heads,
+                group, num_stages, lists_b, lists_h, has_member, has_bias):
   r = dict(zip(names, refs))
   n_out = 3 if has_bias else 2
   dk_ref, dv_ref = refs[len(names):len(names) + 2]
@@ -557,7 +563,7 @@ def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_hea
             x = r[name]
             qv[name] = _bcast(_load(x.at[(*_q_row(x, bi, h, num_heads, group), q_cols)], _COL),
                               tile, 1)
-          st = _masked(st, causal=causal, qv=qv, kv=kv, q_dim=1, q0=q0, k0=k0)
+          st = _masked(st, causal=causal, window=window, qv=qv, kv=kv, q_dim=1, q0=q0, k0=k0)
           if penalty is not None:
             st = st + penalty
           lse2 = _bcast(_load(r["lse2"].at[bi, h, q_cols], _COL), tile, 1)
@@ -605,8 +611,9 @@ def _dkv_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_hea
       done = done + n
 
 
-def _dkv_staged_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, num_heads, group,
-                       num_stages, lists_b, lists_h, has_member, has_bias, dq_mode):
+def _dkv_staged_kernel(*refs, names, q_names, kv_names, causal, window, scale, block_q,
+                       num_heads, group, num_stages, lists_b, lists_h, has_member, has_bias,
+                       dq_mode):
   """dK/dV (and with dq_mode, dQ) over 64-query steps whose Q, dO, lse, delta and per-query
   mask vectors all arrive by TMA in one stage.
 
@@ -685,7 +692,8 @@ def _dkv_staged_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, 
           st = st + kv["kv_bias"] * LOG2E
         qv = {n_: _bcast(_load(qv_smems[i].at[slot], _COL), tile, 1)
               for i, n_ in enumerate(q_names)}
-        st = _masked(st, causal=causal, qv=qv, kv=kv, q_dim=1, q0=q0, k0=k0, skip_below=False)
+        st = _masked(st, causal=causal, window=window, qv=qv, kv=kv, q_dim=1, q0=q0, k0=k0,
+                     skip_below=False)
         if has_member:
           st = st + jnp.where(r["member"][lb, lh, ci, wg, j] != 0, 0.0, -jnp.inf)
         pt16 = jnp.exp2(st - _bcast(_load(lse_smem.at[slot], _COL), tile, 1)).astype(dtype)
@@ -767,7 +775,8 @@ SMEM_BYTES = 227 * 1024  # a Hopper CTA's shared memory
 
 def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts, aux: Aux, *,
              causal: bool, scale: float, block_q: int, block_k: int, interpret: bool = False,
-             num_warps: int | None = None, num_stages: int = 2, bwd: str = "split"):
+             num_warps: int | None = None, num_stages: int = 2, bwd: str = "split",
+             window: int | None = None):
   """dq [B, T, H, D], dk / dv [B, S, H_kv, D], dbias [B, H_kv, S] float32 or None.
 
   delta [B, H, T] = rowsum(o * do) - dlse; q_indices / q_counts are the transposed lists
@@ -794,7 +803,7 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
   group = h // h_kv
   t_cta = CTA_ROWS * -(-t // CTA_ROWS)
   s_cta = CTA_ROWS * -(-s_len // CTA_ROWS)
-  q_names, kv_names = _used(aux, causal)
+  q_names, kv_names = _used(aux, causal, window)
   has_bias = aux.kv_bias is not None
   # Rows that see nothing have lse = -inf; every score of theirs is masked, so any finite value
   # gives p = exp2(-inf) = 0.
@@ -805,8 +814,8 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
   q_vecs = {n_: _pad_to(getattr(aux, n_), 2, t_cta) for n_ in q_names}
   if bwd in ("split", "staged"):
     dq = _dq(common_args, q_vecs, k, v, kv_indices, kv_counts, aux, q_names=q_names,
-             kv_names=kv_names, causal=causal, scale=scale, block_q=block_q, block_k=block_k,
-             num_stages=num_stages)
+             kv_names=kv_names, causal=causal, window=window, scale=scale, block_q=block_q,
+             block_k=block_k, num_stages=num_stages)
   dq_mode = {"split": None, "staged": None, "fused": "cols" if d == 2 * WG_ROWS else "keys",
              "fused_keys": "keys"}[bwd]
 
@@ -822,9 +831,10 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
   if dq_mode is not None:
     args["dq_acc"] = jax.new_ref(jnp.zeros((b, t_cta, h, d), jnp.float32))
   names = tuple(args)
-  static = dict(names=names, q_names=q_names, kv_names=kv_names, causal=causal, scale=scale,
-                block_q=block_q, num_heads=h, group=group, lists_b=idx.shape[0] > 1,
-                lists_h=idx.shape[1] > 1, has_member=member is not None, has_bias=has_bias)
+  static = dict(names=names, q_names=q_names, kv_names=kv_names, causal=causal, window=window,
+                scale=scale, block_q=block_q, num_heads=h, group=group,
+                lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None,
+                has_bias=has_bias)
   out_type = [jax.ShapeDtypeStruct((b, s_cta, h_kv, d), k.dtype),
               jax.ShapeDtypeStruct((b, s_cta, h_kv, d), v.dtype)]
   if has_bias:
@@ -893,7 +903,7 @@ def _staged_stages(most: int, d: int, dtype, q_vec_dtypes, dq_mode) -> int:
 
 
 def _dq(common_args, q_vecs, k, v, kv_indices, kv_counts, aux, *, q_names, kv_names, causal,
-        scale, block_q, block_k, num_stages):
+        window, scale, block_q, block_k, num_stages):
   """The dQ kernel over the forward's tiling and lists: dq [B, T_cta, H, D]."""
   qp = common_args["q"]
   b, t_cta, h, d = qp.shape
@@ -906,8 +916,8 @@ def _dq(common_args, q_vecs, k, v, kv_indices, kv_counts, aux, *, q_names, kv_na
   args.update({n_: getattr(aux, n_) for n_ in kv_names})
   names = tuple(args)
   kernel = functools.partial(
-      _dq_kernel, names=names, q_names=q_names, kv_names=kv_names, causal=causal, scale=scale,
-      block_k=block_k, num_heads=h, group=group, num_stages=num_stages,
+      _dq_kernel, names=names, q_names=q_names, kv_names=kv_names, causal=causal, window=window,
+      scale=scale, block_k=block_k, num_heads=h, group=group, num_stages=num_stages,
       lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None)
   return _launch(
       kernel, "block_sparse_mgpu_dq", args,

@@ -207,7 +207,7 @@ def _band_kernel(q, window) -> str:
   reasons = []
   for path in BLOCK_SPARSE.paths:
     if path.is_pallas and path.platform == "gpu":
-      why = BLOCK_SPARSE.why_not(path, shapes)
+      why = BLOCK_SPARSE.why_not(path, shapes, chosen=True)  # as "auto" chooses
       if not why:
         return ""
       reasons.append(f"{path.name}: {why}")
