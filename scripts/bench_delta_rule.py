@@ -264,8 +264,11 @@ def candidates(backward: str = "fused"):
   if SMOKE["on"]:
     cands = [default]
   else:
+    # block_v 32: twice the walk's programs (512 at B 8, H 16), each step thinner; 3 stages:
+    # deeper pipelining of the walk's chunk loads (its loop is latency-bound).
     cands = [default, pallas_gpu.BlockSizes(block_v=64, num_warps=8),
-             pallas_gpu.BlockSizes(block_v=128, num_warps=8, num_warps_wy=4)]
+             pallas_gpu.BlockSizes(block_v=128, num_warps=8, num_warps_wy=4),
+             pallas_gpu.BlockSizes(block_v=32), pallas_gpu.BlockSizes(num_stages=3)]
     if backward == "split":
       cands += [pallas_gpu.BlockSizes(num_warps_bwd=4), pallas_gpu.BlockSizes(block_k=128)]
   return [block_sizes_for(backward, c) for c in cands]
