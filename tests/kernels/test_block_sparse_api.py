@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effattn.kernels import dispatch
 from effattn.kernels.block_sparse import (FAMILY, BlockSizes, block_mask_from_lists,
                                           block_sparse_attention, causal_block_mask,
                                           lists_from_block_mask)

@@ -255,7 +255,7 @@ def forward(q, k, v, theta, lb, le, seg, carry, end, w0, s0, *, chunk: int, dtyp
             save_states: bool = True):
   """Same contract as xla.forward (states come back as [B, H, N*Dk, Dv] pairs)."""
   run = _Launch(q, v, chunk, dtype, block_sizes, interpret)
-  sp, dk, n = run.sp, run.dk, run.n
+  dk, n = run.dk, run.n
   tokens = (q, k, v, theta, lb, le, seg.astype(jnp.int32), carry, end)
   loops = block_sizes.forward
   if loops in ("split", "hoisted") and save_states:  # the states in the loop, then y
