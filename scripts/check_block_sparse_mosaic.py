@@ -291,8 +291,8 @@ def check_f32_refused() -> dict:
 
 def check_window_forced() -> dict:
   """On this GPU a windowed call forced to impl="pallas_mosaic_gpu" takes it (the window
-  cases above reach the same kernels through the module swap); "auto" is recorded, which
-  api.py's _WINDOW_UNCHECKED keeps on Triton until those cases pass."""
+  cases above reach the same kernels through the module swap); "auto" is recorded (the Mosaic
+  path since the window cases passed on 2026-12-03)."""
   shapes = dict(head_dim=128, dtype="bfloat16", block_q=128, block_k=128, window=200)
   try:
     forced = api.FAMILY.choose("pallas_mosaic_gpu", **shapes).path
@@ -557,6 +557,7 @@ def main():
   on_gpu = jax.default_backend() == "gpu"
   print(f"jax {jax.__version__} backend {jax.default_backend()} devices {jax.devices()}",
         flush=True)
+  os.makedirs(args.out, exist_ok=True)
   check_path = os.path.join(args.out, "mosaic_check.json")
   report = {"jax": jax.__version__, "device": str(jax.devices()[0]), "checks": {}, "rows": []}
   if args.part in ("all", "check"):

@@ -85,24 +85,20 @@ def test_block_sizes_power_of_two():
     BlockSizes(64, 48)
 
 
-def test_a_window_reaches_mosaic_gpu_only_when_forced(monkeypatch):
-  """The Mosaic GPU kernels' window awaits its GPU check: on Hopper "auto" and "pallas" give a
-  windowed call to Triton, saying why, and impl="pallas_mosaic_gpu" takes it; the ring (T split
-  over mesh.sequence) refuses one."""
-  from effattn.kernels import paths
-  from effattn.kernels.block_sparse import api
+def test_a_window_reaches_mosaic_gpu_on_hopper(monkeypatch):
+  """The Mosaic GPU kernels' window passed its GPU check (2026-12-03): on Hopper "auto" and
+  "pallas" give a windowed bf16 call to them, float32 stays on Triton; the ring (T split over
+  mesh.sequence) refuses a window."""
   q, idx, cnt = _args()
   with jax.set_mesh(host_mesh(sequence=2)):
     with pytest.raises(ValueError, match="window=8 has no ring path"):
       block_sparse_attention(q, q, q, idx, cnt, block_q=16, block_k=16, window=8)
+  from effattn.kernels.block_sparse import api
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(api, "_hopper", lambda: "")
-  shapes = dict(head_dim=64, dtype="bfloat16", block_q=64, block_k=64)
-  assert FAMILY.choose("auto", **shapes, window=None).path == "pallas_mosaic_gpu"
-  assert FAMILY.choose("auto", **shapes, window=8).path == "pallas_gpu"
-  assert FAMILY.choose("pallas", **shapes, window=8).path == "pallas_gpu"
-  assert FAMILY.choose("pallas_mosaic_gpu", **shapes, window=8).path == "pallas_mosaic_gpu"
-  why = ("pallas_mosaic_gpu: window=8: the Mosaic GPU kernels' window awaits its GPU check "
-         "(scripts/check_block_sparse_mosaic.py --cases window); impl='pallas_mosaic_gpu' "
-         "forces it")
-  assert ("block_sparse", "pallas_gpu", why) in paths._LOGGED  # pylint: disable=protected-access
+  shapes = dict(head_dim=64, block_q=64, block_k=64)
+  for impl in ("auto", "pallas"):
+    for window in (None, 8):
+      assert FAMILY.choose(impl, **shapes, dtype="bfloat16", window=window).path == (
+          "pallas_mosaic_gpu")
+    assert FAMILY.choose(impl, **shapes, dtype="float32", window=8).path == "pallas_gpu"

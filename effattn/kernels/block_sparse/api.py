@@ -10,10 +10,8 @@ order "auto" tries them; the rules are kernels/dispatch.py's):
   "pallas_mosaic_gpu"  warp-specialized Mosaic GPU kernels (Hopper, compute capability 9.x;
                 bfloat16, head_dim 64 or 128, tiles 64 or 128; no interpreter):
                 checked on an H200 against reference.py and 2.3x the Triton kernels' fwd+bwd
-                speed (docs/mosaic_gpu.md); float16 stays on Triton until it is checked there;
-                it has the window too, but until its GPU check passes (scripts/
-                check_block_sparse_mosaic.py --cases window) only impl="pallas_mosaic_gpu"
-                runs it there and "auto" gives a windowed call to Triton;
+                speed (docs/mosaic_gpu.md), with the sliding window too (checked there on
+                2026-12-03); float16 stays on Triton until it is checked there;
   "pallas_gpu"  Triton kernels (GPU; head_dim 64 or 128; interpret=True off-device);
   "pallas_tpu"  Mosaic kernels (TPU; same limits);
   "xla"         blocked jnp, work proportional to the lists;
@@ -40,10 +38,6 @@ from effattn.kernels.block_sparse.common import Aux, BlockSizes, transpose_lists
 PALLAS_HEAD_DIMS = (64, 128)
 _HEAD_DIM = dispatch.one_of("head_dim", PALLAS_HEAD_DIMS)
 MOSAIC_TILES = (64, 128)
-# In the kernels, not yet checked on the GPU: "auto" skips them for it, a forced call runs it.
-_WINDOW_UNCHECKED = dispatch.Limit(("window",), lambda window: "" if window is None else (
-    f"window={window}: the Mosaic GPU kernels' window awaits its GPU check (scripts/"
-    "check_block_sparse_mosaic.py --cases window); impl='pallas_mosaic_gpu' forces it"))
 
 
 def _hopper() -> str:
@@ -57,8 +51,7 @@ FAMILY = dispatch.Family("block_sparse", (
                   device=lambda: _hopper(),  # looked up on use (tests stand in a device)
                   limits=(_HEAD_DIM, dispatch.one_of("dtype", ("bfloat16",)),
                           dispatch.one_of("block_q", MOSAIC_TILES),
-                          dispatch.one_of("block_k", MOSAIC_TILES)),
-                  auto_limits=(_WINDOW_UNCHECKED,)),
+                          dispatch.one_of("block_k", MOSAIC_TILES))),
     dispatch.Path("pallas_gpu", platform="gpu", limits=(_HEAD_DIM,)),
     dispatch.Path("pallas_tpu", platform="tpu", limits=(_HEAD_DIM,)),
     dispatch.Path("xla"),
