@@ -7,7 +7,9 @@
       --cases window                                                  # the sliding window
 
 `--bwd` names backward variants (pallas_mosaic_gpu.BACKWARDS) to check and time side by side
-in one run, the first being the baseline; `--check` gives each its own cases.
+in one run, the first being the baseline; `--check` gives each its own cases. A variant may
+carry the backward kernels' register split, `<bwd>@<consumer>-<producer>` (e.g.
+`split@240-24`, FlashAttention-3's; the default is pallas_mosaic_gpu.REGISTERS).
 
 1. Check (before any timing): forward (o, lse) and every gradient (dq, dk, dv, d kv_bias) of
    the Mosaic GPU path against reference.py in float32 on the same bf16 / f16 inputs, through
@@ -57,17 +59,34 @@ from effattn.kernels.block_sparse import (block_sparse_attention, causal_block_m
 _START = time.time()
 
 
+def variant(spec: str) -> dict:
+  """"<bwd>[@<consumer>-<producer>]" -> pallas_mosaic_gpu.backward's bwd= and registers=."""
+  bwd, _, regs = spec.partition("@")
+  if bwd not in pallas_mosaic_gpu.BACKWARDS:
+    raise SystemExit(f"backward variant {spec!r}: {bwd!r} not in {pallas_mosaic_gpu.BACKWARDS}")
+  if not regs:
+    return {"bwd": bwd}
+  try:
+    registers = tuple(int(x) for x in regs.split("-"))
+  except ValueError:
+    registers = ()
+  if len(registers) != 2:
+    raise SystemExit(f"backward variant {spec!r}: registers go as @<consumer>-<producer>, "
+                     "e.g. split@240-24")
+  return {"bwd": bwd, "registers": registers}
+
+
 @contextlib.contextmanager
-def mosaic_kernels(bwd: str = "split"):
-  """Routes impl='pallas_gpu' to the Mosaic GPU kernels, backward variant `bwd`
-  (pallas_mosaic_gpu.BACKWARDS), while tracing inside this block."""
+def mosaic_kernels(spec: str = "split"):
+  """Routes impl='pallas_gpu' to the Mosaic GPU kernels, backward variant `spec` (`variant`),
+  while tracing inside this block."""
   if not hasattr(api, "_kernel_module"):
     raise RuntimeError("api._kernel_module is gone: wire pallas_mosaic_gpu into the new "
                        "dispatcher and call it by its impl name here")
   saved = api._kernel_module
   module = types.SimpleNamespace(
       forward=pallas_mosaic_gpu.forward,
-      backward=functools.partial(pallas_mosaic_gpu.backward, bwd=bwd))
+      backward=functools.partial(pallas_mosaic_gpu.backward, **variant(spec)))
   api._kernel_module = lambda platform: module if platform == "gpu" else saved(platform)
   try:
     yield
@@ -504,8 +523,7 @@ def _plan(cases, spec_cases: str, bwds, spec_check: str | None):
   if spec_check:
     for group in spec_check.split(";"):
       bwd, _, names = group.partition(":")
-      if bwd not in pallas_mosaic_gpu.BACKWARDS:
-        raise SystemExit(f"--check: backward {bwd!r} not in {pallas_mosaic_gpu.BACKWARDS}")
+      variant(bwd)
       wanted += [(c, bwd) for c in _select(cases, names or "all")]
   else:
     wanted = [(c, bwd) for c in _select(cases, spec_cases) for bwd in bwds]
@@ -552,8 +570,7 @@ def main():
   args = parser.parse_args()
   bwds = args.bwd.split(",")
   for bwd in bwds:
-    if bwd not in pallas_mosaic_gpu.BACKWARDS:
-      raise SystemExit(f"--bwd: {bwd!r} not in {pallas_mosaic_gpu.BACKWARDS}")
+    variant(bwd)
   on_gpu = jax.default_backend() == "gpu"
   print(f"jax {jax.__version__} backend {jax.default_backend()} devices {jax.devices()}",
         flush=True)

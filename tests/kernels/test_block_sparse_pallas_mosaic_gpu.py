@@ -152,3 +152,27 @@ def test_unknown_backward_variant_is_named():
 ])
 def test_staged_kernel_gets_the_stages_that_fit(d, dq_mode, most, want):
   assert pallas_mosaic_gpu._staged_stages(most, d, jnp.bfloat16, [], dq_mode) == want
+
+
+def test_backward_register_split_reaches_both_backward_kernels_only():
+  """registers=(240, 24) (FlashAttention-3's split) rebuilds the dQ and dK/dV kernels; the
+  forward is untouched; a split setmaxnreg cannot hold is refused by name."""
+  dims, features, causal = CONFIGS["causal-gqa-d128"]
+  b, t, h, h_kv, d, bq, bk = dims
+  q, kv, idx, cnt, aux = _inputs(*dims, features)
+  q_idx, q_cnt = transpose_lists(idx, cnt, t // bk)
+  static = dict(causal=causal, scale=d ** -0.5, block_q=bq, block_k=bk)
+
+  def hashes(**kw):
+    def fwd_bwd(q, k, v):
+      o, lse = pallas_mosaic_gpu.forward(q, k, v, idx, cnt, aux, **static)
+      return o, pallas_mosaic_gpu.backward(q, k, v, lse, o, jnp.zeros(lse.shape, jnp.float32),
+                                           idx, cnt, q_idx, q_cnt, aux, **static, **kw)
+    return _kernel_hashes(jax.jit(fwd_bwd).trace(q, kv, kv).lower(
+        lowering_platforms=("cuda",)).as_text())
+
+  default, fa3 = hashes(), hashes(registers=(240, 24))
+  assert len(default) == len(fa3) == 3
+  assert default[0] == fa3[0] and not set(default[1:]) & set(fa3[1:])
+  with pytest.raises(ValueError, match=r"registers=\(248, 24\) must be .*<= 512"):
+    hashes(registers=(248, 24))

@@ -53,6 +53,9 @@ CTA_ROWS = 2 * WG_ROWS  # two consumer warpgroups per CTA
 # A masked score: -inf, so its exp2 is exactly 0; the running max starts finite so that a row
 # whose visited scores are all masked stays NaN-free (alpha = exp2(finite) and p = 0).
 M_INIT = -1e30
+# Registers per thread of (each consumer, the producer) warpgroup: setmaxnreg's split of the
+# 65,536 a CTA of 3 x 128 threads may hold (2 c + p <= 512). backward(registers=) tries others.
+REGISTERS = (232, 40)
 
 _WGMMA = plgpu.Layout.WGMMA
 _ROW = _WGMMA.reduce(1)  # one value per row of a [64, N] wgmma tile
@@ -215,11 +218,12 @@ def _sched_sync(sched):
   plgpu.barrier_wait(sched)
 
 
-def _stream_kv(r, n, row, bi, hk, smems, loaded, free, *, block_k: int, num_stages: int):
+def _stream_kv(r, n, row, bi, hk, smems, loaded, free, *, block_k: int, num_stages: int,
+               registers: tuple[int, int] = REGISTERS):
   """Producer warpgroup of the forward and dQ kernels: the K and V tiles of list row `row`
   into the stage ring. loaded / free: (K, V) barriers; V's free barrier None when one barrier
   frees both (it must then be waited once per step)."""
-  plgpu.set_max_registers(40, action="decrease")
+  plgpu.set_max_registers(registers[1], action="decrease")
 
   @pl.loop(0, n)
   def _(j):
@@ -289,7 +293,7 @@ def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, window, scale, b
 
   @pl.when(wg < 2)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(REGISTERS[0], action="increase")
     q0 = ci * CTA_ROWS + wg * WG_ROWS
     qs = q_smem.at[wg]
     plgpu.copy_gmem_to_smem(r["q"].at[bi, pl.ds(q0, WG_ROWS), hi], qs, q_bar.at[wg])
@@ -407,7 +411,7 @@ def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: fl
 
 
 def _dq_kernel(*refs, names, q_names, kv_names, causal, window, scale, block_k, num_heads,
-               group, num_stages, lists_b, lists_h, has_member):
+               group, num_stages, lists_b, lists_h, has_member, registers=REGISTERS):
   r = dict(zip(names, refs))
   (dq_ref,) = refs[len(names):len(names) + 1]
   q_smem, do_smem, k_smem, v_smem, q_bar, kv_bar, kv_free = refs[len(names) + 1:]
@@ -422,7 +426,7 @@ def _dq_kernel(*refs, names, q_names, kv_names, causal, window, scale, block_k, 
 
   @pl.when(wg < 2)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(registers[0], action="increase")
     q0 = ci * CTA_ROWS + wg * WG_ROWS
     rows = pl.ds(q0, WG_ROWS)
     qs, dos = q_smem.at[wg], do_smem.at[wg]
@@ -472,7 +476,7 @@ def _dq_kernel(*refs, names, q_names, kv_names, causal, window, scale, block_k, 
   @pl.when(wg == 2)
   def _producer():
     _stream_kv(r, n, (lb, lh, ci), bi, hk, (k_smem, v_smem), (kv_bar, kv_bar), (kv_free, None),
-               block_k=block_k, num_stages=num_stages)
+               block_k=block_k, num_stages=num_stages, registers=registers)
 
 
 def _own_keys(r, kv_names, k_smem, v_smem, k_bar, *, bi, hk, ci, wg):
@@ -508,7 +512,7 @@ def _store_dkv(dk, dv, db, ks, vs, db_smem, out_refs, *, bi, hk, keys):
 
 
 def _dkv_kernel(*refs, names, q_names, kv_names, causal, window, scale, block_q, num_heads,
-                group, num_stages, lists_b, lists_h, has_member, has_bias):
+                group, num_stages, lists_b, lists_h, has_member, has_bias, registers=REGISTERS):
   r = dict(zip(names, refs))
   n_out = 3 if has_bias else 2
   dk_ref, dv_ref = refs[len(names):len(names) + 2]
@@ -530,7 +534,7 @@ def _dkv_kernel(*refs, names, q_names, kv_names, causal, window, scale, block_q,
 
   @pl.when(wg < 2)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(registers[0], action="increase")
     k0, keys, ks, vs, kv_rows = _own_keys(r, kv_names, k_smem, v_smem, k_bar, bi=bi, hk=hk,
                                           ci=ci, wg=wg)
     zeros = jnp.zeros((WG_ROWS, k_smem.shape[-1]), jnp.float32)
@@ -591,7 +595,7 @@ def _dkv_kernel(*refs, names, q_names, kv_names, causal, window, scale, block_q,
 
   @pl.when(wg == 2)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(registers[1], action="decrease")
     done = 0
     for _, h, lh, n in heads():
       def load(j, _, h=h, lh=lh, done=done):
@@ -613,7 +617,7 @@ def _dkv_kernel(*refs, names, q_names, kv_names, causal, window, scale, block_q,
 
 def _dkv_staged_kernel(*refs, names, q_names, kv_names, causal, window, scale, block_q,
                        num_heads, group, num_stages, lists_b, lists_h, has_member, has_bias,
-                       dq_mode):
+                       dq_mode, registers=REGISTERS):
   """dK/dV (and with dq_mode, dQ) over 64-query steps whose Q, dO, lse, delta and per-query
   mask vectors all arrive by TMA in one stage.
 
@@ -670,7 +674,7 @@ def _dkv_staged_kernel(*refs, names, q_names, kv_names, causal, window, scale, b
 
   @pl.when(wg < 2)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(registers[0], action="increase")
     k0, keys, ks, vs, kv_rows = _own_keys(r, kv_names, k_smem, v_smem, k_bar, bi=bi, hk=hk,
                                           ci=ci, wg=wg)
     if dq_mode == "cols":  # dQ reads the other consumer's K half too
@@ -747,7 +751,7 @@ def _dkv_staged_kernel(*refs, names, q_names, kv_names, causal, window, scale, b
 
   @pl.when(wg == 2)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(registers[1], action="decrease")
     done = 0
     for h, lh, n in heads():
       @pl.loop(0, n)
@@ -776,7 +780,7 @@ SMEM_BYTES = 227 * 1024  # a Hopper CTA's shared memory
 def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts, aux: Aux, *,
              causal: bool, scale: float, block_q: int, block_k: int, interpret: bool = False,
              num_warps: int | None = None, num_stages: int = 2, bwd: str = "split",
-             window: int | None = None):
+             window: int | None = None, registers: tuple[int, int] = REGISTERS):
   """dq [B, T, H, D], dk / dv [B, S, H_kv, D], dbias [B, H_kv, S] float32 or None.
 
   delta [B, H, T] = rowsum(o * do) - dlse; q_indices / q_counts are the transposed lists
@@ -792,12 +796,14 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
                   at 64 it is "fused_keys");
     "fused_keys"  the same, each consumer adding dQ over its own 64 keys (twice the adds).
   num_stages is the dQ kernel's K/V depth and the most 64-query stages the dK/dV kernel gets
-  (as many as fit in shared memory, at least 2).
+  (as many as fit in shared memory, at least 2). registers: (consumer, producer) registers per
+  thread of both backward kernels (REGISTERS by default; e.g. (240, 24), FlashAttention-3's).
   """
   del num_warps
   _check(q, k, v, block_q, block_k, interpret)
   if bwd not in BACKWARDS:
     raise ValueError(f"pallas_mosaic_gpu.backward: bwd={bwd!r} not in {BACKWARDS}")
+  _check_registers(registers)
   b, t, h, d = q.shape
   s_len, h_kv = k.shape[1], k.shape[2]
   group = h // h_kv
@@ -815,7 +821,7 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
   if bwd in ("split", "staged"):
     dq = _dq(common_args, q_vecs, k, v, kv_indices, kv_counts, aux, q_names=q_names,
              kv_names=kv_names, causal=causal, window=window, scale=scale, block_q=block_q,
-             block_k=block_k, num_stages=num_stages)
+             block_k=block_k, num_stages=num_stages, registers=registers)
   dq_mode = {"split": None, "staged": None, "fused": "cols" if d == 2 * WG_ROWS else "keys",
              "fused_keys": "keys"}[bwd]
 
@@ -834,7 +840,7 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
   static = dict(names=names, q_names=q_names, kv_names=kv_names, causal=causal, window=window,
                 scale=scale, block_q=block_q, num_heads=h, group=group,
                 lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None,
-                has_bias=has_bias)
+                has_bias=has_bias, registers=registers)
   out_type = [jax.ShapeDtypeStruct((b, s_cta, h_kv, d), k.dtype),
               jax.ShapeDtypeStruct((b, s_cta, h_kv, d), v.dtype)]
   if has_bias:
@@ -902,8 +908,18 @@ def _staged_stages(most: int, d: int, dtype, q_vec_dtypes, dq_mode) -> int:
   return max(2, min(fit, max(most, 3)))
 
 
+def _check_registers(registers) -> None:
+  """setmaxnreg's rules: multiples of 8 in [24, 256], 2 consumers + 1 producer <= 512."""
+  c, p = registers
+  if not all(isinstance(x, int) and 24 <= x <= 256 and x % 8 == 0 for x in (c, p)) or (
+      2 * c + p > 512):
+    raise ValueError(f"pallas_mosaic_gpu.backward: registers={registers!r} must be (consumer, "
+                     "producer) multiples of 8 in [24, 256] with 2 * consumer + producer <= 512 "
+                     f"(default {REGISTERS})")
+
+
 def _dq(common_args, q_vecs, k, v, kv_indices, kv_counts, aux, *, q_names, kv_names, causal,
-        window, scale, block_q, block_k, num_stages):
+        window, scale, block_q, block_k, num_stages, registers=REGISTERS):
   """The dQ kernel over the forward's tiling and lists: dq [B, T_cta, H, D]."""
   qp = common_args["q"]
   b, t_cta, h, d = qp.shape
@@ -918,7 +934,8 @@ def _dq(common_args, q_vecs, k, v, kv_indices, kv_counts, aux, *, q_names, kv_na
   kernel = functools.partial(
       _dq_kernel, names=names, q_names=q_names, kv_names=kv_names, causal=causal, window=window,
       scale=scale, block_k=block_k, num_heads=h, group=group, num_stages=num_stages,
-      lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None)
+      lists_b=idx.shape[0] > 1, lists_h=idx.shape[1] > 1, has_member=member is not None,
+      registers=registers)
   return _launch(
       kernel, "block_sparse_mgpu_dq", args,
       out_type=jax.ShapeDtypeStruct((b, t_cta, h, d), qp.dtype),
