@@ -30,7 +30,8 @@ Memory carries across calls through the decode cache: it holds the memory at the
 plus the tokens of the unfinished chunk, so decoding in any split equals the forward pass exactly.
 Its attention KV cache is every token so far (MAG / MAL without a window), a ring of `window`
 slots (with one: kv_cache.py), or MAC's current segment; decode steps attend to the persistent pairs
-and the cache separately, merged by log-sum-exp (no copy of the cache). Packed segments restart the
+and the cache without concatenating them, reading the cache once as it lies (no copy of it:
+over_cache in kernels/softmax/persistent.py). Packed segments restart the
 memory (depth 1: at zero; deeper: at the learned initial weights) and attention stays inside each
 segment. docs/mechanisms_memory.md has the choices the paper leaves open.
 """
@@ -554,8 +555,8 @@ class NeuralMemory(base.Attention):
 
   def _attend_cache(self, q, k, v, mask):
     """_attend's math over a cache: q [B, Tq, H, D] over the persistent pairs and k, v
-    [B, S, H_kv, D] under mask [B, 1, Tq, S], merged by log-sum-exp rather than concatenated,
-    so no decode step copies the cache."""
+    [B, S, H_kv, D] under mask [B, 1, Tq, S], without concatenating them (over_cache), so no
+    decode step copies the cache."""
     o = over_cache(q, k, v, self.persistent_k.value, self.persistent_v.value, mask)
     return self.o_proj(base.merge_heads(o))
 

@@ -70,6 +70,36 @@ def test_windowed_decode_keeps_a_ring_of_window_slots(variant):
                   cache=dict(cache, k=jnp.zeros((2, 9, 2, 8)), v=jnp.zeros((2, 9, 2, 8))))
 
 
+def _decode_step_temp_bytes(module, capacity, batch=2):
+  """Compiled temporaries of one jitted one-token decode step (cache donated) at `capacity`,
+  and the bytes of the cache's attention keys and values."""
+  from flax import nnx
+  graphdef, state = nnx.split(module)
+  cache = jax.eval_shape(lambda: module.init_cache(batch, capacity, jnp.float32))
+  x = jax.ShapeDtypeStruct((batch, 1, module.d_model), jnp.float32)
+  pos = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+  step = jax.jit(lambda s, c, x, p: nnx.merge(graphdef, s).decode(x, positions=p, cache=c),
+                 donate_argnums=(1,))
+  compiled = step.lower(state, cache, x, pos).compile()
+  kv_bytes = sum(cache[name].size * cache[name].dtype.itemsize for name in ("k", "v"))
+  return compiled.memory_analysis().temp_size_in_bytes, kv_bytes
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 1])
+def test_full_cache_decode_step_temporaries_do_not_grow_like_the_cache(num_kv_heads):
+  """MAG without a window attends to every cached token: going from 2k to 32k tokens of cache,
+  one decode step's temporaries grow by far less than the cache (a transposed or f32 copy of
+  the cache, or an update that is not in place, would grow by at least as much), with its
+  heads sharing key/value heads or not. What may grow: the f32 scores, [B, S, H] each, 1/D of
+  the keys' f32 bytes (head dim 64 here)."""
+  module = build_mechanism("neural_memory", d_model=128, num_heads=2, window=None, impl="xla",
+                           num_kv_heads=num_kv_heads, neural_memory=dict(SMALL, variant="mag"))
+  temp_small, kv_small = _decode_step_temp_bytes(module, 2048)
+  temp_large, kv_large = _decode_step_temp_bytes(module, 32768)
+  assert temp_large - temp_small < 0.05 * (kv_large - kv_small), (
+      temp_small, temp_large, kv_small, kv_large)
+
+
 def test_chunk_of_one_is_the_papers_recurrence():
   """The memory layer with chunk_size=1 retrieves exactly what the token recurrence does."""
   module = build("lmm", chunk_size=1)

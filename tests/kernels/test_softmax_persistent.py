@@ -151,18 +151,21 @@ def test_chunked_memory_is_flat_in_t_at_equal_tokens():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_over_cache_equals_one_softmax_over_the_concatenation(dtype):
+@pytest.mark.parametrize("tq,h_kv,n_p", [(3, 2, 3), (1, 2, 3), (1, 4, 3), (1, 2, 0)])
+def test_over_cache_equals_one_softmax_over_the_concatenation(dtype, tq, h_kv, n_p):
   """The decode form: the persistent pairs and a cache under a dense mask (causal, and in row 0
-  slots cut off by a window), two softmaxes merged by log-sum-exp, equal the dense oracle's one
-  softmax over [persistent || cache]."""
-  q, k, v, pk, pv, _ = _inputs(t=11)
-  q = q[:, -3:]  # the new tokens at positions 8 .. 10
-  mask = attention_mask(sequence_index(2, 3, 8), sequence_index(2, 11), causal=True)
+  slots cut off by a window) equal the dense oracle's one softmax over [persistent || cache]:
+  a chunk of queries as two softmaxes merged by log-sum-exp, one query (a decode step) as the
+  products and sums over the cache as it lies, grouped (h_kv 2 of 4 heads) or not, with and
+  without persistent pairs."""
+  q, k, v, pk, pv, _ = _inputs(t=11, h_kv=h_kv, n_p=n_p)
+  q = q[:, -tq:]  # the new tokens at positions 11 - tq .. 10
+  mask = attention_mask(sequence_index(2, tq, 11 - tq), sequence_index(2, 11), causal=True)
   mask = mask.at[0, :, :, :4].set(False)
   k_all, v_all = persistent._with_persistent(q, k, v, pk, pv)
   want = reference_attention(q, k_all, v_all, jnp.concatenate(
-      [jnp.ones((2, 1, 3, pk.shape[0]), bool), mask], -1))
+      [jnp.ones((2, 1, tq, n_p), bool), mask], -1))
   cast = lambda x: x.astype(dtype)  # noqa: E731
   got = persistent.over_cache(cast(q), cast(k), cast(v), pk, pv, mask)
-  assert got.dtype == jnp.dtype(dtype)
+  assert got.dtype == jnp.dtype(dtype) and got.shape == q.shape
   assert_close("over_cache", want, got, reduction=14)

@@ -30,7 +30,9 @@ softmax family's rule (api.FAMILY) on the shapes of the call, except for windowe
   "reference"  the dense mask, then the reference attention.
 
 `over_cache` is the decode form: queries over the persistent pairs and a KV cache under a dense
-mask, the two softmaxes merged by log-sum-exp so a step never copies the cache.
+mask, never copying the cache: a one-token step as products and sums over the cache as it lies
+(read once in its dtype, f32 sums, one softmax with the persistent scores), a chunk of queries
+as two softmaxes merged by log-sum-exp.
 
 With T split over mesh.sequence (kernels/context_parallel.py) the sequence keys go through the
 softmax ring (block_sparse/context_parallel.py), which returns its log-sum-exp; the persistent
@@ -152,12 +154,60 @@ def _masked_with_lse(q, k, v, mask, scale):
   return o.reshape(b, tq, h, v.shape[-1]), lse.reshape(b, h, tq)
 
 
+def _one_query_over_cache(q, k, v, persistent_k, persistent_v, mask, scale):
+  """over_cache for one query per row (a decode step: q [B, 1, H, D], mask [B, 1, 1, S]).
+
+  A query against a cache is a matrix-vector product, so both of its products are written as
+  what they are: an elementwise product and a sum over the cache as it is laid out, [B, S,
+  H_kv, (G,) D]: q broadcast over S for the scores (sum over D), the weights broadcast over D
+  for the output (sum over S). Each fuses into one reduction that reads the cache once, in its
+  dtype, with every product and sum in f32. As dots (einsums with batch dims b, h, f32 out) a
+  compiler may lay the cache out batch-major for a GEMM or convert it to the f32 output type
+  first: a transposed or f32 copy of the cache in a step's temporaries (the CPU's dot emitter
+  transposes every dot's cache operand, mha's included; the H200's compiled step of the dots'
+  form held ~3x one layer's bf16 K cache of temporaries, 3.2 GiB at 64k, mha's 0.18). The
+  persistent scores join the cache's in one softmax (one max, one denominator), so no
+  log-sum-exp merge is needed. The group axis G = H / H_kv is left out when it is 1 (a size-1 axis in the product costs the
+  CPU's fused reductions an order of magnitude)."""
+  b, _, h, d = q.shape
+  h_kv = k.shape[2]
+  g = h // h_kv
+  f32 = jnp.float32
+  grouped = g > 1
+  per_kv = (lambda x: x[:, :, :, None]) if grouped else (lambda x: x)  # noqa: E731
+  qg = (q.reshape(b, h_kv, g, d) if grouped else q[:, 0]).astype(f32)  # [B, H_kv, (G,) D]
+  s = jnp.sum(per_kv(k).astype(f32) * qg[:, None], axis=-1) * scale  # [B, S, H_kv, (G)]
+  s = jnp.moveaxis(s, 1, -1)  # [B, H_kv, (G,) S]: the softmax's sums run along its minor axis
+  visible = mask[:, 0, 0].reshape((mask.shape[0],) + (1,) * (s.ndim - 2) + (s.shape[-1],))
+  s = jnp.where(visible, s, jnp.finfo(f32).min)
+  top = jnp.max(s, axis=-1)  # [B, H_kv, (G)]
+  n_p = persistent_k.shape[0]
+  if n_p:
+    pk, pv = (jnp.moveaxis(p.astype(f32), 0, 1) for p in (persistent_k, persistent_v))
+    if grouped:  # [H_kv, N_p, D] -> [H_kv, 1, N_p, D]
+      pk, pv = pk[:, None], pv[:, None]
+    s_p = jnp.sum(qg[..., None, :] * pk, axis=-1) * scale  # [B, H_kv, (G,) N_p]
+    top = jnp.maximum(top, jnp.max(s_p, axis=-1))
+  e = jnp.exp(s - top[..., None])  # masked slots: exp(f32 min - top) = 0
+  weights = jnp.moveaxis(e, -1, 1)[..., None]  # [B, S, H_kv, (G,) 1]: the cache's layout
+  num = jnp.sum(weights * per_kv(v).astype(f32), axis=1)  # [B, H_kv, (G,) D]
+  den = jnp.sum(e, axis=-1)
+  if n_p:
+    e_p = jnp.exp(s_p - top[..., None])
+    num = num + jnp.sum(e_p[..., None] * pv, axis=-2)
+    den = den + jnp.sum(e_p, axis=-1)
+  return (num / den[..., None]).reshape(b, 1, h, v.shape[-1]).astype(q.dtype)
+
+
 def over_cache(q, k, v, persistent_k, persistent_v, mask, *, scale=None):
   """The decode form: q [B, Tq, H, D] over the persistent pairs [N_p, H_kv, D] and a cache k, v
   [B, S, H_kv, D] under a dense mask [B, 1, Tq, S] (the persistent pairs always seen). `reference`
-  with that mask, as two softmaxes merged by log-sum-exp, so a decode step never copies the
-  cache into [persistent || k]. Returns o [B, Tq, H, D] in q's dtype."""
+  with that mask, without copying the cache into [persistent || k]: one query per row (a decode
+  step) as products and sums over the cache as it lies (`_one_query_over_cache`), a chunk of
+  queries as two softmaxes (dots) merged by log-sum-exp. Returns o [B, Tq, H, D] in q's dtype."""
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if q.shape[1] == 1:
+    return _one_query_over_cache(q, k, v, persistent_k, persistent_v, mask, scale)
   o, lse = _masked_with_lse(q, k, v, mask, scale)
   o_p, lse_p = _over_persistent(q, persistent_k, persistent_v, scale)
   return ring.merge(o_p, lse_p, o, lse)[0].astype(q.dtype)
