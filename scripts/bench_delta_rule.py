@@ -8,6 +8,8 @@
     python scripts/bench_delta_rule.py --out DIR --backward split   # one backward only
     python scripts/bench_delta_rule.py --out DIR --form ungated     # log gates 0, fla's
                                                                     # chunk_delta_rule as peer
+    python scripts/bench_delta_rule.py --out DIR --kernel-sizes 32768 --tune-kernels
+                                        # each kernel timed alone, then a per-kernel sweep
 
 Parts, in order (results.json and table.md under --out, written after every row):
 1. fla (flash-linear-attention 0.6.0, carried as wheels) in a subprocess, before JAX takes the
@@ -18,14 +20,25 @@ Parts, in order (results.json and table.md under --out, written after every row)
    refuses (fla 0.6.0 with Triton 3.4-3.7.0 on Hopper: chunk_bwd_dqkwg, fla issue #640), the
    forward's outputs and times are kept and the backward's reason recorded (fla_check.npz
    "bwd_error", a row's "fwd_bwd_error": "refused: ..."); the gradient comparisons stay empty.
-2. JAX, for each of --backward (pallas_gpu.BlockSizes.backward: "fused", the default path,
-   and "split"): (a) our Pallas path against our reference (the token recurrence, float32) on
+2. JAX, for each of --backward (pallas_gpu.BlockSizes.backward: "split", the default, and
+   "fused"): (a) our Pallas path against our reference (the token recurrence, float32) on
    the GPU, forward, final state and all six gradients, f32 and bf16, with segments and initial
    state; (b) on the check inputs, per tensor, ours vs the reference, fla vs the reference and
-   ours vs fla (relative Frobenius errors); (c) a block-size sweep of fwd+bwd at --tune-sizes;
+   ours vs fla (relative Frobenius errors); (c) a block-size sweep of fwd+bwd at --tune-sizes
+   (each candidate's outputs compared with the checked default's before it is timed);
    (d) fwd and fwd+bwd of ours beside fla at --sizes, each row with the custom kernels of its
    compiled program (6 on the fused path: 3 forward, 3 backward; 7 split). A backward whose
    check (a) fails is not timed.
+3. --kernel-sizes: the per-kernel breakdown. pallas_gpu.forward and .backward are called as the
+   api calls them, eagerly, with their `pl` replaced by a recorder (_Recorder): every
+   pallas_call is compiled as a program of its own and run on its real inputs (the forward's
+   saved intermediates feed the backward's kernels), then each is timed alone; the table gives
+   kernel, grid, ms, share of the op's fwd+bwd, MiB in+out and GB/s, with the custom-kernel
+   count of the op's program beside the recorded kernels'. --tune-kernels then sweeps
+   kernel_candidates() (overrides of the default BlockSizes): each candidate's outputs are
+   compared with the default's (TUNE_TOL) and only the kernels it changes are timed; the
+   union of the winners is tried too, and the best one's fwd+bwd is timed end to end (a row
+   "... kernel-tuned").
 Shapes: B=8, H=16, Dk=Dv=128, bf16; unit-norm q and k, log gates logsigmoid(N(0, 1)) (a mean
 decay of about 0.5 per token), b = sigmoid(N(0, 1)). `--form ungated` sets every log gate to 0
 (a = 1: the plain delta rule, the same recurrence without decay) and takes fla's
@@ -48,8 +61,8 @@ SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(SCRIPTS))
 sys.path.insert(0, SCRIPTS)
 
-from bench_vs_fla import (checked, fla_results, fla_row, ours_row, refusal, rel_err,  # noqa: E402
-                          tune)
+from bench_vs_fla import (checked, fla_results, fla_row, ours_row, refusal,  # noqa: E402
+                          rel_err)
 
 BACKWARDS = ("fused", "split")  # pallas_gpu.BlockSizes.backward
 
@@ -274,13 +287,58 @@ def candidates(backward: str = "fused"):
   return [block_sizes_for(backward, c) for c in cands]
 
 
+TUNE_TOL = 1e-2  # a tuning candidate's outputs against the checked default's (bf16 scale)
+MIN_GAIN = 0.01  # the per-kernel sweep's winner must beat the default's kernel sum by 1%
+
+
+def device_rel_err(a, b) -> float:
+  """||a - b|| / ||b|| computed on the device in float32 (the sweeps compare GiB-sized tensors;
+  rel_err's host float64 copy would take seconds each)."""
+  import jax.numpy as jnp
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  return float(jnp.linalg.norm((a - b).ravel()) / jnp.maximum(jnp.linalg.norm(b.ravel()), 1e-30))
+
+
+def worst_err(outs, refs) -> float:
+  import jax
+  return max(device_rel_err(a, b) for a, b in zip(jax.tree.leaves(outs), jax.tree.leaves(refs)))
+
+
 def tune_block_sizes(sizes: list[int], backward: str = "fused") -> tuple[object, dict]:
-  """The fastest BlockSizes (with this backward) for fwd+bwd over `sizes` (each candidate
-  timed)."""
-  def fwd_bwd_args(t):
+  """The fastest BlockSizes (with this backward) for fwd+bwd over `sizes`, the least time over
+  all of them winning (the default when `sizes` is empty). The default (candidates()[0]) passed
+  correctness() on this device; every other candidate is compiled once, its outputs (o and the
+  five gradients) compared with the default's on the same inputs (TUNE_TOL) and timed only if
+  they agree; one that fails to compile or differs is timed nan. Returns (best, {"T=<t> <cfg>":
+  ms, ..., "best": str(best)})."""
+  from effattn.evaluate import timing
+  cands = candidates(backward)
+  best, best_ms, tuning = cands[0], float("inf"), {}
+  for t in sizes:
     args, do = bench_inputs(t)
-    return (*args, do)
-  return tune(candidates(backward), sizes, fwd_bwd_args, lambda cfg: ours(cfg)[1])
+    ref = None
+    for i, cfg in enumerate(cands):
+      try:
+        compiled, _, _ = timing.compile_counted(ours(cfg)[1], *args, do)
+        out = compiled(*args, do)
+        if i == 0:
+          ref = out
+        elif ref is None:
+          raise ValueError("the default did not run: nothing checked to compare with")
+        elif (err := worst_err(out, ref)) >= TUNE_TOL:
+          raise ValueError(f"outputs differ from the checked default's by {err:.2e}")
+        del out
+        ms = timing.median_ms(compiled, *args, do, reps=3, budget_s=0.25)
+      except Exception as e:  # noqa: BLE001 - a tile that does not compile or check is skipped
+        ms = float("nan")
+        print("tune", cfg, "failed:", refusal(e), flush=True)
+      tuning[f"T={t} {cfg}"] = ms
+      print("tune", t, cfg, f"{ms:.3f} ms", flush=True)
+      if ms < best_ms:
+        best, best_ms = cfg, ms
+    del args, do, ref
+  tuning["best"] = str(best)
+  return best, tuning
 
 
 def bench_ours(sizes, block_sizes, on_row=lambda rows: None, name="ours pallas_gpu",
@@ -293,6 +351,245 @@ def bench_ours(sizes, block_sizes, on_row=lambda rows: None, name="ours pallas_g
     on_row(rows)
     del args, do
   return rows
+
+
+# ---------------------------------------------------------------------- per-kernel breakdown
+FWD_KERNELS = ("delta_rule_wy", "delta_rule_fwd", "delta_rule_out")
+OP_OUTPUTS = ("o", "ht", "dq", "dk", "dv", "dbeta", "dgcum", "dh0")
+
+
+def _signature(kernel, kw: dict, args) -> str:
+  """What makes two pallas_calls the same compiled kernel: the kernel body and its static
+  arguments, grid, block shapes, compiler parameters and argument shapes."""
+  body = getattr(kernel, "func", kernel)
+  specs = lambda x: repr([getattr(b, "block_shape", b) for b in  # noqa: E731
+                          (x if isinstance(x, (list, tuple)) else [x])])
+  return repr((kw.get("name"), getattr(body, "__name__", repr(body)),
+               sorted((k, repr(v)) for k, v in getattr(kernel, "keywords", {}).items()),
+               tuple(kw.get("grid", ())), specs(kw.get("in_specs", [])),
+               specs(kw.get("out_specs", [])), repr(kw.get("compiler_params")),
+               bool(kw.get("interpret")), [(tuple(a.shape), str(a.dtype)) for a in args]))
+
+
+class _Recorder:
+  """Stands in for pallas_gpu's `pl` while the real forward and backward run eagerly: each
+  pallas_call is compiled alone (a program of one kernel; `cache` keeps one executable per
+  signature) and run on its concrete inputs, which are kept, so it can be timed alone after."""
+
+  def __init__(self, pl, cache: dict):
+    self._pl, self._cache, self.calls = pl, cache, []
+
+  def __getattr__(self, name):
+    return getattr(self._pl, name)
+
+  def pallas_call(self, kernel, **kw):
+    import jax
+    from effattn.evaluate import timing
+    call = self._pl.pallas_call(kernel, **kw)
+
+    def run(*args):
+      sig = _signature(kernel, kw, args)
+      if sig not in self._cache:
+        self._cache[sig] = timing.compile_counted(call, *args)
+      compiled, names, _ = self._cache[sig]
+      out = compiled(*args)
+      nbytes = lambda tree: sum(int(x.nbytes) for x in jax.tree.leaves(tree))  # noqa: E731
+      self.calls.append(dict(name=kw.get("name", "?"), grid=tuple(kw.get("grid", ())), sig=sig,
+                             compiled=compiled, custom_kernels=len(names), args=args,
+                             bytes=nbytes(args) + nbytes(out)))
+      return out
+    return run
+
+
+def record_op(block_sizes, t: int, cache: dict):
+  """(the pallas_calls of one fwd+bwd of our op in order, each with its inputs; the op's outputs
+  by OP_OUTPUTS) at the bench shape: pallas_gpu.forward and .backward called as the api calls
+  them (api.py: padded inputs from common.prepare, dtype = q's, scale Dk^-1/2, cotangent on o,
+  zeros on the final state as the fwd+bwd timing has), each kernel compiled alone."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from effattn.kernels.delta_rule import api, common, pallas_gpu
+  chunk = api.DEFAULT_CHUNK
+  if t % chunk:
+    raise ValueError(f"--kernel-sizes {t} must be a multiple of the chunk {chunk}")
+  (q, k, v, g, beta), do = bench_inputs(t)
+  x = jax.jit(common.prepare, static_argnames="chunk")(q, k, v, g, beta, None, chunk=chunk)
+  kw = dict(chunk=chunk, scale=D ** -0.5, dtype=np.dtype(q.dtype), block_sizes=block_sizes,
+            interpret=SMOKE["on"])
+  recorder = _Recorder(pallas_gpu.pl, cache)
+  pallas_gpu.pl = recorder
+  try:
+    o, final, residuals = pallas_gpu.forward(x, jnp.zeros((B, H, D, D), jnp.float32), **kw,
+                                             out_dtype=np.dtype(q.dtype))
+    grads = pallas_gpu.backward(x, residuals, do, jnp.zeros_like(final), **kw)
+  finally:
+    pallas_gpu.pl = recorder._pl
+  return recorder.calls, dict(zip(OP_OUTPUTS, (o, final) + tuple(grads)))
+
+
+def time_calls(calls: list[dict], only=None) -> None:
+  """Adds "ms" (median of the kernel's program alone) to each call (those named in `only`, when
+  given) and drops its inputs."""
+  from effattn.evaluate import timing
+  for c in calls:
+    if only is None or c["name"] in only:
+      c["ms"] = timing.median_ms(c["compiled"], *c["args"], reps=5, budget_s=0.25)
+    c.pop("args"), c.pop("compiled")
+
+
+def breakdown_rows(calls: list[dict], fwd_bwd_ms: float | None) -> list[dict]:
+  return [{"kernel": c["name"], "grid": "x".join(map(str, c["grid"])), "ms": c["ms"],
+           "share": c["ms"] / fwd_bwd_ms if fwd_bwd_ms else None,
+           "mib": c["bytes"] / 2 ** 20, "gbps": c["bytes"] / c["ms"] / 1e6,
+           "custom_kernels": c["custom_kernels"]} for c in calls]
+
+
+def kernel_breakdown(t: int, backward: str, op: dict | None, block_sizes, cache: dict):
+  """Each of our forward and backward kernels timed alone at the bench shape (B, H, D) and T,
+  with `block_sizes` (the checked default), beside the op's own fwd / fwd+bwd at the same T:
+  `op` (a row of bench_ours with these block sizes) or, when None, timed here. Returns
+  ({"T", "backward", "rows": per kernel, totals}, the op's outputs, {kernel: (signature, ms)}
+  for the sweep)."""
+  calls, outs = record_op(block_sizes, t, cache)
+  time_calls(calls)
+  if op is None or "fwd_bwd_ms" not in op:
+    args, do = bench_inputs(t)
+    op = ours_row(f"ours pallas_gpu {backward} (breakdown)", t, *ours(block_sizes), args, do)
+    print(op, flush=True)
+    del args, do
+  fb_ms = op.get("fwd_bwd_ms")
+  table = breakdown_rows(calls, fb_ms)
+  fwd = sum(r["ms"] for r in table if r["kernel"] in FWD_KERNELS)
+  total = sum(r["ms"] for r in table)
+  res = {"T": t, "backward": backward, "block_sizes": str(block_sizes), "rows": table,
+         "kernels": len(table), "fwd_kernels_ms": fwd, "bwd_kernels_ms": total - fwd,
+         "kernels_ms": total, "op_fwd_ms": op.get("fwd_ms"), "op_fwd_bwd_ms": fb_ms,
+         "op_fwd_bwd_custom_kernels": op.get("fwd_bwd_kernels"),
+         "custom_kernels_alone": sum(r["custom_kernels"] for r in table),
+         "rest_ms": fb_ms - total if fb_ms else None, "op_error": op.get("error")}
+  print(breakdown_markdown(res), flush=True)
+  return res, outs, {c["name"]: (c["sig"], c["ms"]) for c in calls}
+
+
+def breakdown_markdown(res: dict) -> str:
+  pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+  ms = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+  lines = [f"Per-kernel breakdown, backward={res['backward']}, B={B} T={res['T']} H={H} "
+           f"Dk=Dv={D}, {res['block_sizes']}: each kernel's program alone (median ms; MiB = "
+           "its inputs + outputs counted once, GB/s = that over the time).", "",
+           "| kernel | grid | ms | share of fwd+bwd | MiB in+out | GB/s |",
+           "|---|---|---|---|---|---|"]
+  for r in res["rows"]:
+    lines.append(f"| {r['kernel']} | {r['grid']} | {r['ms']:.3f} | {pct(r['share'])} | "
+                 f"{r['mib']:.4g} | {r['gbps']:.4g} |")
+  counted, alone = res["op_fwd_bwd_custom_kernels"], res["custom_kernels_alone"]
+  lines += ["", f"{res['kernels']} pallas_calls recorded, their programs holding {alone} custom "
+            f"kernels in all; forward kernels {ms(res['fwd_kernels_ms'])} ms (op fwd "
+            f"{ms(res['op_fwd_ms'])}), backward kernels {ms(res['bwd_kernels_ms'])}, all "
+            f"{ms(res['kernels_ms'])} of the op's fwd+bwd {ms(res['op_fwd_bwd_ms'])} ms "
+            f"[{counted} custom kernels compiled]; the rest (XLA ops between kernels, launch "
+            f"gaps) {ms(res['rest_ms'])} ms."]
+  if counted is not None and counted != alone:
+    lines.append(f"NOTE: the op's fwd+bwd program holds {counted} custom kernels, the recorded "
+                 f"ones {alone}: the op did not run exactly these kernels.")
+  return "\n".join(lines)
+
+
+def kernel_candidates() -> list[dict]:
+  """Overrides of the default BlockSizes for the per-kernel sweep (--tune-kernels), most telling
+  first. What reads each knob (pallas_gpu.py): block_v: both walks' programs and the Dv step of
+  out, bwd_prep, bwd_dqk, bwd_wy; num_warps: both walks, out, bwd_prep, bwd_dqk; num_stages:
+  the walks; num_warps_bwd: bwd_wy (and the fused delta_rule_bwd); block_k: bwd_dqk;
+  num_warps_wy: delta_rule_wy."""
+  if SMOKE["on"]:
+    return [dict(num_warps_bwd=4), dict(block_k=32)]
+  return [dict(block_k=128), dict(num_warps_bwd=4), dict(num_stages=3), dict(block_v=32),
+          dict(num_warps=8), dict(block_k=128, num_warps=8), dict(num_warps=2),
+          dict(block_v=32, num_warps=2), dict(num_warps_bwd=2), dict(block_k=32),
+          dict(num_stages=1), dict(num_warps_wy=4), dict(block_v=128, num_warps=8)]
+
+
+def sweep_candidate(over: dict, t: int, backward: str, base: dict, base_outs: dict,
+                    cache: dict) -> dict:
+  """One candidate of the per-kernel sweep: the op's kernels recorded with these block sizes,
+  its outputs compared with the checked default's (TUNE_TOL), and only if they agree, the
+  kernels it changes timed alone; the others keep the default's times in "est_kernels_ms"."""
+  import dataclasses
+  cfg = dataclasses.replace(block_sizes_for(backward), **over)
+  row = {"candidate": over, "block_sizes": str(cfg)}
+  try:
+    calls, outs = record_op(cfg, t, cache)
+    errs = {n: device_rel_err(outs[n], base_outs[n]) for n in OP_OUTPUTS}
+    del outs
+    row.update(max_err=max(errs.values()), ok=max(errs.values()) < TUNE_TOL)
+    if not row["ok"]:
+      row["errs"] = errs
+      return row
+    changed = [c["name"] for c in calls if c["sig"] != base[c["name"]][0]]
+    time_calls(calls, only=set(changed))
+    row["kernel_ms"] = {c["name"]: c["ms"] for c in calls if "ms" in c}
+    row["est_kernels_ms"] = sum(row["kernel_ms"].get(n, ms) for n, (_, ms) in base.items())
+  except Exception as e:  # noqa: BLE001 - a tile that does not compile is reported, not fatal
+    row.update(ok=False, error=refusal(e))
+  return row
+
+
+def tune_kernels(t: int, backward: str, base: dict, base_outs: dict, cache: dict, deadline: float,
+                 on_row=lambda rows: None) -> dict:
+  """The per-kernel sweep: kernel_candidates() one at a time (none starts after `deadline`,
+  time.time()), then the union of the improving candidates' overrides (disjoint ones, best
+  first) as one more candidate. Returns {"base_ms", "rows", "best": overrides or {}}."""
+  base_total = sum(ms for _, ms in base.values())
+  bar = base_total * (1 - MIN_GAIN)  # below it a candidate counts as faster
+  res = {"T": t, "backward": backward, "base_ms": {n: ms for n, (_, ms) in base.items()},
+         "base_kernels_ms": base_total, "rows": []}
+
+  def run(over):
+    if time.time() > deadline:
+      res["rows"].append({"candidate": over, "ok": False, "skipped": "deadline"})
+    else:
+      res["rows"].append(sweep_candidate(over, t, backward, base, base_outs, cache))
+    print("tune kernels", res["rows"][-1], flush=True)
+    on_row(res)
+    return res["rows"][-1]
+
+  for over in kernel_candidates():
+    run(over)
+  better = sorted((r for r in res["rows"] if r.get("est_kernels_ms", bar) < bar),
+                  key=lambda r: r["est_kernels_ms"])
+  union = {}
+  for r in better:
+    if not set(r["candidate"]) & set(union):
+      union.update(r["candidate"])
+  if better and union != better[0]["candidate"]:  # two or more knobs improved: try them together
+    joint = run(union)
+    if "est_kernels_ms" in joint:
+      better = sorted(better + [joint], key=lambda r: r["est_kernels_ms"])
+  res["best"] = better[0]["candidate"] if better else {}
+  return res
+
+
+def tune_kernels_markdown(res: dict) -> str:
+  base = res["base_ms"]
+  lines = [f"Per-kernel sweep, backward={res['backward']}, T={res['T']}: each candidate's "
+           "outputs checked against the default's first (max rel. err.), then the kernels it "
+           "changes timed alone (ms, default's in brackets); est. = the sum over all kernels "
+           f"with the others at the default's ({res['base_kernels_ms']:.3f} ms).", "",
+           "| overrides | check | changed kernels ms (default) | est. kernels ms | vs default |",
+           "|---|---|---|---|---|"]
+  for r in res["rows"]:
+    over = ", ".join(f"{k}={v}" for k, v in r["candidate"].items())
+    if "est_kernels_ms" not in r:
+      why = r.get("skipped") or r.get("error") or f"differs: {r.get('max_err', 0):.2e}"
+      lines.append(f"| {over} | {why[:90]} | | | |")
+      continue
+    changed = "; ".join(f"{n.removeprefix('delta_rule_')} {ms:.3f} ({base[n]:.3f})"
+                        for n, ms in r["kernel_ms"].items()) or "none"
+    lines.append(f"| {over} | {r['max_err']:.1e} | {changed} | {r['est_kernels_ms']:.3f} | "
+                 f"{res['base_kernels_ms'] / r['est_kernels_ms']:.3f}x |")
+  lines += ["", f"Best: {res['best'] or 'the default'}."]
+  return "\n".join(lines)
 
 
 def markdown(rows, fla_rows, info) -> str:
@@ -338,12 +635,24 @@ def parse_args(argv=None):
   parser.add_argument("--no-fla", action="store_true")
   parser.add_argument("--backward", default=",".join(BACKWARDS),
                       help="comma-separated pallas_gpu backwards to check and time "
-                           f"(of {BACKWARDS}; fused is what impl='auto' runs)")
+                           f"(of {BACKWARDS}; split is BlockSizes' default)")
   parser.add_argument("--form", default="gated", choices=FORMS,
                       help="ungated: every log gate 0, against fla's chunk_delta_rule")
   parser.add_argument("--smoke", action="store_true",
                       help="CPU self-test: tiny shapes, Pallas interpret mode, no fla")
+  parser.add_argument("--kernel-sizes", default="",
+                      help="T values (multiples of 64) of a per-kernel breakdown after the "
+                           "rows: each of our kernels timed alone ('' skips it)")
+  parser.add_argument("--tune-kernels", action="store_true",
+                      help="per-kernel sweep of the block sizes at the first --kernel-sizes T "
+                           "(kernel_candidates(); each checked against the default first), "
+                           "then the winner's fwd+bwd end to end")
+  parser.add_argument("--deadline", type=float, default=0.0,
+                      help="seconds from the start after which no sweep candidate starts (0: "
+                           "none); the winner's end-to-end row still runs after it")
   args = parser.parse_args(argv)
+  if args.tune_kernels and not args.kernel_sizes:
+    parser.error("--tune-kernels needs --kernel-sizes")
   FORM["gated"] = args.form == "gated"
   args.backward = [b for b in args.backward.split(",") if b]
   bad = [b for b in args.backward if b not in BACKWARDS]
@@ -404,19 +713,80 @@ def main(argv=None) -> dict:
   print(f"checks done at {time.time() - t0:.0f}s", flush=True)
   save([])
   rows, info["tuning"], info["block_sizes"] = [], {}, {}
+  info["kernels"], info["tune_kernels"] = {}, {}
+
+  def write_table() -> str:
+    parts = [markdown(rows, fla["rows"], info)]
+    parts += [breakdown_markdown(r) for r in info["kernels"].values() if "rows" in r]
+    parts += [tune_kernels_markdown(r) for r in info["tune_kernels"].values() if "best" in r]
+    table = "\n\n".join(parts)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+      f.write(table + "\n")
+    return table
+
   for backward in passed:
     block_sizes, info["tuning"][backward] = (tune_block_sizes(tune_sizes, backward)
                                              if tune_sizes else (candidates(backward)[0], {}))
     info["block_sizes"][backward] = str(block_sizes)
     bench_ours(sizes, block_sizes, on_row=save, name=f"ours pallas_gpu {backward}", rows=rows)
   save(rows)
-  table = markdown(rows, fla["rows"], info)
-  with open(os.path.join(args.out, "table.md"), "w") as f:
-    f.write(table + "\n")
+  write_table()
+  kernel_parts(args, passed, rows, info, save, write_table, t0)
+  save(rows)
+  table = write_table()
   print(f"total {time.time() - t0:.0f}s")
   print("correctness:", [(c["case"], c.get("max_rel_err"), c["ok"]) for c in info["correctness"]])
   print(table)
   return results
+
+
+def kernel_parts(args, passed, rows, info, save, write_table, t0) -> None:
+  """--kernel-sizes / --tune-kernels, for each checked backward: the per-kernel breakdown with
+  the default block sizes (checked), the sweep at the first size, and the winner's end-to-end
+  row (checked against the default in the sweep) appended to `rows`."""
+  import dataclasses
+  kernel_sizes = [int(s) for s in args.kernel_sizes.split(",") if s]
+  deadline = t0 + args.deadline if args.deadline else float("inf")
+  cache = {}  # one compiled executable per kernel signature, shared by every part
+  for backward in passed:
+    default = block_sizes_for(backward)
+    name = f"ours pallas_gpu {backward}"
+    for t in kernel_sizes:
+      op = None
+      if info["block_sizes"].get(backward) == str(default):  # the rows' block sizes are these
+        op = next((r for r in rows if r.get("impl") == name and r.get("T") == t), None)
+      key = f"{backward} T={t}"
+      try:
+        info["kernels"][key], outs, base = kernel_breakdown(t, backward, op, default, cache)
+      except Exception as e:  # noqa: BLE001 - one failing part must not stop the others
+        info["kernels"][key] = {"error": refusal(e)}
+        print("breakdown", key, info["kernels"][key], flush=True)
+        continue
+      save(rows)
+      write_table()
+      print(f"breakdown {key} done at {time.time() - t0:.0f}s", flush=True)
+      if not (args.tune_kernels and t == kernel_sizes[0]):
+        del outs
+        continue
+
+      def on_sweep(res, backward=backward):
+        info["tune_kernels"][backward] = res
+        save(rows)
+      sweep = tune_kernels(t, backward, base, outs, cache, deadline, on_row=on_sweep)
+      del outs
+      info["tune_kernels"][backward] = sweep
+      print(tune_kernels_markdown(sweep), flush=True)
+      print(f"kernel sweep {backward} done at {time.time() - t0:.0f}s", flush=True)
+      if sweep["best"]:
+        cfg = dataclasses.replace(default, **sweep["best"])
+        bench_args, do = bench_inputs(t)
+        row = ours_row(f"{name} kernel-tuned", t, *ours(cfg), bench_args, do)
+        row["block_sizes"] = str(cfg)
+        del bench_args, do
+        rows.append(row)
+        print(row, flush=True)
+      save(rows)
+      write_table()
 
 
 if __name__ == "__main__":

@@ -54,3 +54,88 @@ def test_ungated_form_zeroes_the_gates_and_names_fla_s_ungated_op(bench, monkeyp
   assert "ungated form" in table
   monkeypatch.setitem(bench.FORM, "gated", True)
   assert (bench.make_inputs(0, 1, 8, 2, 16)[3] < 0).all()  # logsigmoid: a decay every token
+
+
+@pytest.fixture
+def smoke(bench, monkeypatch):
+  """The module in --smoke state (tiny shapes, interpret mode), restored after the test."""
+  for name in ("B", "H", "D"):
+    monkeypatch.setattr(bench, name, getattr(bench, name))
+  monkeypatch.setattr(bench, "CHECK", dict(bench.CHECK))
+  monkeypatch.setitem(bench.SMOKE, "on", bench.SMOKE["on"])
+  monkeypatch.setitem(bench.FORM, "gated", True)
+  bench.parse_args(["--smoke"])
+  return bench
+
+
+def test_breakdown_times_each_kernel_the_op_runs_and_the_sweep_checks_first(smoke, monkeypatch):
+  bench, cache = smoke, {}
+  default = bench.block_sizes_for("split")
+  op = {"fwd_ms": 1.0, "fwd_bwd_ms": 4.0, "fwd_bwd_kernels": 0}  # the op's row, as timed
+  res, outs, base = bench.kernel_breakdown(128, "split", op, default, cache)
+  names = [r["kernel"] for r in res["rows"]]
+  assert names == ["delta_rule_wy", "delta_rule_fwd", "delta_rule_out", "delta_rule_bwd_prep",
+                   "delta_rule_dstate", "delta_rule_bwd_dqk", "delta_rule_bwd_wy"]
+  assert res["rows"][1]["grid"] == "1x1x2" and res["rows"][5]["grid"] == "1x2x1x2"  # walk, dqk
+  for r in res["rows"]:
+    assert r["ms"] > 0 and r["mib"] > 0 and r["share"] == r["ms"] / 4.0
+  assert res["kernels_ms"] == pytest.approx(res["fwd_kernels_ms"] + res["bwd_kernels_ms"])
+  assert res["custom_kernels_alone"] == 0  # interpret mode: no custom calls on CPU
+  assert set(outs) == set(bench.OP_OUTPUTS) and len(cache) == 7
+  table = bench.breakdown_markdown(res)
+  assert "| delta_rule_bwd_dqk | 1x2x1x2 |" in table and "NOTE" not in table
+
+  # The sweep: num_warps_bwd changes bwd_wy's program only, so only it is timed again.
+  monkeypatch.setattr(bench, "kernel_candidates", lambda: [dict(num_warps_bwd=4)])
+  monkeypatch.setattr(bench, "MIN_GAIN", -1.0)  # any candidate wins: the union path runs too
+  sweep = bench.tune_kernels(128, "split", base, outs, cache, float("inf"))
+  (row,) = sweep["rows"]
+  assert row["ok"] and row["max_err"] == 0.0 and set(row["kernel_ms"]) == {"delta_rule_bwd_wy"}
+  assert sweep["best"] == {"num_warps_bwd": 4} and len(cache) == 8
+  assert "bwd_wy" in bench.tune_kernels_markdown(sweep)
+  # A candidate whose outputs differ from the default's is not timed.
+  wrong = dict(outs, dq=2 * outs["dq"])
+  bad = bench.sweep_candidate(dict(num_warps_bwd=4), 128, "split", base, wrong, cache)
+  assert not bad["ok"] and bad["max_err"] == pytest.approx(0.5) and "kernel_ms" not in bad
+  late = bench.tune_kernels(128, "split", base, outs, cache, deadline=0.0)
+  assert late["rows"][0]["skipped"] == "deadline" and late["best"] == {}
+
+
+def test_kernel_parts_wire_breakdown_sweep_and_the_winner_s_row(smoke, monkeypatch):
+  bench = smoke
+  calls = []
+  monkeypatch.setattr(bench, "kernel_breakdown", lambda t, backward, op, bs, cache: (
+      calls.append(("breakdown", t, op)) or ({"T": t, "rows": []}, {}, {})))
+  monkeypatch.setattr(bench, "tune_kernels", lambda t, backward, *a, **k: (
+      calls.append(("sweep", t)) or {"rows": [], "best": {"block_k": 32}}))
+  monkeypatch.setattr(bench, "ours_row", lambda name, t, *a: {"impl": name, "T": t})
+  monkeypatch.setattr(bench, "tune_kernels_markdown", lambda res: "")
+  args = bench.parse_args(["--smoke", "--kernel-sizes", "64,128", "--tune-kernels"])
+  rows = [{"impl": "ours pallas_gpu split", "T": 64, "fwd_bwd_ms": 1.0}]
+  info = {"block_sizes": {"split": str(bench.block_sizes_for("split"))}, "kernels": {},
+          "tune_kernels": {}}
+  bench.kernel_parts(args, ["split"], rows, info, lambda r: None, lambda: "", 0.0)
+  assert calls == [("breakdown", 64, rows[0]), ("sweep", 64), ("breakdown", 128, None)]
+  assert rows[-1]["impl"] == "ours pallas_gpu split kernel-tuned" and rows[-1]["T"] == 64
+  assert "block_k=32" in rows[-1]["block_sizes"] and set(info["kernels"]) == {
+      "split T=64", "split T=128"}
+
+
+def test_fwd_bwd_sweep_times_only_candidates_that_match_the_checked_default(smoke, monkeypatch):
+  bench = smoke
+  import dataclasses
+
+  import jax.numpy as jnp
+  default = bench.block_sizes_for("split")
+  good, bad = (dataclasses.replace(default, num_warps_bwd=4),
+               dataclasses.replace(default, num_warps_bwd=2))
+  monkeypatch.setattr(bench, "candidates", lambda backward: [default, good, bad])
+  factor = {default: 1.0, good: 1.0 + 1e-4, bad: 1.5}  # bad: a wrong tile's outputs
+
+  def ours(cfg):
+    fb = lambda q, k, v, g, beta, do: (factor[cfg] * q, (k, factor[cfg] * v))  # noqa: E731
+    return None, fb
+  monkeypatch.setattr(bench, "ours", ours)
+  best, tuning = bench.tune_block_sizes([64], "split")
+  assert tuning[f"T=64 {default}"] > 0 and tuning[f"T=64 {good}"] > 0
+  assert jnp.isnan(tuning[f"T=64 {bad}"]) and tuning["best"] == str(best) and best != bad
