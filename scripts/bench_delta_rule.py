@@ -360,7 +360,9 @@ OP_OUTPUTS = ("o", "ht", "dq", "dk", "dv", "dbeta", "dgcum", "dh0")
 
 def _signature(kernel, kw: dict, args) -> str:
   """What makes two pallas_calls the same compiled kernel: the kernel body and its static
-  arguments, grid, block shapes, compiler parameters and argument shapes."""
+  arguments, grid, block shapes, compiler parameters, argument shapes and output shapes and
+  dtypes (BlockSizes.dk_partial changes only an output's dtype)."""
+  import jax
   body = getattr(kernel, "func", kernel)
   specs = lambda x: repr([getattr(b, "block_shape", b) for b in  # noqa: E731
                           (x if isinstance(x, (list, tuple)) else [x])])
@@ -368,7 +370,8 @@ def _signature(kernel, kw: dict, args) -> str:
                sorted((k, repr(v)) for k, v in getattr(kernel, "keywords", {}).items()),
                tuple(kw.get("grid", ())), specs(kw.get("in_specs", [])),
                specs(kw.get("out_specs", [])), repr(kw.get("compiler_params")),
-               bool(kw.get("interpret")), [(tuple(a.shape), str(a.dtype)) for a in args]))
+               bool(kw.get("interpret")), [(tuple(a.shape), str(a.dtype)) for a in args],
+               [(tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(kw.get("out_shape"))]))
 
 
 class _Recorder:
@@ -496,18 +499,28 @@ def breakdown_markdown(res: dict) -> str:
   return "\n".join(lines)
 
 
+# BlockSizes options off by default until checked and timed here (docs/delta_rule_vs_fla.md
+# section 6: items 2's cheap half, 3 and 1).
+NEW_OPTIONS = [dict(keep_w=True), dict(dk_partial="compute"), dict(num_stages_parallel=2),
+               dict(num_stages_parallel=3), dict(num_stages_parallel=2, num_warps_bwd=4),
+               dict(keep_w=True, dk_partial="compute", num_stages_parallel=2)]
+
+
 def kernel_candidates() -> list[dict]:
   """Overrides of the default BlockSizes for the per-kernel sweep (--tune-kernels), most telling
   first. What reads each knob (pallas_gpu.py): block_v: both walks' programs and the Dv step of
   out, bwd_prep, bwd_dqk, bwd_wy; num_warps: both walks, out, bwd_prep, bwd_dqk; num_stages:
   the walks; num_warps_bwd: bwd_wy (and the fused delta_rule_bwd); block_k: bwd_dqk;
-  num_warps_wy: delta_rule_wy."""
+  num_warps_wy: delta_rule_wy. Options not yet checked on a GPU (NEW_OPTIONS; BlockSizes'
+  docstring): keep_w: bwd_prep (W kept from the forward); dk_partial: bwd_dqk's dk_a output and
+  bwd_wy's input; num_stages_parallel: out, bwd_prep, bwd_dqk, bwd_wy as pipelined loops."""
   if SMOKE["on"]:
-    return [dict(num_warps_bwd=4), dict(block_k=32)]
-  return [dict(block_k=128), dict(num_warps_bwd=4), dict(num_stages=3), dict(block_v=32),
-          dict(num_warps=8), dict(block_k=128, num_warps=8), dict(num_warps=2),
-          dict(block_v=32, num_warps=2), dict(num_warps_bwd=2), dict(block_k=32),
-          dict(num_stages=1), dict(num_warps_wy=4), dict(block_v=128, num_warps=8)]
+    return [dict(num_warps_bwd=4), dict(block_k=32)] + NEW_OPTIONS[:3]
+  return NEW_OPTIONS + [
+      dict(block_k=128), dict(num_warps_bwd=4), dict(num_stages=3), dict(block_v=32),
+      dict(num_warps=8), dict(block_k=128, num_warps=8), dict(num_warps=2),
+      dict(block_v=32, num_warps=2), dict(num_warps_bwd=2), dict(block_k=32),
+      dict(num_stages=1), dict(num_warps_wy=4), dict(block_v=128, num_warps=8)]
 
 
 def sweep_candidate(over: dict, t: int, backward: str, base: dict, base_outs: dict,

@@ -130,6 +130,42 @@ def test_split_backward_matches_reference(case_name):
     assert_close(label, w, g, dtype=dtype, reduction=t)
 
 
+# BlockSizes options not yet the default (each off keeps today's kernels; the GPU sweep times
+# them): keep_w (the forward keeps W, bwd_prep writes only P^T dO), dk_partial="compute" (dk_a
+# handed over in the compute dtype), num_stages_parallel (the parallel kernels' loop over value
+# blocks as a real loop). 16-wide blocks as above, so the value loops run 2 blocks (ragged:
+# Dv=32) and dk_a adds over 2 key blocks (bf16: Dk=32); bf16 checks dk_a's rounding.
+OPTION_CASES = [
+    ("keep_w", dict(keep_w=True), "f32-ragged-segments-state", False),
+    ("keep_w-fused", dict(keep_w=True, backward="fused"), "f32-ragged-segments-state", False),
+    ("keep_w", dict(keep_w=True), "bf16-weak-gates-chunk32", True),
+    ("dk_partial-compute", dict(dk_partial="compute"), "bf16-weak-gates-chunk32", False),
+    ("dk_partial-compute", dict(dk_partial="compute"), "f32-ragged-segments-state", True),
+    ("pipelined", dict(num_stages_parallel=2), "f32-ragged-segments-state", False),
+    ("pipelined", dict(num_stages_parallel=2), "bf16-weak-gates-chunk32", True),
+    ("all", dict(keep_w=True, dk_partial="compute", num_stages_parallel=3),
+     "bf16-weak-gates-chunk32", False),
+    ("all", dict(keep_w=True, dk_partial="compute", num_stages_parallel=3),
+     "f32-strong-gates-chunk64", True),
+    ("all", dict(keep_w=True, dk_partial="compute", num_stages_parallel=3),
+     "shorter-than-a-chunk", True),
+]
+
+
+@pytest.mark.parametrize("options,case_name", [
+    pytest.param(opts, name, id=f"{label}-{name}", marks=pytest.mark.slow if slow else ())
+    for label, opts, name, slow in OPTION_CASES])
+def test_block_size_options_match_reference(options, case_name):
+  case = CASES[case_name]
+  want, (args, seg, cts) = _reference(case)
+  dtype, t = case[3], case[1][1]
+  sizes = pallas_gpu.BlockSizes(**dict(dict(block_k=16, block_v=16), **options))
+  got = run_path("pallas_gpu", True, case[2], args, seg, cts, block_sizes=sizes)
+  assert got[0].dtype == dtype and got[1].dtype == jnp.float32
+  for label, w, g in zip(GRADS, want, got):
+    assert_close(label, w, g, dtype=dtype, reduction=t)
+
+
 def test_recurrence_is_the_papers():
   """S_t = a_t S_{t-1} (I - b_t k_t k_t^T) + b_t v_t k_t^T with S [Dv, Dk], o_t = S_t q_t, in
   float64 numpy; our state is its transpose."""

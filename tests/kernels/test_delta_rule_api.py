@@ -1,5 +1,7 @@
 """delta_rule's argument checks, path choice, and proof that the kernels run and lower."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -146,3 +148,105 @@ def test_lowers_to_mosaic():
         disabled_checks=[export.DisabledSafetyCheck.custom_call("tpu_custom_call")])(
             *_shapes(1, 300, 2, 128, jnp.bfloat16))
   assert exported.mlir_module().count("tpu_custom_call") >= 6
+
+
+def pallas_calls(fn, *args) -> dict:
+  """{name: the pallas_call eqn} of every kernel in the jaxpr of fn(*args), nested included."""
+  calls = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        calls[eqn.params["name"]] = eqn
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            walk(sub)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return calls
+
+
+def _loops(eqn) -> int:
+  """How many loops (scan / while) the kernel body of a pallas_call eqn holds."""
+  return str(eqn.params["jaxpr"]).count("scan[") + str(eqn.params["jaxpr"]).count("while[")
+
+
+def stages(eqn) -> int:
+  params = eqn.params["compiler_params"]
+  return (params["triton"] if isinstance(params, dict) else params).num_stages
+
+
+PARALLEL = ("delta_rule_out", "delta_rule_bwd_prep", "delta_rule_bwd_dqk", "delta_rule_bwd_wy")
+
+
+def test_block_size_options_change_only_their_kernels():
+  """keep_w: bwd_prep reads q, k, gcum, dO (no beta, no T) and writes dlocal only;
+  dk_partial="compute": bwd_dqk hands dk_a over in the compute dtype; num_stages_parallel: the
+  parallel kernels loop over value blocks (a real loop) at that many stages. Defaults: today's."""
+  args = [jnp.zeros(s.shape, s.dtype) for s in _shapes(1, 40, 1, 32, jnp.bfloat16)]
+  sizes = lambda **kw: pallas_gpu.BlockSizes(block_v=16, **kw)  # noqa: E731
+  default = pallas_calls(loss_grads("pallas_gpu", True, False, sizes()), *args)
+  prep = default["delta_rule_bwd_prep"]
+  assert (len(prep.invars), len(prep.outvars)) == (6, 2)
+  assert default["delta_rule_bwd_dqk"].outvars[1].aval.dtype == jnp.float32
+  for name in PARALLEL:
+    assert _loops(default[name]) == 0 and stages(default[name]) == 1, name
+
+  keep = pallas_calls(loss_grads("pallas_gpu", True, False, sizes(keep_w=True)), *args)
+  prep = keep["delta_rule_bwd_prep"]
+  assert (len(prep.invars), len(prep.outvars)) == (4, 1)
+  assert sorted(keep) == sorted(default)
+
+  half = pallas_calls(loss_grads("pallas_gpu", True, False, sizes(dk_partial="compute")), *args)
+  assert half["delta_rule_bwd_dqk"].outvars[1].aval.dtype == jnp.bfloat16
+
+  piped = pallas_calls(loss_grads("pallas_gpu", True, False, sizes(num_stages_parallel=3)),
+                       *args)
+  for name in PARALLEL:
+    assert _loops(piped[name]) == 1 and stages(piped[name]) == 3, name
+  assert stages(piped["delta_rule_wy"]) == 1
+
+
+@pytest.mark.parametrize("field,value", [("dk_partial", "bfloat16"), ("num_stages_parallel", 0)])
+def test_block_size_options_are_checked(field, value):
+  with pytest.raises(ValueError, match=f"BlockSizes.{field}"):
+    pallas_gpu.BlockSizes(**{field: value})
+
+
+def _abstract(b, t, h, d, dtype=jnp.bfloat16):
+  tok = jax.ShapeDtypeStruct((b, t, h, d), dtype)
+  gate = jax.ShapeDtypeStruct((b, t, h), jnp.float32)
+  return tok, tok, tok, gate, gate
+
+
+def test_int32_offsets_keep_auto_off_the_kernels_and_a_forced_call_says_why(caplog):
+  """The per-chunk states [B, H, N*Dk, Dv] at B 8, H 16, D 128: 2**30 elements at T 32k (the
+  kernels), 2**31 at T 64k (the last index, 2**31 - 1, still an int32), more one chunk later
+  (int32 offsets: "auto" falls to xla, a forced pallas_gpu raises one line naming the size and
+  the fix). Abstract shapes only: nothing is allocated."""
+  assert pallas_gpu.largest_array(8, 32768, 16, 128, 128, 64) == (
+      "the per-chunk states [B, H, N*Dk, Dv]", 2 ** 30)
+  assert pallas_gpu.largest_array(1, 1000, 1, 16, 16, 64)[0].startswith("a token array")
+  shapes = dict(Dk=128, Dv=128, chunk_size=64, dtype=jnp.dtype(jnp.bfloat16), B=8, H=16)
+  with dispatch.lower_for("gpu"), caplog.at_level(logging.INFO):
+    assert FAMILY.choose("auto", T=32768, **shapes).path == "pallas_gpu"
+    assert FAMILY.choose("auto", T=65536, **shapes).path == "pallas_gpu"
+    assert FAMILY.choose("auto", T=65536 + 1, **shapes).path == "xla"  # padded to 65600
+    assert any("using xla path" in r.getMessage() and "> 2**31" in r.getMessage()
+               for r in caplog.records)
+    assert FAMILY.choose("auto", T=32768 + 1, **shapes).path == "pallas_gpu"  # padded to 32832
+    run = lambda impl, t: jax.eval_shape(  # noqa: E731
+        lambda *a: delta_rule(*a, impl=impl), *_abstract(8, t, 16, 128))
+    o, final = run("auto", 65600)  # traced on the xla path, abstractly
+    assert o.shape == (8, 65600, 16, 128) and final.shape == (8, 16, 128, 128)
+    with pytest.raises(ValueError) as err:
+      run("pallas_gpu", 65600)
+  msg = str(err.value)
+  assert "\n" not in msg and "2149580800 elements > 2**31" in msg and "states" in msg
+  assert "use impl='xla'" in msg and "impl='auto' would run xla" in msg
+  # Each other sizing that crosses the bound: B 16 past T 32k, or a token array at Dv 2**13.
+  assert not pallas_gpu.int32_offsets(16, 32768, 16, 128, 128, 64)
+  assert pallas_gpu.int32_offsets(16, 32768 + 64, 16, 128, 128, 64)
+  assert "token array" in pallas_gpu.int32_offsets(1, 2 ** 18 + 64, 1, 16, 2 ** 13, 64)
+  assert not pallas_gpu.int32_offsets(1, 2 ** 18, 1, 16, 2 ** 13, 64)

@@ -139,3 +139,28 @@ def test_fwd_bwd_sweep_times_only_candidates_that_match_the_checked_default(smok
   best, tuning = bench.tune_block_sizes([64], "split")
   assert tuning[f"T=64 {default}"] > 0 and tuning[f"T=64 {good}"] > 0
   assert jnp.isnan(tuning[f"T=64 {bad}"]) and tuning["best"] == str(best) and best != bad
+
+
+def test_sweep_checks_the_new_block_size_options_and_times_only_their_kernels(smoke):
+  """keep_w, dk_partial="compute" and num_stages_parallel (pallas_gpu.BlockSizes, off by default)
+  are --tune-kernels candidates: each agrees with the default's outputs and changes only the
+  kernels it should (so only those are timed)."""
+  bench, cache = smoke, {}
+  assert bench.kernel_candidates()[2:] == bench.NEW_OPTIONS[:3]
+  bench.SMOKE["on"] = False
+  try:
+    full = bench.kernel_candidates()
+  finally:
+    bench.SMOKE["on"] = True
+  assert full[:len(bench.NEW_OPTIONS)] == bench.NEW_OPTIONS
+  default = bench.block_sizes_for("split")
+  op = {"fwd_ms": 1.0, "fwd_bwd_ms": 4.0, "fwd_bwd_kernels": 0}
+  _, outs, base = bench.kernel_breakdown(128, "split", op, default, cache)
+  changes = {"keep_w": {"delta_rule_bwd_prep"},
+             "dk_partial": {"delta_rule_bwd_dqk", "delta_rule_bwd_wy"},
+             "num_stages_parallel": {"delta_rule_out", "delta_rule_bwd_prep",
+                                     "delta_rule_bwd_dqk", "delta_rule_bwd_wy"}}
+  for over in bench.NEW_OPTIONS[:3]:
+    row = bench.sweep_candidate(over, 128, "split", base, outs, cache)
+    assert row["ok"] and row["max_err"] < 1e-2, row
+    assert set(row["kernel_ms"]) == changes[next(iter(over))], row

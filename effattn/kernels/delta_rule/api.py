@@ -8,9 +8,11 @@ a_t = exp(log_gate_t) (reference.py has the exact definition; the state is [Dk, 
 
 Paths (FAMILY, in the order "auto" tries them; the rules are kernels/dispatch.py's):
 "pallas_gpu" (Triton; chunk_size a multiple of 16, and on the GPU Dk, Dv powers of two >= 16,
-Dk <= 128, chunk_size <= 64), "pallas_tpu" (Mosaic; on the TPU chunk_size a multiple of 8),
-"xla" (the chunked form in jnp, xla.py), "reference" (the token recurrence, autodiff); "pallas"
-= the kernel of the current backend. Logged once per choice.
+Dk <= 128, chunk_size <= 64, and every array its kernels index at most 2**31 elements: the
+per-chunk states [B, H, N*Dk, Dv] first: at B 8, H 16, D 128, T <= 64k), "pallas_tpu" (Mosaic;
+on the TPU chunk_size a multiple of 8), "xla" (the chunked form in jnp, xla.py), "reference"
+(the token recurrence, autodiff); "pallas" = the kernel of the current backend. Logged once
+per choice.
 
 The xla and Pallas paths share one custom VJP and one structure (xla.py): per-chunk work in
 parallel, then a walk over the chunks that carries only the state, then per-chunk work again;
@@ -45,7 +47,10 @@ FAMILY = dispatch.Family("delta_rule", (
                       dispatch.at_most("Dk", 128, _REGISTERS),
                       dispatch.power_of_two("chunk_size", 16),
                       dispatch.at_most("chunk_size", 64, _REGISTERS),
-                      dispatch.one_of("dtype", _GPU_DTYPES))),
+                      dispatch.one_of("dtype", _GPU_DTYPES),
+                      # int32 offsets: no array the kernels index may pass 2**31 elements.
+                      dispatch.Limit(("B", "T", "H", "Dk", "Dv", "chunk_size"),
+                                     pallas_gpu.int32_offsets))),
     dispatch.Path("pallas_tpu", platform="tpu",
                   device_limits=(dispatch.multiple_of("chunk_size", 8),)),
     dispatch.Path("xla"),
@@ -153,7 +158,7 @@ def delta_rule(q, k, v, log_gate, beta, *, initial_state=None, segment_ids=None,
   scale = dk ** -0.5 if scale is None else float(scale)
   out_dtype = np.dtype(out_dtype or q.dtype)
   path, interpret = FAMILY.choose(impl, interpret=interpret, Dk=dk, Dv=dv, chunk_size=chunk,
-                                  dtype=np.dtype(q.dtype))
+                                  dtype=np.dtype(q.dtype), B=b, T=q.shape[1], H=h)
   if path == "reference":
     o, final = _recurrent(q, k, v, log_gate, beta, initial_state=initial_state,
                           segment_ids=segment_ids, scale=scale)

@@ -50,6 +50,7 @@ from effattn.kernels.memory_chunk.xla import dot
 
 SUB = 16  # rows of the inverse's diagonal blocks (Triton's smallest dot)
 BACKWARDS = ("fused", "split")
+DK_PARTIALS = ("float32", "compute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,19 @@ class BlockSizes:
     split 7.28 ms, fused 17.40 ms, both checked on the GPU first (docs/benchmarks.md).
   block_k: Dk columns per program of delta_rule_bwd_dqk (Dk itself where it does not divide
     Dk); only the split backward uses it.
+
+  Options not yet checked and timed on a GPU (each default keeps today's kernels as they are;
+  scripts/bench_delta_rule.py --tune-kernels checks and times them):
+  keep_w: the forward keeps delta_rule_wy's W as a residual (+1 [B, T, H, Dk] tensor), so
+    delta_rule_bwd_prep reads neither T nor beta and writes only P^T dO (False: it recomputes W
+    from T and writes it).
+  dk_partial: dtype of dk_a, the share of dk delta_rule_bwd_dqk hands to delta_rule_bwd_wy
+    (split backward): "float32" or "compute" (the matmul dtype, e.g. bf16: half the bytes, one
+    more rounding of that share, as fla's dk / dk2).
+  num_stages_parallel: None (the parallel kernels out, bwd_prep, bwd_dqk, bwd_wy unroll their
+    loop over value blocks, 1 stage) or the stages of a real loop over value blocks (each
+    block's operands loaded inside it, the partial sums carried), so Triton can pipeline the
+    loads. The fused backward's kernel keeps its unrolled loop.
   """
 
   block_v: int = 64
@@ -77,6 +91,9 @@ class BlockSizes:
   num_stages: int = 2
   backward: str = "split"
   block_k: int = 64
+  keep_w: bool = False
+  dk_partial: str = "float32"
+  num_stages_parallel: int | None = None
 
   def __post_init__(self):
     for field in ("block_v", "block_k"):
@@ -89,12 +106,54 @@ class BlockSizes:
       if getattr(self, field) not in (1, 2, 4, 8, 16):
         raise ValueError(f"BlockSizes.{field}={getattr(self, field)} must be a power of two "
                          "<= 16")
+    if self.dk_partial not in DK_PARTIALS:
+      raise ValueError(f"BlockSizes.dk_partial={self.dk_partial!r} must be one of {DK_PARTIALS}")
+    if self.num_stages_parallel is not None and not (
+        isinstance(self.num_stages_parallel, int) and self.num_stages_parallel >= 1):
+      raise ValueError(f"BlockSizes.num_stages_parallel={self.num_stages_parallel!r} must be "
+                       "None or an int >= 1")
 
   def value_block(self, dv: int) -> int:
     return self.block_v if dv % self.block_v == 0 else dv
 
   def key_block(self, dk: int) -> int:
     return self.block_k if dk % self.block_k == 0 else dk
+
+  @property
+  def pipelined(self) -> bool:
+    return self.num_stages_parallel is not None
+
+  @property
+  def parallel_stages(self) -> int:
+    return 1 if self.num_stages_parallel is None else self.num_stages_parallel
+
+
+# The Triton kernels' offsets are int32 (tt.addptr with i32 tensors): an array of up to 2**31
+# elements has its last index, 2**31 - 1, in range.
+INT32_ELEMENTS = 2 ** 31
+
+
+def largest_array(b: int, t: int, h: int, dk: int, dv: int, chunk: int) -> tuple[str, int]:
+  """(which, elements) of the largest array the kernels index at these sizes (T padded to the
+  chunk): the per-chunk states [B, H, N*Dk, Dv] (and their cotangents), or a [B, Tp, H, D]
+  token array (q, k, v, W, U, Delta, T's [B, Tp, H, C]); the block-k shares of dgcum
+  [Dk/bk, B, Tp, H] are smaller than k."""
+  padded = -(-t // chunk) * chunk
+  sizes = {"the per-chunk states [B, H, N*Dk, Dv]": b * h * (padded // chunk) * dk * dv,
+           "a token array [B, Tp, H, max(Dk, Dv, C)]": b * padded * h * max(dk, dv, chunk)}
+  which = max(sizes, key=sizes.get)
+  return which, sizes[which]
+
+
+def int32_offsets(B: int, T: int, H: int, Dk: int, Dv: int, chunk_size: int) -> str:  # noqa: N803
+  """"" when every array the kernels index has at most 2**31 elements (int32 indices), else why
+  not and the fix (a dispatch limit of the pallas_gpu path)."""
+  which, elements = largest_array(B, T, H, Dk, Dv, chunk_size)
+  if elements <= INT32_ELEMENTS:
+    return ""
+  return (f"{which} would hold {elements} elements > 2**31 at B={B} T={T} H={H} Dk={Dk} "
+          f"Dv={Dv} chunk_size={chunk_size} (the Triton kernels' offsets are int32); split the "
+          "batch or the sequence (carrying initial_state across calls), or use impl='xla'")
 
 
 def block_inverse(a: dict, nb: int) -> dict:
@@ -174,6 +233,26 @@ def _fwd_kernel(k_ref, w_ref, u_ref, g_ref, s0_ref, *refs, chunk: int, dtype, ha
   sT_ref[...] = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(jnp.float32))
 
 
+def _value_blocks(num: int, block_v: int, body, init, pipelined: bool):
+  """body(cols, acc) -> acc over the `num` blocks of block_v value columns: unrolled in Python
+  (pipelined False: today's kernels), or as a real loop (lax.fori_loop, a loop Triton can
+  pipeline; init then holds the carried partial sums, zeros)."""
+  if not pipelined:
+    acc = init
+    for j in range(num):
+      acc = body(pl.ds(j * block_v, block_v), acc)
+    return acc
+  return jax.lax.fori_loop(
+      0, num, lambda j, acc: body(pl.ds(pl.multiple_of(j * block_v, block_v), block_v), acc),
+      init)
+
+
+def _zeros_of(fn, *shapes):
+  """Zeros shaped like fn's outputs on float32 arguments of these shapes (a loop's carry)."""
+  out = jax.eval_shape(fn, *(jax.ShapeDtypeStruct(sh, jnp.float32) for sh in shapes))
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out)
+
+
 def _scores(q_ref, k_ref, g_ref, masks, dtype):
   """(P = Q K^T * D, gq) of one chunk."""
   runs, carry, tail = (None if m is None else m[...] for m in masks)
@@ -184,31 +263,51 @@ def _scores(q_ref, k_ref, g_ref, masks, dtype):
 
 
 def _out_kernel(q_ref, k_ref, g_ref, delta_ref, s_ref, *refs, scale: float, block_v: int, dtype,
-                has_runs: bool):
+                has_runs: bool, pipelined: bool = False):
   """One chunk: q_ref, k_ref [C, Dk]; g_ref [C]; delta_ref [C, Dv]; s_ref [Dk, Dv]; masks [C];
   output o_ref [C, Dv]."""
   masks, (o_ref,) = _masks(refs, 3, has_runs)
   p, gq = _scores(q_ref, k_ref, g_ref, masks, dtype)
   q = q_ref[...]
-  for j in range(o_ref.shape[1] // block_v):
-    cols = pl.ds(j * block_v, block_v)
+
+  def block(cols, acc):
     o = xla.chunk_output(q, p, gq, delta_ref[:, cols], s_ref[:, cols].astype(jnp.float32),
                          dtype=dtype)
     o_ref[:, cols] = (scale * o).astype(o_ref.dtype)
+    return acc
+
+  _value_blocks(o_ref.shape[1] // block_v, block_v, block, None, pipelined)
+
+
+def _dlocal_blocks(p, do_ref, dlocal_ref, *, scale, block_v, dtype, pipelined):
+  def block(cols, acc):
+    dlocal = xla.chunk_dlocal(p, scale * do_ref[:, cols].astype(jnp.float32), dtype=dtype)
+    dlocal_ref[:, cols] = dlocal.astype(dlocal_ref.dtype)
+    return acc
+
+  _value_blocks(do_ref.shape[1] // block_v, block_v, block, None, pipelined)
 
 
 def _prep_kernel(q_ref, k_ref, beta_ref, g_ref, tinv_ref, do_ref, *refs, scale: float,
-                 block_v: int, dtype, has_runs: bool):
+                 block_v: int, dtype, has_runs: bool, pipelined: bool = False):
   """One chunk of the backward's parallel prologue: outputs w_ref [C, Dk] and dlocal_ref
   [C, Dv] = P^T (scale dO)."""
   masks, (w_ref, dlocal_ref) = _masks(refs, 3, has_runs)
   p, gq = _scores(q_ref, k_ref, g_ref, masks, dtype)
   w = xla.chunk_w(tinv_ref[...], k_ref[...], beta_ref[...], gq, dtype=dtype)
   w_ref[...] = w.astype(w_ref.dtype)
-  for j in range(do_ref.shape[1] // block_v):
-    cols = pl.ds(j * block_v, block_v)
-    dlocal = xla.chunk_dlocal(p, scale * do_ref[:, cols].astype(jnp.float32), dtype=dtype)
-    dlocal_ref[:, cols] = dlocal.astype(dlocal_ref.dtype)
+  _dlocal_blocks(p, do_ref, dlocal_ref, scale=scale, block_v=block_v, dtype=dtype,
+                 pipelined=pipelined)
+
+
+def _dlocal_kernel(q_ref, k_ref, g_ref, do_ref, *refs, scale: float, block_v: int, dtype,
+                   has_runs: bool, pipelined: bool = False):
+  """keep_w's backward prologue (W kept from the forward): one chunk's dlocal_ref [C, Dv] =
+  P^T (scale dO) only."""
+  masks, (dlocal_ref,) = _masks(refs, 3, has_runs)
+  p, _ = _scores(q_ref, k_ref, g_ref, masks, dtype)
+  _dlocal_blocks(p, do_ref, dlocal_ref, scale=scale, block_v=block_v, dtype=dtype,
+                 pipelined=pipelined)
 
 
 def _dstate_kernel(q_ref, k_ref, w_ref, g_ref, dlocal_ref, do_ref, dsT_ref, *refs, chunk: int,
@@ -259,7 +358,7 @@ def _bwd_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, tinv_ref, w_ref, do_ref, s
 
 
 def _bwd_dqk_kernel(q_ref, k_ref, g_ref, delta_ref, do_ref, s_ref, ds_ref, *refs, scale: float,
-                    block_v: int, dtype, has_runs: bool):
+                    block_v: int, dtype, has_runs: bool, pipelined: bool = False):
   """Split backward, scores half, one chunk and one block of bk key columns: q_ref, k_ref
   [C, bk]; g_ref [C]; delta_ref, do_ref [C, Dv]; s_ref, ds_ref [bk, Dv] (entering state, the
   leaving state's cotangent); masks [C]; outputs dq_ref [C, bk] (final), dka_ref [C, bk] and
@@ -269,21 +368,27 @@ def _bwd_dqk_kernel(q_ref, k_ref, g_ref, delta_ref, do_ref, s_ref, ds_ref, *refs
   g = g_ref[...]
   gq, omega, keep = xla.state_gates(g, carry, tail)
   decay = xla.block_decay(g, g, runs, runs, diagonal=True)
-  acc = None
-  for j in range(do_ref.shape[1] // block_v):
-    cols = pl.ds(j * block_v, block_v)
+
+  def block(cols, acc):
     partial = xla.scores_backward_block(
         scale * do_ref[:, cols].astype(jnp.float32), delta_ref[:, cols].astype(jnp.float32),
         s_ref[:, cols].astype(jnp.float32), ds_ref[:, cols].astype(jnp.float32), dtype=dtype)
-    acc = xla.accumulate(acc, partial)
+    return xla.accumulate(acc, partial)
+
+  c, bk = q_ref.shape
+  init = None if not pipelined else _zeros_of(
+      functools.partial(xla.scores_backward_block, dtype=dtype), (c, block_v), (c, block_v),
+      (bk, block_v), (bk, block_v))
+  acc = _value_blocks(do_ref.shape[1] // block_v, block_v, block, init, pipelined)
   dq, dka, dga = xla.scores_backward_finish(q_ref[...], k_ref[...], gq, omega, keep, decay, acc,
                                             dtype=dtype)
   dq_ref[...] = dq.astype(dq_ref.dtype)
-  dka_ref[...], dga_ref[...] = dka, dga
+  dka_ref[...], dga_ref[...] = dka if dka_ref.dtype == dka.dtype else dka.astype(
+      dka_ref.dtype), dga
 
 
 def _bwd_wy_kernel(k_ref, v_ref, beta_ref, g_ref, tinv_ref, delta_ref, ddelta_ref, s_ref, dka_ref,
-                   *refs, block_v: int, dtype, has_runs: bool):
+                   *refs, block_v: int, dtype, has_runs: bool, pipelined: bool = False):
   """Split backward, WY half, one chunk: k_ref, dka_ref [C, Dk]; v_ref, delta_ref, ddelta_ref
   [C, Dv]; beta_ref, g_ref [C]; tinv_ref [C, C]; s_ref [Dk, Dv]; masks [C]; outputs dk_ref
   [C, Dk] (dk_a + dk_b), dv_ref [C, Dv], dbeta_ref, dgb_ref [C]."""
@@ -292,17 +397,24 @@ def _bwd_wy_kernel(k_ref, v_ref, beta_ref, g_ref, tinv_ref, delta_ref, ddelta_re
   g, beta, tinv = g_ref[...], beta_ref[...], tinv_ref[...]
   gq, _, _ = xla.state_gates(g, carry, tail)
   decay = xla.block_decay(g, g, runs, runs, diagonal=True)
-  acc = None
-  for j in range(v_ref.shape[1] // block_v):
-    cols = pl.ds(j * block_v, block_v)
+
+  def block(cols, acc):
     dv, partial = xla.wy_backward_block(
         tinv, v_ref[:, cols], beta, delta_ref[:, cols].astype(jnp.float32),
         ddelta_ref[:, cols].astype(jnp.float32), s_ref[:, cols].astype(jnp.float32),
         dtype=dtype)
     dv_ref[:, cols] = dv.astype(dv_ref.dtype)
-    acc = xla.accumulate(acc, partial)
+    return xla.accumulate(acc, partial)
+
+  c, dk = k_ref.shape
+  init = None if not pipelined else _zeros_of(
+      lambda *a: xla.wy_backward_block(*a, dtype=dtype)[1],
+      (c, c), (c, block_v), (c,), (c, block_v), (c, block_v), (dk, block_v))
+  acc = _value_blocks(v_ref.shape[1] // block_v, block_v, block, init, pipelined)
   dkb, dbeta, dgb = xla.wy_backward_finish(k_ref[...], beta, gq, decay, runs, acc, dtype=dtype)
-  dk_ref[...] = (dka_ref[...] + dkb).astype(dk_ref.dtype)
+  dka = dka_ref[...]
+  dka = dka if dka.dtype == dkb.dtype else dka.astype(dkb.dtype)
+  dk_ref[...] = (dka + dkb).astype(dk_ref.dtype)
   dbeta_ref[...], dgb_ref[...] = dbeta, dgb
 
 
@@ -317,6 +429,12 @@ def _mask_args(x: Chunked, names=("runs", "carry", "tail")):
 
 def _params(num_warps, num_stages=1):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _pipelined(block_sizes: BlockSizes) -> dict:
+  """The parallel kernels' keyword for num_stages_parallel (none by default: the kernels'
+  static arguments, and so the bench's kernel signatures, stay today's)."""
+  return {"pipelined": True} if block_sizes.pipelined else {}
 
 
 def _chunk_specs(chunk, masks: int):
@@ -402,18 +520,18 @@ def forward(x: Chunked, s0, *, chunk: int, scale: float, dtype, out_dtype,
 
   o = pl.pallas_call(
       functools.partial(_out_kernel, scale=float(scale), block_v=bv, dtype=dtype,
-                        has_runs=has_runs),
+                        has_runs=has_runs, **_pipelined(block_sizes)),
       grid=(n, b, h),
       in_specs=[tok(dk), tok(dk), gate, tok(dv), state(dk, dv)] + masks,
       out_specs=tok(dv),
       out_shape=_like(x.v, out_dtype),
-      compiler_params=_params(block_sizes.num_warps),
+      compiler_params=_params(block_sizes.num_warps, block_sizes.parallel_stages),
       interpret=interpret,
       name="delta_rule_out",
   )(x.q, x.k, x.gcum, delta, states, *_mask_args(x))
-  if block_sizes.backward == "split":
-    return o, final, (tinv, states, delta)
-  return o, final, (tinv, states)
+  # Residuals: (T, states), then Delta (split backward), then W (keep_w).
+  residuals = (tinv, states) + ((delta,) if block_sizes.backward == "split" else ())
+  return o, final, residuals + ((w,) if block_sizes.keep_w else ())
 
 
 def backward(x: Chunked, residuals, do, dfinal, *, chunk: int, scale: float, dtype,
@@ -423,17 +541,31 @@ def backward(x: Chunked, residuals, do, dfinal, *, chunk: int, scale: float, dty
   d = _Dims.of(x, chunk, block_sizes)
   b, padded, h, dk, dv, n, bv, has_runs = dataclasses.astuple(d)
   tok, gate, state, masks = _chunk_specs(chunk, d.masks)
-  w, dlocal = pl.pallas_call(
-      functools.partial(_prep_kernel, scale=float(scale), block_v=bv, dtype=dtype,
-                        has_runs=has_runs),
-      grid=(n, b, h),
-      in_specs=[tok(dk), tok(dk), gate, gate, tok(chunk), tok(dv)] + masks,
-      out_specs=[tok(dk), tok(dv)],
-      out_shape=[_like(x.k, dtype), _like(x.v, dtype)],
-      compiler_params=_params(block_sizes.num_warps),
-      interpret=interpret,
-      name="delta_rule_bwd_prep",
-  )(x.q, x.k, x.beta, x.gcum, tinv, do, *_mask_args(x))
+  if block_sizes.keep_w:  # W from the forward: the prologue reads no T and writes only dlocal
+    w = residuals[-1]
+    dlocal = pl.pallas_call(
+        functools.partial(_dlocal_kernel, scale=float(scale), block_v=bv, dtype=dtype,
+                          has_runs=has_runs, **_pipelined(block_sizes)),
+        grid=(n, b, h),
+        in_specs=[tok(dk), tok(dk), gate, tok(dv)] + masks,
+        out_specs=tok(dv),
+        out_shape=_like(x.v, dtype),
+        compiler_params=_params(block_sizes.num_warps, block_sizes.parallel_stages),
+        interpret=interpret,
+        name="delta_rule_bwd_prep",
+    )(x.q, x.k, x.gcum, do, *_mask_args(x))
+  else:
+    w, dlocal = pl.pallas_call(
+        functools.partial(_prep_kernel, scale=float(scale), block_v=bv, dtype=dtype,
+                          has_runs=has_runs, **_pipelined(block_sizes)),
+        grid=(n, b, h),
+        in_specs=[tok(dk), tok(dk), gate, gate, tok(chunk), tok(dv)] + masks,
+        out_specs=[tok(dk), tok(dv)],
+        out_shape=[_like(x.k, dtype), _like(x.v, dtype)],
+        compiler_params=_params(block_sizes.num_warps, block_sizes.parallel_stages),
+        interpret=interpret,
+        name="delta_rule_bwd_prep",
+    )(x.q, x.k, x.beta, x.gcum, tinv, do, *_mask_args(x))
 
   wtok, cols, wgate, wstate, wmasks = _walk_specs(padded, bv, d.masks)
   ddelta, ds0, dstates = pl.pallas_call(
@@ -484,15 +616,16 @@ def _split_gradients(x: Chunked, d: _Dims, tinv, states, delta, do, dstates, dde
   rows = pl.BlockSpec((sq, sq, bk, d.dv), lambda ki, n, b, h: (b, h, n * nk + ki, 0))
   share = pl.BlockSpec((sq, sq, chunk, sq), lambda ki, n, b, h: (ki, b, n, h))
   masks = [pl.BlockSpec((sq, chunk), lambda ki, n, b, h: (b, n))] * d.masks
+  dka_dtype = jnp.float32 if block_sizes.dk_partial == "float32" else dtype
   dq, dka, dga = pl.pallas_call(
       functools.partial(_bwd_dqk_kernel, scale=float(scale), block_v=d.bv, dtype=dtype,
-                        has_runs=d.has_runs),
+                        has_runs=d.has_runs, **_pipelined(block_sizes)),
       grid=(nk, d.n, d.b, d.h),
       in_specs=[tok_k, tok_k, gate, tok_v, tok_v, rows, rows] + masks,
       out_specs=[tok_k, tok_k, share],
-      out_shape=[_like(x.q, x.q.dtype), _like(x.k, jnp.float32),
+      out_shape=[_like(x.q, x.q.dtype), _like(x.k, dka_dtype),
                  jax.ShapeDtypeStruct((nk, d.b, d.padded, d.h), jnp.float32)],
-      compiler_params=_params(block_sizes.num_warps),
+      compiler_params=_params(block_sizes.num_warps, block_sizes.parallel_stages),
       interpret=interpret,
       name="delta_rule_bwd_dqk",
   )(x.q, x.k, x.gcum, delta, do, states, dstates, *_mask_args(x))
@@ -500,13 +633,14 @@ def _split_gradients(x: Chunked, d: _Dims, tinv, states, delta, do, dstates, dde
   tok, gate, state, masks = _chunk_specs(chunk, d.masks)
   f32 = lambda a: _like(a, jnp.float32)
   dk, dv, dbeta, dgb = pl.pallas_call(
-      functools.partial(_bwd_wy_kernel, block_v=d.bv, dtype=dtype, has_runs=d.has_runs),
+      functools.partial(_bwd_wy_kernel, block_v=d.bv, dtype=dtype, has_runs=d.has_runs,
+                        **_pipelined(block_sizes)),
       grid=(d.n, d.b, d.h),
       in_specs=[tok(d.dk), tok(d.dv), gate, gate, tok(chunk), tok(d.dv), tok(d.dv),
                 state(d.dk, d.dv), tok(d.dk)] + masks,
       out_specs=[tok(d.dk), tok(d.dv), gate, gate],
       out_shape=[x.k, x.v, f32(x.beta), f32(x.gcum)],
-      compiler_params=_params(block_sizes.num_warps_bwd),
+      compiler_params=_params(block_sizes.num_warps_bwd, block_sizes.parallel_stages),
       interpret=interpret,
       name="delta_rule_bwd_wy",
   )(x.k, x.v, x.beta, x.gcum, tinv, delta, ddelta, states, dka, *_mask_args(x))
