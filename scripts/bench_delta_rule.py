@@ -500,10 +500,14 @@ def breakdown_markdown(res: dict) -> str:
 
 
 # BlockSizes options off by default until checked and timed here (docs/delta_rule_vs_fla.md
-# section 6: items 2's cheap half, 3 and 1).
+# section 6: items 2's cheap half, 3 and 1; then item 5's lighter walk steps, alone and with
+# the others). All of them come before the older sweep entries, so --deadline cuts those first.
+WALK_OPTIONS = [dict(walk_form="scaled_values"),
+                dict(walk_form="scaled_values", keep_w=True, dk_partial="compute",
+                     num_stages_parallel=2)]
 NEW_OPTIONS = [dict(keep_w=True), dict(dk_partial="compute"), dict(num_stages_parallel=2),
                dict(num_stages_parallel=3), dict(num_stages_parallel=2, num_warps_bwd=4),
-               dict(keep_w=True, dk_partial="compute", num_stages_parallel=2)]
+               dict(keep_w=True, dk_partial="compute", num_stages_parallel=2)] + WALK_OPTIONS
 
 
 def kernel_candidates() -> list[dict]:
@@ -513,9 +517,10 @@ def kernel_candidates() -> list[dict]:
   the walks; num_warps_bwd: bwd_wy (and the fused delta_rule_bwd); block_k: bwd_dqk;
   num_warps_wy: delta_rule_wy. Options not yet checked on a GPU (NEW_OPTIONS; BlockSizes'
   docstring): keep_w: bwd_prep (W kept from the forward); dk_partial: bwd_dqk's dk_a output and
-  bwd_wy's input; num_stages_parallel: out, bwd_prep, bwd_dqk, bwd_wy as pipelined loops."""
+  bwd_wy's input; num_stages_parallel: out, bwd_prep, bwd_dqk, bwd_wy as pipelined loops;
+  walk_form: the two walks (fwd, dstate)."""
   if SMOKE["on"]:
-    return [dict(num_warps_bwd=4), dict(block_k=32)] + NEW_OPTIONS[:3]
+    return [dict(num_warps_bwd=4), dict(block_k=32)] + NEW_OPTIONS[:3] + WALK_OPTIONS[:1]
   return NEW_OPTIONS + [
       dict(block_k=128), dict(num_warps_bwd=4), dict(num_stages=3), dict(block_v=32),
       dict(num_warps=8), dict(block_k=128, num_warps=8), dict(num_warps=2),

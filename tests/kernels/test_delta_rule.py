@@ -149,6 +149,17 @@ OPTION_CASES = [
      "f32-strong-gates-chunk64", True),
     ("all", dict(keep_w=True, dk_partial="compute", num_stages_parallel=3),
      "shorter-than-a-chunk", True),
+    # walk_form="scaled_values": both walks scale the [C, bv] side (K^T (omega Delta), omega (K dS),
+    # Q^T ((scale gq) dO)), G_last by a scalar load, exp2 gates.
+    ("scaled_values", dict(walk_form="scaled_values"), "f32-ragged-segments-state", False),
+    ("scaled_values", dict(walk_form="scaled_values"), "bf16-weak-gates-chunk32", False),
+    ("scaled_values-fused", dict(walk_form="scaled_values", backward="fused"),
+     "f32-strong-gates-chunk64", False),
+    ("scaled_values", dict(walk_form="scaled_values"), "shorter-than-a-chunk", True),
+    ("all-scaled_values", dict(walk_form="scaled_values", keep_w=True, dk_partial="compute",
+                               num_stages_parallel=2), "bf16-weak-gates-chunk32", False),
+    ("all-scaled_values", dict(walk_form="scaled_values", keep_w=True, dk_partial="compute",
+                               num_stages_parallel=2), "f32-ragged-segments-state", True),
 ]
 
 
@@ -164,6 +175,21 @@ def test_block_size_options_match_reference(options, case_name):
   assert got[0].dtype == dtype and got[1].dtype == jnp.float32
   for label, w, g in zip(GRADS, want, got):
     assert_close(label, w, g, dtype=dtype, reduction=t)
+
+
+def test_walk_forms_agree_to_rounding():
+  """walk_form="scaled_values" is today's walk math regrouped (K^T diag(omega) Delta either
+  way; e^x = 2^(x log2 e)): in float32 (segments, an initial state, two value blocks) both
+  forms' outputs and gradients agree to float32 rounding, far inside the reference tolerance."""
+  case = CASES["f32-ragged-segments-state"]
+  _, (args, seg, cts) = _reference(case)
+  base = dict(block_k=16, block_v=16)
+  keys, values = (run_path("pallas_gpu", True, case[2], args, seg, cts,
+                           block_sizes=pallas_gpu.BlockSizes(**base, walk_form=form))
+                  for form in pallas_gpu.WALK_FORMS)
+  for label, a, b in zip(GRADS, keys, values):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-5 * float(
+        jnp.max(jnp.abs(a))), err_msg=label)
 
 
 def test_recurrence_is_the_papers():

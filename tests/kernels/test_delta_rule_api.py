@@ -1,6 +1,7 @@
 """delta_rule's argument checks, path choice, and proof that the kernels run and lower."""
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -208,7 +209,39 @@ def test_block_size_options_change_only_their_kernels():
   assert stages(piped["delta_rule_wy"]) == 1
 
 
-@pytest.mark.parametrize("field,value", [("dk_partial", "bfloat16"), ("num_stages_parallel", 0)])
+WALKS = ("delta_rule_fwd", "delta_rule_dstate")
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_walk_form_changes_only_the_walks(segments):
+  """walk_form="scaled_values": every kernel but the two walks is the default's (same kernel
+  jaxpr, same launch); in the walks the gates are exp2 of scaled exponents with G_last a
+  scalar load (no reduce_sum, no exp), and no [C, Dk] operand is multiplied: every 2-d mul in
+  the walk bodies is [C, bv] or [Dk, bv] (keep * state). Default: today's (exp, reduce_sum)."""
+  args = [jnp.zeros(s.shape, s.dtype) for s in _shapes(1, 40, 1, 32, jnp.bfloat16)]
+  sizes = lambda **kw: pallas_gpu.BlockSizes(block_v=16, **kw)  # noqa: E731
+  default = pallas_calls(loss_grads("pallas_gpu", True, segments, sizes()), *args)
+  walked = pallas_calls(loss_grads("pallas_gpu", True, segments,
+                                   sizes(walk_form="scaled_values")), *args)
+  assert sorted(walked) == sorted(default)
+  for name, eqn in default.items():
+    same = str(walked[name].params["jaxpr"]) == str(eqn.params["jaxpr"])
+    assert same == (name not in WALKS), name
+    assert stages(walked[name]) == stages(eqn), name
+  for name in WALKS:
+    before, after = (set(re.findall(r"= (exp2?|reduce_sum)\b", str(c[name].params["jaxpr"])))
+                     for c in (default, walked))
+    assert (before, after) == ({"exp", "reduce_sum"}, {"exp2"}), name
+    jaxpr = walked[name].params["jaxpr"]
+    body = next(e for e in jaxpr.eqns if e.primitive.name in ("scan", "while"))
+    body = body.params.get("jaxpr", body.params.get("body_jaxpr"))
+    muls = [e.outvars[0].aval.shape for e in body.jaxpr.eqns
+            if e.primitive.name == "mul" and len(e.outvars[0].aval.shape) == 2]
+    assert muls and all(sh[1] == 16 for sh in muls), (name, muls)  # [., bv]: nothing [C, Dk]
+
+
+@pytest.mark.parametrize("field,value", [("dk_partial", "bfloat16"), ("num_stages_parallel", 0),
+                                         ("walk_form", "scaled_queries")])
 def test_block_size_options_are_checked(field, value):
   with pytest.raises(ValueError, match=f"BlockSizes.{field}"):
     pallas_gpu.BlockSizes(**{field: value})

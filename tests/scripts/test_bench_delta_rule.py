@@ -39,13 +39,17 @@ def test_table_sets_ours_beside_fla(bench):
   assert "| 3 / 6 |" in table and "| 32768 | fla chunk_gated_delta_rule | error |" in table
 
 
-def test_ungated_form_zeroes_the_gates_and_names_fla_s_ungated_op(bench, monkeypatch):
-  # parse_args sets module state: each piece is restored after the test.
+def _restore_module_state(bench, monkeypatch):
+  """parse_args sets module state: each piece is restored after the test."""
   for name in ("B", "H", "D"):
     monkeypatch.setattr(bench, name, getattr(bench, name))
   monkeypatch.setattr(bench, "CHECK", dict(bench.CHECK))
   monkeypatch.setitem(bench.SMOKE, "on", bench.SMOKE["on"])
   monkeypatch.setitem(bench.FORM, "gated", True)
+
+
+def test_ungated_form_zeroes_the_gates_and_names_fla_s_ungated_op(bench, monkeypatch):
+  _restore_module_state(bench, monkeypatch)
   args = bench.parse_args(["--form", "ungated", "--smoke"])
   assert args.form == "ungated" and not bench.FORM["gated"]
   q, k, v, g, beta, *_ = bench.make_inputs(0, 1, 8, 2, 16)
@@ -59,11 +63,7 @@ def test_ungated_form_zeroes_the_gates_and_names_fla_s_ungated_op(bench, monkeyp
 @pytest.fixture
 def smoke(bench, monkeypatch):
   """The module in --smoke state (tiny shapes, interpret mode), restored after the test."""
-  for name in ("B", "H", "D"):
-    monkeypatch.setattr(bench, name, getattr(bench, name))
-  monkeypatch.setattr(bench, "CHECK", dict(bench.CHECK))
-  monkeypatch.setitem(bench.SMOKE, "on", bench.SMOKE["on"])
-  monkeypatch.setitem(bench.FORM, "gated", True)
+  _restore_module_state(bench, monkeypatch)
   bench.parse_args(["--smoke"])
   return bench
 
@@ -142,11 +142,15 @@ def test_fwd_bwd_sweep_times_only_candidates_that_match_the_checked_default(smok
 
 
 def test_sweep_checks_the_new_block_size_options_and_times_only_their_kernels(smoke):
-  """keep_w, dk_partial="compute" and num_stages_parallel (pallas_gpu.BlockSizes, off by default)
-  are --tune-kernels candidates: each agrees with the default's outputs and changes only the
-  kernels it should (so only those are timed)."""
+  """keep_w, dk_partial="compute", num_stages_parallel and walk_form="scaled_values"
+  (pallas_gpu.BlockSizes, off by default) are --tune-kernels candidates, all ahead of the older
+  sweep entries (--deadline cuts those first): each agrees with the default's outputs and
+  changes only the kernels it should (so only those are timed)."""
   bench, cache = smoke, {}
-  assert bench.kernel_candidates()[2:] == bench.NEW_OPTIONS[:3]
+  assert bench.kernel_candidates()[2:] == bench.NEW_OPTIONS[:3] + bench.WALK_OPTIONS[:1]
+  assert bench.NEW_OPTIONS[-2:] == bench.WALK_OPTIONS == [
+      dict(walk_form="scaled_values"),
+      dict(walk_form="scaled_values", keep_w=True, dk_partial="compute", num_stages_parallel=2)]
   bench.SMOKE["on"] = False
   try:
     full = bench.kernel_candidates()
@@ -159,8 +163,9 @@ def test_sweep_checks_the_new_block_size_options_and_times_only_their_kernels(sm
   changes = {"keep_w": {"delta_rule_bwd_prep"},
              "dk_partial": {"delta_rule_bwd_dqk", "delta_rule_bwd_wy"},
              "num_stages_parallel": {"delta_rule_out", "delta_rule_bwd_prep",
-                                     "delta_rule_bwd_dqk", "delta_rule_bwd_wy"}}
-  for over in bench.NEW_OPTIONS[:3]:
+                                     "delta_rule_bwd_dqk", "delta_rule_bwd_wy"},
+             "walk_form": {"delta_rule_fwd", "delta_rule_dstate"}}
+  for over in bench.NEW_OPTIONS[:3] + bench.WALK_OPTIONS[:1]:
     row = bench.sweep_candidate(over, 128, "split", base, outs, cache)
     assert row["ok"] and row["max_err"] < 1e-2, row
     assert set(row["kernel_ms"]) == changes[next(iter(over))], row

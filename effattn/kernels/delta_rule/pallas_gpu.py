@@ -51,6 +51,8 @@ from effattn.kernels.memory_chunk.xla import dot
 SUB = 16  # rows of the inverse's diagonal blocks (Triton's smallest dot)
 BACKWARDS = ("fused", "split")
 DK_PARTIALS = ("float32", "compute")
+WALK_FORMS = ("scaled_keys", "scaled_values")
+LOG2E = 1.4426950408889634  # log2(e): e^x = 2^(x log2(e))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +84,15 @@ class BlockSizes:
     loop over value blocks, 1 stage) or the stages of a real loop over value blocks (each
     block's operands loaded inside it, the partial sums carried), so Triton can pipeline the
     loads. The fused backward's kernel keeps its unrolled loop.
+  walk_form: how each step of the two walks (delta_rule_fwd, delta_rule_dstate) applies the
+    gates. "scaled_keys" (today's): the [C, Dk] operands are scaled, forward (omega K)^T Delta,
+    reverse (omega K) dS and (gq Q)^T (scale dO), with G_last (and the carry's last entry) a
+    masked 64-wide reduction and the gates libdevice expf. "scaled_values": the [C, bv] side
+    is, forward K^T (omega Delta), reverse omega (K dS) and Q^T ((scale gq) dO), so k, q and W
+    go from their loads into the dots (no [C, Dk] f32 multiply, truncate and transpose of a
+    register value a step); G_last and the carry's last entry are scalar loads and the gates
+    exp2 of log2(e)-scaled exponents. The same math up to rounding (docs/delta_rule_vs_fla.md
+    section 6 item 5).
   """
 
   block_v: int = 64
@@ -94,6 +105,7 @@ class BlockSizes:
   keep_w: bool = False
   dk_partial: str = "float32"
   num_stages_parallel: int | None = None
+  walk_form: str = "scaled_keys"
 
   def __post_init__(self):
     for field in ("block_v", "block_k"):
@@ -112,6 +124,8 @@ class BlockSizes:
         isinstance(self.num_stages_parallel, int) and self.num_stages_parallel >= 1):
       raise ValueError(f"BlockSizes.num_stages_parallel={self.num_stages_parallel!r} must be "
                        "None or an int >= 1")
+    if self.walk_form not in WALK_FORMS:
+      raise ValueError(f"BlockSizes.walk_form={self.walk_form!r} must be one of {WALK_FORMS}")
 
   def value_block(self, dv: int) -> int:
     return self.block_v if dv % self.block_v == 0 else dv
@@ -213,14 +227,39 @@ def _masks(refs, count: int, has_runs: bool):
   return (list(refs[:count]), refs[count:]) if has_runs else ([None] * count, refs)
 
 
-def _fwd_kernel(k_ref, w_ref, u_ref, g_ref, s0_ref, *refs, chunk: int, dtype, has_runs: bool):
+def _walk_gates(g_ref, carry_ref, tail_ref, start, chunk: int, with_gq: bool):
+  """walk_form="scaled_values"'s (gq or None [C], omega [C], keep []) of the chunk
+  [start, start + C): xla.state_gates with G_last and the carry's last entry read by scalar
+  loads (no masked reduction) and e^x as 2^(x log2(e))."""
+  g = g_ref[pl.ds(start, chunk)]
+  last = start + chunk - 1
+  g_last = g_ref[last]
+  omega, keep = jnp.exp2((g_last - g) * LOG2E), jnp.exp2(g_last * LOG2E)
+  gq = jnp.exp2(g * LOG2E) if with_gq else None
+  if carry_ref is None:
+    return gq, omega, keep
+  gq = None if gq is None else gq * carry_ref[pl.ds(start, chunk)]
+  return gq, omega * tail_ref[pl.ds(start, chunk)], keep * carry_ref[last]
+
+
+def _fwd_kernel(k_ref, w_ref, u_ref, g_ref, s0_ref, *refs, chunk: int, dtype, has_runs: bool,
+                scaled_values: bool = False):
   """Walk: k_ref, w_ref [Tp, Dk]; u_ref [Tp, bv]; g_ref [Tp]; s0_ref [Dk, bv]; carry, tail
-  [Tp]; outputs delta_ref [Tp, bv], sT_ref [Dk, bv], states_ref [N*Dk, bv]."""
+  [Tp]; outputs delta_ref [Tp, bv], sT_ref [Dk, bv], states_ref [N*Dk, bv]. scaled_values
+  (BlockSizes.walk_form): the state update K^T (omega Delta) for (omega K)^T Delta."""
   (carry_ref, tail_ref), (delta_ref, sT_ref, states_ref) = _masks(refs, 2, has_runs)
   dk = k_ref.shape[1]
 
   def body(c, state):
     start = pl.multiple_of(c * chunk, chunk)
+    if scaled_values:
+      k, w, u = _chunk_refs((k_ref, w_ref, u_ref), start, chunk)
+      states_ref[pl.ds(c * dk, dk), :] = state.astype(states_ref.dtype)
+      _, omega, keep = _walk_gates(g_ref, carry_ref, tail_ref, start, chunk, with_gq=False)
+      delta = u - dot(w, state, dtype=dtype)
+      state = keep * state + dot(k, omega[:, None] * delta, trans_a=True, dtype=dtype)
+      delta_ref[pl.ds(start, chunk), :] = delta.astype(delta_ref.dtype)
+      return state
     k, w, u, g, carry, tail = _chunk_refs((k_ref, w_ref, u_ref, g_ref, carry_ref, tail_ref),
                                           start, chunk)
     states_ref[pl.ds(c * dk, dk), :] = state.astype(states_ref.dtype)
@@ -311,10 +350,12 @@ def _dlocal_kernel(q_ref, k_ref, g_ref, do_ref, *refs, scale: float, block_v: in
 
 
 def _dstate_kernel(q_ref, k_ref, w_ref, g_ref, dlocal_ref, do_ref, dsT_ref, *refs, chunk: int,
-                   scale: float, dtype, has_runs: bool):
+                   scale: float, dtype, has_runs: bool, scaled_values: bool = False):
   """Reverse walk: q_ref, k_ref, w_ref [Tp, Dk]; g_ref [Tp]; dlocal_ref, do_ref [Tp, bv];
   dsT_ref [Dk, bv]; carry, tail [Tp]; outputs ddelta_ref [Tp, bv], ds0_ref [Dk, bv] and
-  dstates_ref [N*Dk, bv] (the cotangent of the state leaving each chunk)."""
+  dstates_ref [N*Dk, bv] (the cotangent of the state leaving each chunk). scaled_values
+  (BlockSizes.walk_form): omega (K dS) for (omega K) dS and Q^T ((scale gq) dO) for
+  (gq Q)^T (scale dO)."""
   (carry_ref, tail_ref), (ddelta_ref, ds0_ref, dstates_ref) = _masks(refs, 2, has_runs)
   dk = q_ref.shape[1]
   num_chunks = q_ref.shape[0] // chunk
@@ -322,6 +363,16 @@ def _dstate_kernel(q_ref, k_ref, w_ref, g_ref, dlocal_ref, do_ref, dsT_ref, *ref
   def body(step, ds):
     c = num_chunks - 1 - step
     start = pl.multiple_of(c * chunk, chunk)
+    if scaled_values:
+      q, k, w, dlocal, do = _chunk_refs((q_ref, k_ref, w_ref, dlocal_ref, do_ref), start, chunk)
+      dstates_ref[pl.ds(c * dk, dk), :] = ds.astype(dstates_ref.dtype)
+      gq, omega, keep = _walk_gates(g_ref, carry_ref, tail_ref, start, chunk, with_gq=True)
+      ddelta = dlocal.astype(jnp.float32) + omega[:, None] * dot(k, ds, dtype=dtype)
+      do_in = (scale * gq)[:, None] * do.astype(jnp.float32)
+      ds = (dot(q, do_in, trans_a=True, dtype=dtype) + keep * ds
+            - dot(w, ddelta, trans_a=True, dtype=dtype))
+      ddelta_ref[pl.ds(start, chunk), :] = ddelta.astype(ddelta_ref.dtype)
+      return ds
     q, k, w, g, dlocal, do, carry, tail = _chunk_refs(
         (q_ref, k_ref, w_ref, g_ref, dlocal_ref, do_ref, carry_ref, tail_ref), start, chunk)
     dstates_ref[pl.ds(c * dk, dk), :] = ds.astype(dstates_ref.dtype)
@@ -437,6 +488,12 @@ def _pipelined(block_sizes: BlockSizes) -> dict:
   return {"pipelined": True} if block_sizes.pipelined else {}
 
 
+def _walk_form(block_sizes: BlockSizes) -> dict:
+  """The two walks' keyword for walk_form (none by default: their static arguments, and so
+  the bench's kernel signatures, stay today's)."""
+  return {"scaled_values": True} if block_sizes.walk_form == "scaled_values" else {}
+
+
 def _chunk_specs(chunk, masks: int):
   """BlockSpecs over grid (N, B, H) for one chunk of [B, Tp, H, D], [B, Tp, H], [B, Tp] and
   of the per-chunk states [B, H, N*Dk, Dv]."""
@@ -507,7 +564,8 @@ def forward(x: Chunked, s0, *, chunk: int, scale: float, dtype, out_dtype,
 
   wtok, cols, wgate, wstate, wmasks = _walk_specs(padded, bv, d.masks)
   delta, final, states = pl.pallas_call(
-      functools.partial(_fwd_kernel, chunk=chunk, dtype=dtype, has_runs=has_runs),
+      functools.partial(_fwd_kernel, chunk=chunk, dtype=dtype, has_runs=has_runs,
+                        **_walk_form(block_sizes)),
       grid=(dv // bv, b, h),
       in_specs=[wtok(dk), wtok(dk), cols, wgate, wstate(dk)] + wmasks[:2],
       out_specs=[cols, wstate(dk), wstate(n * dk)],
@@ -570,7 +628,7 @@ def backward(x: Chunked, residuals, do, dfinal, *, chunk: int, scale: float, dty
   wtok, cols, wgate, wstate, wmasks = _walk_specs(padded, bv, d.masks)
   ddelta, ds0, dstates = pl.pallas_call(
       functools.partial(_dstate_kernel, chunk=chunk, scale=float(scale), dtype=dtype,
-                        has_runs=has_runs),
+                        has_runs=has_runs, **_walk_form(block_sizes)),
       grid=(dv // bv, b, h),
       in_specs=[wtok(dk), wtok(dk), wtok(dk), wgate, cols, cols, wstate(dk)] + wmasks[:2],
       out_specs=[cols, wstate(dk), wstate(n * dk)],
