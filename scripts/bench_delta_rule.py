@@ -73,6 +73,7 @@ CHECK_NAMES = ("o", "ht", "dq", "dk", "dv", "dg", "dbeta", "dh0")
 SMOKE = {"on": False}
 FORMS = ("gated", "ungated")  # --form: log gates as below, or all 0 (fla's chunk_delta_rule)
 FORM = {"gated": True}
+BASE = {}  # --block-sizes: overrides of pallas_gpu.BlockSizes() behind every "default" below
 
 
 def interpret() -> dict:
@@ -181,7 +182,25 @@ def fwd_and_grads(impl, q, k, v, g, beta, h0, do, dht, *, segment_ids=None, bloc
 def block_sizes_for(backward: str, base=None):
   import dataclasses
   from effattn.kernels.delta_rule import pallas_gpu
-  return dataclasses.replace(base or pallas_gpu.BlockSizes(), backward=backward)
+  return dataclasses.replace(base or pallas_gpu.BlockSizes(**BASE), backward=backward)
+
+
+def parse_block_sizes(text: str) -> dict:
+  """--block-sizes "keep_w=True,num_stages_parallel=2" -> BlockSizes overrides (ints, True /
+  False / None, else strings), checked by BlockSizes itself."""
+  import dataclasses
+  from effattn.kernels.delta_rule import pallas_gpu
+  fields = {f.name for f in dataclasses.fields(pallas_gpu.BlockSizes)}
+  words = {"True": True, "False": False, "None": None}
+  over = {}
+  for item in (i for i in text.split(",") if i):
+    name, _, value = item.partition("=")
+    if name not in fields or not value:
+      raise ValueError(f"--block-sizes {item!r}: write field=value with a field of "
+                       f"pallas_gpu.BlockSizes ({', '.join(sorted(fields))})")
+    over[name] = words[value] if value in words else int(value) if value.isdigit() else value
+  pallas_gpu.BlockSizes(**over)  # one clear line from its own checks
+  return over
 
 
 def correctness(backward: str = "fused") -> list[dict]:
@@ -273,7 +292,7 @@ def ours(block_sizes=None):
 
 def candidates(backward: str = "fused"):
   from effattn.kernels.delta_rule import pallas_gpu
-  default = pallas_gpu.BlockSizes()
+  default = pallas_gpu.BlockSizes(**BASE)
   if SMOKE["on"]:
     cands = [default]
   else:
@@ -665,6 +684,10 @@ def parse_args(argv=None):
                       help="per-kernel sweep of the block sizes at the first --kernel-sizes T "
                            "(kernel_candidates(); each checked against the default first), "
                            "then the winner's fwd+bwd end to end")
+  parser.add_argument("--block-sizes", default="",
+                      help="overrides of pallas_gpu.BlockSizes() used as the default of every "
+                           "part (check, rows, breakdown, sweep base), e.g. "
+                           "'keep_w=True,num_stages_parallel=2'")
   parser.add_argument("--deadline", type=float, default=0.0,
                       help="seconds from the start after which no sweep candidate starts (0: "
                            "none); the winner's end-to-end row still runs after it")
@@ -672,6 +695,11 @@ def parse_args(argv=None):
   if args.tune_kernels and not args.kernel_sizes:
     parser.error("--tune-kernels needs --kernel-sizes")
   FORM["gated"] = args.form == "gated"
+  try:
+    BASE.clear()
+    BASE.update(parse_block_sizes(args.block_sizes))
+  except ValueError as e:
+    parser.error(str(e))
   args.backward = [b for b in args.backward.split(",") if b]
   bad = [b for b in args.backward if b not in BACKWARDS]
   if bad or not args.backward:

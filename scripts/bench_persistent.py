@@ -25,6 +25,9 @@ one is given).
       cudnn_window  softmax_attention(q, k, v, causal=True, window=W, impl="cudnn"), no
                     persistent pairs: the peer (not checked here: the softmax tests cover it);
       cudnn_causal  the same without the window.
+      pallas_gpu, pallas_mosaic_gpu
+                    the band forced onto the block-sparse Triton or Mosaic GPU kernels (only
+                    when --paths names them; each checked first, Mosaic in bf16 only).
     fwd+bwd takes the gradients of q, k, v, and of persistent_k / persistent_v on the
     persistent paths (what a training step computes).
 Writes DIR/bench_persistent.json and prints a table last, with auto / cudnn_window. --smoke
@@ -49,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from effattn.evaluate import bench_args, device_check  # noqa: E402
 from effattn.evaluate.timing import forward_and_grads, measure, table_cell  # noqa: E402
 from effattn.kernels import dispatch  # noqa: E402
+from effattn.kernels.block_sparse import FAMILY as BLOCK_SPARSE  # noqa: E402
 from effattn.kernels.softmax import persistent  # noqa: E402
 from effattn.kernels.softmax import softmax_attention  # noqa: E402
 
@@ -59,8 +63,21 @@ CHECK_CASES = ((1, 2048, 4, 128, 512, False), (2, 1000, 2, 64, 300, True),
                (2, 1000, 2, 64, None, True))
 SMOKE_CHECK_CASES = ((1, 64, 2, 64, 20, False), (2, 50, 2, 64, 12, True),
                      (2, 50, 2, 64, None, True))
-PATHS = ("auto", "xla", "cudnn_window", "cudnn_causal")
-PERSISTENT_PATHS = {"auto": "auto", "xla": "xla"}  # timed path -> the impl its check covers
+# The band's kernels forced (persistent_attention's block-sparse impl words): auto's choice
+# timed beside the other in the same run.
+BAND_PATHS = ("pallas_gpu", "pallas_mosaic_gpu")
+PATHS = ("auto", "xla", "cudnn_window", "cudnn_causal") + BAND_PATHS
+# timed path -> the impl its check covers
+PERSISTENT_PATHS = {"auto": "auto", "xla": "xla", **{p: p for p in BAND_PATHS}}
+
+
+def refusal(impl: str, dtype) -> str:
+  """"" when impl takes dtype, else the block-sparse path's own reason (the Mosaic GPU kernels
+  are bf16 / f16 only: their f32 check cases are skipped, not failed)."""
+  path = next((p for p in BLOCK_SPARSE.paths if p.name == impl), None)
+  shapes = {"dtype": jnp.dtype(dtype).name}
+  return "" if path is None else "; ".join(r for r in (lim.check(shapes) for lim in path.limits)
+                                           if r)
 
 
 def stand_in():
@@ -115,6 +132,9 @@ def check(impls, n_p: int, windowed: bool = True) -> list[dict]:
       for impl in impls:
         row = {"impl": impl, "dtype": jnp.dtype(dtype).name, "B": b, "T": t, "H": h, "D": d,
                "window": w, "segments": "packed" if packed else "one"}
+        if refusal(impl, dtype):
+          print("check", {**row, "skipped": refusal(impl, dtype)}, flush=True)
+          continue
         try:
           with jax.default_matmul_precision(precision), stand_in():
             got = vg(attend(impl, seg, w), q, k, v, pk, pv, do)
@@ -140,6 +160,7 @@ def bench_one(b, t, h, d, window, n_p, reps, paths, failed=()) -> dict:
           q, k, v, causal=True, window=window, impl=peer_impl), (0, 1, 2)),
       "cudnn_causal": (lambda q, k, v, pk, pv: softmax_attention(
           q, k, v, causal=True, impl=peer_impl), (0, 1, 2)),
+      **{p: (attend(p, window=window), (0, 1, 2, 3, 4)) for p in BAND_PATHS},
   }
   row = {"B": b, "T": t, "H": h, "D": d, "window": window, "num_persistent": n_p}
   for name in paths:

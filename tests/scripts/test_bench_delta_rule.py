@@ -46,6 +46,20 @@ def _restore_module_state(bench, monkeypatch):
   monkeypatch.setattr(bench, "CHECK", dict(bench.CHECK))
   monkeypatch.setitem(bench.SMOKE, "on", bench.SMOKE["on"])
   monkeypatch.setitem(bench.FORM, "gated", True)
+  monkeypatch.setattr(bench, "BASE", dict(bench.BASE))
+
+
+def test_block_sizes_option_moves_every_part_s_default(bench, monkeypatch):
+  _restore_module_state(bench, monkeypatch)
+  bench.parse_args(["--smoke", "--block-sizes", "keep_w=True,num_stages_parallel=2"])
+  sizes = bench.block_sizes_for("split")
+  assert sizes.keep_w and sizes.num_stages_parallel == 2 and sizes.backward == "split"
+  assert bench.candidates("split")[0] == sizes
+  for bad, word in (("keep=True", "field=value"), ("num_stages_parallel=0", "num_stages_parallel")):
+    with pytest.raises(SystemExit):
+      bench.parse_args(["--smoke", "--block-sizes", bad])
+    with pytest.raises(ValueError, match=word):
+      bench.parse_block_sizes(bad)
 
 
 def test_ungated_form_zeroes_the_gates_and_names_fla_s_ungated_op(bench, monkeypatch):

@@ -17,13 +17,15 @@ def bench():
 def test_smoke_run_checks_then_times_every_path(bench, monkeypatch, tmp_path, capsys):
   # One case (window, packed segments + padding) keeps the interpreted compiles short.
   monkeypatch.setattr(bench, "SMOKE_CHECK_CASES", bench.SMOKE_CHECK_CASES[1:2])
-  result = bench.main(["--smoke", f"--out={tmp_path}", "--paths=" + ",".join(bench.PATHS)])
+  # The forced band kernels: Triton is what smoke's auto runs; Mosaic GPU has no interpreter.
+  paths = [p for p in bench.PATHS if p not in bench.BAND_PATHS]
+  result = bench.main(["--smoke", f"--out={tmp_path}", "--paths=" + ",".join(paths)])
   assert result["impls"] == ["auto", "xla"]  # a timed persistent path is checked first
   assert [(c["impl"], c["dtype"]) for c in result["check"]] == [
       (i, d) for d in ("bfloat16", "float32") for i in ("auto", "xla")]
   assert all(c["ok"] and set(c["max_rel_err"]) == set(bench.GRADS) for c in result["check"])
   (row,) = result["rows"]
-  for name in bench.PATHS:
+  for name in paths:
     assert row[f"{name}_fwd_ms"] > 0 and row[f"{name}_fwdbwd_ms"] > 0
     assert row[f"{name}_kernels"] == (0, 0)  # interpreted / XLA: no custom call on CPU
   saved = json.loads((tmp_path / "bench_persistent.json").read_text())
@@ -45,3 +47,11 @@ def test_a_path_that_failed_its_check_is_not_timed(bench, monkeypatch, tmp_path,
   assert row["cudnn_window_fwd_ms"] > 0 and row["cudnn_causal_fwdbwd_ms"] > 0
   out = capsys.readouterr().out
   assert "check failed: not timed" in out and out.rstrip().endswith("CHECK FAILED")
+
+
+def test_forced_band_kernels_are_checked_in_the_dtypes_they_take(bench):
+  assert set(bench.BAND_PATHS) <= set(bench.PATHS) and all(
+      bench.PERSISTENT_PATHS[p] == p for p in bench.BAND_PATHS)
+  assert "float32" in bench.refusal("pallas_mosaic_gpu", "float32")
+  assert bench.refusal("pallas_mosaic_gpu", "bfloat16") == ""
+  assert bench.refusal("pallas_gpu", "float32") == bench.refusal("auto", "float32") == ""
