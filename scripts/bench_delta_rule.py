@@ -526,7 +526,8 @@ WALK_OPTIONS = [dict(walk_form="scaled_values"),
                      num_stages_parallel=2)]
 NEW_OPTIONS = [dict(keep_w=True), dict(dk_partial="compute"), dict(num_stages_parallel=2),
                dict(num_stages_parallel=3), dict(num_stages_parallel=2, num_warps_bwd=4),
-               dict(keep_w=True, dk_partial="compute", num_stages_parallel=2)] + WALK_OPTIONS
+               dict(keep_w=True, dk_partial="compute", num_stages_parallel=2)] + WALK_OPTIONS + [
+                   dict(wy_form="dense"), dict(wy_form="dense", num_warps_wy=4)]
 
 
 def kernel_candidates() -> list[dict]:

@@ -160,6 +160,13 @@ OPTION_CASES = [
                                num_stages_parallel=2), "bf16-weak-gates-chunk32", False),
     ("all-scaled_values", dict(walk_form="scaled_values", keep_w=True, dk_partial="compute",
                                num_stages_parallel=2), "f32-ragged-segments-state", True),
+    # wy_form="dense": delta_rule_wy on the whole chunk (A by one K K^T dot with the strict,
+    # runs masks; one forward substitution on [C, C]; W and U one dot each) against the
+    # blocked merge: chunk 64 (4 blocks) with segments and ragged T, chunk 32 bf16 with a state.
+    ("wy_dense", dict(wy_form="dense"), "f32-strong-gates-chunk64", False),
+    ("wy_dense-keep_w", dict(wy_form="dense", keep_w=True), "bf16-weak-gates-chunk32", False),
+    ("wy_dense", dict(wy_form="dense"), "f32-ragged-segments-state", True),
+    ("wy_dense", dict(wy_form="dense"), "shorter-than-a-chunk", True),
 ]
 
 

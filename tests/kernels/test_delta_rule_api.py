@@ -241,7 +241,8 @@ def test_walk_form_changes_only_the_walks(segments):
 
 
 @pytest.mark.parametrize("field,value", [("dk_partial", "bfloat16"), ("num_stages_parallel", 0),
-                                         ("walk_form", "scaled_queries")])
+                                         ("walk_form", "scaled_queries"),
+                                         ("wy_form", "tiled")])
 def test_block_size_options_are_checked(field, value):
   with pytest.raises(ValueError, match=f"BlockSizes.{field}"):
     pallas_gpu.BlockSizes(**{field: value})

@@ -26,6 +26,8 @@ verbatim. The triangular inverse is blocked (fla's
 solve_tril layout): A's 16 x 16 diagonal blocks are inverted by forward substitution, the
 off-diagonal blocks of the inverse follow from T_ij = -T_ii sum_{j<=m<i} A_im T_mj, all on
 16-row tiles loaded from refs (Triton has no slicing of register values).
+BlockSizes(wy_form="dense") instead inverts the whole [C, C] tile by one forward substitution
+(pallas_tpu's and xla.chunk_inverse's form).
 
 Layout [B, T, H, D] as given; gates [B, T, H] and masks [B, T] are read with strides. The
 intermediates are stored in the compute dtype: T as [B, Tp, H, C] (row t holds its chunk's row
@@ -52,6 +54,7 @@ SUB = 16  # rows of the inverse's diagonal blocks (Triton's smallest dot)
 BACKWARDS = ("fused", "split")
 DK_PARTIALS = ("float32", "compute")
 WALK_FORMS = ("scaled_keys", "scaled_values")
+WY_FORMS = ("blocked", "dense")
 LOG2E = 1.4426950408889634  # log2(e): e^x = 2^(x log2(e))
 
 
@@ -93,6 +96,14 @@ class BlockSizes:
     register value a step); G_last and the carry's last entry are scalar loads and the gates
     exp2 of log2(e)-scaled exponents. The same math up to rounding (docs/delta_rule_vs_fla.md
     section 6 item 5).
+  wy_form: how delta_rule_wy builds T = (I + A)^{-1}, W and U. "blocked" (today's): on 16-row
+    blocks (at C 64: 10 [16, Dk] x [Dk, 16] dots for A, four 15-step forward substitutions on
+    the diagonal blocks, the off-diagonal blocks of T from float32 [16, 16] dots, TF32 on the
+    GPU, then 20 [16, 16] x [16, D] dots for W and U). "dense": the whole chunk at once
+    (xla.chunk_inverse and xla.chunk_wy, as pallas_tpu): A from one [C, Dk] x [Dk, C] dot,
+    one (C - 1)-step forward substitution on the [C, C] float32 tile (no float32 dot, so no
+    TF32), W and U one [C, C] x [C, D] dot each in the compute dtype. The same math up to
+    rounding (docs/delta_rule_vs_fla.md section 6 item 6).
   """
 
   block_v: int = 64
@@ -106,6 +117,7 @@ class BlockSizes:
   dk_partial: str = "float32"
   num_stages_parallel: int | None = None
   walk_form: str = "scaled_keys"
+  wy_form: str = "blocked"
 
   def __post_init__(self):
     for field in ("block_v", "block_k"):
@@ -126,6 +138,8 @@ class BlockSizes:
                        "None or an int >= 1")
     if self.walk_form not in WALK_FORMS:
       raise ValueError(f"BlockSizes.walk_form={self.walk_form!r} must be one of {WALK_FORMS}")
+    if self.wy_form not in WY_FORMS:
+      raise ValueError(f"BlockSizes.wy_form={self.wy_form!r} must be one of {WY_FORMS}")
 
   def value_block(self, dv: int) -> int:
     return self.block_v if dv % self.block_v == 0 else dv
@@ -182,9 +196,19 @@ def block_inverse(a: dict, nb: int) -> dict:
   return inv
 
 
-def _wy_kernel(k_ref, v_ref, beta_ref, g_ref, *refs, chunk: int, dtype, has_runs: bool):
+def _wy_gq(g, carry):
+  """gq = e^G carry [C]: the entering state's decay at each token (W's row scale with beta)."""
+  return jnp.exp(g) if carry is None else jnp.exp(g) * carry
+
+
+def _wy_kernel(k_ref, v_ref, beta_ref, g_ref, *refs, chunk: int, dtype, has_runs: bool,
+               dense: bool = False):
   """One chunk: k_ref [C, Dk]; v_ref [C, Dv]; beta_ref, g_ref [C]; runs_ref, carry_ref [C];
-  outputs tinv_ref [C, C], w_ref [C, Dk], u_ref [C, Dv]."""
+  outputs tinv_ref [C, C], w_ref [C, Dk], u_ref [C, Dv]. dense (BlockSizes.wy_form): the whole
+  chunk at once, _wy_dense_kernel."""
+  if dense:
+    return _wy_dense_kernel(k_ref, v_ref, beta_ref, g_ref, *refs, dtype=dtype,
+                            has_runs=has_runs)
   (runs_ref, carry_ref), (tinv_ref, w_ref, u_ref) = (refs[:2], refs[2:]) if has_runs else (
       (None, None), refs)
   nb = chunk // SUB
@@ -198,7 +222,7 @@ def _wy_kernel(k_ref, v_ref, beta_ref, g_ref, *refs, chunk: int, dtype, has_runs
   zeros = jnp.zeros((SUB, SUB), jnp.float32)
   kb, vb = [], []
   for i in range(nb):
-    gq = jnp.exp(gs[i]) if carry[i] is None else jnp.exp(gs[i]) * carry[i]
+    gq = _wy_gq(gs[i], carry[i])
     kb.append((ks[i] * (betas[i] * gq)[:, None]).astype(dtype))
     vb.append((v_ref[rows[i], :] * betas[i][:, None]).astype(dtype))
   for i in range(nb):
@@ -209,6 +233,21 @@ def _wy_kernel(k_ref, v_ref, beta_ref, g_ref, *refs, chunk: int, dtype, has_runs
                             for j in range(i + 1)).astype(w_ref.dtype)
     u_ref[rows[i], :] = sum(dot(inv[(i, j)], vb[j], dtype=dtype)
                             for j in range(i + 1)).astype(u_ref.dtype)
+
+
+def _wy_dense_kernel(k_ref, v_ref, beta_ref, g_ref, *refs, dtype, has_runs: bool):
+  """wy_form="dense", one chunk (refs as _wy_kernel's): A = tril(diag(b) (K K^T * D), -1) from
+  one [C, Dk] x [Dk, C] dot (xla.wy_block over the whole chunk, diagonal: the causal strict
+  mask and the runs mask the blocked form applies block by block), T by forward substitution
+  on the whole [C, C] float32 tile (no float32 dots), W and U one [C, C] x [C, D] dot each with
+  T and the right-hand sides in `dtype` (the blocked form's roundings)."""
+  (runs_ref, carry_ref), (tinv_ref, w_ref, u_ref) = _masks(refs, 2, has_runs)
+  runs, carry = (None if r is None else r[...] for r in (runs_ref, carry_ref))
+  k, beta, g = k_ref[...], beta_ref[...], g_ref[...]
+  tinv = xla.chunk_inverse(k, beta, g, runs, dtype=dtype)
+  tinv_ref[...] = tinv.astype(tinv_ref.dtype)
+  w, u = xla.chunk_wy(tinv, k, v_ref[...], beta, _wy_gq(g, carry), dtype=dtype)
+  w_ref[...], u_ref[...] = w.astype(w_ref.dtype), u.astype(u_ref.dtype)
 
 
 def _chunk_refs(refs, start, chunk):
@@ -488,6 +527,12 @@ def _pipelined(block_sizes: BlockSizes) -> dict:
   return {"pipelined": True} if block_sizes.pipelined else {}
 
 
+def _wy_form(block_sizes: BlockSizes) -> dict:
+  """delta_rule_wy's keyword for wy_form (none by default: its static arguments, and so the
+  bench's kernel signature, stay today's)."""
+  return {"dense": True} if block_sizes.wy_form == "dense" else {}
+
+
 def _walk_form(block_sizes: BlockSizes) -> dict:
   """The two walks' keyword for walk_form (none by default: their static arguments, and so
   the bench's kernel signatures, stay today's)."""
@@ -551,7 +596,8 @@ def forward(x: Chunked, s0, *, chunk: int, scale: float, dtype, out_dtype,
   b, padded, h, dk, dv, n, bv, has_runs = dataclasses.astuple(d)
   tok, gate, state, masks = _chunk_specs(chunk, d.masks)
   tinv, w, u = pl.pallas_call(
-      functools.partial(_wy_kernel, chunk=chunk, dtype=dtype, has_runs=has_runs),
+      functools.partial(_wy_kernel, chunk=chunk, dtype=dtype, has_runs=has_runs,
+                        **_wy_form(block_sizes)),
       grid=(n, b, h),
       in_specs=[tok(dk), tok(dv), gate, gate] + masks[:2],
       out_specs=[tok(chunk), tok(dk), tok(dv)],
