@@ -302,7 +302,7 @@ def candidates(backward: str = "fused"):
              pallas_gpu.BlockSizes(block_v=128, num_warps=8, num_warps_wy=4),
              pallas_gpu.BlockSizes(block_v=32), pallas_gpu.BlockSizes(num_stages=3)]
     if backward == "split":
-      cands += [pallas_gpu.BlockSizes(num_warps_bwd=4), pallas_gpu.BlockSizes(block_k=128)]
+      cands += [pallas_gpu.BlockSizes(num_warps_bwd=8), pallas_gpu.BlockSizes(block_k=128)]
   return [block_sizes_for(backward, c) for c in cands]
 
 
@@ -518,32 +518,29 @@ def breakdown_markdown(res: dict) -> str:
   return "\n".join(lines)
 
 
-# BlockSizes options off by default until checked and timed here (docs/delta_rule_vs_fla.md
-# section 6: items 2's cheap half, 3 and 1; then item 5's lighter walk steps, alone and with
-# the others). All of them come before the older sweep entries, so --deadline cuts those first.
-WALK_OPTIONS = [dict(walk_form="scaled_values"),
-                dict(walk_form="scaled_values", keep_w=True, dk_partial="compute",
-                     num_stages_parallel=2)]
-NEW_OPTIONS = [dict(keep_w=True), dict(dk_partial="compute"), dict(num_stages_parallel=2),
-               dict(num_stages_parallel=3), dict(num_stages_parallel=2, num_warps_bwd=4),
-               dict(keep_w=True, dk_partial="compute", num_stages_parallel=2)] + WALK_OPTIONS + [
-                   dict(wy_form="dense"), dict(wy_form="dense", num_warps_wy=4)]
+# BlockSizes options off by default until checked and timed here, ahead of the older sweep
+# entries so that --deadline cuts those first: delta_rule_wy's dense form (docs/
+# delta_rule_vs_fla.md section 6 item 6), the walks' scaled values (item 5), both together.
+# (keep_w, dk_partial="compute" and num_stages_parallel=2 with num_warps_bwd=4 were these
+# options until the H200 sweep of 2026-12-04 made them the defaults.)
+WY_OPTIONS = [dict(wy_form="dense"), dict(wy_form="dense", num_warps_wy=4)]
+WALK_OPTIONS = [dict(walk_form="scaled_values")]
+NEW_OPTIONS = WY_OPTIONS + WALK_OPTIONS + [dict(wy_form="dense", walk_form="scaled_values")]
 
 
 def kernel_candidates() -> list[dict]:
   """Overrides of the default BlockSizes for the per-kernel sweep (--tune-kernels), most telling
   first. What reads each knob (pallas_gpu.py): block_v: both walks' programs and the Dv step of
   out, bwd_prep, bwd_dqk, bwd_wy; num_warps: both walks, out, bwd_prep, bwd_dqk; num_stages:
-  the walks; num_warps_bwd: bwd_wy (and the fused delta_rule_bwd); block_k: bwd_dqk;
-  num_warps_wy: delta_rule_wy. Options not yet checked on a GPU (NEW_OPTIONS; BlockSizes'
-  docstring): keep_w: bwd_prep (W kept from the forward); dk_partial: bwd_dqk's dk_a output and
-  bwd_wy's input; num_stages_parallel: out, bwd_prep, bwd_dqk, bwd_wy as pipelined loops;
-  walk_form: the two walks (fwd, dstate)."""
+  the walks; num_stages_parallel: out, bwd_prep, bwd_dqk, bwd_wy; num_warps_bwd: bwd_wy (and
+  the fused delta_rule_bwd); block_k: bwd_dqk; num_warps_wy: delta_rule_wy. Options not yet
+  checked on a GPU (NEW_OPTIONS; BlockSizes' docstring): wy_form: delta_rule_wy; walk_form: the
+  two walks (fwd, dstate)."""
   if SMOKE["on"]:
-    return [dict(num_warps_bwd=4), dict(block_k=32)] + NEW_OPTIONS[:3] + WALK_OPTIONS[:1]
+    return [dict(num_warps_bwd=2), dict(block_k=32)] + WY_OPTIONS[:1] + WALK_OPTIONS
   return NEW_OPTIONS + [
-      dict(block_k=128), dict(num_warps_bwd=4), dict(num_stages=3), dict(block_v=32),
-      dict(num_warps=8), dict(block_k=128, num_warps=8), dict(num_warps=2),
+      dict(num_stages_parallel=3), dict(block_k=128), dict(num_warps_bwd=8), dict(num_stages=3),
+      dict(block_v=32), dict(num_warps=8), dict(block_k=128, num_warps=8), dict(num_warps=2),
       dict(block_v=32, num_warps=2), dict(num_warps_bwd=2), dict(block_k=32),
       dict(num_stages=1), dict(num_warps_wy=4), dict(block_v=128, num_warps=8)]
 

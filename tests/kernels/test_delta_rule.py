@@ -130,25 +130,25 @@ def test_split_backward_matches_reference(case_name):
     assert_close(label, w, g, dtype=dtype, reduction=t)
 
 
-# BlockSizes options not yet the default (each off keeps today's kernels; the GPU sweep times
-# them): keep_w (the forward keeps W, bwd_prep writes only P^T dO), dk_partial="compute" (dk_a
-# handed over in the compute dtype), num_stages_parallel (the parallel kernels' loop over value
-# blocks as a real loop). 16-wide blocks as above, so the value loops run 2 blocks (ragged:
-# Dv=32) and dk_a adds over 2 key blocks (bf16: Dk=32); bf16 checks dk_a's rounding.
+# BlockSizes launch options: the defaults since the H200 sweep of 2026-12-04 are keep_w (the
+# forward keeps W, bwd_prep writes only P^T dO), dk_partial="compute" (dk_a handed over in the
+# compute dtype) and num_stages_parallel=2 (the parallel kernels' loop over value blocks as a
+# real loop); the earlier settings (each one, and all of them: W recomputed, f32 dk_a, the
+# unrolled loop) stay forced paths. 16-wide blocks as above, so the value loops run 2 blocks
+# (ragged: Dv=32) and dk_a adds over 2 key blocks (bf16: Dk=32); bf16 checks dk_a's rounding.
+EARLIER = dict(keep_w=False, dk_partial="float32", num_stages_parallel=None, num_warps_bwd=8)
 OPTION_CASES = [
-    ("keep_w", dict(keep_w=True), "f32-ragged-segments-state", False),
-    ("keep_w-fused", dict(keep_w=True, backward="fused"), "f32-ragged-segments-state", False),
-    ("keep_w", dict(keep_w=True), "bf16-weak-gates-chunk32", True),
-    ("dk_partial-compute", dict(dk_partial="compute"), "bf16-weak-gates-chunk32", False),
-    ("dk_partial-compute", dict(dk_partial="compute"), "f32-ragged-segments-state", True),
-    ("pipelined", dict(num_stages_parallel=2), "f32-ragged-segments-state", False),
-    ("pipelined", dict(num_stages_parallel=2), "bf16-weak-gates-chunk32", True),
-    ("all", dict(keep_w=True, dk_partial="compute", num_stages_parallel=3),
-     "bf16-weak-gates-chunk32", False),
-    ("all", dict(keep_w=True, dk_partial="compute", num_stages_parallel=3),
-     "f32-strong-gates-chunk64", True),
-    ("all", dict(keep_w=True, dk_partial="compute", num_stages_parallel=3),
-     "shorter-than-a-chunk", True),
+    ("recompute_w", dict(keep_w=False), "f32-ragged-segments-state", False),
+    ("keep_w-fused", dict(backward="fused"), "f32-ragged-segments-state", False),
+    ("recompute_w", dict(keep_w=False), "bf16-weak-gates-chunk32", True),
+    ("dk_partial-f32", dict(dk_partial="float32"), "bf16-weak-gates-chunk32", False),
+    ("dk_partial-f32", dict(dk_partial="float32"), "f32-ragged-segments-state", True),
+    ("unrolled", dict(num_stages_parallel=None), "f32-ragged-segments-state", False),
+    ("unrolled", dict(num_stages_parallel=None), "bf16-weak-gates-chunk32", True),
+    ("stages3", dict(num_stages_parallel=3), "bf16-weak-gates-chunk32", True),
+    ("earlier", EARLIER, "bf16-weak-gates-chunk32", False),
+    ("earlier", EARLIER, "f32-strong-gates-chunk64", True),
+    ("earlier", EARLIER, "shorter-than-a-chunk", True),
     # walk_form="scaled_values": both walks scale the [C, bv] side (K^T (omega Delta), omega (K dS),
     # Q^T ((scale gq) dO)), G_last by a scalar load, exp2 gates.
     ("scaled_values", dict(walk_form="scaled_values"), "f32-ragged-segments-state", False),
@@ -156,15 +156,16 @@ OPTION_CASES = [
     ("scaled_values-fused", dict(walk_form="scaled_values", backward="fused"),
      "f32-strong-gates-chunk64", False),
     ("scaled_values", dict(walk_form="scaled_values"), "shorter-than-a-chunk", True),
-    ("all-scaled_values", dict(walk_form="scaled_values", keep_w=True, dk_partial="compute",
-                               num_stages_parallel=2), "bf16-weak-gates-chunk32", False),
-    ("all-scaled_values", dict(walk_form="scaled_values", keep_w=True, dk_partial="compute",
-                               num_stages_parallel=2), "f32-ragged-segments-state", True),
+    ("earlier-scaled_values", dict(EARLIER, walk_form="scaled_values"),
+     "bf16-weak-gates-chunk32", False),
+    ("earlier-scaled_values", dict(EARLIER, walk_form="scaled_values"),
+     "f32-ragged-segments-state", True),
     # wy_form="dense": delta_rule_wy on the whole chunk (A by one K K^T dot with the strict,
     # runs masks; one forward substitution on [C, C]; W and U one dot each) against the
     # blocked merge: chunk 64 (4 blocks) with segments and ragged T, chunk 32 bf16 with a state.
     ("wy_dense", dict(wy_form="dense"), "f32-strong-gates-chunk64", False),
-    ("wy_dense-keep_w", dict(wy_form="dense", keep_w=True), "bf16-weak-gates-chunk32", False),
+    ("wy_dense-recompute_w", dict(wy_form="dense", keep_w=False), "bf16-weak-gates-chunk32",
+     False),
     ("wy_dense", dict(wy_form="dense"), "f32-ragged-segments-state", True),
     ("wy_dense", dict(wy_form="dense"), "shorter-than-a-chunk", True),
 ]

@@ -182,31 +182,37 @@ PARALLEL = ("delta_rule_out", "delta_rule_bwd_prep", "delta_rule_bwd_dqk", "delt
 
 
 def test_block_size_options_change_only_their_kernels():
-  """keep_w: bwd_prep reads q, k, gcum, dO (no beta, no T) and writes dlocal only;
-  dk_partial="compute": bwd_dqk hands dk_a over in the compute dtype; num_stages_parallel: the
-  parallel kernels loop over value blocks (a real loop) at that many stages. Defaults: today's."""
+  """keep_w (default): bwd_prep reads q, k, gcum, dO (no beta, no T) and writes dlocal only;
+  dk_partial="compute" (default): bwd_dqk hands dk_a over in the compute dtype;
+  num_stages_parallel (default 2): the parallel kernels loop over value blocks (a real loop)
+  at that many stages. Each earlier setting (W recomputed, f32 dk_a, the unrolled loop at one
+  stage) stays a forced path."""
   args = [jnp.zeros(s.shape, s.dtype) for s in _shapes(1, 40, 1, 32, jnp.bfloat16)]
   sizes = lambda **kw: pallas_gpu.BlockSizes(block_v=16, **kw)  # noqa: E731
+  assert (sizes().keep_w, sizes().dk_partial, sizes().num_stages_parallel) == (True, "compute", 2)
+  earlier = dict(keep_w=False, dk_partial="float32", num_stages_parallel=None)
+  plain = pallas_calls(loss_grads("pallas_gpu", True, False, sizes(**earlier)), *args)
+  prep = plain["delta_rule_bwd_prep"]
+  assert (len(prep.invars), len(prep.outvars)) == (6, 2)
+  assert plain["delta_rule_bwd_dqk"].outvars[1].aval.dtype == jnp.float32
+  for name in PARALLEL:
+    assert _loops(plain[name]) == 0 and stages(plain[name]) == 1, name
+
   default = pallas_calls(loss_grads("pallas_gpu", True, False, sizes()), *args)
   prep = default["delta_rule_bwd_prep"]
-  assert (len(prep.invars), len(prep.outvars)) == (6, 2)
-  assert default["delta_rule_bwd_dqk"].outvars[1].aval.dtype == jnp.float32
-  for name in PARALLEL:
-    assert _loops(default[name]) == 0 and stages(default[name]) == 1, name
-
-  keep = pallas_calls(loss_grads("pallas_gpu", True, False, sizes(keep_w=True)), *args)
-  prep = keep["delta_rule_bwd_prep"]
   assert (len(prep.invars), len(prep.outvars)) == (4, 1)
-  assert sorted(keep) == sorted(default)
+  assert sorted(default) == sorted(plain)
+  assert default["delta_rule_bwd_dqk"].outvars[1].aval.dtype == jnp.bfloat16
+  for name in PARALLEL:
+    assert _loops(default[name]) == 1 and stages(default[name]) == 2, name
+  assert stages(default["delta_rule_wy"]) == 1
 
-  half = pallas_calls(loss_grads("pallas_gpu", True, False, sizes(dk_partial="compute")), *args)
-  assert half["delta_rule_bwd_dqk"].outvars[1].aval.dtype == jnp.bfloat16
-
+  recompute = pallas_calls(loss_grads("pallas_gpu", True, False, sizes(keep_w=False)), *args)
+  assert len(recompute["delta_rule_bwd_prep"].invars) == 6
   piped = pallas_calls(loss_grads("pallas_gpu", True, False, sizes(num_stages_parallel=3)),
                        *args)
   for name in PARALLEL:
     assert _loops(piped[name]) == 1 and stages(piped[name]) == 3, name
-  assert stages(piped["delta_rule_wy"]) == 1
 
 
 WALKS = ("delta_rule_fwd", "delta_rule_dstate")

@@ -100,16 +100,16 @@ def test_breakdown_times_each_kernel_the_op_runs_and_the_sweep_checks_first(smok
   assert "| delta_rule_bwd_dqk | 1x2x1x2 |" in table and "NOTE" not in table
 
   # The sweep: num_warps_bwd changes bwd_wy's program only, so only it is timed again.
-  monkeypatch.setattr(bench, "kernel_candidates", lambda: [dict(num_warps_bwd=4)])
+  monkeypatch.setattr(bench, "kernel_candidates", lambda: [dict(num_warps_bwd=2)])
   monkeypatch.setattr(bench, "MIN_GAIN", -1.0)  # any candidate wins: the union path runs too
   sweep = bench.tune_kernels(128, "split", base, outs, cache, float("inf"))
   (row,) = sweep["rows"]
   assert row["ok"] and row["max_err"] == 0.0 and set(row["kernel_ms"]) == {"delta_rule_bwd_wy"}
-  assert sweep["best"] == {"num_warps_bwd": 4} and len(cache) == 8
+  assert sweep["best"] == {"num_warps_bwd": 2} and len(cache) == 8
   assert "bwd_wy" in bench.tune_kernels_markdown(sweep)
   # A candidate whose outputs differ from the default's is not timed.
   wrong = dict(outs, dq=2 * outs["dq"])
-  bad = bench.sweep_candidate(dict(num_warps_bwd=4), 128, "split", base, wrong, cache)
+  bad = bench.sweep_candidate(dict(num_warps_bwd=2), 128, "split", base, wrong, cache)
   assert not bad["ok"] and bad["max_err"] == pytest.approx(0.5) and "kernel_ms" not in bad
   late = bench.tune_kernels(128, "split", base, outs, cache, deadline=0.0)
   assert late["rows"][0]["skipped"] == "deadline" and late["best"] == {}
@@ -141,7 +141,7 @@ def test_fwd_bwd_sweep_times_only_candidates_that_match_the_checked_default(smok
 
   import jax.numpy as jnp
   default = bench.block_sizes_for("split")
-  good, bad = (dataclasses.replace(default, num_warps_bwd=4),
+  good, bad = (dataclasses.replace(default, num_warps_bwd=8),
                dataclasses.replace(default, num_warps_bwd=2))
   monkeypatch.setattr(bench, "candidates", lambda backward: [default, good, bad])
   factor = {default: 1.0, good: 1.0 + 1e-4, bad: 1.5}  # bad: a wrong tile's outputs
@@ -156,15 +156,15 @@ def test_fwd_bwd_sweep_times_only_candidates_that_match_the_checked_default(smok
 
 
 def test_sweep_checks_the_new_block_size_options_and_times_only_their_kernels(smoke):
-  """keep_w, dk_partial="compute", num_stages_parallel and walk_form="scaled_values"
-  (pallas_gpu.BlockSizes, off by default) are --tune-kernels candidates, all ahead of the older
-  sweep entries (--deadline cuts those first): each agrees with the default's outputs and
-  changes only the kernels it should (so only those are timed)."""
+  """wy_form="dense" and walk_form="scaled_values" (pallas_gpu.BlockSizes, off by default) are
+  --tune-kernels candidates, ahead of the older sweep entries (--deadline cuts those first);
+  so are the launch settings the 2026-12-04 sweep made defaults, undone one at a time: each
+  agrees with the default's outputs and changes only the kernels it should (so only those
+  are timed)."""
   bench, cache = smoke, {}
-  assert bench.kernel_candidates()[2:] == bench.NEW_OPTIONS[:3] + bench.WALK_OPTIONS[:1]
-  assert bench.NEW_OPTIONS[-2:] == bench.WALK_OPTIONS == [
-      dict(walk_form="scaled_values"),
-      dict(walk_form="scaled_values", keep_w=True, dk_partial="compute", num_stages_parallel=2)]
+  assert bench.kernel_candidates()[2:] == bench.WY_OPTIONS[:1] + bench.WALK_OPTIONS
+  assert bench.NEW_OPTIONS == bench.WY_OPTIONS + bench.WALK_OPTIONS + [
+      dict(wy_form="dense", walk_form="scaled_values")]
   bench.SMOKE["on"] = False
   try:
     full = bench.kernel_candidates()
@@ -178,8 +178,10 @@ def test_sweep_checks_the_new_block_size_options_and_times_only_their_kernels(sm
              "dk_partial": {"delta_rule_bwd_dqk", "delta_rule_bwd_wy"},
              "num_stages_parallel": {"delta_rule_out", "delta_rule_bwd_prep",
                                      "delta_rule_bwd_dqk", "delta_rule_bwd_wy"},
-             "walk_form": {"delta_rule_fwd", "delta_rule_dstate"}}
-  for over in bench.NEW_OPTIONS[:3] + bench.WALK_OPTIONS[:1]:
+             "walk_form": {"delta_rule_fwd", "delta_rule_dstate"},
+             "wy_form": {"delta_rule_wy"}}
+  earlier = [dict(keep_w=False), dict(dk_partial="float32"), dict(num_stages_parallel=None)]
+  for over in bench.WY_OPTIONS[:1] + bench.WALK_OPTIONS + earlier:
     row = bench.sweep_candidate(over, 128, "split", base, outs, cache)
     assert row["ok"] and row["max_err"] < 1e-2, row
     assert set(row["kernel_ms"]) == changes[next(iter(over))], row

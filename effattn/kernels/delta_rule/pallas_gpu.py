@@ -8,7 +8,8 @@ sequential (xla.py's three passes):
   delta_rule_fwd       grid (Dv/bv, B, H)   chunks in order: Delta, each chunk's entering state
                                             and the final state
   delta_rule_out       grid (N, B, H)       o of each chunk
-  delta_rule_bwd_prep  grid (N, B, H)       W again and the within-chunk cotangent P^T dO
+  delta_rule_bwd_prep  grid (N, B, H)       the within-chunk cotangent P^T dO (and W again,
+                                            with keep_w=False)
   delta_rule_dstate    grid (Dv/bv, B, H)   chunks in reverse: dDelta and the cotangent of each
                                             chunk's final state
   delta_rule_bwd       grid (N, B, H)       every chunk's input gradients
@@ -71,22 +72,29 @@ class BlockSizes:
     kernels with smaller live sets: delta_rule_bwd_dqk over (Dk/block_k, N, B, H) and
     delta_rule_bwd_wy over (N, B, H)) or "fused" (one per-chunk gradient kernel,
     delta_rule_bwd). H200, B 8, H 16, D 128, bf16, T 8k, fwd+bwd:
-    split 7.28 ms, fused 17.40 ms, both checked on the GPU first (docs/benchmarks.md).
+    split 7.28 ms, fused 17.40 ms (num_warps_bwd 8, then the default), both checked on the
+    GPU first (docs/benchmarks.md).
   block_k: Dk columns per program of delta_rule_bwd_dqk (Dk itself where it does not divide
     Dk); only the split backward uses it.
 
-  Options not yet checked and timed on a GPU (each default keeps today's kernels as they are;
-  scripts/bench_delta_rule.py --tune-kernels checks and times them):
+  Launch options checked and timed on an H200 (2026-12-04; the defaults since; B 8, H 16,
+  D 128, T 32k, bf16, gated, split backward: fwd+bwd 26.08 ms against 29.2-29.7 ms with the
+  earlier keep_w=False, dk_partial="float32", num_stages_parallel=None, num_warps_bwd=8;
+  docs/benchmarks.md, docs/delta_rule_vs_fla.md section 9):
   keep_w: the forward keeps delta_rule_wy's W as a residual (+1 [B, T, H, Dk] tensor), so
     delta_rule_bwd_prep reads neither T nor beta and writes only P^T dO (False: it recomputes W
-    from T and writes it).
+    from T and writes it). bwd_prep 2.18 -> 1.30 ms.
   dk_partial: dtype of dk_a, the share of dk delta_rule_bwd_dqk hands to delta_rule_bwd_wy
-    (split backward): "float32" or "compute" (the matmul dtype, e.g. bf16: half the bytes, one
-    more rounding of that share, as fla's dk / dk2).
-  num_stages_parallel: None (the parallel kernels out, bwd_prep, bwd_dqk, bwd_wy unroll their
-    loop over value blocks, 1 stage) or the stages of a real loop over value blocks (each
-    block's operands loaded inside it, the partial sums carried), so Triton can pipeline the
-    loads. The fused backward's kernel keeps its unrolled loop.
+    (split backward): "compute" (the matmul dtype, e.g. bf16: half the bytes, one more
+    rounding of that share, as fla's dk / dk2) or "float32". bwd_dqk and bwd_wy 0.33 ms each.
+  num_stages_parallel: the stages of a real loop over value blocks in the parallel kernels
+    out, bwd_prep, bwd_dqk, bwd_wy (each block's operands loaded inside it, the partial sums
+    carried), so Triton can pipeline the loads; None unrolls it at 1 stage. The fused
+    backward's kernel keeps its unrolled loop. With num_warps_bwd 4: bwd_wy 8.0 -> 6.0 ms
+    (bwd_dqk alone is 0.3 ms slower pipelined).
+
+  Options not yet checked and timed on a GPU (each default keeps the kernels as they are;
+  scripts/bench_delta_rule.py --tune-kernels checks and times them):
   walk_form: how each step of the two walks (delta_rule_fwd, delta_rule_dstate) applies the
     gates. "scaled_keys" (today's): the [C, Dk] operands are scaled, forward (omega K)^T Delta,
     reverse (omega K) dS and (gq Q)^T (scale dO), with G_last (and the carry's last entry) a
@@ -109,13 +117,13 @@ class BlockSizes:
   block_v: int = 64
   num_warps: int = 4
   num_warps_wy: int = 2
-  num_warps_bwd: int = 8
+  num_warps_bwd: int = 4
   num_stages: int = 2
   backward: str = "split"
   block_k: int = 64
-  keep_w: bool = False
-  dk_partial: str = "float32"
-  num_stages_parallel: int | None = None
+  keep_w: bool = True
+  dk_partial: str = "compute"
+  num_stages_parallel: int | None = 2
   walk_form: str = "scaled_keys"
   wy_form: str = "blocked"
 
