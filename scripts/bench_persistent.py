@@ -25,9 +25,10 @@ one is given).
       cudnn_window  softmax_attention(q, k, v, causal=True, window=W, impl="cudnn"), no
                     persistent pairs: the peer (not checked here: the softmax tests cover it);
       cudnn_causal  the same without the window.
-      pallas_gpu, pallas_mosaic_gpu
-                    the band forced onto the block-sparse Triton or Mosaic GPU kernels (only
-                    when --paths names them; each checked first, Mosaic in bf16 only).
+      pallas_gpu, pallas_mosaic_gpu, pallas_mosaic_gpu_t128
+                    the band (persistent.banded) forced onto the block-sparse Triton or Mosaic
+                    GPU kernels at the band's tile (64), or Mosaic at tile 128 (only when
+                    --paths names them; each checked first, Mosaic in bf16 only).
     fwd+bwd takes the gradients of q, k, v, and of persistent_k / persistent_v on the
     persistent paths (what a training step computes).
 Writes DIR/bench_persistent.json and prints a table last, with auto / cudnn_window. --smoke
@@ -63,10 +64,12 @@ CHECK_CASES = ((1, 2048, 4, 128, 512, False), (2, 1000, 2, 64, 300, True),
                (2, 1000, 2, 64, None, True))
 SMOKE_CHECK_CASES = ((1, 64, 2, 64, 20, False), (2, 50, 2, 64, 12, True),
                      (2, 50, 2, 64, None, True))
-# The band's kernels forced (persistent_attention's block-sparse impl words): auto's choice
-# timed beside the other in the same run.
-BAND_PATHS = ("pallas_gpu", "pallas_mosaic_gpu")
-PATHS = ("auto", "xla", "cudnn_window", "cudnn_causal") + BAND_PATHS
+# The band's kernels forced (path -> the block-sparse impl and the band's tile): auto's choice
+# timed beside the others in the same run; the Mosaic GPU kernels at their larger tile too.
+BAND_PATHS = {"pallas_gpu": ("pallas_gpu", persistent.BAND_TILE),
+              "pallas_mosaic_gpu": ("pallas_mosaic_gpu", persistent.BAND_TILE),
+              "pallas_mosaic_gpu_t128": ("pallas_mosaic_gpu", 128)}
+PATHS = ("auto", "xla", "cudnn_window", "cudnn_causal") + tuple(BAND_PATHS)
 # timed path -> the impl its check covers
 PERSISTENT_PATHS = {"auto": "auto", "xla": "xla", **{p: p for p in BAND_PATHS}}
 
@@ -74,7 +77,8 @@ PERSISTENT_PATHS = {"auto": "auto", "xla": "xla", **{p: p for p in BAND_PATHS}}
 def refusal(impl: str, dtype) -> str:
   """"" when impl takes dtype, else the block-sparse path's own reason (the Mosaic GPU kernels
   are bf16 / f16 only: their f32 check cases are skipped, not failed)."""
-  path = next((p for p in BLOCK_SPARSE.paths if p.name == impl), None)
+  name = BAND_PATHS.get(impl, (impl,))[0]
+  path = next((p for p in BLOCK_SPARSE.paths if p.name == name), None)
   shapes = {"dtype": jnp.dtype(dtype).name}
   return "" if path is None else "; ".join(r for r in (lim.check(shapes) for lim in path.limits)
                                            if r)
@@ -102,7 +106,12 @@ def inputs(key, b, t, h, d, n_p, dtype):
 
 def attend(impl, segment_ids=None, window=None):
   """persistent_attention(q, k, v, pk, pv) with impl (interpret=True for a forced Pallas path
-  under --smoke)."""
+  under --smoke); a BAND_PATHS name runs persistent.banded with its kernels and tile."""
+  if impl in BAND_PATHS:
+    kernels, tile = BAND_PATHS[impl]
+    return lambda q, k, v, pk, pv: persistent.banded(
+        q, k, v, pk, pv, segment_ids=segment_ids, window=window, impl=kernels, tile=tile,
+        interpret=SMOKE["on"])
   interpret = SMOKE["on"] and impl in persistent.BLOCK_SPARSE_IMPLS
   return lambda q, k, v, pk, pv: persistent.persistent_attention(
       q, k, v, pk, pv, segment_ids=segment_ids, window=window, impl=impl, interpret=interpret)

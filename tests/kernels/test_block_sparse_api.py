@@ -87,8 +87,9 @@ def test_block_sizes_power_of_two():
 
 def test_a_window_reaches_mosaic_gpu_on_hopper(monkeypatch):
   """The Mosaic GPU kernels' window passed its GPU check (2026-12-03): on Hopper "auto" and
-  "pallas" give a windowed bf16 call to them, float32 stays on Triton; the ring (T split over
-  mesh.sequence) refuses a window."""
+  "pallas" give a windowed bf16 call at 128-row tiles to them; at 64-row tiles (row pairs
+  streamed as their union: a band ran slower than on Triton) a windowed call stays on Triton,
+  and float32 does; the ring (T split over mesh.sequence) refuses a window."""
   q, idx, cnt = _args()
   with jax.set_mesh(host_mesh(sequence=2)):
     with pytest.raises(ValueError, match="window=8 has no ring path"):
@@ -96,9 +97,11 @@ def test_a_window_reaches_mosaic_gpu_on_hopper(monkeypatch):
   from effattn.kernels.block_sparse import api
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(api, "_hopper", lambda: "")
-  shapes = dict(head_dim=64, block_q=64, block_k=64)
   for impl in ("auto", "pallas"):
-    for window in (None, 8):
-      assert FAMILY.choose(impl, **shapes, dtype="bfloat16", window=window).path == (
-          "pallas_mosaic_gpu")
+    for block_q, window, want in ((64, None, "pallas_mosaic_gpu"), (64, 8, "pallas_gpu"),
+                                  (128, 8, "pallas_mosaic_gpu"), (128, None, "pallas_mosaic_gpu")):
+      got = FAMILY.choose(impl, head_dim=64, block_q=block_q, block_k=64, dtype="bfloat16",
+                          window=window).path
+      assert got == want, (impl, block_q, window)
+    shapes = dict(head_dim=64, block_q=128, block_k=64)
     assert FAMILY.choose(impl, **shapes, dtype="float32", window=8).path == "pallas_gpu"

@@ -53,5 +53,7 @@ def test_forced_band_kernels_are_checked_in_the_dtypes_they_take(bench):
   assert set(bench.BAND_PATHS) <= set(bench.PATHS) and all(
       bench.PERSISTENT_PATHS[p] == p for p in bench.BAND_PATHS)
   assert "float32" in bench.refusal("pallas_mosaic_gpu", "float32")
+  assert bench.refusal("pallas_mosaic_gpu_t128", "float32") == bench.refusal(
+      "pallas_mosaic_gpu", "float32")
   assert bench.refusal("pallas_mosaic_gpu", "bfloat16") == ""
   assert bench.refusal("pallas_gpu", "float32") == bench.refusal("auto", "float32") == ""

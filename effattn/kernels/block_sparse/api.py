@@ -11,7 +11,9 @@ order "auto" tries them; the rules are kernels/dispatch.py's):
                 bfloat16, head_dim 64 or 128, tiles 64 or 128; no interpreter):
                 checked on an H200 against reference.py and 2.3x the Triton kernels' fwd+bwd
                 speed (docs/mosaic_gpu.md), with the sliding window too (checked there on
-                2026-12-03); float16 stays on Triton until it is checked there;
+                2026-12-03; "auto" gives it windowed calls at block_q 128 only: at 64 a band
+                ran slower than on Triton, _WINDOW_AT_64); float16 stays on Triton until it is
+                checked there;
   "pallas_gpu"  Triton kernels (GPU; head_dim 64 or 128; interpret=True off-device);
   "pallas_tpu"  Mosaic kernels (TPU; same limits);
   "xla"         blocked jnp, work proportional to the lists;
@@ -38,6 +40,15 @@ from effattn.kernels.block_sparse.common import Aux, BlockSizes, transpose_lists
 PALLAS_HEAD_DIMS = (64, 128)
 _HEAD_DIM = dispatch.one_of("head_dim", PALLAS_HEAD_DIMS)
 MOSAIC_TILES = (64, 128)
+# A CTA covers 128 query rows: lists made at block_q 64 are merged in row pairs and the union
+# streamed, so a band of 64-tiles (each row's list one tile past its pair's) costs more tiles
+# than it lists. Measured (H200, persistent band B 2 T 16k H 8 D 128, window 512): 1.97 ms
+# fwd+bwd on these kernels against 1.74 on Triton's (a day apart; same-run timing: scripts/
+# bench_persistent.py --paths auto,pallas_gpu,pallas_mosaic_gpu,pallas_mosaic_gpu_t128).
+_WINDOW_AT_64 = dispatch.Limit(("window", "block_q"), lambda window, block_q: "" if (
+    window is None or block_q >= 128) else (
+        f"window={window} at block_q={block_q}: a band of 64-row tiles ran slower here than on "
+        "Triton (row pairs streamed as their union); impl='pallas_mosaic_gpu' forces it"))
 
 
 def _hopper() -> str:
@@ -51,7 +62,8 @@ FAMILY = dispatch.Family("block_sparse", (
                   device=lambda: _hopper(),  # looked up on use (tests stand in a device)
                   limits=(_HEAD_DIM, dispatch.one_of("dtype", ("bfloat16",)),
                           dispatch.one_of("block_q", MOSAIC_TILES),
-                          dispatch.one_of("block_k", MOSAIC_TILES))),
+                          dispatch.one_of("block_k", MOSAIC_TILES)),
+                  auto_limits=(_WINDOW_AT_64,)),
     dispatch.Path("pallas_gpu", platform="gpu", limits=(_HEAD_DIM,)),
     dispatch.Path("pallas_tpu", platform="tpu", limits=(_HEAD_DIM,)),
     dispatch.Path("xla"),
