@@ -186,11 +186,12 @@ def block_sizes_for(backward: str, base=None):
 
 
 def parse_block_sizes(text: str) -> dict:
-  """--block-sizes "keep_w=True,num_stages_parallel=2" -> BlockSizes overrides (ints, True /
-  False / None, else strings), checked by BlockSizes itself."""
+  """--block-sizes "keep_w=True,num_stages_parallel=2,unrolled=bwd_dqk+bwd_prep" -> BlockSizes
+  overrides (ints, True / False / None, "+"-joined names for a tuple field, else strings),
+  checked by BlockSizes itself."""
   import dataclasses
   from effattn.kernels.delta_rule import pallas_gpu
-  fields = {f.name for f in dataclasses.fields(pallas_gpu.BlockSizes)}
+  fields = {f.name: f.default for f in dataclasses.fields(pallas_gpu.BlockSizes)}
   words = {"True": True, "False": False, "None": None}
   over = {}
   for item in (i for i in text.split(",") if i):
@@ -198,7 +199,10 @@ def parse_block_sizes(text: str) -> dict:
     if name not in fields or not value:
       raise ValueError(f"--block-sizes {item!r}: write field=value with a field of "
                        f"pallas_gpu.BlockSizes ({', '.join(sorted(fields))})")
-    over[name] = words[value] if value in words else int(value) if value.isdigit() else value
+    if isinstance(fields[name], tuple):
+      over[name] = tuple(v for v in value.split("+") if v)
+    else:
+      over[name] = words[value] if value in words else int(value) if value.isdigit() else value
   pallas_gpu.BlockSizes(**over)  # one clear line from its own checks
   return over
 
@@ -520,12 +524,16 @@ def breakdown_markdown(res: dict) -> str:
 
 # BlockSizes options off by default until checked and timed here, ahead of the older sweep
 # entries so that --deadline cuts those first: delta_rule_wy's dense form (docs/
-# delta_rule_vs_fla.md section 6 item 6), the walks' scaled values (item 5), both together.
+# delta_rule_vs_fla.md section 6 item 6), the walks' scaled values (item 5), bwd_dqk (and
+# bwd_prep) unrolled while the others pipeline, all together.
 # (keep_w, dk_partial="compute" and num_stages_parallel=2 with num_warps_bwd=4 were these
 # options until the H200 sweep of 2026-12-04 made them the defaults.)
 WY_OPTIONS = [dict(wy_form="dense"), dict(wy_form="dense", num_warps_wy=4)]
 WALK_OPTIONS = [dict(walk_form="scaled_values")]
-NEW_OPTIONS = WY_OPTIONS + WALK_OPTIONS + [dict(wy_form="dense", walk_form="scaled_values")]
+# bwd_dqk ran 0.3 ms slower pipelined (f32 dk_a); bwd_prep's keep_w form was timed unrolled only.
+UNROLLED_OPTIONS = [dict(unrolled=("bwd_dqk",)), dict(unrolled=("bwd_dqk", "bwd_prep"))]
+NEW_OPTIONS = (WY_OPTIONS + WALK_OPTIONS + UNROLLED_OPTIONS
+               + [dict(wy_form="dense", walk_form="scaled_values", unrolled=("bwd_dqk",))])
 
 
 def kernel_candidates() -> list[dict]:
@@ -535,7 +543,7 @@ def kernel_candidates() -> list[dict]:
   the walks; num_stages_parallel: out, bwd_prep, bwd_dqk, bwd_wy; num_warps_bwd: bwd_wy (and
   the fused delta_rule_bwd); block_k: bwd_dqk; num_warps_wy: delta_rule_wy. Options not yet
   checked on a GPU (NEW_OPTIONS; BlockSizes' docstring): wy_form: delta_rule_wy; walk_form: the
-  two walks (fwd, dstate)."""
+  two walks (fwd, dstate); unrolled: the parallel kernels it names."""
   if SMOKE["on"]:
     return [dict(num_warps_bwd=2), dict(block_k=32)] + WY_OPTIONS[:1] + WALK_OPTIONS
   return NEW_OPTIONS + [

@@ -146,6 +146,7 @@ OPTION_CASES = [
     ("unrolled", dict(num_stages_parallel=None), "f32-ragged-segments-state", False),
     ("unrolled", dict(num_stages_parallel=None), "bf16-weak-gates-chunk32", True),
     ("stages3", dict(num_stages_parallel=3), "bf16-weak-gates-chunk32", True),
+    ("unrolled-dqk", dict(unrolled=("bwd_dqk",)), "bf16-weak-gates-chunk32", True),
     ("earlier", EARLIER, "bf16-weak-gates-chunk32", False),
     ("earlier", EARLIER, "f32-strong-gates-chunk64", True),
     ("earlier", EARLIER, "shorter-than-a-chunk", True),

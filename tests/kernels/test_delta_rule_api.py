@@ -213,6 +213,11 @@ def test_block_size_options_change_only_their_kernels():
                        *args)
   for name in PARALLEL:
     assert _loops(piped[name]) == 1 and stages(piped[name]) == 3, name
+  mixed = pallas_calls(loss_grads("pallas_gpu", True, False, sizes(unrolled=("bwd_dqk",))),
+                       *args)
+  for name in PARALLEL:
+    piped = name != "delta_rule_bwd_dqk"
+    assert (_loops(mixed[name]), stages(mixed[name])) == ((1, 2) if piped else (0, 1)), name
 
 
 WALKS = ("delta_rule_fwd", "delta_rule_dstate")
@@ -247,6 +252,7 @@ def test_walk_form_changes_only_the_walks(segments):
 
 
 @pytest.mark.parametrize("field,value", [("dk_partial", "bfloat16"), ("num_stages_parallel", 0),
+                                         ("unrolled", ("bwd",)), ("unrolled", "bwd_dqk"),
                                          ("walk_form", "scaled_queries"),
                                          ("wy_form", "tiled")])
 def test_block_size_options_are_checked(field, value):

@@ -51,9 +51,11 @@ def _restore_module_state(bench, monkeypatch):
 
 def test_block_sizes_option_moves_every_part_s_default(bench, monkeypatch):
   _restore_module_state(bench, monkeypatch)
-  bench.parse_args(["--smoke", "--block-sizes", "keep_w=True,num_stages_parallel=2"])
+  bench.parse_args(["--smoke", "--block-sizes", "keep_w=False,num_stages_parallel=3,"
+                                                  "unrolled=bwd_dqk+bwd_prep"])
   sizes = bench.block_sizes_for("split")
-  assert sizes.keep_w and sizes.num_stages_parallel == 2 and sizes.backward == "split"
+  assert not sizes.keep_w and sizes.num_stages_parallel == 3 and sizes.backward == "split"
+  assert sizes.unrolled == ("bwd_dqk", "bwd_prep")
   assert bench.candidates("split")[0] == sizes
   for bad, word in (("keep=True", "field=value"), ("num_stages_parallel=0", "num_stages_parallel")):
     with pytest.raises(SystemExit):
@@ -163,8 +165,8 @@ def test_sweep_checks_the_new_block_size_options_and_times_only_their_kernels(sm
   are timed)."""
   bench, cache = smoke, {}
   assert bench.kernel_candidates()[2:] == bench.WY_OPTIONS[:1] + bench.WALK_OPTIONS
-  assert bench.NEW_OPTIONS == bench.WY_OPTIONS + bench.WALK_OPTIONS + [
-      dict(wy_form="dense", walk_form="scaled_values")]
+  assert bench.NEW_OPTIONS == bench.WY_OPTIONS + bench.WALK_OPTIONS + bench.UNROLLED_OPTIONS + [
+      dict(wy_form="dense", walk_form="scaled_values", unrolled=("bwd_dqk",))]
   bench.SMOKE["on"] = False
   try:
     full = bench.kernel_candidates()
@@ -179,9 +181,10 @@ def test_sweep_checks_the_new_block_size_options_and_times_only_their_kernels(sm
              "num_stages_parallel": {"delta_rule_out", "delta_rule_bwd_prep",
                                      "delta_rule_bwd_dqk", "delta_rule_bwd_wy"},
              "walk_form": {"delta_rule_fwd", "delta_rule_dstate"},
-             "wy_form": {"delta_rule_wy"}}
+             "wy_form": {"delta_rule_wy"},
+             "unrolled": {"delta_rule_bwd_dqk"}}
   earlier = [dict(keep_w=False), dict(dk_partial="float32"), dict(num_stages_parallel=None)]
-  for over in bench.WY_OPTIONS[:1] + bench.WALK_OPTIONS + earlier:
+  for over in bench.WY_OPTIONS[:1] + bench.WALK_OPTIONS + bench.UNROLLED_OPTIONS[:1] + earlier:
     row = bench.sweep_candidate(over, 128, "split", base, outs, cache)
     assert row["ok"] and row["max_err"] < 1e-2, row
     assert set(row["kernel_ms"]) == changes[next(iter(over))], row

@@ -15,7 +15,8 @@ sequential (xla.py's three passes):
   delta_rule_bwd       grid (N, B, H)       every chunk's input gradients
 
 BlockSizes(backward="split"), the default since a GPU check and timing (H200: fwd+bwd 2.4x
-faster at T 8k), replaces the last by two kernels with smaller live sets (the fused one holds the partial sums of dq, dk, dO Delta^T and X Delta^T across its loop over Dv, besides
+faster at T 8k), replaces the last by two kernels with smaller live sets (the fused one holds
+the partial sums of dq, dk, dO Delta^T and X Delta^T across its loop over Dv, besides
 the chunk's q, k, W, T and decays); the forward then also keeps Delta, so it is not recomputed:
 
   delta_rule_bwd_dqk   grid (Dk/bk, N, B, H) dq, and dk's and dgcum's shares from O and the
@@ -56,6 +57,7 @@ BACKWARDS = ("fused", "split")
 DK_PARTIALS = ("float32", "compute")
 WALK_FORMS = ("scaled_keys", "scaled_values")
 WY_FORMS = ("blocked", "dense")
+PARALLEL_KERNELS = ("out", "bwd_prep", "bwd_dqk", "bwd_wy")  # num_stages_parallel's kernels
 LOG2E = 1.4426950408889634  # log2(e): e^x = 2^(x log2(e))
 
 
@@ -92,6 +94,9 @@ class BlockSizes:
     carried), so Triton can pipeline the loads; None unrolls it at 1 stage. The fused
     backward's kernel keeps its unrolled loop. With num_warps_bwd 4: bwd_wy 8.0 -> 6.0 ms
     (bwd_dqk alone is 0.3 ms slower pipelined).
+  unrolled: names of PARALLEL_KERNELS that keep the unrolled loop at 1 stage although
+    num_stages_parallel is set (bwd_dqk, which the sweep timed 0.3 ms slower pipelined, is the
+    candidate; not yet timed this way, so the default () pipelines all four).
 
   Options not yet checked and timed on a GPU (each default keeps the kernels as they are;
   scripts/bench_delta_rule.py --tune-kernels checks and times them):
@@ -126,8 +131,13 @@ class BlockSizes:
   num_stages_parallel: int | None = 2
   walk_form: str = "scaled_keys"
   wy_form: str = "blocked"
+  unrolled: tuple[str, ...] = ()
 
   def __post_init__(self):
+    bad = [k for k in self.unrolled if k not in PARALLEL_KERNELS]
+    if not isinstance(self.unrolled, tuple) or bad:
+      raise ValueError(f"BlockSizes.unrolled={self.unrolled!r} must be a tuple of names in "
+                       f"{PARALLEL_KERNELS}")
     for field in ("block_v", "block_k"):
       size = getattr(self, field)
       if size < 16 or size & (size - 1):
@@ -155,13 +165,13 @@ class BlockSizes:
   def key_block(self, dk: int) -> int:
     return self.block_k if dk % self.block_k == 0 else dk
 
-  @property
-  def pipelined(self) -> bool:
-    return self.num_stages_parallel is not None
+  def pipelined(self, kernel: str) -> bool:
+    """Whether parallel kernel `kernel` (of PARALLEL_KERNELS) loops over value blocks as a
+    real, pipelined loop."""
+    return self.num_stages_parallel is not None and kernel not in self.unrolled
 
-  @property
-  def parallel_stages(self) -> int:
-    return 1 if self.num_stages_parallel is None else self.num_stages_parallel
+  def parallel_stages(self, kernel: str) -> int:
+    return self.num_stages_parallel if self.pipelined(kernel) else 1
 
 
 # The Triton kernels' offsets are int32 (tt.addptr with i32 tensors): an array of up to 2**31
@@ -529,10 +539,11 @@ def _params(num_warps, num_stages=1):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _pipelined(block_sizes: BlockSizes) -> dict:
-  """The parallel kernels' keyword for num_stages_parallel (none by default: the kernels'
-  static arguments, and so the bench's kernel signatures, stay today's)."""
-  return {"pipelined": True} if block_sizes.pipelined else {}
+def _pipelined(block_sizes: BlockSizes, kernel: str) -> dict:
+  """A parallel kernel's keyword for num_stages_parallel (none when it keeps the unrolled
+  loop: the kernel's static arguments, and so the bench's kernel signatures, stay as they
+  were)."""
+  return {"pipelined": True} if block_sizes.pipelined(kernel) else {}
 
 
 def _wy_form(block_sizes: BlockSizes) -> dict:
@@ -632,12 +643,12 @@ def forward(x: Chunked, s0, *, chunk: int, scale: float, dtype, out_dtype,
 
   o = pl.pallas_call(
       functools.partial(_out_kernel, scale=float(scale), block_v=bv, dtype=dtype,
-                        has_runs=has_runs, **_pipelined(block_sizes)),
+                        has_runs=has_runs, **_pipelined(block_sizes, "out")),
       grid=(n, b, h),
       in_specs=[tok(dk), tok(dk), gate, tok(dv), state(dk, dv)] + masks,
       out_specs=tok(dv),
       out_shape=_like(x.v, out_dtype),
-      compiler_params=_params(block_sizes.num_warps, block_sizes.parallel_stages),
+      compiler_params=_params(block_sizes.num_warps, block_sizes.parallel_stages("out")),
       interpret=interpret,
       name="delta_rule_out",
   )(x.q, x.k, x.gcum, delta, states, *_mask_args(x))
@@ -657,24 +668,24 @@ def backward(x: Chunked, residuals, do, dfinal, *, chunk: int, scale: float, dty
     w = residuals[-1]
     dlocal = pl.pallas_call(
         functools.partial(_dlocal_kernel, scale=float(scale), block_v=bv, dtype=dtype,
-                          has_runs=has_runs, **_pipelined(block_sizes)),
+                          has_runs=has_runs, **_pipelined(block_sizes, "bwd_prep")),
         grid=(n, b, h),
         in_specs=[tok(dk), tok(dk), gate, tok(dv)] + masks,
         out_specs=tok(dv),
         out_shape=_like(x.v, dtype),
-        compiler_params=_params(block_sizes.num_warps, block_sizes.parallel_stages),
+        compiler_params=_params(block_sizes.num_warps, block_sizes.parallel_stages("bwd_prep")),
         interpret=interpret,
         name="delta_rule_bwd_prep",
     )(x.q, x.k, x.gcum, do, *_mask_args(x))
   else:
     w, dlocal = pl.pallas_call(
         functools.partial(_prep_kernel, scale=float(scale), block_v=bv, dtype=dtype,
-                          has_runs=has_runs, **_pipelined(block_sizes)),
+                          has_runs=has_runs, **_pipelined(block_sizes, "bwd_prep")),
         grid=(n, b, h),
         in_specs=[tok(dk), tok(dk), gate, gate, tok(chunk), tok(dv)] + masks,
         out_specs=[tok(dk), tok(dv)],
         out_shape=[_like(x.k, dtype), _like(x.v, dtype)],
-        compiler_params=_params(block_sizes.num_warps, block_sizes.parallel_stages),
+        compiler_params=_params(block_sizes.num_warps, block_sizes.parallel_stages("bwd_prep")),
         interpret=interpret,
         name="delta_rule_bwd_prep",
     )(x.q, x.k, x.beta, x.gcum, tinv, do, *_mask_args(x))
@@ -731,13 +742,13 @@ def _split_gradients(x: Chunked, d: _Dims, tinv, states, delta, do, dstates, dde
   dka_dtype = jnp.float32 if block_sizes.dk_partial == "float32" else dtype
   dq, dka, dga = pl.pallas_call(
       functools.partial(_bwd_dqk_kernel, scale=float(scale), block_v=d.bv, dtype=dtype,
-                        has_runs=d.has_runs, **_pipelined(block_sizes)),
+                        has_runs=d.has_runs, **_pipelined(block_sizes, "bwd_dqk")),
       grid=(nk, d.n, d.b, d.h),
       in_specs=[tok_k, tok_k, gate, tok_v, tok_v, rows, rows] + masks,
       out_specs=[tok_k, tok_k, share],
       out_shape=[_like(x.q, x.q.dtype), _like(x.k, dka_dtype),
                  jax.ShapeDtypeStruct((nk, d.b, d.padded, d.h), jnp.float32)],
-      compiler_params=_params(block_sizes.num_warps, block_sizes.parallel_stages),
+      compiler_params=_params(block_sizes.num_warps, block_sizes.parallel_stages("bwd_dqk")),
       interpret=interpret,
       name="delta_rule_bwd_dqk",
   )(x.q, x.k, x.gcum, delta, do, states, dstates, *_mask_args(x))
@@ -746,13 +757,13 @@ def _split_gradients(x: Chunked, d: _Dims, tinv, states, delta, do, dstates, dde
   f32 = lambda a: _like(a, jnp.float32)
   dk, dv, dbeta, dgb = pl.pallas_call(
       functools.partial(_bwd_wy_kernel, block_v=d.bv, dtype=dtype, has_runs=d.has_runs,
-                        **_pipelined(block_sizes)),
+                        **_pipelined(block_sizes, "bwd_wy")),
       grid=(d.n, d.b, d.h),
       in_specs=[tok(d.dk), tok(d.dv), gate, gate, tok(chunk), tok(d.dv), tok(d.dv),
                 state(d.dk, d.dv), tok(d.dk)] + masks,
       out_specs=[tok(d.dk), tok(d.dv), gate, gate],
       out_shape=[x.k, x.v, f32(x.beta), f32(x.gcum)],
-      compiler_params=_params(block_sizes.num_warps_bwd, block_sizes.parallel_stages),
+      compiler_params=_params(block_sizes.num_warps_bwd, block_sizes.parallel_stages("bwd_wy")),
       interpret=interpret,
       name="delta_rule_bwd_wy",
   )(x.k, x.v, x.beta, x.gcum, tinv, delta, ddelta, states, dka, *_mask_args(x))
