@@ -21,6 +21,12 @@
     forward and forward+backward, per S, with the custom kernels of each compiled program.
 --check_scope splits checks the default kernel on (d)'s smaller set of cases instead of (a)'s
 (a fifth of the compile time); --paths picks (b)'s paths.
+(e) --paths ...,pallas_mosaic_gpu,pallas_mosaic_gpu_core: the Mosaic GPU forward
+    (grouped_softmax/pallas_mosaic_gpu.py, Hopper only, with the Triton backward) through the op
+    and alone, as "kernel" / "kernel_core" are for Triton. Named, it is checked first like (a)
+    (MOSAIC_CHECK_CASES at D 64 and 128, bf16; float32 rows are skipped: it takes bf16 only),
+    even with --no_check, and timed only if every case that ran passed; where it cannot run
+    (CPU, another GPU) its rows say why instead.
 Writes DIR/bench_landmark.json and prints a table last. --smoke runs everything on CPU at tiny
 shapes (Pallas interpret mode, XLA instead of cuDNN) to test this script itself.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -38,6 +45,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from effattn.attention.landmark import block_groups  # noqa: E402
+from effattn.kernels import dispatch  # noqa: E402
 from effattn.kernels.grouped_softmax import api as grouped  # noqa: E402
 from effattn.kernels.grouped_softmax import pallas_gpu  # noqa: E402
 from effattn.kernels.grouped_softmax import grouped_softmax_attention  # noqa: E402
@@ -62,8 +70,8 @@ def layout(kind: str, b: int, t: int, block_len: int):
   return gid, (jnp.ones((b, t), jnp.int32) if seg is None else seg)
 
 
-def kernel_kwargs(block_len: int, tile: int, **tuning):
-  kw = dict(block_len=block_len, tile=tile, impl="pallas_gpu", **tuning)
+def kernel_kwargs(block_len: int, tile: int, impl: str = "pallas_gpu", **tuning):
+  kw = dict(block_len=block_len, tile=tile, impl=impl, **tuning)
   if SMOKE["on"]:
     kw.update(interpret=True, num_warps=None, num_stages=None)
   return kw
@@ -72,20 +80,51 @@ def kernel_kwargs(block_len: int, tile: int, **tuning):
 CHECK_CASES = (("one", None, 1), ("packed", None, 1), ("packed", 2, 1), ("one", None, 2),
                ("packed", None, 2))  # layout, max_groups (2: the fallback), q_groups
 SPLIT_CHECK_CASES = (("one", None, 1), ("packed", None, 1), ("packed", None, 2))
+# The Mosaic forward at both head dims: one segment, packed segments + padding (segments start
+# on odd and even groups), and q_groups 2 (the Triton backward's tiles behind it).
+MOSAIC = "pallas_mosaic_gpu"
+MOSAIC_CHECK_CASES = SPLIT_CHECK_CASES
 
 
-def check(shape, block_len, tile, kv_splits: int | None = None) -> list[dict]:
+def why_not_here(impl: str, dtype, d: int, block_len: int, tile: int) -> str:
+  """"" when the forced path `impl` runs these inputs on this machine, else the dispatcher's
+  one-line reason (CPU, a GPU that is not Hopper, float32, a head dim or tile it lacks)."""
+  try:
+    grouped.FAMILY.choose(impl, head_dim=d, dtype=jnp.dtype(dtype).name, block_len=block_len,
+                          tile=tile)
+  except dispatch.PathError as e:
+    return str(e)
+  return ""
+
+
+def check(shape, block_len, tile, kv_splits: int | None = None,
+          impl: str = "pallas_gpu") -> list[dict]:
   """Kernel vs the dense reference, forward and gradients. kv_splits: the dK/dV split to check
-  (None: the default kernel, every case and D; else the largest D and SPLIT_CHECK_CASES)."""
+  (None: the default kernel, every case and D; else the largest D and SPLIT_CHECK_CASES).
+  impl=MOSAIC: the Mosaic forward (with the Triton backward) on MOSAIC_CHECK_CASES at every D;
+  a case it cannot run here (float32 everywhere; all of them off Hopper) is a skipped row."""
   b, t, h = shape
   rows = []
   dims = (16,) if SMOKE["on"] else (64, 128)
   cases = CHECK_CASES
   if kv_splits is not None:
     dims, cases = dims[-1:], SPLIT_CHECK_CASES
+  if impl == MOSAIC:
+    cases = MOSAIC_CHECK_CASES
   for dtype in (jnp.bfloat16, jnp.float32):
     for d in dims:
       for kind, max_groups, q_groups in cases:
+        row = {"dtype": jnp.dtype(dtype).name, "D": d, "layout": kind,
+               "fallback": max_groups is not None, "q_groups": q_groups}
+        if impl != "pallas_gpu":
+          row = {"impl": impl, **row}
+          why = why_not_here(impl, dtype, d, block_len, tile)
+          if why:  # not run, not failed
+            rows.append({**row, "skipped": why, "max_rel_err": {}, "ok": True})
+            print("check", rows[-1], flush=True)
+            continue
+        if kv_splits is not None:
+          row["kv_splits"] = kv_splits
         ks = jax.random.split(jax.random.key(d + t), 5)
         q, k, v, kl, do = (jax.random.normal(kk, (b, t, h, d)).astype(dtype) for kk in ks)
         gid, seg = layout(kind, b, t, block_len)
@@ -95,8 +134,8 @@ def check(shape, block_len, tile, kv_splits: int | None = None) -> list[dict]:
 
         def ker(q, k, v, kl, gid, seg, max_groups=max_groups, q_groups=q_groups):
           return grouped.grouped_softmax(q, k, v, kl, gid, seg, max_groups=max_groups,
-                                         **kernel_kwargs(block_len, tile, q_groups=q_groups,
-                                                         kv_splits=kv_splits))
+                                         **kernel_kwargs(block_len, tile, impl=impl,
+                                                         q_groups=q_groups, kv_splits=kv_splits))
 
         def vg(f, args, do, *layout_args):
           # gid and seg are arguments, not constants: XLA would constant-fold the relayout.
@@ -106,10 +145,6 @@ def check(shape, block_len, tile, kv_splits: int | None = None) -> list[dict]:
         with jax.default_matmul_precision("highest"):  # no TF32 in the oracle
           want = jax.jit(vg, static_argnums=0)(
               ref, [x.astype(jnp.float32) for x in (q, k, v, kl)], do.astype(jnp.float32))
-        row = {"dtype": jnp.dtype(dtype).name, "D": d, "layout": kind,
-               "fallback": max_groups is not None, "q_groups": q_groups}
-        if kv_splits is not None:
-          row["kv_splits"] = kv_splits
         # f32: the fallback's XLA einsums would otherwise run in TF32 on the GPU.
         precision = "highest" if dtype == jnp.float32 else "default"
         try:
@@ -129,10 +164,27 @@ def check(shape, block_len, tile, kv_splits: int | None = None) -> list[dict]:
   return rows
 
 
-PATHS = ("kernel", "kernel_core", "chunked_xla", "cudnn_causal")
+PATHS = ("kernel", "kernel_core", "chunked_xla", "cudnn_causal")  # the default --paths
+# Timed only when --paths names them, after their check (check(impl=MOSAIC)).
+MOSAIC_PATHS = (MOSAIC, MOSAIC + "_core")
+ALL_PATHS = PATHS + MOSAIC_PATHS
 
 
-def bench_one(b, t, h, d, block_len, tile, reps, tuning=(), paths=PATHS) -> dict:
+def mosaic_verdict(rows: list[dict]) -> str:
+  """"" when the Mosaic check ran some case and every case that ran passed, else why its
+  timing is skipped."""
+  ran = [r for r in rows if "skipped" not in r]
+  if not ran:
+    return "not run here: " + (rows[0]["skipped"] if rows else "no check cases")
+  if not all(r["ok"] for r in ran):
+    return "its check failed (check_mosaic)"
+  return ""
+
+
+def bench_one(b, t, h, d, block_len, tile, reps, tuning=(), paths=PATHS,
+              skip: dict | None = None) -> dict:
+  """Times of `paths` at one shape; skip {path: reason}: a path not timed, its reason in the
+  row as `{path}_skipped`."""
   ks = jax.random.split(jax.random.key(t), 5)
   q, k, v, kl, do = (jax.random.normal(kk, (b, t, h, d), jnp.bfloat16) for kk in ks)
   gid, seg = layout("one", b, t, block_len)
@@ -148,6 +200,21 @@ def bench_one(b, t, h, d, block_len, tile, reps, tuning=(), paths=PATHS) -> dict
                        tuning=tuple((n, x) for n, x in tuning if x is not None))
   core = lambda q, k, v, kl, gid, seg, lay: grouped.kernel_attention(  # noqa: E731
       q, k, v, kl, lay, st)
+  # The Mosaic forward with the Triton backward, through the op and alone: its layout has an
+  # even number of groups (two per CTA), as the op rounds it.
+  mosaic_kw = kernel_kwargs(block_len, tile, impl=MOSAIC, **dict(tuning))
+  mosaic = lambda q, k, v, kl, gid, seg, lay: grouped.grouped_softmax(  # noqa: E731
+      q, k, v, kl, gid, seg, **mosaic_kw)
+  lay_mosaic = lay
+  if any(p in paths for p in MOSAIC_PATHS):
+    per_cta = math.lcm(q_groups, 2)
+    lay_mosaic = grouped.relayout(
+        gid, seg, max_groups=-(-grouped.default_max_groups(t, block_len) // per_cta) * per_cta,
+        tile=tile)
+  st_mosaic = grouped._Static(tile=tile, scale=d ** -0.5, interpret=False,  # noqa: SLF001
+                              tuning=st.tuning, platform="mosaic_gpu")
+  mosaic_core = lambda q, k, v, kl, gid, seg, lay: grouped.kernel_attention(  # noqa: E731
+      q, k, v, kl, lay, st_mosaic)
   chunked = lambda q, k, v, kl, gid, seg, lay: grouped.grouped_softmax(  # noqa: E731
       q, k, v, kl, gid, seg, impl="xla", chunk=256)
   peer_impl = "xla" if SMOKE["on"] else "cudnn"
@@ -155,15 +222,20 @@ def bench_one(b, t, h, d, block_len, tile, reps, tuning=(), paths=PATHS) -> dict
       q, k, v, is_causal=True, implementation=peer_impl)
   row = {"B": b, "T": t, "H": h, "D": d, "block_len": block_len, "tile": tile,
          "tuning": dict(tuning)}
-  for name, f in (("kernel", kernel), ("kernel_core", core), ("chunked_xla", chunked),
-                  ("cudnn_causal", cudnn)):
+  for name, f, lay_f in (("kernel", kernel, lay), ("kernel_core", core, lay),
+                         ("chunked_xla", chunked, lay), ("cudnn_causal", cudnn, lay),
+                         (MOSAIC, mosaic, lay_mosaic), (MOSAIC + "_core", mosaic_core, lay_mosaic)):
     if name not in paths:
+      continue
+    if (skip or {}).get(name):
+      row[f"{name}_skipped"] = skip[name]
+      print(f"{name} not timed: {skip[name]}", flush=True)
       continue
     # The layout is an argument, not a constant: XLA would constant-fold the relayout.
     fb = forward_and_grads(f, argnums=(0, 1, 2, 3))
     try:
-      fwd = measure(f, q, k, v, kl, gid, seg, lay, reps=reps)
-      fwd_bwd = measure(fb, q, k, v, kl, gid, seg, lay, do, reps=reps)
+      fwd = measure(f, q, k, v, kl, gid, seg, lay_f, reps=reps)
+      fwd_bwd = measure(fb, q, k, v, kl, gid, seg, lay_f, do, reps=reps)
       row[f"{name}_fwd_ms"], row[f"{name}_fwdbwd_ms"] = fwd["ms"], fwd_bwd["ms"]
       row[f"{name}_kernels"] = (fwd["kernels"], fwd_bwd["kernels"])
     except Exception as e:  # noqa: BLE001  (report, keep the other rows)
@@ -234,7 +306,9 @@ def main(argv=None):
   ap.add_argument("--block_len", type=int, default=50)
   ap.add_argument("--tile", type=int, default=64)
   ap.add_argument("--reps", type=int, default=10)
-  ap.add_argument("--no_check", action="store_true", help="skip the correctness check")
+  ap.add_argument("--no_check", action="store_true",
+                  help="skip the correctness checks of (a) and (d) (a named pallas_mosaic_gpu "
+                       "path is checked all the same before it is timed)")
   ap.add_argument("--tune", default="4x2x1,8x2x1,4x3x1,8x2x2,8x3x2,4x2x2",
                   help="num_warps x num_stages x q_groups candidates at the largest shape ('' "
                        "to skip)")
@@ -245,10 +319,11 @@ def main(argv=None):
                   help="all: (a) and each --kv_splits S > 1; splits: every kernel, the default "
                        "(S = 1) included, on (d)'s cases only (the largest D, three layouts)")
   ap.add_argument("--paths", default=",".join(PATHS),
-                  help="paths timed in (b), comma list of " + ", ".join(PATHS))
+                  help="paths timed in (b), comma list of " + ", ".join(ALL_PATHS)
+                       + f" (default {','.join(PATHS)})")
   ap.add_argument("--smoke", action="store_true", help="CPU self-test: tiny shapes, interpret")
   args = ap.parse_args(argv)
-  paths = bench_args.choices(ap, "--paths", args.paths, PATHS)
+  paths = bench_args.choices(ap, "--paths", args.paths, ALL_PATHS)
   SMOKE["on"] = args.smoke
   shapes = bench_args.shapes(args.shapes)
   h, d, block_len, tile, reps = args.heads, args.dim, args.block_len, args.tile, args.reps
@@ -263,7 +338,15 @@ def main(argv=None):
   if not args.no_check:  # "splits": the default kernel on (d)'s smaller set of cases
     result["check"] = check(check_shape, block_len, tile,
                             kv_splits=None if args.check_scope == "all" else 1)
-  result["rows"] = [bench_one(b, t, h, d, block_len, tile, reps, paths=paths)
+  skip = {}
+  if any(p in paths for p in MOSAIC_PATHS):  # checked first, whatever --no_check says
+    result["check_mosaic"] = check(check_shape, block_len, tile, impl=MOSAIC)
+    # Timed only if it passed; and --dim / --tile, which the check does not cover, may be
+    # ones it refuses.
+    verdict = (mosaic_verdict(result["check_mosaic"])
+               or why_not_here(MOSAIC, jnp.bfloat16, d, block_len, tile))
+    skip = {p: verdict for p in MOSAIC_PATHS}
+  result["rows"] = [bench_one(b, t, h, d, block_len, tile, reps, paths=paths, skip=skip)
                     for b, t in shapes]
   result["kv_splits"] = bench_splits(kv_splits, shapes, h, d, block_len, tile, reps,
                                      check_shape, result, check_first=not args.no_check)
@@ -288,6 +371,17 @@ def main(argv=None):
       worst[key] = max(worst.get(key, 0.0), max(c["max_rel_err"].values(), default=0.0))
     ok = all(c["ok"] for c in result["check"])
     print(f"check: {'PASS' if ok else 'FAIL'}; max relative error per dtype {worst}")
+  if result.get("check_mosaic"):
+    rows = result["check_mosaic"]
+    worst = {}
+    for c in rows:
+      if "skipped" not in c:
+        key = (c["dtype"], c["D"])
+        worst[key] = max(worst.get(key, 0.0), max(c["max_rel_err"].values(), default=0.0))
+    verdict = mosaic_verdict(rows)
+    print(f"check {MOSAIC}: {'PASS' if not verdict else verdict}; "
+          f"{sum('skipped' not in c for c in rows)} cases ran, "
+          f"{sum('skipped' in c for c in rows)} skipped; max relative error per (dtype, D) {worst}")
   if result.get("check_kv_splits"):
     worst = {}
     for c in result["check_kv_splits"]:
@@ -300,7 +394,7 @@ def main(argv=None):
     print("tune (kernels alone, ms fwd / fwd+bwd):")
     for r in result["tune"]:
       print(f"  {r['tuning']}: {r['kernel_core_fwd_ms']} / {r['kernel_core_fwdbwd_ms']}")
-  names = ("kernel", "kernel_core", "chunked_xla", "cudnn_causal")
+  names = PATHS + tuple(p for p in MOSAIC_PATHS if p in paths)
   print(f"\nH={h} D={d} bf16 block_len={block_len}; median ms, fwd / fwd+bwd; kernels compiled "
         f"(fwd / fwd+bwd) per path: "
         + ", ".join(f"{n} {r.get(n + '_kernels')}" for r in result["rows"][:1] for n in names))
@@ -311,14 +405,22 @@ def main(argv=None):
     for n in names:
       cells.append(table_cell(r, n) or f"{'error' if f'{n}_error' in r else 'not timed':>25}")
 
-    def ratio(a, b, r=r):
-      ka, kb = f"{a}_fwdbwd_ms", f"{b}_fwdbwd_ms"
+    def ratio(a, b, r=r, part="fwdbwd"):
+      ka, kb = f"{a}_{part}_ms", f"{b}_{part}_ms"
       return f"{r[ka] / r[kb]:.2f}" if ka in r and kb in r else "-"
     print(f"{r['B']:>3} {r['T']:>6} " + " ".join(f"{c:>25}" for c in cells)
           + f" {ratio('chunked_xla', 'kernel'):>15} {ratio('kernel', 'cudnn_causal'):>13}")
+    for p in MOSAIC_PATHS:
+      if f"{p}_skipped" in r:
+        print(f"    {p} not timed: {r[f'{p}_skipped']}")
+    if MOSAIC + "_core_fwd_ms" in r:  # the forward is the Mosaic kernel's, the backward Triton's
+      print(f"    Triton / Mosaic kernels alone: fwd "
+            f"{ratio('kernel_core', MOSAIC + '_core', part='fwd')}x, fwd+bwd "
+            f"{ratio('kernel_core', MOSAIC + '_core')}x")
   if result["kv_splits"]:
     print_splits(result["kv_splits"], h, d, block_len)
-  failed = [c for c in result.get("check", []) + result.get("check_kv_splits", []) if not c["ok"]]
+  failed = [c for c in result.get("check", []) + result.get("check_kv_splits", [])
+            + result.get("check_mosaic", []) if not c["ok"]]
   if failed:
     print("CHECK FAILED")
     sys.exit(1)

@@ -6,6 +6,13 @@ Computes reference.grouped_softmax_attention's output (the spec's grouped
 softmax: own-group tokens j <= i and the landmarks of earlier groups of the segment share one
 softmax; an earlier group's tokens get their within-group softmax times their landmark's
 weight). Paths (FAMILY, in the order "auto" tries them; the rules are kernels/dispatch.py's):
+  "pallas_mosaic_gpu"  the Mosaic GPU forward of pallas_mosaic_gpu.py (Hopper, compute
+                capability 9.x: warpgroups, wgmma, TMA; bfloat16, head_dim 64 or 128, tile 64,
+                block_len < tile; no interpreter), differentiated by the Triton backward
+                kernels of pallas_gpu.py on its residuals (o, and lse in log2 units: the same
+                contract). Lowered on CPU, not yet checked on a GPU: "auto" and "pallas" skip it
+                (_FORWARD_UNCHECKED) until `scripts/bench_landmark.py --paths
+                pallas_mosaic_gpu` passes there; impl="pallas_mosaic_gpu" forces it;
   "pallas_gpu"  the Triton kernels of pallas_gpu.py (GPU; head_dim in KERNEL_HEAD_DIMS and
                 block_len < tile; interpret=True off-device);
   "pallas_tpu"  the Mosaic kernels of pallas_tpu.py (TPU; same contract and limits);
@@ -27,24 +34,38 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from effattn.kernels import dispatch, mesh
+from effattn.kernels.block_sparse.api import _hopper  # "" on compute capability 9.x, else why
 from effattn.kernels.grouped_softmax import pallas_gpu, pallas_tpu, reference, xla
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+MOSAIC_HEAD_DIMS = (64, 128)
+MOSAIC_TILE = 64  # one group per consumer warpgroup of 64 query rows
 # Largest query rows (q_groups * tile) x head_dim of a float32 GPU kernel that fits in shared
 # memory (64 x 128 ran on an H200, 128 x 128 did not).
 _F32_ROWS_X_D = 64 * 128
-_LIMITS = (dispatch.one_of("head_dim", KERNEL_HEAD_DIMS),
-           dispatch.Limit(("block_len", "tile"), lambda block_len, tile: "" if (
-               block_len is None or block_len < tile) else (
-                   f"block_len={block_len} >= tile={tile} (a tile holds its block and the "
-                   "block's landmark key)")))
+_HOLDS_BLOCK = dispatch.Limit(("block_len", "tile"), lambda block_len, tile: "" if (
+    block_len is None or block_len < tile) else (
+        f"block_len={block_len} >= tile={tile} (a tile holds its block and the block's "
+        "landmark key)"))
+_LIMITS = (dispatch.one_of("head_dim", KERNEL_HEAD_DIMS), _HOLDS_BLOCK)
+# Built and lowered on CPU, not yet run on a GPU: "auto" and "pallas" skip it, naming it runs it.
+_FORWARD_UNCHECKED = dispatch.Limit((), lambda: (
+    "its forward awaits its GPU check (scripts/bench_landmark.py --paths pallas_mosaic_gpu); "
+    "impl='pallas_mosaic_gpu' forces it"))
 FAMILY = dispatch.Family("grouped_softmax", (
+    dispatch.Path("pallas_mosaic_gpu", platform="gpu", interpretable=False,
+                  device=lambda: _hopper(),  # looked up on use (tests stand in a device)
+                  limits=(dispatch.one_of("head_dim", MOSAIC_HEAD_DIMS),
+                          dispatch.one_of("dtype", ("bfloat16",)),
+                          dispatch.one_of("tile", (MOSAIC_TILE,)), _HOLDS_BLOCK),
+                  auto_limits=(_FORWARD_UNCHECKED,)),
     dispatch.Path("pallas_gpu", platform="gpu", limits=_LIMITS),
     dispatch.Path("pallas_tpu", platform="tpu", limits=_LIMITS),
     dispatch.Path("xla"),
@@ -58,10 +79,15 @@ class _Static:
   scale: float
   interpret: bool
   tuning: tuple = ()  # Triton (num_warps, num_stages) overrides as key-value pairs
-  platform: str = "gpu"  # whose kernels: "gpu" (pallas_gpu.py) | "tpu" (pallas_tpu.py)
+  # whose kernels: "gpu" (pallas_gpu.py) | "mosaic_gpu" (pallas_mosaic_gpu.py: its forward,
+  # the Triton backward) | "tpu" (pallas_tpu.py)
+  platform: str = "gpu"
 
   @property
   def kernels(self):
+    if self.platform == "mosaic_gpu":  # imported on use: a jax without Mosaic GPU has the rest
+      from effattn.kernels.grouped_softmax import pallas_mosaic_gpu
+      return pallas_mosaic_gpu
     return pallas_tpu if self.platform == "tpu" else pallas_gpu
 
 
@@ -198,9 +224,12 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
     max_groups: group tiles of the kernel layout (default default_max_groups(T, block_len or
       tile)); rows with more groups run the xla path instead (lax.cond).
     interpret: run the Pallas kernels in interpret mode (CPU tests).
-    num_warps, num_stages: Triton tuning overrides (the GPU kernel only).
-    q_groups: groups per query tile of the GPU kernel (default 1; max_groups is rounded up to a
-      multiple of it).
+    num_warps, num_stages: Triton tuning overrides (the GPU kernels only); on
+      impl="pallas_mosaic_gpu" num_stages is also the Mosaic forward's K/V pipeline depth and
+      num_warps reaches only the Triton backward.
+    q_groups: groups per query tile of the Triton kernels (default 1; max_groups is rounded up
+      to a multiple of it). The Mosaic GPU forward always takes two (one per consumer
+      warpgroup) and ignores it; the Triton backward behind it takes it.
     kv_splits: programs per key tile in the GPU kernel's dK/dV backward (default 1: one
       program walks the key group's whole query range; S > 1: S programs take equal shares of
       it and write float32 partials that an XLA sum adds, the same sums regrouped; 0: chosen
@@ -243,7 +272,7 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
     return reference.grouped_softmax_attention(q, k, v, k_land, gid, seg, scale=scale)[0]
 
   path, interpret = FAMILY.choose(impl, interpret=interpret, head_dim=d, block_len=block_len,
-                                  tile=tile)
+                                  tile=tile, dtype=q.dtype.name)
   static = {"reference": lambda *a: reference.grouped_softmax_attention(*a, gid, seg,
                                                                        scale=scale)[0],
             "xla": xla_path}
@@ -257,7 +286,10 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
                      "shared memory than a GPU has (q_groups * tile * head_dim must be <= "
                      f"{_F32_ROWS_X_D} in float32); use q_groups=1 or bfloat16")
   max_groups = max_groups or default_max_groups(t, block_len or tile - 1)
-  max_groups = -(-max_groups // (q_groups or 1)) * (q_groups or 1)
+  # A multiple of the query tile's groups; the Mosaic forward's CTA holds two (an even count
+  # spares it a padded group).
+  per_tile = math.lcm(q_groups or 1, 2 if path == "pallas_mosaic_gpu" else 1)
+  max_groups = -(-max_groups // per_tile) * per_tile
   lay = relayout(gid, seg, max_groups=max_groups, tile=tile)
   tuning = tuple((n, x) for n, x in (("num_warps", num_warps), ("num_stages", num_stages),
                                      ("q_groups", q_groups), ("kv_splits", kv_splits))
