@@ -27,6 +27,10 @@
     (MOSAIC_CHECK_CASES at D 64 and 128, bf16; float32 rows are skipped: it takes bf16 only),
     even with --no_check, and timed only if every case that ran passed; where it cannot run
     (CPU, another GPU) its rows say why instead.
+(f) --paths ...,pallas_mosaic_gpu_bwd,pallas_mosaic_gpu_bwd_core: the same Mosaic forward with
+    its own Mosaic backward (grouped_softmax(bwd="mosaic"): pallas_mosaic_gpu.py's dQ and dK/dV
+    kernels), checked first and timed under the same rules as (e) (its check rows carry
+    "bwd": "mosaic"; check_mosaic_bwd in the JSON).
 Writes DIR/bench_landmark.json and prints a table last. --smoke runs everything on CPU at tiny
 shapes (Pallas interpret mode, XLA instead of cuDNN) to test this script itself.
 """
@@ -84,6 +88,8 @@ SPLIT_CHECK_CASES = (("one", None, 1), ("packed", None, 1), ("packed", None, 2))
 # on odd and even groups), and q_groups 2 (the Triton backward's tiles behind it).
 MOSAIC = "pallas_mosaic_gpu"
 MOSAIC_CHECK_CASES = SPLIT_CHECK_CASES
+# The Mosaic forward with the Mosaic backward (bwd="mosaic"): a bench label, not an impl.
+MOSAIC_BWD = MOSAIC + "_bwd"
 
 
 def why_not_here(impl: str, dtype, d: int, block_len: int, tile: int) -> str:
@@ -109,15 +115,18 @@ def check(shape, block_len, tile, kv_splits: int | None = None,
   cases = CHECK_CASES
   if kv_splits is not None:
     dims, cases = dims[-1:], SPLIT_CHECK_CASES
-  if impl == MOSAIC:
+  bwd = {}
+  if impl in (MOSAIC, MOSAIC_BWD):
     cases = MOSAIC_CHECK_CASES
+  if impl == MOSAIC_BWD:  # the op's impl is MOSAIC; the backward its own
+    impl, bwd = MOSAIC, {"bwd": "mosaic"}
   for dtype in (jnp.bfloat16, jnp.float32):
     for d in dims:
       for kind, max_groups, q_groups in cases:
         row = {"dtype": jnp.dtype(dtype).name, "D": d, "layout": kind,
                "fallback": max_groups is not None, "q_groups": q_groups}
         if impl != "pallas_gpu":
-          row = {"impl": impl, **row}
+          row = {"impl": impl, **bwd, **row}
           why = why_not_here(impl, dtype, d, block_len, tile)
           if why:  # not run, not failed
             rows.append({**row, "skipped": why, "max_rel_err": {}, "ok": True})
@@ -135,7 +144,8 @@ def check(shape, block_len, tile, kv_splits: int | None = None,
         def ker(q, k, v, kl, gid, seg, max_groups=max_groups, q_groups=q_groups):
           return grouped.grouped_softmax(q, k, v, kl, gid, seg, max_groups=max_groups,
                                          **kernel_kwargs(block_len, tile, impl=impl,
-                                                         q_groups=q_groups, kv_splits=kv_splits))
+                                                         q_groups=q_groups, kv_splits=kv_splits,
+                                                         **bwd))
 
         def vg(f, args, do, *layout_args):
           # gid and seg are arguments, not constants: XLA would constant-fold the relayout.
@@ -165,19 +175,21 @@ def check(shape, block_len, tile, kv_splits: int | None = None,
 
 
 PATHS = ("kernel", "kernel_core", "chunked_xla", "cudnn_causal")  # the default --paths
-# Timed only when --paths names them, after their check (check(impl=MOSAIC)).
+# Timed only when --paths names them, after their check (check(impl=MOSAIC), check(impl=
+# MOSAIC_BWD)).
 MOSAIC_PATHS = (MOSAIC, MOSAIC + "_core")
-ALL_PATHS = PATHS + MOSAIC_PATHS
+MOSAIC_BWD_PATHS = (MOSAIC_BWD, MOSAIC_BWD + "_core")
+ALL_PATHS = PATHS + MOSAIC_PATHS + MOSAIC_BWD_PATHS
 
 
-def mosaic_verdict(rows: list[dict]) -> str:
+def mosaic_verdict(rows: list[dict], key: str = "check_mosaic") -> str:
   """"" when the Mosaic check ran some case and every case that ran passed, else why its
   timing is skipped."""
   ran = [r for r in rows if "skipped" not in r]
   if not ran:
     return "not run here: " + (rows[0]["skipped"] if rows else "no check cases")
   if not all(r["ok"] for r in ran):
-    return "its check failed (check_mosaic)"
+    return f"its check failed ({key})"
   return ""
 
 
@@ -206,7 +218,7 @@ def bench_one(b, t, h, d, block_len, tile, reps, tuning=(), paths=PATHS,
   mosaic = lambda q, k, v, kl, gid, seg, lay: grouped.grouped_softmax(  # noqa: E731
       q, k, v, kl, gid, seg, **mosaic_kw)
   lay_mosaic = lay
-  if any(p in paths for p in MOSAIC_PATHS):
+  if any(p in paths for p in MOSAIC_PATHS + MOSAIC_BWD_PATHS):
     per_cta = math.lcm(q_groups, 2)
     lay_mosaic = grouped.relayout(
         gid, seg, max_groups=-(-grouped.default_max_groups(t, block_len) // per_cta) * per_cta,
@@ -215,6 +227,14 @@ def bench_one(b, t, h, d, block_len, tile, reps, tuning=(), paths=PATHS,
                               tuning=st.tuning, platform="mosaic_gpu")
   mosaic_core = lambda q, k, v, kl, gid, seg, lay: grouped.kernel_attention(  # noqa: E731
       q, k, v, kl, lay, st_mosaic)
+  # The same forward with the Mosaic backward.
+  mosaic_bwd_kw = dict(mosaic_kw, bwd="mosaic")
+  mosaic_bwd = lambda q, k, v, kl, gid, seg, lay: grouped.grouped_softmax(  # noqa: E731
+      q, k, v, kl, gid, seg, **mosaic_bwd_kw)
+  st_mosaic_bwd = grouped._Static(tile=tile, scale=d ** -0.5, interpret=False,  # noqa: SLF001
+                                  tuning=st.tuning + (("bwd", "mosaic"),), platform="mosaic_gpu")
+  mosaic_bwd_core = lambda q, k, v, kl, gid, seg, lay: grouped.kernel_attention(  # noqa: E731
+      q, k, v, kl, lay, st_mosaic_bwd)
   chunked = lambda q, k, v, kl, gid, seg, lay: grouped.grouped_softmax(  # noqa: E731
       q, k, v, kl, gid, seg, impl="xla", chunk=256)
   peer_impl = "xla" if SMOKE["on"] else "cudnn"
@@ -224,7 +244,9 @@ def bench_one(b, t, h, d, block_len, tile, reps, tuning=(), paths=PATHS,
          "tuning": dict(tuning)}
   for name, f, lay_f in (("kernel", kernel, lay), ("kernel_core", core, lay),
                          ("chunked_xla", chunked, lay), ("cudnn_causal", cudnn, lay),
-                         (MOSAIC, mosaic, lay_mosaic), (MOSAIC + "_core", mosaic_core, lay_mosaic)):
+                         (MOSAIC, mosaic, lay_mosaic), (MOSAIC + "_core", mosaic_core, lay_mosaic),
+                         (MOSAIC_BWD, mosaic_bwd, lay_mosaic),
+                         (MOSAIC_BWD + "_core", mosaic_bwd_core, lay_mosaic)):
     if name not in paths:
       continue
     if (skip or {}).get(name):
@@ -346,6 +368,11 @@ def main(argv=None):
     verdict = (mosaic_verdict(result["check_mosaic"])
                or why_not_here(MOSAIC, jnp.bfloat16, d, block_len, tile))
     skip = {p: verdict for p in MOSAIC_PATHS}
+  if any(p in paths for p in MOSAIC_BWD_PATHS):  # likewise, the Mosaic backward
+    result["check_mosaic_bwd"] = check(check_shape, block_len, tile, impl=MOSAIC_BWD)
+    verdict = (mosaic_verdict(result["check_mosaic_bwd"], "check_mosaic_bwd")
+               or why_not_here(MOSAIC, jnp.bfloat16, d, block_len, tile))
+    skip.update({p: verdict for p in MOSAIC_BWD_PATHS})
   result["rows"] = [bench_one(b, t, h, d, block_len, tile, reps, paths=paths, skip=skip)
                     for b, t in shapes]
   result["kv_splits"] = bench_splits(kv_splits, shapes, h, d, block_len, tile, reps,
@@ -371,15 +398,17 @@ def main(argv=None):
       worst[key] = max(worst.get(key, 0.0), max(c["max_rel_err"].values(), default=0.0))
     ok = all(c["ok"] for c in result["check"])
     print(f"check: {'PASS' if ok else 'FAIL'}; max relative error per dtype {worst}")
-  if result.get("check_mosaic"):
-    rows = result["check_mosaic"]
+  for key_, label in (("check_mosaic", MOSAIC), ("check_mosaic_bwd", MOSAIC_BWD)):
+    rows = result.get(key_)
+    if not rows:
+      continue
     worst = {}
     for c in rows:
       if "skipped" not in c:
         key = (c["dtype"], c["D"])
         worst[key] = max(worst.get(key, 0.0), max(c["max_rel_err"].values(), default=0.0))
-    verdict = mosaic_verdict(rows)
-    print(f"check {MOSAIC}: {'PASS' if not verdict else verdict}; "
+    verdict = mosaic_verdict(rows, key_)
+    print(f"check {label}: {'PASS' if not verdict else verdict}; "
           f"{sum('skipped' not in c for c in rows)} cases ran, "
           f"{sum('skipped' in c for c in rows)} skipped; max relative error per (dtype, D) {worst}")
   if result.get("check_kv_splits"):
@@ -394,7 +423,7 @@ def main(argv=None):
     print("tune (kernels alone, ms fwd / fwd+bwd):")
     for r in result["tune"]:
       print(f"  {r['tuning']}: {r['kernel_core_fwd_ms']} / {r['kernel_core_fwdbwd_ms']}")
-  names = PATHS + tuple(p for p in MOSAIC_PATHS if p in paths)
+  names = PATHS + tuple(p for p in MOSAIC_PATHS + MOSAIC_BWD_PATHS if p in paths)
   print(f"\nH={h} D={d} bf16 block_len={block_len}; median ms, fwd / fwd+bwd; kernels compiled "
         f"(fwd / fwd+bwd) per path: "
         + ", ".join(f"{n} {r.get(n + '_kernels')}" for r in result["rows"][:1] for n in names))
@@ -410,17 +439,21 @@ def main(argv=None):
       return f"{r[ka] / r[kb]:.2f}" if ka in r and kb in r else "-"
     print(f"{r['B']:>3} {r['T']:>6} " + " ".join(f"{c:>25}" for c in cells)
           + f" {ratio('chunked_xla', 'kernel'):>15} {ratio('kernel', 'cudnn_causal'):>13}")
-    for p in MOSAIC_PATHS:
+    for p in MOSAIC_PATHS + MOSAIC_BWD_PATHS:
       if f"{p}_skipped" in r:
         print(f"    {p} not timed: {r[f'{p}_skipped']}")
     if MOSAIC + "_core_fwd_ms" in r:  # the forward is the Mosaic kernel's, the backward Triton's
       print(f"    Triton / Mosaic kernels alone: fwd "
             f"{ratio('kernel_core', MOSAIC + '_core', part='fwd')}x, fwd+bwd "
             f"{ratio('kernel_core', MOSAIC + '_core')}x")
+    if MOSAIC_BWD + "_core_fwd_ms" in r:  # Mosaic forward and backward
+      print(f"    Triton / Mosaic fwd+bwd kernels alone: "
+            f"{ratio('kernel_core', MOSAIC_BWD + '_core')}x")
   if result["kv_splits"]:
     print_splits(result["kv_splits"], h, d, block_len)
   failed = [c for c in result.get("check", []) + result.get("check_kv_splits", [])
-            + result.get("check_mosaic", []) if not c["ok"]]
+            + result.get("check_mosaic", []) + result.get("check_mosaic_bwd", [])
+            if not c["ok"]]
   if failed:
     print("CHECK FAILED")
     sys.exit(1)

@@ -10,7 +10,10 @@ weight). Paths (FAMILY, in the order "auto" tries them; the rules are kernels/di
                 capability 9.x: warpgroups, wgmma, TMA; bfloat16, head_dim 64 or 128, tile 64,
                 block_len < tile; no interpreter), differentiated by the Triton backward
                 kernels of pallas_gpu.py on its residuals (o, and lse in log2 units: the same
-                contract). Lowered on CPU, not yet checked on a GPU: "auto" and "pallas" skip it
+                contract), or with bwd="mosaic" by pallas_mosaic_gpu.py's own dQ and dK/dV
+                kernels (lowered on CPU, run in jax's Mosaic GPU interpreter, not yet on a
+                GPU: `scripts/bench_landmark.py --paths pallas_mosaic_gpu_bwd` checks them).
+                Lowered on CPU, not yet checked on a GPU: "auto" and "pallas" skip it
                 (_FORWARD_UNCHECKED) until `scripts/bench_landmark.py --paths
                 pallas_mosaic_gpu` passes there; impl="pallas_mosaic_gpu" forces it;
   "pallas_gpu"  the Triton kernels of pallas_gpu.py (GPU; head_dim in KERNEL_HEAD_DIMS and
@@ -47,6 +50,9 @@ from effattn.kernels.grouped_softmax import pallas_gpu, pallas_tpu, reference, x
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 MOSAIC_HEAD_DIMS = (64, 128)
 MOSAIC_TILE = 64  # one group per consumer warpgroup of 64 query rows
+# Backward kernels of impl="pallas_mosaic_gpu" (grouped_softmax(bwd=...)): the Triton ones by
+# default until the Mosaic ones pass their GPU check.
+MOSAIC_BACKWARDS = ("triton", "mosaic")
 # Largest query rows (q_groups * tile) x head_dim of a float32 GPU kernel that fits in shared
 # memory (64 x 128 ran on an H200, 128 x 128 did not).
 _F32_ROWS_X_D = 64 * 128
@@ -80,7 +86,7 @@ class _Static:
   interpret: bool
   tuning: tuple = ()  # Triton (num_warps, num_stages) overrides as key-value pairs
   # whose kernels: "gpu" (pallas_gpu.py) | "mosaic_gpu" (pallas_mosaic_gpu.py: its forward,
-  # the Triton backward) | "tpu" (pallas_tpu.py)
+  # the Triton backward or, with ("bwd", "mosaic") in tuning, its own) | "tpu" (pallas_tpu.py)
   platform: str = "gpu"
 
   @property
@@ -207,7 +213,7 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
                     tile: int = 64, max_groups: int | None = None, interpret: bool = False,
                     num_warps: int | None = None, num_stages: int | None = None,
                     q_groups: int | None = None, kv_splits: int | None = None,
-                    return_fallback_frac: bool = False):
+                    bwd: str | None = None, return_fallback_frac: bool = False):
   """The landmark grouped softmax.
 
   Args:
@@ -234,6 +240,10 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
       program walks the key group's whole query range; S > 1: S programs take equal shares of
       it and write float32 partials that an XLA sum adds, the same sums regrouped; 0: chosen
       from the grid, pallas_gpu.auto_kv_splits). The TPU kernels ignore it.
+    bwd: the backward kernels of impl="pallas_mosaic_gpu": "triton" (default: pallas_gpu.py's
+      dQ and dK/dV kernels) or "mosaic" (pallas_mosaic_gpu.py's, lowered on CPU, awaiting
+      their GPU check: scripts/bench_landmark.py --paths pallas_mosaic_gpu_bwd). The other
+      paths ignore it.
     return_fallback_frac: also return the fraction of batch rows that took the kernel path's
       runtime fallback (1.0 or 0.0: the lax.cond sends the whole batch), or None on a path that
       has none.
@@ -262,6 +272,9 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
     raise ValueError(f"q_groups={q_groups} must be >= 1 (groups per query tile; try 1 or 2)")
   if kv_splits is not None:
     pallas_gpu.check_kv_splits(kv_splits)
+  if bwd is not None and bwd not in MOSAIC_BACKWARDS:
+    raise ValueError(f"bwd={bwd!r} is not one of {MOSAIC_BACKWARDS} (the backward kernels of "
+                     "impl='pallas_mosaic_gpu')")
   scale = d ** -0.5 if scale is None else float(scale)
   gid, seg = gid.astype(jnp.int32), seg.astype(jnp.int32)
 
@@ -292,7 +305,8 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
   max_groups = -(-max_groups // per_tile) * per_tile
   lay = relayout(gid, seg, max_groups=max_groups, tile=tile)
   tuning = tuple((n, x) for n, x in (("num_warps", num_warps), ("num_stages", num_stages),
-                                     ("q_groups", q_groups), ("kv_splits", kv_splits))
+                                     ("q_groups", q_groups), ("kv_splits", kv_splits),
+                                     ("bwd", bwd if path == "pallas_mosaic_gpu" else None))
                  if x is not None)
   st = _Static(tile=tile, scale=scale, interpret=interpret, tuning=tuning,
                platform=path.removeprefix("pallas_"))
