@@ -10,9 +10,9 @@ fixed-size state: the gap Zoology measured) and routing (softmax within content-
 clusters). Each at its own learning rate, as Zoology picks the best one per mechanism: softmax
 leaves MQAR's plateau by step 400 at 1e-2 (seeds 0-2; at 3e-3 only one seed of three had left
 it by step 600), routing stays on it at 1e-2 and recalls at 3e-3, and the window and linear
-attention stay on it at either. Gated DeltaNet is left out: its chunked delta rule runs ~4 s a
-step on this CPU, ten times softmax (its MQAR row: configs/sweeps/claims/gated_deltanet_mqar.py,
-on a GPU). Measured on the 2-core CPU: docs/sweeps.md ("The README sweep on a CPU"). The full
+attention stay on it at either. Gated DeltaNet is left out: at this budget it stays below even
+linear attention's plateau (0.35 s a step here; docs/sweeps.md has the runs), so its MQAR row
+is configs/sweeps/claims/gated_deltanet_mqar.py, on a GPU. Measured on the 2-core CPU: docs/sweeps.md ("The README sweep on a CPU"). The full
 grid (every registered mechanism, two lengths) is configs/sweeps/mqar_mechanisms.py, a GPU sweep.
 """
 
