@@ -220,19 +220,27 @@ class _Consecutive:
     return self.lo + j
 
 
+def _query_cta(gfirst_ref, n_groups: int):
+  """(hi, bi, wg, g0, lo, n) of a CTA over query groups g0 = 2 * ci and g0 + 1: its head, row,
+  warpgroup, first query group and the streamed key groups [lo, lo + n) (cta_range)."""
+  hi, ci, bi = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
+  g0 = ci * 2
+  lo, n = cta_range(gfirst_ref[bi, g0], gfirst_ref[bi, g0 + 1], g0, n_groups)
+  return hi, bi, lax.axis_index("wg"), g0, lo, n
+
+
+def _tile_iota(dim: int):
+  """Row (0) or column (1) indices of a [64, Lt] score tile in the wgmma register layout."""
+  return plgpu.broadcasted_iota(jnp.int32, (WG_ROWS, TILE), dim, layout=_WGMMA)
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, glen_ref, gfirst_ref, o_ref, lse_ref, q_smem, k_smem,
                 v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free, sched, *, scale,
                 n_groups, num_stages):
-  hi, ci, bi = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
-  wg = lax.axis_index("wg")
-  g0 = ci * 2
-  lo, n = cta_range(gfirst_ref[bi, g0], gfirst_ref[bi, g0 + 1], g0, n_groups)
+  hi, bi, wg, g0, lo, n = _query_cta(gfirst_ref, n_groups)
   dtype = q_smem.dtype
   tile = (WG_ROWS, TILE)
   c2 = scale * LOG2E
-
-  def iota(dim):
-    return plgpu.broadcasted_iota(jnp.int32, tile, dim, layout=_WGMMA)
 
   @pl.when(wg < 2)
   def _consumer():
@@ -263,7 +271,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, glen_ref, gfirst_ref, o_ref, lse_ref, q_sme
 
       s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
       plgpu.barrier_arrive(k_free.at[slot])
-      p, alpha, m_new, l = tile_update(s * c2, n_k, land, own, m, l, iota=iota,
+      p, alpha, m_new, l = tile_update(s * c2, n_k, land, own, m, l, iota=_tile_iota,
                                        bcast=lambda x: _bcast(x, tile, 0))
       acc = acc * _bcast(alpha, acc.shape, 0)
       p16 = p.astype(dtype)
@@ -358,16 +366,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, glen_ref, gfirst
   """The forward's CTA walk (cta_range's key groups, roles()) with tile_grads per tile:
   S = Q K^T and dP = dO V^T on wgmma, dq += dS K into a wgmma accumulator (dS from
   registers)."""
-  hi, ci, bi = lax.axis_index("h"), lax.axis_index("q"), lax.axis_index("b")
-  wg = lax.axis_index("wg")
-  g0 = ci * 2
-  lo, n = cta_range(gfirst_ref[bi, g0], gfirst_ref[bi, g0 + 1], g0, n_groups)
+  hi, bi, wg, g0, lo, n = _query_cta(gfirst_ref, n_groups)
   dtype = q_smem.dtype
   tile = (WG_ROWS, TILE)
   c2 = scale * LOG2E
-
-  def iota(dim):
-    return plgpu.broadcasted_iota(jnp.int32, tile, dim, layout=_WGMMA)
 
   @pl.when(wg < 2)
   def _consumer():
@@ -390,7 +392,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, glen_ref, gfirst
         plgpu.barrier_wait(kv_bar.at[slot])
         ks = k_smem.at[slot]
         s, dp = _products_t(tile, (qs, ks), (dos, v_smem.at[slot]))
-        _, ds = tile_grads(s * c2, dp, glen_ref[bi, gk], land, own, lse, delta, iota=iota,
+        _, ds = tile_grads(s * c2, dp, glen_ref[bi, gk], land, own, lse, delta, iota=_tile_iota,
                            bcast=lambda x: _bcast(x, tile, 0))
         plgpu.wgmma(dq_acc, ds.astype(dtype), ks)
         plgpu.wgmma_wait(0)  # K read: the stage may be refilled
@@ -429,9 +431,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, glen_ref, glast
   tile = (WG_ROWS, TILE)  # [queries, keys]
   c2 = scale * LOG2E
 
-  def iota(dim):
-    return plgpu.broadcasted_iota(jnp.int32, tile, dim, layout=_WGMMA)
-
   @pl.when(wg < 2)
   def _consumer():
     plgpu.set_max_registers(REGISTERS[0], action="increase")
@@ -452,7 +451,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, glen_ref, glast
         plgpu.barrier_wait(qdo_bar.at[slot])
         qs, dos = q_smem.at[slot], do_smem.at[slot]
         s, dp = _products_t(tile, (qs, ks), (dos, vs))
-        p, ds = tile_grads(s * c2, dp, n_k, land, own, lse, delta, iota=iota,
+        p, ds = tile_grads(s * c2, dp, n_k, land, own, lse, delta, iota=_tile_iota,
                            bcast=lambda x: _bcast(x, tile, 0))
         ps[...] = p.astype(dtype)
         dss[...] = ds.astype(dtype)
