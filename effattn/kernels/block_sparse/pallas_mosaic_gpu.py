@@ -104,22 +104,28 @@ def _launch(kernel, name: str, args: dict, *, out_type, scratch, grid, grid_name
                    compiler_params=_params())(*args.values())
 
 
+def check_operands(q, k, v, interpret: bool, *, op: str, head_dim_fix: str) -> None:
+  """The one-line ValueErrors every Mosaic GPU kernel here shares (op names the caller): no
+  interpreter, wgmma dtypes, one dtype for q, k, v, head dims 64 / 128."""
+  if interpret:
+    raise ValueError(f"{op}: interpret=True cannot run (Mosaic GPU has no CPU interpreter for "
+                     "wgmma); use impl='pallas_gpu' with interpret=True")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.dtype not in DTYPES:
+      raise ValueError(f"{op}: {name}.dtype={x.dtype} is not bfloat16 or float16 (wgmma); "
+                       "cast the inputs to bfloat16 or use impl='pallas_gpu'")
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f"{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast "
+                     "them to one of bfloat16, float16")
+  if q.shape[-1] not in HEAD_DIMS:
+    raise ValueError(f"{op}: head_dim={q.shape[-1]} is not one of {HEAD_DIMS}; {head_dim_fix}")
+
+
 def _check(q, k, v, block_q: int, block_k: int, interpret: bool):
   """ValueError, one line naming the argument and the fix, for what these kernels cannot run
   (api.py's dispatcher checks the same limits first, so `auto` never gets here with them)."""
-  if interpret:
-    raise ValueError("pallas_mosaic_gpu: interpret=True cannot run (Mosaic GPU has no CPU "
-                     "interpreter for wgmma); use impl='pallas_gpu' with interpret=True")
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if x.dtype not in DTYPES:
-      raise ValueError(f"pallas_mosaic_gpu: {name}.dtype={x.dtype} is not bfloat16 or float16 "
-                       "(wgmma); cast the inputs to bfloat16 or use impl='pallas_gpu'")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"pallas_mosaic_gpu: q, k, v dtypes differ ({q.dtype}, {k.dtype}, "
-                     f"{v.dtype}); cast them to one of bfloat16, float16")
-  if q.shape[-1] not in HEAD_DIMS:
-    raise ValueError(f"pallas_mosaic_gpu: head_dim={q.shape[-1]} is not one of {HEAD_DIMS}; "
-                     "use impl='xla' (the Pallas kernels all take these head dims only)")
+  check_operands(q, k, v, interpret, op="pallas_mosaic_gpu",
+                 head_dim_fix="use impl='xla' (the Pallas kernels all take these head dims only)")
   for name, x in (("block_q", block_q), ("block_k", block_k)):
     if x not in TILES:
       raise ValueError(f"pallas_mosaic_gpu: {name}={x} is not one of {TILES}; set {name} to "
@@ -276,6 +282,40 @@ def _biased_and_masked(s, r, kv_names, qv_rows, tile, *, bi, hk, q0, k0, causal:
   return _masked(s, causal=causal, window=window, qv=qv, kv=kv, q_dim=0, q0=q0, k0=k0)
 
 
+def _scores(qs, k_smem, slot, tile, k_bar, k_free, sched):
+  """S = Q K^T [64, block_k] f32 of one streamed key tile on wgmma (Q from shared memory), the
+  tile's stage released as soon as S is read; `sched` orders the two consumers' QK^T."""
+  plgpu.barrier_wait(k_bar.at[slot])
+
+  def qk(acc_ref):
+    plgpu.wgmma(acc_ref, qs, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+    _sched_sync(sched)
+    return acc_ref[...]
+
+  s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
+  plgpu.barrier_arrive(k_free.at[slot])
+  return s
+
+
+def _accumulate_pv(acc, alpha, p, l, m_new, v_smem, slot, v_bar, v_free, sched):
+  """The online softmax's accumulator update acc = alpha acc + P V on wgmma (P from registers
+  in V's dtype), after handing the tensor core to the other consumer (ping-pong: this one's
+  softmax is done); releases V's stage. Returns (acc, m_new, l)."""
+  acc = acc * _bcast(alpha, acc.shape, 0)
+  p16 = p.astype(v_smem.dtype)
+  acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+  plgpu.barrier_arrive(sched)  # softmax done: let the other warpgroup's QK^T in
+  plgpu.barrier_wait(v_bar.at[slot])
+  plgpu.barrier_wait(sched)
+
+  def pv(acc_ref):
+    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+  acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+  plgpu.barrier_arrive(v_free.at[slot])
+  return acc, m_new, l
+
+
 def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, window, scale, block_k,
                 num_heads, group, num_stages, lists_b, lists_h, has_member):
   r = dict(zip(names, refs))
@@ -308,15 +348,7 @@ def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, window, scale, b
     def step(j, carry):
       acc, m, l = carry
       slot = lax.rem(j, num_stages)
-      plgpu.barrier_wait(k_bar.at[slot])
-
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, qs, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-        _sched_sync(sched)
-        return acc_ref[...]
-
-      s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
-      plgpu.barrier_arrive(k_free.at[slot])
+      s = _scores(qs, k_smem, slot, tile, k_bar, k_free, sched)
       s = s * (scale * LOG2E)
       k0 = r["idx"][lb, lh, ci, j] * block_k if need_k0 else None
       s = _biased_and_masked(s, r, kv_names, qv_rows, tile, bi=bi, hk=hk, q0=q0, k0=k0,
@@ -327,19 +359,7 @@ def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, window, scale, b
       alpha = jnp.exp2(m - m_new)
       p = jnp.exp2(s - _bcast(m_new, tile, 0))
       l = l * alpha + p.sum(axis=1)
-      acc = acc * _bcast(alpha, acc.shape, 0)
-      p16 = p.astype(dtype)
-      acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-      plgpu.barrier_arrive(sched)  # softmax done: let the other warpgroup's QK^T in
-      plgpu.barrier_wait(v_bar.at[slot])
-      plgpu.barrier_wait(sched)
-
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_free.at[slot])
-      return acc, m_new, l
+      return _accumulate_pv(acc, alpha, p, l, m_new, v_smem, slot, v_bar, v_free, sched)
 
     acc, m, l = lax.fori_loop(0, n, step, (acc, m, l))
     pl.when(wg == 0)(lambda: _sched_sync(sched))
@@ -356,6 +376,25 @@ def _fwd_kernel(*refs, names, q_names, kv_names, n_out, causal, window, scale, b
   def _producer():
     _stream_kv(r, n, (lb, lh, ci), bi, hk, (k_smem, v_smem), (k_bar, v_bar), (k_free, v_free),
                block_k=block_k, num_stages=num_stages)
+
+
+def fwd_scratch(q, k, v, block_k: int, num_stages: int) -> list:
+  """Shared memory and barriers of a forward CTA (_fwd_kernel's, and grouped_softmax's): both
+  consumers' Q tiles, the K / V ring of num_stages tiles, both consumers' lse rows; barriers
+  for Q, K and V arrival, K and V release (both consumers arrive) and the ping-pong."""
+  d = q.shape[-1]
+  return [
+      _smem((2, WG_ROWS, d), q.dtype),
+      _smem((num_stages, block_k, d), k.dtype),
+      _smem((num_stages, block_k, d), v.dtype),
+      plgpu.SMEM((2, WG_ROWS), jnp.float32),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=num_stages),
+      plgpu.Barrier(num_barriers=num_stages),
+      plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
+      plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
+      plgpu.Barrier(num_arrivals=2),
+  ]
 
 
 def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: float,
@@ -388,18 +427,7 @@ def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: fl
       kernel, "block_sparse_mgpu_fwd", args,
       out_type=[jax.ShapeDtypeStruct((b, t_cta, h, d), q.dtype),
                 jax.ShapeDtypeStruct((b, h, t_cta), jnp.float32)],
-      scratch=[
-          _smem((2, WG_ROWS, d), q.dtype),
-          _smem((num_stages, block_k, d), k.dtype),
-          _smem((num_stages, block_k, d), v.dtype),
-          plgpu.SMEM((2, WG_ROWS), jnp.float32),
-          plgpu.Barrier(num_barriers=2),
-          plgpu.Barrier(num_barriers=num_stages),
-          plgpu.Barrier(num_barriers=num_stages),
-          plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
-          plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
-          plgpu.Barrier(num_arrivals=2),
-      ],
+      scratch=fwd_scratch(q, k, v, block_k, num_stages),
       grid=(h, t_cta // CTA_ROWS, b),
       grid_names=("h", "q", "b"),
   )

@@ -75,11 +75,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from effattn.kernels.block_sparse.common import LOG2E, MASK_VALUE
-from effattn.kernels.block_sparse.pallas_mosaic_gpu import (DTYPES, HEAD_DIMS, REGISTERS,
-                                                            SMEM_BYTES, WG_ROWS, _WGMMA, _ROW,
-                                                            _bcast, _launch, _load, _own_keys,
-                                                            _pad_to, _products_t, _sched_sync,
-                                                            _smem, _store_dkv, _stream_kv)
+from effattn.kernels.block_sparse.pallas_mosaic_gpu import (REGISTERS, SMEM_BYTES, WG_ROWS,
+                                                            _WGMMA, _ROW, _accumulate_pv, _bcast,
+                                                            _launch, _load, _own_keys, _pad_to,
+                                                            _products_t, _scores, _sched_sync,
+                                                            _smem, _store_dkv, _stream_kv,
+                                                            check_operands, fwd_scratch)
 from effattn.kernels.grouped_softmax import pallas_gpu
 
 TILE = WG_ROWS  # Lt: a group tile is one consumer's 64 query rows and one 64-key K/V tile
@@ -88,20 +89,8 @@ NUM_STAGES = 4  # K/V stages: a 64-key stage is 16 KB (d 64) or 32 KB (d 128) of
 
 def _check(q, k, v, lt: int, interpret: bool):
   """ValueError, one line naming the argument and the fix, for what this kernel cannot run."""
-  if interpret:
-    raise ValueError("grouped_softmax pallas_mosaic_gpu: interpret=True cannot run (Mosaic GPU "
-                     "has no CPU interpreter for wgmma); use impl='pallas_gpu' with "
-                     "interpret=True")
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if x.dtype not in DTYPES:
-      raise ValueError(f"grouped_softmax pallas_mosaic_gpu: {name}.dtype={x.dtype} is not "
-                       "bfloat16 or float16 (wgmma); cast to bfloat16 or use impl='pallas_gpu'")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"grouped_softmax pallas_mosaic_gpu: q, k, v dtypes differ ({q.dtype}, "
-                     f"{k.dtype}, {v.dtype}); cast them to one of bfloat16, float16")
-  if q.shape[-1] not in HEAD_DIMS:
-    raise ValueError(f"grouped_softmax pallas_mosaic_gpu: head_dim={q.shape[-1]} is not one of "
-                     f"{HEAD_DIMS}; use impl='pallas_gpu'")
+  check_operands(q, k, v, interpret, op="grouped_softmax pallas_mosaic_gpu",
+                 head_dim_fix="use impl='pallas_gpu'")
   if lt != TILE:
     raise ValueError(f"grouped_softmax pallas_mosaic_gpu: tile={lt} is not {TILE} (one group "
                      "per consumer warpgroup); use tile=64 or impl='pallas_gpu'")
@@ -262,30 +251,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, glen_ref, gfirst_ref, o_ref, lse_ref, q_sme
       gk = lo + j
       n_k = glen_ref[bi, gk]
       land, own = roles(gk, gc, first_c)
-      plgpu.barrier_wait(k_bar.at[slot])
-
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, qs, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-        _sched_sync(sched)
-        return acc_ref[...]
-
-      s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
-      plgpu.barrier_arrive(k_free.at[slot])
+      s = _scores(qs, k_smem, slot, tile, k_bar, k_free, sched)
       p, alpha, m_new, l = tile_update(s * c2, n_k, land, own, m, l, iota=_tile_iota,
                                        bcast=lambda x: _bcast(x, tile, 0))
-      acc = acc * _bcast(alpha, acc.shape, 0)
-      p16 = p.astype(dtype)
-      acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-      plgpu.barrier_arrive(sched)  # softmax done: let the other warpgroup's QK^T in
-      plgpu.barrier_wait(v_bar.at[slot])
-      plgpu.barrier_wait(sched)
-
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_free.at[slot])
-      return acc, m_new, l
+      return _accumulate_pv(acc, alpha, p, l, m_new, v_smem, slot, v_bar, v_free, sched)
 
     acc, m, l = lax.fori_loop(0, n, step, (acc, m, l))
     pl.when(wg == 0)(lambda: _sched_sync(sched))
@@ -336,18 +305,7 @@ def forward(q, k, v, glen, gfirst, *, lt: int, scale: float, interpret: bool = F
        "gfirst": gfirst.astype(jnp.int32)},
       out_type=[jax.ShapeDtypeStruct((b, g2 * lt, h, d), q.dtype),
                 jax.ShapeDtypeStruct((b, h, g2 * lt), jnp.float32)],
-      scratch=[
-          _smem((2, WG_ROWS, d), q.dtype),
-          _smem((num_stages, TILE, d), k.dtype),
-          _smem((num_stages, TILE, d), v.dtype),
-          plgpu.SMEM((2, WG_ROWS), jnp.float32),
-          plgpu.Barrier(num_barriers=2),
-          plgpu.Barrier(num_barriers=num_stages),
-          plgpu.Barrier(num_barriers=num_stages),
-          plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
-          plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),
-          plgpu.Barrier(num_arrivals=2),
-      ],
+      scratch=fwd_scratch(q, k, v, TILE, num_stages),
       grid=(h, g2 // 2, b),
       grid_names=("h", "q", "b"),
   )
