@@ -134,8 +134,7 @@ class BlockSizes:
   unrolled: tuple[str, ...] = ()
 
   def __post_init__(self):
-    bad = [k for k in self.unrolled if k not in PARALLEL_KERNELS]
-    if not isinstance(self.unrolled, tuple) or bad:
+    if not isinstance(self.unrolled, tuple) or set(self.unrolled) - set(PARALLEL_KERNELS):
       raise ValueError(f"BlockSizes.unrolled={self.unrolled!r} must be a tuple of names in "
                        f"{PARALLEL_KERNELS}")
     for field in ("block_v", "block_k"):

@@ -13,7 +13,7 @@ weight). Paths (FAMILY, in the order "auto" tries them; the rules are kernels/di
                 contract), or with bwd="mosaic" by pallas_mosaic_gpu.py's own dQ and dK/dV
                 kernels (lowered on CPU, run in jax's Mosaic GPU interpreter, not yet on a
                 GPU: `scripts/bench_landmark.py --paths pallas_mosaic_gpu_bwd` checks them).
-                Lowered on CPU, not yet checked on a GPU: "auto" and "pallas" skip it
+                The forward is lowered on CPU, not yet run on a GPU: "auto" and "pallas" skip it
                 (_FORWARD_UNCHECKED) until `scripts/bench_landmark.py --paths
                 pallas_mosaic_gpu` passes there; impl="pallas_mosaic_gpu" forces it;
   "pallas_gpu"  the Triton kernels of pallas_gpu.py (GPU; head_dim in KERNEL_HEAD_DIMS and
