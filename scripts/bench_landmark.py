@@ -22,14 +22,14 @@
 --check_scope splits checks the default kernel on (d)'s smaller set of cases instead of (a)'s
 (a fifth of the compile time); --paths picks (b)'s paths.
 (e) --paths ...,pallas_mosaic_gpu,pallas_mosaic_gpu_core: the Mosaic GPU forward
-    (grouped_softmax/pallas_mosaic_gpu.py, Hopper only, with the Triton backward) through the op
+    (grouped_softmax/pallas_mosaic_gpu.py, Hopper only, with bwd="triton") through the op
     and alone, as "kernel" / "kernel_core" are for Triton. Named, it is checked first like (a)
     (MOSAIC_CHECK_CASES at D 64 and 128, bf16; float32 rows are skipped: it takes bf16 only),
     even with --no_check, and timed only if every case that ran passed; where it cannot run
     (CPU, another GPU) its rows say why instead.
 (f) --paths ...,pallas_mosaic_gpu_bwd,pallas_mosaic_gpu_bwd_core: the same Mosaic forward with
-    its own Mosaic backward (grouped_softmax(bwd="mosaic"): pallas_mosaic_gpu.py's dQ and dK/dV
-    kernels), checked first and timed under the same rules as (e) (its check rows carry
+    its own Mosaic backward (the op's default bwd="mosaic": pallas_mosaic_gpu.py's dQ and dK/dV
+    kernels, what impl="auto" runs on Hopper), checked first and timed under the same rules as (e) (its check rows carry
     "bwd": "mosaic"; check_mosaic_bwd in the JSON).
 Writes DIR/bench_landmark.json and prints a table last. --smoke runs everything on CPU at tiny
 shapes (Pallas interpret mode, XLA instead of cuDNN) to test this script itself.
@@ -116,10 +116,9 @@ def check(shape, block_len, tile, kv_splits: int | None = None,
   if kv_splits is not None:
     dims, cases = dims[-1:], SPLIT_CHECK_CASES
   bwd = {}
-  if impl in (MOSAIC, MOSAIC_BWD):
-    cases = MOSAIC_CHECK_CASES
-  if impl == MOSAIC_BWD:  # the op's impl is MOSAIC; the backward its own
-    impl, bwd = MOSAIC, {"bwd": "mosaic"}
+  if impl in (MOSAIC, MOSAIC_BWD):  # the op's impl is MOSAIC either way; the label names the
+    cases = MOSAIC_CHECK_CASES      # backward (the op's default, "mosaic", or "triton")
+    impl, bwd = MOSAIC, {"bwd": "mosaic" if impl == MOSAIC_BWD else "triton"}
   for dtype in (jnp.bfloat16, jnp.float32):
     for d in dims:
       for kind, max_groups, q_groups in cases:
@@ -214,7 +213,7 @@ def bench_one(b, t, h, d, block_len, tile, reps, tuning=(), paths=PATHS,
       q, k, v, kl, lay, st)
   # The Mosaic forward with the Triton backward, through the op and alone: its layout has an
   # even number of groups (two per CTA), as the op rounds it.
-  mosaic_kw = kernel_kwargs(block_len, tile, impl=MOSAIC, **dict(tuning))
+  mosaic_kw = kernel_kwargs(block_len, tile, impl=MOSAIC, bwd="triton", **dict(tuning))
   mosaic = lambda q, k, v, kl, gid, seg, lay: grouped.grouped_softmax(  # noqa: E731
       q, k, v, kl, gid, seg, **mosaic_kw)
   lay_mosaic = lay
@@ -224,11 +223,11 @@ def bench_one(b, t, h, d, block_len, tile, reps, tuning=(), paths=PATHS,
         gid, seg, max_groups=-(-grouped.default_max_groups(t, block_len) // per_cta) * per_cta,
         tile=tile)
   st_mosaic = grouped._Static(tile=tile, scale=d ** -0.5, interpret=False,  # noqa: SLF001
-                              tuning=st.tuning, platform="mosaic_gpu")
+                              tuning=st.tuning + (("bwd", "triton"),), platform="mosaic_gpu")
   mosaic_core = lambda q, k, v, kl, gid, seg, lay: grouped.kernel_attention(  # noqa: E731
       q, k, v, kl, lay, st_mosaic)
   # The same forward with the Mosaic backward.
-  mosaic_bwd_kw = dict(mosaic_kw, bwd="mosaic")
+  mosaic_bwd_kw = dict(mosaic_kw, bwd="mosaic")  # the op's default, named
   mosaic_bwd = lambda q, k, v, kl, gid, seg, lay: grouped.grouped_softmax(  # noqa: E731
       q, k, v, kl, gid, seg, **mosaic_bwd_kw)
   st_mosaic_bwd = grouped._Static(tile=tile, scale=d ** -0.5, interpret=False,  # noqa: SLF001

@@ -263,11 +263,12 @@ def _stand_in_hopper(monkeypatch, cc: str = "9.0"):
                       f"compute capability {cc} is not 9.x")
 
 
-@pytest.mark.parametrize("d,bwd", [(64, None), (128, None), (128, "triton")])
-def test_grad_lowers_the_mosaic_forward_and_the_triton_backward(monkeypatch, d, bwd):
-  """impl="pallas_mosaic_gpu" under jax.grad, on packed segments with ragged groups: the
-  kernel branch of the lax.cond is the Mosaic forward and the Triton dQ and dK/dV kernels
-  (no Triton forward); bwd="triton" is the default."""
+@pytest.mark.parametrize("d", [64, 128])
+def test_grad_lowers_the_mosaic_forward_and_the_triton_backward(monkeypatch, d):
+  """impl="pallas_mosaic_gpu", bwd="triton" under jax.grad, on packed segments with ragged
+  groups: the kernel branch of the lax.cond is the Mosaic forward and the Triton dQ and dK/dV
+  kernels (no Triton forward)."""
+  bwd = "triton"
   _stand_in_hopper(monkeypatch)
   gid, seg = _ids()
   x = jax.ShapeDtypeStruct((*gid.shape, 2, d), jnp.bfloat16)
@@ -284,17 +285,17 @@ def test_grad_lowers_the_mosaic_forward_and_the_triton_backward(monkeypatch, d, 
   assert names == ["landmark_grouped_dq", "landmark_grouped_dkv"], names
 
 
-@pytest.mark.parametrize("d", [64, 128])
-def test_grad_lowers_the_mosaic_forward_and_backward(monkeypatch, d):
-  """bwd="mosaic" under jax.grad, packed segments, ragged groups: three Mosaic GPU kernels
-  (forward, dQ, dK/dV) and no Triton landmark kernel."""
+@pytest.mark.parametrize("d,bwd", [(64, None), (128, None), (128, "mosaic")])
+def test_grad_lowers_the_mosaic_forward_and_backward(monkeypatch, d, bwd):
+  """bwd="mosaic" (the default) under jax.grad, packed segments, ragged groups: three Mosaic
+  GPU kernels (forward, dQ, dK/dV) and no Triton landmark kernel."""
   _stand_in_hopper(monkeypatch)
   gid, seg = _ids()
   x = jax.ShapeDtypeStruct((*gid.shape, 2, d), jnp.bfloat16)
 
   def loss(q, k, v, k_land, gid, seg):
     o = grouped.grouped_softmax(q, k, v, k_land, gid, seg, block_len=BLOCK_LEN, tile=LT,
-                                impl="pallas_mosaic_gpu", bwd="mosaic")
+                                impl="pallas_mosaic_gpu", bwd=bwd)
     return jnp.sum(o.astype(jnp.float32))
 
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(x, x, x, x, gid, seg).lower(
@@ -323,31 +324,32 @@ def test_backward_lowers_for_cuda_with_the_triton_contract(d):
 
 
 def test_bwd_names_one_of_the_backwards():
-  with pytest.raises(ValueError, match=r"bwd='cudnn' is not one of \('triton', 'mosaic'\)"):
+  with pytest.raises(ValueError, match=r"bwd='cudnn' is not one of \('mosaic', 'triton'\)"):
     pallas_mosaic_gpu.backward(*[None] * 9, lt=LT, scale=0.1, bwd="cudnn")
   x = jnp.zeros((1, 128, 1, 64), jnp.bfloat16)
   gid, seg = jnp.zeros((1, 128), jnp.int32), jnp.ones((1, 128), jnp.int32)
-  with pytest.raises(ValueError, match=r"^bwd='fast' is not one of \('triton', 'mosaic'\)"):
+  with pytest.raises(ValueError, match=r"^bwd='fast' is not one of \('mosaic', 'triton'\)"):
     grouped.grouped_softmax(x, x, x, x, gid, seg, bwd="fast")
 
 
 SHAPES = dict(head_dim=128, dtype="bfloat16", block_len=BLOCK_LEN, tile=LT)
 
 
-def test_auto_and_pallas_keep_triton_until_the_gpu_check(monkeypatch):
-  """First in the table, but behind its auto_limit: on a (stand-in) Hopper GPU "auto" and
-  "pallas" take Triton, naming the check; the forced impl takes it (and its name reaches the
-  op from a mechanism's impl)."""
+def test_auto_takes_the_mosaic_kernels_on_hopper(monkeypatch):
+  """First in the table and checked on an H200: on a (stand-in) Hopper GPU "auto" and "pallas"
+  take it for bf16 at head_dim 64 / 128; float32, head_dim 32 and a non-Hopper GPU fall back to
+  Triton; its name reaches the op from a mechanism's impl."""
   _stand_in_hopper(monkeypatch)
   fam = grouped.FAMILY
   assert fam.names[:2] == ("pallas_mosaic_gpu", "pallas_gpu")
-  assert fam.choose("auto", **SHAPES) == ("pallas_gpu", False)
-  assert fam.choose("pallas", **SHAPES) == ("pallas_gpu", False)
-  assert fam.choose("pallas_mosaic_gpu", **SHAPES) == ("pallas_mosaic_gpu", False)
-  why = fam.why_not(fam.path("pallas_mosaic_gpu"), SHAPES, chosen=True)
-  assert why == ("its forward awaits its GPU check (scripts/bench_landmark.py --paths "
-                 "pallas_mosaic_gpu); impl='pallas_mosaic_gpu' forces it")
+  for impl in ("auto", "pallas", "pallas_mosaic_gpu"):
+    assert fam.choose(impl, **SHAPES) == ("pallas_mosaic_gpu", False), impl
+    assert fam.choose(impl, **{**SHAPES, "head_dim": 64}) == ("pallas_mosaic_gpu", False)
+  assert fam.choose("auto", **{**SHAPES, "dtype": "float32"}) == ("pallas_gpu", False)
+  assert fam.choose("auto", **{**SHAPES, "head_dim": 32}) == ("pallas_gpu", False)
   assert dispatch.op_impl("pallas_mosaic_gpu", "grouped_softmax") == "pallas_mosaic_gpu"
+  _stand_in_hopper(monkeypatch, cc="8.0")
+  assert fam.choose("auto", **SHAPES) == ("pallas_gpu", False)
 
 
 def test_forced_off_hopper_names_the_compute_capability(monkeypatch):

@@ -6,16 +6,14 @@ Computes reference.grouped_softmax_attention's output (the spec's grouped
 softmax: own-group tokens j <= i and the landmarks of earlier groups of the segment share one
 softmax; an earlier group's tokens get their within-group softmax times their landmark's
 weight). Paths (FAMILY, in the order "auto" tries them; the rules are kernels/dispatch.py's):
-  "pallas_mosaic_gpu"  the Mosaic GPU forward of pallas_mosaic_gpu.py (Hopper, compute
+  "pallas_mosaic_gpu"  the Mosaic GPU kernels of pallas_mosaic_gpu.py (Hopper, compute
                 capability 9.x: warpgroups, wgmma, TMA; bfloat16, head_dim 64 or 128, tile 64,
-                block_len < tile; no interpreter), differentiated by the Triton backward
-                kernels of pallas_gpu.py on its residuals (o, and lse in log2 units: the same
-                contract), or with bwd="mosaic" by pallas_mosaic_gpu.py's own dQ and dK/dV
-                kernels (lowered on CPU, run in jax's Mosaic GPU interpreter, not yet on a
-                GPU: `scripts/bench_landmark.py --paths pallas_mosaic_gpu_bwd` checks them).
-                The forward is lowered on CPU, not yet run on a GPU: "auto" and "pallas" skip it
-                (_FORWARD_UNCHECKED) until `scripts/bench_landmark.py --paths
-                pallas_mosaic_gpu` passes there; impl="pallas_mosaic_gpu" forces it;
+                block_len < tile; no interpreter): its forward, dQ and dK/dV kernels, or with
+                bwd="triton" its forward differentiated by the Triton backward kernels of
+                pallas_gpu.py on its residuals (o, and lse in log2 units: the same contract).
+                Checked on an H200 (scripts/bench_landmark.py --paths pallas_mosaic_gpu_bwd,
+                bf16, D 64 and 128, packed and single segments: max rel. err. 4.9e-3) and 1.31x
+                faster fwd+bwd than the Triton kernels there (2026-12-04, docs/benchmarks.md);
   "pallas_gpu"  the Triton kernels of pallas_gpu.py (GPU; head_dim in KERNEL_HEAD_DIMS and
                 block_len < tile; interpret=True off-device);
   "pallas_tpu"  the Mosaic kernels of pallas_tpu.py (TPU; same contract and limits);
@@ -50,9 +48,9 @@ from effattn.kernels.grouped_softmax import pallas_gpu, pallas_tpu, reference, x
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 MOSAIC_HEAD_DIMS = (64, 128)
 MOSAIC_TILE = 64  # one group per consumer warpgroup of 64 query rows
-# Backward kernels of impl="pallas_mosaic_gpu" (grouped_softmax(bwd=...)): the Triton ones by
-# default until the Mosaic ones pass their GPU check.
-MOSAIC_BACKWARDS = ("triton", "mosaic")
+# Backward kernels of impl="pallas_mosaic_gpu" (grouped_softmax(bwd=...)): its own by default
+# (checked on an H200, 1.31x the Triton backward's speed there); "triton" stays as a forced path.
+MOSAIC_BACKWARDS = ("mosaic", "triton")
 # Largest query rows (q_groups * tile) x head_dim of a float32 GPU kernel that fits in shared
 # memory (64 x 128 ran on an H200, 128 x 128 did not).
 _F32_ROWS_X_D = 64 * 128
@@ -61,17 +59,12 @@ _HOLDS_BLOCK = dispatch.Limit(("block_len", "tile"), lambda block_len, tile: "" 
         f"block_len={block_len} >= tile={tile} (a tile holds its block and the block's "
         "landmark key)"))
 _LIMITS = (dispatch.one_of("head_dim", KERNEL_HEAD_DIMS), _HOLDS_BLOCK)
-# Built and lowered on CPU, not yet run on a GPU: "auto" and "pallas" skip it, naming it runs it.
-_FORWARD_UNCHECKED = dispatch.Limit((), lambda: (
-    "its forward awaits its GPU check (scripts/bench_landmark.py --paths pallas_mosaic_gpu); "
-    "impl='pallas_mosaic_gpu' forces it"))
 FAMILY = dispatch.Family("grouped_softmax", (
     dispatch.Path("pallas_mosaic_gpu", platform="gpu", interpretable=False,
                   device=lambda: _hopper(),  # looked up on use (tests stand in a device)
                   limits=(dispatch.one_of("head_dim", MOSAIC_HEAD_DIMS),
                           dispatch.one_of("dtype", ("bfloat16",)),
-                          dispatch.one_of("tile", (MOSAIC_TILE,)), _HOLDS_BLOCK),
-                  auto_limits=(_FORWARD_UNCHECKED,)),
+                          dispatch.one_of("tile", (MOSAIC_TILE,)), _HOLDS_BLOCK)),
     dispatch.Path("pallas_gpu", platform="gpu", limits=_LIMITS),
     dispatch.Path("pallas_tpu", platform="tpu", limits=_LIMITS),
     dispatch.Path("xla"),
@@ -85,8 +78,8 @@ class _Static:
   scale: float
   interpret: bool
   tuning: tuple = ()  # Triton (num_warps, num_stages) overrides as key-value pairs
-  # whose kernels: "gpu" (pallas_gpu.py) | "mosaic_gpu" (pallas_mosaic_gpu.py: its forward,
-  # the Triton backward or, with ("bwd", "mosaic") in tuning, its own) | "tpu" (pallas_tpu.py)
+  # whose kernels: "gpu" (pallas_gpu.py) | "mosaic_gpu" (pallas_mosaic_gpu.py: its forward and
+  # backward, or with ("bwd", "triton") in tuning the Triton backward) | "tpu" (pallas_tpu.py)
   platform: str = "gpu"
 
   @property
@@ -240,9 +233,8 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
       program walks the key group's whole query range; S > 1: S programs take equal shares of
       it and write float32 partials that an XLA sum adds, the same sums regrouped; 0: chosen
       from the grid, pallas_gpu.auto_kv_splits). The TPU kernels ignore it.
-    bwd: the backward kernels of impl="pallas_mosaic_gpu": "triton" (default: pallas_gpu.py's
-      dQ and dK/dV kernels) or "mosaic" (pallas_mosaic_gpu.py's, lowered on CPU, awaiting
-      their GPU check: scripts/bench_landmark.py --paths pallas_mosaic_gpu_bwd). The other
+    bwd: the backward kernels of impl="pallas_mosaic_gpu": "mosaic" (default:
+      pallas_mosaic_gpu.py's dQ and dK/dV kernels) or "triton" (pallas_gpu.py's). The other
       paths ignore it.
     return_fallback_frac: also return the fraction of batch rows that took the kernel path's
       runtime fallback (1.0 or 0.0: the lax.cond sends the whole batch), or None on a path that
@@ -304,9 +296,10 @@ def grouped_softmax(q, k, v, k_land, gid, seg, *, scale: float | None = None,
   per_tile = math.lcm(q_groups or 1, 2 if path == "pallas_mosaic_gpu" else 1)
   max_groups = -(-max_groups // per_tile) * per_tile
   lay = relayout(gid, seg, max_groups=max_groups, tile=tile)
+  mosaic_bwd = (bwd or MOSAIC_BACKWARDS[0]) if path == "pallas_mosaic_gpu" else None
   tuning = tuple((n, x) for n, x in (("num_warps", num_warps), ("num_stages", num_stages),
                                      ("q_groups", q_groups), ("kv_splits", kv_splits),
-                                     ("bwd", bwd if path == "pallas_mosaic_gpu" else None))
+                                     ("bwd", mosaic_bwd))
                  if x is not None)
   st = _Static(tile=tile, scale=scale, interpret=interpret, tuning=tuning,
                platform=path.removeprefix("pallas_"))

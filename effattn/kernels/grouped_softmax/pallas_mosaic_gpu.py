@@ -7,10 +7,10 @@ group's landmark key, v's zero), glen / gfirst [B, Gp] int32 (tokens and first g
 segment per group; absent groups len 0, first = own index); returns o [B, N, H, D] in q's dtype
 and lse [B, H, N] float32 in log2 units (0 on slots of absent groups), the residuals
 pallas_gpu.backward takes. api.py's impl="pallas_mosaic_gpu" runs this forward and
-differentiates it with `backward`: by default (bwd="triton") the Triton kernels of
-pallas_gpu.py on its o and lse; with bwd="mosaic" the two Mosaic kernels at the end of this
-file (see "The backward" below), lowered on CPU and run in jax's Mosaic GPU interpreter
-(scripts/interpret_grouped_softmax_mosaic.py), not yet on a GPU.
+differentiates it with `backward`: by default (bwd="mosaic") the two Mosaic kernels at the end
+of this file (see "The backward" below), checked on an H200 by scripts/bench_landmark.py and
+run on CPU in jax's Mosaic GPU interpreter (scripts/interpret_grouped_softmax_mosaic.py); with
+bwd="triton" the Triton kernels of pallas_gpu.py on its o and lse.
 
 The forward is one kernel, grid (H, G2 / 2, B) with G2 = G rounded up to even; a CTA is three
 warpgroups, the block-sparse Mosaic forward's (block_sparse/pallas_mosaic_gpu.py `_fwd_kernel`)
@@ -275,7 +275,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, glen_ref, gfirst_ref, o_ref, lse_ref, q_sme
 
 def forward(q, k, v, glen, gfirst, *, lt: int, scale: float, interpret: bool = False,
             num_warps: int | None = None, num_stages: int | None = None, q_groups: int = 1,
-            kv_splits: int = 1, bwd: str = "triton"):
+            kv_splits: int = 1, bwd: str = "mosaic"):
   """q, k, v [B, N = G * Lt, H, D] (group-tiled, k with each group's landmark key in its last
   slot), glen / gfirst [B, Gp] int32. Returns o [B, N, H, D] in q's dtype and lse [B, H, N]
   float32 in log2 units, as pallas_gpu.forward.
@@ -435,7 +435,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, glen_ref, glast
                num_stages=num_stages)
 
 
-BACKWARDS = ("triton", "mosaic")
+BACKWARDS = ("mosaic", "triton")
 
 
 def _pad_meta(glen, gother, g2: int):
@@ -461,7 +461,7 @@ def bwd_stages(d: int, itemsize: int, most: int | None = None) -> tuple[int, int
 
 def backward(q, k, v, lse, do, delta, glen, gfirst, glast, *, lt: int, scale: float,
              interpret: bool = False, num_warps: int | None = None, num_stages: int | None = None,
-             q_groups: int = 1, kv_splits: int = 1, bwd: str = "triton"):
+             q_groups: int = 1, kv_splits: int = 1, bwd: str = "mosaic"):
   """dq, dk, dv [B, N, H, D], pallas_gpu.backward's contract (lse [B, H, N] log2 units, delta
   [B, H, N] = rowsum(o * do) float32, do zero on invalid slots; dk's last slot of each group
   the landmark key's gradient).
