@@ -523,17 +523,18 @@ def breakdown_markdown(res: dict) -> str:
 
 
 # BlockSizes options off by default until checked and timed here, ahead of the older sweep
-# entries so that --deadline cuts those first: delta_rule_wy's dense form (docs/
-# delta_rule_vs_fla.md section 6 item 6), the walks' scaled values (item 5), bwd_dqk (and
-# bwd_prep) unrolled while the others pipeline, all together.
+# entries so that --deadline cuts those first. The H200 sweep of 2026-12-04 (second session,
+# T 32k, gated) timed them one at a time: the walks' scaled values (docs/delta_rule_vs_fla.md
+# section 6 item 5) 1.024x the default's kernels, bwd_dqk unrolled 1.016x (with bwd_prep too
+# 1.012x), delta_rule_wy's dense form 0.78x (11.68 ms against 4.63: it stays an option, out of
+# the sweep). Their union comes first, then each alone again for the same run's comparison.
 # (keep_w, dk_partial="compute" and num_stages_parallel=2 with num_warps_bwd=4 were these
-# options until the H200 sweep of 2026-12-04 made them the defaults.)
-WY_OPTIONS = [dict(wy_form="dense"), dict(wy_form="dense", num_warps_wy=4)]
+# options until the first H200 sweep of 2026-12-04 made them the defaults.)
+WY_OPTIONS = [dict(wy_form="dense")]
 WALK_OPTIONS = [dict(walk_form="scaled_values")]
-# bwd_dqk ran 0.3 ms slower pipelined (f32 dk_a); bwd_prep's keep_w form was timed unrolled only.
-UNROLLED_OPTIONS = [dict(unrolled=("bwd_dqk",)), dict(unrolled=("bwd_dqk", "bwd_prep"))]
-NEW_OPTIONS = (WY_OPTIONS + WALK_OPTIONS + UNROLLED_OPTIONS
-               + [dict(wy_form="dense", walk_form="scaled_values", unrolled=("bwd_dqk",))])
+UNROLLED_OPTIONS = [dict(unrolled=("bwd_dqk",))]
+NEW_OPTIONS = ([dict(walk_form="scaled_values", unrolled=("bwd_dqk",))] + WALK_OPTIONS
+               + UNROLLED_OPTIONS)
 
 
 def kernel_candidates() -> list[dict]:
@@ -541,9 +542,9 @@ def kernel_candidates() -> list[dict]:
   first. What reads each knob (pallas_gpu.py): block_v: both walks' programs and the Dv step of
   out, bwd_prep, bwd_dqk, bwd_wy; num_warps: both walks, out, bwd_prep, bwd_dqk; num_stages:
   the walks; num_stages_parallel: out, bwd_prep, bwd_dqk, bwd_wy; num_warps_bwd: bwd_wy (and
-  the fused delta_rule_bwd); block_k: bwd_dqk; num_warps_wy: delta_rule_wy. Options not yet
-  checked on a GPU (NEW_OPTIONS; BlockSizes' docstring): wy_form: delta_rule_wy; walk_form: the
-  two walks (fwd, dstate); unrolled: the parallel kernels it names."""
+  the fused delta_rule_bwd); block_k: bwd_dqk; num_warps_wy: delta_rule_wy. Options off by
+  default (NEW_OPTIONS; BlockSizes' docstring): walk_form: the two walks (fwd, dstate);
+  unrolled: the parallel kernels it names; wy_form: delta_rule_wy (the smoke run's only)."""
   if SMOKE["on"]:
     return [dict(num_warps_bwd=2), dict(block_k=32)] + WY_OPTIONS[:1] + WALK_OPTIONS
   return NEW_OPTIONS + [
