@@ -31,6 +31,10 @@
     its own Mosaic backward (the op's default bwd="mosaic": pallas_mosaic_gpu.py's dQ and dK/dV
     kernels, what impl="auto" runs on Hopper), checked first and timed under the same rules as (e) (its check rows carry
     "bwd": "mosaic"; check_mosaic_bwd in the JSON).
+(g) --bwd_parts: at every shape the backward's dQ and dK/dV kernels each timed alone on the
+    forward's group-tiled residuals (a jit returning only dq, or only dk and dv, so XLA drops
+    the other kernel: its custom-kernel count, 1, shows that), Triton's and, once the Mosaic
+    backward's check (f) passed, Mosaic's ("bwd_parts" in the JSON).
 Writes DIR/bench_landmark.json and prints a table last. --smoke runs everything on CPU at tiny
 shapes (Pallas interpret mode, XLA instead of cuDNN) to test this script itself.
 """
@@ -192,6 +196,60 @@ def mosaic_verdict(rows: list[dict], key: str = "check_mosaic") -> str:
   return ""
 
 
+def bench_bwd_parts(b, t, h, d, block_len, tile, reps, mosaic_skip: str = "") -> dict:
+  """--bwd_parts: the backward's dQ and dK/dV kernels each timed alone (jit of the backward with
+  only dq, or only dk and dv, returned: XLA drops the other kernel, and the count of custom
+  kernels shows it did), on the group-tiled residuals of the forward, for the Triton kernels
+  and, unless mosaic_skip says why not, the Mosaic ones. {"B", "T", "<kernels>_<part>_ms",
+  "<kernels>_<part>_kernels"} with kernels "triton" | "mosaic" and part "dq" | "dkv"."""
+  ks = jax.random.split(jax.random.key(t + 1), 5)
+  q, k, v, kl, do = (jax.random.normal(kk, (b, t, h, d), jnp.bfloat16) for kk in ks)
+  gid, seg = layout("one", b, t, block_len)
+  row = {"B": b, "T": t}
+  interpret = SMOKE["on"]
+  kinds = {"triton": "gpu"}
+  if mosaic_skip:
+    row["mosaic_skipped"] = mosaic_skip
+  else:
+    kinds["mosaic"] = "mosaic_gpu"
+  for name, platform in kinds.items():
+    per_cta = 2 if platform == "mosaic_gpu" else 1  # the Mosaic CTA holds two groups
+    groups = -(-grouped.default_max_groups(t, block_len) // per_cta) * per_cta
+    lay = grouped.relayout(gid, seg, max_groups=groups, tile=tile)
+    tuning = (("bwd", "mosaic"),) if platform == "mosaic_gpu" else ()
+    st = grouped._Static(tile=tile, scale=d ** -0.5, interpret=interpret,  # noqa: SLF001
+                         tuning=tuning, platform=platform)
+    qg, kg, vg = grouped.group_tiles(q, k, v, kl, lay, tile)
+    dog = grouped.group_tiles(do, do, do, kl, lay, tile)[0]  # zero on invalid slots
+    meta = (lay["glen"], lay["gfirst"], lay["glast"])
+    _, res = jax.jit(grouped._kernel_fwd, static_argnums=6)(qg, kg, vg, *meta, st)  # noqa: SLF001
+    for part, pick in (("dq", lambda g: g[0]), ("dkv", lambda g: g[1:3])):
+      fn = lambda res, dog, pick=pick, st=st: pick(grouped._kernel_bwd(st, res, dog))  # noqa: E731,SLF001
+      try:
+        got = measure(fn, res, dog, reps=reps)
+        row[f"{name}_{part}_ms"], row[f"{name}_{part}_kernels"] = got["ms"], got["kernels"]
+      except Exception as e:  # noqa: BLE001  (report, keep the other parts)
+        row[f"{name}_{part}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"{name} {part} failed: {row[f'{name}_{part}_error']}", flush=True)
+  print("bwd_parts", row, flush=True)
+  return row
+
+
+def print_bwd_parts(rows: list[dict], h: int, d: int, block_len: int) -> None:
+  print(f"\nbackward kernels alone (H={h} D={d} bf16 block_len={block_len}; median ms "
+        "[custom kernels compiled]):")
+  for r in rows:
+    cells = []
+    for name in ("triton", "mosaic"):
+      for part in ("dq", "dkv"):
+        if f"{name}_{part}_ms" in r:
+          cells.append(f"{name} {part} {r[f'{name}_{part}_ms']:.2f} "
+                       f"[{r[f'{name}_{part}_kernels']}]")
+    if "mosaic_skipped" in r:
+      cells.append(f"mosaic not timed: {r['mosaic_skipped']}")
+    print(f"  B {r['B']} T {r['T']}: " + "; ".join(cells))
+
+
 def bench_one(b, t, h, d, block_len, tile, reps, tuning=(), paths=PATHS,
               skip: dict | None = None) -> dict:
   """Times of `paths` at one shape; skip {path: reason}: a path not timed, its reason in the
@@ -342,6 +400,9 @@ def main(argv=None):
   ap.add_argument("--paths", default=",".join(PATHS),
                   help="paths timed in (b), comma list of " + ", ".join(ALL_PATHS)
                        + f" (default {','.join(PATHS)})")
+  ap.add_argument("--bwd_parts", action="store_true",
+                  help="also time the backward's dQ and dK/dV kernels each alone at every shape "
+                       "(Triton, and Mosaic after its backward's check passes)")
   ap.add_argument("--smoke", action="store_true", help="CPU self-test: tiny shapes, interpret")
   args = ap.parse_args(argv)
   paths = bench_args.choices(ap, "--paths", args.paths, ALL_PATHS)
@@ -367,13 +428,16 @@ def main(argv=None):
     verdict = (mosaic_verdict(result["check_mosaic"])
                or why_not_here(MOSAIC, jnp.bfloat16, d, block_len, tile))
     skip = {p: verdict for p in MOSAIC_PATHS}
-  if any(p in paths for p in MOSAIC_BWD_PATHS):  # likewise, the Mosaic backward
+  if args.bwd_parts or any(p in paths for p in MOSAIC_BWD_PATHS):  # the Mosaic backward too
     result["check_mosaic_bwd"] = check(check_shape, block_len, tile, impl=MOSAIC_BWD)
     verdict = (mosaic_verdict(result["check_mosaic_bwd"], "check_mosaic_bwd")
                or why_not_here(MOSAIC, jnp.bfloat16, d, block_len, tile))
     skip.update({p: verdict for p in MOSAIC_BWD_PATHS})
   result["rows"] = [bench_one(b, t, h, d, block_len, tile, reps, paths=paths, skip=skip)
                     for b, t in shapes]
+  result["bwd_parts"] = [bench_bwd_parts(b, t, h, d, block_len, tile, reps,
+                                         mosaic_skip=skip.get(MOSAIC_BWD, ""))
+                         for b, t in shapes] if args.bwd_parts else []
   result["kv_splits"] = bench_splits(kv_splits, shapes, h, d, block_len, tile, reps,
                                      check_shape, result, check_first=not args.no_check)
   result["tune"] = []
@@ -448,6 +512,8 @@ def main(argv=None):
     if MOSAIC_BWD + "_core_fwd_ms" in r:  # Mosaic forward and backward
       print(f"    Triton / Mosaic fwd+bwd kernels alone: "
             f"{ratio('kernel_core', MOSAIC_BWD + '_core')}x")
+  if result["bwd_parts"]:
+    print_bwd_parts(result["bwd_parts"], h, d, block_len)
   if result["kv_splits"]:
     print_splits(result["kv_splits"], h, d, block_len)
   failed = [c for c in result.get("check", []) + result.get("check_kv_splits", [])

@@ -172,10 +172,11 @@ def _kernel_bwd(st, res, do):
 _kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 
-def kernel_attention(q, k, v, k_land, lay: Layout, st: _Static):
-  """The kernel path on a layout whose `ok` holds: o [B, T, H, D]."""
+def group_tiles(q, k, v, k_land, lay: Layout, tile: int):
+  """q, k, v [B, T, H, D] -> qg, kg, vg [B, G * tile, H, D] in the kernels' group-tiled layout
+  (invalid slots zero, each key tile's last slot its group's landmark key)."""
   b, slots = lay["valid"].shape
-  n_groups = slots // st.tile
+  n_groups = slots // tile
   mask = lay["valid"][:, :, None, None]
   qg, kg, vg = (jnp.where(mask, _take_rows(x, lay["slot_tok"]), 0) for x in (q, k, v))
   if k_land.shape[1] >= n_groups:
@@ -185,8 +186,13 @@ def kernel_attention(q, k, v, k_land, lay: Layout, st: _Static):
   # Each group's landmark key goes into the last slot of its key tile (common.py): its score
   # and gradient come out of the tile's own dots. Its gradient flows back through this set.
   h, d = k.shape[2:]
-  kg = kg.reshape(b, n_groups, st.tile, h, d).at[:, :, -1].set(klg.astype(kg.dtype))
-  kg = kg.reshape(b, slots, h, d)
+  kg = kg.reshape(b, n_groups, tile, h, d).at[:, :, -1].set(klg.astype(kg.dtype))
+  return qg, kg.reshape(b, slots, h, d), vg
+
+
+def kernel_attention(q, k, v, k_land, lay: Layout, st: _Static):
+  """The kernel path on a layout whose `ok` holds: o [B, T, H, D]."""
+  qg, kg, vg = group_tiles(q, k, v, k_land, lay, st.tile)
   # qg, kg, vg [B, slots, H, D], glen, gfirst, glast [B, Gp] -> og.
   kernel = mesh.on_mesh("grouped_softmax", f"pallas_{st.platform}", lambda *a: _kernel(*a, st),
                         ("BTHD", "BTHD", "BTHD", "BG", "BG", "BG"), "BTHD")
