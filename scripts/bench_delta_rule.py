@@ -522,19 +522,18 @@ def breakdown_markdown(res: dict) -> str:
   return "\n".join(lines)
 
 
-# BlockSizes options off by default until checked and timed here, ahead of the older sweep
-# entries so that --deadline cuts those first. The H200 sweep of 2026-12-04 (second session,
-# T 32k, gated) timed them one at a time: the walks' scaled values (docs/delta_rule_vs_fla.md
-# section 6 item 5) 1.024x the default's kernels, bwd_dqk unrolled 1.016x (with bwd_prep too
-# 1.012x), delta_rule_wy's dense form 0.78x (11.68 ms against 4.63: it stays an option, out of
-# the sweep). Their union comes first, then each alone again for the same run's comparison.
-# (keep_w, dk_partial="compute" and num_stages_parallel=2 with num_warps_bwd=4 were these
-# options until the first H200 sweep of 2026-12-04 made them the defaults.)
+# BlockSizes options ahead of the older sweep entries, so that --deadline cuts those first. The
+# H200 sweep of 2026-12-04 (second session, T 32k, gated) timed the walks' scaled values
+# (docs/delta_rule_vs_fla.md section 6 item 5) at 1.024x the earlier walks, bwd_dqk unrolled at
+# 1.016x, delta_rule_wy's dense form at 0.78x (11.68 ms against 4.63: an option, out of the
+# sweep); the first two are the defaults since (their union 25.28 ms against 25.96, checked
+# first). The sweep keeps undoing each, so every run re-measures the choice on its device.
+# (keep_w, dk_partial="compute" and num_stages_parallel=2 with num_warps_bwd=4 became the
+# defaults in the first H200 sweep of 2026-12-04.)
 WY_OPTIONS = [dict(wy_form="dense")]
-WALK_OPTIONS = [dict(walk_form="scaled_values")]
-UNROLLED_OPTIONS = [dict(unrolled=("bwd_dqk",))]
-NEW_OPTIONS = ([dict(walk_form="scaled_values", unrolled=("bwd_dqk",))] + WALK_OPTIONS
-               + UNROLLED_OPTIONS)
+WALK_OPTIONS = [dict(walk_form="scaled_keys")]
+UNROLLED_OPTIONS = [dict(unrolled=())]
+NEW_OPTIONS = WALK_OPTIONS + UNROLLED_OPTIONS
 
 
 def kernel_candidates() -> list[dict]:
@@ -542,9 +541,9 @@ def kernel_candidates() -> list[dict]:
   first. What reads each knob (pallas_gpu.py): block_v: both walks' programs and the Dv step of
   out, bwd_prep, bwd_dqk, bwd_wy; num_warps: both walks, out, bwd_prep, bwd_dqk; num_stages:
   the walks; num_stages_parallel: out, bwd_prep, bwd_dqk, bwd_wy; num_warps_bwd: bwd_wy (and
-  the fused delta_rule_bwd); block_k: bwd_dqk; num_warps_wy: delta_rule_wy. Options off by
-  default (NEW_OPTIONS; BlockSizes' docstring): walk_form: the two walks (fwd, dstate);
-  unrolled: the parallel kernels it names; wy_form: delta_rule_wy (the smoke run's only)."""
+  the fused delta_rule_bwd); block_k: bwd_dqk; num_warps_wy: delta_rule_wy. The earlier forms
+  (NEW_OPTIONS; BlockSizes' docstring): walk_form: the two walks (fwd, dstate); unrolled: the
+  parallel kernels it names; wy_form: delta_rule_wy (the smoke run's only)."""
   if SMOKE["on"]:
     return [dict(num_warps_bwd=2), dict(block_k=32)] + WY_OPTIONS[:1] + WALK_OPTIONS
   return NEW_OPTIONS + [

@@ -130,12 +130,13 @@ def test_split_backward_matches_reference(case_name):
     assert_close(label, w, g, dtype=dtype, reduction=t)
 
 
-# BlockSizes launch options: the defaults since the H200 sweep of 2026-12-04 are keep_w (the
+# BlockSizes launch options: the defaults since the H200 sweeps of 2026-12-04 are keep_w (the
 # forward keeps W, bwd_prep writes only P^T dO), dk_partial="compute" (dk_a handed over in the
-# compute dtype) and num_stages_parallel=2 (the parallel kernels' loop over value blocks as a
-# real loop); the earlier settings (each one, and all of them: W recomputed, f32 dk_a, the
-# unrolled loop) stay forced paths. 16-wide blocks as above, so the value loops run 2 blocks
-# (ragged: Dv=32) and dk_a adds over 2 key blocks (bf16: Dk=32); bf16 checks dk_a's rounding.
+# compute dtype), num_stages_parallel=2 (the parallel kernels' loop over value blocks as a real
+# loop) but bwd_dqk unrolled, and walk_form="scaled_values"; the earlier settings (each one, and
+# all of them: W recomputed, f32 dk_a, the unrolled loop, the scaled-keys walks) stay forced
+# paths. 16-wide blocks as above, so the value loops run 2 blocks (ragged: Dv=32) and dk_a adds
+# over 2 key blocks (bf16: Dk=32); bf16 checks dk_a's rounding.
 EARLIER = dict(keep_w=False, dk_partial="float32", num_stages_parallel=None, num_warps_bwd=8)
 OPTION_CASES = [
     ("recompute_w", dict(keep_w=False), "f32-ragged-segments-state", False),
@@ -146,20 +147,20 @@ OPTION_CASES = [
     ("unrolled", dict(num_stages_parallel=None), "f32-ragged-segments-state", False),
     ("unrolled", dict(num_stages_parallel=None), "bf16-weak-gates-chunk32", True),
     ("stages3", dict(num_stages_parallel=3), "bf16-weak-gates-chunk32", True),
-    ("unrolled-dqk", dict(unrolled=("bwd_dqk",)), "bf16-weak-gates-chunk32", True),
+    ("pipelined-dqk", dict(unrolled=()), "bf16-weak-gates-chunk32", False),
     ("earlier", EARLIER, "bf16-weak-gates-chunk32", False),
     ("earlier", EARLIER, "f32-strong-gates-chunk64", True),
     ("earlier", EARLIER, "shorter-than-a-chunk", True),
-    # walk_form="scaled_values": both walks scale the [C, bv] side (K^T (omega Delta), omega (K dS),
-    # Q^T ((scale gq) dO)), G_last by a scalar load, exp2 gates.
-    ("scaled_values", dict(walk_form="scaled_values"), "f32-ragged-segments-state", False),
-    ("scaled_values", dict(walk_form="scaled_values"), "bf16-weak-gates-chunk32", False),
-    ("scaled_values-fused", dict(walk_form="scaled_values", backward="fused"),
+    # walk_form="scaled_keys" (the earlier walks): both walks scale the [C, Dk] operands
+    # ((omega K)^T Delta, (omega K) dS, (gq Q)^T (scale dO)), G_last by a masked reduction.
+    ("scaled_keys", dict(walk_form="scaled_keys"), "f32-ragged-segments-state", False),
+    ("scaled_keys", dict(walk_form="scaled_keys"), "bf16-weak-gates-chunk32", False),
+    ("scaled_keys-fused", dict(walk_form="scaled_keys", backward="fused"),
      "f32-strong-gates-chunk64", False),
-    ("scaled_values", dict(walk_form="scaled_values"), "shorter-than-a-chunk", True),
-    ("earlier-scaled_values", dict(EARLIER, walk_form="scaled_values"),
+    ("scaled_keys", dict(walk_form="scaled_keys"), "shorter-than-a-chunk", True),
+    ("earlier-scaled_keys", dict(EARLIER, walk_form="scaled_keys", unrolled=()),
      "bf16-weak-gates-chunk32", False),
-    ("earlier-scaled_values", dict(EARLIER, walk_form="scaled_values"),
+    ("earlier-scaled_keys", dict(EARLIER, walk_form="scaled_keys", unrolled=()),
      "f32-ragged-segments-state", True),
     # wy_form="dense": delta_rule_wy on the whole chunk (A by one K K^T dot with the strict,
     # runs masks; one forward substitution on [C, C]; W and U one dot each) against the
@@ -187,7 +188,7 @@ def test_block_size_options_match_reference(options, case_name):
 
 
 def test_walk_forms_agree_to_rounding():
-  """walk_form="scaled_values" is today's walk math regrouped (K^T diag(omega) Delta either
+  """walk_form="scaled_values" (the default) is the earlier walk math regrouped (K^T diag(omega) Delta either
   way; e^x = 2^(x log2 e)): in float32 (segments, an initial state, two value blocks) both
   forms' outputs and gradients agree to float32 rounding, far inside the reference tolerance."""
   case = CASES["f32-ragged-segments-state"]

@@ -185,11 +185,13 @@ def test_block_size_options_change_only_their_kernels():
   """keep_w (default): bwd_prep reads q, k, gcum, dO (no beta, no T) and writes dlocal only;
   dk_partial="compute" (default): bwd_dqk hands dk_a over in the compute dtype;
   num_stages_parallel (default 2): the parallel kernels loop over value blocks (a real loop)
-  at that many stages. Each earlier setting (W recomputed, f32 dk_a, the unrolled loop at one
-  stage) stays a forced path."""
+  at that many stages, but those in unrolled (default bwd_dqk) keep the unrolled loop at one
+  stage. Each earlier setting (W recomputed, f32 dk_a, the unrolled loop at one stage, all four
+  pipelined) stays a forced path."""
   args = [jnp.zeros(s.shape, s.dtype) for s in _shapes(1, 40, 1, 32, jnp.bfloat16)]
   sizes = lambda **kw: pallas_gpu.BlockSizes(block_v=16, **kw)  # noqa: E731
-  assert (sizes().keep_w, sizes().dk_partial, sizes().num_stages_parallel) == (True, "compute", 2)
+  assert (sizes().keep_w, sizes().dk_partial, sizes().num_stages_parallel,
+          sizes().unrolled) == (True, "compute", 2, ("bwd_dqk",))
   earlier = dict(keep_w=False, dk_partial="float32", num_stages_parallel=None)
   plain = pallas_calls(loss_grads("pallas_gpu", True, False, sizes(**earlier)), *args)
   prep = plain["delta_rule_bwd_prep"]
@@ -204,20 +206,19 @@ def test_block_size_options_change_only_their_kernels():
   assert sorted(default) == sorted(plain)
   assert default["delta_rule_bwd_dqk"].outvars[1].aval.dtype == jnp.bfloat16
   for name in PARALLEL:
-    assert _loops(default[name]) == 1 and stages(default[name]) == 2, name
+    piped = name != "delta_rule_bwd_dqk"
+    assert (_loops(default[name]), stages(default[name])) == ((1, 2) if piped else (0, 1)), name
   assert stages(default["delta_rule_wy"]) == 1
 
   recompute = pallas_calls(loss_grads("pallas_gpu", True, False, sizes(keep_w=False)), *args)
   assert len(recompute["delta_rule_bwd_prep"].invars) == 6
-  piped = pallas_calls(loss_grads("pallas_gpu", True, False, sizes(num_stages_parallel=3)),
-                       *args)
+  piped = pallas_calls(loss_grads("pallas_gpu", True, False,
+                                  sizes(num_stages_parallel=3, unrolled=())), *args)
   for name in PARALLEL:
     assert _loops(piped[name]) == 1 and stages(piped[name]) == 3, name
-  mixed = pallas_calls(loss_grads("pallas_gpu", True, False, sizes(unrolled=("bwd_dqk",))),
-                       *args)
+  every = pallas_calls(loss_grads("pallas_gpu", True, False, sizes(unrolled=())), *args)
   for name in PARALLEL:
-    piped = name != "delta_rule_bwd_dqk"
-    assert (_loops(mixed[name]), stages(mixed[name])) == ((1, 2) if piped else (0, 1)), name
+    assert _loops(every[name]) == 1 and stages(every[name]) == 2, name
 
 
 WALKS = ("delta_rule_fwd", "delta_rule_dstate")
@@ -225,23 +226,25 @@ WALKS = ("delta_rule_fwd", "delta_rule_dstate")
 
 @pytest.mark.parametrize("segments", [False, True])
 def test_walk_form_changes_only_the_walks(segments):
-  """walk_form="scaled_values": every kernel but the two walks is the default's (same kernel
-  jaxpr, same launch); in the walks the gates are exp2 of scaled exponents with G_last a
-  scalar load (no reduce_sum, no exp), and no [C, Dk] operand is multiplied: every 2-d mul in
-  the walk bodies is [C, bv] or [Dk, bv] (keep * state). Default: today's (exp, reduce_sum)."""
+  """walk_form="scaled_values" (the default) against "scaled_keys" (the earlier walks): every
+  kernel but the two walks is the same (same kernel jaxpr, same launch); in the walks the gates
+  are exp2 of scaled exponents with G_last a scalar load (no reduce_sum, no exp), and no
+  [C, Dk] operand is multiplied: every 2-d mul in the walk bodies is [C, bv] or [Dk, bv]
+  (keep * state). scaled_keys: exp and reduce_sum."""
   args = [jnp.zeros(s.shape, s.dtype) for s in _shapes(1, 40, 1, 32, jnp.bfloat16)]
   sizes = lambda **kw: pallas_gpu.BlockSizes(block_v=16, **kw)  # noqa: E731
-  default = pallas_calls(loss_grads("pallas_gpu", True, segments, sizes()), *args)
-  walked = pallas_calls(loss_grads("pallas_gpu", True, segments,
-                                   sizes(walk_form="scaled_values")), *args)
-  assert sorted(walked) == sorted(default)
-  for name, eqn in default.items():
+  assert sizes().walk_form == "scaled_values"
+  keys = pallas_calls(loss_grads("pallas_gpu", True, segments,
+                                    sizes(walk_form="scaled_keys")), *args)
+  walked = pallas_calls(loss_grads("pallas_gpu", True, segments, sizes()), *args)
+  assert sorted(walked) == sorted(keys)
+  for name, eqn in keys.items():
     same = str(walked[name].params["jaxpr"]) == str(eqn.params["jaxpr"])
     assert same == (name not in WALKS), name
     assert stages(walked[name]) == stages(eqn), name
   for name in WALKS:
     before, after = (set(re.findall(r"= (exp2?|reduce_sum)\b", str(c[name].params["jaxpr"])))
-                     for c in (default, walked))
+                     for c in (keys, walked))
     assert (before, after) == ({"exp", "reduce_sum"}, {"exp2"}), name
     jaxpr = walked[name].params["jaxpr"]
     body = next(e for e in jaxpr.eqns if e.primitive.name in ("scan", "while"))

@@ -95,28 +95,30 @@ class BlockSizes:
     backward's kernel keeps its unrolled loop. With num_warps_bwd 4: bwd_wy 8.0 -> 6.0 ms
     (bwd_dqk alone is 0.3 ms slower pipelined).
   unrolled: names of PARALLEL_KERNELS that keep the unrolled loop at 1 stage although
-    num_stages_parallel is set (bwd_dqk, which the sweep timed 0.3 ms slower pipelined, is the
-    candidate; not yet timed this way, so the default () pipelines all four).
-
-  Options not yet checked and timed on a GPU (each default keeps the kernels as they are;
-  scripts/bench_delta_rule.py --tune-kernels checks and times them):
+    num_stages_parallel is set. Default ("bwd_dqk",): bwd_dqk ran 0.3 ms slower pipelined,
+    1.016x its kernels unrolled in the second H200 sweep of 2026-12-04; () pipelines all four.
   walk_form: how each step of the two walks (delta_rule_fwd, delta_rule_dstate) applies the
-    gates. "scaled_keys" (today's): the [C, Dk] operands are scaled, forward (omega K)^T Delta,
-    reverse (omega K) dS and (gq Q)^T (scale dO), with G_last (and the carry's last entry) a
-    masked 64-wide reduction and the gates libdevice expf. "scaled_values": the [C, bv] side
-    is, forward K^T (omega Delta), reverse omega (K dS) and Q^T ((scale gq) dO), so k, q and W
-    go from their loads into the dots (no [C, Dk] f32 multiply, truncate and transpose of a
-    register value a step); G_last and the carry's last entry are scalar loads and the gates
-    exp2 of log2(e)-scaled exponents. The same math up to rounding (docs/delta_rule_vs_fla.md
-    section 6 item 5).
-  wy_form: how delta_rule_wy builds T = (I + A)^{-1}, W and U. "blocked" (today's): on 16-row
+    gates. "scaled_values" (default since the second H200 sweep of 2026-12-04: 1.024x the
+    walks' time alone; with unrolled=("bwd_dqk",) fwd+bwd 25.28 ms at T 32k against 25.96 ms
+    with both earlier settings, each run checked first): the [C, bv] side is scaled, forward
+    K^T (omega Delta), reverse omega (K dS) and Q^T ((scale gq) dO), so k, q and W go from
+    their loads into the dots (no [C, Dk] f32 multiply, truncate and transpose of a register
+    value a step); G_last and the carry's last entry are scalar loads and the gates exp2 of
+    log2(e)-scaled exponents. "scaled_keys" (the earlier form, a forced path): the [C, Dk]
+    operands are scaled, forward (omega K)^T Delta, reverse (omega K) dS and (gq Q)^T
+    (scale dO), with G_last (and the carry's last entry) a masked 64-wide reduction and the
+    gates libdevice expf. The same math up to rounding (docs/delta_rule_vs_fla.md section 6
+    item 5).
+
+  wy_form: how delta_rule_wy builds T = (I + A)^{-1}, W and U. "blocked" (default): on 16-row
     blocks (at C 64: 10 [16, Dk] x [Dk, 16] dots for A, four 15-step forward substitutions on
     the diagonal blocks, the off-diagonal blocks of T from float32 [16, 16] dots, TF32 on the
     GPU, then 20 [16, 16] x [16, D] dots for W and U). "dense": the whole chunk at once
     (xla.chunk_inverse and xla.chunk_wy, as pallas_tpu): A from one [C, Dk] x [Dk, C] dot,
     one (C - 1)-step forward substitution on the [C, C] float32 tile (no float32 dot, so no
     TF32), W and U one [C, C] x [C, D] dot each in the compute dtype. The same math up to
-    rounding (docs/delta_rule_vs_fla.md section 6 item 6).
+    rounding (docs/delta_rule_vs_fla.md section 6 item 6); checked and timed on the H200,
+    0.78x (delta_rule_wy 11.68 ms against 4.63 at T 32k), so a forced path only.
   """
 
   block_v: int = 64
@@ -129,9 +131,9 @@ class BlockSizes:
   keep_w: bool = True
   dk_partial: str = "compute"
   num_stages_parallel: int | None = 2
-  walk_form: str = "scaled_keys"
+  walk_form: str = "scaled_values"
   wy_form: str = "blocked"
-  unrolled: tuple[str, ...] = ()
+  unrolled: tuple[str, ...] = ("bwd_dqk",)
 
   def __post_init__(self):
     if not isinstance(self.unrolled, tuple) or set(self.unrolled) - set(PARALLEL_KERNELS):
