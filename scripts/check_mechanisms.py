@@ -11,7 +11,9 @@ parameters and inputs: x [B, T, d_model], positions, and segment ids, both of on
 same (rounded) inputs: the layer output and the gradients of a random projection of it with
 respect to x and every parameter, as max |path - f32| / max |f32| per leaf (the worst leaf is
 reported). A row passes when the auto path's error is within 1.5x the xla path's in the same
-dtype plus a floor: the kernels may round differently from XLA, not worse. The auto row's compiled program is searched for custom
+dtype plus a floor: the kernels may round differently from XLA, not worse. The float32
+baseline runs at jax_default_matmul_precision "float32" (exact products); --precision runs both
+paths at another (e.g. tensorfloat32: the kernels' float32 dots on TF32, effattn/kernels/matmul.py). The auto row's compiled program is searched for custom
 kernels (effattn.kernels.hlo): a mechanism whose auto path ran no kernel on a GPU is reported,
 not failed (some have none). The table is printed last; check.json under --out.
 """
@@ -41,6 +43,8 @@ def parse_args(argv=None):
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--floor", type=float, default=0.0,
                  help="error allowed beyond 1.5x the xla path's (0: 2e-3 for 16-bit, 1e-5 f32)")
+  p.add_argument("--precision", default="", choices=("", "tensorfloat32", "float32"),
+                 help="jax_default_matmul_precision of the auto and xla paths ('': unset)")
   p.add_argument("--interpret", default="", choices=("", "gpu", "tpu"),
                  help="CPU: run the auto path's kernels of this platform in interpret mode")
   p.add_argument("--smoke", action="store_true", help="CPU self-test at tiny sizes")
@@ -148,15 +152,21 @@ def check_one(args, spec: str) -> dict:
   fns = {role: loss_fn(g) for role, g in graphs.items()}
   interpret = (lambda: dispatch.interpret_kernels(args.interpret)) if args.interpret else (
       contextlib.nullcontext)
+  # jit's cache key holds the precision, so each context traces its own program.
+  paths = (lambda: jax.default_matmul_precision(args.precision)) if args.precision else (
+      contextlib.nullcontext)
   row = {"mechanism": spec}
   for case, seg in (("ones", jnp.ones((b, t), jnp.int32)),
                     ("packed", jnp.asarray(packed_segments(b, t)))):
-    ref = fns["f32"](params, x.astype(jnp.float32), seg)
-    with interpret():
+    with jax.default_matmul_precision("float32"):
+      ref = fns["f32"](params, x.astype(jnp.float32), seg)
+    with interpret(), paths():
       out = fns["auto"](params, x, seg)
       if case == "ones":
         row["kernels"] = hlo.kernel_names(hlo.compiled_text(fns["auto"], params, x, seg))
-    row[case] = {"auto": errors(out, ref), "xla": errors(fns["xla"](params, x, seg), ref)}
+    with paths():
+      xla = fns["xla"](params, x, seg)
+    row[case] = {"auto": errors(out, ref), "xla": errors(xla, ref)}
   worst = {role: max(row[c][role][n] for c in ("ones", "packed") for n in ("y", "dx", "dparams"))
            for role in ("auto", "xla")}
   row["worst"], row["floor"] = worst, floor
@@ -186,7 +196,7 @@ def main(argv=None) -> list[dict]:
   import jax
   device = jax.devices()[0]
   print(f"{device.device_kind}: B {args.batch} T {args.seq_len} d_model {args.d_model} "
-        f"H {args.num_heads} {args.dtype}", flush=True)
+        f"H {args.num_heads} {args.dtype} precision {args.precision or 'unset'}", flush=True)
   rows = []
   for spec in mechanism_specs(args.mechanisms):
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from effattn.kernels import matmul
 from effattn.kernels.block_sparse.common import MASK_VALUE, Aux, element_mask
 
 
@@ -54,7 +55,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: 
     qv = {n: None if x is None else jax.lax.dynamic_slice_in_dim(x, i * block_q, block_q, 2)
           for n, x in q_vecs.items()}
     s = jnp.einsum("bqhd,bhkd->bhqk", qs.astype(jnp.float32), kg.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST) * scale
+                   precision=matmul.f32_precision()) * scale
     if kv["kv_bias"] is not None:
       s = s + kv["kv_bias"][:, :, None, :].astype(jnp.float32)
     slot_ok = (jnp.arange(n_slots) < cnt[:, :, i, None])  # [B, H, K]
@@ -69,7 +70,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: 
     seen = l > 0
     p = p / jnp.where(seen, l, 1.0)
     o = jnp.einsum("bhqk,bhkd->bqhd", p, vg.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
+                   precision=matmul.f32_precision())
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)[..., 0]
     return o.astype(q.dtype), lse
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from effattn.kernels import context_parallel as cp
+from effattn.kernels import matmul
 
 # q, k, v, theta, alpha, eta, W0, S0, segment ids -> y, (W, S).
 _LAYOUTS = (("BTHD", "BTHD", "BTHD", "BTH", "BTH", "BTH", "BHKV", "BHKV", "BT"),
@@ -39,7 +40,7 @@ _LAYOUTS = (("BTHD", "BTHD", "BTHD", "BTH", "BTH", "BTH", "BHKV", "BHKV", "BT"),
 
 
 def _matmul(a, b):
-  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+  return jnp.matmul(a, b, precision=matmul.f32_precision())
 
 
 def _chunked(update: Callable, n: int, q, k, v, theta, alpha, eta, w0, s0, segment_ids):

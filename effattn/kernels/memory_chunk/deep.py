@@ -20,15 +20,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from effattn.kernels import matmul
 from effattn.kernels.memory_chunk import common, xla
-
-_HI = jax.lax.Precision.HIGHEST
 
 
 def mlp(params, x):
   """M(x): x [..., D] through the layers of `params` (tuple of [d_in, d_out]), SiLU between."""
   for i, w in enumerate(params):
-    x = jnp.dot(x, w, precision=_HI)
+    x = jnp.dot(x, w, precision=matmul.f32_precision())
     if i < len(params) - 1:
       x = jax.nn.silu(x)
   return x
@@ -87,7 +86,7 @@ def chunk_forward(p, s, p_reset, q, k, v, theta, lb, le, seg, carry, end):
   f_end = jnp.sum(end * f)
   ref = jax.vmap(lambda c: jax.tree.map(lambda a, r: c * a + (1.0 - c) * r, p, p_reset))(carry)
   grads = jax.vmap(_grad)(ref, k, v)  # [C, ...]
-  mix = lambda m, g: jnp.einsum("ti,i...->t...", m, g, precision=_HI)
+  mix = lambda m, g: jnp.einsum("ti,i...->t...", m, g, precision=matmul.f32_precision())
   col = lambda x, leaf: x[(...,) + (None,) * leaf.ndim]
   per_token = jax.tree.map(
       lambda p_, r_, s_, g_: (col(co["wq"], p_) * p_ + col(f, r_) * r_ + col(co["a"], s_) * s_
