@@ -59,6 +59,27 @@ def test_layer_is_the_papers_block(attn):
   assert 0 < float(aux["delta_write"]) < 1 and float(aux["delta_log_decay"]) < 0
 
 
+def test_init_is_flas():
+  """fla's GatedDeltaNet init: A ~ U(0, 16), softplus(dt_bias) = dt ~ logU(1e-3, 1e-1), conv taps
+  U(-1/sqrt(K), 1/sqrt(K)), norm scale 1; so at init the write strength b is about 1/2 and the
+  decay a = exp(-A dt) lies in (exp(-1.6), 1]. A decay or write strength far from these (e.g. a
+  softplus^-1 slip that makes dt ~ 1, a = e^-8 per token) leaves the layer a memory of a token or
+  two, which on MQAR sits at chance."""
+  layer = build("gated_deltanet", d_model=64, num_heads=64, head_dim=16, impl="xla")
+  a = np.exp(np.asarray(layer.A_log.value, np.float64))
+  dt = np.log1p(np.exp(np.asarray(layer.dt_bias.value, np.float64)))
+  assert np.all((a > 0) & (a <= 16)) and a.max() > 8 and a.min() < 8
+  assert np.all((dt >= 1e-3 * (1 - 1e-5)) & (dt <= 1e-1 * (1 + 1e-5)))
+  assert dt.min() < 1e-2 < dt.max()
+  taps = np.asarray(layer.conv.value)
+  assert np.abs(taps).max() <= taps.shape[0] ** -0.5 and np.abs(taps).max() > 0.4
+  np.testing.assert_array_equal(layer.norm_scale.value, 1.0)
+  x, pos = random_inputs(length=32, d_model=64)
+  _, aux = Jitted(layer)(x, positions=pos)
+  assert 0.4 < float(aux["delta_write"]) < 0.6
+  assert -0.6 < float(aux["delta_log_decay"]) < -0.05
+
+
 def test_cache_is_constant_in_the_length(attn):
   small, large = attn.init_cache(2, 16), attn.init_cache(2, 4096)
   assert jax.tree.map(jnp.shape, small) == jax.tree.map(jnp.shape, large)
