@@ -1,7 +1,8 @@
 """grouped_softmax: the landmark grouped-softmax kernels (Triton pallas_gpu.py and Mosaic
 pallas_tpu.py, interpret mode) against the dense grouped_softmax_attention: output and gradients
 of q, k, v and the landmark keys, in f32 and bf16, with ragged lengths, packed segments +
-padding, several block lengths and the lax.cond fallback; which kernel runs where. (The
+padding, several block lengths and the lax.cond fallback; which kernel runs where; the
+kernel path's row moves (gathers both ways, no scatter, the gradients of plain gathers). (The
 landmark module on its kernel path: tests/attention/test_mechanisms.py.)"""
 
 from __future__ import annotations
@@ -290,3 +291,101 @@ def test_split_dkv_lowers_for_cuda(kv_splits):
   assert dkv in names and "landmark_grouped_dq" in names, names
   split_calls = [c for c in calls if "f32>" in c and "tensor<2x1x" in c]
   assert bool(split_calls) == (kv_splits > 1), split_calls
+
+
+def _autodiff_kernel_attention(q, k, v, k_land, lay, st):
+  """kernel_attention as it was before _permute_rows: plain gathers (autodiff transposes them
+  into scatter-adds) and the landmark keys set into their slots."""
+  take = jax.vmap(lambda xb, ib: xb[ib])
+  b, slots = lay["valid"].shape
+  n_groups = slots // st.tile
+  mask = lay["valid"][:, :, None, None]
+  qg, kg, vg = (jnp.where(mask, take(x, lay["slot_tok"]), 0) for x in (q, k, v))
+  rows = k_land.shape[1]
+  klg = (k_land[:, :n_groups] if rows >= n_groups else
+         jnp.pad(k_land, ((0, 0), (0, n_groups - rows), (0, 0), (0, 0))))
+  h, d = k.shape[2:]
+  kg = kg.reshape(b, n_groups, st.tile, h, d).at[:, :, -1].set(klg.astype(kg.dtype))
+  kernel = grouped._kernel  # noqa: SLF001
+  og = kernel(qg, kg.reshape(b, slots, h, d), vg, lay["glen"], lay["gfirst"], lay["glast"], st)
+  return take(og, lay["tok_slot"])
+
+
+PERMUTE_CASES = {
+    # name: (B, T, H, D), block_len, tile, layout, dtype, landmark rows (None: T)
+    "one-segment": ((1, 150, 2, 16), 50, 64, "one", jnp.float32, None),
+    "packed-padded": ((2, 130, 2, 16), 8, 16, "packed", jnp.float32, None),
+    "ragged-t-bf16": ((2, 113, 1, 32), 50, 64, "packed", jnp.bfloat16, None),
+    "few-landmark-rows": ((1, 61, 1, 16), 8, 16, "one", jnp.float32, 8),  # k_land padded
+}
+
+
+@pytest.mark.parametrize("name", PERMUTE_CASES)
+def test_row_permutation_grads_are_the_autodiff_gathers(name, monkeypatch):
+  """The op on its kernel path (Triton, interpreted): output and gradients of q, k, v, k_land
+  with _permute_rows (gathers by the inverse maps) equal those of the plain gathers autodiff
+  transposes into scatter-adds, to float32 rounding; on layouts where slot_tok and tok_slot
+  really are inverse maps between the tokens and the valid slots, none of them a landmark's."""
+  (b, t, h, d), block_len, tile, layout, dtype, land_rows = PERMUTE_CASES[name]
+  pos, seg_ids = _layout(layout, b, t)
+  gid = block_groups(pos, seg_ids, block_len)
+  seg = jnp.ones((b, t), jnp.int32) if seg_ids is None else seg_ids
+  lay = grouped.relayout(gid, seg, max_groups=grouped.default_max_groups(t, block_len),
+                         tile=tile)
+  assert bool(lay["ok"])  # the kernel branch runs
+  slot_tok, tok_slot, valid = (np.asarray(lay[n]) for n in ("slot_tok", "tok_slot", "valid"))
+  rows = np.arange(b)[:, None]
+  assert (slot_tok[rows, tok_slot] == np.arange(t)).all()
+  assert valid[rows, tok_slot].all() and valid.sum() == b * t
+  assert not valid.reshape(b, -1, tile)[:, :, -1].any()
+  q, k, v, k_land, do = _inputs(name, b, t, h, d, dtype)
+  k_land = k_land[:, :land_rows]
+  if land_rows is not None:
+    assert land_rows <= valid.shape[1] // tile  # the padded branch of group_tiles
+
+  def run():  # a new function each time: jit traces it again (and so sees the patch)
+    def op(q, k, v, k_land):
+      return grouped.grouped_softmax(q, k, v, k_land, gid, seg, block_len=block_len,
+                                     impl="pallas_gpu", tile=tile, interpret=True)
+    return jax.jit(_value_and_grads, static_argnums=0)(op, (q, k, v, k_land), do)
+
+  got = run()
+  monkeypatch.setattr(grouped, "kernel_attention", _autodiff_kernel_attention)
+  want = run()
+  for gname, w, g in zip(("o", "dq", "dk", "dv", "dk_land"), jax.tree.leaves(want),
+                         jax.tree.leaves(got)):
+    assert g.dtype == w.dtype == dtype, gname
+    w, g = np.asarray(w, np.float32), np.asarray(g, np.float32)
+    assert np.abs(w).max() > 0, gname
+    np.testing.assert_allclose(g, w, rtol=0, atol=2e-7 * np.abs(w).max(), err_msg=gname)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "mosaic_gpu"])
+def test_kernel_path_glue_has_no_scatter(platform):
+  """jax.grad of the kernel path (relayout, group tiling, kernels, un-tiling; the lax.cond's
+  xla branch is left out), lowered for cuda at the bench's tile (bf16, D 64, block_len 50,
+  tile 64): its row moves are gathers both ways, with no scatter (atomics on GPU) and no
+  landmark-slot set."""
+  if platform == "mosaic_gpu":
+    mgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    if not hasattr(getattr(mgpu, "LoweringSemantics", None), "Warpgroup"):
+      pytest.skip("this jax's Mosaic GPU has no warpgroup lowering semantics")
+  b, t, h, d, block_len, tile = 2, 300, 2, 64, 50, 64
+  x = jax.ShapeDtypeStruct((b, t, h, d), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  max_groups = 2 * -(-grouped.default_max_groups(t, block_len) // 2)  # even, as on Mosaic
+  static = grouped._Static  # noqa: SLF001
+  st = static(tile=tile, scale=d ** -0.5, interpret=False, platform=platform)
+
+  def loss(q, k, v, k_land, gid, seg):
+    lay = grouped.relayout(gid, seg, max_groups=max_groups, tile=tile)
+    return jnp.sum(grouped.kernel_attention(q, k, v, k_land, lay, st).astype(jnp.float32))
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(x, x, x, x, ids, ids).lower(
+      lowering_platforms=("cuda",)).as_text()
+  prefix = "landmark_grouped_mgpu" if platform == "mosaic_gpu" else "landmark_grouped"
+  kernels = (f"{prefix}_dq", f"{prefix}_dkv")
+  assert all(name in text for name in kernels), kernels  # the backward is in this program
+  # (Matched as an op: the Triton kernels' serialized IR may hold the word.)
+  scatters = [line.strip()[:120] for line in text.splitlines() if "stablehlo.scatter" in line]
+  assert not scatters, scatters

@@ -141,9 +141,33 @@ def relayout(gid, seg, *, max_groups: int, tile: int):
               glast=glast, ok=ok)
 
 
-def _take_rows(x, idx):
-  """x [B, N, ...], idx [B, M] -> [B, M, ...]."""
-  return jax.vmap(lambda xb, ib: xb[ib])(x, idx)
+def _take_rows(x, idx, keep=None):
+  """x [B, N, ...], idx [B, M] -> [B, M, ...], rows where keep [B, M] is false zero (keep None:
+  every row kept)."""
+  y = jax.vmap(lambda xb, ib: xb[ib])(x, idx)
+  return y if keep is None else jnp.where(keep.reshape(keep.shape + (1,) * (y.ndim - 2)), y, 0)
+
+
+@jax.custom_vjp
+def _permute_rows(x, idx, keep, inv, inv_keep):
+  """_take_rows(x, idx, keep) where the kept rows are a one-to-one map: row n of x [B, N, ...]
+  is kept in exactly one row, inv[b, n], where inv_keep [B, N] holds (None: every row is), and
+  in none elsewhere. Its transpose is then a gather too, _take_rows(dy, inv, inv_keep): the
+  sums of autodiff's scatter-add (one term each, or none), without its scatter (GPU atomics,
+  every dropped row adding its zero into row idx = 0)."""
+  return _take_rows(x, idx, keep)
+
+
+def _permute_rows_fwd(x, idx, keep, inv, inv_keep):
+  return _take_rows(x, idx, keep), (inv, inv_keep)
+
+
+def _permute_rows_bwd(res, dy):
+  inv, inv_keep = res
+  return _take_rows(dy, inv, inv_keep), None, None, None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -174,19 +198,26 @@ _kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 def group_tiles(q, k, v, k_land, lay: Layout, tile: int):
   """q, k, v [B, T, H, D] -> qg, kg, vg [B, G * tile, H, D] in the kernels' group-tiled layout
-  (invalid slots zero, each key tile's last slot its group's landmark key)."""
+  (invalid slots zero, each key tile's last slot its group's landmark key).
+
+  On a layout whose `ok` holds, slot_tok and tok_slot are inverse maps between the tokens and
+  the valid slots (token i sits in slot tok_slot[i] = (gid, i - start) with i - start < glen
+  < tile, and only there), so the gradient of each tiling is a gather by tok_slot."""
   b, slots = lay["valid"].shape
   n_groups = slots // tile
-  mask = lay["valid"][:, :, None, None]
-  qg, kg, vg = (jnp.where(mask, _take_rows(x, lay["slot_tok"]), 0) for x in (q, k, v))
+  qg, kg, vg = (_permute_rows(x, lay["slot_tok"], lay["valid"], lay["tok_slot"], None)
+                for x in (q, k, v))
   if k_land.shape[1] >= n_groups:
     klg = k_land[:, :n_groups]
   else:
     klg = jnp.pad(k_land, ((0, 0), (0, n_groups - k_land.shape[1]), (0, 0), (0, 0)))
   # Each group's landmark key goes into the last slot of its key tile (common.py): its score
-  # and gradient come out of the tile's own dots. Its gradient flows back through this set.
+  # and gradient come out of the tile's own dots. That slot is never a valid one (glen < tile):
+  # the concatenation drops only zeros of kg, and its transpose hands the slot's gradient to
+  # k_land alone.
   h, d = k.shape[2:]
-  kg = kg.reshape(b, n_groups, tile, h, d).at[:, :, -1].set(klg.astype(kg.dtype))
+  kg = jnp.concatenate([kg.reshape(b, n_groups, tile, h, d)[:, :, :-1],
+                        klg.reshape(b, n_groups, 1, h, d).astype(kg.dtype)], axis=2)
   return qg, kg.reshape(b, slots, h, d), vg
 
 
@@ -198,7 +229,9 @@ def kernel_attention(q, k, v, k_land, lay: Layout, st: _Static):
                         ("BTHD", "BTHD", "BTHD", "BG", "BG", "BG"), "BTHD")
   og = kernel(qg, kg, vg, lay["glen"], lay["gfirst"], lay["glast"])
 
-  return _take_rows(og, lay["tok_slot"])
+  # Each token's row of og; the transpose gives each valid slot its token's gradient and the
+  # invalid slots zero (the kernels' backward needs do = 0 there).
+  return _permute_rows(og, lay["tok_slot"], None, lay["slot_tok"], lay["valid"])
 
 
 def default_max_groups(t: int, block_len: int) -> int:
