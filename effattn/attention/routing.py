@@ -39,6 +39,7 @@ from effattn.attention import base
 from effattn.attention.registry import register
 from effattn.kernels.block_sparse import (block_size_for, block_sparse_attention,
                                           lists_from_block_mask)
+from effattn.kernels.permute import inverse_permutation, permute
 from effattn.kernels.softmax import reference_attention, softmax_attention
 from effattn.ranges import (NON_NEGATIVE, POSITIVE_INT, UNIT_OPEN_TOP, ConfigError, Range)
 
@@ -210,19 +211,21 @@ class RoutingAttention(base.Attention):
       return reference_attention(ur, ur, v, mask)
     # Sort each head's tokens by (cluster, position): clusters become contiguous runs.
     key = assign * t + jnp.arange(t, dtype=jnp.int32)[None, :, None]
-    perm = jnp.argsort(key, axis=1)  # [B, T, Hr]
-    take = lambda a: jnp.take_along_axis(a, perm[..., None], axis=1)  # noqa: E731
+    perm = jnp.argsort(key, axis=1).astype(jnp.int32)  # [B, T, Hr], unique keys: a permutation
+    inverse = inverse_permutation(perm, axis=1)  # no second sort
+    # Gathers whose gradients are gathers by the inverse (autodiff's: scatter-adds, GPU atomics).
+    take = lambda a: permute(a, perm, inverse, axis=1)  # noqa: E731
     cl_sorted = jnp.take_along_axis(assign, perm, axis=1).transpose(0, 2, 1)  # [B, Hr, T]
-    pos = perm.transpose(0, 2, 1).astype(jnp.int32)
+    pos = perm.transpose(0, 2, 1)
     seg_sorted = jnp.take_along_axis(seg[:, :, None], perm, axis=1).transpose(0, 2, 1)
     bs = block_size_for(t, self.opts.block)
     kv_idx, kv_cnt = lists_from_block_mask(cluster_block_mask(cl_sorted, bs, causal))
+    us = take(ur)
     o, _ = block_sparse_attention(
-        take(ur), take(ur), take(v), kv_idx, kv_cnt, block_q=bs, block_k=bs, causal=causal,
+        us, us, take(v), kv_idx, kv_cnt, block_q=bs, block_k=bs, causal=causal,
         q_positions=pos, kv_positions=pos, q_segment_ids=cl_sorted * _SEG_STRIDE + seg_sorted,
         kv_segment_ids=cl_sorted * _SEG_STRIDE + seg_sorted, impl=self.op_impl("block_sparse"))
-    inverse = jnp.argsort(perm, axis=1)
-    return jnp.take_along_axis(o, inverse[..., None], axis=1)
+    return permute(o, inverse, perm, axis=1)  # back to token order
 
   def _route_balanced(self, u, ur, v, seg, causal):
     """Each centroid attends among its top-w tokens; outputs averaged per token."""

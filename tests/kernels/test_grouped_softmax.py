@@ -294,7 +294,7 @@ def test_split_dkv_lowers_for_cuda(kv_splits):
 
 
 def _autodiff_kernel_attention(q, k, v, k_land, lay, st):
-  """kernel_attention as it was before _permute_rows: plain gathers (autodiff transposes them
+  """kernel_attention as it was before permute.permute: plain gathers (autodiff transposes them
   into scatter-adds) and the landmark keys set into their slots."""
   take = jax.vmap(lambda xb, ib: xb[ib])
   b, slots = lay["valid"].shape
@@ -323,7 +323,7 @@ PERMUTE_CASES = {
 @pytest.mark.parametrize("name", PERMUTE_CASES)
 def test_row_permutation_grads_are_the_autodiff_gathers(name, monkeypatch):
   """The op on its kernel path (Triton, interpreted): output and gradients of q, k, v, k_land
-  with _permute_rows (gathers by the inverse maps) equal those of the plain gathers autodiff
+  with permute.permute (gathers by the inverse maps) equal those of the plain gathers autodiff
   transposes into scatter-adds, to float32 rounding; on layouts where slot_tok and tok_slot
   really are inverse maps between the tokens and the valid slots, none of them a landmark's."""
   (b, t, h, d), block_len, tile, layout, dtype, land_rows = PERMUTE_CASES[name]

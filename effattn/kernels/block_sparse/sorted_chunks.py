@@ -23,7 +23,9 @@ mask (causality on the true positions `kv_positions`, segments, the threshold on
 -position)) is the one of the token-order layout: the result is the same attention. Per
 query tile the work is about w / block_k + (past chunks) + (own chunk's tiles) / 2 tiles
 instead of (tiles before the diagonal). Gradients reach k, v and the bias through the gathers
-(autodiff) and the op's own backward.
+and the op's own backward; `order` is a permutation, so the gathers are permute.permute and
+their transposes gathers by the inverse order (autodiff's would be scatter-adds, atomics on
+the GPU).
 
 Causal self-attention only (queries and keys the tokens 0..T-1).
 """
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 
 from effattn.kernels.block_sparse import top_w
 from effattn.kernels.block_sparse.common import lists_from_block_mask
+from effattn.kernels.permute import inverse_permutation, permute
 
 _FAR = 1 << 30  # the position of a padding key: after every query, so causality drops it
 
@@ -63,11 +66,10 @@ def chunk_tiles(num_k_blocks: int, sort_chunk: int, block: int) -> int:
   return m
 
 
-def _take_keys(x, order):
-  """x [B, S, H_kv, ...] gathered per (row, key head) by order [B, H_kv, S]."""
-  idx = jnp.swapaxes(order, 1, 2).reshape(order.shape[0], order.shape[2], order.shape[1],
-                                          *([1] * (x.ndim - 3)))
-  return jnp.take_along_axis(x, idx, axis=1)
+def _take_keys(x, order, inverse):
+  """x [B, S, H_kv, ...] gathered per (row, key head) by the permutation order [B, H_kv, S]
+  (inverse: its inverse); the gradient is a gather by inverse, no scatter-add."""
+  return permute(x, jnp.swapaxes(order, 1, 2), jnp.swapaxes(inverse, 1, 2), axis=1)
 
 
 def _query_head_lists(mask, num_heads: int):
@@ -109,6 +111,7 @@ def sorted_chunk_layout(k, v, bias, rank, thr, thr_pos, tiles, *, num_heads: int
   # Inside each chunk, the keys in rank order.
   within = jnp.argsort(rank_p.reshape(b, h_kv, n_c, chunk), axis=-1).astype(jnp.int32)
   order = (within + (jnp.arange(n_c, dtype=jnp.int32) * chunk)[:, None]).reshape(b, h_kv, s)
+  inverse = inverse_permutation(order, axis=-1)  # order is a bijection on 0..S-1
   sorted_rank = jnp.take_along_axis(rank_p, order, axis=-1).reshape(b, h_kv, n_c, chunk)
 
   # Per query tile: the loosest threshold, and the first key any of its queries may see.
@@ -142,12 +145,12 @@ def sorted_chunk_layout(k, v, bias, rank, thr, thr_pos, tiles, *, num_heads: int
   def both(x, pad_value):
     """[B, T, H_kv, ...] -> [B, 2 S, H_kv, ...]: sorted chunks, then token order."""
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=pad_value)
-    return jnp.concatenate([_take_keys(x, order), x], axis=1)
+    return jnp.concatenate([_take_keys(x, order, inverse), x], axis=1)
 
   def both_vec(x, pad_value):
     """[B, H_kv, T] -> [B, H_kv, 2 S]."""
     x = jnp.pad(x, ((0, 0), (0, 0), (0, pad)), constant_values=pad_value)
-    return jnp.concatenate([jnp.take_along_axis(x, order, axis=-1), x], axis=-1)
+    return jnp.concatenate([permute(x, order, inverse, axis=-1), x], axis=-1)
 
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, h_kv, t))
   kv_positions = both_vec(positions, _FAR)

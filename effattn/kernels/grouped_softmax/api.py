@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from effattn.kernels import dispatch, mesh
+from effattn.kernels import dispatch, mesh, permute
 from effattn.kernels.block_sparse.api import _hopper  # "" on compute capability 9.x, else why
 from effattn.kernels.grouped_softmax import pallas_gpu, pallas_tpu, reference, xla
 
@@ -141,35 +141,6 @@ def relayout(gid, seg, *, max_groups: int, tile: int):
               glast=glast, ok=ok)
 
 
-def _take_rows(x, idx, keep=None):
-  """x [B, N, ...], idx [B, M] -> [B, M, ...], rows where keep [B, M] is false zero (keep None:
-  every row kept)."""
-  y = jax.vmap(lambda xb, ib: xb[ib])(x, idx)
-  return y if keep is None else jnp.where(keep.reshape(keep.shape + (1,) * (y.ndim - 2)), y, 0)
-
-
-@jax.custom_vjp
-def _permute_rows(x, idx, keep, inv, inv_keep):
-  """_take_rows(x, idx, keep) where the kept rows are a one-to-one map: row n of x [B, N, ...]
-  is kept in exactly one row, inv[b, n], where inv_keep [B, N] holds (None: every row is), and
-  in none elsewhere. Its transpose is then a gather too, _take_rows(dy, inv, inv_keep): the
-  sums of autodiff's scatter-add (one term each, or none), without its scatter (GPU atomics,
-  every dropped row adding its zero into row idx = 0)."""
-  return _take_rows(x, idx, keep)
-
-
-def _permute_rows_fwd(x, idx, keep, inv, inv_keep):
-  return _take_rows(x, idx, keep), (inv, inv_keep)
-
-
-def _permute_rows_bwd(res, dy):
-  inv, inv_keep = res
-  return _take_rows(dy, inv, inv_keep), None, None, None, None
-
-
-_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _kernel(qg, kg, vg, glen, gfirst, glast, st: _Static):
   o, _ = st.kernels.forward(qg, kg, vg, glen, gfirst, lt=st.tile, scale=st.scale,
@@ -205,7 +176,7 @@ def group_tiles(q, k, v, k_land, lay: Layout, tile: int):
   < tile, and only there), so the gradient of each tiling is a gather by tok_slot."""
   b, slots = lay["valid"].shape
   n_groups = slots // tile
-  qg, kg, vg = (_permute_rows(x, lay["slot_tok"], lay["valid"], lay["tok_slot"], None)
+  qg, kg, vg = (permute.permute(x, lay["slot_tok"], lay["tok_slot"], keep=lay["valid"])
                 for x in (q, k, v))
   if k_land.shape[1] >= n_groups:
     klg = k_land[:, :n_groups]
@@ -231,7 +202,7 @@ def kernel_attention(q, k, v, k_land, lay: Layout, st: _Static):
 
   # Each token's row of og; the transpose gives each valid slot its token's gradient and the
   # invalid slots zero (the kernels' backward needs do = 0 there).
-  return _permute_rows(og, lay["tok_slot"], None, lay["slot_tok"], lay["valid"])
+  return permute.permute(og, lay["tok_slot"], lay["slot_tok"], inverse_keep=lay["valid"])
 
 
 def default_max_groups(t: int, block_len: int) -> int:
