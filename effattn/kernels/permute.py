@@ -38,8 +38,10 @@ def _norm_axis(axis: int, ndim: int) -> int:
 def _gather(x, idx, keep, axis: int):
   """x [..., N, ...] -> [..., M, ...]: x's rows at idx (along axis), rows where keep is false 0."""
   extra = (1,) * (x.ndim - idx.ndim)
-  # promise_in_bounds: indices of a permutation are in range, so no clamp or fill mask.
-  y = jnp.take_along_axis(x, idx.reshape(idx.shape + extra), axis=axis, mode="promise_in_bounds")
+  # clip, as jax's indexing: a permutation is in range, and a map that is not (grouped_softmax's
+  # on a layout it rejects, where its lax.cond may still run both branches under vmap) reads
+  # clamped rows, never out of bounds.
+  y = jnp.take_along_axis(x, idx.reshape(idx.shape + extra), axis=axis, mode="clip")
   if keep is not None:
     y = jnp.where(keep.reshape(keep.shape + extra), y, jnp.zeros((), y.dtype))
   return y
@@ -96,4 +98,4 @@ def inverse_permutation(perm: jax.Array, axis: int = -1) -> jax.Array:
   at = tuple(perm if d == a else jax.lax.broadcasted_iota(perm.dtype, perm.shape, d)
              for d in range(perm.ndim))
   iota = jax.lax.broadcasted_iota(perm.dtype, perm.shape, a)
-  return jnp.zeros_like(perm).at[at].set(iota, unique_indices=True, mode="promise_in_bounds")
+  return jnp.zeros_like(perm).at[at].set(iota, unique_indices=True, mode="drop")
