@@ -83,7 +83,8 @@ def check(args) -> list[dict]:
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
                    static_argnums=(3, 4))
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    (_, o_ref), g_ref = grad(f32(q), f32(k), f32(v), "reference", 16)
+    with jax.default_matmul_precision("float32"):  # the oracle: exact products, not TF32
+      (_, o_ref), g_ref = grad(f32(q), f32(k), f32(v), "reference", 16)
     # docs + (pad > 0) runs: max_segments 16 takes cuDNN, 2 the fallback.
     fallback = "fallback kernel" if window is None else "fallback chunked xla"
     for branch, m in (("cudnn packed", 16), (fallback, 2)):
