@@ -11,7 +11,9 @@ one-to-one map of kept rows) the transpose is a gather by the inverse map, with 
 
 `permute` is that gather under jax.custom_vjp (reverse mode only: no jax.jvp through it).
 `inverse_permutation` builds the inverse without a sort: one scatter of an iota with unique
-indices (a plain store on the GPU, no atomics; integer, outside every gradient).
+indices (a plain store on the GPU, no atomics; integer, outside every gradient);
+`stable_partition` the order that puts a mask's kept entries first (a stable argsort of the
+mask, again without a sort: cumsum ranks and that scatter).
 
 Layout: x [B, T, H, D] (any leading batch dims and any trailing dims); perm [B, T, H] is a
 prefix of x's dims holding the permuted axis (perm.shape == x.shape[:perm.ndim] except along
@@ -99,3 +101,19 @@ def inverse_permutation(perm: jax.Array, axis: int = -1) -> jax.Array:
              for d in range(perm.ndim))
   iota = jax.lax.broadcasted_iota(perm.dtype, perm.shape, a)
   return jnp.zeros_like(perm).at[at].set(iota, unique_indices=True, mode="drop")
+
+
+def stable_partition(keep: jax.Array, axis: int = -1):
+  """keep [B, T, H] bool -> (perm, inverse, count) along `axis` (here 1).
+
+  perm [B, T, H] int32: the kept positions in order, then the dropped ones in order (what a
+  stable argsort of ~keep gives, without the sort kernel); inverse: each position's place in
+  perm; count [B, H]: the kept positions. The kept ranks are a cumsum, the dropped ones follow
+  them, and perm is inverse_permutation's one unique-index store."""
+  a = _norm_axis(axis, keep.ndim)
+  kept = keep.astype(jnp.int32)
+  rank = jnp.cumsum(kept, axis=a, dtype=jnp.int32) - kept  # kept entries before each
+  count = jnp.sum(kept, axis=a, dtype=jnp.int32, keepdims=True)
+  position = jax.lax.broadcasted_iota(jnp.int32, keep.shape, a)
+  inverse = jnp.where(keep, rank, count + position - rank)
+  return inverse_permutation(inverse, axis=a), inverse, jnp.squeeze(count, a)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from effattn.attention import routing
 from effattn.kernels.block_sparse import sorted_chunks
-from effattn.kernels.permute import inverse_permutation, permute
+from effattn.kernels.permute import inverse_permutation, permute, stable_partition
 from effattn.testing.inputs import random_inputs
 from effattn.testing.mechanisms import build
 
@@ -228,3 +228,17 @@ def test_users_keep_their_gradients_without_the_scatter_adds(make, gone, packed,
   # The lowered program: no float scatter into those shapes either.
   for unique, ty in _scatters(low1.as_text()):
     assert not any(ty == f"tensor<{'x'.join(map(str, s))}xf32>" for s in gone), (unique, ty)
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 17), -1), ((2, 9, 3), 1), ((1, 1, 5), 2)])
+def test_stable_partition_is_the_stable_argsort_without_a_sort(shape, axis):
+  keep = jax.random.bernoulli(jax.random.key(sum(shape)), 0.4, shape)
+  keep = keep.at[(0,) * (len(shape) - 1)].set(False)  # an empty row
+  perm, inverse, count = stable_partition(keep, axis=axis)
+  want = jnp.argsort(~keep, axis=axis, stable=True)
+  np.testing.assert_array_equal(np.asarray(perm), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(inverse),
+                                np.asarray(jnp.argsort(want, axis=axis)))
+  np.testing.assert_array_equal(np.asarray(count), np.asarray(jnp.sum(keep, axis=axis)))
+  text = jax.jit(lambda m: stable_partition(m, axis=axis)).lower(keep).as_text()
+  assert not re.search(r"\bsort\b", text)

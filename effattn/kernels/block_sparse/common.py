@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from effattn.kernels.matmul import dot  # noqa: F401  (re-exported: kernels use common.dot)
+from effattn.kernels.permute import stable_partition
 
 # Finite stand-in for -inf on masked scores: keeps max/exp arithmetic NaN-free in empty rows.
 MASK_VALUE = -1e30
@@ -118,29 +119,16 @@ def lists_from_block_mask(block_mask: jax.Array):
   pipelined TPU kernel does not refetch) or hold 0 in an empty row. K is nK rounded up to a
   power of two (Triton); the kernels loop over `counts` only, so work follows the kept blocks.
 
-  Sort-free (a stable compaction, as head_routing's `compact` does for tokens): a cumsum ranks
-  the kept blocks of each row and one scatter with unique indices stores them in place. An
-  argsort of the mask gave the same lists but is a sort kernel on the GPU, and this runs in
-  every forward (and, through transpose_lists, every backward).
+  The order is permute.stable_partition's (a stable argsort of ~mask without a sort kernel):
+  this runs in every forward and, through transpose_lists, every backward.
   """
   block_mask = jnp.asarray(block_mask, bool)
   k = block_mask.shape[-1]
-  rows = math.prod(block_mask.shape[:-1])
-  mask = block_mask.reshape(rows, k)
-  kept = mask.astype(jnp.int32)
-  rank = jnp.cumsum(kept, axis=-1, dtype=jnp.int32) - kept  # kept blocks before column j
-  counts = jnp.sum(kept, axis=-1, dtype=jnp.int32)
-  col = jnp.arange(k, dtype=jnp.int32)[None, :]
-  # A permutation of the slots: kept column j -> rank, dropped column j -> counts + (dropped
-  # columns before j). Kept columns carry their index, dropped ones the row's last kept index
-  # (0 in an empty row), which is the padding the argsort version put past the count.
-  slot = jnp.where(mask, rank, counts[:, None] + col - rank)
-  last = jnp.max(jnp.where(mask, col, 0), axis=-1, keepdims=True)
-  value = jnp.where(mask, col, last)
-  row = jnp.arange(rows, dtype=jnp.int32)[:, None]
-  indices = jnp.zeros((rows, k), jnp.int32).at[row, slot].set(
-      value, unique_indices=True, mode="promise_in_bounds")
-  return pad_lists(indices.reshape(block_mask.shape), counts.reshape(block_mask.shape[:-1]))
+  order, _, counts = stable_partition(block_mask, axis=-1)
+  slot = jnp.arange(k, dtype=jnp.int32)
+  last = jnp.take_along_axis(order, jnp.clip(counts - 1, 0, k - 1)[..., None], axis=-1)
+  indices = jnp.where(slot < counts[..., None], order, jnp.where(counts[..., None] > 0, last, 0))
+  return pad_lists(indices, counts)
 
 
 def pad_lists(indices: jax.Array, counts: jax.Array):

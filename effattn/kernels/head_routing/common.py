@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from effattn.kernels import matmul
+from effattn.kernels.permute import stable_partition
 
 # Finite stand-in for -inf on masked scores: keeps max/exp arithmetic NaN-free.
 MASK_VALUE = -1e30
@@ -61,23 +62,15 @@ class Compaction(NamedTuple):
 
 
 def compact(active: jax.Array) -> Compaction:
-  """active [B, T, H] bool -> Compaction. Two cumsums and one scatter with unique indices."""
+  """active [B, T, H] bool -> Compaction: permute.stable_partition along the tokens (two
+  cumsums and one scatter with unique indices)."""
   b, t, h = active.shape
-  a = active.astype(jnp.int32)
-  routed_rank = jnp.cumsum(a, axis=1) - a  # routed tokens before t
-  count = routed_rank[:, -1] + a[:, -1]
-  token = jnp.arange(t, dtype=jnp.int32)[None, :, None]
-  # Unrouted tokens go to the tail in their order: slot = count + (unrouted tokens before t).
-  slot = jnp.where(active, routed_rank, count[:, None, :] + token - routed_rank)
-  bi = jnp.arange(b)[:, None, None]
-  hi = jnp.arange(h)[None, None, :]
-  perm = jnp.zeros((b, t, h), jnp.int32).at[bi, slot, hi].set(
-      jnp.broadcast_to(token, (b, t, h)), unique_indices=True)
+  perm, slot, count = stable_partition(active, axis=1)
   valid = jnp.arange(t, dtype=jnp.int32)[None, :, None] < count[:, None, :]
   pos = jnp.swapaxes(jnp.where(valid, perm, -1), 1, 2)
-  before = jnp.concatenate([jnp.zeros((b, h, 1), jnp.int32),
-                            jnp.swapaxes(routed_rank + a, 1, 2)], axis=2)
-  return Compaction(slot, perm, count.astype(jnp.int32), pos, before)
+  routed = jnp.cumsum(active.astype(jnp.int32), axis=1)  # routed tokens up to t
+  before = jnp.concatenate([jnp.zeros((b, h, 1), jnp.int32), jnp.swapaxes(routed, 1, 2)], axis=2)
+  return Compaction(slot, perm, count, pos, before)
 
 
 def gather_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
