@@ -27,7 +27,8 @@ Parts, in order (results.json and table.md under --out, written after every row)
    ours vs fla (relative Frobenius errors); (c) a block-size sweep of fwd+bwd at --tune-sizes
    (each candidate's outputs compared with the checked default's before it is timed);
    (d) fwd and fwd+bwd of ours beside fla at --sizes, each row with the custom kernels of its
-   compiled program (6 on the fused path: 3 forward, 3 backward; 7 split). A backward whose
+   compiled program (6 on the fused path: 3 forward, 3 backward; 7 split; one forward kernel
+   more, delta_rule_wu, with BlockSizes(wy_form="split")). A backward whose
    check (a) fails is not timed.
 3. --kernel-sizes: the per-kernel breakdown. pallas_gpu.forward and .backward are called as the
    api calls them, eagerly, with their `pl` replaced by a recorder (_Recorder): every
@@ -382,7 +383,8 @@ def bench_ours(sizes, block_sizes, on_row=lambda rows: None, name="ours pallas_g
 
 
 # ---------------------------------------------------------------------- per-kernel breakdown
-FWD_KERNELS = ("delta_rule_wy", "delta_rule_fwd", "delta_rule_out")
+# delta_rule_wu: wy_form="split" only.
+FWD_KERNELS = ("delta_rule_wy", "delta_rule_wu", "delta_rule_fwd", "delta_rule_out")
 OP_OUTPUTS = ("o", "ht", "dq", "dk", "dv", "dbeta", "dgcum", "dh0")
 
 
@@ -534,11 +536,13 @@ def breakdown_markdown(res: dict) -> str:
 # sweep); the first two are the defaults since (their union 25.28 ms against 25.96, checked
 # first). The sweep keeps undoing each, so every run re-measures the choice on its device.
 # (keep_w, dk_partial="compute" and num_stages_parallel=2 with num_warps_bwd=4 became the
-# defaults in the first H200 sweep of 2026-12-04.)
-WY_OPTIONS = [dict(wy_form="dense")]
+# defaults in the first H200 sweep of 2026-12-04.) wy_form="split" (2026-12-04, not yet timed:
+# delta_rule_wy writes only T, delta_rule_wu forms W and U with two [C, C] x [C, D] dots; the
+# blocked form's 20 16-row dots gone, T written and read once more) leads, alone and at 4 warps.
+WY_OPTIONS = [dict(wy_form="split"), dict(wy_form="split", num_warps_wy=4)]
 WALK_OPTIONS = [dict(walk_form="scaled_keys")]
 UNROLLED_OPTIONS = [dict(unrolled=())]
-NEW_OPTIONS = WALK_OPTIONS + UNROLLED_OPTIONS
+NEW_OPTIONS = WY_OPTIONS + WALK_OPTIONS + UNROLLED_OPTIONS
 
 
 def kernel_candidates() -> list[dict]:
@@ -546,9 +550,10 @@ def kernel_candidates() -> list[dict]:
   first. What reads each knob (pallas_gpu.py): block_v: both walks' programs and the Dv step of
   out, bwd_prep, bwd_dqk, bwd_wy; num_warps: both walks, out, bwd_prep, bwd_dqk; num_stages:
   the walks; num_stages_parallel: out, bwd_prep, bwd_dqk, bwd_wy; num_warps_bwd: bwd_wy (and
-  the fused delta_rule_bwd); block_k: bwd_dqk; num_warps_wy: delta_rule_wy. The earlier forms
-  (NEW_OPTIONS; BlockSizes' docstring): walk_form: the two walks (fwd, dstate); unrolled: the
-  parallel kernels it names; wy_form: delta_rule_wy (the smoke run's only)."""
+  the fused delta_rule_bwd); block_k: bwd_dqk; num_warps_wy: delta_rule_wy; num_warps_wu:
+  delta_rule_wu (wy_form="split" only). The newer and earlier forms (NEW_OPTIONS; BlockSizes'
+  docstring): wy_form="split": delta_rule_wy and the added delta_rule_wu (the smoke run's
+  only); walk_form: the two walks (fwd, dstate); unrolled: the parallel kernels it names."""
   if SMOKE["on"]:
     return [dict(num_warps_bwd=2), dict(block_k=32)] + WY_OPTIONS[:1] + WALK_OPTIONS
   return NEW_OPTIONS + [
@@ -574,10 +579,12 @@ def sweep_candidate(over: dict, t: int, backward: str, base: dict, base_outs: di
     if not row["ok"]:
       row["errs"] = errs
       return row
-    changed = [c["name"] for c in calls if c["sig"] != base[c["name"]][0]]
+    # A kernel the default does not run (wy_form="split"'s delta_rule_wu) counts as changed.
+    changed = [c["name"] for c in calls if c["name"] not in base or c["sig"] != base[c["name"]][0]]
     time_calls(calls, only=set(changed))
     row["kernel_ms"] = {c["name"]: c["ms"] for c in calls if "ms" in c}
-    row["est_kernels_ms"] = sum(row["kernel_ms"].get(n, ms) for n, (_, ms) in base.items())
+    row["est_kernels_ms"] = (sum(row["kernel_ms"].get(n, ms) for n, (_, ms) in base.items())
+                             + sum(ms for n, ms in row["kernel_ms"].items() if n not in base))
   except Exception as e:  # noqa: BLE001 - a tile that does not compile is reported, not fatal
     row.update(ok=False, error=refusal(e))
   return row
@@ -632,7 +639,8 @@ def tune_kernels_markdown(res: dict) -> str:
       why = r.get("skipped") or r.get("error") or f"differs: {r.get('max_err', 0):.2e}"
       lines.append(f"| {over} | {why[:90]} | | | |")
       continue
-    changed = "; ".join(f"{n.removeprefix('delta_rule_')} {ms:.3f} ({base[n]:.3f})"
+    was = lambda n: f"{base[n]:.3f}" if n in base else "new"  # noqa: E731 - delta_rule_wu
+    changed = "; ".join(f"{n.removeprefix('delta_rule_')} {ms:.3f} ({was(n)})"
                         for n, ms in r["kernel_ms"].items()) or "none"
     lines.append(f"| {over} | {r['max_err']:.1e} | {changed} | {r['est_kernels_ms']:.3f} | "
                  f"{res['base_kernels_ms'] / r['est_kernels_ms']:.3f}x |")

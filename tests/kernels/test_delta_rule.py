@@ -170,6 +170,14 @@ OPTION_CASES = [
      False),
     ("wy_dense", dict(wy_form="dense"), "f32-ragged-segments-state", True),
     ("wy_dense", dict(wy_form="dense"), "shorter-than-a-chunk", True),
+    # wy_form="split": the blocked inverse stores only T, delta_rule_wu forms W and U from it
+    # (test_wy_split_matches_the_reference_and_the_blocked_form runs the default-CI cases).
+    ("wy_split-recompute_w", dict(wy_form="split", keep_w=False), "bf16-weak-gates-chunk32",
+     True),
+    ("wy_split-fused", dict(wy_form="split", backward="fused"), "f32-strong-gates-chunk64",
+     True),
+    ("wy_split", dict(wy_form="split"), "f32-ragged-segments-state", True),
+    ("wy_split", dict(wy_form="split"), "shorter-than-a-chunk", True),
 ]
 
 
@@ -200,6 +208,37 @@ def test_walk_forms_agree_to_rounding():
   for label, a, b in zip(GRADS, keys, values):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-5 * float(
         jnp.max(jnp.abs(a))), err_msg=label)
+
+
+# Chunk 64 (four 16-row blocks, so W and U sum over up to four column blocks in the blocked form)
+# with packed runs, ragged T (150: three chunks, the last one padded) and an initial state.
+WY_SPLIT_CASES = {c[0]: c for c in [
+    ("f32-chunk64-segments-state", (2, 150, 1, 32, 32), 64, jnp.float32, -0.3, True, True),
+    ("bf16-chunk64-segments-state", (2, 150, 1, 32, 32), 64, jnp.bfloat16, -0.3, True, True),
+]}
+
+
+@pytest.mark.parametrize("case_name", list(WY_SPLIT_CASES))
+def test_wy_split_matches_the_reference_and_the_blocked_form(case_name):
+  """wy_form="split" (delta_rule_wy stores only T; delta_rule_wu forms W = T diag(b gq) K and
+  U = T diag(b) V as one [C, C] x [C, D] dot each) equals the reference, forward and every
+  gradient, and the blocked form (the default) up to the order of float32 sums: both round T
+  and the right-hand sides to the compute dtype before the dots (on CPU they agree to ~1e-7
+  in float32 and bitwise in bf16)."""
+  case = WY_SPLIT_CASES[case_name]
+  want, (args, seg, cts) = _reference(case)
+  dtype, t = case[3], case[1][1]
+  blocked, split = (run_path("pallas_gpu", True, case[2], args, seg, cts,
+                             block_sizes=pallas_gpu.BlockSizes(block_k=16, block_v=16,
+                                                               wy_form=form))
+                    for form in ("blocked", "split"))
+  assert split[0].dtype == dtype and split[1].dtype == jnp.float32
+  rtol = 2e-5 if dtype == jnp.float32 else 1e-2
+  for label, w, a, b in zip(GRADS, want, blocked, split):
+    assert_close(label, w, b, dtype=dtype, reduction=t)
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(b, a, rtol=rtol, atol=rtol * float(np.max(np.abs(a))),
+                               err_msg=label)
 
 
 def test_recurrence_is_the_papers():

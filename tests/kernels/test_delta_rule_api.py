@@ -68,7 +68,7 @@ def test_bad_decode_step_arguments_name_the_field():
 
 
 @pytest.mark.parametrize("field,value", [("block_v", 48), ("num_warps_bwd", 3), ("block_k", 8),
-                                         ("backward", "tiled")])
+                                         ("backward", "tiled"), ("num_warps_wu", 3)])
 def test_block_sizes_are_checked(field, value):
   with pytest.raises(ValueError, match=f"BlockSizes.{field}"):
     pallas_gpu.BlockSizes(**{field: value})
@@ -252,6 +252,48 @@ def test_walk_form_changes_only_the_walks(segments):
     muls = [e.outvars[0].aval.shape for e in body.jaxpr.eqns
             if e.primitive.name == "mul" and len(e.outvars[0].aval.shape) == 2]
     assert muls and all(sh[1] == 16 for sh in muls), (name, muls)  # [., bv]: nothing [C, Dk]
+
+
+def warps(eqn) -> int:
+  params = eqn.params["compiler_params"]
+  return (params["triton"] if isinstance(params, dict) else params).num_warps
+
+
+def test_wy_split_form_adds_delta_rule_wu_and_changes_only_delta_rule_wy():
+  """wy_form="split": delta_rule_wy reads k, beta, gcum (and runs) and writes only T [B, Tp, H,
+  C]; the added delta_rule_wu reads T, k, v, beta, gcum (and carry) and writes W and U by two
+  [C, C] x [C, D] dots at num_warps_wu; every other kernel is the default's (same kernel jaxpr,
+  same launch), and it lowers for CUDA with delta_rule_wu once beside the seven split-backward
+  kernels."""
+  args = [jnp.zeros(s.shape, s.dtype) for s in _shapes(1, 40, 1, 32, jnp.bfloat16)]
+  sizes = lambda **kw: pallas_gpu.BlockSizes(block_v=16, **kw)  # noqa: E731
+  assert (sizes().wy_form, sizes().num_warps_wu) == ("blocked", 4)
+  for segments in (False, True):
+    default = pallas_calls(loss_grads("pallas_gpu", True, segments, sizes()), *args)
+    split = pallas_calls(loss_grads("pallas_gpu", True, segments,
+                                    sizes(wy_form="split", num_warps_wu=8)), *args)
+    assert sorted(split) == sorted([*default, "delta_rule_wu"])
+    for name, eqn in default.items():
+      if name != "delta_rule_wy":
+        assert str(split[name].params["jaxpr"]) == str(eqn.params["jaxpr"]), name
+        assert (stages(split[name]), warps(split[name])) == (stages(eqn), warps(eqn)), name
+    wy, wu, masks = split["delta_rule_wy"], split["delta_rule_wu"], int(segments)
+    assert (len(wy.invars), len(wy.outvars)) == (3 + masks, 1)
+    assert wy.outvars[0].aval == default["delta_rule_wy"].outvars[0].aval  # T as before
+    assert (len(wu.invars), len(wu.outvars)) == (5 + masks, 2)
+    assert (warps(wy), warps(wu)) == (2, 8)
+    dots = [[v.aval.shape for v in e.invars] for e in wu.params["jaxpr"].eqns
+            if e.primitive.name == "dot_general"]
+    assert dots == [[(64, 64), (64, 32)]] * 2, dots  # C = 64, Dk = Dv = 32
+  with dispatch.lower_for("gpu"):
+    exported = export.export(
+        jax.jit(loss_grads("pallas_gpu", False, True, pallas_gpu.BlockSizes(wy_form="split"))),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+            *_shapes(2, 200, 2, 128, jnp.bfloat16))
+  text = exported.mlir_module()
+  names = SPLIT_KERNELS + ["delta_rule_wu"]
+  assert [text.count(f'name = "{n}"') for n in names] == [1] * len(names)
 
 
 @pytest.mark.parametrize("field,value", [("dk_partial", "bfloat16"), ("num_stages_parallel", 0),

@@ -158,16 +158,18 @@ def test_fwd_bwd_sweep_times_only_candidates_that_match_the_checked_default(smok
 
 
 def test_sweep_checks_the_new_block_size_options_and_times_only_their_kernels(smoke):
-  """The earlier walk_form="scaled_keys" and unrolled=() (pallas_gpu.BlockSizes' defaults are
-  "scaled_values" and ("bwd_dqk",) since the second H200 sweep of 2026-12-04) are --tune-kernels
-  candidates ahead of the older sweep entries (--deadline cuts those first), wy_form="dense" the
-  smoke run's;
+  """wy_form="split" (alone and at num_warps_wy 4), the earlier walk_form="scaled_keys" and
+  unrolled=() (pallas_gpu.BlockSizes' defaults are "scaled_values" and ("bwd_dqk",) since the
+  second H200 sweep of 2026-12-04) are --tune-kernels candidates ahead of the older sweep
+  entries (--deadline cuts those first), wy_form="split" the smoke run's (its added
+  delta_rule_wu counts as changed and is timed);
   so are the launch settings the 2026-12-04 sweep made defaults, undone one at a time: each
   agrees with the default's outputs and changes only the kernels it should (so only those
   are timed)."""
   bench, cache = smoke, {}
   assert bench.kernel_candidates()[2:] == bench.WY_OPTIONS[:1] + bench.WALK_OPTIONS
-  assert bench.NEW_OPTIONS == [dict(walk_form="scaled_keys"), dict(unrolled=())]
+  assert bench.NEW_OPTIONS == [dict(wy_form="split"), dict(wy_form="split", num_warps_wy=4),
+                               dict(walk_form="scaled_keys"), dict(unrolled=())]
   bench.SMOKE["on"] = False
   try:
     full = bench.kernel_candidates()
@@ -183,7 +185,7 @@ def test_sweep_checks_the_new_block_size_options_and_times_only_their_kernels(sm
              "num_stages_parallel": {"delta_rule_out", "delta_rule_bwd_prep",
                                      "delta_rule_bwd_wy"},
              "walk_form": {"delta_rule_fwd", "delta_rule_dstate"},
-             "wy_form": {"delta_rule_wy"},
+             "wy_form": {"delta_rule_wy", "delta_rule_wu"},
              "unrolled": {"delta_rule_bwd_dqk"}}
   earlier = [dict(keep_w=False), dict(dk_partial="float32"), dict(num_stages_parallel=None)]
   for over in bench.WY_OPTIONS[:1] + bench.WALK_OPTIONS + bench.UNROLLED_OPTIONS[:1] + earlier:

@@ -29,7 +29,11 @@ solve_tril layout): A's 16 x 16 diagonal blocks are inverted by forward substitu
 off-diagonal blocks of the inverse follow from T_ij = -T_ii sum_{j<=m<i} A_im T_mj, all on
 16-row tiles loaded from refs (Triton has no slicing of register values).
 BlockSizes(wy_form="dense") instead inverts the whole [C, C] tile by one forward substitution
-(pallas_tpu's and xla.chunk_inverse's form).
+(pallas_tpu's and xla.chunk_inverse's form). BlockSizes(wy_form="split") keeps the blocked
+inverse but stores only T, and one more kernel forms W and U from it with two large dots
+(fla's recompute_w_u_fwd_kernel):
+
+  delta_rule_wu        grid (N, B, H)       W = T diag(b gq) K, U = T diag(b) V of each chunk
 
 Layout [B, T, H, D] as given; gates [B, T, H] and masks [B, T] are read with strides. The
 intermediates are stored in the compute dtype: T as [B, Tp, H, C] (row t holds its chunk's row
@@ -56,7 +60,7 @@ SUB = 16  # rows of the inverse's diagonal blocks (Triton's smallest dot)
 BACKWARDS = ("fused", "split")
 DK_PARTIALS = ("float32", "compute")
 WALK_FORMS = ("scaled_keys", "scaled_values")
-WY_FORMS = ("blocked", "dense")
+WY_FORMS = ("blocked", "dense", "split")
 PARALLEL_KERNELS = ("out", "bwd_prep", "bwd_dqk", "bwd_wy")  # num_stages_parallel's kernels
 LOG2E = 1.4426950408889634  # log2(e): e^x = 2^(x log2(e))
 
@@ -69,6 +73,7 @@ class BlockSizes:
     loops over Dv (Dv itself where it does not divide Dv).
   num_warps: Triton warps of the walks and of the output / backward-prep kernels.
   num_warps_wy / num_warps_bwd: of the inverse and of the backward's per-chunk kernel(s).
+  num_warps_wu: of delta_rule_wu (wy_form="split" only).
   num_stages: pipelining of the walks' chunk loads.
   backward: "split" (default: the forward also keeps Delta; the per-chunk gradients in two
     kernels with smaller live sets: delta_rule_bwd_dqk over (Dk/block_k, N, B, H) and
@@ -118,7 +123,13 @@ class BlockSizes:
     one (C - 1)-step forward substitution on the [C, C] float32 tile (no float32 dot, so no
     TF32), W and U one [C, C] x [C, D] dot each in the compute dtype. The same math up to
     rounding (docs/delta_rule_vs_fla.md section 6 item 6); checked and timed on the H200,
-    0.78x (delta_rule_wy 11.68 ms against 4.63 at T 32k), so a forced path only.
+    0.78x (delta_rule_wy 11.68 ms against 4.63 at T 32k), so a forced path only. "split": the
+    blocked inverse, but delta_rule_wy reads only k and the gates and stores only T, and
+    delta_rule_wu (num_warps_wu) reads T back with k, v and the gates and forms W and U as one
+    [C, C] x [C, D] dot each (xla.chunk_wy, the dense form's math: the blocked form's 20
+    [16, 16] x [16, D] dots become 2 with M = C; T and k are read once more). The blocked
+    form's roundings (T and the right-hand sides in the compute dtype), so the two differ only
+    in the order of the float32 sums (docs/delta_rule_vs_fla.md section 11); not yet timed.
   """
 
   block_v: int = 64
@@ -134,6 +145,7 @@ class BlockSizes:
   walk_form: str = "scaled_values"
   wy_form: str = "blocked"
   unrolled: tuple[str, ...] = ("bwd_dqk",)
+  num_warps_wu: int = 4
 
   def __post_init__(self):
     if not isinstance(self.unrolled, tuple) or set(self.unrolled) - set(PARALLEL_KERNELS):
@@ -145,7 +157,7 @@ class BlockSizes:
         raise ValueError(f"BlockSizes.{field}={size} must be a power of two >= 16")
     if self.backward not in BACKWARDS:
       raise ValueError(f"BlockSizes.backward={self.backward!r} must be one of {BACKWARDS}")
-    for field in ("num_warps", "num_warps_wy", "num_warps_bwd"):
+    for field in ("num_warps", "num_warps_wy", "num_warps_bwd", "num_warps_wu"):
       if getattr(self, field) not in (1, 2, 4, 8, 16):
         raise ValueError(f"BlockSizes.{field}={getattr(self, field)} must be a power of two "
                          "<= 16")
@@ -220,6 +232,21 @@ def _wy_gq(g, carry):
   return jnp.exp(g) if carry is None else jnp.exp(g) * carry
 
 
+def _blocked_inverse(k_ref, beta_ref, g_ref, runs_ref, carry_ref, *, chunk: int, dtype):
+  """wy_form "blocked" and "split": T = (I + A)^{-1} of one chunk on 16-row blocks (k_ref
+  [C, Dk]; beta_ref, g_ref, runs_ref, carry_ref [C], the masks None without segments). Returns
+  (rows, the 16-row blocks of k, beta, gcum and carry, the inverse's blocks {(i, j): [16, 16]
+  float32} for i >= j)."""
+  nb = chunk // SUB
+  rows = [pl.ds(i * SUB, SUB) for i in range(nb)]
+  load = lambda ref: [None if ref is None else ref[r] for r in rows]  # noqa: E731
+  ks, betas, gs, runs, carry = (load(r) for r in (k_ref, beta_ref, g_ref, runs_ref, carry_ref))
+  a = {(i, j): xla.wy_block(ks[i], ks[j], betas[i], gs[i], gs[j], runs[i], runs[j],
+                            diagonal=i == j, dtype=dtype)
+       for i in range(nb) for j in range(i + 1)}
+  return rows, ks, betas, gs, carry, block_inverse(a, nb)
+
+
 def _wy_kernel(k_ref, v_ref, beta_ref, g_ref, *refs, chunk: int, dtype, has_runs: bool,
                dense: bool = False):
   """One chunk: k_ref [C, Dk]; v_ref [C, Dv]; beta_ref, g_ref [C]; runs_ref, carry_ref [C];
@@ -231,13 +258,8 @@ def _wy_kernel(k_ref, v_ref, beta_ref, g_ref, *refs, chunk: int, dtype, has_runs
   (runs_ref, carry_ref), (tinv_ref, w_ref, u_ref) = (refs[:2], refs[2:]) if has_runs else (
       (None, None), refs)
   nb = chunk // SUB
-  rows = [pl.ds(i * SUB, SUB) for i in range(nb)]
-  load = lambda ref: [None if ref is None else ref[r] for r in rows]  # noqa: E731
-  ks, betas, gs, runs, carry = (load(r) for r in (k_ref, beta_ref, g_ref, runs_ref, carry_ref))
-  a = {(i, j): xla.wy_block(ks[i], ks[j], betas[i], gs[i], gs[j], runs[i], runs[j],
-                            diagonal=i == j, dtype=dtype)
-       for i in range(nb) for j in range(i + 1)}
-  inv = block_inverse(a, nb)
+  rows, ks, betas, gs, carry, inv = _blocked_inverse(k_ref, beta_ref, g_ref, runs_ref, carry_ref,
+                                                     chunk=chunk, dtype=dtype)
   zeros = jnp.zeros((SUB, SUB), jnp.float32)
   kb, vb = [], []
   for i in range(nb):
@@ -265,8 +287,39 @@ def _wy_dense_kernel(k_ref, v_ref, beta_ref, g_ref, *refs, dtype, has_runs: bool
   k, beta, g = k_ref[...], beta_ref[...], g_ref[...]
   tinv = xla.chunk_inverse(k, beta, g, runs, dtype=dtype)
   tinv_ref[...] = tinv.astype(tinv_ref.dtype)
-  w, u = xla.chunk_wy(tinv, k, v_ref[...], beta, _wy_gq(g, carry), dtype=dtype)
+  _store_wu(tinv, k, v_ref[...], beta, g, carry, w_ref, u_ref, dtype=dtype)
+
+
+def _store_wu(tinv, k, v, beta, g, carry, w_ref, u_ref, *, dtype):
+  """W = T diag(b gq) K and U = T diag(b) V of one chunk (xla.chunk_wy: one [C, C] x [C, D] dot
+  each, T and the right-hand sides in `dtype`, float32 sums) into w_ref [C, Dk], u_ref [C, Dv]."""
+  w, u = xla.chunk_wy(tinv, k, v, beta, _wy_gq(g, carry), dtype=dtype)
   w_ref[...], u_ref[...] = w.astype(w_ref.dtype), u.astype(u_ref.dtype)
+
+
+def _tinv_kernel(k_ref, beta_ref, g_ref, *refs, chunk: int, dtype, has_runs: bool):
+  """wy_form="split"'s delta_rule_wy, one chunk: k_ref [C, Dk]; beta_ref, g_ref [C]; runs_ref
+  [C]; output tinv_ref [C, C] only (the blocked inverse, stored as the blocked form stores it;
+  W and U follow in delta_rule_wu)."""
+  (runs_ref,), (tinv_ref,) = _masks(refs, 1, has_runs)
+  nb = chunk // SUB
+  rows, *_, inv = _blocked_inverse(k_ref, beta_ref, g_ref, runs_ref, None, chunk=chunk,
+                                   dtype=dtype)
+  zeros = jnp.zeros((SUB, SUB), jnp.float32)
+  for i in range(nb):
+    for j in range(nb):
+      tinv_ref[rows[i], rows[j]] = inv.get((i, j), zeros).astype(tinv_ref.dtype)
+
+
+def _wu_kernel(tinv_ref, k_ref, v_ref, beta_ref, g_ref, *refs, dtype, has_runs: bool):
+  """wy_form="split"'s delta_rule_wu, one chunk: tinv_ref [C, C] (delta_rule_wy's T, in
+  `dtype`); k_ref [C, Dk]; v_ref [C, Dv]; beta_ref, g_ref, carry_ref [C]; outputs w_ref
+  [C, Dk], u_ref [C, Dv]: two [C, C] x [C, D] dots instead of the blocked form's 16-row ones
+  (T already holds the runs mask, so only carry is read, for gq)."""
+  (carry_ref,), (w_ref, u_ref) = _masks(refs, 1, has_runs)
+  carry = None if carry_ref is None else carry_ref[...]
+  _store_wu(tinv_ref[...], k_ref[...], v_ref[...], beta_ref[...], g_ref[...], carry, w_ref,
+            u_ref, dtype=dtype)
 
 
 def _chunk_refs(refs, start, chunk):
@@ -608,6 +661,34 @@ class _Dims:
     return 3 if self.has_runs else 0
 
 
+def _split_wy(x: Chunked, d: _Dims, *, chunk: int, dtype, block_sizes: BlockSizes,
+              interpret: bool):
+  """wy_form="split": (T, W, U) in two kernels, delta_rule_wy writing only T [B, Tp, H, C] and
+  delta_rule_wu reading it back for W and U."""
+  tok, gate, _, masks = _chunk_specs(chunk, d.masks)
+  tinv = pl.pallas_call(
+      functools.partial(_tinv_kernel, chunk=chunk, dtype=dtype, has_runs=d.has_runs),
+      grid=(d.n, d.b, d.h),
+      in_specs=[tok(d.dk), gate, gate] + masks[:1],
+      out_specs=tok(chunk),
+      out_shape=jax.ShapeDtypeStruct((d.b, d.padded, d.h, chunk), dtype),
+      compiler_params=_params(block_sizes.num_warps_wy),
+      interpret=interpret,
+      name="delta_rule_wy",
+  )(x.k, x.beta, x.gcum, *_mask_args(x, ("runs",)))
+  w, u = pl.pallas_call(
+      functools.partial(_wu_kernel, dtype=dtype, has_runs=d.has_runs),
+      grid=(d.n, d.b, d.h),
+      in_specs=[tok(chunk), tok(d.dk), tok(d.dv), gate, gate] + masks[:1],
+      out_specs=[tok(d.dk), tok(d.dv)],
+      out_shape=[_like(x.k, dtype), _like(x.v, dtype)],
+      compiler_params=_params(block_sizes.num_warps_wu),
+      interpret=interpret,
+      name="delta_rule_wu",
+  )(tinv, x.k, x.v, x.beta, x.gcum, *_mask_args(x, ("carry",)))
+  return tinv, w, u
+
+
 def forward(x: Chunked, s0, *, chunk: int, scale: float, dtype, out_dtype,
             block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
   """Same contract as xla.forward, with o in out_dtype and residuals (T [B, Tp, H, C], states
@@ -615,18 +696,22 @@ def forward(x: Chunked, s0, *, chunk: int, scale: float, dtype, out_dtype,
   d = _Dims.of(x, chunk, block_sizes)
   b, padded, h, dk, dv, n, bv, has_runs = dataclasses.astuple(d)
   tok, gate, state, masks = _chunk_specs(chunk, d.masks)
-  tinv, w, u = pl.pallas_call(
-      functools.partial(_wy_kernel, chunk=chunk, dtype=dtype, has_runs=has_runs,
-                        **_wy_form(block_sizes)),
-      grid=(n, b, h),
-      in_specs=[tok(dk), tok(dv), gate, gate] + masks[:2],
-      out_specs=[tok(chunk), tok(dk), tok(dv)],
-      out_shape=[jax.ShapeDtypeStruct((b, padded, h, chunk), dtype), _like(x.k, dtype),
-                 _like(x.v, dtype)],
-      compiler_params=_params(block_sizes.num_warps_wy),
-      interpret=interpret,
-      name="delta_rule_wy",
-  )(x.k, x.v, x.beta, x.gcum, *_mask_args(x, ("runs", "carry")))
+  if block_sizes.wy_form == "split":
+    tinv, w, u = _split_wy(x, d, chunk=chunk, dtype=dtype, block_sizes=block_sizes,
+                           interpret=interpret)
+  else:
+    tinv, w, u = pl.pallas_call(
+        functools.partial(_wy_kernel, chunk=chunk, dtype=dtype, has_runs=has_runs,
+                          **_wy_form(block_sizes)),
+        grid=(n, b, h),
+        in_specs=[tok(dk), tok(dv), gate, gate] + masks[:2],
+        out_specs=[tok(chunk), tok(dk), tok(dv)],
+        out_shape=[jax.ShapeDtypeStruct((b, padded, h, chunk), dtype), _like(x.k, dtype),
+                   _like(x.v, dtype)],
+        compiler_params=_params(block_sizes.num_warps_wy),
+        interpret=interpret,
+        name="delta_rule_wy",
+    )(x.k, x.v, x.beta, x.gcum, *_mask_args(x, ("runs", "carry")))
 
   wtok, cols, wgate, wstate, wmasks = _walk_specs(padded, bv, d.masks)
   delta, final, states = pl.pallas_call(
