@@ -349,6 +349,17 @@ def dense(d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype: Any, use_bias: bool =
                     kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
 
 
+def qkvo_projections(d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                     rngs: nnx.Rngs, dtype: Any) -> tuple[nnx.Linear, ...]:
+  """The q [d_model -> H*D], k, v [d_model -> H_kv*D] and o [H*D -> d_model] projections of
+  multi-head attention, made in that order (the order their kernels draw from `rngs`)."""
+  cols = dict(rngs=rngs, dtype=dtype, head_dim=head_dim)
+  return (dense(d_model, num_heads * head_dim, axes=COLUMNS, **cols),
+          dense(d_model, num_kv_heads * head_dim, axes=KV_COLUMNS, **cols),
+          dense(d_model, num_kv_heads * head_dim, axes=KV_COLUMNS, **cols),
+          dense(num_heads * head_dim, d_model, axes=ROWS, **cols))
+
+
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
   """[B, T, H*D] -> [B, T, H, D], heads over the mesh's tensor axis when the trainer's rules
   are on (logical_axes.HEADS; the split kernels/mesh.py gives a kernel's heads)."""

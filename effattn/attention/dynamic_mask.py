@@ -168,11 +168,8 @@ class DynamicMaskAttention(base.Attention):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     o = self.opts
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
-    cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
-    self.q_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
-    self.k_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
-    self.v_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
-    self.o_proj = base.dense(h * d, d_model, axes=base.ROWS, **cols)
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.qkvo_projections(
+        d_model, h, h_kv, d, rngs=rngs, dtype=self.dtype)
     self.dt_proj = base.dense(h_kv * d, h_kv, rngs=rngs, dtype=jnp.float32)
     self.A = nnx.Param(jnp.zeros((h_kv,), jnp.float32))
     if o.qk_norm:

@@ -147,12 +147,8 @@ class LandmarkAttention(base.Attention):
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
-    d, h = self.head_dim, num_heads
-    cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
-    self.q_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
-    self.k_proj = base.dense(d_model, h * d, axes=base.KV_COLUMNS, **cols)
-    self.v_proj = base.dense(d_model, h * d, axes=base.KV_COLUMNS, **cols)
-    self.o_proj = base.dense(h * d, d_model, axes=base.ROWS, **cols)
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.qkvo_projections(  # H_kv = H
+        d_model, num_heads, num_heads, self.head_dim, rngs=rngs, dtype=self.dtype)
     self.landmark = nnx.Param(jax.random.normal(rngs.params(), (d_model,), jnp.float32) * 0.02)
 
   def _rope(self, x, positions):

@@ -108,12 +108,8 @@ class LinearAttention(base.Attention):
     self.normalize = self.opts.feature_map != "identity"
     # The normalizer cancels any scale (up to eps); unnormalized scores are scaled like fla's.
     self.score_scale = 1.0 if self.normalize else self.head_dim ** -0.5
-    d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
-    cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
-    self.q_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
-    self.k_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
-    self.v_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
-    self.o_proj = base.dense(h * d, d_model, axes=base.ROWS, **cols)
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.qkvo_projections(
+        d_model, num_heads, self.num_kv_heads, self.head_dim, rngs=rngs, dtype=self.dtype)
 
   def features(self, x):
     """x [B, T, d_model] -> phi(q), phi(k) [B, T, H, D], v [B, T, H, D]."""

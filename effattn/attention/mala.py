@@ -165,10 +165,8 @@ class MalaAttention(base.Attention):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
     d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
     cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
-    self.q_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
-    self.k_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
-    self.v_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
-    self.o_proj = base.dense(h * d, d_model, axes=base.ROWS, **cols)
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.qkvo_projections(
+        d_model, h, h_kv, d, rngs=rngs, dtype=self.dtype)
     self.gate_proj = (base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
                       if self.opts.output_gate else None)
     k = self.opts.lepe_kernel

@@ -353,10 +353,8 @@ class NeuralMemory(base.Attention):
       self.gate_proj = base.dense(d_model, width, axes=base.COLUMNS, **cols)
     if self.variant == "lmm":
       return
-    self.q_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
-    self.k_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
-    self.v_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
-    self.o_proj = base.dense(h * d, d_model, axes=base.ROWS, **cols)
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.qkvo_projections(
+        d_model, h, h_kv, d, rngs=rngs, dtype=dt)
     shape, names = (o.num_persistent, h_kv, d), (None, "kv_heads", None)
     self.persistent_k = logical_axes.param(jax.random.normal(rngs.params(), shape, jnp.float32),
                                            names)

@@ -35,12 +35,8 @@ class SoftmaxAttention(base.Attention):
 
   def __init__(self, cfg: Any, *, d_model: int, num_heads: int, rngs: nnx.Rngs, **kwargs):
     super().__init__(cfg, d_model=d_model, num_heads=num_heads, rngs=rngs, **kwargs)
-    d, h, h_kv = self.head_dim, num_heads, self.num_kv_heads
-    cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
-    self.q_proj = base.dense(d_model, h * d, axes=base.COLUMNS, **cols)
-    self.k_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
-    self.v_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
-    self.o_proj = base.dense(h * d, d_model, axes=base.ROWS, **cols)
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.qkvo_projections(
+        d_model, num_heads, self.num_kv_heads, self.head_dim, rngs=rngs, dtype=self.dtype)
 
   def project(self, x, positions):
     """x [B, T, d_model] -> q [B, T, H, D], k and v [B, T, H_kv, D], RoPE applied."""

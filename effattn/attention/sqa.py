@@ -90,9 +90,5 @@ class SparseQueryAttention(SoftmaxAttention):
     self.baseline_heads = num_heads
     self.num_heads = h_q
     self.num_kv_heads = h_kv
-    d = self.head_dim
-    cols = dict(rngs=rngs, dtype=self.dtype, head_dim=d)
-    self.q_proj = base.dense(d_model, h_q * d, axes=base.COLUMNS, **cols)
-    self.k_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
-    self.v_proj = base.dense(d_model, h_kv * d, axes=base.KV_COLUMNS, **cols)
-    self.o_proj = base.dense(h_q * d, d_model, axes=base.ROWS, **cols)
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.qkvo_projections(
+        d_model, h_q, h_kv, self.head_dim, rngs=rngs, dtype=self.dtype)

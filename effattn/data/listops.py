@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from effattn.data.spec import BuildSpec
+from effattn.data.spec import BuildSpec, synthetic_spec
 
 NAME = "listops"
 VERSION = "1.0.0"
@@ -166,16 +166,8 @@ def spec(options: ListOpsOptions, *, seq_len: int, seed: int, data_dir: str) -> 
   """The data of ListOps with these options (splits: train, validation, test)."""
   del data_dir  # generated, nothing to read
   options.validate(seq_len)
-  return BuildSpec(
-      task=NAME,
-      version=VERSION,
-      features={"inputs": ((seq_len,), np.int32), "targets": ((), np.int32),
-                "segment_ids": ((seq_len,), np.int32)},
-      split_sizes={"train": options.train_examples,
-                   "validation": options.validation_examples,
-                   "test": options.test_examples},
-      sample=lambda rng, n: sample(options, seq_len, rng, n),
-      identity={**dataclasses.asdict(options), "seq_len": seq_len, "seed": seed},
-      readable=f"l{options.min_length}-{options.max_length}_t{seq_len}_s{seed}",
-      description=f"ListOps {options} seq_len={seq_len} seed={seed}",
-  )
+  return synthetic_spec(NAME, VERSION, options, sample, seq_len=seq_len, seed=seed,
+                        features={"inputs": ((seq_len,), np.int32), "targets": ((), np.int32),
+                                  "segment_ids": ((seq_len,), np.int32)},
+                        readable=f"l{options.min_length}-{options.max_length}_t{seq_len}_s{seed}",
+                        title="ListOps", splits=("train", "validation", "test"))

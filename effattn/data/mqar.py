@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from effattn.data.spec import BuildSpec
+from effattn.data.spec import BuildSpec, synthetic_spec, token_features
 
 NAME = "mqar"
 VERSION = "1.0.0"
@@ -119,14 +119,7 @@ def spec(options: MqarOptions, *, seq_len: int, seed: int, data_dir: str) -> Bui
   """The data of MQAR with these options (splits: train, test)."""
   del data_dir  # generated, nothing to read
   options.validate(seq_len)
-  return BuildSpec(
-      task=NAME,
-      version=VERSION,
-      features={"inputs": ((seq_len,), np.int32), "targets": ((seq_len,), np.int32),
-                "weights": ((seq_len,), np.float32)},
-      split_sizes={"train": options.train_examples, "test": options.test_examples},
-      sample=lambda rng, n: sample(options, seq_len, rng, n),
-      identity={**dataclasses.asdict(options), "seq_len": seq_len, "seed": seed},
-      readable=f"v{options.vocab_size}_p{options.num_pairs}_t{seq_len}_s{seed}",
-      description=f"MQAR {options} seq_len={seq_len} seed={seed}",
-  )
+  return synthetic_spec(NAME, VERSION, options, sample, seq_len=seq_len, seed=seed,
+                        features=token_features(seq_len),
+                        readable=f"v{options.vocab_size}_p{options.num_pairs}_t{seq_len}_s{seed}",
+                        title="MQAR")

@@ -27,7 +27,7 @@ import dataclasses
 import numpy as np
 
 from effattn.data import tokenizers
-from effattn.data.spec import BuildSpec
+from effattn.data.spec import BuildSpec, synthetic_spec, token_features
 
 NAME = "passkey"
 VERSION = "1.0.0"
@@ -209,14 +209,7 @@ def spec(options: PasskeyOptions, *, seq_len: int, seed: int, data_dir: str) -> 
   """The data of passkey retrieval with these options (splits: train, test)."""
   del data_dir  # generated, nothing to read
   options.validate(seq_len)
-  return BuildSpec(
-      task=NAME,
-      version=VERSION,
-      features={"inputs": ((seq_len,), np.int32), "targets": ((seq_len,), np.int32),
-                "weights": ((seq_len,), np.float32), "segment_ids": ((seq_len,), np.int32)},
-      split_sizes={"train": options.train_examples, "test": options.test_examples},
-      sample=lambda rng, n: sample(options, seq_len, rng, n),
-      identity={**dataclasses.asdict(options), "seq_len": seq_len, "seed": seed},
-      readable=f"t{seq_len}_d{options.min_depth:g}-{options.max_depth:g}_s{seed}",
-      description=f"passkey {options} seq_len={seq_len} seed={seed}",
-  )
+  return synthetic_spec(NAME, VERSION, options, sample, seq_len=seq_len, seed=seed,
+                        features=token_features(seq_len, segment_ids=True),
+                        readable=f"t{seq_len}_d{options.min_depth:g}-{options.max_depth:g}_s{seed}",
+                        title="passkey")

@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from effattn.data.spec import BuildSpec
+from effattn.data.spec import BuildSpec, synthetic_spec, token_features
 
 NAME = "selective_copy"
 VERSION = "1.0.0"
@@ -84,14 +84,7 @@ def spec(options: SelectiveCopyOptions, *, seq_len: int, seed: int, data_dir: st
   """The data of selective copying with these options (splits: train, test)."""
   del data_dir  # generated, nothing to read
   options.validate(seq_len)
-  return BuildSpec(
-      task=NAME,
-      version=VERSION,
-      features={"inputs": ((seq_len,), np.int32), "targets": ((seq_len,), np.int32),
-                "weights": ((seq_len,), np.float32)},
-      split_sizes={"train": options.train_examples, "test": options.test_examples},
-      sample=lambda rng, n: sample(options, seq_len, rng, n),
-      identity={**dataclasses.asdict(options), "seq_len": seq_len, "seed": seed},
-      readable=f"k{options.num_tokens}_v{options.num_symbols}_t{seq_len}_s{seed}",
-      description=f"selective copy {options} seq_len={seq_len} seed={seed}",
-  )
+  return synthetic_spec(NAME, VERSION, options, sample, seq_len=seq_len, seed=seed,
+                        features=token_features(seq_len),
+                        readable=f"k{options.num_tokens}_v{options.num_symbols}_t{seq_len}_s{seed}",
+                        title="selective copy")

@@ -69,6 +69,31 @@ class BuildSpec:
     return tuple(self.split_sizes) or self.splits
 
 
+def token_features(seq_len: int, *, segment_ids: bool = False) -> dict[str, tuple]:
+  """The features of a task scored per token: inputs, targets int32 [T], their loss weights
+  float32 [T] and, for examples padded to seq_len, segment_ids int32 [T]."""
+  features = {"inputs": ((seq_len,), np.int32), "targets": ((seq_len,), np.int32),
+              "weights": ((seq_len,), np.float32)}
+  return {**features, "segment_ids": ((seq_len,), np.int32)} if segment_ids else features
+
+
+def synthetic_spec(task: str, version: str, options: Any, sample: Callable, *, seq_len: int,
+                   seed: int, features: Mapping[str, tuple], readable: str, title: str,
+                   splits: tuple[str, ...] = ("train", "test")) -> BuildSpec:
+  """The BuildSpec of a task drawn by `sample(options, seq_len, rng, n)`: its identity is every
+  field of the options (a dataclass with `<split>_examples` for each split), seq_len and seed."""
+  return BuildSpec(
+      task=task,
+      version=version,
+      features=features,
+      split_sizes={split: getattr(options, f"{split}_examples") for split in splits},
+      sample=lambda rng, n: sample(options, seq_len, rng, n),
+      identity={**dataclasses.asdict(options), "seq_len": seq_len, "seed": seed},
+      readable=readable,
+      description=f"{title} {options} seq_len={seq_len} seed={seed}",
+  )
+
+
 def split_examples(spec: BuildSpec, split: str) -> Iterator[dict[str, np.ndarray]]:
   """The examples of `split` in order (what is stored on disk, or held in memory)."""
   if spec.examples is not None:

@@ -112,6 +112,19 @@ def element_mask(*, causal: bool, q_pos, kv_pos, q_seg=None, kv_seg=None, kv_bia
   return mask
 
 
+def masked_softmax(s, mask):
+  """Softmax of scores s [..., S] over the keys `mask` (broadcast to s) keeps, and its lse
+  [...] (natural log): a row that keeps no key gets p = 0 and lse = -inf (the jnp paths')."""
+  mask = jnp.broadcast_to(mask, s.shape)
+  s = jnp.where(mask, s, MASK_VALUE)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.where(mask, jnp.exp(s - m), 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  seen = l > 0
+  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)[..., 0]
+  return p / jnp.where(seen, l, 1.0), lse
+
+
 def lists_from_block_mask(block_mask: jax.Array):
   """Dense [B, H, nQ, nK] bool block mask -> (indices [B, H, nQ, K], counts [B, H, nQ]) int32.
 

@@ -72,21 +72,60 @@ def _scores_in_kernel(q, k, refs, q_sl, kv_sl, q_start, kv_start, *, block_q, bl
                      **qv, **kv)
 
 
+def _listed_tile(r, j, q, i, *, block_q, block_k, **score_kw):
+  """Key tile of list slot j of query tile i (the forward and dQ loops): k, v [bk, D] and the
+  masked scores of q against k (common.tile_scores')."""
+  kv_start = pl.multiple_of(r["idx"][j] * block_k, block_k)
+  kv_sl = pl.ds(kv_start, block_k)
+  k, v = r["k"][kv_sl, :], r["v"][kv_sl, :]
+  q_sl = pl.ds(0, block_q)  # q-side vectors are already blocked to this tile
+  s, mask = _scores_in_kernel(q, k, r, q_sl, kv_sl, i * block_q, kv_start, block_q=block_q,
+                              block_k=block_k, **score_kw)
+  return k, v, s, mask
+
+
+def _query_tile_inputs(k, v, kv_indices, kv_counts, aux: Aux, q_names, kv_names, *,
+                       num_heads: int, block_q: int):
+  """BlockSpecs and arrays of what a program of the query-tile grid (nQ, B, H) of the forward
+  and dQ kernels reads besides its query rows: the whole k, v of its key head, its list and
+  count, and the aux vectors (query-side blocked to its tile, key-side whole)."""
+  s_len, h_kv, d = k.shape[1], k.shape[2], k.shape[3]
+  group = num_heads // h_kv
+  lists_b, lists_h = kv_indices.shape[0] > 1, kv_indices.shape[1] > 1
+  specs = {
+      "k": pl.BlockSpec((None, s_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+      "v": pl.BlockSpec((None, s_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
+      "idx": pl.BlockSpec((None, None, None, kv_indices.shape[-1]), lambda i, bi, hi: (
+          bi if lists_b else 0, hi if lists_h else 0, i, 0)),
+      "cnt": pl.BlockSpec((None, None, 1), lambda i, bi, hi: (
+          bi if lists_b else 0, hi if lists_h else 0, i)),
+  }
+  args = {"k": k, "v": v, "idx": kv_indices, "cnt": kv_counts}
+  for n in q_names:
+    x = getattr(aux, n)
+    hmap = _q_head_of(x.shape[1], num_heads, group)
+    specs[n] = pl.BlockSpec((None, None, block_q), lambda i, bi, hi, x=x, hmap=hmap: (
+        _batch(x, bi), hmap(hi), i))
+    args[n] = x
+  for n in kv_names:
+    x = getattr(aux, n)
+    hmap = _kv_head_of(x.shape[1])
+    specs[n] = pl.BlockSpec((None, None, s_len), lambda i, bi, hi, x=x, hmap=hmap: (
+        _batch(x, bi), hmap(hi // group), 0))
+    args[n] = x
+  return specs, args
+
+
 def _fwd_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, block_k, window):
   r = dict(zip(names, refs))
   o_ref, lse_ref = refs[len(names):]
   i = pl.program_id(0)
   q = r["q"][...]
-  q_sl = pl.ds(0, block_q)  # q-side vectors are already blocked to this tile
 
   def body(j, carry):
     acc, m, l = carry
-    kv_start = pl.multiple_of(r["idx"][j] * block_k, block_k)
-    kv_sl = pl.ds(kv_start, block_k)
-    k, v = r["k"][kv_sl, :], r["v"][kv_sl, :]
-    s, mask = _scores_in_kernel(q, k, r, q_sl, kv_sl, i * block_q, kv_start, block_q=block_q,
-                                block_k=block_k, scale=scale, causal=causal, q_names=q_names,
-                                kv_names=kv_names, window=window)
+    _, v, s, mask = _listed_tile(r, j, q, i, block_q=block_q, block_k=block_k, scale=scale,
+                                 causal=causal, q_names=q_names, kv_names=kv_names, window=window)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
@@ -112,15 +151,10 @@ def _dq_kernel(*refs, names, q_names, kv_names, causal, scale, block_q, block_k,
   q, do = r["q"][...], r["do"][...]
   lse2 = r["lse"][...] / LN2
   delta = r["delta"][...]
-  q_sl = pl.ds(0, block_q)
 
   def body(j, dq):
-    kv_start = pl.multiple_of(r["idx"][j] * block_k, block_k)
-    kv_sl = pl.ds(kv_start, block_k)
-    k, v = r["k"][kv_sl, :], r["v"][kv_sl, :]
-    s, mask = _scores_in_kernel(q, k, r, q_sl, kv_sl, i * block_q, kv_start, block_q=block_q,
-                                block_k=block_k, scale=scale, causal=causal, q_names=q_names,
-                                kv_names=kv_names, window=window)
+    k, v, s, mask = _listed_tile(r, j, q, i, block_q=block_q, block_k=block_k, scale=scale,
+                                 causal=causal, q_names=q_names, kv_names=kv_names, window=window)
     p = jnp.exp2(s - lse2[:, None])
     if mask is not None:
       p = jnp.where(mask, p, 0.0)
@@ -177,33 +211,12 @@ def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: fl
             num_stages: int = 2, window: int | None = None):
   """o [B, T, H, D], lse [B, H, T] float32 (natural log). window: common.element_mask's."""
   b, t, h, d = q.shape
-  s_len, h_kv = k.shape[1], k.shape[2]
-  group = h // h_kv
   q_names, kv_names = _present(aux, Q_VECS), _present(aux, KV_VECS)
-  lists_b, lists_h = kv_indices.shape[0] > 1, kv_indices.shape[1] > 1
-  n_slots = kv_indices.shape[-1]
-  specs = {
-      "q": pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
-      "k": pl.BlockSpec((None, s_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-      "v": pl.BlockSpec((None, s_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-      "idx": pl.BlockSpec((None, None, None, n_slots), lambda i, bi, hi: (
-          bi if lists_b else 0, hi if lists_h else 0, i, 0)),
-      "cnt": pl.BlockSpec((None, None, 1), lambda i, bi, hi: (
-          bi if lists_b else 0, hi if lists_h else 0, i)),
-  }
-  args = {"q": q, "k": k, "v": v, "idx": kv_indices, "cnt": kv_counts}
-  for n in q_names:
-    x = getattr(aux, n)
-    hmap = _q_head_of(x.shape[1], h, group)
-    specs[n] = pl.BlockSpec((None, None, block_q), lambda i, bi, hi, x=x, hmap=hmap: (
-        _batch(x, bi), hmap(hi), i))
-    args[n] = x
-  for n in kv_names:
-    x = getattr(aux, n)
-    hmap = _kv_head_of(x.shape[1])
-    specs[n] = pl.BlockSpec((None, None, s_len), lambda i, bi, hi, x=x, hmap=hmap: (
-        _batch(x, bi), hmap(hi // group), 0))
-    args[n] = x
+  tile_specs, tile_args = _query_tile_inputs(k, v, kv_indices, kv_counts, aux, q_names, kv_names,
+                                             num_heads=h, block_q=block_q)
+  specs = {"q": pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
+           **tile_specs}
+  args = {"q": q, **tile_args}
   names = tuple(args)
   kernel = functools.partial(_fwd_kernel, names=names, q_names=q_names, kv_names=kv_names,
                              causal=causal, scale=scale, block_q=block_q, block_k=block_k,
@@ -235,35 +248,18 @@ def backward(q, k, v, lse, do, delta, kv_indices, kv_counts, q_indices, q_counts
   group = h // h_kv
   q_names, kv_names = _present(aux, Q_VECS), _present(aux, KV_VECS)
   warps = num_warps or _warps(block_q, block_k, d)
-  lists_b, lists_h = kv_indices.shape[0] > 1, kv_indices.shape[1] > 1
 
   # dQ: same tiling and lists as the forward pass.
+  tile_specs, tile_args = _query_tile_inputs(k, v, kv_indices, kv_counts, aux, q_names, kv_names,
+                                             num_heads=h, block_q=block_q)
   specs = {
       "q": pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
       "do": pl.BlockSpec((None, block_q, None, d), lambda i, bi, hi: (bi, i, hi, 0)),
       "lse": pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i)),
       "delta": pl.BlockSpec((None, None, block_q), lambda i, bi, hi: (bi, hi, i)),
-      "k": pl.BlockSpec((None, s_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-      "v": pl.BlockSpec((None, s_len, None, d), lambda i, bi, hi: (bi, 0, hi // group, 0)),
-      "idx": pl.BlockSpec((None, None, None, kv_indices.shape[-1]), lambda i, bi, hi: (
-          bi if lists_b else 0, hi if lists_h else 0, i, 0)),
-      "cnt": pl.BlockSpec((None, None, 1), lambda i, bi, hi: (
-          bi if lists_b else 0, hi if lists_h else 0, i)),
+      **tile_specs,
   }
-  args = {"q": q, "do": do, "lse": lse, "delta": delta, "k": k, "v": v, "idx": kv_indices,
-          "cnt": kv_counts}
-  for n in q_names:
-    x = getattr(aux, n)
-    hmap = _q_head_of(x.shape[1], h, group)
-    specs[n] = pl.BlockSpec((None, None, block_q), lambda i, bi, hi, x=x, hmap=hmap: (
-        _batch(x, bi), hmap(hi), i))
-    args[n] = x
-  for n in kv_names:
-    x = getattr(aux, n)
-    hmap = _kv_head_of(x.shape[1])
-    specs[n] = pl.BlockSpec((None, None, s_len), lambda i, bi, hi, x=x, hmap=hmap: (
-        _batch(x, bi), hmap(hi // group), 0))
-    args[n] = x
+  args = {"q": q, "do": do, "lse": lse, "delta": delta, **tile_args}
   names = tuple(args)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, names=names, q_names=q_names, kv_names=kv_names,

@@ -63,11 +63,41 @@ def _list_indexer(indices):
   return at
 
 
+def _vec_specs(aux: Aux, q_names, kv_names, at, *, num_heads: int, num_kv_heads: int,
+               block_q: int, block_k: int, transposed: bool):
+  """BlockSpecs and [B', Hx, 1, N] arrays of the present aux vectors on a grid (B, H, tile,
+  slot): on the forward one a query tile's vectors are its own and the key vectors the listed
+  tile's; on the transposed one of dK/dV (the lists of query tiles per key tile) the reverse."""
+  group = num_heads // num_kv_heads
+
+  def own(bi, hi, a, c, idx):
+    return a
+
+  def listed(bi, hi, a, c, idx):
+    return at(idx, bi, hi, a, c)
+
+  q_tile, kv_tile = (listed, own) if transposed else (own, listed)
+  specs, args = {}, {}
+  for n in q_names:
+    x = _vec4(getattr(aux, n))
+    row = _row(x.shape[1], num_heads, group)
+    specs[n] = pl.BlockSpec((None, None, 1, block_q), lambda bi, hi, a, c, idx, cnt, x=x, row=row:
+                            (_b(x, bi), row(hi), 0, q_tile(bi, hi, a, c, idx)))
+    args[n] = x
+  for n in kv_names:
+    x = _vec4(getattr(aux, n))
+    row = _row(x.shape[1], num_kv_heads, 1)
+    specs[n] = pl.BlockSpec((None, None, 1, block_k), lambda bi, hi, a, c, idx, cnt, x=x, row=row:
+                            (_b(x, bi), row(hi // group), 0, kv_tile(bi, hi, a, c, idx)))
+    args[n] = x
+  return specs, args
+
+
 def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: float,
             block_q: int, block_k: int, interpret: bool = False, window: int | None = None):
   """o [B, T, H, D], lse [B, H, T] float32 (natural log). window: common.element_mask's."""
   b, t, h, d = q.shape
-  s_len, h_kv = k.shape[1], k.shape[2]
+  h_kv = k.shape[2]
   group = h // h_kv
   n_slots = kv_indices.shape[-1]
   at = _list_indexer(kv_indices)
@@ -83,17 +113,10 @@ def forward(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: bool, scale: fl
       "v": pl.BlockSpec((None, None, block_k, d), kv_block),
   }
   args = {"q": qt, "k": kt, "v": vt}
-  for n in q_names:
-    x, row = _vec4(getattr(aux, n)), _row(getattr(aux, n).shape[1], h, group)
-    specs[n] = pl.BlockSpec((None, None, 1, block_q), lambda bi, hi, i, j, idx, cnt, x=x, row=row:
-                            (_b(x, bi), row(hi), 0, i))
-    args[n] = x
-  for n in kv_names:
-    x = _vec4(getattr(aux, n))
-    row = _row(x.shape[1], h_kv, 1)
-    specs[n] = pl.BlockSpec((None, None, 1, block_k), lambda bi, hi, i, j, idx, cnt, x=x, row=row:
-                            (_b(x, bi), row(hi // group), 0, at(idx, bi, hi, i, j)))
-    args[n] = x
+  vec_specs, vec_args = _vec_specs(aux, q_names, kv_names, at, num_heads=h, num_kv_heads=h_kv,
+                                   block_q=block_q, block_k=block_k, transposed=False)
+  specs.update(vec_specs)
+  args.update(vec_args)
   names = tuple(args)
 
   def kernel(idx_ref, cnt_ref, *refs):
@@ -178,17 +201,10 @@ def _dq(q, k, v, lse, do, delta, kv_indices, kv_counts, aux, *, causal, scale, b
            "k": pl.BlockSpec((None, None, block_k, d), kv_block),
            "v": pl.BlockSpec((None, None, block_k, d), kv_block)}
   args = {"q": q, "do": do, "lse": lse[:, :, None], "delta": delta[:, :, None], "k": k, "v": v}
-  for n in q_names:
-    x, row = _vec4(getattr(aux, n)), _row(getattr(aux, n).shape[1], h, group)
-    specs[n] = pl.BlockSpec((None, None, 1, block_q), lambda bi, hi, i, j, idx, cnt, x=x, row=row:
-                            (_b(x, bi), row(hi), 0, i))
-    args[n] = x
-  for n in kv_names:
-    x = _vec4(getattr(aux, n))
-    row = _row(x.shape[1], h_kv, 1)
-    specs[n] = pl.BlockSpec((None, None, 1, block_k), lambda bi, hi, i, j, idx, cnt, x=x, row=row:
-                            (_b(x, bi), row(hi // group), 0, at(idx, bi, hi, i, j)))
-    args[n] = x
+  vec_specs, vec_args = _vec_specs(aux, q_names, kv_names, at, num_heads=h, num_kv_heads=h_kv,
+                                   block_q=block_q, block_k=block_k, transposed=False)
+  specs.update(vec_specs)
+  args.update(vec_args)
   names = tuple(args)
 
   def kernel(idx_ref, cnt_ref, *refs):
@@ -256,17 +272,10 @@ def _dkv(q, k, v, lse, do, delta, q_indices, q_counts, aux, *, causal, scale, bl
            "k": pl.BlockSpec((None, None, block_k, d), kv_block),
            "v": pl.BlockSpec((None, None, block_k, d), kv_block)}
   args = {"q": q, "do": do, "lse": lse[:, :, None], "delta": delta[:, :, None], "k": k, "v": v}
-  for n in q_names:
-    x, row = _vec4(getattr(aux, n)), _row(getattr(aux, n).shape[1], h, group)
-    specs[n] = pl.BlockSpec((None, None, 1, block_q), lambda bi, hi, j, s, idx, cnt, x=x, row=row:
-                            (_b(x, bi), row(hi), 0, at(idx, bi, hi, j, s)))
-    args[n] = x
-  for n in kv_names:
-    x = _vec4(getattr(aux, n))
-    row = _row(x.shape[1], h_kv, 1)
-    specs[n] = pl.BlockSpec((None, None, 1, block_k), lambda bi, hi, j, s, idx, cnt, x=x, row=row:
-                            (_b(x, bi), row(hi // group), 0, j))
-    args[n] = x
+  vec_specs, vec_args = _vec_specs(aux, q_names, kv_names, at, num_heads=h, num_kv_heads=h_kv,
+                                   block_q=block_q, block_k=block_k, transposed=True)
+  specs.update(vec_specs)
+  args.update(vec_args)
   names = tuple(args)
   has_bias = aux.kv_bias is not None
 

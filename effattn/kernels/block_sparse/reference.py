@@ -13,7 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from effattn.kernels.block_sparse.common import MASK_VALUE, block_mask_from_lists, element_mask
+from effattn.kernels.block_sparse.common import (block_mask_from_lists, element_mask,
+                                                  masked_softmax)
 
 
 def per_query_head(x, num_heads: int):
@@ -54,14 +55,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, aux, *, causal: bool,
   bias = per_query_head(aux.kv_bias, h)
   if bias is not None:
     s = s + bias[:, :, None, :].astype(jnp.float32)
-  mask = jnp.broadcast_to(mask, s.shape)
-  s = jnp.where(mask, s, MASK_VALUE)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.where(mask, jnp.exp(s - m), 0.0)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  seen = l > 0
-  p = p / jnp.where(seen, l, 1.0)
+  p, lse = masked_softmax(s, mask)
   o = jnp.einsum("bhgqk,bkhd->bqhgd", p.reshape(b, h_kv, h // h_kv, t, s_len),
                  v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)[..., 0]
   return o.reshape(b, t, h, v.shape[-1]).astype(q.dtype), lse

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from effattn.kernels import matmul
-from effattn.kernels.block_sparse.common import MASK_VALUE, Aux, element_mask
+from effattn.kernels.block_sparse.common import Aux, element_mask, masked_softmax
 
 
 def _per_head(x, b: int, h: int):
@@ -62,16 +62,9 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, aux: Aux, *, causal: 
     mask = jnp.repeat(slot_ok, block_k, axis=-1)[:, :, None, :]
     elem = element_mask(causal=causal, window=window, **qv, **kv)
     mask = mask if elem is None else mask & elem
-    mask = jnp.broadcast_to(mask, s.shape)
-    s = jnp.where(mask, s, MASK_VALUE)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.where(mask, jnp.exp(s - m), 0.0)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    seen = l > 0
-    p = p / jnp.where(seen, l, 1.0)
+    p, lse = masked_softmax(s, mask)
     o = jnp.einsum("bhqk,bhkd->bqhd", p, vg.astype(jnp.float32),
                    precision=matmul.f32_precision())
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)[..., 0]
     return o.astype(q.dtype), lse
 
   o, lse = jax.lax.map(one_block, jnp.arange(n_q))  # [nQ, B, bq, H, D], [nQ, B, H, bq]

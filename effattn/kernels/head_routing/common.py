@@ -105,5 +105,17 @@ def key_block_bounds(c: Compaction, *, causal: bool, segments: bool, num_k_block
   return lo.astype(jnp.int32), mid.astype(jnp.int32), hi.astype(jnp.int32)
 
 
+def tile_mask(kv_idx, pos, q_seg, kv_seg, *, causal: bool, kv_len: int, block_q: int):
+  """Element mask [bq, bk] of a key tile with token indices kv_idx for the compacted queries at
+  pos (the forward and dQ kernels' of both backends)."""
+  if causal:
+    mask = kv_idx[None, :] <= pos[:, None]
+  else:
+    mask = jnp.broadcast_to(kv_idx[None, :] < kv_len, (block_q, kv_idx.shape[0]))
+  if q_seg is not None:
+    mask = mask & (q_seg[:, None] == kv_seg[None, :])
+  return mask
+
+
 # The routed-head tiles keep the backend's default precision for float32 operands.
 dot = functools.partial(matmul.dot, exact_f32=False)

@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from effattn.kernels.head_routing.common import EMPTY_LSE, LOG2E, MASK_VALUE, dot
+from effattn.kernels.head_routing.common import EMPTY_LSE, LOG2E, MASK_VALUE, dot, tile_mask
 
 
 def _params(num_warps: int, num_stages: int):
@@ -59,17 +59,6 @@ def _key_range(pos, *, causal: bool, has_seg: bool, block_k: int, kv_len: int, n
   return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
-def _mask(kv_idx, pos, q_seg, kv_seg, *, causal: bool, kv_len: int, block_q: int):
-  """Element mask [bq, bk] of a key tile with token indices kv_idx for queries at pos."""
-  if causal:
-    mask = kv_idx[None, :] <= pos[:, None]
-  else:
-    mask = jnp.broadcast_to(kv_idx[None, :] < kv_len, (block_q, kv_idx.shape[0]))
-  if q_seg is not None:
-    mask = mask & (q_seg[:, None] == kv_seg[None, :])
-  return mask
-
-
 def _fwd_kernel(*refs, names, causal, scale, block_q, block_k, kv_len, num_kb):
   r = dict(zip(names, refs))
   o_ref, lse_ref = refs[len(names):]
@@ -86,8 +75,8 @@ def _fwd_kernel(*refs, names, causal, scale, block_q, block_k, kv_len, num_kb):
     s = dot(q, k, trans_b=True) * (scale * LOG2E)
     if masked:
       kv_seg = r["kv_seg"][pl.ds(start, block_k)] if has_seg else None
-      mask = _mask(start + jnp.arange(block_k, dtype=jnp.int32), pos, q_seg, kv_seg,
-                   causal=causal, kv_len=kv_len, block_q=block_q)
+      mask = tile_mask(start + jnp.arange(block_k, dtype=jnp.int32), pos, q_seg, kv_seg,
+                       causal=causal, kv_len=kv_len, block_q=block_q)
       s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp2(m - m_new)
@@ -124,8 +113,8 @@ def _dq_kernel(*refs, names, causal, scale, block_q, block_k, kv_len, num_kb):
     p = jnp.exp2(dot(q, k, trans_b=True) * (scale * LOG2E) - lse2[:, None])
     if masked:
       kv_seg = r["kv_seg"][pl.ds(start, block_k)] if has_seg else None
-      mask = _mask(start + jnp.arange(block_k, dtype=jnp.int32), pos, q_seg, kv_seg,
-                   causal=causal, kv_len=kv_len, block_q=block_q)
+      mask = tile_mask(start + jnp.arange(block_k, dtype=jnp.int32), pos, q_seg, kv_seg,
+                       causal=causal, kv_len=kv_len, block_q=block_q)
       p = jnp.where(mask, p, 0.0)
     ds = p * (dot(do, v, trans_b=True) - delta[:, None])
     return dq + dot(ds.astype(k.dtype), k)

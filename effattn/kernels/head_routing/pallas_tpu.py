@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from effattn.kernels.head_routing.common import EMPTY_LSE, LOG2E, MASK_VALUE, dot
+from effattn.kernels.head_routing.common import EMPTY_LSE, LOG2E, MASK_VALUE, dot, tile_mask
 
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
@@ -47,16 +47,6 @@ def query_tile_key_ranges(pos, *, causal: bool, has_seg: bool, block_q: int, blo
 def _clamp(j, hi):
   """Block index to fetch at step j: past the range, repeat the last block (no new DMA)."""
   return jnp.minimum(j, jnp.maximum(hi - 1, 0))
-
-
-def _mask(kv_idx, pos, q_seg, kv_seg, *, causal: bool, kv_len: int, block_q: int):
-  if causal:
-    mask = kv_idx[None, :] <= pos[:, None]
-  else:
-    mask = jnp.broadcast_to(kv_idx[None, :] < kv_len, (block_q, kv_idx.shape[0]))
-  if q_seg is not None:
-    mask = mask & (q_seg[:, None] == kv_seg[None, :])
-  return mask
 
 
 def _vec(x):
@@ -111,9 +101,9 @@ def forward(q, k, v, pos, q_seg, kv_seg, *, causal: bool, scale: float, block_q:
     def step(masked: bool):
       s = dot(r["q"][...], r["k"][...], trans_b=True) * (scale * LOG2E)
       if masked:
-        mask = _mask(j * block_k + jnp.arange(block_k, dtype=jnp.int32), r["pos"][0],
-                     r["q_seg"][0] if has_seg else None, r["kv_seg"][0] if has_seg else None,
-                     causal=causal, kv_len=kv_len, block_q=block_q)
+        mask = tile_mask(j * block_k + jnp.arange(block_k, dtype=jnp.int32), r["pos"][0],
+                         r["q_seg"][0] if has_seg else None, r["kv_seg"][0] if has_seg else None,
+                         causal=causal, kv_len=kv_len, block_q=block_q)
         s = jnp.where(mask, s, MASK_VALUE)
       m_prev = m_sc[...][:, 0]
       m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -174,9 +164,9 @@ def _dq(args, lo, hi, *, causal, scale, block_q, block_k, kv_len, has_seg, group
       k = r["k"][...]
       p = jnp.exp2(dot(r["q"][...], k, trans_b=True) * (scale * LOG2E) - r["lse"][0][:, None])
       if masked:
-        mask = _mask(j * block_k + jnp.arange(block_k, dtype=jnp.int32), r["pos"][0],
-                     r["q_seg"][0] if has_seg else None, r["kv_seg"][0] if has_seg else None,
-                     causal=causal, kv_len=kv_len, block_q=block_q)
+        mask = tile_mask(j * block_k + jnp.arange(block_k, dtype=jnp.int32), r["pos"][0],
+                         r["q_seg"][0] if has_seg else None, r["kv_seg"][0] if has_seg else None,
+                         causal=causal, kv_len=kv_len, block_q=block_q)
         p = jnp.where(mask, p, 0.0)
       ds = p * (dot(r["do"][...], r["v"][...], trans_b=True) - r["delta"][0][:, None])
       dq_sc[...] += dot(ds.astype(k.dtype), k)
