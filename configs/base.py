@@ -102,6 +102,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.tie_embeddings = False
   model.norm_eps = 1e-6
   model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  # jax_default_matmul_precision of training and eval: "" keeps jax's own setting (the
+  # JAX_DEFAULT_MATMUL_PRECISION variable, or unset); "tensorfloat32" puts float32 matmuls,
+  # the kernels' included, on TF32 tensor cores (GPU), "float32" keeps them exact.
+  model.matmul_precision = ""
   model.remat = False
   model.attention = attention_config()
   # Hybrid stacks: each layer's mechanism, one period repeated to num_layers, e.g.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from effattn import attention
+from effattn.kernels import matmul
 from effattn.model import pattern
 from effattn.model.transformer import DTYPES
 from effattn.ranges import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, UNIT,
@@ -13,6 +14,7 @@ _CHOICES = {
     "model.head": ("lm", "classifier"),
     "model.mlp": ("gated", "none"),
     "model.position": ("rope", "learned", "none"),
+    "model.matmul_precision": matmul.PRECISIONS,
     "optimizer.name": ("adamw", "adam", "sgd"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
 }

@@ -27,6 +27,7 @@ from flax import nnx
 from effattn.evaluate import accuracy  # noqa: F401 -- registers the "accuracy" task
 from effattn.evaluate.registry import (EVAL_OPTIONS, EVAL_TASKS, load_builtin_tasks,
                                        task_options)
+from effattn.kernels import matmul
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train.errors import WorkdirError
 from effattn.train.loop import build_model, resolve_config
@@ -87,10 +88,11 @@ def evaluate_checkpoint(config, workdir: str, *, step: int | None = None,
     task_options(config, task)  # raises naming a bad option
   path = report_path(config, workdir, output)
   check_writable(path)
-  model, step = restore_model(config, workdir, step)
-  logging.info("evaluating %s at step %d on %s", task, step, jax.default_backend())
-  result = {"task": task, "step": step, "split": config.eval.split,
-            **EVAL_TASKS[task](model, config, workdir)}
+  with matmul.precision_scope(config.model.matmul_precision):  # the precision it trained at
+    model, step = restore_model(config, workdir, step)
+    logging.info("evaluating %s at step %d on %s", task, step, jax.default_backend())
+    result = {"task": task, "step": step, "split": config.eval.split,
+              **EVAL_TASKS[task](model, config, workdir)}
   figure = result.pop("figure", None)
   if jax.process_index() == 0:
     if figure is not None:

@@ -20,14 +20,27 @@ The references (reference.py of each family) keep HIGHEST: they are the oracles.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
+
+# model.matmul_precision's values: "" (jax's own setting) and the names
+# jax.default_matmul_precision takes for float32 operands.
+PRECISIONS = ("", "default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
 
 def f32_precision():
   """The `precision` of a float32 matmul here: HIGHEST while jax_default_matmul_precision is
   unset, else None (jax then applies its setting)."""
   return jax.lax.Precision.HIGHEST if jax.config.jax_default_matmul_precision is None else None
+
+
+def precision_scope(name: str):
+  """The context of model.matmul_precision `name` ("": jax's own setting, no change)."""
+  if name not in PRECISIONS:
+    raise ValueError(f"model.matmul_precision={name!r} must be one of {PRECISIONS}")
+  return jax.default_matmul_precision(name) if name else contextlib.nullcontext()
 
 
 def dot(a, b, *, trans_a: bool = False, trans_b: bool = False, exact_f32: bool = True):

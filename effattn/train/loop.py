@@ -24,6 +24,7 @@ from flax import nnx
 
 from effattn import data as data_lib
 from effattn.config import ConfigError, validate
+from effattn.kernels import matmul
 from effattn.model import Transformer, pattern
 from effattn.train import checkpoint as ckpt_lib
 from effattn.train import sharding
@@ -199,8 +200,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
                                          async_save=config.checkpoint.async_save)
     try:
       # The step's kernels run per shard of the mesh (kernels/mesh.py), its activations are
-      # constrained by the rules (logical_axes).
-      with sharding.ambient(mesh, rules):
+      # constrained by the rules (logical_axes); its float32 matmuls take model.matmul_precision
+      # (part of jit's cache key, so every step compiles under it).
+      with sharding.ambient(mesh, rules), matmul.precision_scope(config.model.matmul_precision):
         result = _train(config, workdir, mesh, rules, checkpointer, stop, allow_config_change)
     except BaseException as e:
       save_error = checkpointer.abandon()

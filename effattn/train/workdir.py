@@ -32,7 +32,8 @@ LOCK = ".lock"
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_examples",
                      "train.eval_split", "train.progress_bar", "train.profile_",
                      "checkpoint.", "eval.", "mesh.",
-                     "data.data_dir", "model.attention.impl", "model.remat")
+                     "data.data_dir", "model.attention.impl", "model.remat",
+                     "model.matmul_precision")
 
 
 def prepare(workdir: str) -> str:

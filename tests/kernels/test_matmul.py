@@ -4,6 +4,7 @@ jax's setting, in XLA code and kernel bodies alike (jit re-traces when the setti
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from effattn.kernels import matmul
 from effattn.kernels.linear_scan import linear_scan
@@ -54,3 +55,18 @@ def test_the_setting_reaches_the_kernels_and_leaves_cpu_values_alone():
     got = run(q, k, v)
   assert len(fast) == len(exact) and all(p == TF32 for p in fast)
   np.testing.assert_allclose(np.asarray(got), np.asarray(run(q, k, v)), rtol=1e-5, atol=1e-5)
+
+
+def test_precision_scope_is_the_configs_setting():
+  """model.matmul_precision's context: "" changes nothing, a name is jax's setting, a bad
+  name is refused in one line naming the field."""
+  a = jnp.ones((8, 16), jnp.float32)
+  dot = lambda a: matmul.dot(a, a, trans_b=True)  # noqa: E731
+  with matmul.precision_scope(""):
+    assert jax.config.jax_default_matmul_precision is None
+    assert precisions(dot, a) == [HIGHEST]
+  with matmul.precision_scope("tensorfloat32"):
+    assert precisions(dot, a) == [TF32]
+  assert jax.config.jax_default_matmul_precision is None
+  with pytest.raises(ValueError, match=r"model.matmul_precision='tf32' must be one of"):
+    matmul.precision_scope("tf32")

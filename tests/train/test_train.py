@@ -97,6 +97,7 @@ def test_unnamed_params_are_sharded_over_fsdp():
     ("model.attention.num_kv_heads", 3, "num_kv_heads"),
     ("train.grad_accum_steps", 5, "grad_accum_steps"),
     ("model.position", "alibi", "model.position"),
+    ("model.matmul_precision", "tf32", "model.matmul_precision"),
 ])
 def test_bad_config_fields_are_named(data_dir, tmp_path, field, value, match):
   config = tiny_trainer(data_dir)
@@ -107,6 +108,21 @@ def test_bad_config_fields_are_named(data_dir, tmp_path, field, value, match):
   node[leaf] = value
   with pytest.raises(ConfigError, match=match):
     loop.train_and_evaluate(config, str(tmp_path))
+
+
+def test_matmul_precision_scopes_the_run(data_dir, tmp_path, monkeypatch):
+  """model.matmul_precision holds while the run trains (jit traces under it); "" leaves jax's
+  own setting."""
+  seen = []
+  monkeypatch.setattr(loop, "_train", lambda *a, **k: seen.append(
+      jax.config.jax_default_matmul_precision) or {})
+  config = tiny_trainer(data_dir)
+  loop.train_and_evaluate(config, str(tmp_path / "unset"))
+  with config.unlocked():
+    config.model.matmul_precision = "tensorfloat32"
+  loop.train_and_evaluate(config, str(tmp_path / "tf32"))
+  assert seen == [None, "tensorfloat32"]
+  assert jax.config.jax_default_matmul_precision is None  # nothing leaks past the run
 
 
 def test_batch_must_divide_mesh(data_dir, tmp_path):

@@ -6,8 +6,8 @@ and the others resume or skip them.
 
 configs/mqar.py at T = 256 with 32 key-value pairs (vocabulary 512), d_model 256, 4 heads of 64,
 2,000 steps of batch 64 (configs/sweeps/mqar_families.py's budget), learning rates 1e-3 / 3e-3 /
-1e-2 x 3 seeds. Estimated (not measured) from the families run: about ten minutes a variant with
-9 sharing a GPU, so ~1 variant a minute with --per_device 9 or more on an H200.
+1e-2 x 3 seeds, float32 at model.matmul_precision "tensorfloat32". Measured: claim 3's 27
+variants took 7 minutes with --per_device 27 on one H200 (2026-12-04).
 """
 
 from configs.sweeps.claims import common
@@ -15,7 +15,11 @@ from configs.sweeps.claims import common
 FIXED = {"model.d_model": 256, "model.num_heads": 4, "data.mqar.vocab_size": 512,
          "data.mqar.num_pairs": 32, "data.seq_len": 256, "train.steps": 2000,
          "train.batch_size": 64, "train.eval_every": 0, "train.eval_examples": 1000,
-         "checkpoint.every": 1000, "checkpoint.keep": 1}
+         "checkpoint.every": 1000, "checkpoint.keep": 1,
+         # float32 matmuls on TF32, kernels included: linear's, MALA's and gated DeltaNet's
+         # kernels passed at TF32 against exact float32 on an H200 (docs/benchmarks.md); MoH's
+         # take the backend's default either way. On the CPU nothing changes.
+         "model.matmul_precision": "tensorfloat32"}
 LEARNING_RATES = [1e-3, 3e-3, 1e-2]
 
 
