@@ -16,15 +16,23 @@ baseline runs at jax_default_matmul_precision "float32" (exact products); --prec
 paths at another (e.g. tensorfloat32: the kernels' float32 dots on TF32, effattn/kernels/matmul.py). The auto row's compiled program is searched for custom
 kernels (effattn.kernels.hlo): a mechanism whose auto path ran no kernel on a GPU is reported,
 not failed (some have none). The table is printed last; check.json under --out.
+
+--jobs N checks N mechanisms at once, each in its own process (the GPU shared, memory allocated
+on demand): a row is mostly compile time (35-50 s for a mechanism's three programs on an H200,
+which one process does one after another), so the whole check takes about a (jobs)th of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import functools
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import traceback
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
@@ -48,8 +56,12 @@ def parse_args(argv=None):
   p.add_argument("--interpret", default="", choices=("", "gpu", "tpu"),
                  help="CPU: run the auto path's kernels of this platform in interpret mode")
   p.add_argument("--smoke", action="store_true", help="CPU self-test at tiny sizes")
+  p.add_argument("--jobs", type=int, default=1,
+                 help="mechanisms checked at once, one process each (1: all in this process)")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
+  if args.jobs < 1:
+    p.error(f"--jobs={args.jobs} must be >= 1")
   if args.smoke:
     args.seq_len, args.batch, args.d_model, args.num_heads = 40, 2, 64, 4
     args.dtype = "float32"
@@ -191,20 +203,60 @@ def table(rows) -> str:
   return "\n".join(lines)
 
 
+def check_in_process(args, spec: str) -> dict:
+  try:
+    return check_one(args, spec)
+  except Exception as e:  # one mechanism's failure is a row, not the end of the run
+    traceback.print_exc()
+    return {"mechanism": spec, "error": f"{type(e).__name__}: {e}".replace("\n", " ")}
+
+
+def check_in_subprocess(argv: list[str], spec: str) -> dict:
+  """check_one(spec) in a child process of this script (the same flags but --mechanisms, --out
+  and --jobs); its row from the child's check.json, or an error row with its output's tail."""
+  with tempfile.TemporaryDirectory() as out:
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # children share the GPU
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--mechanisms", spec,
+                           "--out", out], env=env, capture_output=True, text=True)
+    try:
+      with open(os.path.join(out, "check.json")) as f:
+        return json.load(f)["rows"][0]
+    except (OSError, ValueError, IndexError, KeyError):
+      tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+      return {"mechanism": spec, "error": f"child exited {done.returncode}: " + " | ".join(tail)}
+
+
+def child_argv(argv: list[str]) -> list[str]:
+  """argv without --mechanisms, --out and --jobs (each child gets its own)."""
+  own, kept, skip = ("--mechanisms", "--out", "--jobs"), [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a in own:
+      skip = True
+    elif not a.startswith(tuple(o + "=" for o in own)):
+      kept.append(a)
+  return kept
+
+
 def main(argv=None) -> list[dict]:
   args = parse_args(argv)
   import jax
   device = jax.devices()[0]
   print(f"{device.device_kind}: B {args.batch} T {args.seq_len} d_model {args.d_model} "
         f"H {args.num_heads} {args.dtype} precision {args.precision or 'unset'}", flush=True)
+  specs = mechanism_specs(args.mechanisms)
+  if args.jobs == 1:
+    check = functools.partial(check_in_process, args)
+  else:
+    check = functools.partial(check_in_subprocess, child_argv(sys.argv[1:] if argv is None
+                                                              else list(argv)))
   rows = []
-  for spec in mechanism_specs(args.mechanisms):
-    try:
-      rows.append(check_one(args, spec))
-    except Exception as e:  # one mechanism's failure is a row, not the end of the run
-      traceback.print_exc()
-      rows.append({"mechanism": spec, "error": f"{type(e).__name__}: {e}".replace("\n", " ")})
-    print(rows[-1], flush=True)
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    results = map(check, specs) if args.jobs == 1 else pool.map(check, specs)
+    for row in results:  # in the order of specs, each printed as it lands
+      rows.append(row)
+      print(row, flush=True)
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "check.json"), "w") as f:
