@@ -24,6 +24,9 @@ import jax.numpy as jnp
 from effattn.kernels import context_parallel as cp
 
 
+# Rematerialized: autodiff would keep, per tap, the shifted [B, T, C] input and its segment mask
+# for the backward (K copies of x); recomputing them from x is a cheap elementwise pass.
+@jax.checkpoint
 def _conv(x, taps, tail, segment_ids, tail_segment_ids):
   """One device: x [B, T, C], tail [B, K-1, C] (or None: zeros), segment ids [B, T] and
   [B, K-1] of the tail (None: the tail continues x's first segment)."""

@@ -34,3 +34,17 @@ def test_short_conv_stops_at_segment_starts_and_continues_from_its_tail():
   _, tail = short_conv(x[:, :7], taps)
   rest, _ = short_conv(x[:, 7:], taps, tail)
   assert_close("decoded tail", full[:, 7:], rest, reduction=4)
+
+
+
+def test_backward_keeps_only_the_input_not_a_copy_per_tap(capsys):
+  """The conv is rematerialized: its gradient saves x (and the taps, ids), never the K
+  shifted, masked [B, T, C] copies autodiff would keep."""
+  from jax.ad_checkpoint import print_saved_residuals
+  x = jnp.ones((2, 16, 8), jnp.float32)
+  taps, seg = jnp.ones((4, 8), jnp.float32), jnp.ones((2, 16), jnp.int32)
+  print_saved_residuals(lambda x, taps: jnp.sum(short_conv(x, taps, segment_ids=seg)[0] ** 2),
+                        x, taps)
+  saved = capsys.readouterr().out.splitlines()
+  wide = [line for line in saved if "[2,16,8]" in line]
+  assert len(wide) <= 2, saved  # x, and the conv's output for the square's gradient
