@@ -246,14 +246,14 @@ def main(argv=None) -> list[dict]:
   print(f"{device.device_kind}: B {args.batch} T {args.seq_len} d_model {args.d_model} "
         f"H {args.num_heads} {args.dtype} precision {args.precision or 'unset'}", flush=True)
   specs = mechanism_specs(args.mechanisms)
-  if args.jobs == 1:
-    check = functools.partial(check_in_process, args)
-  else:
-    check = functools.partial(check_in_subprocess, child_argv(sys.argv[1:] if argv is None
-                                                              else list(argv)))
   rows = []
-  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    results = map(check, specs) if args.jobs == 1 else pool.map(check, specs)
+  with contextlib.ExitStack() as stack:
+    if args.jobs == 1:
+      results = map(functools.partial(check_in_process, args), specs)
+    else:
+      pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(args.jobs))
+      flags = child_argv(sys.argv[1:] if argv is None else list(argv))
+      results = pool.map(functools.partial(check_in_subprocess, flags), specs)
     for row in results:  # in the order of specs, each printed as it lands
       rows.append(row)
       print(row, flush=True)
